@@ -1,0 +1,147 @@
+//! The error every storage operation returns.
+//!
+//! Conflicts (another writer got there first, a reference to something that is
+//! gone) are kept apart from invalid input (the caller sent something that can
+//! never be committed) and from failures of the store itself.
+
+use crate::record::{Oid, RecordError};
+
+/// Why a commit was refused although its input was well formed: the state of
+/// the store does not allow it. Retrying after `sync()` may succeed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum Conflict {
+    /// Records in the commit reference oids that neither exist nor are stored
+    /// in the same commit.
+    #[error("commit references oids that do not exist: {}", fmt_oids(.oids))]
+    DanglingRefs {
+        /// The missing oids, sorted.
+        oids: Vec<Oid>,
+    },
+    /// The commit stores an oid that is neither the root, nor present, nor
+    /// handed out by `new_oid` (for example an object the collector removed).
+    #[error("commit stores oid {oid}, which is neither present, nor the root, nor allocated by new_oid")]
+    UnknownOid {
+        /// The oid.
+        oid: Oid,
+    },
+    /// The server refused the commit (a remote storage's `I` answer).
+    #[error("the server refused the commit as a write conflict")]
+    Refused,
+    /// Oids this session read were changed by another session.
+    #[error("oids changed by another session: {}", fmt_oids(.oids))]
+    Invalidated {
+        /// The changed oids.
+        oids: Vec<Oid>,
+    },
+}
+
+/// Input that can never be committed or loaded, whatever the store holds.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum InvalidInput {
+    /// A record that is not a well-formed Durus record for its oid.
+    #[error("invalid record for oid {oid}: {source}")]
+    Record {
+        /// The oid it was to be stored under.
+        oid: Oid,
+        /// What is wrong with it.
+        source: RecordError,
+    },
+    /// The commit stores an oid that another session holds as allocated but unused.
+    #[error("oid {oid} was allocated to another session")]
+    OidOfAnotherSession {
+        /// The oid.
+        oid: Oid,
+    },
+    /// `store` or `end` without `begin`.
+    #[error("no transaction in progress: call begin() first")]
+    NoTransaction,
+    /// Anything else, explained.
+    #[error("{0}")]
+    Other(String),
+}
+
+/// The error of every [`Storage`](crate::Storage) operation.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StorageError {
+    /// No record is stored for this oid.
+    #[error("no record for oid {0}")]
+    NotFound(Oid),
+    /// The oid was invalidated for this session (Durus's ReadConflictError).
+    #[error("read conflict on oid {0}: it changed since this session last synced")]
+    ReadConflict(Oid),
+    /// The commit conflicts with the state of the store; nothing was written.
+    #[error("conflict: {0}")]
+    Conflict(#[from] Conflict),
+    /// The input can never be accepted; nothing was written.
+    #[error("invalid input: {0}")]
+    Invalid(#[from] InvalidInput),
+    /// The file is not a durus-redb store, or one of another format version.
+    #[error("{0}")]
+    Format(String),
+    /// Another process (or handle) has the store open.
+    #[error("store {path} is already open by another process or handle")]
+    AlreadyOpen {
+        /// The path asked for.
+        path: String,
+    },
+    /// A write on a store opened read-only.
+    #[error("the store is open read-only")]
+    ReadOnly,
+    /// An earlier failure left the store unusable until it is reopened.
+    #[error("the store is poisoned by an earlier failure and must be reopened: {0}")]
+    Poisoned(String),
+    /// The store was closed.
+    #[error("the store is closed")]
+    Closed,
+    /// The underlying database failed.
+    #[error("storage failure: {0}")]
+    Backend(#[from] redb::Error),
+    /// An I/O error outside the database (a socket, a file).
+    #[error("I/O error: {0}")]
+    Io(#[from] std::io::Error),
+    /// A remote peer broke the protocol.
+    #[error("protocol error: {0}")]
+    Protocol(String),
+}
+
+impl StorageError {
+    /// True for a conflict of any kind (including a read conflict): the caller
+    /// may sync and retry.
+    pub fn is_conflict(&self) -> bool {
+        matches!(self, StorageError::Conflict(_) | StorageError::ReadConflict(_))
+    }
+}
+
+macro_rules! from_redb {
+    ($($t:ty),*) => {$(
+        impl From<$t> for StorageError {
+            fn from(e: $t) -> Self {
+                StorageError::Backend(e.into())
+            }
+        }
+    )*};
+}
+from_redb!(
+    redb::DatabaseError,
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError,
+    redb::CompactionError,
+    redb::SetDurabilityError
+);
+
+fn fmt_oids(oids: &[Oid]) -> String {
+    const SHOWN: usize = 20;
+    let mut s: Vec<String> = oids.iter().take(SHOWN).map(|o| o.to_string()).collect();
+    if oids.len() > SHOWN {
+        s.push(format!("... ({} in all)", oids.len()));
+    }
+    s.join(", ")
+}
+
+/// Shorthand for results of storage operations.
+pub type Result<T, E = StorageError> = std::result::Result<T, E>;

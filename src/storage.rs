@@ -1,0 +1,158 @@
+//! The `Storage` trait: Durus's storage interface in Rust types.
+
+use std::collections::{BinaryHeap, HashSet};
+use std::cmp::Reverse;
+
+use crate::error::Result;
+use crate::record::{Oid, Record};
+
+/// What a full collection (pack) did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PackReport {
+    /// Records removed.
+    pub removed_objects: u64,
+    /// Bytes of record data removed.
+    pub removed_bytes: u64,
+    /// Records that were live and kept.
+    pub live_objects: u64,
+}
+
+/// A Durus-style storage: `oid -> record` with atomic commits.
+///
+/// # Contract
+/// - **Loads** return exactly the bytes that were stored. `load` of an absent
+///   oid is [`StorageError::NotFound`](crate::StorageError::NotFound); an oid
+///   this session must treat as invalid may give
+///   [`StorageError::ReadConflict`](crate::StorageError::ReadConflict).
+/// - **Commits**: `begin`, any number of `store`, then `end`: all of the stored
+///   records become visible together, or none does. `abort` drops them. A
+///   commit is refused, with nothing written, when a record is malformed or
+///   names another oid ([`InvalidInput`](crate::InvalidInput)), when it stores
+///   an oid that is neither the root, nor present, nor handed out by `new_oid`
+///   ([`Conflict::UnknownOid`](crate::Conflict::UnknownOid)), or when a record
+///   references an oid that neither exists nor is stored in the same commit
+///   ([`Conflict::DanglingRefs`](crate::Conflict::DanglingRefs)). Storing the
+///   same oid twice in one commit keeps the last record.
+/// - **Durability** is the storage's policy: for the default policies an `end`
+///   that returned `Ok` survives a crash.
+/// - **sync** returns the oids this session must treat as invalid: changed by
+///   another session, or removed by the garbage collector, since the last sync.
+/// - **new_oid** never returns the same oid twice, also across restarts, and
+///   never an oid in use. On an empty store the first one is the root, 0.
+/// - A record committed but referenced by nothing stays until a full
+///   collection (`pack`).
+pub trait Storage {
+    /// The record stored for `oid`.
+    fn load(&mut self, oid: Oid) -> Result<Record>;
+
+    /// The records for `oids`, in the same order; fails on the first that fails.
+    fn bulk_load(&mut self, oids: &[Oid]) -> Result<Vec<Record>> {
+        oids.iter().map(|&oid| self.load(oid)).collect()
+    }
+
+    /// Starts a commit, dropping anything stored since the last `begin`.
+    fn begin(&mut self);
+
+    /// Adds a record to the commit underway. The record must name `oid`.
+    fn store(&mut self, oid: Oid, record: Vec<u8>) -> Result<()>;
+
+    /// Commits every record stored since `begin`, atomically.
+    fn end(&mut self) -> Result<()>;
+
+    /// Drops the commit underway.
+    fn abort(&mut self);
+
+    /// Oids this session must treat as invalid since the last sync.
+    fn sync(&mut self) -> Result<Vec<Oid>>;
+
+    /// A new oid, never handed out before.
+    fn new_oid(&mut self) -> Result<Oid>;
+
+    /// `n` new oids.
+    fn new_oids(&mut self, n: usize) -> Result<Vec<Oid>> {
+        (0..n).map(|_| self.new_oid()).collect()
+    }
+
+    /// Every record, in increasing oid order, as a stream. Stores that cannot
+    /// list all records (a remote one) yield every record reachable from the root.
+    fn iter_records(&mut self) -> Result<Box<dyn Iterator<Item = Result<Record>> + '_>>;
+
+    /// Every record reachable from `start`, lowest oid first among those
+    /// discovered, each once.
+    fn traverse(&mut self, start: Oid) -> Traversal<'_, Self>
+    where
+        Self: Sized,
+    {
+        Traversal::new(self, start, 100)
+    }
+
+    /// Removes every record not reachable from the root.
+    fn pack(&mut self) -> Result<PackReport>;
+
+    /// Makes everything committed durable and releases the store.
+    fn close(&mut self) -> Result<()>;
+}
+
+/// A traversal of the object graph from one oid, loading in batches through
+/// [`Storage::bulk_load`] (as Durus's `gen_oid_record(start_oid)` does).
+pub struct Traversal<'a, S: Storage> {
+    storage: &'a mut S,
+    todo: BinaryHeap<Reverse<Oid>>,
+    seen: HashSet<Oid>,
+    ready: std::vec::IntoIter<Record>,
+    batch: usize,
+    failed: bool,
+}
+
+impl<'a, S: Storage> Traversal<'a, S> {
+    /// A traversal from `start` that loads `batch` records at a time.
+    pub fn new(storage: &'a mut S, start: Oid, batch: usize) -> Self {
+        let mut todo = BinaryHeap::new();
+        todo.push(Reverse(start));
+        Traversal {
+            storage,
+            todo,
+            seen: HashSet::new(),
+            ready: Vec::new().into_iter(),
+            batch: batch.max(1),
+            failed: false,
+        }
+    }
+}
+
+impl<S: Storage> Iterator for Traversal<'_, S> {
+    type Item = Result<Record>;
+
+    fn next(&mut self) -> Option<Result<Record>> {
+        loop {
+            if let Some(r) = self.ready.next() {
+                for oid in r.refs() {
+                    if !self.seen.contains(&oid) {
+                        self.todo.push(Reverse(oid));
+                    }
+                }
+                return Some(Ok(r));
+            }
+            if self.failed {
+                return None;
+            }
+            let mut batch = Vec::new();
+            while batch.len() < self.batch {
+                let Some(Reverse(oid)) = self.todo.pop() else { break };
+                if self.seen.insert(oid) {
+                    batch.push(oid);
+                }
+            }
+            if batch.is_empty() {
+                return None;
+            }
+            match self.storage.bulk_load(&batch) {
+                Ok(records) => self.ready = records.into_iter(),
+                Err(e) => {
+                    self.failed = true;
+                    return Some(Err(e));
+                }
+            }
+        }
+    }
+}
