@@ -20,7 +20,9 @@ pub enum Conflict {
     },
     /// The commit stores an oid that is neither the root, nor present, nor
     /// handed out by `new_oid` (for example an object the collector removed).
-    #[error("commit stores oid {oid}, which is neither present, nor the root, nor allocated by new_oid")]
+    #[error(
+        "commit stores oid {oid}, which is neither present, nor the root, nor allocated by new_oid"
+    )]
     UnknownOid {
         /// The oid.
         oid: Oid,
@@ -54,9 +56,6 @@ pub enum InvalidInput {
         /// The oid.
         oid: Oid,
     },
-    /// `store` or `end` without `begin`.
-    #[error("no transaction in progress: call begin() first")]
-    NoTransaction,
     /// Anything else, explained.
     #[error("{0}")]
     Other(String),
@@ -111,7 +110,10 @@ impl StorageError {
     /// True for a conflict of any kind (including a read conflict): the caller
     /// may sync and retry.
     pub fn is_conflict(&self) -> bool {
-        matches!(self, StorageError::Conflict(_) | StorageError::ReadConflict(_))
+        matches!(
+            self,
+            StorageError::Conflict(_) | StorageError::ReadConflict(_)
+        )
     }
 }
 

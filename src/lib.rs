@@ -1,12 +1,28 @@
 //! durus-redb: a transactional object-persistence storage engine with Durus's
 //! semantics, on redb.
+//!
+//! - [`Storage`]: Durus's storage interface; [`MemoryStorage`] is its reference model.
+//! - [`RedbStorage`]: the storage on a redb file, opened in-process with exclusive access.
+//! - [`CheckpointPolicy`]: when commits become durable ([`EveryCommit`], [`Periodic`], [`Manual`]).
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+mod checkpoint;
 mod error;
+mod memory;
 mod record;
+mod redb_store;
 mod storage;
 
+pub use checkpoint::{
+    CheckpointFacts, CheckpointPolicy, CommitDurability, CompactionFacts, EveryCommit, Manual,
+    Periodic, default_compaction,
+};
 pub use error::{Conflict, InvalidInput, Result, StorageError};
+pub use memory::MemoryStorage;
 pub use record::{Oid, Record, RecordError};
+pub use redb_store::{
+    CheckReport, CommitGuard, CommitTicket, Engine, FullCheck, InvalidSet, Options, RedbStorage,
+    SessionId, StoreStats, check_store,
+};
 pub use storage::{PackReport, Storage, Traversal};

@@ -188,7 +188,9 @@ pub(crate) fn refs_of_validated(refs: &[u8]) -> impl ExactSizeIterator<Item = Oi
 }
 
 /// The refs of stored record bytes; errors if the bytes are not a record.
-pub(crate) fn refs_of(bytes: &[u8]) -> Result<impl ExactSizeIterator<Item = Oid> + '_, RecordError> {
+pub(crate) fn refs_of(
+    bytes: &[u8],
+) -> Result<impl ExactSizeIterator<Item = Oid> + '_, RecordError> {
     let data_end = Record::check(bytes)?;
     Ok(refs_of_validated(&bytes[data_end..]))
 }
@@ -232,7 +234,10 @@ mod tests {
         b.extend_from_slice(b"abcd");
         assert!(matches!(
             Record::from_bytes(b),
-            Err(RecordError::DataOverrun { declared: 5, available: 4 })
+            Err(RecordError::DataOverrun {
+                declared: 5,
+                available: 4
+            })
         ));
     }
 
@@ -251,7 +256,10 @@ mod tests {
         let b = Record::new(Oid(1), b"x", &[]).into_bytes();
         assert_eq!(
             Record::for_oid(Oid(2), b),
-            Err(RecordError::OidMismatch { expected: Oid(2), found: Oid(1) })
+            Err(RecordError::OidMismatch {
+                expected: Oid(2),
+                found: Oid(1)
+            })
         );
     }
 }

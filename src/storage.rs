@@ -1,7 +1,7 @@
 //! The `Storage` trait: Durus's storage interface in Rust types.
 
-use std::collections::{BinaryHeap, HashSet};
 use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashSet};
 
 use crate::error::Result;
 use crate::record::{Oid, Record};
@@ -138,7 +138,9 @@ impl<S: Storage> Iterator for Traversal<'_, S> {
             }
             let mut batch = Vec::new();
             while batch.len() < self.batch {
-                let Some(Reverse(oid)) = self.todo.pop() else { break };
+                let Some(Reverse(oid)) = self.todo.pop() else {
+                    break;
+                };
                 if self.seen.insert(oid) {
                     batch.push(oid);
                 }
@@ -155,4 +157,40 @@ impl<S: Storage> Iterator for Traversal<'_, S> {
             }
         }
     }
+}
+
+/// Checks a commit the same way in every storage, so that the model and the
+/// engine refuse exactly the same commits with the same errors:
+/// first that every stored oid may be written (`may_write`), then that every
+/// ref names an oid that `exists` or is stored in the same commit.
+pub(crate) fn validate_commit(
+    records: &std::collections::BTreeMap<Oid, Record>,
+    mut exists: impl FnMut(Oid) -> Result<bool>,
+    mut may_write: impl FnMut(Oid, bool) -> Result<()>,
+) -> Result<()> {
+    for &oid in records.keys() {
+        let present = exists(oid)?;
+        may_write(oid, present)?;
+    }
+    let mut dangling = std::collections::BTreeSet::new();
+    for record in records.values() {
+        for r in record.refs() {
+            if !records.contains_key(&r) && !dangling.contains(&r) && !exists(r)? {
+                dangling.insert(r);
+            }
+        }
+    }
+    if dangling.is_empty() {
+        Ok(())
+    } else {
+        Err(crate::Conflict::DanglingRefs {
+            oids: dangling.into_iter().collect(),
+        }
+        .into())
+    }
+}
+
+/// Validates a record for `store`: well formed and naming `oid`.
+pub(crate) fn checked_record(oid: Oid, bytes: Vec<u8>) -> Result<Record> {
+    Record::for_oid(oid, bytes).map_err(|source| crate::InvalidInput::Record { oid, source }.into())
 }

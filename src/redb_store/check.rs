@@ -1,0 +1,198 @@
+//! Statistics and consistency checks of a store.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use redb::{ReadableDatabase, ReadableTable, ReadableTableMetadata};
+
+use super::engine::{Engine, read_meta};
+use super::layout::*;
+use crate::error::{Result, StorageError};
+use crate::record::{Oid, Record};
+
+/// Counts and sizes of a store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreStats {
+    /// Records stored.
+    pub objects: u64,
+    /// Size of the file on disk.
+    pub file_bytes: u64,
+    /// On-disk format version.
+    pub format_version: u32,
+    /// Oids with a non-zero reference count.
+    pub referenced_objects: u64,
+    /// Oids waiting for the incremental collector.
+    pub gc_queue: u64,
+    /// Every oid below this may have been handed out.
+    pub oid_mark: u64,
+    /// Bytes of keys and values stored (redb's count).
+    pub stored_bytes: u64,
+    /// Bytes of pages allocated but unused.
+    pub fragmented_bytes: u64,
+}
+
+pub(crate) fn stats(engine: &Engine) -> Result<StoreStats> {
+    let db = engine.db()?;
+    let txn = db.begin_read()?;
+    let meta = txn.open_table(META)?;
+    let info: FormatInfo = read_meta(&meta, KEY_FORMAT)?
+        .ok_or_else(|| StorageError::Format("no format version in the metadata".into()))?;
+    let oids: OidMeta = read_meta(&meta, KEY_OIDS)?.unwrap_or(OidMeta { reserved: 0 });
+    let records = txn.open_table(RECORDS)?;
+    let s = records.stats()?;
+    let counts = txn.open_table(REFCOUNTS)?;
+    let queue = txn.open_table(GC_QUEUE)?;
+    Ok(StoreStats {
+        objects: records.len()?,
+        file_bytes: std::fs::metadata(engine.path())
+            .map(|m| m.len())
+            .unwrap_or(0),
+        format_version: info.version,
+        referenced_objects: counts.len()?,
+        gc_queue: queue.len()?,
+        oid_mark: oids.reserved,
+        stored_bytes: s.stored_bytes(),
+        fragmented_bytes: s.fragmented_bytes(),
+    })
+}
+
+/// At most this many problems of each kind are listed in a report.
+pub const LISTED: usize = 100;
+
+/// What a reference check found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CheckReport {
+    /// Records checked.
+    pub objects: u64,
+    /// References counted.
+    pub refs: u64,
+    /// `(holder, missing)`: references to oids that do not exist (first [`LISTED`]).
+    pub dangling: Vec<(Oid, Oid)>,
+    /// How many references dangle in all.
+    pub dangling_count: u64,
+    /// `(oid, stored count, recounted)` where the bookkeeping is wrong (first [`LISTED`]).
+    pub count_mismatches: Vec<(Oid, u64, u64)>,
+    /// How many counts are wrong in all.
+    pub mismatch_count: u64,
+    /// Records that are not valid records for their oid (first [`LISTED`]).
+    pub damaged: Vec<(Oid, String)>,
+    /// How many records are damaged in all.
+    pub damaged_count: u64,
+}
+
+impl CheckReport {
+    /// True when nothing is wrong.
+    pub fn is_clean(&self) -> bool {
+        self.dangling_count == 0 && self.mismatch_count == 0 && self.damaged_count == 0
+    }
+}
+
+fn push_listed<T>(v: &mut Vec<T>, n: &mut u64, item: T) {
+    *n += 1;
+    if v.len() < LISTED {
+        v.push(item);
+    }
+}
+
+/// Recounts every reference from scratch on one snapshot and compares with
+/// the stored counts; checks that every ref resolves and every record is valid.
+pub(crate) fn check_references(engine: &Engine) -> Result<CheckReport> {
+    let db = engine.db()?;
+    let txn = db.begin_read()?;
+    let records = txn.open_table(RECORDS)?;
+    let mut report = CheckReport::default();
+    let mut recount: HashMap<u64, u64> = HashMap::new();
+    for item in records.iter()? {
+        let (k, v) = item?;
+        let oid = Oid(k.value());
+        report.objects += 1;
+        let record = match Record::for_oid(oid, v.value().to_vec()) {
+            Ok(r) => r,
+            Err(e) => {
+                push_listed(
+                    &mut report.damaged,
+                    &mut report.damaged_count,
+                    (oid, e.to_string()),
+                );
+                continue;
+            }
+        };
+        for r in record.refs() {
+            report.refs += 1;
+            *recount.entry(r.0).or_default() += 1;
+            if records.get(r.0)?.is_none() {
+                push_listed(&mut report.dangling, &mut report.dangling_count, (oid, r));
+            }
+        }
+    }
+    let counts = txn.open_table(REFCOUNTS)?;
+    for item in counts.iter()? {
+        let (k, v) = item?;
+        let actual = recount.remove(&k.value()).unwrap_or(0);
+        if actual != v.value() {
+            push_listed(
+                &mut report.count_mismatches,
+                &mut report.mismatch_count,
+                (Oid(k.value()), v.value(), actual),
+            );
+        }
+    }
+    let mut missing: Vec<(u64, u64)> = recount.into_iter().filter(|(_, c)| *c > 0).collect();
+    missing.sort_unstable();
+    for (oid, actual) in missing {
+        push_listed(
+            &mut report.count_mismatches,
+            &mut report.mismatch_count,
+            (Oid(oid), 0, actual),
+        );
+    }
+    Ok(report)
+}
+
+/// The result of [`check_store`].
+#[derive(Debug, Clone)]
+pub struct FullCheck {
+    /// redb's own integrity check (checksums, allocator state) passed.
+    pub integrity_ok: bool,
+    /// The reference check.
+    pub references: CheckReport,
+    /// Statistics.
+    pub stats: StoreStats,
+}
+
+/// Checks a closed store: redb integrity, then references. Needs exclusive access.
+pub fn check_store(path: &Path) -> Result<FullCheck> {
+    if !path.exists() {
+        return Err(StorageError::Io(std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            format!("{} does not exist", path.display()),
+        )));
+    }
+    let integrity_ok = {
+        let mut db = redb::Database::open(path).map_err(|e| match e {
+            redb::DatabaseError::DatabaseAlreadyOpen => StorageError::AlreadyOpen {
+                path: path.display().to_string(),
+            },
+            other => StorageError::Format(format!(
+                "{} is not a durus-redb store (redb cannot open it: {other})",
+                path.display()
+            )),
+        })?;
+        let ok = db.check_integrity()?;
+        // The file must hold our tables too.
+        let txn = db.begin_read()?;
+        if let Err(e) = txn.open_table(META) {
+            return Err(StorageError::Format(format!(
+                "{} is a redb database but not a durus-redb store ({e})",
+                path.display()
+            )));
+        }
+        ok
+    };
+    let storage = crate::RedbStorage::open(path, crate::Options::read_only())?;
+    Ok(FullCheck {
+        integrity_ok,
+        references: storage.check_references()?,
+        stats: storage.stats()?,
+    })
+}

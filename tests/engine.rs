@@ -1,0 +1,350 @@
+//! Behaviour of RedbStorage: commits, validation, oids, open modes, pack.
+
+use durus_redb::{
+    Conflict, InvalidInput, MemoryStorage, Oid, Options, Record, RecordError, RedbStorage, Storage,
+    StorageError,
+};
+
+fn rec(oid: Oid, data: &[u8], refs: &[Oid]) -> Vec<u8> {
+    Record::new(oid, data, refs).into_bytes()
+}
+
+fn temp_store() -> (tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store.redb");
+    (dir, path)
+}
+
+/// Everything stored, as (oid, bytes), in oid order.
+fn contents(s: &mut dyn Storage) -> Vec<(Oid, Vec<u8>)> {
+    s.iter_records()
+        .unwrap()
+        .map(|r| {
+            let r = r.unwrap();
+            (r.oid(), r.into_bytes())
+        })
+        .collect()
+}
+
+/// A root referencing a child, committed in one transaction.
+fn commit_root_and_child(s: &mut dyn Storage) -> (Oid, Oid) {
+    let root = s.new_oid().unwrap();
+    let child = s.new_oid().unwrap();
+    s.begin();
+    s.store(root, rec(root, b"root", &[child])).unwrap();
+    s.store(child, rec(child, b"child", &[])).unwrap();
+    s.end().unwrap();
+    (root, child)
+}
+
+#[test]
+fn first_oid_of_an_empty_store_is_the_root() {
+    let (_d, path) = temp_store();
+    let mut s = RedbStorage::open(&path, Options::default()).unwrap();
+    assert_eq!(s.new_oid().unwrap(), Oid::ROOT);
+    assert_eq!(s.new_oid().unwrap(), Oid(1));
+}
+
+#[test]
+fn committed_graph_survives_reopen() {
+    let (_d, path) = temp_store();
+    let before = {
+        let mut s = RedbStorage::open(&path, Options::default()).unwrap();
+        commit_root_and_child(&mut s);
+        let c = contents(&mut s);
+        s.close().unwrap();
+        c
+    };
+    let mut s = RedbStorage::open(&path, Options::default()).unwrap();
+    assert_eq!(contents(&mut s), before);
+    assert_eq!(s.load(Oid(1)).unwrap().data(), b"child");
+    assert!(matches!(
+        s.load(Oid(99)),
+        Err(StorageError::NotFound(Oid(99)))
+    ));
+}
+
+#[test]
+fn oids_are_never_handed_out_twice_across_reopen() {
+    let (_d, path) = temp_store();
+    let mut seen = std::collections::HashSet::new();
+    for _ in 0..3 {
+        let mut s = RedbStorage::open(&path, Options::default()).unwrap();
+        for o in s.new_oids(10).unwrap() {
+            assert!(seen.insert(o), "oid {o} handed out twice");
+        }
+        drop(s); // without close: drop still closes cleanly
+    }
+    assert_eq!(seen.len(), 30);
+}
+
+/// Each refused commit leaves the store exactly as it was.
+fn assert_refused_without_change(
+    s: &mut RedbStorage,
+    f: impl FnOnce(&mut RedbStorage) -> Result<(), StorageError>,
+) -> StorageError {
+    let before = contents(s);
+    let err = f(s).expect_err("commit should be refused");
+    assert_eq!(contents(s), before, "a refused commit changed the store");
+    err
+}
+
+#[test]
+fn commit_with_dangling_ref_is_rejected() {
+    let (_d, path) = temp_store();
+    let mut s = RedbStorage::open(&path, Options::default()).unwrap();
+    let (root, child) = commit_root_and_child(&mut s);
+    let err = assert_refused_without_change(&mut s, |s| {
+        s.begin();
+        s.store(root, rec(root, b"root2", &[child, Oid(777), Oid(555)]))?;
+        s.end()
+    });
+    match err {
+        StorageError::Conflict(Conflict::DanglingRefs { oids }) => {
+            assert_eq!(oids, vec![Oid(555), Oid(777)])
+        }
+        other => panic!("wrong error: {other:?}"),
+    }
+    assert!(err_is_conflict_display());
+}
+
+fn err_is_conflict_display() -> bool {
+    let e: StorageError = Conflict::DanglingRefs { oids: vec![Oid(5)] }.into();
+    e.is_conflict() && e.to_string().contains('5')
+}
+
+#[test]
+fn commit_of_surprise_oid_is_rejected() {
+    let (_d, path) = temp_store();
+    let mut s = RedbStorage::open(&path, Options::default()).unwrap();
+    commit_root_and_child(&mut s);
+    let err = assert_refused_without_change(&mut s, |s| {
+        s.begin();
+        s.store(Oid(0), rec(Oid(0), b"root changed", &[]))?;
+        s.store(Oid(4242), rec(Oid(4242), b"surprise", &[]))?;
+        s.end()
+    });
+    assert!(
+        matches!(
+            err,
+            StorageError::Conflict(Conflict::UnknownOid { oid: Oid(4242) })
+        ),
+        "{err:?}"
+    );
+}
+
+#[test]
+fn malformed_record_is_rejected() {
+    let (_d, path) = temp_store();
+    let mut s = RedbStorage::open(&path, Options::default()).unwrap();
+    commit_root_and_child(&mut s);
+    let oid = s.new_oid().unwrap();
+    let mut bad = rec(oid, b"x", &[Oid(0)]);
+    bad.push(1); // refs no longer a multiple of 8
+    let err = assert_refused_without_change(&mut s, |s| {
+        s.begin();
+        s.store(oid, bad)?;
+        s.end()
+    });
+    assert!(matches!(
+        err,
+        StorageError::Invalid(InvalidInput::Record {
+            source: RecordError::RefsNotAligned { len: 9 },
+            ..
+        })
+    ));
+    let err = assert_refused_without_change(&mut s, |s| s.store(oid, vec![0; 5]));
+    assert!(matches!(
+        err,
+        StorageError::Invalid(InvalidInput::Record {
+            source: RecordError::TooShort { len: 5 },
+            ..
+        })
+    ));
+}
+
+#[test]
+fn record_stored_under_another_oid_is_rejected() {
+    let (_d, path) = temp_store();
+    let mut s = RedbStorage::open(&path, Options::default()).unwrap();
+    commit_root_and_child(&mut s);
+    let oid = s.new_oid().unwrap();
+    let err = assert_refused_without_change(&mut s, |s| {
+        s.begin();
+        s.store(oid, rec(Oid(1), b"claims to be 1", &[]))?;
+        s.end()
+    });
+    assert!(matches!(
+        err,
+        StorageError::Invalid(InvalidInput::Record {
+            source: RecordError::OidMismatch { .. },
+            ..
+        })
+    ));
+}
+
+#[test]
+fn oid_allocated_to_another_session_is_rejected() {
+    let (_d, path) = temp_store();
+    let mut a = RedbStorage::open(&path, Options::default()).unwrap();
+    commit_root_and_child(&mut a);
+    let mut b = a.new_session();
+    let theirs = a.new_oid().unwrap();
+    let err = assert_refused_without_change(&mut b, |b| {
+        b.begin();
+        b.store(theirs, rec(theirs, b"not mine", &[]))?;
+        b.end()
+    });
+    assert!(
+        matches!(
+            err,
+            StorageError::Invalid(InvalidInput::OidOfAnotherSession { .. })
+        ),
+        "{err:?}"
+    );
+}
+
+#[test]
+fn commit_is_all_or_nothing_and_refs_within_the_commit_resolve() {
+    let (_d, path) = temp_store();
+    let mut s = RedbStorage::open(&path, Options::default()).unwrap();
+    let (root, _) = commit_root_and_child(&mut s);
+    let a = s.new_oid().unwrap();
+    let b = s.new_oid().unwrap();
+    s.begin();
+    s.store(a, rec(a, b"a", &[b])).unwrap();
+    s.store(b, rec(b, b"b", &[a])).unwrap();
+    s.store(root, rec(root, b"root", &[a])).unwrap();
+    s.end().unwrap();
+    assert_eq!(s.load(b).unwrap().refs().collect::<Vec<_>>(), vec![a]);
+    assert!(s.check_references().unwrap().is_clean());
+}
+
+#[test]
+fn other_sessions_see_commits_in_sync() {
+    let (_d, path) = temp_store();
+    let mut a = RedbStorage::open(&path, Options::default()).unwrap();
+    let mut b = a.new_session();
+    let (root, child) = commit_root_and_child(&mut a);
+    assert_eq!(b.sync().unwrap(), vec![root, child]);
+    assert_eq!(b.sync().unwrap(), vec![]);
+    assert_eq!(
+        a.sync().unwrap(),
+        vec![],
+        "a session is not told of its own commits"
+    );
+}
+
+#[test]
+fn second_open_of_the_same_file_is_refused() {
+    let (_d, path) = temp_store();
+    let _s = RedbStorage::open(&path, Options::default()).unwrap();
+    let err = RedbStorage::open(&path, Options::default()).unwrap_err();
+    assert!(matches!(err, StorageError::AlreadyOpen { .. }), "{err:?}");
+}
+
+#[test]
+fn read_only_open_refuses_writes() {
+    let (_d, path) = temp_store();
+    {
+        let mut s = RedbStorage::open(&path, Options::default()).unwrap();
+        commit_root_and_child(&mut s);
+        s.close().unwrap();
+    }
+    let mut r = RedbStorage::open_read_only(&path).unwrap();
+    assert_eq!(r.load(Oid(1)).unwrap().data(), b"child");
+    assert!(matches!(r.new_oid(), Err(StorageError::ReadOnly)));
+    let _r2 = RedbStorage::open_read_only(&path).unwrap();
+}
+
+#[test]
+fn foreign_file_is_refused_with_a_clear_error() {
+    let (dir, _) = temp_store();
+    let path = dir.path().join("not-a-store");
+    std::fs::write(&path, b"SHELF-1\nthis is a Durus file, not redb").unwrap();
+    let err = RedbStorage::open(&path, Options::default()).unwrap_err();
+    assert!(matches!(err, StorageError::Format(_)), "{err:?}");
+    assert!(err.to_string().contains("not a durus-redb store"), "{err}");
+    assert_eq!(
+        std::fs::read(&path).unwrap(),
+        b"SHELF-1\nthis is a Durus file, not redb"
+    );
+}
+
+#[test]
+fn redb_file_of_another_program_is_refused() {
+    let (_d, path) = temp_store();
+    {
+        let db = redb::Database::create(&path).unwrap();
+        let w = db.begin_write().unwrap();
+        w.open_table(redb::TableDefinition::<u64, u64>::new("other"))
+            .unwrap();
+        w.commit().unwrap();
+    }
+    let err = RedbStorage::open(&path, Options::default()).unwrap_err();
+    assert!(err.to_string().contains("not a durus-redb store"), "{err}");
+}
+
+#[test]
+fn store_of_a_newer_format_is_refused_naming_both_versions() {
+    let (_d, path) = temp_store();
+    RedbStorage::open(&path, Options::default())
+        .unwrap()
+        .close()
+        .unwrap();
+    {
+        #[derive(serde::Serialize)]
+        struct FormatInfo {
+            version: u32,
+            created_by: String,
+        }
+        let db = redb::Database::open(&path).unwrap();
+        let w = db.begin_write().unwrap();
+        {
+            let mut m = w
+                .open_table(redb::TableDefinition::<&str, &[u8]>::new("durus_meta"))
+                .unwrap();
+            let v = rmp_serde::to_vec(&FormatInfo {
+                version: 99,
+                created_by: "future".into(),
+            })
+            .unwrap();
+            m.insert("format", v.as_slice()).unwrap();
+        }
+        w.commit().unwrap();
+    }
+    let err = RedbStorage::open(&path, Options::default()).unwrap_err();
+    let msg = err.to_string();
+    assert!(msg.contains("99") && msg.contains("version 1"), "{msg}");
+}
+
+#[test]
+fn pack_removes_unreachable_objects_and_cycles() {
+    let (_d, path) = temp_store();
+    let mut s = RedbStorage::open(&path, Options::default()).unwrap();
+    let mut other = s.new_session();
+    let (root, child) = commit_root_and_child(&mut s);
+    let a = s.new_oid().unwrap();
+    let b = s.new_oid().unwrap();
+    let lone = s.new_oid().unwrap();
+    s.begin();
+    s.store(a, rec(a, b"a", &[b])).unwrap();
+    s.store(b, rec(b, b"b", &[a])).unwrap();
+    s.store(lone, rec(lone, b"never referenced", &[])).unwrap();
+    s.store(root, rec(root, b"root", &[child, a])).unwrap();
+    s.end().unwrap();
+    s.begin();
+    s.store(root, rec(root, b"root", &[child])).unwrap();
+    s.end().unwrap();
+    other.sync().unwrap();
+    let report = s.pack().unwrap();
+    assert_eq!(report.removed_objects, 3);
+    assert_eq!(report.live_objects, 2);
+    for gone in [a, b, lone] {
+        assert!(matches!(s.load(gone), Err(StorageError::NotFound(_))));
+    }
+    assert_eq!(other.sync().unwrap(), vec![a, b, lone]);
+    assert!(s.check_references().unwrap().is_clean());
+    let mut model = MemoryStorage::new();
+    assert_eq!(model.pack().unwrap().removed_objects, 0);
+}
