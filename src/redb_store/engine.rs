@@ -604,28 +604,44 @@ impl Engine {
         }
         {
             let mut st = self.commit.lock();
-            let mut w = db.begin_write()?;
-            w.set_quick_repair(self.quick_repair);
-            {
-                let mut m = w.open_table(META)?;
-                m.insert(
-                    KEY_OIDS,
-                    encode(&OidMeta {
-                        reserved: st.next_oid,
-                    })
-                    .as_slice(),
-                )?;
+            // Persist the exact oid mark and make every applied commit durable,
+            // unless both already are.
+            let pending =
+                st.applied_seq != self.durable_seq.load(Ordering::Acquire) || st.commits_since > 0;
+            if pending || st.next_oid != st.reserved {
+                let mut w = db.begin_write()?;
+                w.set_quick_repair(self.quick_repair);
+                {
+                    let mut m = w.open_table(META)?;
+                    m.insert(
+                        KEY_OIDS,
+                        encode(&OidMeta {
+                            reserved: st.next_oid,
+                        })
+                        .as_slice(),
+                    )?;
+                }
+                w.commit()?;
+                st.reserved = st.next_oid;
+                st.checkpointed();
             }
-            let fragmented = w.stats()?.fragmented_bytes();
-            w.commit()?;
-            st.checkpointed();
-            let facts = CompactionFacts {
-                file_bytes: std::fs::metadata(&self.path).map(|m| m.len()).unwrap_or(0),
-                fragmented_bytes: fragmented,
-            };
-            if self.policy.compact_on_close(&facts) {
-                tracing::info!(?facts, "compacting on close");
-                db.compact()?;
+            let file_bytes = std::fs::metadata(&self.path).map(|m| m.len()).unwrap_or(0);
+            // Only a large file can be worth compacting: skip the stats otherwise.
+            if file_bytes >= 64 << 20 {
+                let fragmented = {
+                    let w = db.begin_write()?;
+                    let f = w.stats()?.fragmented_bytes();
+                    w.abort()?;
+                    f
+                };
+                let facts = CompactionFacts {
+                    file_bytes,
+                    fragmented_bytes: fragmented,
+                };
+                if self.policy.compact_on_close(&facts) {
+                    tracing::info!(?facts, "compacting on close");
+                    db.compact()?;
+                }
             }
         }
         drop(db);
