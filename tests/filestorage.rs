@@ -73,6 +73,9 @@ fn read_lines(path: &Path) -> Vec<u64> {
 fn events(path: &Path, options: ReadOptions, from: u64) -> Result<Vec<SourceEvent>, FileError> {
     let mut s = open_source(path, options)?;
     s.resume_from(from)?;
+    if from != 0 {
+        assert_eq!(s.position(), from, "position after resume");
+    }
     let mut v = Vec::new();
     while let Some(e) = s.next_event()? {
         v.push(e);

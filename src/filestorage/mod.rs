@@ -1,7 +1,6 @@
 //! Streaming readers for Durus's on-disk storage files, and a SHELF-1 writer.
 //!
-//! Three formats are read (see `docs` in the Durus sources, and the layouts
-//! written out in each submodule):
+//! Three formats are read (each submodule writes out its byte layout):
 //!
 //! - FileStorage, `SHELF-1\n` ([`FileFormat::Shelf`]), the default since Durus 3.8;
 //! - FileStorage2, `DFS20\0` ([`FileFormat::FileStorage2`]), Durus 3.7;
@@ -39,11 +38,15 @@
 //! yet read, the total is the largest id plus one, and a boundary follows each
 //! batch of rows.
 //!
-//! Offset `0` always means "from the beginning". Any offset the reader did not
+//! Offset `0` always means "from the beginning". After a resume,
+//! [`RecordSource::position`] is the offset resumed from. Any offset the reader did not
 //! report may be refused with [`FileError::InvalidResume`] or, if it falls
 //! between items, read as garbage and reported as [`FileError::Corrupt`].
 //!
 //! # Torn tails
+//!
+//! A length field that runs past the end of the file can only be told from a
+//! torn tail by where it is; like Durus, the readers take it as a torn tail.
 //!
 //! A file whose last transaction is cut short (an interrupted write) gives
 //! [`FileError::Truncated`] naming the offset where that transaction starts,
