@@ -183,8 +183,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("s.durus");
         let conn = Connection::open(&path).unwrap();
-        conn.execute_batch("CREATE TABLE objects (id integer primary key, data blob, refs blob)")
-            .unwrap();
+        conn.execute_batch(
+            "CREATE TABLE objects (id integer primary key, data blob, refs blob); BEGIN",
+        )
+        .unwrap();
         for id in (0..2500i64).step_by(2) {
             conn.execute(
                 "INSERT INTO objects VALUES (?1, ?2, ?3)",
@@ -192,6 +194,7 @@ mod tests {
             )
             .unwrap();
         }
+        conn.execute_batch("COMMIT").unwrap();
         drop(conn);
         let mut s = open_source(&path, ReadOptions::default()).unwrap();
         assert_eq!(s.format(), FileFormat::Sqlite);
