@@ -9,6 +9,7 @@
 
 mod checkpoint;
 mod error;
+mod filestorage;
 mod memory;
 mod record;
 mod redb_store;
@@ -19,6 +20,10 @@ pub use checkpoint::{
     Periodic, default_compaction,
 };
 pub use error::{Conflict, InvalidInput, Result, StorageError};
+pub use filestorage::{
+    FileError, FileFormat, ReadOptions, RecordSource, ShelfWriter, SourceEvent, SourceItem,
+    detect_format, open_source,
+};
 pub use memory::MemoryStorage;
 pub use record::{Oid, Record, RecordError};
 pub use redb_store::{
