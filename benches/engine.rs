@@ -161,6 +161,8 @@ fn bench_commit(c: &mut Criterion, dir: &Path) {
                 b.iter(|| {
                     generation += 1;
                     let mut w = db.begin_write().unwrap();
+                    // The same crash guarantee as the engine: quick repair on.
+                    w.set_quick_repair(true);
                     w.set_durability(raw_policy.durability()).unwrap();
                     {
                         let mut t = w.open_table(RAW).unwrap();
