@@ -103,7 +103,10 @@ impl Drop for Checkpointer {
     fn drop(&mut self) {
         let _ = self.tx.send(Control::Stop);
         if let Some(h) = self.handle.take() {
-            let _ = h.join();
+            // The last handle may be dropped on the checkpointer itself.
+            if h.thread().id() != std::thread::current().id() {
+                let _ = h.join();
+            }
         }
     }
 }
