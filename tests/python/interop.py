@@ -443,40 +443,14 @@ def scenario_read_conflict(target):
 
 # ---------------------------------------------------------------- pack
 
-def wait_gone(target, oids, timeout, interval=0.2):
-    """Poll fresh ClientStorages until every oid in `oids` loads with
-    KeyError.  Returns True if they did within `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        storage = target.storage()
-        try:
-            storage.sync()
-            gone = 0
-            for oid in oids:
-                try:
-                    storage.load(oid)
-                except ReadConflictError:
-                    break       # a pack just finished: poll again
-                except KeyError:
-                    gone += 1
-                else:
-                    break
-        finally:
-            storage.close()
-        if gone == len(oids):
-            return True
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(interval)
-
-
-def raw_load_status(target, oid):
+def raw_load(target, oid):
+    """The record at oid (bytes), loaded by a fresh ClientStorage, or
+    the name of the exception raised."""
     storage = target.storage()
     try:
         storage.sync()
         try:
-            storage.load(oid)
-            return "ok"
+            return storage.load(oid)
         except KeyError:
             return "KeyError"
         except ReadConflictError:
@@ -537,27 +511,52 @@ def scenario_pack(target, pack_timeout=20.0):
     result = {}
     # Unreferenced records stay loadable until a pack.
     result["garbage_loadable_before_pack"] = dict(
-        (role, raw_load_status(target, oids[role])) for role in garbage)
-    check(all(v == "ok" for v in result["garbage_loadable_before_pack"]
+        (role, isinstance(raw_load(target, oids[role]), bytes))
+        for role in garbage)
+    check(all(v is True for v in result["garbage_loadable_before_pack"]
               .values()), "garbage vanished before pack: %r",
           result["garbage_loadable_before_pack"])
+
+    records = dict((role, raw_load(target, oids[role])) for role in garbage)
+
+    # c2 commits once before the pack, so that its client holds a pool of
+    # oids allocated before the pack (Durus's FileStorage reuses the oids a
+    # pack frees for oids allocated after it).
+    c2 = target.connection()
+    c2.get_root()["pack"]["keep"]["c2_before"] = PersistentDict(v="before")
+    c2.commit()
 
     holder = roles["cycle_a"]          # c1 keeps a loaded garbage object
     holder["v"]
     c1.pack()
-    # A commit from another connection right after the pack request must
-    # survive the pack, whatever the pack's progress.
-    c2 = target.connection()
+    # A commit (with a new object) from another connection right after the
+    # pack request must survive the pack, whatever the pack's progress.
     c2.get_root()["pack"]["keep"]["during_pack"] = PersistentDict(
         v="during_pack")
     c2.commit()
 
-    gone = wait_gone(target, [oids[r] for r in garbage], pack_timeout)
-    check(gone, "garbage still loadable %.0f s after pack(): %r",
-          pack_timeout, dict((r, raw_load_status(target, oids[r]))
-                             for r in garbage))
-    result["after_pack"] = dict(
-        (role, raw_load_status(target, oids[role])) for role in garbage + kept)
+    def status(role):
+        found = raw_load(target, oids[role])
+        if found == "KeyError":
+            return "gone"
+        if isinstance(found, bytes):
+            if role in records and found != records[role]:
+                # The oid now holds another object (a server may reuse
+                # oids freed by a pack): the object is gone.
+                return "gone"
+            return "kept"
+        return found       # ReadConflictError: a pack just finished
+
+    deadline = time.monotonic() + pack_timeout
+    while True:
+        statuses = dict((role, status(role)) for role in garbage)
+        if all(v == "gone" for v in statuses.values()):
+            break
+        check(time.monotonic() < deadline, "garbage still loadable %.0f s "
+              "after pack(): %r", pack_timeout, statuses)
+        time.sleep(0.2)
+    result["after_pack"] = dict((role, status(role))
+                                for role in garbage + kept)
 
     # c1 syncs (abort): the packed oids are invalidated, the loaded garbage
     # object becomes a ghost, and touching it raises ReadConflictError.
@@ -577,6 +576,7 @@ def scenario_pack(target, pack_timeout=20.0):
         "keep": pbox["keep"]["v"], "keep_child": pbox["keep"]["child"]["v"],
         "moved": pbox["keep"]["moved_here"]["v"],
         "during_pack": pbox["keep"]["during_pack"]["v"],
+        "c2_before": pbox["keep"]["c2_before"]["v"],
         "keep_list": [d["v"] for d in pbox["keep_list"]],
         "box_keys": sorted(pbox.keys()),
     }
@@ -591,9 +591,9 @@ def scenario_pack(target, pack_timeout=20.0):
     check(result["after_pack_new_objects"] == list(range(20)),
           "new objects after pack wrong")
     result["gone"] = sorted(r for r in garbage + kept
-                            if result["after_pack"][r] == "KeyError")
+                            if result["after_pack"][r] == "gone")
     result["kept"] = sorted(r for r in garbage + kept
-                            if result["after_pack"][r] == "ok")
+                            if result["after_pack"][r] == "kept")
     check(result["gone"] == sorted(garbage), "gone: %r", result["gone"])
     check(result["kept"] == sorted(kept), "kept: %r", result["kept"])
     close(c1, c2, c3, c4)
