@@ -241,16 +241,24 @@ def run_batch(command, scenarios, options, label):
         for s in scenarios:
             argv += ["--scenario", s]
         argv += ["--pack-timeout", str(options.pack_timeout)]
+        # interop.py runs in its own process group, so that on a timeout
+        # its worker processes (many_clients) are killed too.
+        child = subprocess.Popen(argv, stdin=subprocess.DEVNULL,
+                                 stdout=subprocess.PIPE,
+                                 start_new_session=True)
         try:
-            done = subprocess.run(argv, stdin=subprocess.DEVNULL,
-                                  stdout=subprocess.PIPE,
-                                  timeout=options.scenario_timeout *
-                                  len(scenarios))
-            out = done.stdout.decode("utf-8", "replace")
+            out, _ = child.communicate(timeout=options.scenario_timeout *
+                                       len(scenarios))
+            out = out.decode("utf-8", "replace")
             lines = [l for l in out.splitlines() if l.strip()]
-            if done.returncode != 0:
+            if child.returncode != 0:
                 ok = False
         except subprocess.TimeoutExpired:
+            try:
+                os.killpg(child.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            child.communicate()
             log("[%s] ERROR: interop.py timed out after %.0f s", label,
                 options.scenario_timeout * len(scenarios))
             lines = [json.dumps({"scenario": s, "ok": False,
