@@ -57,7 +57,7 @@ interop() {  # interop TRANSPORT-ARGS (e.g. "--port {port}")
     have_server || return 1
     "${RUN_AGAINST[@]}" \
         --server-cmd "$SERVER_BIN serve --file {file} $1" \
-        --compare-cmd "$DURUS_BIN -s --file {file} $1" >/dev/null
+        --compare-cmd "$DURUS_BIN -s --file {file} $1" --quiet
 }
 
 step "python harness compiles" "$DURUS_PYTHON" -m py_compile \
@@ -69,7 +69,8 @@ step "cargo build durus-redb" cargo build --bin durus-redb
 step "interop harness: durus -s vs durus -s (deterministic?)" \
     "${RUN_AGAINST[@]}" \
     --server-cmd "$DURUS_BIN -s --file {file} --port {port}" \
-    --compare-cmd "$DURUS_BIN -s --file {file} --port {port}" --shared-server
+    --compare-cmd "$DURUS_BIN -s --file {file} --port {port}" --shared-server \
+    --quiet
 step "interop: durus-redb vs durus -s over TCP" interop "--port {port}"
 step "interop: durus-redb vs durus -s over a Unix socket" \
     interop "--address {address}"

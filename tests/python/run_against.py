@@ -234,9 +234,7 @@ def run_batch(command, scenarios, options, label):
         except StartError as exc:
             log("[%s] ERROR: %s\n--- server log ---\n%s", label, exc,
                 server.log_tail())
-            return ([json.dumps({"scenario": s, "ok": False,
-                                 "error": "server did not start"},
-                                sort_keys=True) for s in scenarios], False)
+            raise StartError(str(exc))
         argv = [options.python, INTEROP] + server.interop_args()
         for s in scenarios:
             argv += ["--scenario", s]
@@ -286,11 +284,21 @@ def run_batch(command, scenarios, options, label):
 
 
 def run_all(command, options, label):
-    if options.shared_server:
-        return run_batch(command, options.scenarios, options, label)
+    batches = ([options.scenarios] if options.shared_server
+               else [[s] for s in options.scenarios])
     lines, ok = [], True
-    for scenario in options.scenarios:
-        more, this_ok = run_batch(command, [scenario], options, label)
+    for batch in batches:
+        try:
+            more, this_ok = run_batch(command, batch, options, label)
+        except StartError:
+            # The server does not start: do not try again for every
+            # remaining scenario.
+            done = [json.loads(l)["scenario"] for l in lines]
+            lines += [json.dumps({"scenario": s, "ok": False,
+                                  "error": "server did not start"},
+                                 sort_keys=True)
+                      for s in options.scenarios if s not in done]
+            return lines, False
         lines += more
         ok = ok and this_ok
     return lines, ok
@@ -317,6 +325,8 @@ def main(argv=None):
     parser.add_argument("--pack-timeout", type=float, default=20.0)
     parser.add_argument("--shared-server", action="store_true",
                         help="run all scenarios on one server")
+    parser.add_argument("--quiet", action="store_true",
+                        help="print only failed scenarios and diffs")
     parser.add_argument("--keep", action="store_true",
                         help="keep the temporary directories")
     options = parser.parse_args(argv)
@@ -342,9 +352,14 @@ def main(argv=None):
     try:
         lines, ok = run_all(options.server_cmd, options, "server")
         for line in lines:
-            sys.stdout.write(line + "\n")
+            if not options.quiet or '"ok": false' in line:
+                sys.stdout.write(line + "\n")
         sys.stdout.flush()
-        if options.compare_cmd is not None:
+        not_started = all('"server did not start"' in l for l in lines)
+        if options.compare_cmd is not None and not_started:
+            log("server under test did not start: not running "
+                "--compare-cmd")
+        elif options.compare_cmd is not None:
             other, other_ok = run_all(options.compare_cmd, options,
                                       "compare")
             ok = ok and other_ok
