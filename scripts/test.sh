@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# The project's single test command: formatting, lints, the Rust tests, and
+# the Python interop suite (unchanged Durus 4.3 clients against durus-redb,
+# compared with Durus's own server).  Runs every step, then prints a
+# summary; exits non-zero if any step failed.
+#
+# Needs: cargo (with rustfmt and clippy), python3 with venv, network access
+# to PyPI the first time (scripts/setup-python.sh installs durus==4.3 into
+# .venv).  DURUS_PYTHON and DURUS_BIN are exported for the Rust tests.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+
+echo "== setup-python"
+"$ROOT/scripts/setup-python.sh" >/dev/null
+export DURUS_PYTHON="${DURUS_PYTHON:-$ROOT/.venv/bin/python}"
+export DURUS_BIN="${DURUS_BIN:-$ROOT/.venv/bin/durus}"
+for f in "$DURUS_PYTHON" "$DURUS_BIN"; do
+    [ -x "$f" ] || { echo "test.sh: $f is not executable" >&2; exit 1; }
+done
+echo "DURUS_PYTHON=$DURUS_PYTHON"
+echo "DURUS_BIN=$DURUS_BIN"
+
+TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
+SERVER_BIN="$TARGET_DIR/debug/durus-redb"
+RUN_AGAINST=("$DURUS_PYTHON" "$ROOT/tests/python/run_against.py"
+             --python "$DURUS_PYTHON")
+
+SUMMARY=()
+FAILED=0
+
+step() {  # step NAME COMMAND...
+    local name="$1"; shift
+    local start=$SECONDS
+    echo
+    echo "== $name"
+    echo "+ $*"
+    if "$@"; then
+        SUMMARY+=("PASS  $(printf '%4ss' $((SECONDS - start)))  $name")
+    else
+        local rc=$?
+        SUMMARY+=("FAIL  $(printf '%4ss' $((SECONDS - start)))  $name (exit $rc)")
+        FAILED=1
+    fi
+}
+
+have_server() {
+    [ -x "$SERVER_BIN" ] && "$SERVER_BIN" serve --help >/dev/null 2>&1 || {
+        echo "test.sh: $SERVER_BIN has no working 'serve' subcommand;" \
+             "the interop suite cannot run (this is a failure, not a skip)" >&2
+        return 1
+    }
+}
+
+interop() {  # interop TRANSPORT-ARGS (e.g. "--port {port}")
+    have_server || return 1
+    "${RUN_AGAINST[@]}" \
+        --server-cmd "$SERVER_BIN serve --file {file} $1" \
+        --compare-cmd "$DURUS_BIN -s --file {file} $1" --quiet
+}
+
+step "python harness compiles" "$DURUS_PYTHON" -m py_compile \
+    tests/python/interop.py tests/python/run_against.py
+step "cargo fmt --check" cargo fmt --all -- --check
+step "cargo clippy" cargo clippy --all-targets -- -D warnings
+step "cargo test" cargo test --all-targets
+step "cargo build durus-redb" cargo build --bin durus-redb
+step "interop harness: durus -s vs durus -s (deterministic?)" \
+    "${RUN_AGAINST[@]}" \
+    --server-cmd "$DURUS_BIN -s --file {file} --port {port}" \
+    --compare-cmd "$DURUS_BIN -s --file {file} --port {port}" --shared-server \
+    --quiet
+step "interop: durus-redb vs durus -s over TCP" interop "--port {port}"
+step "interop: durus-redb vs durus -s over a Unix socket" \
+    interop "--address {address}"
+
+echo
+echo "== summary"
+printf '%s\n' "${SUMMARY[@]}"
+if [ "$FAILED" -ne 0 ]; then
+    echo "test.sh: FAILED"
+    exit 1
+fi
+echo "test.sh: all passed"
