@@ -126,8 +126,7 @@ fn bench_load(c: &mut Criterion, dir: &Path) {
             i = (i * 7919 + 13) % OBJECTS;
             let txn = db.begin_read().unwrap();
             let t = txn.open_table(RAW).unwrap();
-            let v = t.get(i).unwrap().unwrap().value().to_vec();
-            v
+            t.get(i).unwrap().unwrap().value().to_vec()
         })
     });
     g.finish();
@@ -259,7 +258,7 @@ fn mean_ns(id: &str) -> Option<f64> {
     // {"mean":{"confidence_interval":{...},"point_estimate":123.4,...
     let mean = &text[text.find("\"mean\"")?..];
     let pe = &mean[mean.find("\"point_estimate\":")? + 17..];
-    pe[..pe.find(|c: char| c == ',' || c == '}')?].parse().ok()
+    pe[..pe.find([',', '}'])?].parse().ok()
 }
 
 fn print_ratios() {

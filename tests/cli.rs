@@ -14,9 +14,11 @@ fn small_store(path: &std::path::Path) {
     let oids = s.new_oids(200).unwrap();
     s.begin();
     for &o in &oids {
-        s.store(o, Record::new(o, &[b'x'; 300], &[]).into_bytes()).unwrap();
+        s.store(o, Record::new(o, &[b'x'; 300], &[]).into_bytes())
+            .unwrap();
     }
-    s.store(root, Record::new(root, b"root", &oids).into_bytes()).unwrap();
+    s.store(root, Record::new(root, b"root", &oids).into_bytes())
+        .unwrap();
     s.end().unwrap();
     s.close().unwrap();
 }
@@ -50,7 +52,15 @@ fn a_second_process_gets_a_clear_error_while_the_store_is_open() {
         assert!(err.contains("already open"), "{cmd}: {err}");
     }
     drop(held);
-    assert!(bin().arg("check").arg(&path).output().unwrap().status.success());
+    assert!(
+        bin()
+            .arg("check")
+            .arg(&path)
+            .output()
+            .unwrap()
+            .status
+            .success()
+    );
 }
 
 #[test]
@@ -63,11 +73,18 @@ fn check_and_stats_refuse_foreign_and_missing_files() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{cmd}: {err}");
         assert!(err.contains("not a durus-redb store"), "{cmd}: {err}");
-        let out = bin().arg(cmd).arg(dir.path().join("missing.redb")).output().unwrap();
+        let out = bin()
+            .arg(cmd)
+            .arg(dir.path().join("missing.redb"))
+            .output()
+            .unwrap();
         assert_eq!(out.status.code(), Some(2));
         assert!(String::from_utf8_lossy(&out.stderr).contains("does not exist"));
     }
-    assert!(!dir.path().join("missing.redb").exists(), "check must not create a store");
+    assert!(
+        !dir.path().join("missing.redb").exists(),
+        "check must not create a store"
+    );
 }
 
 #[test]
@@ -79,13 +96,20 @@ fn check_finds_a_damaged_file() {
     // our record validation must notice.
     let mut bytes = std::fs::read(&path).unwrap();
     let needle = [b'x'; 64];
-    let at = bytes.windows(64).position(|w| w == needle).expect("record data in the file");
+    let at = bytes
+        .windows(64)
+        .position(|w| w == needle)
+        .expect("record data in the file");
     for b in &mut bytes[at..at + 64] {
         *b = b'y';
     }
     std::fs::write(&path, &bytes).unwrap();
     let out = bin().arg("check").arg(&path).output().unwrap();
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(!out.status.success(), "check passed a damaged file: {text}");
 }
 
@@ -96,7 +120,8 @@ fn many_threads_commit_at_once_and_nothing_is_lost() {
     let mut main = RedbStorage::open(&path, Options::default()).unwrap();
     let root = main.new_oid().unwrap();
     main.begin();
-    main.store(root, Record::new(root, b"root", &[]).into_bytes()).unwrap();
+    main.store(root, Record::new(root, b"root", &[]).into_bytes())
+        .unwrap();
     main.end().unwrap();
     let threads: Vec<_> = (0..8)
         .map(|t| {
@@ -107,7 +132,8 @@ fn many_threads_commit_at_once_and_nothing_is_lost() {
                     let o = s.new_oid().unwrap();
                     let prev: Vec<Oid> = mine.last().copied().into_iter().collect();
                     s.begin();
-                    s.store(o, Record::new(o, &[t as u8, i as u8], &prev).into_bytes()).unwrap();
+                    s.store(o, Record::new(o, &[t as u8, i as u8], &prev).into_bytes())
+                        .unwrap();
                     s.end().unwrap();
                     mine.push(o);
                 }
@@ -115,7 +141,10 @@ fn many_threads_commit_at_once_and_nothing_is_lost() {
             })
         })
         .collect();
-    let all: Vec<Oid> = threads.into_iter().flat_map(|h| h.join().unwrap()).collect();
+    let all: Vec<Oid> = threads
+        .into_iter()
+        .flat_map(|h| h.join().unwrap())
+        .collect();
     assert_eq!(all.len(), 400);
     main.close().unwrap();
     let mut s = RedbStorage::open(&path, Options::default()).unwrap();

@@ -42,8 +42,10 @@ pub const KEY_FORMAT: &str = "format";
 /// Metadata key of [`OidMeta`].
 pub const KEY_OIDS: &str = "oids";
 /// Metadata key of the migration state.
+#[expect(dead_code, reason = "written by the migration import path")]
 pub const KEY_MIGRATION: &str = "migration";
 /// Metadata key of the collector state.
+#[expect(dead_code, reason = "written by the background collector")]
 pub const KEY_GC: &str = "gc";
 
 /// The format of the store.

@@ -29,6 +29,7 @@ pub(crate) fn full_collection(engine: &Engine) -> Result<PackReport> {
 }
 
 /// Progress of a full collection.
+#[expect(dead_code, reason = "read by the `gc` command's progress bar")]
 #[derive(Debug, Clone, Copy)]
 pub enum PackProgress {
     /// Objects marked live so far.
