@@ -1,0 +1,849 @@
+//! durus-redb beside Durus itself, on the same work, in one run.
+//!
+//! `cargo bench --bench compare` (needs the Python venv of
+//! `scripts/setup-python.sh`, or `DURUS_PYTHON` and `DURUS_BIN`):
+//!
+//! 1. builds one Durus store with the real Python Durus (a BTree of
+//!    PersistentDicts), copies it into a SqliteStorage, and migrates it into a
+//!    durus-redb store with `durus-redb migrate`;
+//! 2. Python rows: the real Durus client (`benches/compare/workload.py`) runs
+//!    read, write (1, 10, 100 objects per commit) and mixed workloads with 1,
+//!    4 and 16 client processes against the null server (the ceiling),
+//!    durus-redb, and `durus -s` on its FileStorage and on its SqliteStorage;
+//! 3. Rust rows: a load generator speaking the protocol directly;
+//! 4. start-up time and resident memory against store size;
+//! 5. the engine against raw redb doing the same key/value work.
+//!
+//! Everything talks to 127.0.0.1, every run is bounded in time, and every
+//! server started is stopped (`Q`, then SIGKILL) whatever happens. The table
+//! is printed and written to `target/bench-compare.md`.
+//! `DURUS_BENCH_QUICK=1` runs a smaller, shorter version.
+
+mod loadgen;
+mod nullserver;
+mod wire;
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::io::Read;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use durus_redb::{
+    EveryCommit, Oid, Options, ReadOptions, Record, RedbStorage, ShelfWriter, SourceEvent, Storage,
+    open_source,
+};
+
+use loadgen::{LoadReport, Mix};
+use nullserver::NullServer;
+use wire::{Client, Loaded};
+
+struct Config {
+    objects: usize,
+    seconds: f64,
+    clients: Vec<usize>,
+    startup_sizes: Vec<u64>,
+    loadgen_seconds: u64,
+}
+
+impl Config {
+    fn from_env() -> Config {
+        if std::env::var_os("DURUS_BENCH_QUICK").is_some() {
+            Config {
+                objects: 20_000,
+                seconds: 1.5,
+                clients: vec![1, 4],
+                startup_sizes: vec![10_000, 100_000],
+                loadgen_seconds: 2,
+            }
+        } else {
+            Config {
+                objects: 100_000,
+                seconds: 5.0,
+                clients: vec![1, 4, 16],
+                startup_sizes: vec![100_000, 1_000_000],
+                loadgen_seconds: 5,
+            }
+        }
+    }
+}
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The Python interpreter with durus 4.3, and Durus's `durus` command.
+fn python_tools() -> (PathBuf, PathBuf) {
+    let venv = root().join(".venv/bin");
+    let python = std::env::var_os("DURUS_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| venv.join("python"));
+    let durus = std::env::var_os("DURUS_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| venv.join("durus"));
+    for p in [&python, &durus] {
+        if !p.exists() {
+            eprintln!(
+                "compare: {} not found; run scripts/setup-python.sh or set DURUS_PYTHON and DURUS_BIN",
+                p.display()
+            );
+            std::process::exit(2);
+        }
+    }
+    (python, durus)
+}
+
+fn durus_redb_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_durus-redb"))
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port on 127.0.0.1")
+}
+
+fn run_ok(cmd: &mut Command, what: &str) {
+    let out = cmd
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap_or_else(|e| panic!("{what}: cannot start: {e}"));
+    assert!(
+        out.status.success(),
+        "{what} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A server child process, stopped on drop whatever happens.
+struct ServerProcess {
+    name: String,
+    child: Child,
+    port: u16,
+    startup: Duration,
+}
+
+impl ServerProcess {
+    /// Starts `cmd` (which must listen on `port`) and waits until it answers
+    /// a load of the root.
+    fn start(name: &str, mut cmd: Command, port: u16, log: &Path) -> ServerProcess {
+        let log = std::fs::File::create(log).expect("server log file");
+        let started = Instant::now();
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("{name}: cannot start: {e}"));
+        let mut server = ServerProcess {
+            name: name.to_string(),
+            child,
+            port,
+            startup: Duration::ZERO,
+        };
+        let deadline = started + Duration::from_secs(300);
+        loop {
+            if let Ok(Some(status)) = server.child.try_wait() {
+                panic!("{name} exited during start-up: {status}");
+            }
+            if let Ok(mut c) = Client::connect(port) {
+                if let Ok(Loaded::Record(_)) = c.load(0) {
+                    break;
+                }
+            }
+            assert!(Instant::now() < deadline, "{name} did not start in 300 s");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        server.startup = started.elapsed();
+        server
+    }
+
+    /// Resident memory (VmRSS) in MiB.
+    fn rss_mib(&self) -> f64 {
+        rss_mib(self.child.id())
+    }
+}
+
+fn rss_mib(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|kb| kb.parse::<f64>().ok())
+        .map_or(f64::NAN, |kb| kb / 1024.0)
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        if let Ok(c) = Client::connect(self.port) {
+            let _ = c.quit();
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        eprintln!("compare: {} did not stop on Q; killing it", self.name);
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One of the servers compared.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+enum Server {
+    Null,
+    DurusRedb,
+    DurusFile,
+    DurusSqlite,
+}
+
+impl Server {
+    const ALL: [Server; 4] = [
+        Server::Null,
+        Server::DurusRedb,
+        Server::DurusFile,
+        Server::DurusSqlite,
+    ];
+
+    fn key(self) -> &'static str {
+        match self {
+            Server::Null => "null",
+            Server::DurusRedb => "redb",
+            Server::DurusFile => "file",
+            Server::DurusSqlite => "sqlite",
+        }
+    }
+
+    fn label(self) -> &'static str {
+        match self {
+            Server::Null => "null server (ceiling)",
+            Server::DurusRedb => "durus-redb serve",
+            Server::DurusFile => "durus -s FileStorage",
+            Server::DurusSqlite => "durus -s SqliteStorage",
+        }
+    }
+}
+
+/// A running server of any kind.
+enum Running {
+    Null(NullServer),
+    Process(ServerProcess),
+}
+
+impl Running {
+    fn port(&self) -> u16 {
+        match self {
+            Running::Null(n) => n.port,
+            Running::Process(p) => p.port,
+        }
+    }
+}
+
+struct Stores {
+    dir: PathBuf,
+    durus: PathBuf,
+}
+
+impl Stores {
+    /// Fresh copies of the stores for one server (workloads change them).
+    fn start(&self, server: Server, durus_bin: &Path, tag: &str) -> Running {
+        let port = free_port();
+        let log = self.dir.join(format!("{tag}.log"));
+        match server {
+            Server::Null => Running::Null(NullServer::start(read_all(&self.durus)).expect("null")),
+            Server::DurusRedb => {
+                let file = self.dir.join(format!("{tag}.redb"));
+                std::fs::copy(self.dir.join("items.redb"), &file).expect("copy redb store");
+                let mut cmd = Command::new(durus_redb_bin());
+                cmd.arg("serve")
+                    .arg("--file")
+                    .arg(&file)
+                    .arg("--port")
+                    .arg(port.to_string())
+                    .arg("--logginglevel")
+                    .arg("30");
+                Running::Process(ServerProcess::start(server.label(), cmd, port, &log))
+            }
+            Server::DurusFile | Server::DurusSqlite => {
+                let (src, ext) = if server == Server::DurusFile {
+                    ("items.durus", "durus")
+                } else {
+                    ("items.sqlite", "sqlite")
+                };
+                let file = self.dir.join(format!("{tag}.{ext}"));
+                std::fs::copy(self.dir.join(src), &file).expect("copy durus store");
+                let mut cmd = Command::new(durus_bin);
+                cmd.arg("-s")
+                    .arg("--file")
+                    .arg(&file)
+                    .arg("--port")
+                    .arg(port.to_string())
+                    .arg("--logginglevel")
+                    .arg("30");
+                Running::Process(ServerProcess::start(server.label(), cmd, port, &log))
+            }
+        }
+    }
+}
+
+/// Every record of a Durus file, the last version of each oid.
+fn read_all(path: &Path) -> HashMap<u64, Vec<u8>> {
+    let mut source = open_source(path, ReadOptions::default()).expect("open the Durus file");
+    let mut map = HashMap::new();
+    while let Some(event) = source.next_event().expect("read the Durus file") {
+        if let SourceEvent::Item(item) = event {
+            map.insert(item.oid.0, item.record);
+        }
+    }
+    map
+}
+
+/// Latencies in microseconds -> (p50, p99) in milliseconds.
+fn percentiles(lat: &mut [u64]) -> (f64, f64) {
+    if lat.is_empty() {
+        return (f64::NAN, f64::NAN);
+    }
+    lat.sort_unstable();
+    let at = |q: f64| lat[((lat.len() - 1) as f64 * q).round() as usize] as f64 / 1000.0;
+    (at(0.50), at(0.99))
+}
+
+#[derive(Clone, Copy)]
+struct Workload {
+    name: &'static str,
+    mode: &'static str,
+    batch: usize,
+}
+
+const WORKLOADS: [Workload; 5] = [
+    Workload {
+        name: "read",
+        mode: "read",
+        batch: 1,
+    },
+    Workload {
+        name: "write 1",
+        mode: "write",
+        batch: 1,
+    },
+    Workload {
+        name: "write 10",
+        mode: "write",
+        batch: 10,
+    },
+    Workload {
+        name: "write 100",
+        mode: "write",
+        batch: 100,
+    },
+    Workload {
+        name: "mixed",
+        mode: "mixed",
+        batch: 2,
+    },
+];
+
+struct Cell {
+    ops_per_s: f64,
+    p50: f64,
+    p99: f64,
+    conflicts: usize,
+}
+
+/// Runs `clients` Python client processes of `workload` against `port`.
+fn python_cell(python: &Path, cfg: &Config, port: u16, w: Workload, clients: usize) -> Cell {
+    let script = root().join("benches/compare/workload.py");
+    let start_at = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs_f64()
+        + 1.0
+        + 0.15 * clients as f64;
+    let children: Vec<Child> = (0..clients)
+        .map(|i| {
+            Command::new(python)
+                .arg(&script)
+                .args(["run", "--port", &port.to_string(), "--mode", w.mode])
+                .args(["--seconds", &cfg.seconds.to_string()])
+                .args([
+                    "--client",
+                    &i.to_string(),
+                    "--clients",
+                    &clients.to_string(),
+                ])
+                .args(["--objects", &cfg.objects.to_string()])
+                .args(["--batch", &w.batch.to_string()])
+                .args(["--start-at", &format!("{start_at:.3}")])
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("start a Python client")
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs_f64(cfg.seconds + 120.0);
+    let mut ops = 0usize;
+    let mut conflicts = 0usize;
+    let mut lat = Vec::new();
+    for mut child in children {
+        // Bounded wait: a client that hangs is killed and the run fails.
+        loop {
+            if child.try_wait().expect("wait").is_some() {
+                break;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("a Python client did not finish in time");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let mut out = String::new();
+        child
+            .stdout
+            .take()
+            .expect("stdout")
+            .read_to_string(&mut out)
+            .expect("client output");
+        let mut err = String::new();
+        let _ = child
+            .stderr
+            .take()
+            .expect("stderr")
+            .read_to_string(&mut err);
+        let status = child.wait().expect("wait");
+        assert!(status.success(), "Python client failed: {err}");
+        let mut lines = out.lines();
+        let head: Vec<usize> = lines
+            .next()
+            .unwrap_or_default()
+            .split_whitespace()
+            .map(|x| x.parse().expect("a count"))
+            .collect();
+        ops += head[0];
+        conflicts += head[1];
+        lat.extend(
+            lines
+                .next()
+                .unwrap_or_default()
+                .split_whitespace()
+                .map(|x| x.parse::<u64>().expect("a latency")),
+        );
+    }
+    let (p50, p99) = percentiles(&mut lat);
+    Cell {
+        ops_per_s: ops as f64 / cfg.seconds,
+        p50,
+        p99,
+        conflicts,
+    }
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .next()
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .map_or("?".into(), |kb| format!("{:.0} GiB", kb as f64 / 1048576.0));
+    let kernel = Command::new("uname")
+        .arg("-sr")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
+    format!("{cpu}, {cores} cores, {mem} RAM, {kernel}")
+}
+
+fn main() {
+    // `cargo bench --bench compare -- --servers null,redb,file,sqlite` runs a
+    // subset (every row needs the null server's figure, so it always runs).
+    let args: Vec<String> = std::env::args().collect();
+    let servers: Vec<Server> = match args.iter().position(|a| a == "--servers") {
+        Some(i) => {
+            let list = args.get(i + 1).map(String::as_str).unwrap_or("");
+            Server::ALL
+                .into_iter()
+                .filter(|s| *s == Server::Null || list.split(',').any(|k| k == s.key()))
+                .collect()
+        }
+        None => Server::ALL.to_vec(),
+    };
+    let with_redb = servers.contains(&Server::DurusRedb);
+    let cfg = Config::from_env();
+    let (python, durus_bin) = python_tools();
+    let tmp = tempfile::Builder::new()
+        .prefix("durus-compare")
+        .tempdir()
+        .expect("temporary directory");
+    let dir = tmp.path().to_path_buf();
+    let mut md = String::new();
+    let t0 = Instant::now();
+    writeln!(md, "Machine: {}  ", machine()).unwrap();
+    writeln!(
+        md,
+        "Command: `{}cargo bench --bench compare`; {} PersistentDicts in a BTree, {} s per cell.\n",
+        if cfg.objects < 100_000 {
+            "DURUS_BENCH_QUICK=1 "
+        } else {
+            ""
+        },
+        cfg.objects,
+        cfg.seconds
+    )
+    .unwrap();
+
+    // 1. The stores.
+    eprintln!("compare: building the stores ({} objects)", cfg.objects);
+    let durus = dir.join("items.durus");
+    let script = root().join("benches/compare/workload.py");
+    run_ok(
+        Command::new(&python)
+            .arg(&script)
+            .args(["populate", "--objects", &cfg.objects.to_string(), "--file"])
+            .arg(&durus),
+        "populate the Durus FileStorage",
+    );
+    run_ok(
+        Command::new(&python)
+            .arg(&script)
+            .args(["copy", "--src"])
+            .arg(&durus)
+            .arg("--dest")
+            .arg(dir.join("items.sqlite")),
+        "copy into a SqliteStorage",
+    );
+    if with_redb {
+        run_ok(
+            Command::new(durus_redb_bin())
+                .arg("migrate")
+                .arg(&durus)
+                .arg(dir.join("items.redb")),
+            "durus-redb migrate",
+        );
+    }
+    let stores = Stores {
+        dir: dir.clone(),
+        durus,
+    };
+
+    // 2. Python clients.
+    let mut cells: HashMap<(usize, usize, Server), Cell> = HashMap::new();
+    for &server in &servers {
+        eprintln!("compare: Python clients against {}", server.label());
+        let running = stores.start(server, &durus_bin, &format!("py-{server:?}"));
+        for (wi, w) in WORKLOADS.iter().enumerate() {
+            for &n in &cfg.clients {
+                let cell = python_cell(&python, &cfg, running.port(), *w, n);
+                eprintln!(
+                    "  {:<10} {:>2} clients: {:>8.0} ops/s p50 {:.2} ms p99 {:.2} ms",
+                    w.name, n, cell.ops_per_s, cell.p50, cell.p99
+                );
+                cells.insert((wi, n, server), cell);
+            }
+        }
+    }
+    writeln!(
+        md,
+        "### The real Python Durus client (ops/s; share of the null server's; p50 / p99 latency in ms)\n"
+    )
+    .unwrap();
+    writeln!(
+        md,
+        "| workload | clients | null server (ceiling) | durus-redb | durus -s FileStorage | durus -s SqliteStorage | durus-redb / FileStorage |"
+    )
+    .unwrap();
+    writeln!(md, "|---|---:|---:|---:|---:|---:|---:|").unwrap();
+    for (wi, w) in WORKLOADS.iter().enumerate() {
+        for &n in &cfg.clients {
+            let ceiling = cells[&(wi, n, Server::Null)].ops_per_s;
+            let mut row = format!("| {} | {n} |", w.name);
+            for server in Server::ALL {
+                let Some(c) = cells.get(&(wi, n, server)) else {
+                    row.push_str(" - |");
+                    continue;
+                };
+                let conflicts = if c.conflicts > 0 {
+                    format!(", {} conflicts", c.conflicts)
+                } else {
+                    String::new()
+                };
+                if server == Server::Null {
+                    write!(
+                        row,
+                        " {:.0}; {:.2} / {:.2}{conflicts} |",
+                        c.ops_per_s, c.p50, c.p99
+                    )
+                    .unwrap();
+                } else {
+                    write!(
+                        row,
+                        " {:.0} ({:.0}%); {:.2} / {:.2}{conflicts} |",
+                        c.ops_per_s,
+                        100.0 * c.ops_per_s / ceiling,
+                        c.p50,
+                        c.p99
+                    )
+                    .unwrap();
+                }
+            }
+            let ratio = match (
+                cells.get(&(wi, n, Server::DurusRedb)),
+                cells.get(&(wi, n, Server::DurusFile)),
+            ) {
+                (Some(a), Some(b)) => format!("{:.2}x", a.ops_per_s / b.ops_per_s),
+                _ => "-".into(),
+            };
+            writeln!(row, " {ratio} |").unwrap();
+            md.push_str(&row);
+        }
+    }
+
+    // 3. The Rust load generator.
+    writeln!(
+        md,
+        "\n### Rust load generator (the protocol directly; {} s per run; loads/s and commits/s; p50 / p99 in ms)\n",
+        cfg.loadgen_seconds
+    )
+    .unwrap();
+    writeln!(
+        md,
+        "| mix | connections | server | loads/s | load p50 / p99 | commits/s | commit p50 / p99 |"
+    )
+    .unwrap();
+    writeln!(md, "|---|---:|---|---:|---:|---:|---:|").unwrap();
+    let mixes = [
+        ("90% loads, 10% commits of 10", 0.10, 10usize),
+        ("commits of 10 only", 1.0, 10usize),
+    ];
+    for &server in &servers {
+        eprintln!("compare: load generator against {}", server.label());
+        let running = stores.start(server, &durus_bin, &format!("lg-{server:?}"));
+        for (name, fraction, per_commit) in mixes {
+            for connections in [1usize, 16] {
+                let mix = Mix {
+                    connections,
+                    commit_fraction: fraction,
+                    records_per_commit: per_commit,
+                    objects_per_connection: 200,
+                    duration: Duration::from_secs(cfg.loadgen_seconds),
+                };
+                let mut r: LoadReport = loadgen::run(running.port(), mix)
+                    .unwrap_or_else(|e| panic!("load generator against {server:?}: {e}"));
+                let (lp50, lp99) = percentiles(&mut r.load_lat_us);
+                let (cp50, cp99) = percentiles(&mut r.commit_lat_us);
+                writeln!(
+                    md,
+                    "| {name} | {connections} | {} | {:.0} | {lp50:.2} / {lp99:.2} | {:.0} | {cp50:.2} / {cp99:.2} |",
+                    server.label(),
+                    r.loads as f64 / r.seconds,
+                    r.commits as f64 / r.seconds,
+                )
+                .unwrap();
+            }
+        }
+    }
+
+    // 4. Start-up time and memory against store size.
+    writeln!(
+        md,
+        "\n### Start-up (until the root loads) and resident memory after start-up\n"
+    )
+    .unwrap();
+    writeln!(
+        md,
+        "| objects | server | file MiB | start-up ms | RSS MiB |"
+    )
+    .unwrap();
+    writeln!(md, "|---:|---|---:|---:|---:|").unwrap();
+    for &n in &cfg.startup_sizes {
+        eprintln!("compare: start-up with {n} objects");
+        let shelf = dir.join(format!("startup-{n}.durus"));
+        let mut w = ShelfWriter::create(&shelf).expect("create SHELF-1");
+        for oid in 0..n {
+            let refs: Vec<Oid> = if oid + 1 < n {
+                vec![Oid(oid + 1)]
+            } else {
+                vec![]
+            };
+            let mut data = vec![b's'; 120];
+            data[..8].copy_from_slice(&oid.to_be_bytes());
+            w.write(Oid(oid), Record::new(Oid(oid), &data, &refs).as_bytes())
+                .expect("write SHELF-1");
+        }
+        w.finish().expect("finish SHELF-1");
+        let redb = dir.join(format!("startup-{n}.redb"));
+        if with_redb {
+            run_ok(
+                Command::new(durus_redb_bin())
+                    .arg("migrate")
+                    .arg(&shelf)
+                    .arg(&redb),
+                "durus-redb migrate",
+            );
+        }
+        for (label, file, is_redb) in [
+            ("durus-redb serve", &redb, true),
+            ("durus -s FileStorage", &shelf, false),
+        ] {
+            if is_redb && !with_redb {
+                continue;
+            }
+            let port = free_port();
+            let mut cmd = Command::new(if is_redb {
+                durus_redb_bin()
+            } else {
+                durus_bin.clone()
+            });
+            if is_redb {
+                cmd.arg("serve");
+            } else {
+                cmd.arg("-s");
+            }
+            cmd.arg("--file")
+                .arg(file)
+                .arg("--port")
+                .arg(port.to_string())
+                .arg("--logginglevel")
+                .arg("30");
+            let p = ServerProcess::start(label, cmd, port, &dir.join(format!("startup-{n}.log")));
+            let size = std::fs::metadata(file).map_or(0, |m| m.len()) as f64 / 1048576.0;
+            writeln!(
+                md,
+                "| {n} | {label} | {size:.0} | {:.0} | {:.0} |",
+                p.startup.as_secs_f64() * 1000.0,
+                p.rss_mib()
+            )
+            .unwrap();
+        }
+    }
+
+    // 5. The engine against raw redb.
+    eprintln!("compare: engine against raw redb");
+    let (engine_commit, raw_commit, engine_load, raw_load) = engine_vs_raw(&dir);
+    writeln!(
+        md,
+        "\n### The engine against raw redb (same key/value work, durable commits)\n"
+    )
+    .unwrap();
+    writeln!(md, "| operation | durus-redb | raw redb | ratio |").unwrap();
+    writeln!(md, "|---|---:|---:|---:|").unwrap();
+    writeln!(
+        md,
+        "| commit of 10 records (EveryCommit) | {:.0} us | {:.0} us | {:.2}x |",
+        engine_commit,
+        raw_commit,
+        engine_commit / raw_commit
+    )
+    .unwrap();
+    writeln!(
+        md,
+        "| load of one record | {:.2} us | {:.2} us | {:.2}x |",
+        engine_load,
+        raw_load,
+        engine_load / raw_load
+    )
+    .unwrap();
+    writeln!(md, "\nTotal run time: {:.0} s.", t0.elapsed().as_secs_f64()).unwrap();
+
+    println!("{md}");
+    let out = root().join("target/bench-compare.md");
+    if std::fs::write(&out, &md).is_ok() {
+        eprintln!("compare: table written to {}", out.display());
+    }
+}
+
+/// Mean microseconds per commit of 10 records and per load, for the engine
+/// and for raw redb doing the same key/value writes.
+fn engine_vs_raw(dir: &Path) -> (f64, f64, f64, f64) {
+    use redb::{ReadableDatabase, TableDefinition};
+    const RAW: TableDefinition<u64, &[u8]> = TableDefinition::new("raw");
+    const N: u64 = 10_000;
+    const COMMITS: u64 = 300;
+    const LOADS: u64 = 100_000;
+    let rec = |oid: u64, g: u64| {
+        let mut data = vec![0u8; 100];
+        data[..8].copy_from_slice(&g.to_be_bytes());
+        Record::new(Oid(oid), &data, &[Oid((oid + 1) % N)])
+    };
+
+    let mut s = RedbStorage::open(
+        dir.join("engine.redb"),
+        Options::with_checkpoint(EveryCommit),
+    )
+    .expect("open");
+    let oids = s.new_oids(N as usize).expect("oids");
+    s.begin();
+    for o in &oids {
+        s.store(*o, rec(o.0, 0).into_bytes()).expect("store");
+    }
+    s.end().expect("commit");
+    let t = Instant::now();
+    for g in 1..=COMMITS {
+        s.begin();
+        for k in 0..10 {
+            let o = (g * 97 + k * 1009) % N;
+            s.store(Oid(o), rec(o, g).into_bytes()).expect("store");
+        }
+        s.end().expect("commit");
+    }
+    let engine_commit = t.elapsed().as_secs_f64() * 1e6 / COMMITS as f64;
+    let t = Instant::now();
+    for i in 0..LOADS {
+        std::hint::black_box(s.load(Oid((i * 7919) % N)).expect("load"));
+    }
+    let engine_load = t.elapsed().as_secs_f64() * 1e6 / LOADS as f64;
+    s.close().expect("close");
+
+    let mut db = redb::Database::create(dir.join("raw.redb")).expect("raw redb");
+    let write = |db: &mut redb::Database, items: &mut dyn Iterator<Item = (u64, Record)>| {
+        let mut w = db.begin_write().expect("write");
+        w.set_quick_repair(true);
+        {
+            let mut t = w.open_table(RAW).expect("table");
+            for (k, r) in items {
+                t.insert(k, r.as_bytes()).expect("insert");
+            }
+        }
+        w.commit().expect("commit");
+    };
+    write(&mut db, &mut (0..N).map(|o| (o, rec(o, 0))));
+    let t = Instant::now();
+    for g in 1..=COMMITS {
+        write(
+            &mut db,
+            &mut (0..10).map(|k| {
+                let o = (g * 97 + k * 1009) % N;
+                (o, rec(o, g))
+            }),
+        );
+    }
+    let raw_commit = t.elapsed().as_secs_f64() * 1e6 / COMMITS as f64;
+    let t = Instant::now();
+    for i in 0..LOADS {
+        let txn = db.begin_read().expect("read");
+        let table = txn.open_table(RAW).expect("table");
+        let v = table.get((i * 7919) % N).expect("get").expect("present");
+        std::hint::black_box(v.value().to_vec());
+    }
+    let raw_load = t.elapsed().as_secs_f64() * 1e6 / LOADS as f64;
+    (engine_commit, raw_commit, engine_load, raw_load)
+}
