@@ -82,7 +82,7 @@ pub fn run(port: u16, mix: Mix) -> io::Result<LoadReport> {
 }
 
 fn connection(port: u16, mix: Mix, index: usize, barrier: &Barrier) -> io::Result<LoadReport> {
-    let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ (index as u64 + 1) * 0x1234_5678_9ABC);
+    let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ ((index as u64 + 1) * 0x1234_5678_9ABC));
     let connected = Client::connect(port);
     // Everyone reaches the barrier, even a connection that failed.
     let mut c = match connected {
