@@ -477,6 +477,12 @@ fn main() {
     // `cargo bench --bench compare -- --servers null,redb,file,sqlite` runs a
     // subset (every row needs the null server's figure, so it always runs).
     let args: Vec<String> = std::env::args().collect();
+    if !args.iter().any(|a| a == "--bench") {
+        // `cargo test --all-targets` runs benchmarks without `--bench`: then
+        // only check the machinery (the load generator against the null server).
+        smoke();
+        return;
+    }
     let servers: Vec<Server> = match args.iter().position(|a| a == "--servers") {
         Some(i) => {
             let list = args.get(i + 1).map(String::as_str).unwrap_or("");
@@ -769,6 +775,24 @@ fn main() {
     if std::fs::write(&out, &md).is_ok() {
         eprintln!("compare: table written to {}", out.display());
     }
+}
+
+/// A short run of the load generator against the null server.
+fn smoke() {
+    let server = NullServer::start(HashMap::new()).expect("null server");
+    let mix = Mix {
+        connections: 2,
+        commit_fraction: 0.2,
+        records_per_commit: 3,
+        objects_per_connection: 50,
+        duration: Duration::from_millis(300),
+    };
+    let r = loadgen::run(server.port, mix).expect("load generator");
+    assert!(r.loads > 0 && r.commits > 0, "no work done: {r:?}");
+    println!(
+        "compare (test mode): load generator did {} loads and {} commits against the null server; run `cargo bench --bench compare` for the comparison",
+        r.loads, r.commits
+    );
 }
 
 /// Mean microseconds per commit of 10 records and per load, for the engine
