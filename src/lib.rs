@@ -3,22 +3,27 @@
 //!
 //! - [`Storage`]: Durus's storage interface; [`MemoryStorage`] is its reference model.
 //! - [`RedbStorage`]: the storage on a redb file, opened in-process with exclusive access.
+//! - [`server`]: Durus's storage server protocol on a store; [`ClientStorage`] speaks it too.
 //! - [`CheckpointPolicy`]: when commits become durable ([`EveryCommit`], [`Periodic`], [`Manual`]).
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 mod checkpoint;
+mod client;
 mod error;
 mod filestorage;
 mod memory;
+mod protocol;
 mod record;
 mod redb_store;
+pub mod server;
 mod storage;
 
 pub use checkpoint::{
     CheckpointFacts, CheckpointPolicy, CommitDurability, CompactionFacts, EveryCommit, Manual,
     Periodic, default_compaction,
 };
+pub use client::ClientStorage;
 pub use error::{Conflict, InvalidInput, Result, StorageError};
 pub use filestorage::{
     FileError, FileFormat, ReadOptions, RecordSource, ShelfWriter, SourceEvent, SourceItem,

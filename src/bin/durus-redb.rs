@@ -3,8 +3,12 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
-use durus_redb::{RedbStorage, check_store};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use durus_redb::server::{Address, Server, ServerConfig, parse_umask};
+use durus_redb::{
+    CheckpointPolicy, ClientStorage, EveryCommit, Manual, Options, Periodic, RedbStorage,
+    check_store,
+};
 
 /// A Durus-compatible object store and server on redb.
 #[derive(Parser, Debug)]
@@ -16,6 +20,18 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Serve a store to Durus clients (Durus's protocol, as `durus -s` does).
+    ///
+    /// The store is created if absent. Logs `Ready on ADDRESS` once
+    /// listening. SIGINT, SIGTERM and a client's `Q` (`durus-redb stop`) shut
+    /// it down gracefully: commits being applied finish, the store is
+    /// checkpointed and closed.
+    Serve(ServeArgs),
+    /// Stop a running server (sends the protocol's `Q`).
+    Stop {
+        #[command(flatten)]
+        at: ConnectArgs,
+    },
     /// Print the object count, size on disk and format version of a store.
     Stats {
         /// The store file.
@@ -30,10 +46,90 @@ enum Command {
     },
 }
 
+/// When commits become durable.
+#[derive(ValueEnum, Clone, Copy, Debug)]
+enum CheckpointChoice {
+    /// Every acknowledged commit is durable (commits arriving together share one fsync).
+    EveryCommit,
+    /// Commits are made durable together at least every 200 ms / 1000 commits /
+    /// 64 MiB; a crash loses what was acknowledged since the last checkpoint.
+    Periodic,
+    /// Durable only at a clean shutdown (bulk loads that can be redone).
+    Manual,
+}
+
+#[derive(Args, Debug)]
+struct ConnectArgs {
+    /// Host of a TCP server.
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    /// Port of a TCP server.
+    #[arg(long, default_value_t = 2972)]
+    port: u16,
+    /// Path of a Unix domain socket (instead of host and port).
+    #[arg(long)]
+    address: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+struct ServeArgs {
+    /// The store file (created if absent).
+    #[arg(long)]
+    file: PathBuf,
+    /// Host to listen on.
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    /// Port to listen on.
+    #[arg(long, default_value_t = 2972)]
+    port: u16,
+    /// Listen on this Unix domain socket instead of TCP.
+    #[arg(long)]
+    address: Option<PathBuf>,
+    /// Owner of the Unix socket (user name or uid).
+    #[arg(long, requires = "address")]
+    owner: Option<String>,
+    /// Group of the Unix socket (group name or gid).
+    #[arg(long, requires = "address")]
+    group: Option<String>,
+    /// umask for the Unix socket's permissions (e.g. 0o077 or 077).
+    #[arg(long, requires = "address", value_parser = parse_umask)]
+    umask: Option<u32>,
+    /// Start a full garbage collection after this many committed bytes (0: never).
+    #[arg(long, default_value_t = 0)]
+    gcbytes: u64,
+    /// Open the store read-only (commits are refused).
+    #[arg(long)]
+    readonly: bool,
+    /// Log to this file instead of stderr.
+    #[arg(long)]
+    logfile: Option<PathBuf>,
+    /// Logging level: 10 debug, 20 info, 30 warning, 40 error (as Durus's).
+    #[arg(long, default_value_t = 20)]
+    logginglevel: u8,
+    /// Connections served at once; more are refused.
+    #[arg(long, default_value_t = 512)]
+    max_connections: usize,
+    /// The largest request accepted (a commit's data), in bytes.
+    #[arg(long, default_value_t = 256 << 20)]
+    max_frame_bytes: u32,
+    /// Seconds a client may take to finish a request it has begun (a stalled
+    /// committer holds the commit order at most this long).
+    #[arg(long, default_value_t = 10.0)]
+    request_timeout: f64,
+    /// When commits become durable.
+    #[arg(long, value_enum, default_value = "every-commit")]
+    checkpoint: CheckpointChoice,
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::Serve(args) = cli.command {
+        return serve(args);
+    }
     init_logging(None, 20);
     match cli.command {
+        Command::Serve(_) => unreachable!("handled above"),
+        Command::Stop { at } => stop(at),
         Command::Stats { path } => stats(path),
         Command::Check { path } => check(path),
     }
@@ -74,6 +170,94 @@ fn init_logging(logfile: Option<&std::path::Path>, level: u8) {
 fn fail(msg: impl std::fmt::Display) -> ExitCode {
     eprintln!("durus-redb: {msg}");
     ExitCode::from(2)
+}
+
+fn serve(args: ServeArgs) -> ExitCode {
+    init_logging(args.logfile.as_deref(), args.logginglevel);
+    let policy: std::sync::Arc<dyn CheckpointPolicy> = match args.checkpoint {
+        CheckpointChoice::EveryCommit => std::sync::Arc::new(EveryCommit),
+        CheckpointChoice::Periodic => std::sync::Arc::new(Periodic::default()),
+        CheckpointChoice::Manual => std::sync::Arc::new(Manual),
+    };
+    let options = Options {
+        read_only: args.readonly,
+        create: !args.readonly,
+        checkpoint: policy,
+        ..Options::default()
+    };
+    let store = match RedbStorage::open(&args.file, options) {
+        Ok(s) => s,
+        Err(e) => return fail(format_args!("{}: {e}", args.file.display())),
+    };
+    let engine = store.engine().clone();
+    drop(store);
+    let address = match args.address {
+        Some(path) => Address::Unix {
+            path,
+            owner: args.owner,
+            group: args.group,
+            umask: args.umask,
+        },
+        None => Address::tcp(args.host, args.port),
+    };
+    if !(args.request_timeout > 0.0 && args.request_timeout.is_finite()) {
+        return fail("--request-timeout must be a positive number of seconds");
+    }
+    let config = ServerConfig {
+        address: address.clone(),
+        max_connections: args.max_connections.max(1),
+        max_frame_bytes: args.max_frame_bytes,
+        request_timeout: std::time::Duration::from_secs_f64(args.request_timeout),
+        gcbytes: args.gcbytes,
+    };
+    let server = match Server::bind(engine.clone(), config) {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = engine.close();
+            return fail(format_args!("cannot listen on {address}: {e}"));
+        }
+    };
+    tracing::info!(
+        "Storage file={} address={}",
+        args.file.display(),
+        server.address()
+    );
+    let handle = server.shutdown_handle();
+    match signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGTERM,
+    ]) {
+        Ok(mut signals) => {
+            std::thread::spawn(move || {
+                if let Some(sig) = signals.forever().next() {
+                    tracing::info!("signal {sig} received: shutting down");
+                    handle.shutdown();
+                }
+            });
+        }
+        Err(e) => tracing::warn!("cannot handle SIGINT/SIGTERM: {e}"),
+    }
+    match server.run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("closing the store failed: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn stop(at: ConnectArgs) -> ExitCode {
+    let address = match at.address {
+        Some(p) => Address::unix(p),
+        None => Address::tcp(at.host, at.port),
+    };
+    match ClientStorage::connect(address.clone()).and_then(|c| c.stop_server()) {
+        Ok(()) => {
+            println!("asked the server on {address} to stop");
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(format_args!("no server answers on {address}: {e}")),
+    }
 }
 
 fn stats(path: PathBuf) -> ExitCode {

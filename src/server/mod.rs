@@ -1,0 +1,260 @@
+//! The Durus storage server: Durus's protocol version 1 over TCP or a Unix
+//! socket, on a durus-redb store.
+//!
+//! One thread per connection. Loads run in parallel, each from its own redb
+//! read snapshot. A commit (`C`) takes the engine's commit lock before the
+//! connection's invalidations are sent and holds it until the commit is
+//! applied, so nothing else commits in between (Durus's order); the lock is
+//! released before the commit is made durable, so commits of many
+//! connections share one fsync, and `O` is sent only once the commit is as
+//! durable as the checkpoint policy asks.
+
+mod connection;
+mod net;
+
+use std::collections::HashMap;
+use std::io;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+
+use net::Listener;
+pub use net::{Address, Stream, parse_umask};
+
+use crate::redb_store::{Engine, RedbStorage};
+use crate::storage::Storage;
+
+/// How a server behaves.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Where to listen.
+    pub address: Address,
+    /// Connections served at once; more are refused (closed at once, logged).
+    pub max_connections: usize,
+    /// The largest frame accepted (a commit's data, a bulk load's oid list);
+    /// checked before anything is allocated. A larger one closes the connection.
+    pub max_frame_bytes: u32,
+    /// How long a client may take to send the rest of a request once it has
+    /// sent its command byte; in particular the data of a commit, during
+    /// which it holds the commit order (Durus: 10 s).
+    pub request_timeout: Duration,
+    /// Start a full collection after this many committed bytes (0: never),
+    /// as Durus's `--gcbytes`.
+    pub gcbytes: u64,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            address: Address::tcp("127.0.0.1", 2972),
+            max_connections: 512,
+            max_frame_bytes: 256 << 20,
+            request_timeout: Duration::from_secs(10),
+            gcbytes: 0,
+        }
+    }
+}
+
+pub(crate) struct Shared {
+    engine: Arc<Engine>,
+    config: ServerConfig,
+    address: Address,
+    stopping: AtomicBool,
+    connections: Mutex<HashMap<u64, Stream>>,
+    packing: AtomicBool,
+    bytes_since_pack: AtomicU64,
+}
+
+impl Shared {
+    /// Starts a full collection in the background unless one runs.
+    pub(crate) fn start_pack(self: &Arc<Self>, why: &str) {
+        if self.packing.swap(true, Ordering::AcqRel) {
+            tracing::info!("pack already in progress");
+            return;
+        }
+        self.bytes_since_pack.store(0, Ordering::Relaxed);
+        tracing::info!("pack started ({why})");
+        let shared = self.clone();
+        let spawned = std::thread::Builder::new()
+            .name("durus-pack".into())
+            .spawn(move || {
+                let mut session = RedbStorage::session_of(shared.engine.clone());
+                match session.pack() {
+                    Ok(r) => tracing::info!(
+                        removed = r.removed_objects,
+                        bytes = r.removed_bytes,
+                        live = r.live_objects,
+                        "pack completed"
+                    ),
+                    Err(e) => tracing::error!("pack failed: {e}"),
+                }
+                shared.packing.store(false, Ordering::Release);
+            });
+        if let Err(e) = spawned {
+            tracing::error!("cannot start the pack thread: {e}");
+            self.packing.store(false, Ordering::Release);
+        }
+    }
+
+    /// Counts committed bytes; starts a collection after `gcbytes`.
+    pub(crate) fn committed_bytes(self: &Arc<Self>, n: u64) {
+        let gcbytes = self.config.gcbytes;
+        let total = self.bytes_since_pack.fetch_add(n, Ordering::Relaxed) + n;
+        if gcbytes > 0 && total >= gcbytes {
+            self.start_pack("gcbytes reached");
+        }
+    }
+
+    fn request_stop(&self) {
+        if self.stopping.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        // Wake the accept loop.
+        let wake = match &self.address {
+            Address::Tcp { host, port } if host == "0.0.0.0" || host.is_empty() => {
+                Address::tcp("127.0.0.1", *port)
+            }
+            Address::Tcp { host, port } if host == "::" => Address::tcp("::1", *port),
+            other => other.clone(),
+        };
+        let _ = wake.connect();
+    }
+}
+
+/// Stops a running server from another thread (a signal handler, a test).
+#[derive(Clone)]
+pub struct ShutdownHandle(Arc<Shared>);
+
+impl ShutdownHandle {
+    /// Asks the server to shut down gracefully; [`Server::run`] returns once done.
+    pub fn shutdown(&self) {
+        self.0.request_stop();
+    }
+}
+
+impl std::fmt::Debug for ShutdownHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ShutdownHandle({})", self.0.address)
+    }
+}
+
+/// A bound server, ready to [`run`](Server::run).
+pub struct Server {
+    shared: Arc<Shared>,
+    listener: Listener,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Server({})", self.shared.address)
+    }
+}
+
+impl Server {
+    /// Binds the address of `config` for the store of `engine`.
+    pub fn bind(engine: Arc<Engine>, config: ServerConfig) -> io::Result<Server> {
+        let (listener, address) = Listener::bind(&config.address)?;
+        Ok(Server {
+            shared: Arc::new(Shared {
+                engine,
+                config,
+                address,
+                stopping: AtomicBool::new(false),
+                connections: Mutex::new(HashMap::new()),
+                packing: AtomicBool::new(false),
+                bytes_since_pack: AtomicU64::new(0),
+            }),
+            listener,
+        })
+    }
+
+    /// The address actually bound (with the port picked, if 0 was asked).
+    pub fn address(&self) -> &Address {
+        &self.shared.address
+    }
+
+    /// A handle that shuts this server down.
+    pub fn shutdown_handle(&self) -> ShutdownHandle {
+        ShutdownHandle(self.shared.clone())
+    }
+
+    /// Serves until shut down (by a [`ShutdownHandle`] or a client's `Q`),
+    /// then stops gracefully: no new connections, commits being applied
+    /// finish, every connection is closed, and the store is checkpointed and
+    /// closed.
+    pub fn run(self) -> crate::Result<()> {
+        let shared = &self.shared;
+        tracing::info!("Ready on {}", shared.address);
+        let mut threads: Vec<JoinHandle<()>> = Vec::new();
+        let mut next_id = 0u64;
+        loop {
+            let accepted = self.listener.accept();
+            if shared.stopping.load(Ordering::Acquire) {
+                break;
+            }
+            let stream = match accepted {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!("accept failed: {e}");
+                    std::thread::sleep(Duration::from_millis(50));
+                    continue;
+                }
+            };
+            threads.retain(|t| !t.is_finished());
+            let peer = stream.peer();
+            let active = shared.connections.lock().len();
+            if active >= shared.config.max_connections {
+                tracing::warn!(
+                    "refusing a connection from {peer}: {active} connections already (--max-connections)"
+                );
+                stream.shutdown();
+                continue;
+            }
+            next_id += 1;
+            let id = next_id;
+            let registered = stream
+                .try_clone()
+                .map(|s| shared.connections.lock().insert(id, s));
+            if let Err(e) = registered {
+                tracing::warn!("dropping a connection from {peer}: {e}");
+                continue;
+            }
+            tracing::debug!("connection {id} from {peer}");
+            let sh = shared.clone();
+            let spawned = std::thread::Builder::new()
+                .name(format!("durus-conn-{id}"))
+                .spawn(move || {
+                    connection::serve(&sh, stream, &peer);
+                    sh.connections.lock().remove(&id);
+                });
+            match spawned {
+                Ok(t) => threads.push(t),
+                Err(e) => {
+                    tracing::error!("cannot start a connection thread: {e}");
+                    if let Some(s) = shared.connections.lock().remove(&id) {
+                        s.shutdown();
+                    }
+                }
+            }
+        }
+        tracing::info!("shutting down");
+        drop(self.listener);
+        {
+            // A commit being applied holds this lock: wait for it, then close
+            // every connection so none starts another.
+            let _order = shared.engine.lock_commits();
+            for s in shared.connections.lock().values() {
+                s.shutdown();
+            }
+        }
+        for t in threads {
+            let _ = t.join();
+        }
+        shared.engine.close()?;
+        tracing::info!("store closed");
+        Ok(())
+    }
+}

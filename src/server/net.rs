@@ -1,0 +1,275 @@
+//! Addresses, listeners and streams: TCP and Unix sockets behind one type.
+
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Where a server listens, or a client connects.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Address {
+    /// A TCP host and port.
+    Tcp {
+        /// Host name or IP address.
+        host: String,
+        /// Port (0 picks a free one when listening).
+        port: u16,
+    },
+    /// A Unix domain socket.
+    Unix {
+        /// Path of the socket file.
+        path: PathBuf,
+        /// Owner given to the socket file (a user name or a numeric uid).
+        owner: Option<String>,
+        /// Group given to the socket file (a group name or a numeric gid).
+        group: Option<String>,
+        /// Permissions of the socket file: `0o777 & !umask`.
+        umask: Option<u32>,
+    },
+}
+
+impl Address {
+    /// A TCP address.
+    pub fn tcp(host: impl Into<String>, port: u16) -> Address {
+        Address::Tcp {
+            host: host.into(),
+            port,
+        }
+    }
+
+    /// A Unix socket address with default ownership and permissions.
+    pub fn unix(path: impl Into<PathBuf>) -> Address {
+        Address::Unix {
+            path: path.into(),
+            owner: None,
+            group: None,
+            umask: None,
+        }
+    }
+
+    /// Connects to a server at this address.
+    pub fn connect(&self) -> io::Result<Stream> {
+        Ok(match self {
+            Address::Tcp { host, port } => {
+                let s = TcpStream::connect((host.as_str(), *port))?;
+                s.set_nodelay(true)?;
+                Stream::Tcp(s)
+            }
+            Address::Unix { path, .. } => Stream::Unix(UnixStream::connect(path)?),
+        })
+    }
+}
+
+impl std::fmt::Display for Address {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Address::Tcp { host, port } if host.contains(':') => write!(f, "[{host}]:{port}"),
+            Address::Tcp { host, port } => write!(f, "{host}:{port}"),
+            Address::Unix { path, .. } => write!(f, "{}", path.display()),
+        }
+    }
+}
+
+/// A connected socket of either kind.
+#[derive(Debug)]
+pub enum Stream {
+    /// TCP.
+    Tcp(TcpStream),
+    /// Unix domain socket.
+    Unix(UnixStream),
+}
+
+impl Stream {
+    /// Another handle to the same socket.
+    pub fn try_clone(&self) -> io::Result<Stream> {
+        Ok(match self {
+            Stream::Tcp(s) => Stream::Tcp(s.try_clone()?),
+            Stream::Unix(s) => Stream::Unix(s.try_clone()?),
+        })
+    }
+
+    /// Sets the read timeout (`None`: wait forever).
+    pub fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        match self {
+            Stream::Tcp(s) => s.set_read_timeout(t),
+            Stream::Unix(s) => s.set_read_timeout(t),
+        }
+    }
+
+    /// Sets the write timeout (`None`: wait forever).
+    pub fn set_write_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        match self {
+            Stream::Tcp(s) => s.set_write_timeout(t),
+            Stream::Unix(s) => s.set_write_timeout(t),
+        }
+    }
+
+    /// Shuts both directions down; a thread blocked reading wakes up.
+    pub fn shutdown(&self) {
+        let _ = match self {
+            Stream::Tcp(s) => s.shutdown(Shutdown::Both),
+            Stream::Unix(s) => s.shutdown(Shutdown::Both),
+        };
+    }
+
+    /// The peer, for log lines.
+    pub fn peer(&self) -> String {
+        match self {
+            Stream::Tcp(s) => s
+                .peer_addr()
+                .map_or_else(|_| "tcp peer".into(), |a| a.to_string()),
+            Stream::Unix(_) => "unix peer".into(),
+        }
+    }
+}
+
+impl Read for Stream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Stream::Tcp(s) => s.read(buf),
+            Stream::Unix(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Stream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Stream::Tcp(s) => s.write(buf),
+            Stream::Unix(s) => s.write(buf),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Stream::Tcp(s) => s.flush(),
+            Stream::Unix(s) => s.flush(),
+        }
+    }
+}
+
+/// A listening socket of either kind.
+#[derive(Debug)]
+pub(crate) enum Listener {
+    Tcp(TcpListener),
+    Unix(UnixListener, PathBuf),
+}
+
+impl Listener {
+    /// Binds `address`. A Unix socket gets the owner, group and permissions
+    /// asked for; a stale socket file nobody listens on is replaced.
+    pub(crate) fn bind(address: &Address) -> io::Result<(Listener, Address)> {
+        match address {
+            Address::Tcp { host, port } => {
+                let l = TcpListener::bind((host.as_str(), *port))?;
+                let bound = Address::tcp(host.clone(), l.local_addr()?.port());
+                Ok((Listener::Tcp(l), bound))
+            }
+            Address::Unix {
+                path,
+                owner,
+                group,
+                umask,
+            } => {
+                let l = match UnixListener::bind(path) {
+                    Ok(l) => l,
+                    Err(e) if e.kind() == io::ErrorKind::AddrInUse => {
+                        if UnixStream::connect(path).is_ok() {
+                            return Err(io::Error::new(
+                                io::ErrorKind::AddrInUse,
+                                format!("a server already listens on {}", path.display()),
+                            ));
+                        }
+                        let meta = std::fs::symlink_metadata(path)?;
+                        use std::os::unix::fs::FileTypeExt;
+                        if !meta.file_type().is_socket() {
+                            return Err(io::Error::new(
+                                io::ErrorKind::AlreadyExists,
+                                format!("{} exists and is not a socket", path.display()),
+                            ));
+                        }
+                        std::fs::remove_file(path)?;
+                        UnixListener::bind(path)?
+                    }
+                    Err(e) => return Err(e),
+                };
+                if let Some(mask) = umask {
+                    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o777 & !mask))?;
+                }
+                if owner.is_some() || group.is_some() {
+                    let uid = owner
+                        .as_deref()
+                        .map(|o| lookup_id("/etc/passwd", o))
+                        .transpose()?;
+                    let gid = group
+                        .as_deref()
+                        .map(|g| lookup_id("/etc/group", g))
+                        .transpose()?;
+                    std::os::unix::fs::chown(path, uid, gid)?;
+                }
+                Ok((Listener::Unix(l, path.clone()), address.clone()))
+            }
+        }
+    }
+
+    pub(crate) fn accept(&self) -> io::Result<Stream> {
+        Ok(match self {
+            Listener::Tcp(l) => {
+                let (s, _) = l.accept()?;
+                s.set_nodelay(true)?;
+                Stream::Tcp(s)
+            }
+            Listener::Unix(l, _) => Stream::Unix(l.accept()?.0),
+        })
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        if let Listener::Unix(_, path) = self {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+/// A numeric id, or the id of `name` in a passwd/group style file.
+fn lookup_id(file: &str, name: &str) -> io::Result<u32> {
+    if let Ok(id) = name.parse::<u32>() {
+        return Ok(id);
+    }
+    let text = std::fs::read_to_string(Path::new(file))?;
+    text.lines()
+        .filter_map(|l| {
+            let mut f = l.split(':');
+            let n = f.next()?;
+            let id = f.nth(1)?;
+            (n == name).then(|| id.parse::<u32>().ok()).flatten()
+        })
+        .next()
+        .ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("no entry named {name:?} in {file}"),
+            )
+        })
+}
+
+/// Parses a umask as Durus's command line does: `0o22`, `022` (octal with a
+/// leading zero), `0x12`, or decimal.
+pub fn parse_umask(s: &str) -> Result<u32, String> {
+    let parsed = if let Some(o) = s.strip_prefix("0o").or_else(|| s.strip_prefix("0O")) {
+        u32::from_str_radix(o, 8)
+    } else if let Some(x) = s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        u32::from_str_radix(x, 16)
+    } else if s.len() > 1 && s.starts_with('0') {
+        u32::from_str_radix(&s[1..], 8)
+    } else {
+        s.parse::<u32>()
+    };
+    match parsed {
+        Ok(v) if v <= 0o777 => Ok(v),
+        Ok(v) => Err(format!("umask {v:#o} is larger than 0o777")),
+        Err(e) => Err(format!("invalid umask {s:?}: {e}")),
+    }
+}
