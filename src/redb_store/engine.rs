@@ -143,6 +143,11 @@ fn open_error(path: &Path, e: redb::DatabaseError) -> StorageError {
         redb::DatabaseError::DatabaseAlreadyOpen => StorageError::AlreadyOpen {
             path: path.display().to_string(),
         },
+        redb::DatabaseError::RepairAborted => StorageError::Format(format!(
+            "{} was not closed cleanly and needs a repair, which a read-only open cannot do; \
+             open it read-write once (`durus-redb check` does)",
+            path.display()
+        )),
         redb::DatabaseError::Storage(redb::StorageError::Io(io))
             if io.kind() != std::io::ErrorKind::InvalidData =>
         {

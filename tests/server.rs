@@ -1,0 +1,694 @@
+//! The server through the real binary: several `ClientStorage` clients at
+//! once, hostile input, stalled committers, shutdown and SIGKILL.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, mpsc};
+use std::time::{Duration, Instant};
+
+use durus_redb::server::Address;
+use durus_redb::{ClientStorage, Conflict, Oid, Record, RedbStorage, Storage, StorageError};
+
+fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_durus-redb"))
+}
+
+/// A server child process; killed on drop if still running.
+struct Served {
+    child: Child,
+    port: u16,
+    log: mpsc::Receiver<String>,
+}
+
+impl Served {
+    /// Starts `durus-redb serve --file path --port 0 EXTRA..` and waits for
+    /// its `Ready on` line to learn the port.
+    fn start(path: &Path, extra: &[&str]) -> Served {
+        let mut child = Command::new(bin())
+            .arg("serve")
+            .arg("--file")
+            .arg(path)
+            .args(["--port", "0"])
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start the server");
+        let (tx, rx) = mpsc::channel();
+        let stderr = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let port = loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = rx
+                .recv_timeout(left)
+                .expect("the server logs `Ready on` within 30 s");
+            if let Some(at) = line.find("Ready on ") {
+                let addr = line[at + 9..].trim();
+                break addr.rsplit(':').next().unwrap().parse::<u16>().unwrap();
+            }
+        };
+        Served {
+            child,
+            port,
+            log: rx,
+        }
+    }
+
+    fn client(&self) -> ClientStorage {
+        ClientStorage::connect_tcp("127.0.0.1", self.port).expect("connect")
+    }
+
+    fn raw(&self) -> TcpStream {
+        let s = TcpStream::connect(("127.0.0.1", self.port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        s
+    }
+
+    /// Log lines so far.
+    fn log_lines(&self) -> Vec<String> {
+        self.log.try_iter().collect()
+    }
+
+    fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        status
+            .lines()
+            .find(|l| l.starts_with("VmRSS:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap()
+    }
+
+    /// Sends `Q` and waits for a clean exit.
+    fn stop(mut self) {
+        self.client().stop_server().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                assert!(status.success(), "server exited with {status}");
+                return;
+            }
+            assert!(Instant::now() < deadline, "server did not stop on Q");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn rec(oid: Oid, data: &[u8], refs: &[Oid]) -> Vec<u8> {
+    Record::new(oid, data, refs).into_bytes()
+}
+
+/// Creates the root through `c` (the first oid of an empty store is 0).
+fn make_root(c: &mut ClientStorage, refs: &[Oid]) {
+    c.begin();
+    c.store(Oid::ROOT, rec(Oid::ROOT, b"root", refs)).unwrap();
+    c.end().unwrap();
+}
+
+fn check_clean(path: &Path) {
+    let out = Command::new(bin()).arg("check").arg(path).output().unwrap();
+    assert!(
+        out.status.success(),
+        "check failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn commits_invalidate_other_clients_and_conflicts_are_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.redb");
+    let server = Served::start(&path, &[]);
+    let mut a = server.client();
+    let mut b = server.client();
+    let x = a.new_oid().unwrap();
+    assert_eq!(x, Oid::ROOT, "the first oid of an empty store is the root");
+    let x = a.new_oid().unwrap();
+    a.begin();
+    a.store(x, rec(x, b"x1", &[])).unwrap();
+    a.store(Oid::ROOT, rec(Oid::ROOT, b"root", &[x])).unwrap();
+    a.end().unwrap();
+
+    // b was connected during that commit: x is invalid for it until it syncs.
+    assert!(matches!(b.load(x), Err(StorageError::ReadConflict(o)) if o == x));
+    assert_eq!(b.sync().unwrap(), vec![Oid::ROOT, x]);
+    // b reads x, a changes it: b's sync names it, and a load before the
+    // sync is a read conflict (Durus's `I`).
+    assert_eq!(b.load(x).unwrap().data(), b"x1");
+    a.begin();
+    a.store(x, rec(x, b"x2", &[])).unwrap();
+    a.end().unwrap();
+    assert!(matches!(b.load(x), Err(StorageError::ReadConflict(o)) if o == x));
+    assert_eq!(b.sync().unwrap(), vec![x]);
+    assert_eq!(b.load(x).unwrap().data(), b"x2");
+
+    // a changes x again; b commits a change to x without syncing: the
+    // invalidations sent with `C` name x and the commit is withdrawn.
+    a.begin();
+    a.store(x, rec(x, b"x3", &[])).unwrap();
+    a.end().unwrap();
+    b.begin();
+    b.store(x, rec(x, b"from b", &[])).unwrap();
+    let err = b.end().unwrap_err();
+    assert!(
+        matches!(&err, StorageError::Conflict(Conflict::Invalidated { oids }) if oids == &[x]),
+        "{err}"
+    );
+    assert_eq!(a.load(x).unwrap().data(), b"x3");
+
+    // A dangling ref is answered as a conflict (`I`) and changes nothing.
+    b.begin();
+    b.store(x, rec(x, b"dangling", &[Oid(999_999)])).unwrap();
+    assert!(matches!(
+        b.end().unwrap_err(),
+        StorageError::Conflict(Conflict::Refused)
+    ));
+    assert_eq!(a.load(x).unwrap().data(), b"x3");
+    // An oid nobody was given is refused too.
+    b.begin();
+    b.store(Oid(777_777), rec(Oid(777_777), b"surprise", &[]))
+        .unwrap();
+    assert!(b.end().unwrap_err().is_conflict());
+    assert!(matches!(
+        b.load(Oid(777_777)),
+        Err(StorageError::NotFound(_))
+    ));
+    drop((a, b));
+    server.stop();
+    check_clean(&path);
+}
+
+#[test]
+fn many_clients_commit_at_once_and_oids_never_repeat() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.redb");
+    let server = Served::start(&path, &[]);
+    let mut first = server.client();
+    assert_eq!(first.new_oid().unwrap(), Oid::ROOT);
+    make_root(&mut first, &[]);
+    const CLIENTS: usize = 8;
+    const COMMITS: usize = 40;
+    let port = server.port;
+    let handles: Vec<_> = (0..CLIENTS)
+        .map(|t| {
+            std::thread::spawn(move || {
+                let mut c = ClientStorage::connect_tcp("127.0.0.1", port).unwrap();
+                let mut mine = Vec::new();
+                let mut prev: Option<Oid> = None;
+                for i in 0..COMMITS {
+                    let o = c.new_oid().unwrap();
+                    c.begin();
+                    let refs: Vec<Oid> = prev.into_iter().collect();
+                    c.store(o, rec(o, format!("{t}/{i}").as_bytes(), &refs))
+                        .unwrap();
+                    c.end().unwrap();
+                    prev = Some(o);
+                    mine.push(o);
+                }
+                (mine, c)
+            })
+        })
+        .collect();
+    let results: Vec<(Vec<Oid>, ClientStorage)> =
+        handles.into_iter().map(|h| h.join().unwrap()).collect();
+    let mut all: Vec<Oid> = results.iter().flat_map(|(m, _)| m.clone()).collect();
+    let n = all.len();
+    all.sort_unstable();
+    all.dedup();
+    assert_eq!(all.len(), n, "an oid was handed out twice");
+    // Every client sees every other client's objects; each was invalidated
+    // for the others.
+    let mut reader = server.client();
+    for (t, (mine, _)) in results.iter().enumerate() {
+        for (i, o) in mine.iter().enumerate() {
+            assert_eq!(
+                reader.load(*o).unwrap().data(),
+                format!("{t}/{i}").as_bytes()
+            );
+        }
+    }
+    let synced = first.sync().unwrap();
+    assert_eq!(synced.len(), CLIENTS * COMMITS);
+    drop(results);
+    server.stop();
+    check_clean(&path);
+}
+
+#[test]
+fn pack_removes_garbage_and_invalidates_it_for_every_client() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.redb");
+    let server = Served::start(&path, &[]);
+    let mut a = server.client();
+    let mut b = server.client();
+    assert_eq!(a.new_oid().unwrap(), Oid::ROOT);
+    let oids = a.new_oids(4).unwrap();
+    let (keep, c1, c2, lone) = (oids[0], oids[1], oids[2], oids[3]);
+    a.begin();
+    a.store(keep, rec(keep, b"keep", &[])).unwrap();
+    a.store(c1, rec(c1, b"c1", &[c2])).unwrap();
+    a.store(c2, rec(c2, b"c2", &[c1])).unwrap();
+    a.store(lone, rec(lone, b"lone", &[])).unwrap();
+    a.store(Oid::ROOT, rec(Oid::ROOT, b"root", &[keep, c1]))
+        .unwrap();
+    a.end().unwrap();
+    // Drop the cycle.
+    a.begin();
+    a.store(Oid::ROOT, rec(Oid::ROOT, b"root", &[keep]))
+        .unwrap();
+    a.end().unwrap();
+    b.sync().unwrap();
+    a.pack().unwrap();
+    // The pack runs in the background: wait for its invalidations.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut seen = Vec::new();
+    while !(seen.contains(&c1) && seen.contains(&c2) && seen.contains(&lone)) {
+        assert!(Instant::now() < deadline, "pack did not finish: {seen:?}");
+        seen.extend(b.sync().unwrap());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for gone in [c1, c2, lone] {
+        assert!(matches!(b.load(gone), Err(StorageError::NotFound(_))));
+    }
+    assert_eq!(b.load(keep).unwrap().data(), b"keep");
+    drop((a, b));
+    server.stop();
+    check_clean(&path);
+}
+
+#[test]
+fn graceful_shutdown_keeps_every_acknowledged_commit() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.redb");
+    // Periodic: acknowledged commits are durable only through the shutdown's
+    // checkpoint, so this shows that SIGTERM takes one.
+    let server = Served::start(&path, &["--checkpoint", "periodic"]);
+    let mut c = server.client();
+    assert_eq!(c.new_oid().unwrap(), Oid::ROOT);
+    let oids = c.new_oids(100).unwrap();
+    for (i, o) in oids.iter().enumerate() {
+        c.begin();
+        c.store(*o, rec(*o, &[i as u8], &[])).unwrap();
+        c.end().unwrap();
+    }
+    make_root(&mut c, &oids);
+    drop(c);
+    let pid = server.child.id();
+    let status = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let mut server = server;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(s) = server.child.try_wait().unwrap() {
+            assert!(s.success(), "server exited with {s} on SIGTERM");
+            break;
+        }
+        assert!(Instant::now() < deadline, "no exit on SIGTERM");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let log = server.log_lines().join("\n");
+    assert!(log.contains("shutting down"), "{log}");
+    let mut s = RedbStorage::open_read_only(&path).unwrap();
+    for (i, o) in oids.iter().enumerate() {
+        assert_eq!(s.load(*o).unwrap().data(), &[i as u8]);
+    }
+    drop(s);
+    check_clean(&path);
+}
+
+/// Sends `bytes` on a fresh connection without closing it, and reads until
+/// the server closes the connection (it must, within the read timeout).
+fn hostile(server: &Served, name: &str, bytes: &[u8], close_after: bool) {
+    let mut s = server.raw();
+    let _ = s.write_all(bytes);
+    if close_after {
+        let _ = s.shutdown(std::net::Shutdown::Write);
+    }
+    let mut answer = Vec::new();
+    s.read_to_end(&mut answer)
+        .unwrap_or_else(|e| panic!("{name}: the server did not close the connection: {e}"));
+    // Nothing but the handshake's version and the commit's invalidation
+    // list (a u32 count of 8-byte oids) may come back: never an `O` to a commit.
+    let mut rest = &answer[..];
+    if bytes.starts_with(b"V") && rest.len() >= 4 {
+        rest = &rest[4..];
+    }
+    if bytes.windows(2).any(|w| w == b"M\x01") && rest.len() >= 8 {
+        rest = &rest[8..];
+    }
+    if bytes.contains(&b'C') && rest.len() >= 4 {
+        let n = u32::from_be_bytes(rest[..4].try_into().unwrap()) as usize;
+        rest = &rest[(4 + 8 * n).min(rest.len())..];
+    }
+    assert!(rest.is_empty(), "{name}: unexpected answer {answer:?}");
+}
+
+fn handshake() -> Vec<u8> {
+    let mut v = b"V".to_vec();
+    v.extend_from_slice(&1u32.to_be_bytes());
+    v
+}
+
+/// A commit request (after `C` and the invalidations the server sends).
+fn commit_frame(records: &[(u64, Vec<u8>)]) -> Vec<u8> {
+    let mut data = Vec::new();
+    for (oid, r) in records {
+        data.extend_from_slice(&((r.len() + 8) as u32).to_be_bytes());
+        data.extend_from_slice(&oid.to_be_bytes());
+        data.extend_from_slice(r);
+    }
+    let mut v = (data.len() as u32).to_be_bytes().to_vec();
+    v.extend(data);
+    v
+}
+
+#[test]
+fn hostile_input_never_disturbs_a_well_behaved_client() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.redb");
+    let server = Served::start(&path, &["--max-frame-bytes", "1048576"]);
+    let mut setup = server.client();
+    assert_eq!(setup.new_oid().unwrap(), Oid::ROOT);
+    let obj = setup.new_oid().unwrap();
+    setup.begin();
+    setup.store(obj, rec(obj, b"v0", &[])).unwrap();
+    setup
+        .store(Oid::ROOT, rec(Oid::ROOT, b"root", &[obj]))
+        .unwrap();
+    setup.end().unwrap();
+    drop(setup);
+
+    // A well-behaved client commits and loads all along.
+    let stop = Arc::new(AtomicBool::new(false));
+    let port = server.port;
+    let good = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut c = ClientStorage::connect_tcp("127.0.0.1", port).unwrap();
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                c.sync().unwrap();
+                c.begin();
+                c.store(obj, rec(obj, &n.to_be_bytes(), &[])).unwrap();
+                c.end().unwrap();
+                assert_eq!(c.load(obj).unwrap().data(), &n.to_be_bytes());
+                n += 1;
+            }
+            n
+        })
+    };
+    let rss_before = server.rss_kib();
+
+    let record = Record::new(Oid(5), b"data", &[]).into_bytes();
+    let mut cases: Vec<(&str, Vec<u8>)> = Vec::new();
+    // A commit claiming 4 GiB (and one just above the limit).
+    let mut c = handshake();
+    c.push(b'C');
+    c.extend_from_slice(&u32::MAX.to_be_bytes());
+    cases.push(("4 GiB commit", c));
+    let mut c = handshake();
+    c.push(b'C');
+    c.extend_from_slice(&(1_048_577u32).to_be_bytes());
+    cases.push(("commit above --max-frame-bytes", c));
+    // A bulk load announcing 4 billion oids.
+    let mut c = handshake();
+    c.push(b'B');
+    c.extend_from_slice(&u32::MAX.to_be_bytes());
+    cases.push(("bulk load of 4 billion oids", c));
+    // A truncated commit, then the connection closes.
+    let mut c = handshake();
+    c.push(b'C');
+    let frame = commit_frame(&[(5, record.clone())]);
+    c.extend_from_slice(&frame[..frame.len() - 3]);
+    cases.push(("truncated commit", c));
+    // A truncated load.
+    let mut c = handshake();
+    c.extend_from_slice(b"L\0\0\0");
+    cases.push(("truncated load", c));
+    // A record of another oid than its frame.
+    let mut c = handshake();
+    c.extend_from_slice(b"M\x01");
+    c.push(b'C');
+    c.extend(commit_frame(&[(6, record.clone())]));
+    cases.push(("record oid differs from its frame", c));
+    // A malformed record (declared data length overruns it).
+    let mut bad = record.clone();
+    bad[8..12].copy_from_slice(&1000u32.to_be_bytes());
+    let mut c = handshake();
+    c.push(b'C');
+    c.extend(commit_frame(&[(obj.0, {
+        let mut r = bad.clone();
+        r[..8].copy_from_slice(&obj.0.to_be_bytes());
+        r
+    })]));
+    cases.push(("malformed record", c));
+    // A record frame whose length overruns the commit.
+    let mut c = handshake();
+    c.push(b'C');
+    let mut f = commit_frame(&[(obj.0, rec(obj, b"x", &[]))]);
+    f[4..8].copy_from_slice(&100_000u32.to_be_bytes());
+    c.extend(f);
+    cases.push(("record length overruns the commit", c));
+    // Garbage bytes, and a wrong protocol version.
+    cases.push(("garbage", b"\xff\x00garbage\x13\x37".to_vec()));
+    let mut c = b"V".to_vec();
+    c.extend_from_slice(&7u32.to_be_bytes());
+    cases.push(("protocol version 7", c));
+
+    for (name, bytes) in &cases {
+        // Truncated requests are cut by closing; the others must be refused
+        // while the connection is still open.
+        hostile(&server, name, bytes, name.contains("truncated"));
+    }
+    // A ref to a missing oid from a proper client: a conflict, nothing written.
+    let mut c = server.client();
+    c.sync().unwrap();
+    c.begin();
+    c.store(obj, rec(obj, b"dangling", &[Oid(123_456)]))
+        .unwrap();
+    assert!(c.end().unwrap_err().is_conflict());
+    drop(c);
+
+    stop.store(true, Ordering::Relaxed);
+    let commits = good.join().unwrap_or_else(|_| {
+        panic!(
+            "the good client saw an error; server log:\n{}",
+            server.log_lines().join("\n")
+        )
+    });
+    assert!(commits > 0);
+    let rss_after = server.rss_kib();
+    assert!(
+        rss_after < rss_before + 100 * 1024,
+        "server memory grew from {rss_before} KiB to {rss_after} KiB"
+    );
+    let mut c = server.client();
+    assert_eq!(
+        c.load(obj).unwrap().data(),
+        &(commits - 1).to_be_bytes(),
+        "only the good client's commits landed"
+    );
+    for never in [Oid(5), Oid(6), Oid(123_456)] {
+        assert!(matches!(c.load(never), Err(StorageError::NotFound(_))));
+    }
+    drop(c);
+    let log = server.log_lines().join("\n");
+    for needle in [
+        "larger than",
+        "announced",
+        "truncated",
+        "record of oid",
+        "invalid record for oid 6",
+        "invalid record for oid",
+        "protocol version 7",
+    ] {
+        assert!(log.contains(needle), "no log line about {needle:?}:\n{log}");
+    }
+    server.stop();
+    check_clean(&path);
+}
+
+#[test]
+fn a_stalled_committer_loses_the_commit_order_after_the_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.redb");
+    let server = Served::start(&path, &["--request-timeout", "1"]);
+    let mut c = server.client();
+    assert_eq!(c.new_oid().unwrap(), Oid::ROOT);
+    make_root(&mut c, &[]);
+    // The staller sends `C`, receives its invalidations and sends nothing more.
+    let mut staller = server.raw();
+    staller.write_all(&handshake()).unwrap();
+    let mut v = [0u8; 4];
+    staller.read_exact(&mut v).unwrap();
+    staller.write_all(b"C").unwrap();
+    let mut n = [0u8; 4];
+    staller.read_exact(&mut n).unwrap();
+    // Another client's commit waits behind it, then goes through.
+    let started = Instant::now();
+    c.sync().unwrap();
+    c.begin();
+    c.store(Oid::ROOT, rec(Oid::ROOT, b"after the stall", &[]))
+        .unwrap();
+    c.end().unwrap();
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(500),
+        "the commit did not wait for the stalled one ({waited:?})"
+    );
+    assert!(waited < Duration::from_secs(10), "waited {waited:?}");
+    // The staller was dropped.
+    let mut rest = Vec::new();
+    staller.read_to_end(&mut rest).unwrap();
+    assert!(rest.is_empty());
+    drop(c);
+    server.stop();
+}
+
+#[test]
+fn connections_beyond_the_maximum_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.redb");
+    let server = Served::start(&path, &["--max-connections", "2"]);
+    let a = server.client();
+    let b = server.client();
+    let third = ClientStorage::connect_tcp("127.0.0.1", server.port);
+    assert!(third.is_err(), "a third connection was served");
+    drop(a);
+    // Once one closes, a new client is served again.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if ClientStorage::connect_tcp("127.0.0.1", server.port).is_ok() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no connection after one closed");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop(b);
+    server.stop();
+}
+
+#[test]
+fn unix_socket_gets_the_permissions_asked_for() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.redb");
+    let sock = dir.path().join("s.sock");
+    let mut child = Command::new(bin())
+        .arg("serve")
+        .arg("--file")
+        .arg(&path)
+        .arg("--address")
+        .arg(&sock)
+        .args(["--umask", "077"])
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut c = loop {
+        if let Ok(c) = ClientStorage::connect(Address::unix(&sock)) {
+            break c;
+        }
+        assert!(Instant::now() < deadline, "no server on the socket");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mode = std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o700);
+    assert_eq!(c.new_oid().unwrap(), Oid::ROOT);
+    make_root(&mut c, &[]);
+    let out = Command::new(bin())
+        .arg("stop")
+        .arg("--address")
+        .arg(&sock)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let status = child.wait().unwrap();
+    assert!(status.success());
+    assert!(!sock.exists(), "the socket file is removed at shutdown");
+    let mut s = RedbStorage::open_read_only(&path).unwrap();
+    assert_eq!(s.load(Oid::ROOT).unwrap().data(), b"root");
+}
+
+/// SIGKILL of the server at random moments under the default policy: every
+/// commit the client saw acknowledged is there after a restart.
+#[test]
+fn acknowledged_commits_survive_sigkill_of_the_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.redb");
+    let mut acknowledged: Vec<(Oid, u64)> = Vec::new();
+    let mut seed = 0x2545_F491_4F6C_DD1Du64;
+    for round in 0..8 {
+        let mut server = Served::start(&path, &[]);
+        let port = server.port;
+        let (tx, rx) = mpsc::channel::<(Oid, u64)>();
+        let start_n = acknowledged.len() as u64;
+        let committer = std::thread::spawn(move || {
+            let Ok(mut c) = ClientStorage::connect_tcp("127.0.0.1", port) else {
+                return;
+            };
+            let mut n = start_n;
+            loop {
+                let Ok(o) = c.new_oid() else { return };
+                c.begin();
+                c.store(o, rec(o, &n.to_be_bytes(), &[])).unwrap();
+                if c.end().is_err() {
+                    return;
+                }
+                if tx.send((o, n)).is_err() {
+                    return;
+                }
+                n += 1;
+            }
+        });
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        let wait = Duration::from_millis(100 + seed % 400);
+        std::thread::sleep(wait);
+        server.child.kill().unwrap();
+        server.child.wait().unwrap();
+        committer.join().unwrap();
+        let got: Vec<(Oid, u64)> = rx.try_iter().collect();
+        assert!(
+            !got.is_empty() || round > 0,
+            "nothing committed in {wait:?}"
+        );
+        acknowledged.extend(got);
+        // Read-write: the first open after a crash repairs the file.
+        let mut s = RedbStorage::open(&path, durus_redb::Options::default()).unwrap();
+        for (o, n) in &acknowledged {
+            let r = s
+                .load(*o)
+                .unwrap_or_else(|e| panic!("round {round}: acknowledged commit {n} lost: {e}"));
+            assert_eq!(r.data(), &n.to_be_bytes());
+        }
+        drop(s);
+    }
+    assert!(acknowledged.len() > 20, "too few commits to mean anything");
+    check_clean(&path);
+}
