@@ -13,6 +13,7 @@ mod client;
 mod error;
 mod filestorage;
 mod memory;
+mod migrate;
 mod protocol;
 mod record;
 mod redb_store;
@@ -30,6 +31,10 @@ pub use filestorage::{
     detect_format, open_source,
 };
 pub use memory::MemoryStorage;
+pub use migrate::{
+    ExportReport, MigrateError, MigrateOptions, MigrateProgress, MigrateReport, export, migrate,
+    migrate_storage,
+};
 pub use record::{Oid, Record, RecordError};
 pub use redb_store::{
     CheckReport, CommitGuard, CommitTicket, Engine, FullCheck, InvalidSet, Options, RedbStorage,

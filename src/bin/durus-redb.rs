@@ -6,8 +6,8 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use durus_redb::server::{Address, Server, ServerConfig, parse_umask};
 use durus_redb::{
-    CheckpointPolicy, ClientStorage, EveryCommit, Manual, Options, Periodic, RedbStorage,
-    check_store,
+    CheckpointPolicy, ClientStorage, EveryCommit, Manual, MigrateOptions, MigrateProgress, Options,
+    Periodic, RedbStorage, check_store,
 };
 
 /// A Durus-compatible object store and server on redb.
@@ -27,6 +27,41 @@ enum Command {
     /// it down gracefully: commits being applied finish, the store is
     /// checkpointed and closed.
     Serve(ServeArgs),
+    /// Migrate a Durus store file into a new durus-redb store.
+    ///
+    /// Reads FileStorage (SHELF-1), FileStorage2 (DFS20) and SqliteStorage
+    /// files, told by their first bytes, as a stream: memory does not grow
+    /// with the file. Commits in batches; an interrupted run, rerun with the
+    /// same arguments, resumes from its last batch. Ends by verifying the
+    /// store (record count and checksum, every reference, every reference
+    /// count). Exits 1 if the migration failed, 2 on bad arguments.
+    Migrate {
+        /// The Durus file to read (it is not changed).
+        source: PathBuf,
+        /// The durus-redb store to write (new, or an unfinished migration of the same source).
+        dest: PathBuf,
+        /// Largest number of records per batch.
+        #[arg(long, default_value_t = 10_000)]
+        batch_records: usize,
+        /// Largest number of record bytes per batch.
+        #[arg(long, default_value_t = 16 << 20)]
+        batch_bytes: usize,
+        /// If the source's last transaction was cut short, import up to the
+        /// last complete transaction instead of failing.
+        #[arg(long)]
+        accept_torn_tail: bool,
+        /// Import even if records reference oids the source does not hold.
+        #[arg(long)]
+        allow_dangling: bool,
+    },
+    /// Export a durus-redb store to a new Durus FileStorage (SHELF-1) file
+    /// that Python Durus opens.
+    Export {
+        /// The durus-redb store (must not be open by a server).
+        source: PathBuf,
+        /// The Durus file to write (must not exist).
+        dest: PathBuf,
+    },
     /// Stop a running server (sends the protocol's `Q`).
     Stop {
         #[command(flatten)]
@@ -130,6 +165,25 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Serve(_) => unreachable!("handled above"),
         Command::Stop { at } => stop(at),
+        Command::Migrate {
+            source,
+            dest,
+            batch_records,
+            batch_bytes,
+            accept_torn_tail,
+            allow_dangling,
+        } => migrate_cmd(
+            &source,
+            &dest,
+            &MigrateOptions {
+                batch_records,
+                batch_bytes,
+                accept_torn_tail,
+                allow_dangling,
+                ..MigrateOptions::default()
+            },
+        ),
+        Command::Export { source, dest } => export_cmd(&source, &dest),
         Command::Stats { path } => stats(path),
         Command::Check { path } => check(path),
     }
@@ -257,6 +311,127 @@ fn stop(at: ConnectArgs) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => fail(format_args!("no server answers on {address}: {e}")),
+    }
+}
+
+fn bar(total: u64, template: &str) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(total);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(template)
+            .expect("a valid template")
+            .progress_chars("=> "),
+    );
+    bar
+}
+
+fn migrate_cmd(
+    source: &std::path::Path,
+    dest: &std::path::Path,
+    options: &MigrateOptions,
+) -> ExitCode {
+    let import = bar(
+        0,
+        "{msg:10} [{bar:40}] {percent:>3}% {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+    );
+    import.set_message("importing");
+    let mut verify: Option<indicatif::ProgressBar> = None;
+    let result = durus_redb::migrate(source, dest, options, &mut |p| match p {
+        MigrateProgress::Import {
+            position, total, ..
+        } => {
+            import.set_length(total);
+            import.set_position(position);
+        }
+        MigrateProgress::Verify { scanned, total } => {
+            let v = verify.get_or_insert_with(|| {
+                import.finish();
+                let v = bar(
+                    total,
+                    "{msg:10} [{bar:40}] {percent:>3}% {pos}/{len} records",
+                );
+                v.set_message("verifying");
+                v
+            });
+            v.set_position(scanned);
+        }
+    });
+    import.finish();
+    if let Some(v) = verify {
+        v.finish();
+    }
+    match result {
+        Ok(r) if r.already_complete => {
+            println!(
+                "nothing to do: {} already holds the verified migration of {} ({} records, checksum {:016x})",
+                dest.display(),
+                source.display(),
+                r.objects,
+                r.checksum
+            );
+            ExitCode::SUCCESS
+        }
+        Ok(r) => {
+            let secs = r.elapsed.as_secs_f64().max(1e-9);
+            if let Some(at) = r.resumed_from {
+                println!("resumed:    from source offset {at}");
+            }
+            println!("source:     {}", source.display());
+            println!("store:      {}", dest.display());
+            println!(
+                "read:       {} records, {} bytes in {:.1} s ({:.0} records/s, {:.1} MB/s)",
+                r.records_read,
+                r.bytes_read,
+                secs,
+                r.records_read as f64 / secs,
+                r.bytes_read as f64 / secs / 1e6
+            );
+            println!(
+                "objects:    {} (checksum {:016x}, verified)",
+                r.objects, r.checksum
+            );
+            if let Some(m) = r.max_oid {
+                println!("next oid:   above {m}");
+            }
+            if let Some(t) = r.torn_tail {
+                println!("torn tail:  ignored from byte {t} (an incomplete last transaction)");
+            }
+            if r.dangling_count > 0 {
+                println!(
+                    "dangling:   {} references to missing oids (allowed)",
+                    r.dangling_count
+                );
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("durus-redb: migration failed: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn export_cmd(source: &std::path::Path, dest: &std::path::Path) -> ExitCode {
+    let progress = bar(0, "exporting [{bar:40}] {percent:>3}% {pos}/{len} records");
+    let result = durus_redb::export(source, dest, &mut |done, total| {
+        progress.set_length(total);
+        progress.set_position(done);
+    });
+    progress.finish();
+    match result {
+        Ok(r) => {
+            println!(
+                "exported {} records to {} ({} bytes) in {:.1} s",
+                r.records,
+                dest.display(),
+                r.file_bytes,
+                r.elapsed.as_secs_f64()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("durus-redb: export failed: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 

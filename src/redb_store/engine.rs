@@ -82,6 +82,17 @@ impl CommitState {
     }
 }
 
+/// What one import batch did.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct ImportedBatch {
+    /// Records that were not in the store before.
+    pub(crate) new_objects: u64,
+    /// Wrapping sum of the hashes of the records replaced.
+    pub(crate) replaced_hash: u64,
+    /// The highest oid of the batch.
+    pub(crate) max_oid: Option<u64>,
+}
+
 /// The result of applying a commit: what remains to make it durable.
 #[derive(Debug, Clone, Copy)]
 #[must_use = "a commit is acknowledged only after Engine::finish"]
@@ -180,8 +191,18 @@ pub(crate) fn read_meta<T: serde::de::DeserializeOwned>(
 }
 
 impl Engine {
-    /// Opens or creates the store at `path`.
+    /// Opens or creates the store at `path`. A writable open of a store
+    /// whose import (`migrate`) is unfinished is refused.
     pub fn open(path: &Path, options: &Options) -> Result<Arc<Engine>> {
+        Self::open_with(path, options, false)
+    }
+
+    /// Opens or creates the store; `importing` allows an unfinished import.
+    pub(crate) fn open_with(
+        path: &Path,
+        options: &Options,
+        importing: bool,
+    ) -> Result<Arc<Engine>> {
         let mut builder = redb::Builder::new();
         builder.set_cache_size(options.cache_bytes);
         let db = if options.read_only {
@@ -205,6 +226,18 @@ impl Engine {
             Db::Rw(builder.create(path).map_err(|e| open_error(path, e))?)
         };
         let (next_oid, reserved) = Self::init_or_verify(path, &db, options.quick_repair)?;
+        if !options.read_only && !importing {
+            let rtxn = db.begin_read()?;
+            let meta = rtxn.open_table(META)?;
+            if let Some(state) = meta.get(KEY_MIGRATION)? {
+                let source = crate::migrate::describe_state(state.value());
+                return Err(StorageError::Format(format!(
+                    "{} holds an unfinished import from {source}: run `durus-redb migrate` \
+                     again with the same source to finish it",
+                    path.display()
+                )));
+            }
+        }
         let engine = Arc::new(Engine {
             path: path.to_path_buf(),
             db: RwLock::new(Some(db)),
@@ -496,7 +529,6 @@ impl Engine {
     }
 
     /// Raises the allocation mark above `oid` (after an import).
-    #[expect(dead_code, reason = "used by the migration import path")]
     pub(crate) fn reserve_above(&self, oid: Oid) -> Result<()> {
         let mut st = self.commit.lock();
         if oid.0 >= st.next_oid {
@@ -506,6 +538,96 @@ impl Engine {
             st.reserved = st.reserved.max(next);
         }
         Ok(())
+    }
+
+    // ---- import (migration) ----------------------------------------------
+
+    /// The highest oid stored.
+    pub(crate) fn last_oid(&self) -> Result<Option<Oid>> {
+        let db = self.db()?;
+        let txn = db.begin_read()?;
+        let records = txn.open_table(RECORDS)?;
+        Ok(records.last()?.map(|(k, _)| Oid(k.value())))
+    }
+
+    /// The raw metadata value under `key`.
+    pub(crate) fn meta_bytes(&self, key: &str) -> Result<Option<Vec<u8>>> {
+        let db = self.db()?;
+        let txn = db.begin_read()?;
+        let meta = txn.open_table(META)?;
+        Ok(meta.get(key)?.map(|v| v.value().to_vec()))
+    }
+
+    /// Writes a batch of imported records without the per-commit checks (a
+    /// record may reference an oid a later batch brings; imported oids were
+    /// never handed out), keeping reference counts exact, and stores the
+    /// import state that `state` makes from the batch's figures, all in one
+    /// write transaction. Raises the oid mark above every imported oid.
+    pub(crate) fn import_batch(
+        &self,
+        items: &[(Oid, Record)],
+        durable: bool,
+        state: impl FnOnce(&ImportedBatch) -> Vec<u8>,
+    ) -> Result<ImportedBatch> {
+        let durability = if durable {
+            Durability::Immediate
+        } else {
+            Durability::None
+        };
+        self.write_txn(durability, |w, st| {
+            let mut batch = ImportedBatch::default();
+            let mut delta: HashMap<u64, i64> = HashMap::new();
+            {
+                let mut table = w.open_table(RECORDS)?;
+                for (oid, record) in items {
+                    batch.max_oid = batch.max_oid.max(Some(oid.0));
+                    match table.insert(oid.0, record.as_bytes())? {
+                        Some(old) => {
+                            let old = old.value();
+                            batch.replaced_hash = batch
+                                .replaced_hash
+                                .wrapping_add(crate::migrate::record_hash(*oid, old));
+                            for r in refs_of(old).map_err(|e| corrupt(*oid, e))? {
+                                *delta.entry(r.0).or_default() -= 1;
+                            }
+                        }
+                        None => batch.new_objects += 1,
+                    }
+                    for r in record.refs() {
+                        *delta.entry(r.0).or_default() += 1;
+                    }
+                }
+            }
+            apply_ref_deltas(w, delta)?;
+            let mut meta = w.open_table(META)?;
+            meta.insert(KEY_MIGRATION, state(&batch).as_slice())?;
+            if let Some(max) = batch.max_oid
+                && max >= st.next_oid
+            {
+                st.next_oid = max + 1;
+                st.reserved = st.reserved.max(max + 1);
+                meta.insert(
+                    KEY_OIDS,
+                    encode(&OidMeta {
+                        reserved: st.reserved,
+                    })
+                    .as_slice(),
+                )?;
+            }
+            Ok(batch)
+        })
+    }
+
+    /// Ends an import: removes its state (the collector and writable opens
+    /// are allowed again), records `summary` under the `imported` key, and
+    /// makes everything durable.
+    pub(crate) fn finish_import(&self, summary: &[u8]) -> Result<()> {
+        self.write_txn(Durability::Immediate, |w, _| {
+            let mut meta = w.open_table(META)?;
+            meta.remove(KEY_MIGRATION)?;
+            meta.insert(KEY_IMPORTED, summary)?;
+            Ok(())
+        })
     }
 
     // ---- commits ---------------------------------------------------------

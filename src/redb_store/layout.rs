@@ -16,6 +16,8 @@
 //!   (clean or not) never hands out an oid twice.
 //! - `migration`: state of an import in progress (written by `migrate`); while
 //!   present the collector leaves the store alone.
+//! - `imported`: the summary of a finished import (source, record count,
+//!   checksum), so that rerunning a finished migration is recognised.
 //! - `gc`: the collector's persisted state.
 //!
 //! A reference count counts references from stored records, so an object that
@@ -42,8 +44,9 @@ pub const KEY_FORMAT: &str = "format";
 /// Metadata key of [`OidMeta`].
 pub const KEY_OIDS: &str = "oids";
 /// Metadata key of the migration state.
-#[expect(dead_code, reason = "written by the migration import path")]
 pub const KEY_MIGRATION: &str = "migration";
+/// Metadata key of the summary of a finished import.
+pub const KEY_IMPORTED: &str = "imported";
 /// Metadata key of the collector state.
 #[expect(dead_code, reason = "written by the background collector")]
 pub const KEY_GC: &str = "gc";

@@ -1,0 +1,453 @@
+//! Migration and export against stores written by the real Python Durus 4.3
+//! in this test run, through the real `durus-redb` binary.
+//!
+//! Needs `DURUS_PYTHON` (a Python with Durus 4.3); fails without it.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use durus_redb::{
+    MemoryStorage, MigrateError, MigrateOptions, Oid, Options, Record, RedbStorage, ShelfWriter,
+    Storage, migrate, migrate_storage,
+};
+
+fn python() -> PathBuf {
+    match std::env::var_os("DURUS_PYTHON") {
+        Some(p) if !p.is_empty() => PathBuf::from(p),
+        _ => panic!(
+            "DURUS_PYTHON is not set: set it to a Python interpreter with Durus 4.3 installed \
+             (these tests migrate files the real Durus writes and compare with Durus)"
+        ),
+    }
+}
+
+fn script(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/python")
+        .join(name)
+}
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_durus-redb"))
+}
+
+/// The stores Durus wrote (FileStorage, FileStorage2, SqliteStorage), once per run.
+fn durus_files() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("migrate-durus-files");
+        let _ = std::fs::remove_dir_all(&dir);
+        let out = Command::new(python())
+            .arg(script("make_durus_files.py"))
+            .arg(&dir)
+            .arg("3000")
+            .output()
+            .expect("run DURUS_PYTHON");
+        assert!(
+            out.status.success(),
+            "make_durus_files.py failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        dir
+    })
+}
+
+fn durus_store(name: &str) -> PathBuf {
+    durus_files().join(format!("{name}.durus"))
+}
+
+/// A `oid | u32 len | record` dump written by make_durus_files.py.
+fn read_dump(path: &Path) -> BTreeMap<u64, Vec<u8>> {
+    let bytes = std::fs::read(path).unwrap();
+    let mut m = BTreeMap::new();
+    let mut i = 0;
+    while i < bytes.len() {
+        let oid = u64::from_be_bytes(bytes[i..i + 8].try_into().unwrap());
+        let n = u32::from_be_bytes(bytes[i + 8..i + 12].try_into().unwrap()) as usize;
+        m.insert(oid, bytes[i + 12..i + 12 + n].to_vec());
+        i += 12 + n;
+    }
+    m
+}
+
+/// Every record of a durus-redb store.
+fn contents(path: &Path) -> BTreeMap<u64, Vec<u8>> {
+    let mut s = RedbStorage::open_read_only(path).unwrap();
+    s.iter_records()
+        .unwrap()
+        .map(|r| {
+            let r = r.unwrap();
+            (r.oid().0, r.into_bytes())
+        })
+        .collect()
+}
+
+fn run(cmd: &mut Command) -> Output {
+    cmd.output().expect("run durus-redb")
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+fn check_clean(path: &Path) {
+    let out = run(bin().arg("check").arg(path));
+    assert!(out.status.success(), "check failed: {}", text(&out));
+}
+
+/// Runs compare_stores.py: ORIGINAL against `other` args; must be identical.
+fn compare(original: &Path, other: &[&str]) {
+    let out = Command::new(python())
+        .arg(script("compare_stores.py"))
+        .arg(original)
+        .args(other)
+        .arg("--classes")
+        .arg(script("make_durus_files.py"))
+        .output()
+        .unwrap();
+    let t = text(&out);
+    assert!(out.status.success(), "compare_stores.py: {t}");
+    assert!(t.contains("\"identical\": true"), "{t}");
+}
+
+/// Kills a child process when dropped (a failed assertion included).
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Serves `store` with the real server and runs `f(port)`; stops it with Q.
+fn serving(store: &Path, f: impl FnOnce(u16)) {
+    let mut child = KillOnDrop(
+        bin()
+            .arg("serve")
+            .arg("--file")
+            .arg(store)
+            .args(["--port", "0"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let child_stderr = child.0.stderr.take().unwrap();
+    let mut lines = BufReader::new(child_stderr).lines();
+    let port = loop {
+        let line = lines.next().expect("server log").unwrap();
+        if let Some(at) = line.find("Ready on ") {
+            break line[at + 9..]
+                .trim()
+                .rsplit(':')
+                .next()
+                .unwrap()
+                .parse::<u16>()
+                .unwrap();
+        }
+    };
+    std::thread::spawn(move || for _ in lines {});
+    f(port);
+    let out = run(bin().args(["stop", "--port", &port.to_string()]));
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(child.0.wait().unwrap().success());
+}
+
+#[test]
+fn durus_stores_migrate_serve_and_export_identically() {
+    for name in ["shelf", "dfs20", "sqlite"] {
+        let source = durus_store(name);
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join(format!("{name}.redb"));
+        let out = run(bin()
+            .arg("migrate")
+            .arg(&source)
+            .arg(&dest)
+            .args(["--batch-records", "700"]));
+        assert!(out.status.success(), "{name}: {}", text(&out));
+        assert!(text(&out).contains("verified"), "{}", text(&out));
+        check_clean(&dest);
+
+        // Every record Durus holds, and nothing else.
+        let want = read_dump(&durus_files().join(format!("{name}.durus.dump")));
+        assert_eq!(contents(&dest), want, "{name}: records differ");
+
+        // New oids continue above the highest imported one.
+        let max = *want.keys().max().unwrap();
+        {
+            let mut s = RedbStorage::open(&dest, Options::default()).unwrap();
+            assert!(s.new_oid().unwrap().0 > max);
+        }
+
+        // The real Durus client, through our server, reads every reachable
+        // object exactly as Durus reads the original.
+        serving(&dest, |port| {
+            compare(&source, &["--port", &port.to_string()])
+        });
+
+        // Round trip: export, and Durus opens the exported file identically.
+        let back = dir.path().join(format!("{name}-back.durus"));
+        let out = run(bin().arg("export").arg(&dest).arg(&back));
+        assert!(out.status.success(), "{}", text(&out));
+        compare(&source, &["--file", back.to_str().unwrap()]);
+    }
+}
+
+#[test]
+fn a_migration_killed_at_random_moments_resumes_to_the_same_store() {
+    let source = durus_store("shelf");
+    let dir = tempfile::tempdir().unwrap();
+    let reference = dir.path().join("reference.redb");
+    let out = run(bin()
+        .arg("migrate")
+        .arg(&source)
+        .arg(&reference)
+        .args(["--batch-records", "40"]));
+    assert!(out.status.success(), "{}", text(&out));
+    let want = contents(&reference);
+
+    let mut seed = 0x9E37_79B9_7F4A_7C15u64;
+    let mut kills = 0;
+    for round in 0..4 {
+        let dest = dir.path().join(format!("killed-{round}.redb"));
+        // Kill it again and again until a run completes.
+        let mut runs = 0;
+        loop {
+            runs += 1;
+            assert!(runs < 200, "migration never completed");
+            let mut child = bin()
+                .arg("migrate")
+                .arg(&source)
+                .arg(&dest)
+                .args(["--batch-records", "40"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap();
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            let wait = Duration::from_millis(5 + seed % 120);
+            let deadline = Instant::now() + wait;
+            let mut finished = None;
+            while Instant::now() < deadline {
+                if let Some(s) = child.try_wait().unwrap() {
+                    finished = Some(s);
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            match finished {
+                Some(status) => {
+                    assert!(status.success(), "a rerun failed with {status}");
+                    break;
+                }
+                None => {
+                    child.kill().unwrap();
+                    child.wait().unwrap();
+                    kills += 1;
+                }
+            }
+        }
+        check_clean(&dest);
+        assert_eq!(contents(&dest), want, "round {round}: the store differs");
+    }
+    assert!(
+        kills >= 4,
+        "only {kills} kills: the test did not interrupt anything"
+    );
+}
+
+#[test]
+fn an_unfinished_migration_is_refused_by_other_opens_and_resumed_by_migrate() {
+    let source = durus_store("dfs20");
+    let dir = tempfile::tempdir().unwrap();
+    let dest = dir.path().join("d.redb");
+    // Stop a library migration after its first batches by failing progress.
+    let options = MigrateOptions {
+        batch_records: 100,
+        ..MigrateOptions::default()
+    };
+    let outcome = std::panic::catch_unwind(|| {
+        let mut batches = 0;
+        let _ = migrate(&source, &dest, &options, &mut |_| {
+            batches += 1;
+            if batches == 5 {
+                panic!("interrupted");
+            }
+        });
+    });
+    assert!(outcome.is_err());
+    let err = RedbStorage::open(&dest, Options::default()).unwrap_err();
+    assert!(err.to_string().contains("unfinished import"), "{err}");
+    // Another source is refused.
+    let other = durus_store("shelf");
+    let err = migrate(&other, &dest, &options, &mut |_| {}).unwrap_err();
+    assert!(matches!(err, MigrateError::Refused(_)), "{err}");
+    // The same source resumes and completes.
+    let report = migrate(&source, &dest, &options, &mut |_| {}).unwrap();
+    assert!(report.resumed_from.is_some());
+    let want = read_dump(&durus_files().join("dfs20.durus.dump"));
+    assert_eq!(contents(&dest), want);
+    // Rerunning a finished migration does nothing; another source is refused.
+    let again = migrate(&source, &dest, &options, &mut |_| {}).unwrap();
+    assert!(again.already_complete);
+    assert_eq!(again.objects, report.objects);
+    let err = migrate(&other, &dest, &options, &mut |_| {}).unwrap_err();
+    assert!(err.to_string().contains("already holds a store"), "{err}");
+}
+
+#[test]
+fn a_torn_tail_is_named_and_can_be_left_out() {
+    let source = durus_store("shelf");
+    let ends: Vec<u64> = std::fs::read_to_string(durus_files().join("shelf.durus.ends"))
+        .unwrap()
+        .lines()
+        .map(|l| l.parse().unwrap())
+        .collect();
+    let (last_start, last_end) = (ends[ends.len() - 2], ends[ends.len() - 1]);
+    let dir = tempfile::tempdir().unwrap();
+    let torn = dir.path().join("torn.durus");
+    let bytes = std::fs::read(&source).unwrap();
+    assert_eq!(bytes.len() as u64, last_end);
+    std::fs::write(
+        &torn,
+        &bytes[..(last_start + (last_end - last_start) / 2) as usize],
+    )
+    .unwrap();
+
+    let dest = dir.path().join("t.redb");
+    let out = run(bin().arg("migrate").arg(&torn).arg(&dest));
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        text(&out).contains(&format!("transaction that starts at byte {last_start}")),
+        "{}",
+        text(&out)
+    );
+    // Resumable: the same command with the option finishes the job.
+    let out = run(bin()
+        .arg("migrate")
+        .arg(&torn)
+        .arg(&dest)
+        .arg("--accept-torn-tail"));
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains(&format!("torn tail:  ignored from byte {last_start}")));
+    let want = read_dump(&durus_files().join("shelf.durus.before.dump"));
+    assert_eq!(
+        contents(&dest),
+        want,
+        "the store is Durus's state before the torn commit"
+    );
+    check_clean(&dest);
+}
+
+#[test]
+fn corrupt_files_give_clear_errors_and_never_a_panic() {
+    let source = durus_store("shelf");
+    let bytes = std::fs::read(&source).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    // Find a record of oid 0 (the root) in the file: its item is
+    // `u32 length | oid(8) | u32 data length | ...` (see the reader).
+    let root_at = bytes
+        .windows(12)
+        .position(|w| w[..8] == [0u8; 8] && u32::from_be_bytes(w[8..12].try_into().unwrap()) > 0)
+        .expect("a root record");
+    let mut cases: Vec<(&str, Vec<u8>, &str)> = Vec::new();
+    let mut bad_magic = bytes.clone();
+    bad_magic[..7].copy_from_slice(b"SHELF-9");
+    cases.push(("bad magic", bad_magic, "not a Durus storage file"));
+    let mut mismatch = bytes.clone();
+    mismatch[root_at + 7] = 0x55; // the record now names another oid
+    cases.push(("oid mismatch", mismatch, "corrupt storage file"));
+    let mut overrun = bytes.clone();
+    overrun[root_at + 8..root_at + 12].copy_from_slice(&0x7fff_ffffu32.to_be_bytes());
+    cases.push(("overrunning length", overrun, "corrupt storage file"));
+    for (name, data, needle) in cases {
+        let src = dir.path().join(format!("{name}.durus"));
+        std::fs::write(&src, &data).unwrap();
+        let dest = dir.path().join(format!("{name}.redb"));
+        let out = run(bin().arg("migrate").arg(&src).arg(&dest));
+        let t = text(&out);
+        assert_eq!(out.status.code(), Some(1), "{name}: {t}");
+        assert!(t.contains(needle), "{name}: {t}");
+        assert!(!t.contains("panicked"), "{name}: {t}");
+        // The destination is absent or resumable: a rerun fails the same way.
+        if dest.exists() {
+            let again = run(bin().arg("migrate").arg(&src).arg(&dest));
+            assert_eq!(again.status.code(), Some(1), "{name}: {}", text(&again));
+            assert!(text(&again).contains(needle));
+        }
+    }
+}
+
+#[test]
+fn dangling_references_are_listed_and_imported_only_when_allowed() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("dangling.durus");
+    let mut w = ShelfWriter::create(&src).unwrap();
+    w.write(
+        Oid(0),
+        Record::new(Oid(0), b"root", &[Oid(1), Oid(7)]).as_bytes(),
+    )
+    .unwrap();
+    w.write(Oid(1), Record::new(Oid(1), b"one", &[Oid(9)]).as_bytes())
+        .unwrap();
+    w.finish().unwrap();
+    let dest = dir.path().join("d.redb");
+    let out = run(bin().arg("migrate").arg(&src).arg(&dest));
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{t}");
+    assert!(t.contains("2 references to oids it does not hold"), "{t}");
+    assert!(t.contains("0 -> 7") && t.contains("1 -> 9"), "{t}");
+    let out = run(bin()
+        .arg("migrate")
+        .arg(&src)
+        .arg(&dest)
+        .arg("--allow-dangling"));
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("dangling:   2 references"));
+    assert_eq!(contents(&dest).len(), 2);
+}
+
+#[test]
+fn any_storage_migrates_through_the_library() {
+    let mut source = MemoryStorage::new();
+    let oids = source.new_oids(500).unwrap();
+    source.begin();
+    for (i, o) in oids.iter().enumerate() {
+        let refs: Vec<Oid> = oids.get(i + 1).copied().into_iter().collect();
+        source
+            .store(*o, Record::new(*o, &[i as u8; 30], &refs).into_bytes())
+            .unwrap();
+    }
+    source.end().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let dest = dir.path().join("m.redb");
+    let options = MigrateOptions {
+        batch_records: 64,
+        ..MigrateOptions::default()
+    };
+    let report = migrate_storage(&mut source, "memory", &dest, &options, &mut |_| {}).unwrap();
+    assert_eq!(report.objects, 500);
+    let got = contents(&dest);
+    let want: BTreeMap<u64, Vec<u8>> = source
+        .iter_records()
+        .unwrap()
+        .map(|r| {
+            let r = r.unwrap();
+            (r.oid().0, r.into_bytes())
+        })
+        .collect();
+    assert_eq!(got, want);
+    check_clean(&dest);
+}
