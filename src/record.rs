@@ -139,7 +139,7 @@ impl Record {
         }
         let data_end = 12 + declared as usize;
         let refs_len = bytes.len() - data_end;
-        if refs_len % 8 != 0 {
+        if !refs_len.is_multiple_of(8) {
             return Err(RecordError::RefsNotAligned { len: refs_len });
         }
         Ok(data_end)

@@ -150,10 +150,10 @@ impl ServerProcess {
             if let Ok(Some(status)) = server.child.try_wait() {
                 panic!("{name} exited during start-up: {status}");
             }
-            if let Ok(mut c) = Client::connect(port) {
-                if let Ok(Loaded::Record(_)) = c.load(0) {
-                    break;
-                }
+            if let Ok(mut c) = Client::connect(port)
+                && let Ok(Loaded::Record(_)) = c.load(0)
+            {
+                break;
             }
             assert!(Instant::now() < deadline, "{name} did not start in 300 s");
             std::thread::sleep(Duration::from_millis(5));

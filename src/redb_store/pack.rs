@@ -72,7 +72,7 @@ pub(crate) fn full_collection_with(
             if !marked.insert(oid) {
                 continue;
             }
-            if marked.len() % 100_000 == 0 {
+            if marked.len().is_multiple_of(100_000) {
                 progress(PackProgress::Marked(marked.len() as u64));
             }
             if let Some(v) = records.get(oid)? {
