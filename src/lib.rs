@@ -5,6 +5,7 @@
 //! - [`RedbStorage`]: the storage on a redb file, opened in-process with exclusive access.
 //! - [`server`]: Durus's storage server protocol on a store; [`ClientStorage`] speaks it too.
 //! - [`CheckpointPolicy`]: when commits become durable ([`EveryCommit`], [`Periodic`], [`Manual`]).
+//! - [`GcPolicy`]: how the background garbage collector works ([`IncrementalGc`], [`IdleGc`], [`ManualGc`]).
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
@@ -12,6 +13,7 @@ mod checkpoint;
 mod client;
 mod error;
 mod filestorage;
+mod gc;
 mod memory;
 mod migrate;
 mod protocol;
@@ -29,6 +31,10 @@ pub use error::{Conflict, InvalidInput, Result, StorageError};
 pub use filestorage::{
     FileError, FileFormat, ReadOptions, RecordSource, ShelfWriter, SourceEvent, SourceItem,
     detect_format, open_source,
+};
+pub use gc::{
+    FullPhase, FullProgress, FullReport, FullTriggers, GcAction, GcFacts, GcPolicy, GcReport,
+    GcState, GcStats, IdleGc, IncrementalGc, ManualGc, Pace,
 };
 pub use memory::MemoryStorage;
 pub use migrate::{

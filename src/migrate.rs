@@ -423,8 +423,10 @@ fn run(
         source: e,
     };
     let existed = dest.exists();
-    let engine = Engine::open_with(dest, &Options::with_checkpoint(crate::Manual), true)
-        .map_err(dest_err)?;
+    let open = Options::with_checkpoint(crate::Manual).gc(crate::ManualGc);
+    let engine = Engine::open_with(dest, &open, true).map_err(dest_err)?;
+    // Holds the store open for this run (the last handle closes it).
+    let handle = RedbStorage::session_of(engine.clone());
     let identity = src.identity();
     let mut report = MigrateReport::default();
     let mut state = match engine
@@ -485,10 +487,7 @@ fn run(
                     ..MigrateReport::default()
                 });
             }
-            let objects = RedbStorage::session_of(engine.clone())
-                .stats()
-                .map_err(dest_err)?
-                .objects;
+            let objects = handle.stats().map_err(dest_err)?.objects;
             if existed && objects > 0 {
                 return Err(MigrateError::Refused(format!(
                     "{} already holds a store with {objects} records; migrate into a new file",
@@ -523,7 +522,7 @@ fn run(
         }
     }
     report.torn_tail = state.torn_tail;
-    verify(&engine, &state, options, &mut report, progress)?;
+    verify(&handle, &state, options, &mut report, progress)?;
     let max = engine.last_oid().map_err(dest_err)?;
     if let Some(m) = max {
         engine.reserve_above(m).map_err(dest_err)?;
@@ -653,12 +652,13 @@ fn import(
 /// Scans the store: count and checksum against the running totals; then
 /// references and reference counts.
 fn verify(
-    engine: &std::sync::Arc<Engine>,
+    handle: &RedbStorage,
     state: &ImportState,
     options: &MigrateOptions,
     report: &mut MigrateReport,
     progress: &mut dyn FnMut(MigrateProgress),
 ) -> Result<(), MigrateError> {
+    let engine = handle.engine();
     let dest_err = |e: StorageError| MigrateError::Destination {
         path: engine.path().display().to_string(),
         source: e,
@@ -686,9 +686,7 @@ fn verify(
             state.objects, state.checksum
         )));
     }
-    let check: CheckReport = RedbStorage::session_of(engine.clone())
-        .check_references()
-        .map_err(dest_err)?;
+    let check: CheckReport = handle.check_references().map_err(dest_err)?;
     if check.damaged_count > 0 || check.mismatch_count > 0 {
         return Err(MigrateError::Verification(format!(
             "{} damaged records, {} wrong reference counts (first: {:?} {:?})",

@@ -1,8 +1,8 @@
 //! Behaviour of RedbStorage: commits, validation, oids, open modes, pack.
 
 use durus_redb::{
-    Conflict, InvalidInput, MemoryStorage, Oid, Options, Record, RecordError, RedbStorage, Storage,
-    StorageError,
+    Conflict, InvalidInput, ManualGc, MemoryStorage, Oid, Options, Record, RecordError,
+    RedbStorage, Storage, StorageError,
 };
 
 fn rec(oid: Oid, data: &[u8], refs: &[Oid]) -> Vec<u8> {
@@ -40,7 +40,7 @@ fn commit_root_and_child(s: &mut dyn Storage) -> (Oid, Oid) {
 #[test]
 fn first_oid_of_an_empty_store_is_the_root() {
     let (_d, path) = temp_store();
-    let mut s = RedbStorage::open(&path, Options::default()).unwrap();
+    let mut s = RedbStorage::open(&path, Options::default().gc(ManualGc)).unwrap();
     assert_eq!(s.new_oid().unwrap(), Oid::ROOT);
     assert_eq!(s.new_oid().unwrap(), Oid(1));
 }
@@ -49,13 +49,13 @@ fn first_oid_of_an_empty_store_is_the_root() {
 fn committed_graph_survives_reopen() {
     let (_d, path) = temp_store();
     let before = {
-        let mut s = RedbStorage::open(&path, Options::default()).unwrap();
+        let mut s = RedbStorage::open(&path, Options::default().gc(ManualGc)).unwrap();
         commit_root_and_child(&mut s);
         let c = contents(&mut s);
         s.close().unwrap();
         c
     };
-    let mut s = RedbStorage::open(&path, Options::default()).unwrap();
+    let mut s = RedbStorage::open(&path, Options::default().gc(ManualGc)).unwrap();
     assert_eq!(contents(&mut s), before);
     assert_eq!(s.load(Oid(1)).unwrap().data(), b"child");
     assert!(matches!(
@@ -69,7 +69,7 @@ fn oids_are_never_handed_out_twice_across_reopen() {
     let (_d, path) = temp_store();
     let mut seen = std::collections::HashSet::new();
     for _ in 0..3 {
-        let mut s = RedbStorage::open(&path, Options::default()).unwrap();
+        let mut s = RedbStorage::open(&path, Options::default().gc(ManualGc)).unwrap();
         for o in s.new_oids(10).unwrap() {
             assert!(seen.insert(o), "oid {o} handed out twice");
         }
@@ -92,7 +92,7 @@ fn assert_refused_without_change(
 #[test]
 fn commit_with_dangling_ref_is_rejected() {
     let (_d, path) = temp_store();
-    let mut s = RedbStorage::open(&path, Options::default()).unwrap();
+    let mut s = RedbStorage::open(&path, Options::default().gc(ManualGc)).unwrap();
     let (root, child) = commit_root_and_child(&mut s);
     let err = assert_refused_without_change(&mut s, |s| {
         s.begin();
@@ -116,7 +116,7 @@ fn err_is_conflict_display() -> bool {
 #[test]
 fn commit_of_surprise_oid_is_rejected() {
     let (_d, path) = temp_store();
-    let mut s = RedbStorage::open(&path, Options::default()).unwrap();
+    let mut s = RedbStorage::open(&path, Options::default().gc(ManualGc)).unwrap();
     commit_root_and_child(&mut s);
     let err = assert_refused_without_change(&mut s, |s| {
         s.begin();
@@ -136,7 +136,7 @@ fn commit_of_surprise_oid_is_rejected() {
 #[test]
 fn malformed_record_is_rejected() {
     let (_d, path) = temp_store();
-    let mut s = RedbStorage::open(&path, Options::default()).unwrap();
+    let mut s = RedbStorage::open(&path, Options::default().gc(ManualGc)).unwrap();
     commit_root_and_child(&mut s);
     let oid = s.new_oid().unwrap();
     let mut bad = rec(oid, b"x", &[Oid(0)]);
@@ -166,7 +166,7 @@ fn malformed_record_is_rejected() {
 #[test]
 fn record_stored_under_another_oid_is_rejected() {
     let (_d, path) = temp_store();
-    let mut s = RedbStorage::open(&path, Options::default()).unwrap();
+    let mut s = RedbStorage::open(&path, Options::default().gc(ManualGc)).unwrap();
     commit_root_and_child(&mut s);
     let oid = s.new_oid().unwrap();
     let err = assert_refused_without_change(&mut s, |s| {
@@ -186,7 +186,7 @@ fn record_stored_under_another_oid_is_rejected() {
 #[test]
 fn oid_allocated_to_another_session_is_rejected() {
     let (_d, path) = temp_store();
-    let mut a = RedbStorage::open(&path, Options::default()).unwrap();
+    let mut a = RedbStorage::open(&path, Options::default().gc(ManualGc)).unwrap();
     commit_root_and_child(&mut a);
     let mut b = a.new_session();
     let theirs = a.new_oid().unwrap();
@@ -207,7 +207,7 @@ fn oid_allocated_to_another_session_is_rejected() {
 #[test]
 fn commit_is_all_or_nothing_and_refs_within_the_commit_resolve() {
     let (_d, path) = temp_store();
-    let mut s = RedbStorage::open(&path, Options::default()).unwrap();
+    let mut s = RedbStorage::open(&path, Options::default().gc(ManualGc)).unwrap();
     let (root, _) = commit_root_and_child(&mut s);
     let a = s.new_oid().unwrap();
     let b = s.new_oid().unwrap();
@@ -223,7 +223,7 @@ fn commit_is_all_or_nothing_and_refs_within_the_commit_resolve() {
 #[test]
 fn other_sessions_see_commits_in_sync() {
     let (_d, path) = temp_store();
-    let mut a = RedbStorage::open(&path, Options::default()).unwrap();
+    let mut a = RedbStorage::open(&path, Options::default().gc(ManualGc)).unwrap();
     let mut b = a.new_session();
     let (root, child) = commit_root_and_child(&mut a);
     assert_eq!(b.sync().unwrap(), vec![root, child]);
@@ -238,8 +238,8 @@ fn other_sessions_see_commits_in_sync() {
 #[test]
 fn second_open_of_the_same_file_is_refused() {
     let (_d, path) = temp_store();
-    let _s = RedbStorage::open(&path, Options::default()).unwrap();
-    let err = RedbStorage::open(&path, Options::default()).unwrap_err();
+    let _s = RedbStorage::open(&path, Options::default().gc(ManualGc)).unwrap();
+    let err = RedbStorage::open(&path, Options::default().gc(ManualGc)).unwrap_err();
     assert!(matches!(err, StorageError::AlreadyOpen { .. }), "{err:?}");
 }
 
@@ -247,7 +247,7 @@ fn second_open_of_the_same_file_is_refused() {
 fn read_only_open_refuses_writes() {
     let (_d, path) = temp_store();
     {
-        let mut s = RedbStorage::open(&path, Options::default()).unwrap();
+        let mut s = RedbStorage::open(&path, Options::default().gc(ManualGc)).unwrap();
         commit_root_and_child(&mut s);
         s.close().unwrap();
     }
@@ -262,7 +262,7 @@ fn foreign_file_is_refused_with_a_clear_error() {
     let (dir, _) = temp_store();
     let path = dir.path().join("not-a-store");
     std::fs::write(&path, b"SHELF-1\nthis is a Durus file, not redb").unwrap();
-    let err = RedbStorage::open(&path, Options::default()).unwrap_err();
+    let err = RedbStorage::open(&path, Options::default().gc(ManualGc)).unwrap_err();
     assert!(matches!(err, StorageError::Format(_)), "{err:?}");
     assert!(err.to_string().contains("not a durus-redb store"), "{err}");
     assert_eq!(
@@ -281,14 +281,14 @@ fn redb_file_of_another_program_is_refused() {
             .unwrap();
         w.commit().unwrap();
     }
-    let err = RedbStorage::open(&path, Options::default()).unwrap_err();
+    let err = RedbStorage::open(&path, Options::default().gc(ManualGc)).unwrap_err();
     assert!(err.to_string().contains("not a durus-redb store"), "{err}");
 }
 
 #[test]
 fn store_of_a_newer_format_is_refused_naming_both_versions() {
     let (_d, path) = temp_store();
-    RedbStorage::open(&path, Options::default())
+    RedbStorage::open(&path, Options::default().gc(ManualGc))
         .unwrap()
         .close()
         .unwrap();
@@ -313,7 +313,7 @@ fn store_of_a_newer_format_is_refused_naming_both_versions() {
         }
         w.commit().unwrap();
     }
-    let err = RedbStorage::open(&path, Options::default()).unwrap_err();
+    let err = RedbStorage::open(&path, Options::default().gc(ManualGc)).unwrap_err();
     let msg = err.to_string();
     assert!(msg.contains("99") && msg.contains("version 1"), "{msg}");
 }
@@ -321,7 +321,7 @@ fn store_of_a_newer_format_is_refused_naming_both_versions() {
 #[test]
 fn pack_removes_unreachable_objects_and_cycles() {
     let (_d, path) = temp_store();
-    let mut s = RedbStorage::open(&path, Options::default()).unwrap();
+    let mut s = RedbStorage::open(&path, Options::default().gc(ManualGc)).unwrap();
     let mut other = s.new_session();
     let (root, child) = commit_root_and_child(&mut s);
     let a = s.new_oid().unwrap();

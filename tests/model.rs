@@ -1,7 +1,9 @@
 //! Property tests: random sequences of operations give the same results on
 //! RedbStorage as on MemoryStorage, the model.
 
-use durus_redb::{MemoryStorage, Oid, Options, Record, RedbStorage, Storage, StorageError};
+use durus_redb::{
+    ManualGc, MemoryStorage, Oid, Options, Record, RedbStorage, Storage, StorageError,
+};
 use proptest::prelude::*;
 
 #[derive(Debug, Clone)]
@@ -67,7 +69,7 @@ fn contents(s: &mut dyn Storage) -> Vec<Vec<u8>> {
 fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("model.redb");
-    let mut redb = Some(RedbStorage::open(&path, Options::default()).unwrap());
+    let mut redb = Some(RedbStorage::open(&path, Options::default().gc(ManualGc)).unwrap());
     let mut model = MemoryStorage::new();
     let mut known: Vec<Oid> = Vec::new();
     for (step, op) in ops.into_iter().enumerate() {
@@ -117,7 +119,7 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
             Op::Sync => (show(&r.sync()), show(&model.sync())),
             Op::Reopen => {
                 redb.take().unwrap().close().unwrap();
-                redb = Some(RedbStorage::open(&path, Options::default()).unwrap());
+                redb = Some(RedbStorage::open(&path, Options::default().gc(ManualGc)).unwrap());
                 model.reopen();
                 (String::new(), String::new())
             }

@@ -244,7 +244,6 @@ fn serve(args: ServeArgs) -> ExitCode {
         Err(e) => return fail(format_args!("{}: {e}", args.file.display())),
     };
     let engine = store.engine().clone();
-    drop(store);
     let address = match args.address {
         Some(path) => Address::Unix {
             path,
@@ -264,13 +263,15 @@ fn serve(args: ServeArgs) -> ExitCode {
         request_timeout: std::time::Duration::from_secs_f64(args.request_timeout),
         gcbytes: args.gcbytes,
     };
-    let server = match Server::bind(engine.clone(), config) {
+    let server = match Server::bind(engine, config) {
         Ok(s) => s,
         Err(e) => {
-            let _ = engine.close();
+            drop(store); // closes the store
             return fail(format_args!("cannot listen on {address}: {e}"));
         }
     };
+    // The server holds the store open from here on.
+    drop(store);
     tracing::info!(
         "Storage file={} address={}",
         args.file.display(),

@@ -135,8 +135,12 @@ pub struct Engine {
     flush_lock: Mutex<()>,
     sessions: Mutex<HashMap<SessionId, InvalidSet>>,
     next_session: AtomicU64,
+    /// Live `RedbStorage` handles; the last one dropped closes the store.
+    pub(crate) handles: AtomicUsize,
     poisoned: Mutex<Option<String>>,
     checkpointer: Mutex<Option<Checkpointer>>,
+    /// The garbage collector's state and thread.
+    pub(crate) gc: crate::gc::GcShared,
 }
 
 impl std::fmt::Debug for Engine {
@@ -259,11 +263,14 @@ impl Engine {
             flush_lock: Mutex::new(()),
             sessions: Mutex::new(HashMap::new()),
             next_session: AtomicU64::new(1),
+            handles: AtomicUsize::new(0),
             poisoned: Mutex::new(None),
             checkpointer: Mutex::new(None),
+            gc: crate::gc::GcShared::new(options.gc.clone()),
         });
         if !engine.read_only {
             engine.start_checkpointer();
+            crate::gc::start(&engine);
         }
         tracing::debug!(path = %path.display(), next_oid, "store opened");
         Ok(engine)
@@ -726,6 +733,7 @@ impl Engine {
     /// Checkpoints, compacts if the policy asks, and closes the database.
     /// Later calls on any session fail with [`StorageError::Closed`].
     pub fn close(&self) -> Result<()> {
+        self.gc.shutdown();
         drop(self.checkpointer.lock().take());
         let mut slot = self.db.write();
         let Some(db) = slot.take() else { return Ok(()) };
@@ -856,6 +864,7 @@ impl CommitGuard<'_> {
             }
         }
         engine.invalidate_others(Some(session), &oids);
+        engine.gc.committed(bytes);
         Ok(CommitTicket {
             seq,
             needs_flush: decision == CommitDurability::Now && !immediate,

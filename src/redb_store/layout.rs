@@ -18,7 +18,9 @@
 //!   present the collector leaves the store alone.
 //! - `imported`: the summary of a finished import (source, record count,
 //!   checksum), so that rerunning a finished migration is recognised.
-//! - `gc`: the collector's persisted state.
+//! - `gc`: the collector's persisted state (`GcMeta` in `src/gc/state.rs`):
+//!   whether a full collection is running (an interrupted one restarts after
+//!   open), when the last one finished, how many finished.
 //!
 //! A reference count counts references from stored records, so an object that
 //! was committed but never referenced has no count and no queue entry: only a
@@ -48,7 +50,6 @@ pub const KEY_MIGRATION: &str = "migration";
 /// Metadata key of the summary of a finished import.
 pub const KEY_IMPORTED: &str = "imported";
 /// Metadata key of the collector state.
-#[expect(dead_code, reason = "written by the background collector")]
 pub const KEY_GC: &str = "gc";
 
 /// The format of the store.

@@ -4,7 +4,6 @@ mod check;
 pub(crate) mod engine;
 pub(crate) mod layout;
 mod options;
-mod pack;
 
 use std::collections::{BTreeMap, VecDeque};
 use std::path::Path;
@@ -49,6 +48,9 @@ impl RedbStorage {
 
     /// A new session on the engine.
     pub fn session_of(engine: Arc<Engine>) -> RedbStorage {
+        engine
+            .handles
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         let (session, invalid) = engine.register_session();
         RedbStorage {
             engine,
@@ -87,6 +89,17 @@ impl RedbStorage {
 impl Drop for RedbStorage {
     fn drop(&mut self) {
         self.engine.unregister_session(self.session);
+        // The last handle closes the store now, even if a background thread
+        // still holds the engine for a moment.
+        if self
+            .engine
+            .handles
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel)
+            == 1
+            && let Err(e) = self.engine.close()
+        {
+            tracing::error!(error = %e, "closing the store failed");
+        }
     }
 }
 
@@ -148,7 +161,7 @@ impl Storage for RedbStorage {
     }
 
     fn pack(&mut self) -> Result<PackReport> {
-        pack::full_collection(&self.engine)
+        crate::gc::pack(&self.engine)
     }
 
     fn close(&mut self) -> Result<()> {

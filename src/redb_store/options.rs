@@ -3,6 +3,7 @@
 use std::sync::Arc;
 
 use crate::checkpoint::{CheckpointPolicy, EveryCommit};
+use crate::gc::{GcPolicy, IncrementalGc};
 
 /// Options for [`RedbStorage::open`](crate::RedbStorage::open).
 #[derive(Debug, Clone)]
@@ -20,6 +21,8 @@ pub struct Options {
     /// after a crash is near instant instead of a walk of the whole file
     /// (default true; costs a little on each durable commit).
     pub quick_repair: bool,
+    /// How the background garbage collector works. Default: [`IncrementalGc`].
+    pub gc: Arc<dyn GcPolicy>,
 }
 
 impl Default for Options {
@@ -30,6 +33,7 @@ impl Default for Options {
             checkpoint: Arc::new(EveryCommit),
             cache_bytes: 256 << 20,
             quick_repair: true,
+            gc: Arc::new(IncrementalGc::default()),
         }
     }
 }
@@ -40,6 +44,14 @@ impl Options {
         Options {
             checkpoint: Arc::new(policy),
             ..Options::default()
+        }
+    }
+
+    /// These options with a garbage-collection policy.
+    pub fn gc(self, policy: impl GcPolicy) -> Self {
+        Options {
+            gc: Arc::new(policy),
+            ..self
         }
     }
 

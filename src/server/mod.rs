@@ -145,6 +145,8 @@ impl std::fmt::Debug for ShutdownHandle {
 pub struct Server {
     shared: Arc<Shared>,
     listener: Listener,
+    /// Keeps the store open while the server lives.
+    _handle: RedbStorage,
 }
 
 impl std::fmt::Debug for Server {
@@ -154,10 +156,12 @@ impl std::fmt::Debug for Server {
 }
 
 impl Server {
-    /// Binds the address of `config` for the store of `engine`.
+    /// Binds the address of `config` for the store of `engine`. The server
+    /// keeps the store open until [`run`](Server::run) ends, and closes it then.
     pub fn bind(engine: Arc<Engine>, config: ServerConfig) -> io::Result<Server> {
         let (listener, address) = Listener::bind(&config.address)?;
         Ok(Server {
+            _handle: RedbStorage::session_of(engine.clone()),
             shared: Arc::new(Shared {
                 engine,
                 config,

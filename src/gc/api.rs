@@ -1,0 +1,117 @@
+//! The collector's methods on [`RedbStorage`].
+
+use std::ops::ControlFlow;
+use std::time::{Duration, Instant};
+
+use super::collector::GcStats;
+use super::full::{FullProgress, FullReport};
+use super::state::{GcState, read_state};
+use super::{full, incremental};
+use crate::error::Result;
+use crate::redb_store::RedbStorage;
+use crate::redb_store::engine::Engine;
+use crate::storage::PackReport;
+
+/// What an explicit incremental collection did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GcReport {
+    /// Records deleted.
+    pub removed_objects: u64,
+    /// Bytes of the deleted records.
+    pub removed_bytes: u64,
+    /// Write transactions used.
+    pub steps: u64,
+    /// Oids left in the queue afterwards.
+    pub queue_left: u64,
+    /// Wall time.
+    pub elapsed: Duration,
+}
+
+impl RedbStorage {
+    /// Runs one incremental step on the calling thread: pops up to
+    /// `max_objects` oids from the collector's queue and deletes those whose
+    /// reference count is still zero, in one non-durable write transaction.
+    pub fn gc_step(&self, max_objects: usize) -> Result<GcReport> {
+        let started = Instant::now();
+        let step = incremental::step(self.engine(), max_objects)?;
+        Ok(GcReport {
+            removed_objects: step.removed.len() as u64,
+            removed_bytes: step.bytes,
+            steps: 1,
+            queue_left: step.queue_left,
+            elapsed: started.elapsed(),
+        })
+    }
+
+    /// Runs the incremental collector on the calling thread until its queue
+    /// is empty (garbage released by the deletions included), then
+    /// checkpoints. Cycles are left to a full collection ([`Storage::pack`](crate::Storage::pack)).
+    pub fn collect_garbage_now(&self) -> Result<GcReport> {
+        self.collect_garbage_with(&mut |_| {})
+    }
+
+    /// [`collect_garbage_now`](Self::collect_garbage_now), reporting the running
+    /// totals after each step.
+    pub fn collect_garbage_with(&self, progress: &mut dyn FnMut(&GcReport)) -> Result<GcReport> {
+        let engine = self.engine();
+        let started = Instant::now();
+        let batch = engine.gc.policy.explicit_batch();
+        let mut report = GcReport::default();
+        loop {
+            let step = incremental::step(engine, batch)?;
+            report.removed_objects += step.removed.len() as u64;
+            report.removed_bytes += step.bytes;
+            report.steps += 1;
+            report.queue_left = step.queue_left;
+            report.elapsed = started.elapsed();
+            progress(&report);
+            if step.queue_left == 0 {
+                break;
+            }
+        }
+        engine.checkpoint()?;
+        report.elapsed = started.elapsed();
+        Ok(report)
+    }
+
+    /// Runs a full collection (cycles included) on the calling thread and
+    /// makes it durable. `progress` is called after each chunk of work; a
+    /// `Break` stops the collection, which the background collector restarts
+    /// after the next open (the report then says `completed: false`).
+    pub fn full_collection(
+        &self,
+        progress: &mut dyn FnMut(&FullProgress) -> ControlFlow<()>,
+    ) -> Result<FullReport> {
+        run_full(self.engine(), progress)
+    }
+
+    /// The collector's persisted state and queue.
+    pub fn gc_state(&self) -> Result<GcState> {
+        read_state(self.engine())
+    }
+
+    /// The collector's counters since open.
+    pub fn gc_stats(&self) -> GcStats {
+        self.engine().gc.stats()
+    }
+}
+
+fn run_full(
+    engine: &Engine,
+    progress: &mut dyn FnMut(&FullProgress) -> ControlFlow<()>,
+) -> Result<FullReport> {
+    let _running = engine.gc.full_lock.lock();
+    let report = full::run(engine, engine.gc.policy.explicit_batch(), progress)?;
+    engine.checkpoint()?;
+    Ok(report)
+}
+
+/// `Storage::pack` for RedbStorage: a full collection to the end, durable.
+pub(crate) fn pack(engine: &Engine) -> Result<PackReport> {
+    let r = run_full(engine, &mut |_| ControlFlow::Continue(()))?;
+    Ok(PackReport {
+        removed_objects: r.removed_objects,
+        removed_bytes: r.removed_bytes,
+        live_objects: r.live_objects,
+    })
+}

@@ -1,0 +1,346 @@
+//! The background collector thread and the engine's side of it.
+
+use std::ops::ControlFlow;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, select};
+use parking_lot::Mutex;
+
+use super::policy::{GcAction, GcFacts, GcPolicy};
+use super::state::read_state;
+use super::{full, incremental};
+use crate::error::{Result, StorageError};
+use crate::redb_store::engine::Engine;
+
+/// Counters of the collector since the store was opened.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct GcStats {
+    /// Objects deleted by the incremental collector.
+    pub incremental_removed: u64,
+    /// Objects deleted by full collections.
+    pub full_removed: u64,
+    /// Bytes of records deleted, both kinds.
+    pub removed_bytes: u64,
+    /// Full collections finished.
+    pub full_collections: u64,
+    /// Decisions the background thread carried out (steps and full collections).
+    pub background_rounds: u64,
+}
+
+/// The collector's state inside the engine: the policy, the counters the
+/// commit path feeds, and the thread's guard.
+pub(crate) struct GcShared {
+    pub(crate) policy: Arc<dyn GcPolicy>,
+    opened: Instant,
+    bytes_since_full: AtomicU64,
+    commits_since_full: AtomicU64,
+    deleted_since_full: AtomicU64,
+    /// Nanoseconds since `opened` of the last commit, plus one; 0: none yet.
+    last_commit: AtomicU64,
+    stopping: AtomicBool,
+    incremental_removed: AtomicU64,
+    full_removed: AtomicU64,
+    removed_bytes: AtomicU64,
+    full_collections: AtomicU64,
+    background_rounds: AtomicU64,
+    nudge: Mutex<Option<Sender<()>>>,
+    /// Held by whoever runs a full collection.
+    pub(crate) full_lock: Mutex<()>,
+    thread: Mutex<Option<CollectorGuard>>,
+}
+
+impl std::fmt::Debug for GcShared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GcShared")
+            .field("policy", &self.policy)
+            .finish_non_exhaustive()
+    }
+}
+
+impl GcShared {
+    pub(crate) fn new(policy: Arc<dyn GcPolicy>) -> GcShared {
+        GcShared {
+            policy,
+            opened: Instant::now(),
+            bytes_since_full: AtomicU64::new(0),
+            commits_since_full: AtomicU64::new(0),
+            deleted_since_full: AtomicU64::new(0),
+            last_commit: AtomicU64::new(0),
+            stopping: AtomicBool::new(false),
+            incremental_removed: AtomicU64::new(0),
+            full_removed: AtomicU64::new(0),
+            removed_bytes: AtomicU64::new(0),
+            full_collections: AtomicU64::new(0),
+            background_rounds: AtomicU64::new(0),
+            nudge: Mutex::new(None),
+            full_lock: Mutex::new(()),
+            thread: Mutex::new(None),
+        }
+    }
+
+    /// Called by the commit path after each applied commit: updates the facts
+    /// and nudges the thread without blocking.
+    pub(crate) fn committed(&self, bytes: u64) {
+        self.bytes_since_full.fetch_add(bytes, Ordering::Relaxed);
+        self.commits_since_full.fetch_add(1, Ordering::Relaxed);
+        let now = self.opened.elapsed().as_nanos() as u64 + 1;
+        self.last_commit.store(now, Ordering::Relaxed);
+        if let Some(tx) = self.nudge.lock().as_ref() {
+            let _ = tx.try_send(());
+        }
+    }
+
+    pub(crate) fn note_deleted(&self, objects: u64, bytes: u64, full: bool) {
+        if full {
+            self.full_removed.fetch_add(objects, Ordering::Relaxed);
+        } else {
+            self.incremental_removed
+                .fetch_add(objects, Ordering::Relaxed);
+            self.deleted_since_full
+                .fetch_add(objects, Ordering::Relaxed);
+        }
+        self.removed_bytes.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    pub(crate) fn full_finished(&self) {
+        self.bytes_since_full.store(0, Ordering::Relaxed);
+        self.commits_since_full.store(0, Ordering::Relaxed);
+        self.deleted_since_full.store(0, Ordering::Relaxed);
+        self.full_collections.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn stats(&self) -> GcStats {
+        GcStats {
+            incremental_removed: self.incremental_removed.load(Ordering::Relaxed),
+            full_removed: self.full_removed.load(Ordering::Relaxed),
+            removed_bytes: self.removed_bytes.load(Ordering::Relaxed),
+            full_collections: self.full_collections.load(Ordering::Relaxed),
+            background_rounds: self.background_rounds.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Stops the thread (acknowledged, joined). Called by `Engine::close`.
+    pub(crate) fn shutdown(&self) {
+        self.stopping.store(true, Ordering::Release);
+        *self.nudge.lock() = None;
+        drop(self.thread.lock().take());
+    }
+
+    fn facts(&self, engine: &Engine, full_running: bool) -> Result<(GcFacts, bool)> {
+        let state = read_state(engine)?;
+        let last = self.last_commit.load(Ordering::Relaxed);
+        let facts = GcFacts {
+            queue_len: state.queue_len,
+            bytes_since_full: self.bytes_since_full.load(Ordering::Relaxed),
+            commits_since_full: self.commits_since_full.load(Ordering::Relaxed),
+            deleted_since_full: self.deleted_since_full.load(Ordering::Relaxed),
+            since_last_commit: (last > 0).then(|| {
+                self.opened
+                    .elapsed()
+                    .saturating_sub(Duration::from_nanos(last - 1))
+            }),
+            since_full: state.since_full,
+            full_interrupted: state.full_pending && !full_running,
+            full_running,
+        };
+        Ok((facts, state.migration_in_progress))
+    }
+}
+
+/// Owns the collector thread: dropping it sends Stop, waits for the
+/// acknowledgment and joins.
+struct CollectorGuard {
+    stop: Sender<Sender<()>>,
+    handle: Option<JoinHandle<()>>,
+}
+
+impl Drop for CollectorGuard {
+    fn drop(&mut self) {
+        let Some(handle) = self.handle.take() else {
+            return;
+        };
+        // The thread itself may drop the last handle of the engine: it then
+        // must not wait for itself; it ends once this returns.
+        if handle.thread().id() == std::thread::current().id() {
+            return;
+        }
+        // The thread ends on this message, or on its own if it saw the
+        // nudge channel close first: joining covers both.
+        let (ack_tx, _ack_rx) = crossbeam_channel::bounded(1);
+        let _ = self.stop.send(ack_tx);
+        if handle.join().is_err() {
+            tracing::error!("the garbage collector thread panicked");
+        }
+    }
+}
+
+/// Starts the collector thread if the store is writable and the policy wants one.
+pub(crate) fn start(engine: &Arc<Engine>) {
+    if engine.is_read_only() || !engine.gc.policy.background() {
+        return;
+    }
+    let (nudge_tx, nudge_rx) = crossbeam_channel::bounded(1);
+    let (stop_tx, stop_rx) = crossbeam_channel::bounded(1);
+    let weak = Arc::downgrade(engine);
+    let spawned = std::thread::Builder::new()
+        .name("durus-redb-gc".into())
+        .spawn(move || thread_main(weak, nudge_rx, stop_rx));
+    match spawned {
+        Ok(handle) => {
+            *engine.gc.nudge.lock() = Some(nudge_tx);
+            *engine.gc.thread.lock() = Some(CollectorGuard {
+                stop: stop_tx,
+                handle: Some(handle),
+            });
+        }
+        Err(e) => engine.poison(&StorageError::Io(e)),
+    }
+}
+
+/// What a round asks the loop to do next.
+enum Next {
+    Wait(Duration),
+    Stop(Option<Sender<()>>),
+}
+
+fn thread_main(weak: std::sync::Weak<Engine>, nudge: Receiver<()>, stop: Receiver<Sender<()>>) {
+    let mut wait = Duration::ZERO;
+    loop {
+        select! {
+            recv(stop) -> ack => {
+                if let Ok(ack) = ack {
+                    let _ = ack.send(());
+                }
+                return;
+            }
+            recv(nudge) -> msg => {
+                if msg.is_err() {
+                    return;
+                }
+            }
+            default(wait) => {}
+        }
+        let Some(engine) = weak.upgrade() else { return };
+        if engine.gc.stopping.load(Ordering::Acquire) {
+            // Wait for the Stop message to acknowledge it.
+            wait = Duration::from_millis(50);
+            continue;
+        }
+        match round(&engine, &stop) {
+            Ok(Next::Wait(d)) => wait = d,
+            // An import started meanwhile, or the store cannot be collected
+            // as it is (records but no root): not a failure of the store.
+            Err(e @ StorageError::Invalid(_)) => {
+                tracing::warn!(error = %e, "garbage collection skipped");
+                wait = Duration::from_secs(1);
+            }
+            Ok(Next::Stop(ack)) => {
+                if let Some(ack) = ack {
+                    let _ = ack.send(());
+                }
+                return;
+            }
+            Err(StorageError::Closed) => return,
+            Err(e) => {
+                tracing::error!(error = %e, "garbage collector failed");
+                engine.poison(&e);
+                return;
+            }
+        }
+    }
+}
+
+/// Sleeps `d` unless Stop arrives (then returns its acknowledgment channel).
+fn pause(stop: &Receiver<Sender<()>>, d: Duration) -> Option<Option<Sender<()>>> {
+    if d.is_zero() {
+        return match stop.try_recv() {
+            Ok(ack) => Some(Some(ack)),
+            Err(crossbeam_channel::TryRecvError::Empty) => None,
+            Err(_) => Some(None),
+        };
+    }
+    match stop.recv_timeout(d) {
+        Ok(ack) => Some(Some(ack)),
+        Err(RecvTimeoutError::Timeout) => None,
+        Err(RecvTimeoutError::Disconnected) => Some(None),
+    }
+}
+
+/// One decision of the policy, carried out.
+fn round(engine: &Arc<Engine>, stop: &Receiver<Sender<()>>) -> Result<Next> {
+    let gc = &engine.gc;
+    let (facts, migration) = gc.facts(engine, false)?;
+    if migration {
+        return Ok(Next::Wait(Duration::from_secs(1)));
+    }
+    let action = gc.policy.decide(&facts);
+    if !matches!(action, GcAction::Wait(_)) {
+        gc.background_rounds.fetch_add(1, Ordering::Relaxed);
+    }
+    match action {
+        GcAction::Wait(d) => Ok(Next::Wait(d)),
+        GcAction::Incremental(pace) => {
+            let step = incremental::step(engine, pace.batch)?;
+            if step.queue_left == 0 && !step.removed.is_empty() {
+                // A burst is over: make its deletions durable so redb can
+                // reuse the pages.
+                engine.checkpoint()?;
+            }
+            if let Some(ack) = pause(stop, pace.pause) {
+                return Ok(Next::Stop(ack));
+            }
+            Ok(Next::Wait(Duration::ZERO))
+        }
+        GcAction::Full(pace) => {
+            let Some(_running) = gc.full_lock.try_lock() else {
+                // A caller runs one (pack): leave it alone.
+                return Ok(Next::Wait(Duration::from_millis(100)));
+            };
+            let mut stopped: Option<Option<Sender<()>>> = None;
+            let mut failure: Option<StorageError> = None;
+            let mut between = |_: &full::FullProgress| -> ControlFlow<()> {
+                loop {
+                    if gc.stopping.load(Ordering::Acquire) || Arc::strong_count(engine) <= 1 {
+                        return ControlFlow::Break(());
+                    }
+                    let facts = match gc.facts(engine, true) {
+                        Ok((f, false)) => f,
+                        Ok((_, true)) => return ControlFlow::Break(()),
+                        Err(e) => {
+                            failure = Some(e);
+                            return ControlFlow::Break(());
+                        }
+                    };
+                    let d = match gc.policy.decide(&facts) {
+                        GcAction::Wait(d) => d,
+                        GcAction::Incremental(p) | GcAction::Full(p) => {
+                            if let Some(ack) = pause(stop, p.pause) {
+                                stopped = Some(ack);
+                                return ControlFlow::Break(());
+                            }
+                            return ControlFlow::Continue(());
+                        }
+                    };
+                    if let Some(ack) = pause(stop, d) {
+                        stopped = Some(ack);
+                        return ControlFlow::Break(());
+                    }
+                }
+            };
+            let report = full::run(engine, pace.batch, &mut between)?;
+            if let Some(e) = failure {
+                return Err(e);
+            }
+            if report.completed {
+                engine.checkpoint()?;
+            }
+            if let Some(ack) = stopped {
+                return Ok(Next::Stop(ack));
+            }
+            Ok(Next::Wait(Duration::ZERO))
+        }
+    }
+}

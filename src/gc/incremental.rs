@@ -1,0 +1,87 @@
+//! Incremental collection: deletes queued oids whose reference count is still
+//! zero, in small non-durable write transactions. Time is proportional to the
+//! garbage, not to the store.
+
+use std::collections::HashMap;
+
+use redb::{Durability, ReadableTable, ReadableTableMetadata};
+
+use super::state::{meta_in, migration_error};
+use crate::error::Result;
+use crate::record::{Oid, refs_of};
+use crate::redb_store::engine::{Engine, apply_ref_deltas, corrupt};
+use crate::redb_store::layout::{GC_QUEUE, RECORDS, REFCOUNTS};
+
+/// What one incremental step did.
+#[derive(Debug, Default)]
+pub(crate) struct Step {
+    /// Oids deleted (already sent to every session's invalid set).
+    pub removed: Vec<Oid>,
+    /// Bytes of the deleted records.
+    pub bytes: u64,
+    /// Queue entries left after the step.
+    pub queue_left: u64,
+}
+
+/// Pops up to `batch` oids from the queue and deletes those that are still
+/// garbage, all in one `Durability::None` write transaction under the commit
+/// lock. Oids whose count falls to zero are queued (transitive release).
+pub(crate) fn step(engine: &Engine, batch: usize) -> Result<Step> {
+    {
+        let db = engine.db()?;
+        let txn = db.begin_read()?;
+        if txn.open_table(GC_QUEUE)?.is_empty()? {
+            return Ok(Step::default());
+        }
+    }
+    let step = engine.write_txn(Durability::None, |w, _st| {
+        let (_, migration) = meta_in(w)?;
+        if migration {
+            return Err(migration_error());
+        }
+        let mut candidates = Vec::with_capacity(batch);
+        {
+            let mut queue = w.open_table(GC_QUEUE)?;
+            while candidates.len() < batch.max(1) {
+                let Some((k, _)) = queue.pop_first()? else {
+                    break;
+                };
+                candidates.push(k.value());
+            }
+        }
+        let mut delta: HashMap<u64, i64> = HashMap::new();
+        let mut removed = Vec::new();
+        let mut bytes = 0u64;
+        {
+            let counts = w.open_table(REFCOUNTS)?;
+            let mut records = w.open_table(RECORDS)?;
+            for oid in candidates {
+                // Re-check inside the transaction: a commit may have
+                // referenced it again since it was queued.
+                if oid == Oid::ROOT.0 || counts.get(oid)?.is_some_and(|c| c.value() > 0) {
+                    continue;
+                }
+                let Some(old) = records.remove(oid)? else {
+                    continue;
+                };
+                bytes += old.value().len() as u64;
+                for r in refs_of(old.value()).map_err(|e| corrupt(Oid(oid), e))? {
+                    *delta.entry(r.0).or_default() -= 1;
+                }
+                removed.push(Oid(oid));
+            }
+        }
+        apply_ref_deltas(w, delta)?;
+        let queue_left = w.open_table(GC_QUEUE)?.len()?;
+        Ok(Step {
+            removed,
+            bytes,
+            queue_left,
+        })
+    })?;
+    engine.invalidate_others(None, &step.removed);
+    engine
+        .gc
+        .note_deleted(step.removed.len() as u64, step.bytes, false);
+    Ok(step)
+}

@@ -1,0 +1,32 @@
+//! The garbage collector: reference counting for acyclic garbage, a full
+//! mark-and-sweep for cycles, a background thread steered by a [`GcPolicy`].
+//!
+//! - `policy`: the [`GcPolicy`] trait and its policies ([`IncrementalGc`],
+//!   [`IdleGc`], [`ManualGc`]). Policies decide; the thread acts.
+//! - `incremental`: pops oids whose reference count fell to zero from
+//!   `durus_gc_queue` and deletes them, transitively, in small non-durable
+//!   write transactions (time proportional to the garbage).
+//! - `full`: the full collection, which also reclaims cycles; `pack` runs it.
+//! - `collector`: the thread (`durus-redb-gc`), woken by commits and timers.
+//! - `state`: what the collector persists under the metadata key `gc`.
+//!
+//! Every step runs in a write transaction under the commit lock and re-checks
+//! its candidates there, so it never races a commit. Nothing is collected
+//! while the metadata key `migration` is present.
+
+mod api;
+mod collector;
+mod full;
+mod incremental;
+mod policy;
+mod state;
+
+pub use api::GcReport;
+pub(crate) use api::pack;
+pub use collector::GcStats;
+pub(crate) use collector::{GcShared, start};
+pub use full::{FullPhase, FullProgress, FullReport};
+pub use policy::{
+    FullTriggers, GcAction, GcFacts, GcPolicy, IdleGc, IncrementalGc, ManualGc, Pace,
+};
+pub use state::GcState;

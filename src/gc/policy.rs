@@ -1,0 +1,328 @@
+//! Garbage-collection policies: they decide, the collector thread acts.
+
+use std::fmt;
+use std::time::Duration;
+
+/// What the collector knows when it asks its policy what to do.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct GcFacts {
+    /// Oids waiting in the incremental collector's queue.
+    pub queue_len: u64,
+    /// Record bytes committed since the last full collection (or since open).
+    pub bytes_since_full: u64,
+    /// Commits since the last full collection (or since open).
+    pub commits_since_full: u64,
+    /// Objects the incremental collector deleted since the last full collection (or since open).
+    pub deleted_since_full: u64,
+    /// Time since the last commit; `None` if nothing was committed since open.
+    pub since_last_commit: Option<Duration>,
+    /// Time since the last full collection finished (persisted across opens);
+    /// `None` if the store never had one.
+    pub since_full: Option<Duration>,
+    /// A full collection was started and did not finish (it was interrupted,
+    /// possibly by a crash before this open).
+    pub full_interrupted: bool,
+    /// The collector is in the middle of a full collection and asks how to go on.
+    pub full_running: bool,
+}
+
+/// How much work per step and how long to rest after it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pace {
+    /// Objects handled per write transaction (each one holds the commit lock).
+    pub batch: usize,
+    /// Pause after each write transaction, leaving the writer to commits.
+    pub pause: Duration,
+}
+
+/// What the collector should do next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GcAction {
+    /// Nothing now; ask again after this long or at the next commit.
+    /// During a full collection: pause it for this long, then ask again.
+    Wait(Duration),
+    /// One incremental step (during a full collection: one more sweep step).
+    Incremental(Pace),
+    /// Start (or go on with) a full collection, which also reclaims cycles.
+    Full(Pace),
+}
+
+/// Decides when and how fast the background collector works.
+///
+/// A policy only returns decisions from the [`GcFacts`] it is given; the
+/// collector thread carries them out. Implementations must be cheap: the
+/// collector asks after every commit's nudge and between steps.
+pub trait GcPolicy: Send + Sync + fmt::Debug + 'static {
+    /// Whether the store runs a collector thread at all. Without one, garbage
+    /// is reclaimed only by `collect_garbage_now`, `pack` or `durus-redb gc`.
+    fn background(&self) -> bool {
+        true
+    }
+
+    /// What to do now.
+    fn decide(&self, facts: &GcFacts) -> GcAction;
+
+    /// Objects per write transaction when a caller runs the collector
+    /// explicitly (`collect_garbage_now`, `pack`).
+    fn explicit_batch(&self) -> usize {
+        512
+    }
+}
+
+/// When a full (cycle) collection starts by itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FullTriggers {
+    /// After this many record bytes committed since the last full collection.
+    pub after_bytes: Option<u64>,
+    /// After the incremental collector deleted this many objects since the last one.
+    pub after_deletions: Option<u64>,
+    /// When this long has passed since the last one and something was committed since.
+    pub interval: Option<Duration>,
+}
+
+impl Default for FullTriggers {
+    fn default() -> Self {
+        FullTriggers {
+            after_bytes: Some(1 << 30),
+            after_deletions: Some(1_000_000),
+            interval: Some(Duration::from_secs(24 * 3600)),
+        }
+    }
+}
+
+impl FullTriggers {
+    /// Never start a full collection by itself (an interrupted one still resumes).
+    pub fn never() -> Self {
+        FullTriggers {
+            after_bytes: None,
+            after_deletions: None,
+            interval: None,
+        }
+    }
+
+    /// Whether a full collection is due.
+    pub fn due(&self, f: &GcFacts) -> bool {
+        if f.full_interrupted {
+            return true;
+        }
+        let over = |limit: Option<u64>, value: u64| limit.is_some_and(|l| value >= l);
+        if over(self.after_bytes, f.bytes_since_full)
+            || over(self.after_deletions, f.deleted_since_full)
+        {
+            return true;
+        }
+        match (self.interval, f.since_full) {
+            (Some(i), Some(since)) => since >= i && f.commits_since_full > 0,
+            // A store that never had a full collection starts counting at open.
+            _ => false,
+        }
+    }
+}
+
+/// The default: reclaim queued garbage soon after it appears, in small paced
+/// steps, and start a full collection when [`FullTriggers`] say so.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IncrementalGc {
+    /// Work per step and rest after it.
+    pub pace: Pace,
+    /// How often to look when nothing happens.
+    pub poll: Duration,
+    /// When to start a full collection.
+    pub full: FullTriggers,
+}
+
+impl Default for IncrementalGc {
+    fn default() -> Self {
+        IncrementalGc {
+            pace: Pace {
+                batch: 128,
+                pause: Duration::from_millis(1),
+            },
+            poll: Duration::from_secs(1),
+            full: FullTriggers::default(),
+        }
+    }
+}
+
+impl GcPolicy for IncrementalGc {
+    fn decide(&self, f: &GcFacts) -> GcAction {
+        if f.full_running || self.full.due(f) {
+            GcAction::Full(self.pace)
+        } else if f.queue_len > 0 {
+            GcAction::Incremental(self.pace)
+        } else {
+            GcAction::Wait(self.poll)
+        }
+    }
+}
+
+/// Works only while the store is idle: when no commit happened for `idle`.
+/// A full collection underway pauses as soon as commits come in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IdleGc {
+    /// How long without a commit counts as idle.
+    pub idle: Duration,
+    /// Work per step and rest after it, while idle.
+    pub pace: Pace,
+    /// When to start a full collection (once idle).
+    pub full: FullTriggers,
+}
+
+impl Default for IdleGc {
+    fn default() -> Self {
+        IdleGc {
+            idle: Duration::from_millis(500),
+            pace: Pace {
+                batch: 512,
+                pause: Duration::ZERO,
+            },
+            full: FullTriggers::default(),
+        }
+    }
+}
+
+impl GcPolicy for IdleGc {
+    fn decide(&self, f: &GcFacts) -> GcAction {
+        if let Some(since) = f.since_last_commit
+            && since < self.idle
+        {
+            return GcAction::Wait(self.idle - since);
+        }
+        if f.full_running || self.full.due(f) {
+            GcAction::Full(self.pace)
+        } else if f.queue_len > 0 {
+            GcAction::Incremental(self.pace)
+        } else {
+            GcAction::Wait(self.idle.max(Duration::from_millis(100)))
+        }
+    }
+}
+
+/// Never collects by itself: garbage is reclaimed only by
+/// `collect_garbage_now`, `pack` or `durus-redb gc`. No thread is started.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ManualGc;
+
+impl GcPolicy for ManualGc {
+    fn background(&self) -> bool {
+        false
+    }
+
+    fn decide(&self, _: &GcFacts) -> GcAction {
+        GcAction::Wait(Duration::from_secs(3600))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn idle_facts(queue: u64) -> GcFacts {
+        GcFacts {
+            queue_len: queue,
+            since_last_commit: Some(Duration::from_secs(10)),
+            ..GcFacts::default()
+        }
+    }
+
+    #[test]
+    fn incremental_steps_while_the_queue_is_not_empty() {
+        let p = IncrementalGc::default();
+        assert_eq!(p.decide(&idle_facts(5)), GcAction::Incremental(p.pace));
+        assert_eq!(p.decide(&idle_facts(0)), GcAction::Wait(p.poll));
+    }
+
+    #[test]
+    fn full_collection_starts_on_each_trigger_and_resumes_when_interrupted() {
+        let p = IncrementalGc {
+            full: FullTriggers {
+                after_bytes: Some(100),
+                after_deletions: Some(10),
+                interval: Some(Duration::from_secs(60)),
+            },
+            ..IncrementalGc::default()
+        };
+        let base = idle_facts(0);
+        assert!(matches!(p.decide(&base), GcAction::Wait(_)));
+        for f in [
+            GcFacts {
+                bytes_since_full: 100,
+                ..base
+            },
+            GcFacts {
+                deleted_since_full: 10,
+                ..base
+            },
+            GcFacts {
+                since_full: Some(Duration::from_secs(61)),
+                commits_since_full: 1,
+                ..base
+            },
+            GcFacts {
+                full_interrupted: true,
+                ..base
+            },
+        ] {
+            assert!(matches!(p.decide(&f), GcAction::Full(_)), "{f:?}");
+        }
+        // The interval alone, without commits since, starts nothing.
+        let quiet = GcFacts {
+            since_full: Some(Duration::from_secs(600)),
+            ..base
+        };
+        assert!(matches!(p.decide(&quiet), GcAction::Wait(_)));
+        // Never: only an interrupted collection resumes.
+        let never = IncrementalGc {
+            full: FullTriggers::never(),
+            ..p
+        };
+        let busy = GcFacts {
+            bytes_since_full: u64::MAX,
+            deleted_since_full: u64::MAX,
+            since_full: Some(Duration::MAX),
+            commits_since_full: 1,
+            ..base
+        };
+        assert!(matches!(never.decide(&busy), GcAction::Wait(_)));
+    }
+
+    #[test]
+    fn idle_policy_waits_out_recent_commits_even_mid_collection() {
+        let p = IdleGc {
+            idle: Duration::from_millis(500),
+            ..IdleGc::default()
+        };
+        let busy = GcFacts {
+            queue_len: 100,
+            full_running: true,
+            since_last_commit: Some(Duration::from_millis(200)),
+            ..GcFacts::default()
+        };
+        assert_eq!(p.decide(&busy), GcAction::Wait(Duration::from_millis(300)));
+        let idle = GcFacts {
+            since_last_commit: Some(Duration::from_millis(500)),
+            ..busy
+        };
+        assert_eq!(p.decide(&idle), GcAction::Full(p.pace));
+        let idle_queue = GcFacts {
+            full_running: false,
+            ..idle
+        };
+        assert_eq!(p.decide(&idle_queue), GcAction::Incremental(p.pace));
+        // Nothing committed since open counts as idle.
+        let fresh = GcFacts {
+            since_last_commit: None,
+            ..idle_queue
+        };
+        assert_eq!(p.decide(&fresh), GcAction::Incremental(p.pace));
+    }
+
+    #[test]
+    fn manual_policy_runs_no_thread() {
+        assert!(!ManualGc.background());
+        assert!(matches!(
+            ManualGc.decide(&idle_facts(1_000_000)),
+            GcAction::Wait(_)
+        ));
+    }
+}
