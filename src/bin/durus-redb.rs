@@ -6,8 +6,8 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use durus_redb::server::{Address, Server, ServerConfig, parse_umask};
 use durus_redb::{
-    CheckpointPolicy, ClientStorage, EveryCommit, Manual, MigrateOptions, MigrateProgress, Options,
-    Periodic, RedbStorage, check_store,
+    CheckpointPolicy, ClientStorage, EveryCommit, Manual, ManualGc, MigrateOptions,
+    MigrateProgress, Options, Periodic, RedbStorage, check_store,
 };
 
 /// A Durus-compatible object store and server on redb.
@@ -61,6 +61,20 @@ enum Command {
         source: PathBuf,
         /// The Durus file to write (must not exist).
         dest: PathBuf,
+    },
+    /// Collect garbage in a store (not open elsewhere).
+    ///
+    /// By default runs the incremental collector until its queue is empty:
+    /// objects whose last reference went away, and what only they reached.
+    /// With --full, runs a full collection, which also reclaims cycles and
+    /// objects that were never referenced: everything not reachable from the
+    /// root is removed.
+    Gc {
+        /// The store file.
+        path: PathBuf,
+        /// A full collection (cycles included) instead of the incremental one.
+        #[arg(long)]
+        full: bool,
     },
     /// Stop a running server (sends the protocol's `Q`).
     Stop {
@@ -154,6 +168,22 @@ struct ServeArgs {
     /// When commits become durable.
     #[arg(long, value_enum, default_value = "every-commit")]
     checkpoint: CheckpointChoice,
+    /// How garbage is collected in the background.
+    #[arg(long, value_enum, default_value = "incremental")]
+    gc: GcChoice,
+}
+
+/// Background garbage collection.
+#[derive(ValueEnum, Clone, Copy, Debug)]
+enum GcChoice {
+    /// Reclaim objects soon after their last reference goes, in small steps;
+    /// a full collection (cycles) now and then.
+    Incremental,
+    /// Collect only while no commit came for a while.
+    Idle,
+    /// Never by itself: garbage stays until a pack (`P`, connection.pack()),
+    /// `--gcbytes`, or `durus-redb gc` (Durus's own behaviour).
+    Manual,
 }
 
 fn main() -> ExitCode {
@@ -165,6 +195,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Serve(_) => unreachable!("handled above"),
         Command::Stop { at } => stop(at),
+        Command::Gc { path, full } => gc_cmd(&path, full),
         Command::Migrate {
             source,
             dest,
@@ -233,10 +264,16 @@ fn serve(args: ServeArgs) -> ExitCode {
         CheckpointChoice::Periodic => std::sync::Arc::new(Periodic::default()),
         CheckpointChoice::Manual => std::sync::Arc::new(Manual),
     };
+    let gc: std::sync::Arc<dyn durus_redb::GcPolicy> = match args.gc {
+        GcChoice::Incremental => std::sync::Arc::new(durus_redb::IncrementalGc::default()),
+        GcChoice::Idle => std::sync::Arc::new(durus_redb::IdleGc::default()),
+        GcChoice::Manual => std::sync::Arc::new(ManualGc),
+    };
     let options = Options {
         read_only: args.readonly,
         create: !args.readonly,
         checkpoint: policy,
+        gc,
         ..Options::default()
     };
     let store = match RedbStorage::open(&args.file, options) {
@@ -409,6 +446,69 @@ fn migrate_cmd(
             ExitCode::FAILURE
         }
     }
+}
+
+fn gc_cmd(path: &std::path::Path, full: bool) -> ExitCode {
+    let options = Options {
+        create: false,
+        gc: std::sync::Arc::new(ManualGc),
+        ..Options::default()
+    };
+    let store = match RedbStorage::open(path, options) {
+        Ok(s) => s,
+        Err(e) => return fail(format_args!("{}: {e}", path.display())),
+    };
+    let before = store.stats().map(|s| s.objects).unwrap_or(0);
+    let started = std::time::Instant::now();
+    let (removed, bytes) = if full {
+        let progress = bar(before, "{msg:12} [{bar:40}] {pos}/{len} {per_sec}");
+        let result = store.full_collection(&mut |p| {
+            match p.phase {
+                durus_redb::FullPhase::Mark => {
+                    progress.set_message("marking");
+                    progress.set_position(p.marked.min(before));
+                }
+                durus_redb::FullPhase::Sweep { pass } => {
+                    progress.set_message(format!("sweep {pass}"));
+                    progress.set_position(p.scanned.min(before));
+                }
+            }
+            std::ops::ControlFlow::Continue(())
+        });
+        progress.finish();
+        match result {
+            Ok(r) => {
+                println!("live objects: {}", r.live_objects);
+                (r.removed_objects, r.removed_bytes)
+            }
+            Err(e) => return fail(format_args!("full collection failed: {e}")),
+        }
+    } else {
+        let progress = bar(
+            0,
+            "collecting   {spinner} {pos} objects removed, queue {msg}",
+        );
+        let result = store.collect_garbage_with(&mut |r| {
+            progress.set_position(r.removed_objects);
+            progress.set_message(r.queue_left.to_string());
+        });
+        progress.finish();
+        match result {
+            Ok(r) => (r.removed_objects, r.removed_bytes),
+            Err(e) => return fail(format_args!("collection failed: {e}")),
+        }
+    };
+    let after = store.stats().map(|s| s.objects).unwrap_or(0);
+    println!(
+        "reclaimed {removed} objects ({bytes} bytes) in {:.2} s; {after} objects remain{}",
+        started.elapsed().as_secs_f64(),
+        if full {
+            ""
+        } else {
+            " (cycles and never-referenced objects need --full)"
+        }
+    );
+    ExitCode::SUCCESS
 }
 
 fn export_cmd(source: &std::path::Path, dest: &std::path::Path) -> ExitCode {
