@@ -509,15 +509,13 @@ def scenario_pack(target, pack_timeout=20.0):
     kept = ["keep", "keep_child", "keep_list", "keep_list_item0", "moved"]
 
     result = {}
-    # Unreferenced records stay loadable until a pack.
-    result["garbage_loadable_before_pack"] = dict(
-        (role, isinstance(raw_load(target, oids[role]), bytes))
-        for role in garbage)
-    check(all(v is True for v in result["garbage_loadable_before_pack"]
-              .values()), "garbage vanished before pack: %r",
-          result["garbage_loadable_before_pack"])
-
+    # Durus keeps unreferenced records until a pack; a server with an
+    # incremental collector may already have reclaimed the acyclic ones
+    # (their oids are then invalidated like packed ones). Neither is
+    # observable below: only the state after pack() is compared.
     records = dict((role, raw_load(target, oids[role])) for role in garbage)
+    records = dict((role, r) for role, r in records.items()
+                   if isinstance(r, bytes))
 
     # c2 commits once before the pack, so that its client holds a pool of
     # oids allocated before the pack (Durus's FileStorage reuses the oids a
