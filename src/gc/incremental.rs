@@ -39,39 +39,50 @@ pub(crate) fn step(engine: &Engine, batch: usize) -> Result<Step> {
         if migration {
             return Err(migration_error());
         }
-        let mut candidates = Vec::with_capacity(batch);
-        {
-            let mut queue = w.open_table(GC_QUEUE)?;
-            while candidates.len() < batch.max(1) {
-                let Some((k, _)) = queue.pop_first()? else {
-                    break;
-                };
-                candidates.push(k.value());
-            }
-        }
-        let mut delta: HashMap<u64, i64> = HashMap::new();
+        // Rounds within the one transaction: deletions queue what they
+        // release, and the next round takes those, until `batch` oids were
+        // looked at (a chain of garbage goes in one step, not one per link).
+        let batch = batch.max(1);
+        let mut looked = 0usize;
         let mut removed = Vec::new();
         let mut bytes = 0u64;
-        {
-            let counts = w.open_table(REFCOUNTS)?;
-            let mut records = w.open_table(RECORDS)?;
-            for oid in candidates {
-                // Re-check inside the transaction: a commit may have
-                // referenced it again since it was queued.
-                if oid == Oid::ROOT.0 || counts.get(oid)?.is_some_and(|c| c.value() > 0) {
-                    continue;
+        while looked < batch {
+            let mut candidates = Vec::new();
+            {
+                let mut queue = w.open_table(GC_QUEUE)?;
+                while looked + candidates.len() < batch {
+                    let Some((k, _)) = queue.pop_first()? else {
+                        break;
+                    };
+                    candidates.push(k.value());
                 }
-                let Some(old) = records.remove(oid)? else {
-                    continue;
-                };
-                bytes += old.value().len() as u64;
-                for r in refs_of(old.value()).map_err(|e| corrupt(Oid(oid), e))? {
-                    *delta.entry(r.0).or_default() -= 1;
-                }
-                removed.push(Oid(oid));
             }
+            if candidates.is_empty() {
+                break;
+            }
+            looked += candidates.len();
+            let mut delta: HashMap<u64, i64> = HashMap::new();
+            {
+                let counts = w.open_table(REFCOUNTS)?;
+                let mut records = w.open_table(RECORDS)?;
+                for oid in candidates {
+                    // Re-check inside the transaction: a commit may have
+                    // referenced it again since it was queued.
+                    if oid == Oid::ROOT.0 || counts.get(oid)?.is_some_and(|c| c.value() > 0) {
+                        continue;
+                    }
+                    let Some(old) = records.remove(oid)? else {
+                        continue;
+                    };
+                    bytes += old.value().len() as u64;
+                    for r in refs_of(old.value()).map_err(|e| corrupt(Oid(oid), e))? {
+                        *delta.entry(r.0).or_default() -= 1;
+                    }
+                    removed.push(Oid(oid));
+                }
+            }
+            apply_ref_deltas(w, delta)?;
         }
-        apply_ref_deltas(w, delta)?;
         let queue_left = w.open_table(GC_QUEUE)?.len()?;
         Ok(Step {
             removed,

@@ -1,0 +1,262 @@
+//! The collector's costs.
+//!
+//! `cargo bench --bench gc` measures:
+//! 1. reclaiming k garbage objects (k = 1,000 and 10,000) in stores of
+//!    10,000 and 1,000,000 live objects: the time follows k, not the store;
+//! 2. a full collection of the same stores (it marks every live object);
+//! 3. p50/p99 latency of loads and commits with the collector idle against
+//!    the collector busy (incremental and full collections running in a
+//!    background thread), target within 1.2x.
+//!
+//! `DURUS_BENCH_QUICK=1` uses 100,000 instead of 1,000,000 live objects and
+//! fewer operations. Without `--bench` (under `cargo test`) it runs a small
+//! smoke version.
+
+use std::ops::ControlFlow;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use durus_redb::{Manual, ManualGc, Oid, Options, Periodic, Record, RedbStorage, Storage};
+
+const FANOUT: usize = 1000;
+
+fn rec(oid: Oid, data: &[u8], refs: &[Oid]) -> Vec<u8> {
+    Record::new(oid, data, refs).into_bytes()
+}
+
+/// A store of `live` objects under the root (root -> pages -> leaves).
+fn build(path: &Path, live: usize) -> RedbStorage {
+    let mut s = RedbStorage::open(
+        path,
+        Options {
+            checkpoint: Arc::new(Manual),
+            gc: Arc::new(ManualGc),
+            ..Options::default()
+        },
+    )
+    .unwrap();
+    let root = s.new_oid().unwrap();
+    let mut pages = Vec::new();
+    let mut left = live;
+    while left > 0 {
+        let n = left.min(FANOUT);
+        let leaves = s.new_oids(n).unwrap();
+        let page = s.new_oid().unwrap();
+        s.begin();
+        for o in &leaves {
+            s.store(*o, rec(*o, &[7u8; 100], &[])).unwrap();
+        }
+        s.store(page, rec(page, b"page", &leaves)).unwrap();
+        s.end().unwrap();
+        pages.push(page);
+        left -= n;
+        if pages.len() % 100 == 0 {
+            s.checkpoint().unwrap();
+        }
+    }
+    s.begin();
+    s.store(root, rec(root, b"root", &pages)).unwrap();
+    s.end().unwrap();
+    s.checkpoint().unwrap();
+    s
+}
+
+/// Commits a chain of `k` objects under the root, then drops it: k garbage
+/// objects queued for the incremental collector.
+fn make_garbage(s: &mut RedbStorage, k: usize) {
+    let root_refs: Vec<Oid> = s.load(Oid::ROOT).unwrap().refs().collect();
+    let chain = s.new_oids(k).unwrap();
+    s.begin();
+    for (i, o) in chain.iter().enumerate() {
+        let next: Vec<Oid> = chain.get(i + 1).copied().into_iter().collect();
+        s.store(*o, rec(*o, &[1u8; 100], &next)).unwrap();
+    }
+    let mut with = root_refs.clone();
+    with.push(chain[0]);
+    s.store(Oid::ROOT, rec(Oid::ROOT, b"root", &with)).unwrap();
+    s.end().unwrap();
+    s.begin();
+    s.store(Oid::ROOT, rec(Oid::ROOT, b"root", &root_refs))
+        .unwrap();
+    s.end().unwrap();
+    s.checkpoint().unwrap();
+}
+
+fn percentile(v: &mut [Duration], q: f64) -> Duration {
+    v.sort_unstable();
+    v[((v.len() - 1) as f64 * q).round() as usize]
+}
+
+struct Latency {
+    load_p50: Duration,
+    load_p99: Duration,
+    commit_p50: Duration,
+    commit_p99: Duration,
+}
+
+/// Loads and commits of one session, timed one by one.
+fn measure(s: &mut RedbStorage, live_leaves: &[Oid], ops: usize) -> Latency {
+    let mut loads = Vec::with_capacity(ops);
+    let mut commits = Vec::with_capacity(ops / 10);
+    let mut x = 0x9E37_79B9_7F4A_7C15u64;
+    for i in 0..ops {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let o = live_leaves[(x % live_leaves.len() as u64) as usize];
+        if i % 10 == 0 {
+            let t = Instant::now();
+            s.begin();
+            s.store(o, rec(o, &x.to_be_bytes(), &[])).unwrap();
+            s.end().unwrap();
+            commits.push(t.elapsed());
+        } else {
+            let t = Instant::now();
+            std::hint::black_box(s.load(o).unwrap());
+            loads.push(t.elapsed());
+        }
+    }
+    Latency {
+        load_p50: percentile(&mut loads, 0.5),
+        load_p99: percentile(&mut loads, 0.99),
+        commit_p50: percentile(&mut commits, 0.5),
+        commit_p99: percentile(&mut commits, 0.99),
+    }
+}
+
+fn us(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e6
+}
+
+fn main() {
+    let bench = std::env::args().any(|a| a == "--bench");
+    let quick = !bench || std::env::var_os("DURUS_BENCH_QUICK").is_some();
+    let sizes: Vec<usize> = if !bench {
+        vec![2_000, 10_000]
+    } else if quick {
+        vec![10_000, 100_000]
+    } else {
+        vec![10_000, 1_000_000]
+    };
+    let ks: Vec<usize> = if bench {
+        vec![1_000, 10_000]
+    } else {
+        vec![500]
+    };
+    let dir = tempfile::tempdir().unwrap();
+
+    println!("## Reclaiming k garbage objects (incremental collector)\n");
+    println!("| live objects | k | time | per object | full collection |");
+    println!("|---:|---:|---:|---:|---:|");
+    for &live in &sizes {
+        let path = dir.path().join(format!("live-{live}.redb"));
+        let mut s = build(&path, live);
+        for &k in &ks {
+            make_garbage(&mut s, k);
+            let t = Instant::now();
+            let r = s.collect_garbage_now().unwrap();
+            let took = t.elapsed();
+            assert_eq!(r.removed_objects as usize, k, "all garbage reclaimed");
+            let t = Instant::now();
+            let full = s
+                .full_collection(&mut |_| ControlFlow::Continue(()))
+                .unwrap();
+            let full_took = t.elapsed();
+            assert_eq!(full.removed_objects, 0);
+            println!(
+                "| {live} | {k} | {:.1} ms | {:.1} us | {:.0} ms |",
+                took.as_secs_f64() * 1e3,
+                us(took) / k as f64,
+                full_took.as_secs_f64() * 1e3
+            );
+        }
+        drop(s);
+    }
+
+    // Latency with the collector idle and busy.
+    let live = if !bench { 10_000 } else { 100_000 };
+    let ops = if !bench {
+        2_000
+    } else if quick {
+        20_000
+    } else {
+        100_000
+    };
+    let path = dir.path().join("latency.redb");
+    drop(build(&path, live));
+    let mut s = RedbStorage::open(
+        &path,
+        Options {
+            // Durable commits ride on checkpoints, so the figures show
+            // contention with the collector, not the disk's fsync.
+            checkpoint: Arc::new(Periodic::default()),
+            gc: Arc::new(ManualGc),
+            ..Options::default()
+        },
+    )
+    .unwrap();
+    let leaves: Vec<Oid> = {
+        let pages: Vec<Oid> = s.load(Oid::ROOT).unwrap().refs().collect();
+        pages
+            .iter()
+            .flat_map(|p| s.load(*p).unwrap().refs().collect::<Vec<_>>())
+            .collect()
+    };
+    let idle = measure(&mut s, &leaves, ops);
+    // Plenty of garbage for the busy collector: chains and cycles.
+    for _ in 0..if bench { 20 } else { 2 } {
+        make_garbage(&mut s, 10_000);
+    }
+    let busy_flag = Arc::new(AtomicBool::new(true));
+    let collector = {
+        let s = s.new_session();
+        let flag = busy_flag.clone();
+        std::thread::spawn(move || {
+            let mut rounds = 0u64;
+            while flag.load(Ordering::Relaxed) {
+                // Paced as the default policy paces the background thread.
+                let r = s.gc_step(128).unwrap();
+                if r.queue_left == 0 {
+                    s.full_collection(&mut |_| {
+                        std::thread::sleep(Duration::from_millis(1));
+                        if flag.load(Ordering::Relaxed) {
+                            ControlFlow::Continue(())
+                        } else {
+                            ControlFlow::Break(())
+                        }
+                    })
+                    .unwrap();
+                }
+                std::thread::sleep(Duration::from_millis(1));
+                rounds += 1;
+            }
+            rounds
+        })
+    };
+    let busy = measure(&mut s, &leaves, ops);
+    busy_flag.store(false, Ordering::Relaxed);
+    let rounds = collector.join().unwrap();
+    println!(
+        "\n## Latency, collector idle against busy ({live} live objects, {ops} operations, {rounds} collector rounds meanwhile)\n"
+    );
+    println!("| operation | idle p50 | idle p99 | busy p50 | busy p99 | p99 ratio |");
+    println!("|---|---:|---:|---:|---:|---:|");
+    println!(
+        "| load | {:.1} us | {:.1} us | {:.1} us | {:.1} us | {:.2}x |",
+        us(idle.load_p50),
+        us(idle.load_p99),
+        us(busy.load_p50),
+        us(busy.load_p99),
+        us(busy.load_p99) / us(idle.load_p99)
+    );
+    println!(
+        "| commit | {:.1} us | {:.1} us | {:.1} us | {:.1} us | {:.2}x |",
+        us(idle.commit_p50),
+        us(idle.commit_p99),
+        us(busy.commit_p50),
+        us(busy.commit_p99),
+        us(busy.commit_p99) / us(idle.commit_p99)
+    );
+}
