@@ -15,10 +15,12 @@
 use std::ops::ControlFlow;
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use durus_redb::{Manual, ManualGc, Oid, Options, Periodic, Record, RedbStorage, Storage};
+use durus_redb::{
+    FullTriggers, IncrementalGc, Manual, ManualGc, Oid, Options, Periodic, Record, RedbStorage,
+    Storage,
+};
 
 const FANOUT: usize = 1000;
 
@@ -205,39 +207,39 @@ fn main() {
             .collect()
     };
     let idle = measure(&mut s, &leaves, ops);
-    // Plenty of garbage for the busy collector: chains and cycles.
+    // Plenty of garbage, then the real background collector (the default
+    // policy, with full collections triggered by its deletions) at work.
     for _ in 0..if bench { 20 } else { 2 } {
         make_garbage(&mut s, 10_000);
     }
-    let busy_flag = Arc::new(AtomicBool::new(true));
-    let collector = {
-        let s = s.new_session();
-        let flag = busy_flag.clone();
-        std::thread::spawn(move || {
-            let mut rounds = 0u64;
-            while flag.load(Ordering::Relaxed) {
-                // Paced as the default policy paces the background thread.
-                let r = s.gc_step(128).unwrap();
-                if r.queue_left == 0 {
-                    s.full_collection(&mut |_| {
-                        std::thread::sleep(Duration::from_millis(1));
-                        if flag.load(Ordering::Relaxed) {
-                            ControlFlow::Continue(())
-                        } else {
-                            ControlFlow::Break(())
-                        }
-                    })
-                    .unwrap();
-                }
-                std::thread::sleep(Duration::from_millis(1));
-                rounds += 1;
-            }
-            rounds
-        })
-    };
+    drop(s);
+    let mut s = RedbStorage::open(
+        &path,
+        Options {
+            checkpoint: Arc::new(Periodic::default()),
+            gc: Arc::new(IncrementalGc {
+                full: FullTriggers {
+                    after_deletions: Some(1_000),
+                    ..FullTriggers::default()
+                },
+                ..IncrementalGc::default()
+            }),
+            ..Options::default()
+        },
+    )
+    .unwrap();
+    let queued = s.gc_state().unwrap().queue_len;
     let busy = measure(&mut s, &leaves, ops);
-    busy_flag.store(false, Ordering::Relaxed);
-    let rounds = collector.join().unwrap();
+    let stats = s.gc_stats();
+    let rounds = stats.background_rounds;
+    assert!(
+        stats.incremental_removed > 0,
+        "the collector did not run during the measurement"
+    );
+    println!(
+        "\nDuring the busy measurement the background collector removed {} objects incrementally and {} in full collections ({} queued at the start).",
+        stats.incremental_removed, stats.full_removed, queued
+    );
     println!(
         "\n## Latency, collector idle against busy ({live} live objects, {ops} operations, {rounds} collector rounds meanwhile)\n"
     );

@@ -205,7 +205,7 @@ pub(crate) fn run(
             return Ok(report);
         }
         report.live_objects = marked.len;
-        let mut limit = batch.saturating_mul(16).max(1024);
+        let mut limit = batch.saturating_mul(4).max(64);
         loop {
             report.passes += 1;
             progress.phase = FullPhase::Sweep {

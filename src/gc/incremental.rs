@@ -12,6 +12,10 @@ use crate::record::{Oid, refs_of};
 use crate::redb_store::engine::{Engine, apply_ref_deltas, corrupt};
 use crate::redb_store::layout::{GC_QUEUE, RECORDS, REFCOUNTS};
 
+/// Oids taken from the queue per round; between rounds a step ends early
+/// if a committer waits.
+const ROUND: usize = 8;
+
 /// What one incremental step did.
 #[derive(Debug, Default)]
 pub(crate) struct Step {
@@ -41,16 +45,21 @@ pub(crate) fn step(engine: &Engine, batch: usize) -> Result<Step> {
         }
         // Rounds within the one transaction: deletions queue what they
         // release, and the next round takes those, until `batch` oids were
-        // looked at (a chain of garbage goes in one step, not one per link).
+        // looked at (a chain of garbage goes in one step, not one per link)
+        // or a committer is waiting.
         let batch = batch.max(1);
         let mut looked = 0usize;
         let mut removed = Vec::new();
         let mut bytes = 0u64;
         while looked < batch {
+            // A committer waits for the writer: finish this step now.
+            if looked > 0 && engine.committers_waiting() {
+                break;
+            }
             let mut candidates = Vec::new();
             {
                 let mut queue = w.open_table(GC_QUEUE)?;
-                while looked + candidates.len() < batch {
+                while looked + candidates.len() < batch && candidates.len() < ROUND {
                     let Some((k, _)) = queue.pop_first()? else {
                         break;
                     };

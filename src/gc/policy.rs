@@ -134,9 +134,11 @@ pub struct IncrementalGc {
 impl Default for IncrementalGc {
     fn default() -> Self {
         IncrementalGc {
+            // Small steps (each holds the single writer for well under a
+            // millisecond) with room for commits between them.
             pace: Pace {
-                batch: 128,
-                pause: Duration::from_millis(1),
+                batch: 32,
+                pause: Duration::from_millis(2),
             },
             poll: Duration::from_secs(1),
             full: FullTriggers::default(),

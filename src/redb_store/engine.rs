@@ -639,6 +639,12 @@ impl Engine {
 
     // ---- commits ---------------------------------------------------------
 
+    /// Whether a committer is waiting for the commit lock (the collector
+    /// then cuts its step short).
+    pub(crate) fn committers_waiting(&self) -> bool {
+        self.committers_waiting.load(Ordering::Acquire) > 0
+    }
+
     /// Takes the commit lock. Nothing else commits while the guard lives; the
     /// server holds it from sending a client its invalidations until that
     /// client's commit is applied.
