@@ -692,3 +692,30 @@ fn acknowledged_commits_survive_sigkill_of_the_server() {
     assert!(acknowledged.len() > 20, "too few commits to mean anything");
     check_clean(&path);
 }
+
+#[test]
+fn a_read_only_server_serves_loads_and_refuses_writes_with_a_clear_log_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.redb");
+    {
+        let mut s = RedbStorage::open(&path, durus_redb::Options::default()).unwrap();
+        assert_eq!(s.new_oid().unwrap(), Oid::ROOT);
+        s.begin();
+        s.store(Oid::ROOT, rec(Oid::ROOT, b"root", &[])).unwrap();
+        s.end().unwrap();
+    }
+    let server = Served::start(&path, &["--readonly"]);
+    let mut c = server.client();
+    assert_eq!(c.load(Oid::ROOT).unwrap().data(), b"root");
+    c.begin();
+    c.store(Oid::ROOT, rec(Oid::ROOT, b"changed", &[])).unwrap();
+    assert!(c.end().is_err(), "a read-only server accepted a commit");
+    let mut c = server.client();
+    assert!(c.new_oid().is_err());
+    let mut c = server.client();
+    assert_eq!(c.load(Oid::ROOT).unwrap().data(), b"root");
+    drop(c);
+    let log = server.log_lines().join("\n");
+    assert!(log.contains("served read-only"), "{log}");
+    server.stop();
+}

@@ -33,6 +33,18 @@ enum End {
     Storage(StorageError),
 }
 
+impl From<StorageError> for End {
+    fn from(e: StorageError) -> End {
+        match e {
+            StorageError::ReadOnly => End::Client(
+                "the store is served read-only (--readonly): commits and new oids are refused"
+                    .into(),
+            ),
+            e => End::Storage(e),
+        }
+    }
+}
+
 /// The session of one connection; unregistered when dropped.
 struct Session<'a> {
     engine: &'a Engine,
@@ -205,11 +217,7 @@ impl Conn<'_> {
             .filter(|(_, inv)| !**inv)
             .map(|(o, _)| *o)
             .collect();
-        let mut found = self
-            .engine()
-            .load_many(&wanted)
-            .map_err(End::Storage)?
-            .into_iter();
+        let mut found = self.engine().load_many(&wanted)?.into_iter();
         for inv in invalid {
             if inv {
                 self.w.write_all(&[STATUS_INVALID])?;
@@ -231,10 +239,7 @@ impl Conn<'_> {
         if n == 0 {
             return Ok(());
         }
-        let oids = self
-            .engine()
-            .allocate(self.session.id, n)
-            .map_err(End::Storage)?;
+        let oids = self.engine().allocate(self.session.id, n)?;
         let mut buf = Vec::with_capacity(8 * n);
         for o in oids {
             buf.extend_from_slice(&o.to_bytes());
@@ -268,7 +273,7 @@ impl Conn<'_> {
         match order.apply(self.session.id, &records) {
             Ok(ticket) => {
                 drop(order);
-                engine.finish(ticket).map_err(End::Storage)?;
+                engine.finish(ticket)?;
                 self.w.write_all(&[STATUS_OKAY])?;
                 tracing::debug!("committed {} objects, {len} bytes", records.len());
                 shared.committed_bytes(len as u64 + 8);
@@ -281,7 +286,7 @@ impl Conn<'_> {
                 Ok(())
             }
             Err(StorageError::Invalid(e)) => Err(End::Client(format!("commit refused: {e}"))),
-            Err(e) => Err(End::Storage(e)),
+            Err(e) => Err(e.into()),
         }
     }
 }
