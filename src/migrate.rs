@@ -212,6 +212,9 @@ struct SourceIdentity {
 
 const STATE_VERSION: u32 = 1;
 
+/// redb's page cache while importing or exporting.
+const IMPORT_CACHE_BYTES: usize = 32 << 20;
+
 fn encode_state(state: &ImportState) -> Vec<u8> {
     rmp_serde::to_vec_named(state).expect("the import state encodes")
 }
@@ -423,7 +426,11 @@ fn run(
         source: e,
     };
     let existed = dest.exists();
-    let open = Options::with_checkpoint(crate::Manual).gc(crate::ManualGc);
+    let open = Options {
+        // A small page cache: memory must not grow with the store.
+        cache_bytes: IMPORT_CACHE_BYTES,
+        ..Options::with_checkpoint(crate::Manual).gc(crate::ManualGc)
+    };
     let engine = Engine::open_with(dest, &open, true).map_err(dest_err)?;
     // Holds the store open for this run (the last handle closes it).
     let handle = RedbStorage::session_of(engine.clone());
@@ -743,7 +750,14 @@ pub fn export(
             dest.display()
         )));
     }
-    let store = RedbStorage::open_read_only(source).map_err(src_err)?;
+    let store = RedbStorage::open(
+        source,
+        Options {
+            cache_bytes: IMPORT_CACHE_BYTES,
+            ..Options::read_only()
+        },
+    )
+    .map_err(src_err)?;
     let total = store.stats().map_err(src_err)?.objects;
     let engine = store.engine().clone();
     let file_err = |e: FileError| MigrateError::Source {

@@ -155,3 +155,47 @@ fn many_threads_commit_at_once_and_nothing_is_lost() {
     assert_eq!(unique.len(), 400, "an oid was handed out twice");
     assert!(s.check_references().unwrap().is_clean());
 }
+
+/// Wrong reference counts, including one for an oid far above every record
+/// (a later pass of the recount), and a dangling reference, are all found.
+#[test]
+fn check_recounts_every_reference_and_finds_wrong_counts() {
+    use redb::{ReadableTable, TableDefinition};
+    const COUNTS: TableDefinition<u64, u64> = TableDefinition::new("durus_refcounts");
+    const RECORDS: TableDefinition<u64, &[u8]> = TableDefinition::new("durus_records");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.redb");
+    small_store(&path);
+    let out = bin().arg("check").arg(&path).output().unwrap();
+    assert!(out.status.success());
+    {
+        let db = redb::Database::open(&path).unwrap();
+        let w = db.begin_write().unwrap();
+        {
+            let mut counts = w.open_table(COUNTS).unwrap();
+            let first = counts.first().unwrap().unwrap().0.value();
+            counts.insert(first, 7).unwrap();
+            counts.insert(50_000_000, 1).unwrap();
+            let mut records = w.open_table(RECORDS).unwrap();
+            let old = records.get(0).unwrap().unwrap().value().to_vec();
+            let mut refs: Vec<Oid> = Record::from_bytes(old).unwrap().refs().collect();
+            refs.push(Oid(9_000_000));
+            let root = Record::new(Oid(0), b"root", &refs);
+            records.insert(0, root.as_bytes()).unwrap();
+        }
+        w.commit().unwrap();
+    }
+    let out = bin().arg("check").arg(&path).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("has count 7"), "{text}");
+    assert!(
+        text.contains("oid 50000000 has count 1, recount says 0"),
+        "{text}"
+    );
+    assert!(text.contains("references missing oid 9000000"), "{text}");
+    assert!(
+        text.contains("oid 9000000 has count 0, recount says 1"),
+        "{text}"
+    );
+}

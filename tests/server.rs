@@ -645,26 +645,33 @@ fn acknowledged_commits_survive_sigkill_of_the_server() {
     for round in 0..8 {
         let mut server = Served::start(&path, &[]);
         let port = server.port;
+        // Four clients at once, so commits share fsyncs (group commit).
         let (tx, rx) = mpsc::channel::<(Oid, u64)>();
         let start_n = acknowledged.len() as u64;
-        let committer = std::thread::spawn(move || {
-            let Ok(mut c) = ClientStorage::connect_tcp("127.0.0.1", port) else {
-                return;
-            };
-            let mut n = start_n;
-            loop {
-                let Ok(o) = c.new_oid() else { return };
-                c.begin();
-                c.store(o, rec(o, &n.to_be_bytes(), &[])).unwrap();
-                if c.end().is_err() {
-                    return;
-                }
-                if tx.send((o, n)).is_err() {
-                    return;
-                }
-                n += 1;
-            }
-        });
+        let committers: Vec<_> = (0..4u64)
+            .map(|t| {
+                let tx = tx.clone();
+                std::thread::spawn(move || {
+                    let Ok(mut c) = ClientStorage::connect_tcp("127.0.0.1", port) else {
+                        return;
+                    };
+                    let mut n = start_n * 10 + t;
+                    loop {
+                        let Ok(o) = c.new_oid() else { return };
+                        c.begin();
+                        c.store(o, rec(o, &n.to_be_bytes(), &[])).unwrap();
+                        if c.end().is_err() {
+                            return;
+                        }
+                        if tx.send((o, n)).is_err() {
+                            return;
+                        }
+                        n += 4;
+                    }
+                })
+            })
+            .collect();
+        drop(tx);
         seed ^= seed << 13;
         seed ^= seed >> 7;
         seed ^= seed << 17;
@@ -672,7 +679,9 @@ fn acknowledged_commits_survive_sigkill_of_the_server() {
         std::thread::sleep(wait);
         server.child.kill().unwrap();
         server.child.wait().unwrap();
-        committer.join().unwrap();
+        for c in committers {
+            c.join().unwrap();
+        }
         let got: Vec<(Oid, u64)> = rx.try_iter().collect();
         assert!(
             !got.is_empty() || round > 0,
@@ -717,5 +726,45 @@ fn a_read_only_server_serves_loads_and_refuses_writes_with_a_clear_log_line() {
     drop(c);
     let log = server.log_lines().join("\n");
     assert!(log.contains("served read-only"), "{log}");
+    server.stop();
+}
+
+#[test]
+fn gcbytes_starts_a_collection_after_that_many_committed_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.redb");
+    // No background collector: only --gcbytes can remove the garbage.
+    let server = Served::start(&path, &["--gc", "manual", "--gcbytes", "20000"]);
+    let mut c = server.client();
+    assert_eq!(c.new_oid().unwrap(), Oid::ROOT);
+    let garbage = c.new_oids(10).unwrap();
+    c.begin();
+    for o in &garbage {
+        c.store(*o, rec(*o, &[1u8; 100], &[])).unwrap();
+    }
+    c.store(Oid::ROOT, rec(Oid::ROOT, b"root", &[])).unwrap();
+    c.end().unwrap();
+    // Below the threshold nothing is collected.
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(c.load(garbage[0]).is_ok());
+    // Cross it.
+    for i in 0..30u8 {
+        c.begin();
+        c.store(Oid::ROOT, rec(Oid::ROOT, &[i; 1000], &[])).unwrap();
+        c.end().unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut gone = Vec::new();
+    while gone.len() < garbage.len() {
+        assert!(Instant::now() < deadline, "no collection after --gcbytes");
+        gone.extend(c.sync().unwrap());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for o in &garbage {
+        assert!(matches!(c.load(*o), Err(StorageError::NotFound(_))));
+    }
+    drop(c);
+    let log = server.log_lines().join("\n");
+    assert!(log.contains("gcbytes reached"), "{log}");
     server.stop();
 }

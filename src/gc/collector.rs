@@ -82,13 +82,16 @@ impl GcShared {
     }
 
     /// Called by the commit path after each applied commit: updates the facts
-    /// and nudges the thread without blocking.
-    pub(crate) fn committed(&self, bytes: u64) {
+    /// and, when the commit queued garbage, nudges the thread without
+    /// blocking (otherwise the thread's own timer is soon enough).
+    pub(crate) fn committed(&self, bytes: u64, queued: u64) {
         self.bytes_since_full.fetch_add(bytes, Ordering::Relaxed);
         self.commits_since_full.fetch_add(1, Ordering::Relaxed);
         let now = self.opened.elapsed().as_nanos() as u64 + 1;
         self.last_commit.store(now, Ordering::Relaxed);
-        if let Some(tx) = self.nudge.lock().as_ref() {
+        if queued > 0
+            && let Some(tx) = self.nudge.lock().as_ref()
+        {
             let _ = tx.try_send(());
         }
     }

@@ -1,6 +1,5 @@
 //! Statistics and consistency checks of a store.
 
-use std::collections::HashMap;
 use std::path::Path;
 
 use redb::{ReadableDatabase, ReadableTable, ReadableTableMetadata};
@@ -94,57 +93,90 @@ fn push_listed<T>(v: &mut Vec<T>, n: &mut u64, item: T) {
     }
 }
 
+/// Oids recounted per pass: one pass holds a `u64` counter per oid of its
+/// range (16 MiB), whatever the size of the store.
+const RECOUNT_SPAN: u64 = 1 << 21;
+
 /// Recounts every reference from scratch on one snapshot and compares with
 /// the stored counts; checks that every ref resolves and every record is valid.
+///
+/// Memory stays bounded: the recount runs in passes over ranges of
+/// [`RECOUNT_SPAN`] referenced oids, each pass a scan of every record.
 pub(crate) fn check_references(engine: &Engine) -> Result<CheckReport> {
     let db = engine.db()?;
     let txn = db.begin_read()?;
     let records = txn.open_table(RECORDS)?;
-    let mut report = CheckReport::default();
-    let mut recount: HashMap<u64, u64> = HashMap::new();
-    for item in records.iter()? {
-        let (k, v) = item?;
-        let oid = Oid(k.value());
-        report.objects += 1;
-        let record = match Record::for_oid(oid, v.value().to_vec()) {
-            Ok(r) => r,
-            Err(e) => {
-                push_listed(
-                    &mut report.damaged,
-                    &mut report.damaged_count,
-                    (oid, e.to_string()),
-                );
-                continue;
-            }
-        };
-        for r in record.refs() {
-            report.refs += 1;
-            *recount.entry(r.0).or_default() += 1;
-            if records.get(r.0)?.is_none() {
-                push_listed(&mut report.dangling, &mut report.dangling_count, (oid, r));
-            }
-        }
-    }
     let counts = txn.open_table(REFCOUNTS)?;
-    for item in counts.iter()? {
-        let (k, v) = item?;
-        let actual = recount.remove(&k.value()).unwrap_or(0);
-        if actual != v.value() {
-            push_listed(
-                &mut report.count_mismatches,
-                &mut report.mismatch_count,
-                (Oid(k.value()), v.value(), actual),
-            );
+    let mut report = CheckReport::default();
+    // The highest oid any count or ref names bounds the passes; the first
+    // pass finds the refs' maximum.
+    let mut max_oid = counts
+        .last()?
+        .map_or(0, |(k, _)| k.value())
+        .max(records.last()?.map_or(0, |(k, _)| k.value()));
+    let mut lo = 0u64;
+    loop {
+        let first = lo == 0;
+        let span = RECOUNT_SPAN.min(max_oid - lo + 1);
+        let mut recount = vec![0u64; span as usize];
+        for item in records.iter()? {
+            let (k, v) = item?;
+            let oid = Oid(k.value());
+            if first {
+                report.objects += 1;
+            }
+            let record = match Record::for_oid(oid, v.value().to_vec()) {
+                Ok(r) => r,
+                Err(e) => {
+                    if first {
+                        push_listed(
+                            &mut report.damaged,
+                            &mut report.damaged_count,
+                            (oid, e.to_string()),
+                        );
+                    }
+                    continue;
+                }
+            };
+            for r in record.refs() {
+                if r.0 >= lo && r.0 - lo < span {
+                    recount[(r.0 - lo) as usize] += 1;
+                }
+                if first {
+                    report.refs += 1;
+                    max_oid = max_oid.max(r.0);
+                    if records.get(r.0)?.is_none() {
+                        push_listed(&mut report.dangling, &mut report.dangling_count, (oid, r));
+                    }
+                }
+            }
         }
-    }
-    let mut missing: Vec<(u64, u64)> = recount.into_iter().filter(|(_, c)| *c > 0).collect();
-    missing.sort_unstable();
-    for (oid, actual) in missing {
-        push_listed(
-            &mut report.count_mismatches,
-            &mut report.mismatch_count,
-            (Oid(oid), 0, actual),
-        );
+        for item in counts.range(lo..lo.saturating_add(span))? {
+            let (k, v) = item?;
+            let slot = &mut recount[(k.value() - lo) as usize];
+            let actual = std::mem::take(slot);
+            if actual != v.value() {
+                push_listed(
+                    &mut report.count_mismatches,
+                    &mut report.mismatch_count,
+                    (Oid(k.value()), v.value(), actual),
+                );
+            }
+        }
+        // Counted references with no stored count.
+        for (i, actual) in recount.iter().enumerate() {
+            if *actual > 0 {
+                push_listed(
+                    &mut report.count_mismatches,
+                    &mut report.mismatch_count,
+                    (Oid(lo + i as u64), 0, *actual),
+                );
+            }
+        }
+        match lo.checked_add(span) {
+            Some(next) if next <= max_oid => lo = next,
+            _ => break,
+        }
     }
     Ok(report)
 }

@@ -530,7 +530,7 @@ impl Engine {
             m.insert(KEY_OIDS, encode(&OidMeta { reserved }).as_slice())?;
         }
         w.commit()?;
-        self.durable_seq.store(st.applied_seq, Ordering::Release);
+        self.durable_seq.fetch_max(st.applied_seq, Ordering::AcqRel);
         st.checkpointed();
         Ok(())
     }
@@ -674,7 +674,27 @@ impl Engine {
         if self.durable_seq.load(Ordering::Acquire) >= ticket.seq {
             return Ok(());
         }
-        self.checkpoint()
+        // The group's flush runs without the commit lock, so that other
+        // connections go on sending invalidations and receiving commit data
+        // meanwhile (their writes wait for redb's single writer only).
+        // Every commit applied before this durable transaction becomes
+        // durable with it.
+        let target = self.commit.lock().applied_seq;
+        let r = (|| -> Result<()> {
+            let db = self.db()?;
+            let mut w = db.rw()?.begin_write()?;
+            w.set_quick_repair(self.quick_repair);
+            w.commit()?;
+            Ok(())
+        })();
+        self.poisoning(r)?;
+        self.durable_seq.fetch_max(target, Ordering::AcqRel);
+        let mut st = self.commit.lock();
+        if st.applied_seq == target {
+            // Nothing was applied meanwhile: the policy's counters restart.
+            st.checkpointed();
+        }
+        Ok(())
     }
 
     /// Makes every applied commit durable (one fsync).
@@ -694,7 +714,7 @@ impl Engine {
             Ok(())
         })();
         self.poisoning(r)?;
-        self.durable_seq.store(st.applied_seq, Ordering::Release);
+        self.durable_seq.fetch_max(st.applied_seq, Ordering::AcqRel);
         st.checkpointed();
         Ok(())
     }
@@ -726,7 +746,7 @@ impl Engine {
         self.poisoning(r)?;
         st.applied_seq += 1;
         if matches!(durability, Durability::Immediate) {
-            self.durable_seq.store(st.applied_seq, Ordering::Release);
+            self.durable_seq.fetch_max(st.applied_seq, Ordering::AcqRel);
             st.checkpointed();
         } else {
             st.commits_since += 1;
@@ -846,14 +866,14 @@ impl CommitGuard<'_> {
             Durability::None
         })?;
         w.set_quick_repair(engine.quick_repair);
-        write_commit(&w, session, records, &st.allocated)?;
+        let queued = write_commit(&w, session, records, &st.allocated)?;
         let r = w.commit().map_err(StorageError::from);
         engine.poisoning(r)?;
 
         st.applied_seq += 1;
         let seq = st.applied_seq;
         if immediate {
-            engine.durable_seq.store(seq, Ordering::Release);
+            engine.durable_seq.fetch_max(seq, Ordering::AcqRel);
             st.checkpointed();
         } else {
             st.commits_since = facts.commits_since_checkpoint;
@@ -870,7 +890,7 @@ impl CommitGuard<'_> {
             }
         }
         engine.invalidate_others(Some(session), &oids);
-        engine.gc.committed(bytes);
+        engine.gc.committed(bytes, queued);
         Ok(CommitTicket {
             seq,
             needs_flush: decision == CommitDurability::Now && !immediate,
@@ -884,13 +904,14 @@ impl CommitGuard<'_> {
 }
 
 /// Validates a commit inside `w` and writes its records and reference counts.
-/// Every check runs before the first write.
+/// Every check runs before the first write. Returns how many oids it queued
+/// for the collector.
 fn write_commit(
     w: &WriteTransaction,
     session: SessionId,
     records: &BTreeMap<Oid, Record>,
     allocated: &HashMap<Oid, SessionId>,
-) -> Result<()> {
+) -> Result<u64> {
     let mut table = w.open_table(RECORDS)?;
     {
         let t = &table;
@@ -926,11 +947,16 @@ fn write_commit(
 
 /// Applies reference count changes; an oid whose count falls to zero is queued
 /// for the collector.
-pub(crate) fn apply_ref_deltas(w: &WriteTransaction, delta: HashMap<u64, i64>) -> Result<()> {
+/// Returns how many oids were queued.
+pub(crate) fn apply_ref_deltas(w: &WriteTransaction, delta: HashMap<u64, i64>) -> Result<u64> {
+    let mut delta: Vec<(u64, i64)> = delta.into_iter().filter(|(_, d)| *d != 0).collect();
+    if delta.is_empty() {
+        return Ok(0);
+    }
+    delta.sort_unstable();
     let mut counts = w.open_table(REFCOUNTS)?;
     let mut queue = w.open_table(GC_QUEUE)?;
-    let mut delta: Vec<(u64, i64)> = delta.into_iter().filter(|(_, d)| *d != 0).collect();
-    delta.sort_unstable();
+    let mut queued = 0;
     for (oid, d) in delta {
         let current = counts.get(oid)?.map(|v| v.value()).unwrap_or(0);
         let new = current as i64 + d;
@@ -942,11 +968,12 @@ pub(crate) fn apply_ref_deltas(w: &WriteTransaction, delta: HashMap<u64, i64>) -
         if new == 0 {
             counts.remove(oid)?;
             queue.insert(oid, ())?;
+            queued += 1;
         } else {
             counts.insert(oid, new as u64)?;
         }
     }
-    Ok(())
+    Ok(queued)
 }
 
 pub(crate) fn corrupt(oid: Oid, e: crate::RecordError) -> StorageError {
