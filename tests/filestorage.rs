@@ -4,6 +4,9 @@
 //! Needs `DURUS_PYTHON`: the path of a Python interpreter with Durus 4.3
 //! installed. Without it these tests fail (they never skip).
 
+mod common;
+
+use common::{python, script};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -20,40 +23,11 @@ const STORES: [(&str, FileFormat); 3] = [
     ("sqlite", FileFormat::Sqlite),
 ];
 
-fn python() -> PathBuf {
-    match std::env::var_os("DURUS_PYTHON") {
-        Some(p) if !p.is_empty() => PathBuf::from(p),
-        _ => panic!(
-            "DURUS_PYTHON is not set: set it to the path of a Python interpreter that has \
-             Durus 4.3 installed (these tests compare against files the real Durus writes)"
-        ),
-    }
-}
-
-fn script(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/python")
-        .join(name)
-}
-
 /// The directory with the stores Durus wrote, made once per test run.
 fn durus_files() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
-        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("durus-files");
-        let _ = std::fs::remove_dir_all(&dir);
-        let out = Command::new(python())
-            .arg(script("make_durus_files.py"))
-            .arg(&dir)
-            .arg("3000")
-            .output()
-            .expect("run DURUS_PYTHON");
-        assert!(
-            out.status.success(),
-            "make_durus_files.py failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        dir
+        common::make_durus_files(Path::new(env!("CARGO_TARGET_TMPDIR")), "durus-files")
     })
 }
 

@@ -3,6 +3,9 @@
 //!
 //! Needs `DURUS_PYTHON` (a Python with Durus 4.3); fails without it.
 
+mod common;
+
+use common::{python, script};
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -15,22 +18,6 @@ use durus_redb::{
     Storage, migrate, migrate_storage,
 };
 
-fn python() -> PathBuf {
-    match std::env::var_os("DURUS_PYTHON") {
-        Some(p) if !p.is_empty() => PathBuf::from(p),
-        _ => panic!(
-            "DURUS_PYTHON is not set: set it to a Python interpreter with Durus 4.3 installed \
-             (these tests migrate files the real Durus writes and compare with Durus)"
-        ),
-    }
-}
-
-fn script(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/python")
-        .join(name)
-}
-
 fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_durus-redb"))
 }
@@ -39,20 +26,10 @@ fn bin() -> Command {
 fn durus_files() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
-        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("migrate-durus-files");
-        let _ = std::fs::remove_dir_all(&dir);
-        let out = Command::new(python())
-            .arg(script("make_durus_files.py"))
-            .arg(&dir)
-            .arg("3000")
-            .output()
-            .expect("run DURUS_PYTHON");
-        assert!(
-            out.status.success(),
-            "make_durus_files.py failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        dir
+        common::make_durus_files(
+            Path::new(env!("CARGO_TARGET_TMPDIR")),
+            "migrate-durus-files",
+        )
     })
 }
 

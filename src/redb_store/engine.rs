@@ -680,14 +680,7 @@ impl Engine {
         // Every commit applied before this durable transaction becomes
         // durable with it.
         let target = self.commit.lock().applied_seq;
-        let r = (|| -> Result<()> {
-            let db = self.db()?;
-            let mut w = db.rw()?.begin_write()?;
-            w.set_quick_repair(self.quick_repair);
-            w.commit()?;
-            Ok(())
-        })();
-        self.poisoning(r)?;
+        self.durable_flush()?;
         self.durable_seq.fetch_max(target, Ordering::AcqRel);
         let mut st = self.commit.lock();
         if st.applied_seq == target {
@@ -695,6 +688,19 @@ impl Engine {
             st.checkpointed();
         }
         Ok(())
+    }
+
+    /// An empty durable write transaction: redb makes every transaction
+    /// committed before it durable with it. A failure poisons the store.
+    fn durable_flush(&self) -> Result<()> {
+        let r = (|| -> Result<()> {
+            let db = self.db()?;
+            let mut w = db.rw()?.begin_write()?;
+            w.set_quick_repair(self.quick_repair);
+            w.commit()?;
+            Ok(())
+        })();
+        self.poisoning(r)
     }
 
     /// Makes every applied commit durable (one fsync).
@@ -706,14 +712,7 @@ impl Engine {
         if st.applied_seq == self.durable_seq.load(Ordering::Acquire) && st.commits_since == 0 {
             return Ok(());
         }
-        let r = (|| -> Result<()> {
-            let db = self.db()?;
-            let mut w = db.rw()?.begin_write()?;
-            w.set_quick_repair(self.quick_repair);
-            w.commit()?;
-            Ok(())
-        })();
-        self.poisoning(r)?;
+        self.durable_flush()?;
         self.durable_seq.fetch_max(st.applied_seq, Ordering::AcqRel);
         st.checkpointed();
         Ok(())

@@ -1,0 +1,43 @@
+//! Helpers shared by the tests that need Python Durus.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// The Python interpreter with Durus 4.3 (`DURUS_PYTHON`); without it the
+/// calling test fails, it never skips.
+pub fn python() -> PathBuf {
+    match std::env::var_os("DURUS_PYTHON") {
+        Some(p) if !p.is_empty() => PathBuf::from(p),
+        _ => panic!(
+            "DURUS_PYTHON is not set: set it to the path of a Python interpreter that has \
+             Durus 4.3 installed (these tests work on files the real Durus writes)"
+        ),
+    }
+}
+
+/// A script of tests/python.
+pub fn script(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/python")
+        .join(name)
+}
+
+/// Has Python Durus write its stores (FileStorage, FileStorage2,
+/// SqliteStorage, with their dumps; see make_durus_files.py) into a fresh
+/// directory `name` under the test's temporary directory, and returns it.
+pub fn make_durus_files(tmp: &Path, name: &str) -> PathBuf {
+    let dir = tmp.join(name);
+    let _ = std::fs::remove_dir_all(&dir);
+    let out = Command::new(python())
+        .arg(script("make_durus_files.py"))
+        .arg(&dir)
+        .arg("3000")
+        .output()
+        .expect("run DURUS_PYTHON");
+    assert!(
+        out.status.success(),
+        "make_durus_files.py failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    dir
+}
