@@ -348,3 +348,21 @@ fn pack_removes_unreachable_objects_and_cycles() {
     let mut model = MemoryStorage::new();
     assert_eq!(model.pack().unwrap().removed_objects, 0);
 }
+
+#[test]
+fn a_new_store_is_created_whole_under_a_temporary_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.redb");
+    // The leftover of a creation killed before it finished (no such process).
+    let stale = dir.path().join(".s.redb.creating-4000000000");
+    std::fs::write(&stale, b"half a redb file").unwrap();
+    let mut s = RedbStorage::open(&path, Options::default().gc(ManualGc)).unwrap();
+    assert_eq!(s.new_oid().unwrap(), Oid::ROOT);
+    drop(s);
+    let names: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names, vec!["s.redb".to_string()], "leftovers: {names:?}");
+    assert!(RedbStorage::open_read_only(&path).is_ok());
+}

@@ -202,13 +202,14 @@ fn a_migration_killed_at_random_moments_resumes_to_the_same_store() {
         loop {
             runs += 1;
             assert!(runs < 200, "migration never completed");
+            let errors = dir.path().join("stderr.txt");
             let mut child = bin()
                 .arg("migrate")
                 .arg(&source)
                 .arg(&dest)
                 .args(["--batch-records", "40"])
                 .stdout(Stdio::null())
-                .stderr(Stdio::null())
+                .stderr(std::fs::File::create(&errors).unwrap())
                 .spawn()
                 .unwrap();
             seed ^= seed << 13;
@@ -226,7 +227,11 @@ fn a_migration_killed_at_random_moments_resumes_to_the_same_store() {
             }
             match finished {
                 Some(status) => {
-                    assert!(status.success(), "a rerun failed with {status}");
+                    assert!(
+                        status.success(),
+                        "a rerun failed with {status}: {}",
+                        std::fs::read_to_string(&errors).unwrap_or_default()
+                    );
                     break;
                 }
                 None => {

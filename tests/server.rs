@@ -91,9 +91,18 @@ impl Served {
             .unwrap()
     }
 
-    /// Sends `Q` and waits for a clean exit.
+    /// Sends `Q` and waits for a clean exit. (Connecting is retried: a
+    /// server at --max-connections refuses until it notices closed ones.)
     fn stop(mut self) {
-        self.client().stop_server().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let client = loop {
+            match ClientStorage::connect_tcp("127.0.0.1", self.port) {
+                Ok(c) => break c,
+                Err(e) => assert!(Instant::now() < deadline, "cannot connect to stop: {e}"),
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        client.stop_server().unwrap();
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {

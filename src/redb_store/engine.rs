@@ -227,6 +227,9 @@ impl Engine {
                 format!("{} does not exist", path.display()),
             )));
         } else {
+            if !path.exists() {
+                Self::create_atomically(path, options.quick_repair)?;
+            }
             Db::Rw(builder.create(path).map_err(|e| open_error(path, e))?)
         };
         let (next_oid, reserved) = Self::init_or_verify(path, &db, options.quick_repair)?;
@@ -274,6 +277,56 @@ impl Engine {
         }
         tracing::debug!(path = %path.display(), next_oid, "store opened");
         Ok(engine)
+    }
+
+    /// Creates a new, initialised store at `path` without ever leaving a
+    /// half-made file there: it is built under a temporary name in the same
+    /// directory and linked into place complete (a process killed while
+    /// creating a store leaves either no store or a whole one).
+    fn create_atomically(path: &Path, quick_repair: bool) -> Result<()> {
+        let dir = match path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "store".into());
+        let prefix = format!(".{name}.creating-");
+        // Leftovers of creations killed before they finished.
+        if let Ok(entries) = std::fs::read_dir(dir) {
+            for e in entries.flatten() {
+                let file = e.file_name().to_string_lossy().into_owned();
+                if let Some(pid) = file.strip_prefix(&prefix)
+                    && !Path::new("/proc").join(pid).exists()
+                {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
+        let tmp = dir.join(format!("{prefix}{}", std::process::id()));
+        let _ = std::fs::remove_file(&tmp);
+        let made = (|| -> Result<()> {
+            let db = Db::Rw(
+                redb::Builder::new()
+                    .create(&tmp)
+                    .map_err(|e| open_error(&tmp, e))?,
+            );
+            Self::init_or_verify(&tmp, &db, quick_repair)?;
+            drop(db);
+            match std::fs::hard_link(&tmp, path) {
+                Ok(()) => Ok(()),
+                // Another process created it meanwhile: that one is used.
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+                // A file system without hard links: a rename is atomic too.
+                Err(_) => std::fs::rename(&tmp, path).map_err(StorageError::from),
+            }
+        })();
+        let _ = std::fs::remove_file(&tmp);
+        if let Ok(d) = std::fs::File::open(dir) {
+            let _ = d.sync_all();
+        }
+        made
     }
 
     /// Creates the tables of a new store, or checks the format of an existing
