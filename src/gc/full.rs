@@ -353,6 +353,7 @@ fn sweep(
     marked: &mut MarkSet,
     limit: usize,
 ) -> Result<(Vec<Oid>, u64)> {
+    engine.yield_to_committers();
     engine.write_txn(Durability::None, |w, st| {
         let extra: Vec<Oid> = st
             .gc_extra
@@ -383,7 +384,10 @@ fn sweep(
         'seeds: for &seed in seeds {
             let mut stack = vec![seed];
             while let Some(oid) = stack.pop() {
-                if members.len() >= limit {
+                // Any subset is safe to sweep (what is referenced from
+                // outside it is kept), so the set stops growing at the limit
+                // or as soon as a committer waits for the writer.
+                if members.len() >= limit || (!members.is_empty() && engine.committers_waiting()) {
                     break 'seeds;
                 }
                 if marked.contains(oid) || members.contains_key(&oid) {

@@ -38,6 +38,7 @@ pub(crate) fn step(engine: &Engine, batch: usize) -> Result<Step> {
             return Ok(Step::default());
         }
     }
+    engine.yield_to_committers();
     let step = engine.write_txn(Durability::None, |w, _st| {
         let (_, migration) = meta_in(w)?;
         if migration {

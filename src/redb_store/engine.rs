@@ -698,6 +698,15 @@ impl Engine {
         self.committers_waiting.load(Ordering::Acquire) > 0
     }
 
+    /// Lets committers waiting for the writer go first (for a few
+    /// milliseconds at most), before a collector transaction.
+    pub(crate) fn yield_to_committers(&self) {
+        let deadline = Instant::now() + std::time::Duration::from_millis(5);
+        while self.committers_waiting() && Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_micros(50));
+        }
+    }
+
     /// Takes the commit lock. Nothing else commits while the guard lives; the
     /// server holds it from sending a client its invalidations until that
     /// client's commit is applied.
