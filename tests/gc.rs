@@ -11,8 +11,8 @@ use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
 
 use durus_redb::{
-    Conflict, IncrementalGc, ManualGc, MemoryStorage, Oid, Options, Record, RedbStorage, Storage,
-    StorageError,
+    Conflict, GcAction, GcFacts, GcPolicy, IncrementalGc, ManualGc, MemoryStorage, Oid, Options,
+    Record, RedbStorage, Storage, StorageError,
 };
 use proptest::prelude::*;
 use proptest::sample::Index;
@@ -108,10 +108,27 @@ fn commit_both(
     }
 }
 
-fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
+/// No collector thread; every commit deletes up to the given number of queued
+/// objects in its own transaction (as the default policy has commits do).
+#[derive(Debug)]
+struct CommitShare(usize);
+
+impl GcPolicy for CommitShare {
+    fn background(&self) -> bool {
+        false
+    }
+    fn decide(&self, _: &GcFacts) -> GcAction {
+        GcAction::Wait(Duration::from_secs(3600))
+    }
+    fn in_commit(&self) -> usize {
+        self.0
+    }
+}
+
+fn run(ops: Vec<Op>, share: usize) -> Result<(), TestCaseError> {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("gc.redb");
-    let mut redb = manual(&path);
+    let mut redb = RedbStorage::open(&path, Options::default().gc(CommitShare(share))).unwrap();
     let mut model = MemoryStorage::new();
     let root = redb.new_oid().unwrap();
     assert_eq!(model.new_oid().unwrap(), root);
@@ -188,7 +205,16 @@ proptest! {
     fn collector_never_deletes_reachable_and_full_collection_leaves_exactly_the_reachable(
         ops in prop::collection::vec(op(), 1..60)
     ) {
-        run(ops)?;
+        run(ops, 0)?;
+    }
+
+    /// The same with every commit taking a share of the collector's work.
+    #[test]
+    fn commits_that_collect_never_delete_reachable_objects(
+        ops in prop::collection::vec(op(), 1..60),
+        share in 1usize..4,
+    ) {
+        run(ops, share)?;
     }
 }
 

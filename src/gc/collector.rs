@@ -47,6 +47,9 @@ pub(crate) struct GcShared {
     full_collections: AtomicU64,
     background_rounds: AtomicU64,
     nudge: Mutex<Option<Sender<()>>>,
+    /// False once a deletion found the queue empty and nothing was queued
+    /// since (commits then skip their share without looking).
+    queue_maybe_nonempty: AtomicBool,
     /// Held by whoever runs a full collection.
     pub(crate) full_lock: Mutex<()>,
     thread: Mutex<Option<CollectorGuard>>,
@@ -76,9 +79,25 @@ impl GcShared {
             full_collections: AtomicU64::new(0),
             background_rounds: AtomicU64::new(0),
             nudge: Mutex::new(None),
+            queue_maybe_nonempty: AtomicBool::new(true),
             full_lock: Mutex::new(()),
             thread: Mutex::new(None),
         }
+    }
+
+    /// Whether the queue may hold oids (see `queue_found_empty`).
+    pub(crate) fn queue_maybe_nonempty(&self) -> bool {
+        self.queue_maybe_nonempty.load(Ordering::Acquire)
+    }
+
+    /// A deletion under the commit lock found the queue empty.
+    pub(crate) fn queue_found_empty(&self) {
+        self.queue_maybe_nonempty.store(false, Ordering::Release);
+    }
+
+    /// Something was queued outside a commit (a collector transaction).
+    pub(crate) fn queue_grew(&self) {
+        self.queue_maybe_nonempty.store(true, Ordering::Release);
     }
 
     /// Called by the commit path after each applied commit: updates the facts
@@ -89,6 +108,9 @@ impl GcShared {
         self.commits_since_full.fetch_add(1, Ordering::Relaxed);
         let now = self.opened.elapsed().as_nanos() as u64 + 1;
         self.last_commit.store(now, Ordering::Relaxed);
+        if queued > 0 {
+            self.queue_maybe_nonempty.store(true, Ordering::Release);
+        }
         if queued > 0
             && let Some(tx) = self.nudge.lock().as_ref()
         {

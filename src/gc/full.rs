@@ -458,7 +458,9 @@ fn sweep(
             }
         }
         drop(records);
-        apply_ref_deltas(w, delta)?;
+        if apply_ref_deltas(w, delta)? > 0 {
+            engine.gc.queue_grew();
+        }
         let mut counts = w.open_table(REFCOUNTS)?;
         let mut queue = w.open_table(GC_QUEUE)?;
         for oid in &removed {

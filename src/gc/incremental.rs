@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 
-use redb::{Durability, ReadableTable, ReadableTableMetadata};
+use redb::{Durability, ReadableTable, ReadableTableMetadata, WriteTransaction};
 
 use super::state::{meta_in, migration_error};
 use crate::error::Result;
@@ -44,54 +44,11 @@ pub(crate) fn step(engine: &Engine, batch: usize) -> Result<Step> {
         if migration {
             return Err(migration_error());
         }
-        // Rounds within the one transaction: deletions queue what they
-        // release, and the next round takes those, until `batch` oids were
-        // looked at (a chain of garbage goes in one step, not one per link)
-        // or a committer is waiting.
-        let batch = batch.max(1);
-        let mut looked = 0usize;
-        let mut removed = Vec::new();
-        let mut bytes = 0u64;
-        while looked < batch {
-            // A committer waits for the writer: finish this step now.
-            if looked > 0 && engine.committers_waiting() {
-                break;
-            }
-            let mut candidates = Vec::new();
-            {
-                let mut queue = w.open_table(GC_QUEUE)?;
-                while looked + candidates.len() < batch && candidates.len() < ROUND {
-                    let Some((k, _)) = queue.pop_first()? else {
-                        break;
-                    };
-                    candidates.push(k.value());
-                }
-            }
-            if candidates.is_empty() {
-                break;
-            }
-            looked += candidates.len();
-            let mut delta: HashMap<u64, i64> = HashMap::new();
-            {
-                let counts = w.open_table(REFCOUNTS)?;
-                let mut records = w.open_table(RECORDS)?;
-                for oid in candidates {
-                    // Re-check inside the transaction: a commit may have
-                    // referenced it again since it was queued.
-                    if oid == Oid::ROOT.0 || counts.get(oid)?.is_some_and(|c| c.value() > 0) {
-                        continue;
-                    }
-                    let Some(old) = records.remove(oid)? else {
-                        continue;
-                    };
-                    bytes += old.value().len() as u64;
-                    for r in refs_of(old.value()).map_err(|e| corrupt(Oid(oid), e))? {
-                        *delta.entry(r.0).or_default() -= 1;
-                    }
-                    removed.push(Oid(oid));
-                }
-            }
-            apply_ref_deltas(w, delta)?;
+        let (removed, bytes, empty) = delete_queued(w, batch, || engine.committers_waiting())?;
+        if empty {
+            engine.gc.queue_found_empty();
+        } else {
+            engine.gc.queue_grew();
         }
         let queue_left = w.open_table(GC_QUEUE)?.len()?;
         Ok(Step {
@@ -105,4 +62,66 @@ pub(crate) fn step(engine: &Engine, batch: usize) -> Result<Step> {
         .gc
         .note_deleted(step.removed.len() as u64, step.bytes, false);
     Ok(step)
+}
+
+/// Deletes queued oids that are still garbage inside the write transaction
+/// `w`: up to `batch` oids looked at, what the deletions release included.
+/// Returns the oids deleted, their bytes, and whether the queue was found
+/// empty. Used by collector steps and by commits that take a share of the
+/// work.
+pub(crate) fn delete_queued(
+    w: &WriteTransaction,
+    batch: usize,
+    stop: impl Fn() -> bool,
+) -> Result<(Vec<Oid>, u64, bool)> {
+    let batch = batch.max(1);
+    // Rounds within the one transaction: deletions queue what they
+    // release, and the next round takes those, until `batch` oids were
+    // looked at (a chain of garbage goes in one step, not one per link)
+    // or `stop()` says a committer is waiting.
+    let mut looked = 0usize;
+    let mut removed = Vec::new();
+    let mut bytes = 0u64;
+    while looked < batch {
+        // A committer waits for the writer: finish this step now.
+        if looked > 0 && stop() {
+            break;
+        }
+        let mut candidates = Vec::new();
+        {
+            let mut queue = w.open_table(GC_QUEUE)?;
+            while looked + candidates.len() < batch && candidates.len() < ROUND {
+                let Some((k, _)) = queue.pop_first()? else {
+                    break;
+                };
+                candidates.push(k.value());
+            }
+        }
+        if candidates.is_empty() {
+            return Ok((removed, bytes, true));
+        }
+        looked += candidates.len();
+        let mut delta: HashMap<u64, i64> = HashMap::new();
+        {
+            let counts = w.open_table(REFCOUNTS)?;
+            let mut records = w.open_table(RECORDS)?;
+            for oid in candidates {
+                // Re-check inside the transaction: a commit may have
+                // referenced it again since it was queued.
+                if oid == Oid::ROOT.0 || counts.get(oid)?.is_some_and(|c| c.value() > 0) {
+                    continue;
+                }
+                let Some(old) = records.remove(oid)? else {
+                    continue;
+                };
+                bytes += old.value().len() as u64;
+                for r in refs_of(old.value()).map_err(|e| corrupt(Oid(oid), e))? {
+                    *delta.entry(r.0).or_default() -= 1;
+                }
+                removed.push(Oid(oid));
+            }
+        }
+        apply_ref_deltas(w, delta)?;
+    }
+    Ok((removed, bytes, false))
 }

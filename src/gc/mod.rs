@@ -26,6 +26,7 @@ pub(crate) use api::pack;
 pub use collector::GcStats;
 pub(crate) use collector::{GcShared, start};
 pub use full::{FullPhase, FullProgress, FullReport};
+pub(crate) use incremental::delete_queued;
 pub use policy::{
     FullTriggers, GcAction, GcFacts, GcPolicy, IdleGc, IncrementalGc, ManualGc, Pace,
 };

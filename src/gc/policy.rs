@@ -62,6 +62,14 @@ pub trait GcPolicy: Send + Sync + fmt::Debug + 'static {
     /// What to do now.
     fn decide(&self, facts: &GcFacts) -> GcAction;
 
+    /// Objects each commit deletes from the collector's queue inside its own
+    /// write transaction (0: none). A small share per commit reclaims garbage
+    /// while commits flow without ever making a commit wait for a separate
+    /// collector transaction.
+    fn in_commit(&self) -> usize {
+        0
+    }
+
     /// Objects per write transaction when a caller runs the collector
     /// explicitly (`collect_garbage_now`, `pack`).
     fn explicit_batch(&self) -> usize {
@@ -119,8 +127,11 @@ impl FullTriggers {
     }
 }
 
-/// The default: reclaim queued garbage soon after it appears, in small paced
-/// steps, and start a full collection when [`FullTriggers`] say so.
+/// The default: reclaim queued garbage soon after it appears and start a
+/// full collection when [`FullTriggers`] say so. While commits flow, each
+/// commit deletes `in_commit` queued objects in its own transaction and the
+/// collector thread waits; once no commit came for `quiet`, the thread works
+/// in paced steps (and full collections go on).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct IncrementalGc {
     /// Work per step and rest after it.
@@ -129,6 +140,12 @@ pub struct IncrementalGc {
     pub poll: Duration,
     /// When to start a full collection.
     pub full: FullTriggers,
+    /// Queued objects each commit deletes in its own transaction (0: the
+    /// thread does all the work, also while commits flow).
+    pub in_commit: usize,
+    /// How long without a commit before the thread's own transactions run,
+    /// when commits take a share.
+    pub quiet: Duration,
 }
 
 impl Default for IncrementalGc {
@@ -142,12 +159,26 @@ impl Default for IncrementalGc {
             },
             poll: Duration::from_secs(1),
             full: FullTriggers::default(),
+            in_commit: 1,
+            quiet: Duration::from_millis(50),
         }
     }
 }
 
 impl GcPolicy for IncrementalGc {
+    fn in_commit(&self) -> usize {
+        self.in_commit
+    }
+
     fn decide(&self, f: &GcFacts) -> GcAction {
+        // Commits flowing and taking their share: stay out of their way.
+        if self.in_commit > 0
+            && let Some(since) = f.since_last_commit
+            && since < self.quiet
+            && (f.queue_len > 0 || f.full_running || self.full.due(f))
+        {
+            return GcAction::Wait(self.quiet - since);
+        }
         if f.full_running || self.full.due(f) {
             GcAction::Full(self.pace)
         } else if f.queue_len > 0 {

@@ -928,6 +928,17 @@ impl CommitGuard<'_> {
         })?;
         w.set_quick_repair(engine.quick_repair);
         let queued = write_commit(&w, session, records, &st.allocated)?;
+        // The commit's share of the collector's work, in its own transaction.
+        let share = engine.gc.policy.in_commit();
+        let (collected, collected_bytes) = if share > 0 && engine.gc.queue_maybe_nonempty() {
+            let (removed, bytes, empty) = crate::gc::delete_queued(&w, share, || false)?;
+            if empty {
+                engine.gc.queue_found_empty();
+            }
+            (removed, bytes)
+        } else {
+            (Vec::new(), 0)
+        };
         let r = w.commit().map_err(StorageError::from);
         engine.poisoning(r)?;
 
@@ -951,6 +962,12 @@ impl CommitGuard<'_> {
             }
         }
         engine.invalidate_others(Some(session), &oids);
+        if !collected.is_empty() {
+            engine.invalidate_others(None, &collected);
+            engine
+                .gc
+                .note_deleted(collected.len() as u64, collected_bytes, false);
+        }
         engine.gc.committed(bytes, queued);
         Ok(CommitTicket {
             seq,
