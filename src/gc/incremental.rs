@@ -9,7 +9,7 @@ use redb::{Durability, ReadableTable, ReadableTableMetadata, WriteTransaction};
 use super::state::{meta_in, migration_error};
 use crate::error::Result;
 use crate::record::{Oid, refs_of};
-use crate::redb_store::engine::{Engine, apply_ref_deltas, corrupt};
+use crate::redb_store::engine::{Engine, apply_ref_deltas_in, corrupt};
 use crate::redb_store::layout::{GC_QUEUE, RECORDS, REFCOUNTS};
 
 /// Oids taken from the queue per round; between rounds a step ends early
@@ -82,46 +82,44 @@ pub(crate) fn delete_queued(
     let mut looked = 0usize;
     let mut removed = Vec::new();
     let mut bytes = 0u64;
+    // The three tables stay open for the whole call (opening them is a
+    // good part of the cost of one deletion).
+    let mut queue = w.open_table(GC_QUEUE)?;
+    let mut counts = w.open_table(REFCOUNTS)?;
+    let mut records = w.open_table(RECORDS)?;
     while looked < batch {
         // A committer waits for the writer: finish this step now.
         if looked > 0 && stop() {
             break;
         }
         let mut candidates = Vec::new();
-        {
-            let mut queue = w.open_table(GC_QUEUE)?;
-            while looked + candidates.len() < batch && candidates.len() < ROUND {
-                let Some((k, _)) = queue.pop_first()? else {
-                    break;
-                };
-                candidates.push(k.value());
-            }
+        while looked + candidates.len() < batch && candidates.len() < ROUND {
+            let Some((k, _)) = queue.pop_first()? else {
+                break;
+            };
+            candidates.push(k.value());
         }
         if candidates.is_empty() {
             return Ok((removed, bytes, true));
         }
         looked += candidates.len();
         let mut delta: HashMap<u64, i64> = HashMap::new();
-        {
-            let counts = w.open_table(REFCOUNTS)?;
-            let mut records = w.open_table(RECORDS)?;
-            for oid in candidates {
-                // Re-check inside the transaction: a commit may have
-                // referenced it again since it was queued.
-                if oid == Oid::ROOT.0 || counts.get(oid)?.is_some_and(|c| c.value() > 0) {
-                    continue;
-                }
-                let Some(old) = records.remove(oid)? else {
-                    continue;
-                };
-                bytes += old.value().len() as u64;
-                for r in refs_of(old.value()).map_err(|e| corrupt(Oid(oid), e))? {
-                    *delta.entry(r.0).or_default() -= 1;
-                }
-                removed.push(Oid(oid));
+        for oid in candidates {
+            // Re-check inside the transaction: a commit may have
+            // referenced it again since it was queued.
+            if oid == Oid::ROOT.0 || counts.get(oid)?.is_some_and(|c| c.value() > 0) {
+                continue;
             }
+            let Some(old) = records.remove(oid)? else {
+                continue;
+            };
+            bytes += old.value().len() as u64;
+            for r in refs_of(old.value()).map_err(|e| corrupt(Oid(oid), e))? {
+                *delta.entry(r.0).or_default() -= 1;
+            }
+            removed.push(Oid(oid));
         }
-        apply_ref_deltas(w, delta)?;
+        apply_ref_deltas_in(&mut counts, &mut queue, delta)?;
     }
     Ok((removed, bytes, false))
 }

@@ -1027,13 +1027,22 @@ fn write_commit(
 /// for the collector.
 /// Returns how many oids were queued.
 pub(crate) fn apply_ref_deltas(w: &WriteTransaction, delta: HashMap<u64, i64>) -> Result<u64> {
-    let mut delta: Vec<(u64, i64)> = delta.into_iter().filter(|(_, d)| *d != 0).collect();
-    if delta.is_empty() {
+    if delta.values().all(|d| *d == 0) {
         return Ok(0);
     }
-    delta.sort_unstable();
     let mut counts = w.open_table(REFCOUNTS)?;
     let mut queue = w.open_table(GC_QUEUE)?;
+    apply_ref_deltas_in(&mut counts, &mut queue, delta)
+}
+
+/// [`apply_ref_deltas`] on tables the caller holds open.
+pub(crate) fn apply_ref_deltas_in(
+    counts: &mut redb::Table<u64, u64>,
+    queue: &mut redb::Table<u64, ()>,
+    delta: HashMap<u64, i64>,
+) -> Result<u64> {
+    let mut delta: Vec<(u64, i64)> = delta.into_iter().filter(|(_, d)| *d != 0).collect();
+    delta.sort_unstable();
     let mut queued = 0;
     for (oid, d) in delta {
         let current = counts.get(oid)?.map(|v| v.value()).unwrap_or(0);
