@@ -38,14 +38,7 @@ fn policies() -> Vec<(&'static str, Arc<dyn CheckpointPolicy>)> {
 /// A durus-redb store of OBJECTS records.
 fn durus_store(dir: &Path, policy: Arc<dyn CheckpointPolicy>) -> RedbStorage {
     let path = dir.join(format!("durus-{}.redb", rand_suffix()));
-    let mut s = RedbStorage::open(
-        &path,
-        Options {
-            checkpoint: policy,
-            ..Options::default()
-        },
-    )
-    .unwrap();
+    let mut s = RedbStorage::open(&path, Options::new().checkpoint_shared(policy)).unwrap();
     let oids = s.new_oids(OBJECTS as usize).unwrap();
     s.begin();
     for o in &oids {
@@ -190,7 +183,7 @@ fn sized_store(n: u64) -> PathBuf {
     }
     let _ = std::fs::remove_file(&path);
     let started = Instant::now();
-    let mut s = RedbStorage::open(&path, Options::with_checkpoint(Manual)).unwrap();
+    let mut s = RedbStorage::open(&path, Options::new().checkpoint(Manual)).unwrap();
     let batch = 50_000u64;
     let mut made = 0;
     while made < n {
@@ -243,7 +236,7 @@ trait LoadRoot {
 impl LoadRoot for RedbStorage {
     /// Opening counts only if the store answers: read the first record.
     fn load_root_check(&self) {
-        self.engine().load(Oid::ROOT).unwrap();
+        self.new_session().load(Oid::ROOT).unwrap();
     }
 }
 

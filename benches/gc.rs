@@ -14,7 +14,6 @@
 
 use std::ops::ControlFlow;
 use std::path::Path;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use durus_redb::{
@@ -30,15 +29,7 @@ fn rec(oid: Oid, data: &[u8], refs: &[Oid]) -> Vec<u8> {
 
 /// A store of `live` objects under the root (root -> pages -> leaves).
 fn build(path: &Path, live: usize) -> RedbStorage {
-    let mut s = RedbStorage::open(
-        path,
-        Options {
-            checkpoint: Arc::new(Manual),
-            gc: Arc::new(ManualGc),
-            ..Options::default()
-        },
-    )
-    .unwrap();
+    let mut s = RedbStorage::open(path, Options::new().checkpoint(Manual).gc(ManualGc)).unwrap();
     let root = s.new_oid().unwrap();
     let mut pages = Vec::new();
     let mut left = live;
@@ -190,13 +181,7 @@ fn main() {
     drop(build(&path, live));
     let mut s = RedbStorage::open(
         &path,
-        Options {
-            // Durable commits ride on checkpoints, so the figures show
-            // contention with the collector, not the disk's fsync.
-            checkpoint: Arc::new(Periodic::default()),
-            gc: Arc::new(ManualGc),
-            ..Options::default()
-        },
+        Options::new().checkpoint(Periodic::default()).gc(ManualGc),
     )
     .unwrap();
     let leaves: Vec<Oid> = {
@@ -216,17 +201,15 @@ fn main() {
     drop(s);
     let mut s = RedbStorage::open(
         &path,
-        Options {
-            checkpoint: Arc::new(Periodic::default()),
-            gc: Arc::new(IncrementalGc {
+        Options::new()
+            .checkpoint(Periodic::default())
+            .gc(IncrementalGc {
                 full: FullTriggers {
                     after_deletions: Some(1_000),
                     ..FullTriggers::default()
                 },
                 ..IncrementalGc::default()
             }),
-            ..Options::default()
-        },
     )
     .unwrap();
     let queued = s.gc_state().unwrap().queue_len;

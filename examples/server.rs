@@ -7,17 +7,15 @@
 
 use std::error::Error;
 
-use durus_redb::server::{Address, Server, ServerConfig};
-use durus_redb::{ClientStorage, Oid, Options, Record, RedbStorage, Storage};
+use durus_redb::{
+    Address, ClientStorage, Oid, Options, Record, RedbStorage, Server, ServerConfig, Storage,
+};
 
 fn main() -> Result<(), Box<dyn Error>> {
     let dir = tempfile::tempdir()?;
     let store = RedbStorage::open(dir.path().join("example.redb"), Options::default())?;
-    let config = ServerConfig {
-        address: Address::tcp("127.0.0.1", 0), // any free port
-        ..ServerConfig::default()
-    };
-    let server = Server::bind(store.engine().clone(), config)?;
+    let config = ServerConfig::new(Address::tcp("127.0.0.1", 0)); // any free port
+    let server = Server::bind(&store, config)?;
     drop(store); // the server holds the store from here on
     let Address::Tcp { port, .. } = server.address().clone() else {
         unreachable!("a TCP address was asked for")

@@ -1,17 +1,18 @@
 //! `ClientStorage`: a [`Storage`] on a Durus storage server (durus-redb's or
 //! Durus's own), over TCP or a Unix socket.
 
-use std::collections::{BTreeMap, HashSet};
-use std::io::{self, BufReader, BufWriter, Read, Write};
+use std::collections::HashSet;
+use std::io::{BufReader, BufWriter, Read, Write};
 use std::time::Duration;
 
 use crate::error::{Conflict, Result, StorageError};
 use crate::protocol::{
-    PROTOCOL, STATUS_INVALID, STATUS_KEYERROR, STATUS_OKAY, read_bytes, read_oid, read_u8, read_u32,
+    LoadAnswer, PROTOCOL, ReadError, Request, STATUS_INVALID, STATUS_OKAY, encode_commit_data,
+    read_oid, read_oids, read_u8, read_u32,
 };
 use crate::record::{Oid, Record};
-use crate::server::{Address, Stream};
-use crate::storage::{PackReport, Storage, checked_record};
+use crate::storage::{PackReport, PendingCommit, Storage};
+use crate::transport::{Address, Stream};
 
 /// How many oids are asked for at once (as Durus's client does).
 const OID_POOL: u8 = 32;
@@ -27,7 +28,7 @@ pub struct ClientStorage {
     address: Address,
     r: BufReader<Stream>,
     w: BufWriter<Stream>,
-    pending: BTreeMap<Oid, Record>,
+    pending: PendingCommit,
     oid_pool: Vec<Oid>,
     invalid: HashSet<Oid>,
 }
@@ -39,7 +40,16 @@ impl std::fmt::Debug for ClientStorage {
 }
 
 fn protocol_error(what: impl Into<String>) -> StorageError {
-    StorageError::Protocol(what.into())
+    StorageError::protocol(what)
+}
+
+impl From<ReadError> for StorageError {
+    fn from(e: ReadError) -> StorageError {
+        match e {
+            ReadError::Io(e) => StorageError::Io(e),
+            ReadError::Invalid(why) => protocol_error(format!("the server sent {why}")),
+        }
+    }
 }
 
 impl ClientStorage {
@@ -61,13 +71,11 @@ impl ClientStorage {
             address,
             r: BufReader::new(stream.try_clone()?),
             w: BufWriter::new(stream),
-            pending: BTreeMap::new(),
+            pending: PendingCommit::default(),
             oid_pool: Vec::new(),
             invalid: HashSet::new(),
         };
-        c.w.write_all(b"V")?;
-        c.w.write_all(&PROTOCOL.to_be_bytes())?;
-        c.w.flush()?;
+        c.send(&Request::Version(PROTOCOL))?;
         let theirs = read_u32(&mut c.r)?;
         if theirs != PROTOCOL {
             return Err(protocol_error(format!(
@@ -82,45 +90,27 @@ impl ClientStorage {
         &self.address
     }
 
-    fn send(&mut self, bytes: &[u8]) -> Result<()> {
-        self.w.write_all(bytes)?;
+    fn send(&mut self, request: &Request) -> Result<()> {
+        self.w.write_all(&request.encode())?;
         self.w.flush()?;
         Ok(())
     }
 
     fn read_load(&mut self, oid: Oid) -> Result<Record> {
-        match read_u8(&mut self.r)? {
-            STATUS_OKAY => {
-                let n = read_u32(&mut self.r)? as usize;
-                let bytes = read_bytes(&mut self.r, n)?;
-                checked_record(oid, bytes)
-                    .map_err(|e| protocol_error(format!("the server sent a bad record: {e}")))
-            }
-            STATUS_KEYERROR => Err(StorageError::NotFound(oid)),
-            STATUS_INVALID => Err(StorageError::ReadConflict(oid)),
-            s => Err(protocol_error(format!("unexpected load status {s:#04x}"))),
+        match LoadAnswer::read(&mut self.r, oid)? {
+            LoadAnswer::Record(r) => Ok(r),
+            LoadAnswer::KeyError => Err(StorageError::NotFound(oid)),
+            LoadAnswer::Invalid => Err(StorageError::ReadConflict(oid)),
         }
     }
 
     fn read_oid_list(&mut self) -> Result<Vec<Oid>> {
-        let n = read_u32(&mut self.r)? as usize;
-        let bytes = read_bytes(
-            &mut self.r,
-            n.checked_mul(8)
-                .ok_or_else(|| protocol_error("oid count overflows"))?,
-        )?;
-        bytes
-            .chunks_exact(8)
-            .map(|c| {
-                let mut r: &[u8] = c;
-                read_oid(&mut r).map_err(StorageError::from)
-            })
-            .collect()
+        Ok(read_oids(&mut self.r, u32::MAX as usize)?)
     }
 
     /// Asks the server to shut down (`Q`) and closes this connection.
     pub fn stop_server(mut self) -> Result<()> {
-        self.send(b"Q")?;
+        self.send(&Request::Quit)?;
         // The server closes the connection; wait for that, briefly.
         let mut buf = [0u8; 1];
         let _ = self.r.read(&mut buf);
@@ -130,21 +120,12 @@ impl ClientStorage {
 
 impl Storage for ClientStorage {
     fn load(&mut self, oid: Oid) -> Result<Record> {
-        let mut req = [0u8; 9];
-        req[0] = b'L';
-        req[1..].copy_from_slice(&oid.to_bytes());
-        self.send(&req)?;
+        self.send(&Request::Load(oid))?;
         self.read_load(oid)
     }
 
     fn bulk_load(&mut self, oids: &[Oid]) -> Result<Vec<Record>> {
-        let mut req = Vec::with_capacity(5 + 8 * oids.len());
-        req.push(b'B');
-        req.extend_from_slice(&(oids.len() as u32).to_be_bytes());
-        for o in oids {
-            req.extend_from_slice(&o.to_bytes());
-        }
-        self.send(&req)?;
+        self.send(&Request::BulkLoad(oids.to_vec()))?;
         // Read every answer before reporting the first failure, so the
         // connection stays in step.
         let answers: Vec<Result<Record>> = oids.iter().map(|&o| self.read_load(o)).collect();
@@ -156,14 +137,12 @@ impl Storage for ClientStorage {
     }
 
     fn store(&mut self, oid: Oid, record: Vec<u8>) -> Result<()> {
-        let record = checked_record(oid, record)?;
-        self.pending.insert(oid, record);
-        Ok(())
+        self.pending.store(oid, record)
     }
 
     fn end(&mut self) -> Result<()> {
-        let pending = std::mem::take(&mut self.pending);
-        self.send(b"C")?;
+        let pending = self.pending.take();
+        self.send(&Request::Commit)?;
         let invalid = self.read_oid_list()?;
         let clash: Vec<Oid> = invalid
             .iter()
@@ -171,22 +150,17 @@ impl Storage for ClientStorage {
             .filter(|o| pending.contains_key(o))
             .collect();
         self.invalid.extend(invalid);
-        if !clash.is_empty() {
-            self.send(&0u32.to_be_bytes())?;
-            return Err(Conflict::Invalidated { oids: clash }.into());
-        }
-        let mut data = Vec::new();
-        for (oid, r) in &pending {
-            data.extend_from_slice(&((r.len() + 8) as u32).to_be_bytes());
-            data.extend_from_slice(&oid.to_bytes());
-            data.extend_from_slice(r.as_bytes());
-        }
-        let len = u32::try_from(data.len())
-            .map_err(|_| StorageError::Io(io::Error::other("a commit larger than 4 GiB")))?;
-        self.w.write_all(&len.to_be_bytes())?;
+        let data = if clash.is_empty() {
+            encode_commit_data(pending.values())?
+        } else {
+            encode_commit_data([])?
+        };
         self.w.write_all(&data)?;
         self.w.flush()?;
-        if data.is_empty() {
+        if !clash.is_empty() {
+            return Err(Conflict::Invalidated { oids: clash }.into());
+        }
+        if pending.is_empty() {
             return Ok(());
         }
         match read_u8(&mut self.r)? {
@@ -201,7 +175,7 @@ impl Storage for ClientStorage {
     }
 
     fn sync(&mut self) -> Result<Vec<Oid>> {
-        self.send(b"S")?;
+        self.send(&Request::Sync)?;
         let oids = self.read_oid_list()?;
         self.invalid.extend(oids);
         let mut all: Vec<Oid> = self.invalid.drain().collect();
@@ -211,10 +185,10 @@ impl Storage for ClientStorage {
 
     fn new_oid(&mut self) -> Result<Oid> {
         if self.oid_pool.is_empty() {
-            self.send(&[b'M', OID_POOL])?;
+            self.send(&Request::NewOids(OID_POOL))?;
             let mut oids: Vec<Oid> = (0..OID_POOL)
                 .map(|_| read_oid(&mut self.r))
-                .collect::<io::Result<_>>()?;
+                .collect::<std::io::Result<_>>()?;
             oids.reverse();
             self.oid_pool = oids;
         }
@@ -232,7 +206,7 @@ impl Storage for ClientStorage {
     /// Asks the server to pack. The server answers at once and collects in the
     /// background, so the report is empty.
     fn pack(&mut self) -> Result<PackReport> {
-        self.send(b"P")?;
+        self.send(&Request::Pack)?;
         match read_u8(&mut self.r)? {
             STATUS_OKAY => Ok(PackReport::default()),
             s => Err(protocol_error(format!("unexpected pack status {s:#04x}"))),
@@ -241,7 +215,7 @@ impl Storage for ClientStorage {
 
     fn close(&mut self) -> Result<()> {
         self.pending.clear();
-        let _ = self.send(b".");
+        let _ = self.send(&Request::Close(b'.'));
         Ok(())
     }
 }

@@ -4,6 +4,8 @@
 //! gone) are kept apart from invalid input (the caller sent something that can
 //! never be committed) and from failures of the store itself.
 
+use std::path::PathBuf;
+
 use crate::record::{Oid, RecordError};
 
 /// Why a commit was refused although its input was well formed: the state of
@@ -56,9 +58,24 @@ pub enum InvalidInput {
         /// The oid.
         oid: Oid,
     },
-    /// Anything else, explained.
-    #[error("{0}")]
-    Other(String),
+    /// A collection was asked of a store that has records but no root
+    /// object (oid 0): everything would be garbage, so nothing is collected.
+    #[error("the store has records but no root object (oid 0): refusing to collect")]
+    NoRoot,
+    /// An import (`migrate`) is in progress: garbage collection waits for it.
+    #[error(
+        "an import is in progress (metadata key `migration`): garbage collection is skipped until it finishes"
+    )]
+    ImportInProgress,
+    /// A full collection was asked while one is already running.
+    #[error("a full collection is already running")]
+    CollectionRunning,
+    /// No more oids can be handed out: the store reached the top of the oid range.
+    #[error("no oid is left to hand out: the store has reached oid {highest}")]
+    OidsExhausted {
+        /// The highest oid handed out or stored.
+        highest: Oid,
+    },
 }
 
 /// The error of every [`Storage`](crate::Storage) operation.
@@ -77,9 +94,56 @@ pub enum StorageError {
     /// The input can never be accepted; nothing was written.
     #[error("invalid input: {0}")]
     Invalid(#[from] InvalidInput),
-    /// The file is not a durus-redb store, or one of another format version.
-    #[error("{0}")]
-    Format(String),
+    /// The file is not a durus-redb store (another kind of file, or a redb
+    /// database of another program).
+    #[error("{} is not a durus-redb store: {reason}", path.display())]
+    NotAStore {
+        /// The file.
+        path: PathBuf,
+        /// What was found instead.
+        reason: String,
+    },
+    /// The store has an on-disk format version this build does not read.
+    #[error("{}", unsupported_format(path, *found, *oldest, *newest))]
+    UnsupportedFormat {
+        /// The file.
+        path: PathBuf,
+        /// The version in the file.
+        found: u32,
+        /// The oldest version this build reads.
+        oldest: u32,
+        /// The version this build writes.
+        newest: u32,
+    },
+    /// The store was not closed cleanly and needs a repair, which a read-only
+    /// open cannot do.
+    #[error(
+        "{} was not closed cleanly and needs a repair, which a read-only open cannot do; \
+         open it read-write once (`durus-redb check --repair` does)",
+        path.display()
+    )]
+    NeedsRepair {
+        /// The file.
+        path: PathBuf,
+    },
+    /// A writable open of a store whose import (`migrate`) is unfinished.
+    #[error(
+        "{} holds an unfinished import from {from}: run `durus-redb migrate` again with the same source to finish it",
+        path.display()
+    )]
+    UnfinishedImport {
+        /// The file.
+        path: PathBuf,
+        /// What was being imported.
+        from: String,
+    },
+    /// Data in the store is damaged (a record or a metadata entry that does
+    /// not decode, a reference count that would fall below zero).
+    #[error("the store is damaged: {what}")]
+    Damaged {
+        /// What is damaged.
+        what: String,
+    },
     /// Another process (or handle) has the store open.
     #[error("store {path} is already open by another process or handle")]
     AlreadyOpen {
@@ -90,23 +154,45 @@ pub enum StorageError {
     #[error("the store is open read-only")]
     ReadOnly,
     /// An earlier failure left the store unusable until it is reopened.
-    #[error("the store is poisoned by an earlier failure and must be reopened: {0}")]
-    Poisoned(String),
+    #[error("the store is poisoned by an earlier failure and must be reopened: {reason}")]
+    Poisoned {
+        /// The failure that poisoned it.
+        reason: String,
+    },
     /// The store was closed.
     #[error("the store is closed")]
     Closed,
-    /// The underlying database failed.
+    /// The underlying database (redb) failed.
     #[error("storage failure: {0}")]
-    Backend(#[from] redb::Error),
+    Backend(#[from] BackendError),
     /// An I/O error outside the database (a socket, a file).
     #[error("I/O error: {0}")]
     Io(#[from] std::io::Error),
     /// A remote peer broke the protocol.
-    #[error("protocol error: {0}")]
-    Protocol(String),
+    #[error("protocol error: {detail}")]
+    Protocol {
+        /// What it sent.
+        detail: String,
+    },
 }
 
+/// A failure of the underlying database, redb. Opaque, so that this crate's
+/// interface does not change with redb's; its `source()` is redb's error.
+#[derive(Debug, thiserror::Error)]
+#[error(transparent)]
+pub struct BackendError(redb::Error);
+
 impl StorageError {
+    pub(crate) fn protocol(detail: impl Into<String>) -> StorageError {
+        StorageError::Protocol {
+            detail: detail.into(),
+        }
+    }
+
+    pub(crate) fn damaged(what: impl Into<String>) -> StorageError {
+        StorageError::Damaged { what: what.into() }
+    }
+
     /// True for a conflict of any kind (including a read conflict): the caller
     /// may sync and retry.
     pub fn is_conflict(&self) -> bool {
@@ -121,12 +207,13 @@ macro_rules! from_redb {
     ($($t:ty),*) => {$(
         impl From<$t> for StorageError {
             fn from(e: $t) -> Self {
-                StorageError::Backend(e.into())
+                StorageError::Backend(BackendError(e.into()))
             }
         }
     )*};
 }
 from_redb!(
+    redb::Error,
     redb::DatabaseError,
     redb::TransactionError,
     redb::TableError,
@@ -135,6 +222,24 @@ from_redb!(
     redb::CompactionError,
     redb::SetDurabilityError
 );
+
+fn unsupported_format(path: &std::path::Path, found: u32, oldest: u32, newest: u32) -> String {
+    let reads = if oldest == newest {
+        format!("version {newest}")
+    } else {
+        format!("versions {oldest} to {newest}")
+    };
+    format!(
+        "{} has on-disk format version {found}; this durus-redb {} reads {reads}{}",
+        path.display(),
+        env!("CARGO_PKG_VERSION"),
+        if found > newest {
+            ": use a newer durus-redb"
+        } else {
+            ""
+        }
+    )
+}
 
 fn fmt_oids(oids: &[Oid]) -> String {
     const SHOWN: usize = 20;

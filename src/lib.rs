@@ -3,14 +3,20 @@
 //!
 //! - [`Storage`]: Durus's storage interface; [`MemoryStorage`] is its reference model.
 //! - [`RedbStorage`]: the storage on a redb file, opened in-process with exclusive access.
-//! - [`server`]: Durus's storage server protocol on a store; [`ClientStorage`] speaks it too.
+//! - [`Server`]: Durus's storage server protocol on a store; [`ClientStorage`] speaks it too.
 //! - [`CheckpointPolicy`]: when commits become durable ([`EveryCommit`], [`Periodic`], [`Manual`]).
 //! - [`GcPolicy`]: how the background garbage collector works ([`IncrementalGc`], [`IdleGc`], [`ManualGc`]).
+//! - [`migrate`] and [`export`]: to and from Durus's own files.
+//!
+//! Cargo features: `cli` (the `durus-redb` command line) and `sqlite`
+//! (migration from Durus's SqliteStorage) are on by default; the library
+//! alone builds with `--no-default-features`.
 #![forbid(unsafe_code)]
-#![warn(missing_docs)]
+#![deny(missing_docs)]
 
 mod checkpoint;
 mod client;
+mod engine;
 mod error;
 mod filestorage;
 mod gc;
@@ -18,23 +24,25 @@ mod memory;
 mod migrate;
 mod protocol;
 mod record;
-mod redb_store;
-pub mod server;
+mod server;
 mod storage;
+mod store;
+mod transport;
 
 pub use checkpoint::{
     CheckpointFacts, CheckpointPolicy, CommitDurability, CompactionFacts, EveryCommit, Manual,
     Periodic, default_compaction,
 };
 pub use client::ClientStorage;
-pub use error::{Conflict, InvalidInput, Result, StorageError};
+pub use engine::{CheckReport, FullCheck, StoreStats, check_store};
+pub use error::{BackendError, Conflict, InvalidInput, Result, StorageError};
 pub use filestorage::{
     FileError, FileFormat, ReadOptions, RecordSource, ShelfWriter, SourceEvent, SourceItem,
     detect_format, open_source,
 };
 pub use gc::{
-    FullPhase, FullProgress, FullReport, FullTriggers, GcAction, GcFacts, GcPolicy, GcReport,
-    GcState, GcStats, IdleGc, IncrementalGc, ManualGc, Pace,
+    FullPhase, FullProgress, FullReport, FullTriggers, GcAction, GcFacts, GcPolicy, GcState,
+    GcStats, IdleGc, IncrementalGc, ManualGc, Pace,
 };
 pub use memory::MemoryStorage;
 pub use migrate::{
@@ -42,8 +50,7 @@ pub use migrate::{
     migrate_storage,
 };
 pub use record::{Oid, Record, RecordError};
-pub use redb_store::{
-    CheckReport, CommitGuard, CommitTicket, Engine, FullCheck, InvalidSet, Options, RedbStorage,
-    SessionId, StoreStats, check_store,
-};
+pub use server::{Server, ServerConfig, ShutdownHandle};
 pub use storage::{PackReport, Storage, Traversal};
+pub use store::{GcReport, Options, RedbStorage};
+pub use transport::Address;

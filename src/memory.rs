@@ -4,7 +4,7 @@ use std::collections::{BTreeMap, BTreeSet, HashSet};
 
 use crate::error::{Conflict, InvalidInput, Result, StorageError};
 use crate::record::{Oid, Record};
-use crate::storage::{PackReport, Storage, checked_record, validate_commit};
+use crate::storage::{PackReport, PendingCommit, Storage, validate_commit};
 
 /// A storage that keeps everything in memory, with the same semantics as
 /// [`RedbStorage`](crate::RedbStorage): the same validation, the same oid
@@ -14,7 +14,7 @@ pub struct MemoryStorage {
     records: BTreeMap<Oid, Record>,
     next_oid: u64,
     allocated: HashSet<Oid>,
-    pending: BTreeMap<Oid, Record>,
+    pending: PendingCommit,
     invalid: BTreeSet<Oid>,
 }
 
@@ -75,13 +75,12 @@ impl Storage for MemoryStorage {
     }
 
     fn store(&mut self, oid: Oid, record: Vec<u8>) -> Result<()> {
-        let record = checked_record(oid, record)?;
-        self.pending.insert(oid, record);
+        self.pending.store(oid, record)?;
         Ok(())
     }
 
     fn end(&mut self) -> Result<()> {
-        let pending = std::mem::take(&mut self.pending);
+        let pending = self.pending.take();
         if pending.is_empty() {
             return Ok(());
         }
@@ -129,10 +128,7 @@ impl Storage for MemoryStorage {
             return Ok(PackReport::default());
         }
         if !self.records.contains_key(&Oid::ROOT) {
-            return Err(InvalidInput::Other(
-                "the store has records but no root object (oid 0): refusing to collect".into(),
-            )
-            .into());
+            return Err(InvalidInput::NoRoot.into());
         }
         let live = self.reachable();
         let mut report = PackReport::default();

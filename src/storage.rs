@@ -8,6 +8,7 @@ use crate::record::{Oid, Record};
 
 /// What a full collection (pack) did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct PackReport {
     /// Records removed.
     pub removed_objects: u64,
@@ -193,4 +194,31 @@ pub(crate) fn validate_commit(
 /// Validates a record for `store`: well formed and naming `oid`.
 pub(crate) fn checked_record(oid: Oid, bytes: Vec<u8>) -> Result<Record> {
     Record::for_oid(oid, bytes).map_err(|source| crate::InvalidInput::Record { oid, source }.into())
+}
+
+/// The records of the commit underway, kept alike by every storage:
+/// `begin` and `abort` drop them, `store` checks and adds one (the last
+/// record stored for an oid wins), `take` hands them to the commit.
+#[derive(Debug, Default, Clone)]
+pub(crate) struct PendingCommit {
+    records: std::collections::BTreeMap<Oid, Record>,
+}
+
+impl PendingCommit {
+    /// Drops everything stored (`begin` and `abort`).
+    pub(crate) fn clear(&mut self) {
+        self.records.clear();
+    }
+
+    /// Checks a record (well formed, naming `oid`) and adds it.
+    pub(crate) fn store(&mut self, oid: Oid, bytes: Vec<u8>) -> Result<()> {
+        let record = checked_record(oid, bytes)?;
+        self.records.insert(oid, record);
+        Ok(())
+    }
+
+    /// The records stored, leaving none.
+    pub(crate) fn take(&mut self) -> std::collections::BTreeMap<Oid, Record> {
+        std::mem::take(&mut self.records)
+    }
 }

@@ -263,7 +263,7 @@ fn foreign_file_is_refused_with_a_clear_error() {
     let path = dir.path().join("not-a-store");
     std::fs::write(&path, b"SHELF-1\nthis is a Durus file, not redb").unwrap();
     let err = RedbStorage::open(&path, Options::default().gc(ManualGc)).unwrap_err();
-    assert!(matches!(err, StorageError::Format(_)), "{err:?}");
+    assert!(matches!(err, StorageError::NotAStore { .. }), "{err:?}");
     assert!(err.to_string().contains("not a durus-redb store"), "{err}");
     assert_eq!(
         std::fs::read(&path).unwrap(),
@@ -314,8 +314,77 @@ fn store_of_a_newer_format_is_refused_naming_both_versions() {
         w.commit().unwrap();
     }
     let err = RedbStorage::open(&path, Options::default().gc(ManualGc)).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            StorageError::UnsupportedFormat {
+                found: 99,
+                newest: 1,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
     let msg = err.to_string();
     assert!(msg.contains("99") && msg.contains("version 1"), "{msg}");
+}
+
+/// A store written by the first release of format 1 (positional metadata,
+/// a full collection finished, one object queued for the collector), kept
+/// under tests/fixtures. Any change to the format that this build cannot
+/// read, or reads differently, fails here.
+#[test]
+fn format_1_fixture_store_opens_with_its_contents() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("format1.redb");
+    std::fs::copy(
+        concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/format1.redb"),
+        &path,
+    )
+    .unwrap();
+    let mut s = RedbStorage::open(&path, Options::default().gc(ManualGc)).unwrap();
+    let stats = s.stats().unwrap();
+    assert_eq!(stats.format_version, 1);
+    assert_eq!(stats.objects, 6);
+    assert_eq!(stats.gc_queue, 1, "oid 5 was dropped and queued");
+    let gc = s.gc_state().unwrap();
+    assert_eq!(gc.full_collections, 1);
+    assert!(!gc.full_pending);
+    let root = s.load(Oid::ROOT).unwrap();
+    assert_eq!(root.data(), b"root v2");
+    assert_eq!(root.refs().collect::<Vec<_>>(), vec![Oid(1), Oid(3)]);
+    for (oid, data, refs) in [
+        (1, &b"a"[..], vec![Oid(2)]),
+        (2, b"b", vec![]),
+        (3, b"c", vec![Oid(4)]),
+        (4, b"d", vec![Oid(3)]),
+        (5, b"e", vec![]),
+    ] {
+        let r = s.load(Oid(oid)).unwrap();
+        assert_eq!((r.data(), r.refs().collect::<Vec<_>>()), (data, refs));
+    }
+    let check = s.check_references().unwrap();
+    assert_eq!(
+        (
+            check.dangling_count,
+            check.mismatch_count,
+            check.damaged_count
+        ),
+        (0, 0, 0)
+    );
+    // Oids go on above what the store holds, and a commit works.
+    let next = s.new_oid().unwrap();
+    assert!(next.0 >= 6, "{next}");
+    s.begin();
+    s.store(next, rec(next, b"new", &[])).unwrap();
+    s.store(Oid::ROOT, rec(Oid::ROOT, b"root v3", &[Oid(1), next]))
+        .unwrap();
+    s.end().unwrap();
+    assert_eq!(s.collect_garbage_now().unwrap().removed_objects, 1);
+    s.close().unwrap();
+    let mut s = RedbStorage::open(&path, Options::default().gc(ManualGc)).unwrap();
+    assert_eq!(s.load(next).unwrap().data(), b"new");
+    assert!(matches!(s.load(Oid(5)), Err(StorageError::NotFound(_))));
 }
 
 #[test]

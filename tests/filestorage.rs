@@ -195,13 +195,7 @@ fn torn_tails_are_truncated_or_dropped_on_request() {
                 }
                 other => panic!("{name} cut at {cut}: {:?}", other.map(|e| e.len())),
             }
-            let mut s = open_source(
-                &torn,
-                ReadOptions {
-                    accept_torn_tail: true,
-                },
-            )
-            .unwrap();
+            let mut s = open_source(&torn, ReadOptions::default().with_torn_tail(true)).unwrap();
             let mut ev = Vec::new();
             while let Some(e) = s.next_event().unwrap() {
                 ev.push(e);
@@ -232,13 +226,7 @@ fn last_item(name: &str) -> (Vec<u8>, usize, usize) {
 }
 
 fn expect_corrupt(path: &Path, want_offset: u64, what: &str) {
-    match events(
-        path,
-        ReadOptions {
-            accept_torn_tail: true,
-        },
-        0,
-    ) {
+    match events(path, ReadOptions::default().with_torn_tail(true), 0) {
         Err(FileError::Corrupt { offset, reason }) => {
             assert_eq!(offset, want_offset, "{what}: {reason}")
         }

@@ -256,10 +256,8 @@ fn an_unfinished_migration_is_refused_by_other_opens_and_resumed_by_migrate() {
     let dir = tempfile::tempdir().unwrap();
     let dest = dir.path().join("d.redb");
     // Stop a library migration after its first batches by failing progress.
-    let options = MigrateOptions {
-        batch_records: 100,
-        ..MigrateOptions::default()
-    };
+    let mut options = MigrateOptions::default();
+    options.batch_records = 100;
     let outcome = std::panic::catch_unwind(|| {
         let mut batches = 0;
         let _ = migrate(&source, &dest, &options, &mut |_| {
@@ -415,10 +413,8 @@ fn any_storage_migrates_through_the_library() {
     source.end().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let dest = dir.path().join("m.redb");
-    let options = MigrateOptions {
-        batch_records: 64,
-        ..MigrateOptions::default()
-    };
+    let mut options = MigrateOptions::default();
+    options.batch_records = 64;
     let report = migrate_storage(&mut source, "memory", &dest, &options, &mut |_| {}).unwrap();
     assert_eq!(report.objects, 500);
     let got = contents(&dest);

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
 
-use durus_redb::server::Address;
+use durus_redb::Address;
 use durus_redb::{ClientStorage, Conflict, Oid, Record, RedbStorage, Storage, StorageError};
 
 fn bin() -> PathBuf {

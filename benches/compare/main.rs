@@ -811,7 +811,7 @@ fn engine_vs_raw(dir: &Path) -> (f64, f64, f64, f64) {
 
     let mut s = RedbStorage::open(
         dir.join("engine.redb"),
-        Options::with_checkpoint(EveryCommit),
+        Options::new().checkpoint(EveryCommit),
     )
     .expect("open");
     let oids = s.new_oids(N as usize).expect("oids");

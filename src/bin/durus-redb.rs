@@ -4,10 +4,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use durus_redb::server::{Address, Server, ServerConfig, parse_umask};
 use durus_redb::{
-    CheckpointPolicy, ClientStorage, EveryCommit, Manual, ManualGc, MigrateOptions,
-    MigrateProgress, Options, Periodic, RedbStorage, check_store,
+    Address, CheckpointPolicy, ClientStorage, EveryCommit, Manual, ManualGc, MigrateOptions,
+    MigrateProgress, Options, Periodic, RedbStorage, Server, ServerConfig, check_store,
 };
 
 /// A Durus-compatible object store and server on redb.
@@ -134,12 +133,14 @@ struct ServeArgs {
     /// Listen on this Unix domain socket instead of TCP.
     #[arg(long)]
     address: Option<PathBuf>,
-    /// Owner of the Unix socket (user name or uid).
-    #[arg(long, requires = "address")]
-    owner: Option<String>,
-    /// Group of the Unix socket (group name or gid).
-    #[arg(long, requires = "address")]
-    group: Option<String>,
+    /// Owner of the Unix socket (user name or uid), looked up through the
+    /// system's user database (NSS: files, LDAP, ...).
+    #[arg(long, requires = "address", value_parser = parse_owner)]
+    owner: Option<u32>,
+    /// Group of the Unix socket (group name or gid), looked up through the
+    /// system's group database.
+    #[arg(long, requires = "address", value_parser = parse_group)]
+    group: Option<u32>,
     /// umask for the Unix socket's permissions (e.g. 0o077 or 077).
     #[arg(long, requires = "address", value_parser = parse_umask)]
     umask: Option<u32>,
@@ -203,17 +204,14 @@ fn main() -> ExitCode {
             batch_bytes,
             accept_torn_tail,
             allow_dangling,
-        } => migrate_cmd(
-            &source,
-            &dest,
-            &MigrateOptions {
-                batch_records,
-                batch_bytes,
-                accept_torn_tail,
-                allow_dangling,
-                ..MigrateOptions::default()
-            },
-        ),
+        } => migrate_cmd(&source, &dest, &{
+            let mut o = MigrateOptions::default();
+            o.batch_records = batch_records;
+            o.batch_bytes = batch_bytes;
+            o.accept_torn_tail = accept_torn_tail;
+            o.allow_dangling = allow_dangling;
+            o
+        }),
         Command::Export { source, dest } => export_cmd(&source, &dest),
         Command::Stats { path } => stats(path),
         Command::Check { path } => check(path),
@@ -269,18 +267,18 @@ fn serve(args: ServeArgs) -> ExitCode {
         GcChoice::Idle => std::sync::Arc::new(durus_redb::IdleGc::default()),
         GcChoice::Manual => std::sync::Arc::new(ManualGc),
     };
-    let options = Options {
-        read_only: args.readonly,
-        create: !args.readonly,
-        checkpoint: policy,
-        gc,
-        ..Options::default()
+    let opened = if args.readonly {
+        RedbStorage::open_read_only(&args.file)
+    } else {
+        RedbStorage::open(
+            &args.file,
+            Options::new().checkpoint_shared(policy).gc_shared(gc),
+        )
     };
-    let store = match RedbStorage::open(&args.file, options) {
+    let store = match opened {
         Ok(s) => s,
         Err(e) => return fail(format_args!("{}: {e}", args.file.display())),
     };
-    let engine = store.engine().clone();
     let address = match args.address {
         Some(path) => Address::Unix {
             path,
@@ -293,14 +291,13 @@ fn serve(args: ServeArgs) -> ExitCode {
     if !(args.request_timeout > 0.0 && args.request_timeout.is_finite()) {
         return fail("--request-timeout must be a positive number of seconds");
     }
-    let config = ServerConfig {
-        address: address.clone(),
-        max_connections: args.max_connections.max(1),
-        max_frame_bytes: args.max_frame_bytes,
-        request_timeout: std::time::Duration::from_secs_f64(args.request_timeout),
-        gcbytes: args.gcbytes,
-    };
-    let server = match Server::bind(engine, config) {
+    let mut config = ServerConfig::default();
+    config.address = address.clone();
+    config.max_connections = args.max_connections.max(1);
+    config.max_frame_bytes = args.max_frame_bytes;
+    config.request_timeout = std::time::Duration::from_secs_f64(args.request_timeout);
+    config.gcbytes = args.gcbytes;
+    let server = match Server::bind(&store, config) {
         Ok(s) => s,
         Err(e) => {
             drop(store); // closes the store
@@ -392,6 +389,7 @@ fn migrate_cmd(
             });
             v.set_position(scanned);
         }
+        _ => {}
     });
     import.finish();
     if let Some(v) = verify {
@@ -449,11 +447,7 @@ fn migrate_cmd(
 }
 
 fn gc_cmd(path: &std::path::Path, full: bool) -> ExitCode {
-    let options = Options {
-        create: false,
-        gc: std::sync::Arc::new(ManualGc),
-        ..Options::default()
-    };
+    let options = Options::new().create(false).gc(ManualGc);
     let store = match RedbStorage::open(path, options) {
         Ok(s) => s,
         Err(e) => return fail(format_args!("{}: {e}", path.display())),
@@ -472,6 +466,7 @@ fn gc_cmd(path: &std::path::Path, full: bool) -> ExitCode {
                     progress.set_message(format!("sweep {pass}"));
                     progress.set_position(p.scanned.min(before));
                 }
+                _ => {}
             }
             std::ops::ControlFlow::Continue(())
         });
@@ -592,5 +587,72 @@ fn check(path: PathBuf) -> ExitCode {
             r.dangling_count, r.mismatch_count, r.damaged_count
         );
         ExitCode::FAILURE
+    }
+}
+
+/// Parses a umask as Durus's command line does: `0o22`, `022` (octal with a
+/// leading zero), `0x12`, or decimal.
+fn parse_umask(s: &str) -> Result<u32, String> {
+    let parsed = if let Some(o) = s.strip_prefix("0o").or_else(|| s.strip_prefix("0O")) {
+        u32::from_str_radix(o, 8)
+    } else if let Some(x) = s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        u32::from_str_radix(x, 16)
+    } else if s.len() > 1 && s.starts_with('0') {
+        u32::from_str_radix(&s[1..], 8)
+    } else {
+        s.parse::<u32>()
+    };
+    match parsed {
+        Ok(v) if v <= 0o777 => Ok(v),
+        Ok(v) => Err(format!("umask {v:#o} is larger than 0o777")),
+        Err(e) => Err(format!("invalid umask {s:?}: {e}")),
+    }
+}
+
+/// A numeric uid, or the uid of a user name.
+fn parse_owner(s: &str) -> Result<u32, String> {
+    if let Ok(id) = s.parse::<u32>() {
+        return Ok(id);
+    }
+    match nix::unistd::User::from_name(s) {
+        Ok(Some(u)) => Ok(u.uid.as_raw()),
+        Ok(None) => Err(format!("no user named {s:?}")),
+        Err(e) => Err(format!("looking up user {s:?}: {e}")),
+    }
+}
+
+/// A numeric gid, or the gid of a group name.
+fn parse_group(s: &str) -> Result<u32, String> {
+    if let Ok(id) = s.parse::<u32>() {
+        return Ok(id);
+    }
+    match nix::unistd::Group::from_name(s) {
+        Ok(Some(g)) => Ok(g.gid.as_raw()),
+        Ok(None) => Err(format!("no group named {s:?}")),
+        Err(e) => Err(format!("looking up group {s:?}: {e}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn umasks_parse_as_durus_reads_them() {
+        assert_eq!(parse_umask("0o22"), Ok(0o22));
+        assert_eq!(parse_umask("077"), Ok(0o77));
+        assert_eq!(parse_umask("0x12"), Ok(0x12));
+        assert_eq!(parse_umask("18"), Ok(18));
+        assert!(parse_umask("0o1000").is_err());
+        assert!(parse_umask("x").is_err());
+    }
+
+    #[test]
+    fn owner_and_group_names_resolve_through_the_system() {
+        assert_eq!(parse_owner("root"), Ok(0));
+        assert_eq!(parse_owner("1234"), Ok(1234));
+        assert_eq!(parse_group("root"), Ok(0));
+        assert!(parse_owner("no-such-user-durus-redb").is_err());
+        assert!(parse_group("no-such-group-durus-redb").is_err());
     }
 }

@@ -57,6 +57,7 @@
 
 mod dfs20;
 mod shelf;
+#[cfg(feature = "sqlite")]
 mod sqlite;
 
 use std::fs::File;
@@ -136,8 +137,22 @@ pub enum FileError {
         source: RecordError,
     },
     /// The SQLite library failed.
-    #[error("SQLite error: {0}")]
-    Sqlite(#[from] rusqlite::Error),
+    #[error("SQLite error: {detail}")]
+    Sqlite {
+        /// SQLite's message.
+        detail: String,
+    },
+    /// The file is of a format this build cannot read (SQLite sources need
+    /// the `sqlite` feature).
+    #[error(
+        "{format:?} files cannot be read by this build: it was built without the `{feature}` feature"
+    )]
+    Unsupported {
+        /// The format.
+        format: FileFormat,
+        /// The Cargo feature that reads it.
+        feature: &'static str,
+    },
 }
 
 fn show_bytes(bytes: &[u8]) -> String {
@@ -157,11 +172,20 @@ fn hex(bytes: &[u8]) -> String {
 
 /// How to read a source file.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct ReadOptions {
     /// If the file's last transaction is cut short, end cleanly after the
     /// last complete transaction instead of failing with
     /// [`FileError::Truncated`].
     pub accept_torn_tail: bool,
+}
+
+impl ReadOptions {
+    /// These options with [`accept_torn_tail`](Self::accept_torn_tail) set.
+    pub fn with_torn_tail(mut self, accept: bool) -> Self {
+        self.accept_torn_tail = accept;
+        self
+    }
 }
 
 /// One record read from a source file.
@@ -248,7 +272,15 @@ pub fn open_source(
     Ok(match detect_format(path)? {
         FileFormat::Shelf => Box::new(shelf::ShelfSource::open(path, options)?),
         FileFormat::FileStorage2 => Box::new(dfs20::Dfs20Source::open(path, options)?),
+        #[cfg(feature = "sqlite")]
         FileFormat::Sqlite => Box::new(sqlite::SqliteSource::open(path)?),
+        #[cfg(not(feature = "sqlite"))]
+        FileFormat::Sqlite => {
+            return Err(FileError::Unsupported {
+                format: FileFormat::Sqlite,
+                feature: "sqlite",
+            });
+        }
     })
 }
 

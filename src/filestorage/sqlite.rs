@@ -173,6 +173,14 @@ impl RecordSource for SqliteSource {
     }
 }
 
+impl From<rusqlite::Error> for FileError {
+    fn from(e: rusqlite::Error) -> FileError {
+        FileError::Sqlite {
+            detail: e.to_string(),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

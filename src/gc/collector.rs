@@ -12,11 +12,13 @@ use parking_lot::Mutex;
 use super::policy::{GcAction, GcFacts, GcPolicy};
 use super::state::read_state;
 use super::{full, incremental};
+use crate::engine::{CommitHook, Engine, delete_queued};
 use crate::error::{Result, StorageError};
-use crate::redb_store::engine::Engine;
+use crate::record::{Oid, Record};
 
 /// Counters of the collector since the store was opened.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct GcStats {
     /// Objects deleted by the incremental collector.
     pub incremental_removed: u64,
@@ -52,6 +54,10 @@ pub(crate) struct GcShared {
     queue_maybe_nonempty: AtomicBool,
     /// Held by whoever runs a full collection.
     pub(crate) full_lock: Mutex<()>,
+    /// While a full collection runs: every oid stored or referenced by a
+    /// commit since its start (recorded by the commit hook, under the commit
+    /// lock). The sweep keeps them and what they reach.
+    pub(crate) extra: Mutex<Option<std::collections::HashSet<Oid>>>,
     thread: Mutex<Option<CollectorGuard>>,
 }
 
@@ -81,6 +87,7 @@ impl GcShared {
             nudge: Mutex::new(None),
             queue_maybe_nonempty: AtomicBool::new(true),
             full_lock: Mutex::new(()),
+            extra: Mutex::new(None),
             thread: Mutex::new(None),
         }
     }
@@ -147,7 +154,7 @@ impl GcShared {
         }
     }
 
-    /// Stops the thread (acknowledged, joined). Called by `Engine::close`.
+    /// Stops the thread (acknowledged, joined). Called when the store closes.
     pub(crate) fn shutdown(&self) {
         self.stopping.store(true, Ordering::Release);
         *self.nudge.lock() = None;
@@ -203,20 +210,21 @@ impl Drop for CollectorGuard {
 }
 
 /// Starts the collector thread if the store is writable and the policy wants one.
-pub(crate) fn start(engine: &Arc<Engine>) {
-    if engine.is_read_only() || !engine.gc.policy.background() {
+pub(crate) fn start(engine: &Arc<Engine>, gc: &Arc<GcShared>) {
+    if engine.is_read_only() || !gc.policy.background() {
         return;
     }
     let (nudge_tx, nudge_rx) = crossbeam_channel::bounded(1);
     let (stop_tx, stop_rx) = crossbeam_channel::bounded(1);
     let weak = Arc::downgrade(engine);
+    let shared = gc.clone();
     let spawned = std::thread::Builder::new()
         .name("durus-redb-gc".into())
-        .spawn(move || thread_main(weak, nudge_rx, stop_rx));
+        .spawn(move || thread_main(weak, &shared, nudge_rx, stop_rx));
     match spawned {
         Ok(handle) => {
-            *engine.gc.nudge.lock() = Some(nudge_tx);
-            *engine.gc.thread.lock() = Some(CollectorGuard {
+            *gc.nudge.lock() = Some(nudge_tx);
+            *gc.thread.lock() = Some(CollectorGuard {
                 stop: stop_tx,
                 handle: Some(handle),
             });
@@ -231,7 +239,12 @@ enum Next {
     Stop(Option<Sender<()>>),
 }
 
-fn thread_main(weak: std::sync::Weak<Engine>, nudge: Receiver<()>, stop: Receiver<Sender<()>>) {
+fn thread_main(
+    weak: std::sync::Weak<Engine>,
+    gc: &GcShared,
+    nudge: Receiver<()>,
+    stop: Receiver<Sender<()>>,
+) {
     let mut wait = Duration::ZERO;
     loop {
         select! {
@@ -249,12 +262,12 @@ fn thread_main(weak: std::sync::Weak<Engine>, nudge: Receiver<()>, stop: Receive
             default(wait) => {}
         }
         let Some(engine) = weak.upgrade() else { return };
-        if engine.gc.stopping.load(Ordering::Acquire) {
+        if gc.stopping.load(Ordering::Acquire) {
             // Wait for the Stop message to acknowledge it.
             wait = Duration::from_millis(50);
             continue;
         }
-        match round(&engine, &stop) {
+        match round(&engine, gc, &stop) {
             Ok(Next::Wait(d)) => wait = d,
             // An import started meanwhile, or the store cannot be collected
             // as it is (records but no root): not a failure of the store.
@@ -295,8 +308,7 @@ fn pause(stop: &Receiver<Sender<()>>, d: Duration) -> Option<Option<Sender<()>>>
 }
 
 /// One decision of the policy, carried out.
-fn round(engine: &Arc<Engine>, stop: &Receiver<Sender<()>>) -> Result<Next> {
-    let gc = &engine.gc;
+fn round(engine: &Arc<Engine>, gc: &GcShared, stop: &Receiver<Sender<()>>) -> Result<Next> {
     let (facts, migration) = gc.facts(engine, false)?;
     if migration {
         return Ok(Next::Wait(Duration::from_secs(1)));
@@ -308,7 +320,7 @@ fn round(engine: &Arc<Engine>, stop: &Receiver<Sender<()>>) -> Result<Next> {
     match action {
         GcAction::Wait(d) => Ok(Next::Wait(d)),
         GcAction::Incremental(pace) => {
-            let step = incremental::step(engine, pace.batch)?;
+            let step = incremental::step(engine, gc, pace.batch)?;
             if step.queue_left == 0 && !step.removed.is_empty() {
                 // A burst is over: make its deletions durable so redb can
                 // reuse the pages.
@@ -355,7 +367,7 @@ fn round(engine: &Arc<Engine>, stop: &Receiver<Sender<()>>) -> Result<Next> {
                     }
                 }
             };
-            let report = full::run(engine, pace.batch, &mut between)?;
+            let report = full::run(engine, gc, pace.batch, &mut between)?;
             if let Some(e) = failure {
                 return Err(e);
             }
@@ -367,5 +379,35 @@ fn round(engine: &Arc<Engine>, stop: &Receiver<Sender<()>>) -> Result<Next> {
             }
             Ok(Next::Wait(Duration::ZERO))
         }
+    }
+}
+
+impl CommitHook for GcShared {
+    fn in_commit(&self, w: &redb::WriteTransaction) -> Result<Vec<Oid>> {
+        let share = self.policy.in_commit();
+        if share == 0 || !self.queue_maybe_nonempty() {
+            return Ok(Vec::new());
+        }
+        let deleted = delete_queued(w, share, false, || false)?;
+        if deleted.queue_empty {
+            self.queue_found_empty();
+        }
+        self.note_deleted(deleted.oids.len() as u64, deleted.bytes, false);
+        Ok(deleted.oids)
+    }
+
+    fn after_commit(&self, records: &std::collections::BTreeMap<Oid, Record>, queued: u64) {
+        if let Some(extra) = self.extra.lock().as_mut() {
+            for r in records.values() {
+                extra.insert(r.oid());
+                extra.extend(r.refs());
+            }
+        }
+        let bytes = records.values().map(|r| r.len() as u64).sum();
+        self.committed(bytes, queued);
+    }
+
+    fn on_close(&self) {
+        self.shutdown();
     }
 }

@@ -8,10 +8,10 @@
 //!
 //! **Commits during the collection.** From the start (taken under the commit
 //! lock) every commit records the oids it stores and references
-//! (`CommitState::gc_extra`). Each sweep transaction first marks everything
+//! (the collector's `extra` set, fed by its commit hook). Each sweep transaction first marks everything
 //! reachable from those in the current state. A marked object read by the
 //! mark and not changed since references only marked objects; a changed one
-//! is in `gc_extra` with its new references. So an unmarked object is not
+//! is in `extra` with its new references. So an unmarked object is not
 //! referenced by any marked one: it is unreachable.
 //!
 //! **Sweep without dangling references.** Deleting unreachable objects in
@@ -38,11 +38,12 @@ use std::time::{Duration, Instant};
 
 use redb::{Durability, ReadableTable, ReadableTableMetadata};
 
-use super::state::{GcMeta, meta_in, migration_error, now_unix_ms, write_meta};
+use super::collector::GcShared;
+use super::state::{GcMeta, meta_in, now_unix_ms, write_meta};
+use crate::engine::layout::{RECORDS, REFCOUNTS};
+use crate::engine::{Engine, apply_ref_deltas, corrupt, forget};
 use crate::error::{InvalidInput, Result};
 use crate::record::{Oid, refs_of};
-use crate::redb_store::engine::{Engine, apply_ref_deltas, corrupt};
-use crate::redb_store::layout::{GC_QUEUE, RECORDS, REFCOUNTS};
 
 /// Objects marked per read transaction.
 const MARK_CHUNK: usize = 50_000;
@@ -51,6 +52,7 @@ const SCAN_KEYS: usize = 8192;
 
 /// Which phase a full collection is in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum FullPhase {
     /// Marking everything reachable from the root.
     Mark,
@@ -63,6 +65,7 @@ pub enum FullPhase {
 
 /// Progress of a full collection, reported after each chunk of work.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct FullProgress {
     /// The phase.
     pub phase: FullPhase,
@@ -80,6 +83,7 @@ pub struct FullProgress {
 
 /// What a full collection did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct FullReport {
     /// Records deleted.
     pub removed_objects: u64,
@@ -142,12 +146,12 @@ impl MarkSet {
     }
 }
 
-/// Clears `gc_extra` when the collection ends, however it ends.
-struct ExtraGuard<'a>(&'a Engine);
+/// Stops recording commits when the collection ends, however it ends.
+struct ExtraGuard<'a>(&'a GcShared);
 
 impl Drop for ExtraGuard<'_> {
     fn drop(&mut self) {
-        self.0.lock_commits().state_mut().gc_extra = None;
+        *self.0.extra.lock() = None;
     }
 }
 
@@ -157,35 +161,36 @@ impl Drop for ExtraGuard<'_> {
 /// engine's full-collection lock.
 pub(crate) fn run(
     engine: &Engine,
+    gc: &GcShared,
     batch: usize,
     between: &mut dyn FnMut(&FullProgress) -> ControlFlow<()>,
 ) -> Result<FullReport> {
     let started = Instant::now();
     let batch = batch.max(1);
     // Start: persist that a collection runs, and record commits from now on.
-    let start = engine.write_txn(Durability::None, |w, st| {
+    // Under the commit lock, so that every commit after this point is
+    // recorded in `extra`.
+    let start = engine.write_txn(Durability::None, |w, oid_mark| {
         let (mut meta, migration) = meta_in(w)?;
         if migration {
-            return Err(migration_error());
+            return Err(InvalidInput::ImportInProgress.into());
         }
-        if st.gc_extra.is_some() {
-            return Err(InvalidInput::Other("a full collection is already running".into()).into());
+        let mut extra = gc.extra.lock();
+        if extra.is_some() {
+            return Err(InvalidInput::CollectionRunning.into());
         }
         let records = w.open_table(RECORDS)?;
         let total = records.len()?;
         if total > 0 && records.get(Oid::ROOT.0)?.is_none() {
-            return Err(InvalidInput::Other(
-                "the store has records but no root object (oid 0): refusing to collect".into(),
-            )
-            .into());
+            return Err(InvalidInput::NoRoot.into());
         }
         drop(records);
         meta.full_running = total > 0;
         write_meta(w, &meta)?;
         if total > 0 {
-            st.gc_extra = Some(HashSet::new());
+            *extra = Some(HashSet::new());
         }
-        Ok((total, st.next_oid))
+        Ok((total, oid_mark))
     })?;
     let (total, oid_mark) = start;
     let mut progress = FullProgress {
@@ -198,7 +203,7 @@ pub(crate) fn run(
     };
     let mut report = FullReport::default();
     if total > 0 {
-        let _extra = ExtraGuard(engine);
+        let _extra = ExtraGuard(gc);
         let mut marked = MarkSet::new(oid_mark, total);
         if mark(engine, &mut marked, &mut progress, between)?.is_break() {
             report.elapsed = started.elapsed();
@@ -221,11 +226,11 @@ pub(crate) fn run(
                 progress.scanned += scanned;
                 seeds_seen += seeds.len() as u64;
                 if !seeds.is_empty() {
-                    let (removed, bytes) = sweep(engine, &seeds, &mut marked, limit)?;
+                    let (removed, bytes) = sweep(engine, gc, &seeds, &mut marked, limit)?;
                     progress.removed_objects += removed.len() as u64;
                     progress.removed_bytes += bytes;
                     engine.invalidate_others(None, &removed);
-                    engine.gc.note_deleted(removed.len() as u64, bytes, true);
+                    gc.note_deleted(removed.len() as u64, bytes, true);
                 }
                 progress.marked = marked.len;
                 if between(&progress).is_break() {
@@ -251,7 +256,7 @@ pub(crate) fn run(
         }
     }
     // Finish: persist, stop recording commits.
-    engine.write_txn(Durability::None, |w, st| {
+    engine.write_txn(Durability::None, |w, _| {
         let (meta, _) = meta_in(w)?;
         write_meta(
             w,
@@ -261,10 +266,10 @@ pub(crate) fn run(
                 full_collections: meta.full_collections + 1,
             },
         )?;
-        st.gc_extra = None;
+        *gc.extra.lock() = None;
         Ok(())
     })?;
-    engine.gc.full_finished();
+    gc.full_finished();
     report.removed_objects = progress.removed_objects;
     report.removed_bytes = progress.removed_bytes;
     report.completed = true;
@@ -349,14 +354,16 @@ fn scan(
 /// deletes the largest set around `seeds` that nothing outside references.
 fn sweep(
     engine: &Engine,
+    gc: &GcShared,
     seeds: &[u64],
     marked: &mut MarkSet,
     limit: usize,
 ) -> Result<(Vec<Oid>, u64)> {
     engine.yield_to_committers();
-    engine.write_txn(Durability::None, |w, st| {
-        let extra: Vec<Oid> = st
-            .gc_extra
+    engine.write_txn(Durability::None, |w, _| {
+        let extra: Vec<Oid> = gc
+            .extra
+            .lock()
             .as_mut()
             .map(|e| e.drain().collect())
             .unwrap_or_default();
@@ -459,14 +466,9 @@ fn sweep(
         }
         drop(records);
         if apply_ref_deltas(w, delta)? > 0 {
-            engine.gc.queue_grew();
+            gc.queue_grew();
         }
-        let mut counts = w.open_table(REFCOUNTS)?;
-        let mut queue = w.open_table(GC_QUEUE)?;
-        for oid in &removed {
-            counts.remove(oid.0)?;
-            queue.remove(oid.0)?;
-        }
+        forget(w, &removed)?;
         removed.sort_unstable();
         Ok((removed, bytes))
     })

@@ -2,19 +2,14 @@
 //! zero, in small non-durable write transactions. Time is proportional to the
 //! garbage, not to the store.
 
-use std::collections::HashMap;
+use redb::{Durability, ReadableTableMetadata};
 
-use redb::{Durability, ReadableTable, ReadableTableMetadata, WriteTransaction};
-
-use super::state::{meta_in, migration_error};
-use crate::error::Result;
-use crate::record::{Oid, refs_of};
-use crate::redb_store::engine::{Engine, apply_ref_deltas_in, corrupt};
-use crate::redb_store::layout::{GC_QUEUE, RECORDS, REFCOUNTS};
-
-/// Oids taken from the queue per round; between rounds a step ends early
-/// if a committer waits.
-const ROUND: usize = 8;
+use super::collector::GcShared;
+use super::state::meta_in;
+use crate::engine::layout::GC_QUEUE;
+use crate::engine::{Engine, delete_queued};
+use crate::error::{InvalidInput, Result};
+use crate::record::Oid;
 
 /// What one incremental step did.
 #[derive(Debug, Default)]
@@ -30,7 +25,7 @@ pub(crate) struct Step {
 /// Pops up to `batch` oids from the queue and deletes those that are still
 /// garbage, all in one `Durability::None` write transaction under the commit
 /// lock. Oids whose count falls to zero are queued (transitive release).
-pub(crate) fn step(engine: &Engine, batch: usize) -> Result<Step> {
+pub(crate) fn step(engine: &Engine, gc: &GcShared, batch: usize) -> Result<Step> {
     {
         let db = engine.db()?;
         let txn = db.begin_read()?;
@@ -39,87 +34,23 @@ pub(crate) fn step(engine: &Engine, batch: usize) -> Result<Step> {
         }
     }
     engine.yield_to_committers();
-    let step = engine.write_txn(Durability::None, |w, _st| {
+    let deleted = engine.write_txn(Durability::None, |w, _| {
         let (_, migration) = meta_in(w)?;
         if migration {
-            return Err(migration_error());
+            return Err(InvalidInput::ImportInProgress.into());
         }
-        let (removed, bytes, empty) = delete_queued(w, batch, || engine.committers_waiting())?;
-        if empty {
-            engine.gc.queue_found_empty();
-        } else {
-            engine.gc.queue_grew();
-        }
-        let queue_left = w.open_table(GC_QUEUE)?.len()?;
-        Ok(Step {
-            removed,
-            bytes,
-            queue_left,
-        })
+        delete_queued(w, batch, true, || engine.committers_waiting())
     })?;
-    engine.invalidate_others(None, &step.removed);
-    engine
-        .gc
-        .note_deleted(step.removed.len() as u64, step.bytes, false);
-    Ok(step)
-}
-
-/// Deletes queued oids that are still garbage inside the write transaction
-/// `w`: up to `batch` oids looked at, what the deletions release included.
-/// Returns the oids deleted, their bytes, and whether the queue was found
-/// empty. Used by collector steps and by commits that take a share of the
-/// work.
-pub(crate) fn delete_queued(
-    w: &WriteTransaction,
-    batch: usize,
-    stop: impl Fn() -> bool,
-) -> Result<(Vec<Oid>, u64, bool)> {
-    let batch = batch.max(1);
-    // Rounds within the one transaction: deletions queue what they
-    // release, and the next round takes those, until `batch` oids were
-    // looked at (a chain of garbage goes in one step, not one per link)
-    // or `stop()` says a committer is waiting.
-    let mut looked = 0usize;
-    let mut removed = Vec::new();
-    let mut bytes = 0u64;
-    // The three tables stay open for the whole call (opening them is a
-    // good part of the cost of one deletion).
-    let mut queue = w.open_table(GC_QUEUE)?;
-    let mut counts = w.open_table(REFCOUNTS)?;
-    let mut records = w.open_table(RECORDS)?;
-    while looked < batch {
-        // A committer waits for the writer: finish this step now.
-        if looked > 0 && stop() {
-            break;
-        }
-        let mut candidates = Vec::new();
-        while looked + candidates.len() < batch && candidates.len() < ROUND {
-            let Some((k, _)) = queue.pop_first()? else {
-                break;
-            };
-            candidates.push(k.value());
-        }
-        if candidates.is_empty() {
-            return Ok((removed, bytes, true));
-        }
-        looked += candidates.len();
-        let mut delta: HashMap<u64, i64> = HashMap::new();
-        for oid in candidates {
-            // Re-check inside the transaction: a commit may have
-            // referenced it again since it was queued.
-            if oid == Oid::ROOT.0 || counts.get(oid)?.is_some_and(|c| c.value() > 0) {
-                continue;
-            }
-            let Some(old) = records.remove(oid)? else {
-                continue;
-            };
-            bytes += old.value().len() as u64;
-            for r in refs_of(old.value()).map_err(|e| corrupt(Oid(oid), e))? {
-                *delta.entry(r.0).or_default() -= 1;
-            }
-            removed.push(Oid(oid));
-        }
-        apply_ref_deltas_in(&mut counts, &mut queue, delta)?;
+    if deleted.queue_empty {
+        gc.queue_found_empty();
+    } else {
+        gc.queue_grew();
     }
-    Ok((removed, bytes, false))
+    engine.invalidate_others(None, &deleted.oids);
+    gc.note_deleted(deleted.oids.len() as u64, deleted.bytes, false);
+    Ok(Step {
+        removed: deleted.oids,
+        bytes: deleted.bytes,
+        queue_left: deleted.queue_left.unwrap_or(0),
+    })
 }

@@ -10,24 +10,27 @@
 //! - `collector`: the thread (`durus-redb-gc`), woken by commits and timers.
 //! - `state`: what the collector persists under the metadata key `gc`.
 //!
-//! Every step runs in a write transaction under the commit lock and re-checks
-//! its candidates there, so it never races a commit. Nothing is collected
-//! while the metadata key `migration` is present.
+//! The collector reaches the store through the engine's reference-count and
+//! queue API (`engine::delete_queued`, `apply_ref_deltas`, `forget`) and the
+//! commit hook it installs (`CommitHook`: its share of each commit, and the
+//! oids commits store while a full collection runs). Every step runs in a
+//! write transaction under the commit lock and re-checks its candidates
+//! there, so it never races a commit. Nothing is collected while the
+//! metadata key `migration` is present.
 
-mod api;
 mod collector;
 mod full;
 mod incremental;
 mod policy;
 mod state;
 
-pub use api::GcReport;
-pub(crate) use api::pack;
 pub use collector::GcStats;
 pub(crate) use collector::{GcShared, start};
+pub(crate) use full::run as run_full;
 pub use full::{FullPhase, FullProgress, FullReport};
-pub(crate) use incremental::delete_queued;
+pub(crate) use incremental::step;
 pub use policy::{
     FullTriggers, GcAction, GcFacts, GcPolicy, IdleGc, IncrementalGc, ManualGc, Pace,
 };
 pub use state::GcState;
+pub(crate) use state::read_state;

@@ -5,9 +5,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use redb::{ReadableTable, ReadableTableMetadata, WriteTransaction};
 use serde::{Deserialize, Serialize};
 
+use crate::engine::Engine;
+use crate::engine::layout::{GC_QUEUE, KEY_GC, KEY_MIGRATION, META, encode, read_meta};
 use crate::error::Result;
-use crate::redb_store::engine::{Engine, encode, read_meta};
-use crate::redb_store::layout::{GC_QUEUE, KEY_GC, KEY_MIGRATION, META};
 
 /// What the collector keeps in the store between opens (rmp-serde under the
 /// metadata key `gc`).
@@ -30,6 +30,7 @@ pub(crate) fn now_unix_ms() -> u64 {
 
 /// The collector's state as seen from outside.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct GcState {
     /// Oids waiting in the incremental collector's queue.
     pub queue_len: u64,
@@ -76,12 +77,4 @@ pub(crate) fn write_meta(w: &WriteTransaction, gc: &GcMeta) -> Result<()> {
     let mut meta = w.open_table(META)?;
     meta.insert(KEY_GC, encode(gc).as_slice())?;
     Ok(())
-}
-
-pub(crate) fn migration_error() -> crate::StorageError {
-    crate::InvalidInput::Other(
-        "an import is in progress (metadata key `migration`): garbage collection is skipped until it finishes"
-            .into(),
-    )
-    .into()
 }

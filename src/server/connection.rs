@@ -1,20 +1,17 @@
 //! One client connection: its session, its requests, in order.
 
-use std::collections::BTreeMap;
 use std::io::{self, BufReader, BufWriter, Write};
 use std::sync::Arc;
 
+use super::Shared;
+use crate::engine::{Engine, InvalidSet, SessionId};
 use crate::error::StorageError;
 use crate::protocol::{
-    PROTOCOL, STATUS_INVALID, STATUS_KEYERROR, STATUS_OKAY, read_bytes, read_oid, read_oids,
-    read_u8, read_u32, write_oids,
+    LoadAnswer, PROTOCOL, ReadError, Request, STATUS_INVALID, STATUS_OKAY, encode_oids,
+    read_commit_data, read_u8,
 };
-use crate::record::{Oid, Record};
-use crate::redb_store::{Engine, InvalidSet, SessionId};
-use crate::storage::checked_record;
-
-use super::Shared;
-use super::net::Stream;
+use crate::record::Oid;
+use crate::transport::Stream;
 
 /// Why a connection ends.
 #[derive(Debug, thiserror::Error)]
@@ -31,6 +28,15 @@ enum End {
     /// The store failed.
     #[error("{0}")]
     Storage(StorageError),
+}
+
+impl From<ReadError> for End {
+    fn from(e: ReadError) -> End {
+        match e {
+            ReadError::Io(e) => End::Io(e),
+            ReadError::Invalid(why) => End::Client(why),
+        }
+    }
 }
 
 impl From<StorageError> for End {
@@ -76,18 +82,18 @@ pub(super) fn serve(shared: &Arc<Shared>, stream: Stream, peer: &str) {
         id,
         invalid,
     };
-    let end = match stream.try_clone() {
-        Ok(read_half) => {
+    let end = match (stream.try_clone(), stream.try_clone()) {
+        (Ok(read_half), Ok(write_half)) => {
             let mut conn = Conn {
                 shared,
                 session: &session,
                 control: &stream,
                 r: BufReader::new(read_half),
-                w: BufWriter::new(stream.try_clone().expect("a cloned socket clones again")),
+                w: BufWriter::new(write_half),
             };
             conn.run()
         }
-        Err(e) => End::Io(e),
+        (Err(e), _) | (_, Err(e)) => End::Io(e),
     };
     match &end {
         End::Closed(why) => tracing::debug!("connection from {peer} closed: {why}"),
@@ -158,9 +164,9 @@ impl Conn<'_> {
 
     /// Handles one request; false ends the connection.
     fn request(&mut self, code: u8) -> Result<bool, End> {
-        match code {
-            b'V' => {
-                let theirs = read_u32(&mut self.r)?;
+        let max_oids = self.shared.config.max_frame_bytes as usize / 8;
+        match Request::read_after(code, &mut self.r, max_oids)? {
+            Request::Version(theirs) => {
                 self.w.write_all(&PROTOCOL.to_be_bytes())?;
                 if theirs != PROTOCOL {
                     self.w.flush()?;
@@ -169,39 +175,26 @@ impl Conn<'_> {
                     )));
                 }
             }
-            b'L' => {
-                let oid = read_oid(&mut self.r)?;
-                self.answer_loads(&[oid])?;
-            }
-            b'B' => {
-                let max = self.shared.config.max_frame_bytes as usize / 8;
-                let oids = read_oids(&mut self.r, max).map_err(|e| match e.kind() {
-                    io::ErrorKind::InvalidData => End::Client(format!("bulk load: {e}")),
-                    _ => End::Io(e),
-                })?;
-                self.answer_loads(&oids)?;
-            }
-            b'N' => self.new_oids(1)?,
-            b'M' => {
-                let n = read_u8(&mut self.r)?;
-                self.new_oids(n as usize)?;
-            }
-            b'S' => {
+            Request::Load(oid) => self.answer_loads(&[oid])?,
+            Request::BulkLoad(oids) => self.answer_loads(&oids)?,
+            Request::NewOid => self.new_oids(1)?,
+            Request::NewOids(n) => self.new_oids(n as usize)?,
+            Request::Sync => {
                 let oids = self.session.take_invalid();
-                write_oids(&mut self.w, &oids)?;
+                self.w.write_all(&encode_oids(&oids))?;
             }
-            b'C' => self.commit()?,
-            b'P' => {
+            Request::Commit => self.commit()?,
+            Request::Pack => {
                 self.w.write_all(&[STATUS_OKAY])?;
                 self.w.flush()?;
                 self.shared.start_pack("requested by a client");
             }
-            b'Q' => {
+            Request::Quit => {
                 tracing::info!("shutdown requested by a client (Q)");
                 self.shared.request_stop();
                 return Ok(false);
             }
-            _ => return Ok(false),
+            Request::Close(_) => return Ok(false),
         }
         Ok(true)
     }
@@ -219,18 +212,15 @@ impl Conn<'_> {
             .collect();
         let mut found = self.engine().load_many(&wanted)?.into_iter();
         for inv in invalid {
-            if inv {
-                self.w.write_all(&[STATUS_INVALID])?;
-                continue;
-            }
-            match found.next().flatten() {
-                Some(record) => {
-                    self.w.write_all(&[STATUS_OKAY])?;
-                    self.w.write_all(&(record.len() as u32).to_be_bytes())?;
-                    self.w.write_all(record.as_bytes())?;
+            let answer = if inv {
+                LoadAnswer::Invalid
+            } else {
+                match found.next().flatten() {
+                    Some(record) => LoadAnswer::Record(record),
+                    None => LoadAnswer::KeyError,
                 }
-                None => self.w.write_all(&[STATUS_KEYERROR])?,
-            }
+            };
+            answer.write(&mut self.w)?;
         }
         Ok(())
     }
@@ -255,28 +245,20 @@ impl Conn<'_> {
         let engine = &*shared.engine;
         let mut order = engine.lock_commits();
         let invalid = self.session.take_invalid();
-        write_oids(&mut self.w, &invalid)?;
+        self.w.write_all(&encode_oids(&invalid))?;
         self.w.flush()?;
-        let len = read_u32(&mut self.r)?;
-        if len == 0 {
+        let Some(records) = read_commit_data(&mut self.r, shared.config.max_frame_bytes)? else {
             // The client found a conflict in the invalidations and gave up.
             return Ok(());
-        }
-        if len > shared.config.max_frame_bytes {
-            return Err(End::Client(format!(
-                "commit of {len} bytes is larger than the {} allowed (--max-frame-bytes)",
-                shared.config.max_frame_bytes
-            )));
-        }
-        let data = read_bytes(&mut self.r, len as usize)?;
-        let records = parse_commit(&data).map_err(End::Client)?;
+        };
+        let bytes: u64 = records.values().map(|r| r.len() as u64 + 12).sum();
         match order.apply(self.session.id, &records) {
             Ok(ticket) => {
                 drop(order);
                 engine.finish(ticket)?;
                 self.w.write_all(&[STATUS_OKAY])?;
-                tracing::debug!("committed {} objects, {len} bytes", records.len());
-                shared.committed_bytes(len as u64 + 8);
+                tracing::debug!("committed {} objects, {bytes} bytes", records.len());
+                shared.committed_bytes(bytes + 8);
                 Ok(())
             }
             Err(e) if e.is_conflict() => {
@@ -288,74 +270,5 @@ impl Conn<'_> {
             Err(StorageError::Invalid(e)) => Err(End::Client(format!("commit refused: {e}"))),
             Err(e) => Err(e.into()),
         }
-    }
-}
-
-/// Splits a commit's data (`u32 rlen | oid | record` repeated, where `rlen`
-/// counts the oid and the record) into validated records.
-fn parse_commit(data: &[u8]) -> Result<BTreeMap<Oid, Record>, String> {
-    let mut records = BTreeMap::new();
-    let mut i = 0usize;
-    while i < data.len() {
-        let Some(head) = data.get(i..i + 12) else {
-            return Err(format!(
-                "commit data cut short at byte {i} of {}",
-                data.len()
-            ));
-        };
-        let rlen = u32::from_be_bytes(head[..4].try_into().expect("4 bytes")) as usize;
-        let oid = Oid::from_bytes(head[4..12].try_into().expect("8 bytes"));
-        if rlen < 8 || i + 4 + rlen > data.len() {
-            return Err(format!(
-                "record of oid {oid} claims {rlen} bytes at byte {i} of a {}-byte commit",
-                data.len()
-            ));
-        }
-        let bytes = data[i + 12..i + 4 + rlen].to_vec();
-        let record = checked_record(oid, bytes).map_err(|e| e.to_string())?;
-        records.insert(oid, record);
-        i += 4 + rlen;
-    }
-    Ok(records)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn frame(oid: u64, record: &[u8]) -> Vec<u8> {
-        let mut v = ((record.len() + 8) as u32).to_be_bytes().to_vec();
-        v.extend_from_slice(&oid.to_be_bytes());
-        v.extend_from_slice(record);
-        v
-    }
-
-    #[test]
-    fn commit_data_parses_into_records() {
-        let a = Record::new(Oid(1), b"a", &[Oid(2)]);
-        let b = Record::new(Oid(2), b"bb", &[]);
-        let mut data = frame(1, a.as_bytes());
-        data.extend(frame(2, b.as_bytes()));
-        let parsed = parse_commit(&data).unwrap();
-        assert_eq!(parsed.len(), 2);
-        assert_eq!(parsed[&Oid(1)], a);
-        assert_eq!(parsed[&Oid(2)], b);
-    }
-
-    #[test]
-    fn malformed_commit_data_is_refused() {
-        let a = Record::new(Oid(1), b"a", &[]);
-        let good = frame(1, a.as_bytes());
-        // Cut short, length overrunning, record of another oid, bad record.
-        assert!(parse_commit(&good[..good.len() - 1]).is_err());
-        assert!(parse_commit(&good[..7]).is_err());
-        let mut over = good.clone();
-        over[..4].copy_from_slice(&1000u32.to_be_bytes());
-        assert!(parse_commit(&over).is_err());
-        assert!(parse_commit(&frame(2, a.as_bytes())).is_err());
-        assert!(parse_commit(&frame(1, &[0u8; 5])).is_err());
-        let mut tiny = good.clone();
-        tiny[..4].copy_from_slice(&3u32.to_be_bytes());
-        assert!(parse_commit(&tiny).is_err());
     }
 }

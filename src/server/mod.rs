@@ -10,7 +10,6 @@
 //! durable as the checkpoint policy asks.
 
 mod connection;
-mod net;
 
 use std::collections::HashMap;
 use std::io;
@@ -21,14 +20,15 @@ use std::time::Duration;
 
 use parking_lot::Mutex;
 
-use net::Listener;
-pub use net::{Address, Stream, parse_umask};
-
-use crate::redb_store::{Engine, RedbStorage};
+use crate::engine::Engine;
 use crate::storage::Storage;
+use crate::store::RedbStorage;
+use crate::transport::{Address, Listener, Stream};
 
-/// How a server behaves.
+/// How a server behaves. Start from `ServerConfig::default()` and set the
+/// fields that differ.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct ServerConfig {
     /// Where to listen.
     pub address: Address,
@@ -58,8 +58,21 @@ impl Default for ServerConfig {
     }
 }
 
+impl ServerConfig {
+    /// The defaults, listening on `address`.
+    pub fn new(address: Address) -> Self {
+        ServerConfig {
+            address,
+            ..ServerConfig::default()
+        }
+    }
+}
+
 pub(crate) struct Shared {
     engine: Arc<Engine>,
+    /// A session that keeps the store open while the server lives; the
+    /// pack thread's sessions come from it.
+    store: RedbStorage,
     config: ServerConfig,
     address: Address,
     stopping: AtomicBool,
@@ -81,7 +94,7 @@ impl Shared {
         let spawned = std::thread::Builder::new()
             .name("durus-pack".into())
             .spawn(move || {
-                let mut session = RedbStorage::session_of(shared.engine.clone());
+                let mut session = shared.store.new_session();
                 match session.pack() {
                     Ok(r) => tracing::info!(
                         removed = r.removed_objects,
@@ -145,8 +158,6 @@ impl std::fmt::Debug for ShutdownHandle {
 pub struct Server {
     shared: Arc<Shared>,
     listener: Listener,
-    /// Keeps the store open while the server lives.
-    _handle: RedbStorage,
 }
 
 impl std::fmt::Debug for Server {
@@ -156,14 +167,15 @@ impl std::fmt::Debug for Server {
 }
 
 impl Server {
-    /// Binds the address of `config` for the store of `engine`. The server
-    /// keeps the store open until [`run`](Server::run) ends, and closes it then.
-    pub fn bind(engine: Arc<Engine>, config: ServerConfig) -> io::Result<Server> {
+    /// Binds the address of `config` to serve the open store `store`. The
+    /// server keeps the store open until [`run`](Server::run) ends, and
+    /// closes it then.
+    pub fn bind(store: &RedbStorage, config: ServerConfig) -> io::Result<Server> {
         let (listener, address) = Listener::bind(&config.address)?;
         Ok(Server {
-            _handle: RedbStorage::session_of(engine.clone()),
             shared: Arc::new(Shared {
-                engine,
+                engine: store.engine().clone(),
+                store: store.new_session(),
                 config,
                 address,
                 stopping: AtomicBool::new(false),

@@ -35,16 +35,26 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use serde::{Deserialize, Serialize};
+mod export;
+mod verify;
 
+pub use export::{ExportReport, export};
+
+use crate::engine::Engine;
+use crate::engine::layout::{
+    IMPORT_STATE_VERSION, ImportState, KEY_IMPORTED, KEY_MIGRATION, RecordHash, SourceIdentity,
+    decode, encode,
+};
 use crate::error::StorageError;
 use crate::filestorage::{FileError, ReadOptions, RecordSource, SourceEvent, open_source};
 use crate::record::{Oid, Record};
-use crate::redb_store::{CheckReport, Engine, Options, RedbStorage};
 use crate::storage::Storage;
+use crate::store::{Options, RedbStorage};
+use verify::verify;
 
 /// How to migrate.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct MigrateOptions {
     /// Largest number of records in one batch.
     pub batch_records: usize,
@@ -74,6 +84,7 @@ impl Default for MigrateOptions {
 
 /// Progress of a migration, for a progress bar.
 #[derive(Debug, Clone, Copy)]
+#[non_exhaustive]
 pub enum MigrateProgress {
     /// Importing: `position` of `total` in the source's unit (bytes for the
     /// file formats; for SQLite, row ids); records read so far.
@@ -96,6 +107,7 @@ pub enum MigrateProgress {
 
 /// What a migration did.
 #[derive(Debug, Clone, Default)]
+#[non_exhaustive]
 pub struct MigrateReport {
     /// Records read from the source by this run.
     pub records_read: u64,
@@ -176,80 +188,16 @@ fn show_dangling(pairs: &[(Oid, Oid)]) -> String {
         .join(", ")
 }
 
-/// The import state stored under the `migration` metadata key.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-struct ImportState {
-    /// Version of this structure.
-    version: u32,
-    /// What is being imported.
-    source: SourceIdentity,
-    /// The source offset to resume from (a boundary; 0: the beginning).
-    resume_offset: u64,
-    /// Records the store holds.
-    objects: u64,
-    /// Wrapping sum of the hashes of the records the store holds.
-    checksum: u64,
-    /// Batches written.
-    batches: u64,
-    /// The whole source has been imported; verification remains.
-    complete: bool,
-    /// Where an ignored torn tail began.
-    torn_tail: Option<u64>,
-}
-
-/// Identifies a source, so that a rerun resumes only from the same one.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-struct SourceIdentity {
-    /// What it is: the file's path, or a description of a storage.
-    name: String,
-    /// Its format.
-    format: String,
-    /// Its size when the import began (file bytes, or row ids for SQLite).
-    total: u64,
-    /// A hash of its first 64 KiB (files).
-    head_hash: u64,
-}
-
-const STATE_VERSION: u32 = 1;
-
 /// redb's page cache while importing or exporting.
 const IMPORT_CACHE_BYTES: usize = 32 << 20;
 
-fn encode_state(state: &ImportState) -> Vec<u8> {
-    rmp_serde::to_vec_named(state).expect("the import state encodes")
-}
-
-fn decode_state(bytes: &[u8]) -> Option<ImportState> {
-    rmp_serde::from_slice(bytes).ok()
-}
-
-/// A one-line description of an import state, for messages.
-pub(crate) fn describe_state(bytes: &[u8]) -> String {
-    match decode_state(bytes) {
-        Some(s) => format!("{} ({})", s.source.name, s.source.format),
-        None => "an unknown source".into(),
-    }
-}
-
-/// The 64-bit hash of a record under its oid (FNV-1a, then a 64-bit mix),
-/// stable across builds and platforms.
-pub(crate) fn record_hash(oid: Oid, bytes: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in oid.0.to_be_bytes().iter().chain(bytes) {
-        h ^= *b as u64;
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    // splitmix64's finalizer spreads FNV's weak high bits.
-    h ^= h >> 30;
-    h = h.wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    h ^= h >> 27;
-    h = h.wrapping_mul(0x94d0_49bb_1331_11eb);
-    h ^ (h >> 31)
-}
+/// The hash new imports use for their checksums.
+const NEW_IMPORT_HASH: RecordHash = RecordHash::Xxh3;
 
 /// Where records come from.
 trait Source {
-    fn identity(&self) -> SourceIdentity;
+    /// Identifies the source; file heads are hashed with `hash`.
+    fn identity(&self, hash: RecordHash) -> SourceIdentity;
     /// The next event (items and boundaries, as [`RecordSource`]).
     fn next(&mut self) -> Result<Option<SourceEvent>, MigrateError>;
     fn resume_from(&mut self, offset: u64) -> Result<(), MigrateError>;
@@ -261,7 +209,8 @@ trait Source {
 struct FileSource {
     path: PathBuf,
     inner: Box<dyn RecordSource>,
-    head_hash: u64,
+    /// The first 64 KiB of the file (empty for SQLite).
+    head: Vec<u8>,
 }
 
 impl FileSource {
@@ -274,7 +223,7 @@ impl FileSource {
 }
 
 impl Source for FileSource {
-    fn identity(&self) -> SourceIdentity {
+    fn identity(&self, hash: RecordHash) -> SourceIdentity {
         let name = std::fs::canonicalize(&self.path)
             .unwrap_or_else(|_| self.path.clone())
             .display()
@@ -283,7 +232,11 @@ impl Source for FileSource {
             name,
             format: format!("{:?}", self.inner.format()),
             total: self.inner.total_len(),
-            head_hash: self.head_hash,
+            head_hash: if self.head.is_empty() {
+                0
+            } else {
+                hash.of(Oid(0), &self.head)
+            },
         }
     }
     fn next(&mut self) -> Result<Option<SourceEvent>, MigrateError> {
@@ -313,7 +266,7 @@ struct StorageSource<'a> {
 }
 
 impl Source for StorageSource<'_> {
-    fn identity(&self) -> SourceIdentity {
+    fn identity(&self, _: RecordHash) -> SourceIdentity {
         SourceIdentity {
             name: self.name.clone(),
             format: "Storage".into(),
@@ -352,13 +305,13 @@ impl Source for StorageSource<'_> {
     }
 }
 
-fn head_hash(path: &Path) -> Result<u64, FileError> {
+fn file_head(path: &Path) -> Result<Vec<u8>, FileError> {
     use std::io::Read;
     let mut head = Vec::with_capacity(64 << 10);
     std::fs::File::open(path)?
         .take(64 << 10)
         .read_to_end(&mut head)?;
-    Ok(record_hash(Oid(0), &head))
+    Ok(head)
 }
 
 /// Migrates the Durus file at `source` (FileStorage, FileStorage2 or
@@ -377,20 +330,18 @@ pub fn migrate(
     };
     let inner = open_source(
         source,
-        ReadOptions {
-            accept_torn_tail: options.accept_torn_tail,
-        },
+        ReadOptions::default().with_torn_tail(options.accept_torn_tail),
     )
     .map_err(src_err)?;
-    let head_hash = if inner.format() == crate::filestorage::FileFormat::Sqlite {
-        0
+    let head = if inner.format() == crate::filestorage::FileFormat::Sqlite {
+        Vec::new()
     } else {
-        head_hash(source).map_err(src_err)?
+        file_head(source).map_err(src_err)?
     };
     let mut src = FileSource {
         path: source.to_path_buf(),
         inner,
-        head_hash,
+        head,
     };
     run(&mut src, dest, options, progress)
 }
@@ -426,27 +377,24 @@ fn run(
         source: e,
     };
     let existed = dest.exists();
-    let open = Options {
+    let open = Options::new()
         // A small page cache: memory must not grow with the store.
-        cache_bytes: IMPORT_CACHE_BYTES,
-        ..Options::with_checkpoint(crate::Manual).gc(crate::ManualGc)
-    };
-    let engine = Engine::open_with(dest, &open, true).map_err(dest_err)?;
+        .cache_bytes(IMPORT_CACHE_BYTES)
+        .checkpoint(crate::Manual)
+        .gc(crate::ManualGc);
     // Holds the store open for this run (the last handle closes it).
-    let handle = RedbStorage::session_of(engine.clone());
-    let identity = src.identity();
+    let handle = RedbStorage::open_with(dest, &open, true).map_err(dest_err)?;
+    let engine = handle.engine().clone();
     let mut report = MigrateReport::default();
-    let mut state = match engine
-        .meta_bytes(crate::redb_store::layout::KEY_MIGRATION)
-        .map_err(dest_err)?
-    {
+    let mut state = match engine.meta_bytes(KEY_MIGRATION).map_err(dest_err)? {
         Some(bytes) => {
-            let state = decode_state(&bytes).ok_or_else(|| {
+            let state: ImportState = decode(KEY_MIGRATION, &bytes).map_err(|_| {
                 MigrateError::Refused(format!(
                     "{} holds an import state this version cannot read",
                     dest.display()
                 ))
             })?;
+            let identity = src.identity(state.hash);
             if state.source != identity {
                 return Err(MigrateError::Refused(format!(
                     "{} holds an unfinished import of {} ({}, {} bytes); it cannot continue \
@@ -475,11 +423,11 @@ fn run(
         }
         None => {
             let done = engine
-                .meta_bytes(crate::redb_store::layout::KEY_IMPORTED)
+                .meta_bytes(KEY_IMPORTED)
                 .map_err(dest_err)?
-                .and_then(|b| decode_state(&b));
+                .and_then(|b| decode::<ImportState>(KEY_IMPORTED, &b).ok());
             if let Some(done) = done
-                && done.source == identity
+                && done.source == src.identity(done.hash)
             {
                 // An earlier run finished (perhaps killed just after).
                 engine.close().map_err(dest_err)?;
@@ -502,8 +450,9 @@ fn run(
                 )));
             }
             ImportState {
-                version: STATE_VERSION,
-                source: identity,
+                version: IMPORT_STATE_VERSION,
+                source: src.identity(NEW_IMPORT_HASH),
+                hash: NEW_IMPORT_HASH,
                 resume_offset: 0,
                 objects: 0,
                 checksum: 0,
@@ -535,9 +484,7 @@ fn run(
         engine.reserve_above(m).map_err(dest_err)?;
     }
     report.max_oid = max;
-    engine
-        .finish_import(&encode_state(&state))
-        .map_err(dest_err)?;
+    engine.finish_import(&encode(&state)).map_err(dest_err)?;
     engine.close().map_err(dest_err)?;
     report.objects = state.objects;
     report.checksum = state.checksum;
@@ -582,17 +529,17 @@ fn import(
         next.batches += 1;
         next.complete = complete;
         let added: u64 = batch.iter().fold(0u64, |s, (o, r)| {
-            s.wrapping_add(record_hash(*o, r.as_bytes()))
+            s.wrapping_add(state.hash.of(*o, r.as_bytes()))
         });
         let durable = complete || next.batches.is_multiple_of(durable_every);
         engine
-            .import_batch(batch, durable, |b| {
+            .import_batch(batch, durable, next.hash, |b| {
                 next.objects += b.new_objects;
                 next.checksum = next
                     .checksum
                     .wrapping_add(added)
                     .wrapping_sub(b.replaced_hash);
-                encode_state(&next)
+                encode(&next)
             })
             .map_err(dest_err)?;
         *state = next;
@@ -654,143 +601,4 @@ fn import(
             }
         }
     }
-}
-
-/// Scans the store: count and checksum against the running totals; then
-/// references and reference counts.
-fn verify(
-    handle: &RedbStorage,
-    state: &ImportState,
-    options: &MigrateOptions,
-    report: &mut MigrateReport,
-    progress: &mut dyn FnMut(MigrateProgress),
-) -> Result<(), MigrateError> {
-    let engine = handle.engine();
-    let dest_err = |e: StorageError| MigrateError::Destination {
-        path: engine.path().display().to_string(),
-        source: e,
-    };
-    let mut count = 0u64;
-    let mut checksum = 0u64;
-    let mut after = None;
-    loop {
-        let records = engine.records_after(after, 4096).map_err(dest_err)?;
-        let Some(last) = records.last() else { break };
-        after = Some(last.oid());
-        for r in &records {
-            count += 1;
-            checksum = checksum.wrapping_add(record_hash(r.oid(), r.as_bytes()));
-        }
-        progress(MigrateProgress::Verify {
-            scanned: count,
-            total: state.objects,
-        });
-    }
-    if count != state.objects || checksum != state.checksum {
-        return Err(MigrateError::Verification(format!(
-            "the store holds {count} records with checksum {checksum:016x}; the import wrote \
-             {} records with checksum {:016x}",
-            state.objects, state.checksum
-        )));
-    }
-    let check: CheckReport = handle.check_references().map_err(dest_err)?;
-    if check.damaged_count > 0 || check.mismatch_count > 0 {
-        return Err(MigrateError::Verification(format!(
-            "{} damaged records, {} wrong reference counts (first: {:?} {:?})",
-            check.damaged_count,
-            check.mismatch_count,
-            check.damaged.first(),
-            check.count_mismatches.first()
-        )));
-    }
-    if check.dangling_count > 0 {
-        if !options.allow_dangling {
-            return Err(MigrateError::Dangling {
-                listed: check.dangling.clone(),
-                count: check.dangling_count,
-            });
-        }
-        tracing::warn!(
-            count = check.dangling_count,
-            "imported with dangling references, as asked"
-        );
-    }
-    report.dangling = check.dangling;
-    report.dangling_count = check.dangling_count;
-    Ok(())
-}
-
-/// What an export did.
-#[derive(Debug, Clone, Default)]
-pub struct ExportReport {
-    /// Records written.
-    pub records: u64,
-    /// Bytes of the file written.
-    pub file_bytes: u64,
-    /// Time taken.
-    pub elapsed: Duration,
-}
-
-/// Writes every record of the store at `source` to a new Durus FileStorage
-/// (`SHELF-1`) file at `dest`, in oid order, streaming. `progress` gets the
-/// records written and the total.
-pub fn export(
-    source: &Path,
-    dest: &Path,
-    progress: &mut dyn FnMut(u64, u64),
-) -> Result<ExportReport, MigrateError> {
-    let started = Instant::now();
-    let src_err = |e: StorageError| MigrateError::Destination {
-        path: source.display().to_string(),
-        source: e,
-    };
-    if dest.exists() {
-        return Err(MigrateError::Refused(format!(
-            "{} exists; export writes a new file",
-            dest.display()
-        )));
-    }
-    let store = RedbStorage::open(
-        source,
-        Options {
-            cache_bytes: IMPORT_CACHE_BYTES,
-            ..Options::read_only()
-        },
-    )
-    .map_err(src_err)?;
-    let total = store.stats().map_err(src_err)?.objects;
-    let engine = store.engine().clone();
-    let file_err = |e: FileError| MigrateError::Source {
-        path: dest.display().to_string(),
-        source: e,
-    };
-    let tmp = dest.with_extension("export-partial");
-    let mut writer = crate::filestorage::ShelfWriter::create(&tmp).map_err(file_err)?;
-    let mut after = None;
-    let mut records = 0u64;
-    let result = (|| {
-        loop {
-            let batch = engine.records_after(after, 4096).map_err(src_err)?;
-            let Some(last) = batch.last() else { break };
-            after = Some(last.oid());
-            for r in &batch {
-                writer.write(r.oid(), r.as_bytes()).map_err(file_err)?;
-                records += 1;
-            }
-            progress(records, total);
-        }
-        Ok::<_, MigrateError>(())
-    })();
-    if let Err(e) = result {
-        drop(writer);
-        let _ = std::fs::remove_file(&tmp);
-        return Err(e);
-    }
-    let file_bytes = writer.finish().map_err(file_err)?;
-    std::fs::rename(&tmp, dest).map_err(|e| file_err(FileError::Io(e)))?;
-    Ok(ExportReport {
-        records,
-        file_bytes,
-        elapsed: started.elapsed(),
-    })
 }

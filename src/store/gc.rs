@@ -3,17 +3,13 @@
 use std::ops::ControlFlow;
 use std::time::{Duration, Instant};
 
-use super::collector::GcStats;
-use super::full::{FullProgress, FullReport};
-use super::state::{GcState, read_state};
-use super::{full, incremental};
+use super::RedbStorage;
 use crate::error::Result;
-use crate::redb_store::RedbStorage;
-use crate::redb_store::engine::Engine;
-use crate::storage::PackReport;
+use crate::gc::{FullProgress, FullReport, GcState, GcStats, read_state, run_full, step};
 
 /// What an explicit incremental collection did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct GcReport {
     /// Records deleted.
     pub removed_objects: u64,
@@ -33,7 +29,7 @@ impl RedbStorage {
     /// reference count is still zero, in one non-durable write transaction.
     pub fn gc_step(&self, max_objects: usize) -> Result<GcReport> {
         let started = Instant::now();
-        let step = incremental::step(self.engine(), max_objects)?;
+        let step = step(&self.engine, &self.gc, max_objects)?;
         Ok(GcReport {
             removed_objects: step.removed.len() as u64,
             removed_bytes: step.bytes,
@@ -53,12 +49,12 @@ impl RedbStorage {
     /// [`collect_garbage_now`](Self::collect_garbage_now), reporting the running
     /// totals after each step.
     pub fn collect_garbage_with(&self, progress: &mut dyn FnMut(&GcReport)) -> Result<GcReport> {
-        let engine = self.engine();
+        let engine = &self.engine;
         let started = Instant::now();
-        let batch = engine.gc.policy.explicit_batch();
+        let batch = self.gc.policy.explicit_batch();
         let mut report = GcReport::default();
         loop {
-            let step = incremental::step(engine, batch)?;
+            let step = step(engine, &self.gc, batch)?;
             report.removed_objects += step.removed.len() as u64;
             report.removed_bytes += step.bytes;
             report.steps += 1;
@@ -82,36 +78,32 @@ impl RedbStorage {
         &self,
         progress: &mut dyn FnMut(&FullProgress) -> ControlFlow<()>,
     ) -> Result<FullReport> {
-        run_full(self.engine(), progress)
+        self.run_full(progress)
     }
 
     /// The collector's persisted state and queue.
     pub fn gc_state(&self) -> Result<GcState> {
-        read_state(self.engine())
+        read_state(&self.engine)
     }
 
     /// The collector's counters since open.
     pub fn gc_stats(&self) -> GcStats {
-        self.engine().gc.stats()
+        self.gc.stats()
     }
-}
 
-fn run_full(
-    engine: &Engine,
-    progress: &mut dyn FnMut(&FullProgress) -> ControlFlow<()>,
-) -> Result<FullReport> {
-    let _running = engine.gc.full_lock.lock();
-    let report = full::run(engine, engine.gc.policy.explicit_batch(), progress)?;
-    engine.checkpoint()?;
-    Ok(report)
-}
-
-/// `Storage::pack` for RedbStorage: a full collection to the end, durable.
-pub(crate) fn pack(engine: &Engine) -> Result<PackReport> {
-    let r = run_full(engine, &mut |_| ControlFlow::Continue(()))?;
-    Ok(PackReport {
-        removed_objects: r.removed_objects,
-        removed_bytes: r.removed_bytes,
-        live_objects: r.live_objects,
-    })
+    /// A full collection to the end (or until `progress` breaks), durable.
+    pub(super) fn run_full(
+        &self,
+        progress: &mut dyn FnMut(&FullProgress) -> ControlFlow<()>,
+    ) -> Result<FullReport> {
+        let _running = self.gc.full_lock.lock();
+        let report = run_full(
+            &self.engine,
+            &self.gc,
+            self.gc.policy.explicit_batch(),
+            progress,
+        )?;
+        self.engine.checkpoint()?;
+        Ok(report)
+    }
 }

@@ -4,13 +4,14 @@ use std::path::Path;
 
 use redb::{ReadableDatabase, ReadableTable, ReadableTableMetadata};
 
-use super::engine::{Engine, read_meta};
+use super::Engine;
 use super::layout::*;
 use crate::error::{Result, StorageError};
 use crate::record::{Oid, Record};
 
 /// Counts and sizes of a store.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct StoreStats {
     /// Records stored.
     pub objects: u64,
@@ -35,7 +36,7 @@ pub(crate) fn stats(engine: &Engine) -> Result<StoreStats> {
     let txn = db.begin_read()?;
     let meta = txn.open_table(META)?;
     let info: FormatInfo = read_meta(&meta, KEY_FORMAT)?
-        .ok_or_else(|| StorageError::Format("no format version in the metadata".into()))?;
+        .ok_or_else(|| StorageError::damaged("no format version in the metadata"))?;
     let oids: OidMeta = read_meta(&meta, KEY_OIDS)?.unwrap_or(OidMeta { reserved: 0 });
     let records = txn.open_table(RECORDS)?;
     let s = records.stats()?;
@@ -65,15 +66,15 @@ pub struct CheckReport {
     pub objects: u64,
     /// References counted.
     pub refs: u64,
-    /// `(holder, missing)`: references to oids that do not exist (first [`LISTED`]).
+    /// `(holder, missing)`: references to oids that do not exist (the first 100).
     pub dangling: Vec<(Oid, Oid)>,
     /// How many references dangle in all.
     pub dangling_count: u64,
-    /// `(oid, stored count, recounted)` where the bookkeeping is wrong (first [`LISTED`]).
+    /// `(oid, stored count, recounted)` where the bookkeeping is wrong (the first 100).
     pub count_mismatches: Vec<(Oid, u64, u64)>,
     /// How many counts are wrong in all.
     pub mismatch_count: u64,
-    /// Records that are not valid records for their oid (first [`LISTED`]).
+    /// Records that are not valid records for their oid (the first 100).
     pub damaged: Vec<(Oid, String)>,
     /// How many records are damaged in all.
     pub damaged_count: u64,
@@ -201,30 +202,22 @@ pub fn check_store(path: &Path) -> Result<FullCheck> {
         )));
     }
     let integrity_ok = {
-        let mut db = redb::Database::open(path).map_err(|e| match e {
-            redb::DatabaseError::DatabaseAlreadyOpen => StorageError::AlreadyOpen {
-                path: path.display().to_string(),
-            },
-            other => StorageError::Format(format!(
-                "{} is not a durus-redb store (redb cannot open it: {other})",
-                path.display()
-            )),
-        })?;
+        let mut db = redb::Database::open(path).map_err(|e| super::open::open_error(path, e))?;
         let ok = db.check_integrity()?;
         // The file must hold our tables too.
         let txn = db.begin_read()?;
         if let Err(e) = txn.open_table(META) {
-            return Err(StorageError::Format(format!(
-                "{} is a redb database but not a durus-redb store ({e})",
-                path.display()
-            )));
+            return Err(StorageError::NotAStore {
+                path: path.to_path_buf(),
+                reason: format!("a redb database without durus-redb's tables ({e})"),
+            });
         }
         ok
     };
-    let storage = crate::RedbStorage::open(path, crate::Options::read_only())?;
+    let engine = Engine::open(path, &super::EngineConfig::read_only())?;
     Ok(FullCheck {
         integrity_ok,
-        references: storage.check_references()?,
-        stats: storage.stats()?,
+        references: check_references(&engine)?,
+        stats: stats(&engine)?,
     })
 }

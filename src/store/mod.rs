@@ -1,21 +1,25 @@
-//! `RedbStorage`: the Durus storage on redb.
+//! `RedbStorage`: the Durus storage on redb, as users hold it. Opens the
+//! engine, installs the collector beside it, and keeps one session per
+//! handle.
 
-mod check;
-pub(crate) mod engine;
-pub(crate) mod layout;
+mod gc;
 mod options;
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::VecDeque;
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
-pub use check::{CheckReport, FullCheck, StoreStats, check_store};
-pub use engine::{CommitGuard, CommitTicket, Engine, InvalidSet, SessionId};
+pub use gc::GcReport;
 pub use options::Options;
 
+use crate::engine::{
+    CheckReport, Engine, EngineConfig, InvalidSet, SessionId, StoreStats, check_references, stats,
+};
 use crate::error::{Result, StorageError};
+use crate::gc::GcShared;
 use crate::record::{Oid, Record};
-use crate::storage::{PackReport, Storage, checked_record};
+use crate::storage::{PackReport, PendingCommit, Storage};
 
 /// A session on a durus-redb store: a [`Storage`] with its own pending commit,
 /// its own allocated oids and its own invalid set.
@@ -27,47 +31,74 @@ use crate::storage::{PackReport, Storage, checked_record};
 #[derive(Debug)]
 pub struct RedbStorage {
     engine: Arc<Engine>,
+    gc: Arc<GcShared>,
     session: SessionId,
     invalid: InvalidSet,
-    pending: BTreeMap<Oid, Record>,
+    pending: PendingCommit,
 }
 
 impl RedbStorage {
-    /// Opens the store at `path` (created if absent unless `options.create`
-    /// is false). A second open of the same file, from this process or
-    /// another, fails with [`StorageError::AlreadyOpen`].
+    /// Opens the store at `path` for reading and writing (created if absent
+    /// unless [`Options::create`] says not to). A second open of the same
+    /// file, from this process or another, fails with
+    /// [`StorageError::AlreadyOpen`].
     pub fn open(path: impl AsRef<Path>, options: Options) -> Result<RedbStorage> {
-        let engine = Engine::open(path.as_ref(), &options)?;
-        Ok(RedbStorage::session_of(engine))
+        RedbStorage::open_with(path.as_ref(), &options, false)
     }
 
-    /// Opens the store read-only.
+    /// Opens the store read-only: loads work, every write fails with
+    /// [`StorageError::ReadOnly`]. Other read-only handles may share the
+    /// file; a writer may not.
     pub fn open_read_only(path: impl AsRef<Path>) -> Result<RedbStorage> {
-        RedbStorage::open(path, Options::read_only())
+        let config = EngineConfig::read_only();
+        let engine = Engine::open(path.as_ref(), &config)?;
+        let gc = Arc::new(GcShared::new(Arc::new(crate::gc::ManualGc)));
+        Ok(RedbStorage::session_of(engine, gc))
     }
 
-    /// A new session on the engine.
-    pub fn session_of(engine: Arc<Engine>) -> RedbStorage {
-        engine
-            .handles
-            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+    /// Opens for a migration (`importing`: an unfinished import is allowed).
+    pub(crate) fn open_with(
+        path: &Path,
+        options: &Options,
+        importing: bool,
+    ) -> Result<RedbStorage> {
+        let engine = Engine::open(path, &options.engine_config(importing))?;
+        let gc = Arc::new(GcShared::new(options.gc_policy().clone()));
+        engine.set_hook(gc.clone());
+        crate::gc::start(&engine, &gc);
+        Ok(RedbStorage::session_of(engine, gc))
+    }
+
+    fn session_of(engine: Arc<Engine>, gc: Arc<GcShared>) -> RedbStorage {
+        engine.handles.fetch_add(1, Ordering::AcqRel);
         let (session, invalid) = engine.register_session();
         RedbStorage {
             engine,
+            gc,
             session,
             invalid,
-            pending: BTreeMap::new(),
+            pending: PendingCommit::default(),
         }
     }
 
     /// Another session on the same open store.
     pub fn new_session(&self) -> RedbStorage {
-        RedbStorage::session_of(self.engine.clone())
+        RedbStorage::session_of(self.engine.clone(), self.gc.clone())
     }
 
-    /// The shared engine (for the server and the collector).
-    pub fn engine(&self) -> &Arc<Engine> {
+    /// The engine (for the server and the migration).
+    pub(crate) fn engine(&self) -> &Arc<Engine> {
         &self.engine
+    }
+
+    /// The path of the store.
+    pub fn path(&self) -> &Path {
+        self.engine.path()
+    }
+
+    /// True if opened read-only.
+    pub fn is_read_only(&self) -> bool {
+        self.engine.is_read_only()
     }
 
     /// Makes every commit so far durable, whatever the checkpoint policy.
@@ -77,12 +108,12 @@ impl RedbStorage {
 
     /// Counts and sizes of the store.
     pub fn stats(&self) -> Result<StoreStats> {
-        check::stats(&self.engine)
+        stats(&self.engine)
     }
 
     /// Recounts every reference and checks that every ref resolves.
     pub fn check_references(&self) -> Result<CheckReport> {
-        check::check_references(&self.engine)
+        check_references(&self.engine)
     }
 }
 
@@ -91,11 +122,7 @@ impl Drop for RedbStorage {
         self.engine.unregister_session(self.session);
         // The last handle closes the store now, even if a background thread
         // still holds the engine for a moment.
-        if self
-            .engine
-            .handles
-            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel)
-            == 1
+        if self.engine.handles.fetch_sub(1, Ordering::AcqRel) == 1
             && let Err(e) = self.engine.close()
         {
             tracing::error!(error = %e, "closing the store failed");
@@ -122,14 +149,12 @@ impl Storage for RedbStorage {
     }
 
     fn store(&mut self, oid: Oid, record: Vec<u8>) -> Result<()> {
-        let record = checked_record(oid, record)?;
-        self.pending.insert(oid, record);
-        Ok(())
+        self.pending.store(oid, record)
     }
 
     fn end(&mut self) -> Result<()> {
-        let pending = std::mem::take(&mut self.pending);
-        self.engine.commit(self.session, &pending)
+        let records = self.pending.take();
+        self.engine.commit(self.session, &records)
     }
 
     fn abort(&mut self) {
@@ -161,7 +186,12 @@ impl Storage for RedbStorage {
     }
 
     fn pack(&mut self) -> Result<PackReport> {
-        crate::gc::pack(&self.engine)
+        let r = self.run_full(&mut |_| std::ops::ControlFlow::Continue(()))?;
+        Ok(PackReport {
+            removed_objects: r.removed_objects,
+            removed_bytes: r.removed_bytes,
+            live_objects: r.live_objects,
+        })
     }
 
     fn close(&mut self) -> Result<()> {

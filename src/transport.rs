@@ -1,10 +1,11 @@
-//! Addresses, listeners and streams: TCP and Unix sockets behind one type.
+//! Addresses, listeners and streams: TCP and Unix sockets behind one type,
+//! shared by the server and the client.
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 /// Where a server listens, or a client connects.
@@ -21,10 +22,10 @@ pub enum Address {
     Unix {
         /// Path of the socket file.
         path: PathBuf,
-        /// Owner given to the socket file (a user name or a numeric uid).
-        owner: Option<String>,
-        /// Group given to the socket file (a group name or a numeric gid).
-        group: Option<String>,
+        /// Owner (uid) given to the socket file when listening.
+        owner: Option<u32>,
+        /// Group (gid) given to the socket file when listening.
+        group: Option<u32>,
         /// Permissions of the socket file: `0o777 & !umask`.
         umask: Option<u32>,
     },
@@ -50,7 +51,7 @@ impl Address {
     }
 
     /// Connects to a server at this address.
-    pub fn connect(&self) -> io::Result<Stream> {
+    pub(crate) fn connect(&self) -> io::Result<Stream> {
         Ok(match self {
             Address::Tcp { host, port } => {
                 let s = TcpStream::connect((host.as_str(), *port))?;
@@ -74,7 +75,7 @@ impl std::fmt::Display for Address {
 
 /// A connected socket of either kind.
 #[derive(Debug)]
-pub enum Stream {
+pub(crate) enum Stream {
     /// TCP.
     Tcp(TcpStream),
     /// Unix domain socket.
@@ -83,7 +84,7 @@ pub enum Stream {
 
 impl Stream {
     /// Another handle to the same socket.
-    pub fn try_clone(&self) -> io::Result<Stream> {
+    pub(crate) fn try_clone(&self) -> io::Result<Stream> {
         Ok(match self {
             Stream::Tcp(s) => Stream::Tcp(s.try_clone()?),
             Stream::Unix(s) => Stream::Unix(s.try_clone()?),
@@ -91,7 +92,7 @@ impl Stream {
     }
 
     /// Sets the read timeout (`None`: wait forever).
-    pub fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+    pub(crate) fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
         match self {
             Stream::Tcp(s) => s.set_read_timeout(t),
             Stream::Unix(s) => s.set_read_timeout(t),
@@ -99,7 +100,7 @@ impl Stream {
     }
 
     /// Sets the write timeout (`None`: wait forever).
-    pub fn set_write_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+    pub(crate) fn set_write_timeout(&self, t: Option<Duration>) -> io::Result<()> {
         match self {
             Stream::Tcp(s) => s.set_write_timeout(t),
             Stream::Unix(s) => s.set_write_timeout(t),
@@ -107,7 +108,7 @@ impl Stream {
     }
 
     /// Shuts both directions down; a thread blocked reading wakes up.
-    pub fn shutdown(&self) {
+    pub(crate) fn shutdown(&self) {
         let _ = match self {
             Stream::Tcp(s) => s.shutdown(Shutdown::Both),
             Stream::Unix(s) => s.shutdown(Shutdown::Both),
@@ -115,7 +116,7 @@ impl Stream {
     }
 
     /// The peer, for log lines.
-    pub fn peer(&self) -> String {
+    pub(crate) fn peer(&self) -> String {
         match self {
             Stream::Tcp(s) => s
                 .peer_addr()
@@ -198,15 +199,7 @@ impl Listener {
                     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o777 & !mask))?;
                 }
                 if owner.is_some() || group.is_some() {
-                    let uid = owner
-                        .as_deref()
-                        .map(|o| lookup_id("/etc/passwd", o))
-                        .transpose()?;
-                    let gid = group
-                        .as_deref()
-                        .map(|g| lookup_id("/etc/group", g))
-                        .transpose()?;
-                    std::os::unix::fs::chown(path, uid, gid)?;
+                    std::os::unix::fs::chown(path, *owner, *group)?;
                 }
                 Ok((Listener::Unix(l, path.clone()), address.clone()))
             }
@@ -230,46 +223,5 @@ impl Drop for Listener {
         if let Listener::Unix(_, path) = self {
             let _ = std::fs::remove_file(path);
         }
-    }
-}
-
-/// A numeric id, or the id of `name` in a passwd/group style file.
-fn lookup_id(file: &str, name: &str) -> io::Result<u32> {
-    if let Ok(id) = name.parse::<u32>() {
-        return Ok(id);
-    }
-    let text = std::fs::read_to_string(Path::new(file))?;
-    text.lines()
-        .filter_map(|l| {
-            let mut f = l.split(':');
-            let n = f.next()?;
-            let id = f.nth(1)?;
-            (n == name).then(|| id.parse::<u32>().ok()).flatten()
-        })
-        .next()
-        .ok_or_else(|| {
-            io::Error::new(
-                io::ErrorKind::NotFound,
-                format!("no entry named {name:?} in {file}"),
-            )
-        })
-}
-
-/// Parses a umask as Durus's command line does: `0o22`, `022` (octal with a
-/// leading zero), `0x12`, or decimal.
-pub fn parse_umask(s: &str) -> Result<u32, String> {
-    let parsed = if let Some(o) = s.strip_prefix("0o").or_else(|| s.strip_prefix("0O")) {
-        u32::from_str_radix(o, 8)
-    } else if let Some(x) = s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
-        u32::from_str_radix(x, 16)
-    } else if s.len() > 1 && s.starts_with('0') {
-        u32::from_str_radix(&s[1..], 8)
-    } else {
-        s.parse::<u32>()
-    };
-    match parsed {
-        Ok(v) if v <= 0o777 => Ok(v),
-        Ok(v) => Err(format!("umask {v:#o} is larger than 0o777")),
-        Err(e) => Err(format!("invalid umask {s:?}: {e}")),
     }
 }

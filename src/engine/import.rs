@@ -1,0 +1,135 @@
+//! The import path of a migration: batches written without the per-commit
+//! checks, reference counts kept exact, the import state in the same
+//! transaction.
+
+use std::collections::HashMap;
+
+use redb::{Durability, ReadableTable};
+
+use super::Engine;
+use super::layout::{
+    KEY_IMPORTED, KEY_MIGRATION, KEY_OIDS, META, OidMeta, RECORDS, RecordHash, encode,
+};
+use super::refcount::{apply_ref_deltas, corrupt};
+use crate::error::{InvalidInput, Result};
+use crate::record::{Oid, Record, refs_of};
+
+/// What one import batch did.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct ImportedBatch {
+    /// Records that were not in the store before.
+    pub(crate) new_objects: u64,
+    /// Wrapping sum of the hashes of the records replaced.
+    pub(crate) replaced_hash: u64,
+    /// The highest oid of the batch.
+    pub(crate) max_oid: Option<u64>,
+}
+
+impl Engine {
+    /// The highest oid stored.
+    pub(crate) fn last_oid(&self) -> Result<Option<Oid>> {
+        let db = self.db()?;
+        let txn = db.begin_read()?;
+        let records = txn.open_table(RECORDS)?;
+        Ok(records.last()?.map(|(k, _)| Oid(k.value())))
+    }
+
+    /// The raw metadata value under `key`.
+    pub(crate) fn meta_bytes(&self, key: &str) -> Result<Option<Vec<u8>>> {
+        let db = self.db()?;
+        let txn = db.begin_read()?;
+        let meta = txn.open_table(META)?;
+        Ok(meta.get(key)?.map(|v| v.value().to_vec()))
+    }
+
+    /// Raises the allocation mark above `oid` (after an import). An oid at
+    /// the top of the range leaves nothing to allocate: refused.
+    pub(crate) fn reserve_above(&self, oid: Oid) -> Result<()> {
+        let next = oid
+            .0
+            .checked_add(1)
+            .ok_or(InvalidInput::OidsExhausted { highest: oid })?;
+        let mut st = self.commit.lock();
+        if next > st.next_oid {
+            self.write_oid_meta(next.max(st.reserved), &mut st)?;
+            st.next_oid = next;
+            st.reserved = st.reserved.max(next);
+        }
+        Ok(())
+    }
+
+    /// Writes a batch of imported records without the per-commit checks (a
+    /// record may reference an oid a later batch brings; imported oids were
+    /// never handed out), keeping reference counts exact, and stores the
+    /// import state that `state` makes from the batch's figures, all in one
+    /// write transaction. Raises the oid mark above every imported oid.
+    pub(crate) fn import_batch(
+        &self,
+        items: &[(Oid, Record)],
+        durable: bool,
+        hash: RecordHash,
+        state: impl FnOnce(&ImportedBatch) -> Vec<u8>,
+    ) -> Result<ImportedBatch> {
+        let durability = if durable {
+            Durability::Immediate
+        } else {
+            Durability::None
+        };
+        self.write_txn_state(durability, |w, st| {
+            let mut batch = ImportedBatch::default();
+            let mut delta: HashMap<u64, i64> = HashMap::new();
+            {
+                let mut table = w.open_table(RECORDS)?;
+                for (oid, record) in items {
+                    batch.max_oid = batch.max_oid.max(Some(oid.0));
+                    match table.insert(oid.0, record.as_bytes())? {
+                        Some(old) => {
+                            let old = old.value();
+                            batch.replaced_hash =
+                                batch.replaced_hash.wrapping_add(hash.of(*oid, old));
+                            for r in refs_of(old).map_err(|e| corrupt(*oid, e))? {
+                                *delta.entry(r.0).or_default() -= 1;
+                            }
+                        }
+                        None => batch.new_objects += 1,
+                    }
+                    for r in record.refs() {
+                        *delta.entry(r.0).or_default() += 1;
+                    }
+                }
+            }
+            apply_ref_deltas(w, delta)?;
+            let mut meta = w.open_table(META)?;
+            meta.insert(KEY_MIGRATION, state(&batch).as_slice())?;
+            if let Some(max) = batch.max_oid
+                && max >= st.next_oid
+            {
+                // At the top of the range the mark stays at u64::MAX: no oid
+                // is left to hand out, and allocation says so.
+                let next = max.saturating_add(1);
+                st.next_oid = next;
+                st.reserved = st.reserved.max(next);
+                meta.insert(
+                    KEY_OIDS,
+                    encode(&OidMeta {
+                        reserved: st.reserved,
+                    })
+                    .as_slice(),
+                )?;
+            }
+            Ok(batch)
+        })
+    }
+
+    /// Ends an import: removes its state (the collector and writable opens
+    /// are allowed again), records `summary` under the `imported` key, and
+    /// makes everything durable.
+    pub(crate) fn finish_import(&self, summary: &[u8]) -> Result<()> {
+        self.write_txn(Durability::Immediate, |w, _| {
+            let mut meta = w.open_table(META)?;
+            meta.remove(KEY_MIGRATION)?;
+            meta.insert(KEY_IMPORTED, summary)?;
+            Ok(())
+        })
+    }
+}

@@ -1,0 +1,244 @@
+//! The engine behind every session of one open store: the redb database, the
+//! commit path, oid allocation, durability and invalidations. Crate-private:
+//! users reach it through [`RedbStorage`](crate::RedbStorage); the server,
+//! the collector and the migration through the narrow APIs of its files.
+//!
+//! - `layout`: tables, metadata and their encodings (the on-disk format).
+//! - `open`: opening, creating and checking the format of a store.
+//! - `sessions`: sessions, invalid sets and oid allocation.
+//! - `commit`: the commit lock, validation and the apply of a commit.
+//! - `durability`: group flushes, checkpoints, the checkpoint thread, close.
+//! - `import`: the import path of `migrate`.
+//! - `refcount`: reference counts and the collector's queue.
+//! - `check`: `check` and `stats`.
+//!
+//! # Lock order
+//! `db` (read) may be taken while holding `commit`; `commit` is never taken
+//! while holding `sessions` or an invalid set; `close` takes `commit` first,
+//! then `db` (write), as the commit paths do.
+
+mod check;
+mod commit;
+mod durability;
+mod import;
+pub(crate) mod layout;
+mod open;
+mod refcount;
+mod sessions;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, AtomicUsize};
+use std::sync::{Arc, OnceLock};
+
+use parking_lot::{Mutex, RwLock, RwLockReadGuard};
+use redb::{Database, ReadOnlyDatabase, ReadTransaction, ReadableDatabase, WriteTransaction};
+
+pub use check::{CheckReport, FullCheck, StoreStats, check_store};
+pub(crate) use check::{check_references, stats};
+use commit::{CommitState, CommitTicket};
+pub(crate) use refcount::{apply_ref_deltas, corrupt, delete_queued, forget};
+pub(crate) use sessions::{InvalidSet, SessionId};
+
+use crate::checkpoint::CheckpointPolicy;
+use crate::error::{Result, StorageError};
+use crate::record::{Oid, Record};
+use durability::Checkpointer;
+use layout::RECORDS;
+use refcount::load_from;
+
+/// How the engine is opened (built by [`Options`](crate::Options)).
+#[derive(Debug, Clone)]
+pub(crate) struct EngineConfig {
+    pub(crate) read_only: bool,
+    pub(crate) create: bool,
+    pub(crate) checkpoint: Arc<dyn CheckpointPolicy>,
+    pub(crate) cache_bytes: usize,
+    pub(crate) quick_repair: bool,
+    /// An unfinished import is allowed (the migration opens it).
+    pub(crate) importing: bool,
+}
+
+impl EngineConfig {
+    /// A read-only open with the default cache.
+    pub(crate) fn read_only() -> EngineConfig {
+        EngineConfig {
+            read_only: true,
+            create: false,
+            checkpoint: Arc::new(crate::checkpoint::EveryCommit),
+            cache_bytes: 32 << 20,
+            quick_repair: true,
+            importing: false,
+        }
+    }
+}
+
+/// What a worker beside the engine (the collector) does in every commit.
+/// Installed once after open; called under the commit lock.
+pub(crate) trait CommitHook: Send + Sync {
+    /// Runs inside the commit's write transaction after its records were
+    /// written: the commit's share of background work. Returns the oids it
+    /// deleted (the engine invalidates them for every session).
+    fn in_commit(&self, w: &WriteTransaction) -> Result<Vec<Oid>>;
+    /// After the commit was applied: what it stored, its bytes, how many
+    /// oids it queued.
+    fn after_commit(&self, records: &std::collections::BTreeMap<Oid, Record>, queued: u64);
+    /// The store is closing: stop and join any thread.
+    fn on_close(&self);
+}
+
+pub(crate) enum Db {
+    Rw(Database),
+    Ro(ReadOnlyDatabase),
+}
+
+impl Db {
+    pub(crate) fn begin_read(&self) -> Result<ReadTransaction> {
+        Ok(match self {
+            Db::Rw(db) => db.begin_read()?,
+            Db::Ro(db) => db.begin_read()?,
+        })
+    }
+
+    pub(crate) fn rw(&self) -> Result<&Database> {
+        match self {
+            Db::Rw(db) => Ok(db),
+            Db::Ro(_) => Err(StorageError::ReadOnly),
+        }
+    }
+}
+
+/// The shared engine of one open store.
+pub(crate) struct Engine {
+    path: PathBuf,
+    db: RwLock<Option<Db>>,
+    read_only: bool,
+    quick_repair: bool,
+    policy: Arc<dyn CheckpointPolicy>,
+    commit: Mutex<CommitState>,
+    committers_waiting: AtomicUsize,
+    durable_seq: AtomicU64,
+    flush_lock: Mutex<()>,
+    sessions: Mutex<std::collections::HashMap<SessionId, InvalidSet>>,
+    next_session: AtomicU64,
+    /// Live `RedbStorage` handles; the last one dropped closes the store.
+    pub(crate) handles: AtomicUsize,
+    poisoned: Mutex<Option<String>>,
+    checkpointer: Mutex<Option<Checkpointer>>,
+    hook: OnceLock<Arc<dyn CommitHook>>,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("path", &self.path)
+            .field("read_only", &self.read_only)
+            .field("policy", &self.policy)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Engine {
+    /// The path of the store.
+    pub(crate) fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// True if opened read-only.
+    pub(crate) fn is_read_only(&self) -> bool {
+        self.read_only
+    }
+
+    /// Installs the commit hook (once, right after open).
+    pub(crate) fn set_hook(&self, hook: Arc<dyn CommitHook>) {
+        let _ = self.hook.set(hook);
+    }
+
+    pub(crate) fn db(&self) -> Result<parking_lot::MappedRwLockReadGuard<'_, Db>> {
+        RwLockReadGuard::try_map(self.db.read(), |d| d.as_ref()).map_err(|_| StorageError::Closed)
+    }
+
+    fn check_writable(&self) -> Result<()> {
+        if self.read_only {
+            return Err(StorageError::ReadOnly);
+        }
+        if let Some(why) = self.poisoned.lock().as_ref() {
+            return Err(StorageError::Poisoned {
+                reason: why.clone(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Marks the store unusable for writes after a failure that leaves redb's
+    /// state unknown.
+    pub(crate) fn poison(&self, why: &StorageError) {
+        tracing::error!(error = %why, "store poisoned");
+        let mut p = self.poisoned.lock();
+        if p.is_none() {
+            *p = Some(why.to_string());
+        }
+    }
+
+    /// Passes `r` on, poisoning the store if it failed.
+    fn poisoning<T>(&self, r: Result<T>) -> Result<T> {
+        if let Err(e) = &r {
+            self.poison(e);
+        }
+        r
+    }
+
+    // ---- loads -----------------------------------------------------------
+
+    /// The record for `oid`, from the latest committed state.
+    pub(crate) fn load(&self, oid: Oid) -> Result<Record> {
+        let db = self.db()?;
+        let txn = db.begin_read()?;
+        let table = txn.open_table(RECORDS)?;
+        load_from(&table, oid)
+    }
+
+    /// The records for `oids` from one snapshot; `None` where absent.
+    pub(crate) fn load_many(&self, oids: &[Oid]) -> Result<Vec<Option<Record>>> {
+        let db = self.db()?;
+        let txn = db.begin_read()?;
+        let table = txn.open_table(RECORDS)?;
+        oids.iter()
+            .map(|&oid| match load_from(&table, oid) {
+                Ok(r) => Ok(Some(r)),
+                Err(StorageError::NotFound(_)) => Ok(None),
+                Err(e) => Err(e),
+            })
+            .collect()
+    }
+
+    /// Up to `limit` records with oids above `after` (or from the first), in oid order.
+    pub(crate) fn records_after(&self, after: Option<Oid>, limit: usize) -> Result<Vec<Record>> {
+        let start = match after {
+            None => 0,
+            Some(Oid(o)) => match o.checked_add(1) {
+                Some(s) => s,
+                None => return Ok(Vec::new()),
+            },
+        };
+        let db = self.db()?;
+        let txn = db.begin_read()?;
+        let table = txn.open_table(RECORDS)?;
+        let mut out = Vec::new();
+        for item in table.range(start..)? {
+            let (k, v) = item?;
+            out.push(refcount::stored_record(Oid(k.value()), v.value())?);
+            if out.len() >= limit {
+                break;
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        if let Err(e) = self.close() {
+            tracing::error!(error = %e, "closing the store failed");
+        }
+    }
+}

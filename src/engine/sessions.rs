@@ -1,0 +1,92 @@
+//! Sessions (an in-process handle or a server connection), their invalid
+//! sets, and oid allocation.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use parking_lot::Mutex;
+
+use super::layout::{KEY_OIDS, META, OID_BLOCK, OidMeta, encode};
+use super::{CommitState, Engine};
+use crate::error::{InvalidInput, Result};
+use crate::record::Oid;
+
+/// An identifier of a session.
+pub(crate) type SessionId = u64;
+
+/// An invalid set: oids a session must treat as invalid until it syncs.
+pub(crate) type InvalidSet = Arc<Mutex<HashSet<Oid>>>;
+
+impl Engine {
+    /// Registers a session and returns its id and invalid set.
+    pub(crate) fn register_session(&self) -> (SessionId, InvalidSet) {
+        let id = self.next_session.fetch_add(1, Ordering::Relaxed);
+        let set: InvalidSet = Arc::new(Mutex::new(HashSet::new()));
+        self.sessions.lock().insert(id, set.clone());
+        (id, set)
+    }
+
+    /// Forgets a session and the oids it held allocated but unused.
+    pub(crate) fn unregister_session(&self, id: SessionId) {
+        self.sessions.lock().remove(&id);
+        self.commit.lock().allocated.retain(|_, s| *s != id);
+    }
+
+    /// Adds `oids` to the invalid set of every session but `except`.
+    pub(crate) fn invalidate_others(&self, except: Option<SessionId>, oids: &[Oid]) {
+        if oids.is_empty() {
+            return;
+        }
+        for (id, set) in self.sessions.lock().iter() {
+            if Some(*id) != except {
+                set.lock().extend(oids.iter().copied());
+            }
+        }
+    }
+
+    /// Hands out `n` new oids to `session`. The reserved mark is made durable
+    /// before any oid above it is handed out. Refused once the oid range is
+    /// used up.
+    pub(crate) fn allocate(&self, session: SessionId, n: usize) -> Result<Vec<Oid>> {
+        self.check_writable()?;
+        let n = n as u64;
+        let mut st = self.commit.lock();
+        let exhausted = || InvalidInput::OidsExhausted {
+            highest: Oid(st_highest(&st)),
+        };
+        let end = st.next_oid.checked_add(n).ok_or_else(exhausted)?;
+        if end > st.reserved {
+            let reserved = end.saturating_add(OID_BLOCK);
+            let r = self.write_oid_meta(reserved, &mut st);
+            self.poisoning(r)?;
+            st.reserved = reserved;
+        }
+        let start = st.next_oid;
+        st.next_oid = end;
+        let oids: Vec<Oid> = (start..end).map(Oid).collect();
+        for &oid in &oids {
+            st.allocated.insert(oid, session);
+        }
+        Ok(oids)
+    }
+
+    /// Durably records the oid reservation mark; this also checkpoints.
+    pub(super) fn write_oid_meta(&self, reserved: u64, st: &mut CommitState) -> Result<()> {
+        let db = self.db()?;
+        let mut w = db.rw()?.begin_write()?;
+        w.set_quick_repair(self.quick_repair);
+        {
+            let mut m = w.open_table(META)?;
+            m.insert(KEY_OIDS, encode(&OidMeta { reserved }).as_slice())?;
+        }
+        w.commit()?;
+        self.durable_seq.fetch_max(st.applied_seq, Ordering::AcqRel);
+        st.checkpointed();
+        Ok(())
+    }
+}
+
+fn st_highest(st: &CommitState) -> u64 {
+    st.next_oid.saturating_sub(1)
+}

@@ -1,0 +1,103 @@
+//! How a store is opened.
+
+use std::sync::Arc;
+
+use crate::checkpoint::{CheckpointPolicy, EveryCommit};
+use crate::engine::EngineConfig;
+use crate::gc::{GcPolicy, IncrementalGc};
+
+/// Options for a writable [`RedbStorage::open`](crate::RedbStorage::open),
+/// built from the defaults with one method per setting:
+///
+/// ```
+/// # use durus_redb::{Options, Periodic, IdleGc};
+/// let options = Options::new().checkpoint(Periodic::default()).gc(IdleGc::default());
+/// ```
+///
+/// A read-only open takes no options: see
+/// [`RedbStorage::open_read_only`](crate::RedbStorage::open_read_only).
+#[derive(Debug, Clone)]
+pub struct Options {
+    create: bool,
+    checkpoint: Arc<dyn CheckpointPolicy>,
+    cache_bytes: usize,
+    quick_repair: bool,
+    gc: Arc<dyn GcPolicy>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            create: true,
+            checkpoint: Arc::new(EveryCommit),
+            cache_bytes: 256 << 20,
+            quick_repair: true,
+            gc: Arc::new(IncrementalGc::default()),
+        }
+    }
+}
+
+impl Options {
+    /// The defaults: create if absent, [`EveryCommit`], [`IncrementalGc`],
+    /// a 256 MiB page cache, quick repair on.
+    pub fn new() -> Self {
+        Options::default()
+    }
+
+    /// Whether to create the store if the file does not exist (default true).
+    pub fn create(mut self, create: bool) -> Self {
+        self.create = create;
+        self
+    }
+
+    /// When commits become durable. Default: [`EveryCommit`].
+    pub fn checkpoint(self, policy: impl CheckpointPolicy) -> Self {
+        self.checkpoint_shared(Arc::new(policy))
+    }
+
+    /// [`checkpoint`](Self::checkpoint) with a policy chosen at run time.
+    pub fn checkpoint_shared(mut self, policy: Arc<dyn CheckpointPolicy>) -> Self {
+        self.checkpoint = policy;
+        self
+    }
+
+    /// How the background garbage collector works. Default: [`IncrementalGc`].
+    pub fn gc(self, policy: impl GcPolicy) -> Self {
+        self.gc_shared(Arc::new(policy))
+    }
+
+    /// [`gc`](Self::gc) with a policy chosen at run time.
+    pub fn gc_shared(mut self, policy: Arc<dyn GcPolicy>) -> Self {
+        self.gc = policy;
+        self
+    }
+
+    /// redb's page cache, in bytes (default 256 MiB).
+    pub fn cache_bytes(mut self, bytes: usize) -> Self {
+        self.cache_bytes = bytes;
+        self
+    }
+
+    /// Save redb's allocator state with every durable commit, so that opening
+    /// after a crash is near instant instead of a walk of the whole file
+    /// (default true; costs a little on each durable commit).
+    pub fn quick_repair(mut self, on: bool) -> Self {
+        self.quick_repair = on;
+        self
+    }
+
+    pub(crate) fn gc_policy(&self) -> &Arc<dyn GcPolicy> {
+        &self.gc
+    }
+
+    pub(crate) fn engine_config(&self, importing: bool) -> EngineConfig {
+        EngineConfig {
+            read_only: false,
+            create: self.create,
+            checkpoint: self.checkpoint.clone(),
+            cache_bytes: self.cache_bytes,
+            quick_repair: self.quick_repair,
+            importing,
+        }
+    }
+}
