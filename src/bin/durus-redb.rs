@@ -611,25 +611,32 @@ fn parse_umask(s: &str) -> Result<u32, String> {
 
 /// A numeric uid, or the uid of a user name.
 fn parse_owner(s: &str) -> Result<u32, String> {
-    if let Ok(id) = s.parse::<u32>() {
-        return Ok(id);
-    }
-    match nix::unistd::User::from_name(s) {
-        Ok(Some(u)) => Ok(u.uid.as_raw()),
-        Ok(None) => Err(format!("no user named {s:?}")),
-        Err(e) => Err(format!("looking up user {s:?}: {e}")),
-    }
+    parse_id(s, "user", |n| {
+        nix::unistd::User::from_name(n).map(|u| u.map(|u| u.uid.as_raw()))
+    })
 }
 
 /// A numeric gid, or the gid of a group name.
 fn parse_group(s: &str) -> Result<u32, String> {
+    parse_id(s, "group", |n| {
+        nix::unistd::Group::from_name(n).map(|g| g.map(|g| g.gid.as_raw()))
+    })
+}
+
+/// A number, or the id `lookup` finds for the name in the system's
+/// databases (NSS: files, LDAP, ...).
+fn parse_id(
+    s: &str,
+    what: &str,
+    lookup: impl Fn(&str) -> nix::Result<Option<u32>>,
+) -> Result<u32, String> {
     if let Ok(id) = s.parse::<u32>() {
         return Ok(id);
     }
-    match nix::unistd::Group::from_name(s) {
-        Ok(Some(g)) => Ok(g.gid.as_raw()),
-        Ok(None) => Err(format!("no group named {s:?}")),
-        Err(e) => Err(format!("looking up group {s:?}: {e}")),
+    match lookup(s) {
+        Ok(Some(id)) => Ok(id),
+        Ok(None) => Err(format!("no {what} named {s:?}")),
+        Err(e) => Err(format!("looking up {what} {s:?}: {e}")),
     }
 }
 
