@@ -429,3 +429,73 @@ fn any_storage_migrates_through_the_library() {
     assert_eq!(got, want);
     check_clean(&dest);
 }
+
+/// Runs `f` on a thread and fails the test if it has not finished within
+/// `limit`: a guard against a hang, not a speed target.
+fn within<T: Send + 'static>(limit: Duration, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(limit)
+        .expect("hung: did not finish within the limit")
+}
+
+/// A tiny file whose records sit at the top of the oid range: the
+/// migration's verification and `check` take time proportional to the
+/// records, not to the oid range, and the store then refuses to hand out
+/// oids (the root included) instead of wrapping around.
+#[test]
+fn records_at_the_top_of_the_oid_range_migrate_and_exhaust_allocation() {
+    use durus_redb::InvalidInput;
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("top.durus");
+    let far = Oid(1 << 50);
+    let top = Oid(u64::MAX);
+    // The initial transaction holds the root; a later transaction (as
+    // Durus appends one) the two far records: `n | (len | oid | record)*`.
+    let mut w = ShelfWriter::create(&src).unwrap();
+    w.write(
+        Oid::ROOT,
+        Record::new(Oid::ROOT, b"root", &[far, top]).as_bytes(),
+    )
+    .unwrap();
+    w.finish().unwrap();
+    let mut items = Vec::new();
+    for r in [
+        Record::new(far, b"far", &[top]),
+        Record::new(top, b"top", &[]),
+    ] {
+        items.extend_from_slice(&(r.len() as u64 + 8).to_be_bytes());
+        items.extend_from_slice(&r.oid().to_bytes());
+        items.extend_from_slice(r.as_bytes());
+    }
+    let mut file = std::fs::OpenOptions::new().append(true).open(&src).unwrap();
+    use std::io::Write;
+    file.write_all(&(items.len() as u64).to_be_bytes()).unwrap();
+    file.write_all(&items).unwrap();
+    drop(file);
+    let dest = dir.path().join("top.redb");
+    let (s, d) = (src.clone(), dest.clone());
+    let report = within(Duration::from_secs(60), move || {
+        durus_redb::migrate(&s, &d, &MigrateOptions::default(), &mut |_| {})
+    })
+    .unwrap();
+    assert_eq!(report.objects, 3);
+    let d = dest.clone();
+    let check = within(Duration::from_secs(60), move || {
+        durus_redb::check_store(&d).unwrap()
+    });
+    assert_eq!(check.references.refs, 3);
+    assert_eq!(check.references.mismatch_count, 0);
+    let mut store = RedbStorage::open(&dest, Options::default()).unwrap();
+    let err = store.new_oid().unwrap_err();
+    assert!(
+        matches!(
+            err,
+            durus_redb::StorageError::Invalid(InvalidInput::OidsExhausted { .. })
+        ),
+        "{err:?}"
+    );
+    assert_eq!(store.load(top).unwrap().data(), b"top");
+}

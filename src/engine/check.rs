@@ -94,32 +94,29 @@ fn push_listed<T>(v: &mut Vec<T>, n: &mut u64, item: T) {
     }
 }
 
-/// Oids recounted per pass: one pass holds a `u64` counter per oid of its
-/// range (16 MiB), whatever the size of the store.
-const RECOUNT_SPAN: u64 = 1 << 21;
+/// Distinct referenced oids recounted per pass: memory stays bounded
+/// (about 24 MiB of counters) whatever the size of the store, and the number
+/// of passes follows the number of distinct referenced oids, never the oid
+/// range (a store referencing oid 2^50 costs what one referencing oid 2 does).
+const RECOUNT_OIDS: usize = 1 << 19;
 
 /// Recounts every reference from scratch on one snapshot and compares with
 /// the stored counts; checks that every ref resolves and every record is valid.
 ///
-/// Memory stays bounded: the recount runs in passes over ranges of
-/// [`RECOUNT_SPAN`] referenced oids, each pass a scan of every record.
+/// Each pass scans every record and recounts the references to the next
+/// [`RECOUNT_OIDS`] distinct oids from where the last pass ended.
 pub(crate) fn check_references(engine: &Engine) -> Result<CheckReport> {
     let db = engine.db()?;
     let txn = db.begin_read()?;
     let records = txn.open_table(RECORDS)?;
     let counts = txn.open_table(REFCOUNTS)?;
     let mut report = CheckReport::default();
-    // The highest oid any count or ref names bounds the passes; the first
-    // pass finds the refs' maximum.
-    let mut max_oid = counts
-        .last()?
-        .map_or(0, |(k, _)| k.value())
-        .max(records.last()?.map_or(0, |(k, _)| k.value()));
     let mut lo = 0u64;
     loop {
         let first = lo == 0;
-        let span = RECOUNT_SPAN.min(max_oid - lo + 1);
-        let mut recount = vec![0u64; span as usize];
+        // Recounts of oids in `lo..limit`; `limit` drops as the map fills.
+        let mut recount: std::collections::BTreeMap<u64, u64> = Default::default();
+        let mut limit: Option<u64> = None;
         for item in records.iter()? {
             let (k, v) = item?;
             let oid = Oid(k.value());
@@ -140,22 +137,29 @@ pub(crate) fn check_references(engine: &Engine) -> Result<CheckReport> {
                 }
             };
             for r in record.refs() {
-                if r.0 >= lo && r.0 - lo < span {
-                    recount[(r.0 - lo) as usize] += 1;
+                if r.0 >= lo && limit.is_none_or(|l| r.0 < l) {
+                    *recount.entry(r.0).or_default() += 1;
+                    if recount.len() > RECOUNT_OIDS
+                        && let Some((last, _)) = recount.pop_last()
+                    {
+                        limit = Some(last);
+                    }
                 }
                 if first {
                     report.refs += 1;
-                    max_oid = max_oid.max(r.0);
                     if records.get(r.0)?.is_none() {
                         push_listed(&mut report.dangling, &mut report.dangling_count, (oid, r));
                     }
                 }
             }
         }
-        for item in counts.range(lo..lo.saturating_add(span))? {
+        let stored = match limit {
+            Some(l) => counts.range(lo..l)?,
+            None => counts.range(lo..)?,
+        };
+        for item in stored {
             let (k, v) = item?;
-            let slot = &mut recount[(k.value() - lo) as usize];
-            let actual = std::mem::take(slot);
+            let actual = recount.remove(&k.value()).unwrap_or(0);
             if actual != v.value() {
                 push_listed(
                     &mut report.count_mismatches,
@@ -165,18 +169,16 @@ pub(crate) fn check_references(engine: &Engine) -> Result<CheckReport> {
             }
         }
         // Counted references with no stored count.
-        for (i, actual) in recount.iter().enumerate() {
-            if *actual > 0 {
-                push_listed(
-                    &mut report.count_mismatches,
-                    &mut report.mismatch_count,
-                    (Oid(lo + i as u64), 0, *actual),
-                );
-            }
+        for (oid, actual) in recount {
+            push_listed(
+                &mut report.count_mismatches,
+                &mut report.mismatch_count,
+                (Oid(oid), 0, actual),
+            );
         }
-        match lo.checked_add(span) {
-            Some(next) if next <= max_oid => lo = next,
-            _ => break,
+        match limit {
+            Some(l) => lo = l,
+            None => break,
         }
     }
     Ok(report)

@@ -11,7 +11,7 @@ use super::layout::{
     KEY_IMPORTED, KEY_MIGRATION, KEY_OIDS, META, OidMeta, RECORDS, RecordHash, encode,
 };
 use super::refcount::{apply_ref_deltas, corrupt};
-use crate::error::{InvalidInput, Result};
+use crate::error::Result;
 use crate::record::{Oid, Record, refs_of};
 
 /// What one import batch did.
@@ -42,13 +42,11 @@ impl Engine {
         Ok(meta.get(key)?.map(|v| v.value().to_vec()))
     }
 
-    /// Raises the allocation mark above `oid` (after an import). An oid at
-    /// the top of the range leaves nothing to allocate: refused.
+    /// Raises the allocation mark above `oid` (after an import). After an
+    /// oid at the top of the range the mark stays at `u64::MAX`, and
+    /// allocation refuses with [`InvalidInput::OidsExhausted`].
     pub(crate) fn reserve_above(&self, oid: Oid) -> Result<()> {
-        let next = oid
-            .0
-            .checked_add(1)
-            .ok_or(InvalidInput::OidsExhausted { highest: oid })?;
+        let next = oid.0.saturating_add(1);
         let mut st = self.commit.lock();
         if next > st.next_oid {
             self.write_oid_meta(next.max(st.reserved), &mut st)?;
