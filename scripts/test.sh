@@ -45,6 +45,17 @@ step() {  # step NAME COMMAND...
     fi
 }
 
+lib_alone() {
+    cargo build --lib --no-default-features || return 1
+    local heavy
+    heavy=$(cargo tree --no-default-features -e normal --prefix none \
+        | grep -E '^(clap|indicatif|rusqlite|tracing-subscriber|signal-hook|nix) ' || true)
+    if [ -n "$heavy" ]; then
+        echo "the library alone depends on: $heavy" >&2
+        return 1
+    fi
+}
+
 have_server() {
     [ -x "$SERVER_BIN" ] && "$SERVER_BIN" serve --help >/dev/null 2>&1 || {
         echo "test.sh: $SERVER_BIN has no working 'serve' subcommand;" \
@@ -65,6 +76,8 @@ step "python harness compiles" "$DURUS_PYTHON" -m py_compile \
 step "cargo fmt --check" cargo fmt --all -- --check
 step "cargo clippy" cargo clippy --all-targets -- -D warnings
 step "cargo test" cargo test --all-targets
+step "library without default features (no CLI or SQLite crates)" lib_alone
+step "cargo doc, warnings denied" env RUSTDOCFLAGS="-D warnings" cargo doc --no-deps
 step "cargo build durus-redb" cargo build --bin durus-redb
 step "interop harness: durus -s vs durus -s (deterministic?)" \
     "${RUN_AGAINST[@]}" \
