@@ -205,7 +205,7 @@ impl CommitGuard<'_> {
             engine.invalidate_others(None, &collected);
         }
         if let Some(h) = hook {
-            h.after_commit(records, queued);
+            h.after_commit(records, bytes, queued);
         }
         Ok(CommitTicket {
             seq,

@@ -79,9 +79,14 @@ pub(crate) trait CommitHook: Send + Sync {
     /// written: the commit's share of background work. Returns the oids it
     /// deleted (the engine invalidates them for every session).
     fn in_commit(&self, w: &WriteTransaction) -> Result<Vec<Oid>>;
-    /// After the commit was applied: what it stored, its bytes, how many
+    /// After the commit was applied: what it stored, their bytes, how many
     /// oids it queued.
-    fn after_commit(&self, records: &std::collections::BTreeMap<Oid, Record>, queued: u64);
+    fn after_commit(
+        &self,
+        records: &std::collections::BTreeMap<Oid, Record>,
+        bytes: u64,
+        queued: u64,
+    );
     /// The store is closing: stop and join any thread.
     fn on_close(&self);
 }

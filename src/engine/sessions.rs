@@ -52,10 +52,12 @@ impl Engine {
         self.check_writable()?;
         let n = n as u64;
         let mut st = self.commit.lock();
-        let exhausted = || InvalidInput::OidsExhausted {
-            highest: Oid(st_highest(&st)),
-        };
-        let end = st.next_oid.checked_add(n).ok_or_else(exhausted)?;
+        let end = st
+            .next_oid
+            .checked_add(n)
+            .ok_or(InvalidInput::OidsExhausted {
+                highest: Oid(st.next_oid.saturating_sub(1)),
+            })?;
         if end > st.reserved {
             let reserved = end.saturating_add(OID_BLOCK);
             let r = self.write_oid_meta(reserved, &mut st);
@@ -85,8 +87,4 @@ impl Engine {
         st.checkpointed();
         Ok(())
     }
-}
-
-fn st_highest(st: &CommitState) -> u64 {
-    st.next_oid.saturating_sub(1)
 }

@@ -396,14 +396,18 @@ impl CommitHook for GcShared {
         Ok(deleted.oids)
     }
 
-    fn after_commit(&self, records: &std::collections::BTreeMap<Oid, Record>, queued: u64) {
+    fn after_commit(
+        &self,
+        records: &std::collections::BTreeMap<Oid, Record>,
+        bytes: u64,
+        queued: u64,
+    ) {
         if let Some(extra) = self.extra.lock().as_mut() {
             for r in records.values() {
                 extra.insert(r.oid());
                 extra.extend(r.refs());
             }
         }
-        let bytes = records.values().map(|r| r.len() as u64).sum();
         self.committed(bytes, queued);
     }
 
