@@ -17,8 +17,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use durus_redb::{
-    FullTriggers, IncrementalGc, Manual, ManualGc, Oid, Options, Periodic, Record, RedbStorage,
-    Storage,
+    IncrementalGc, Manual, ManualGc, Oid, Options, Periodic, Record, RedbStorage, Storage,
 };
 
 const FANOUT: usize = 1000;
@@ -201,15 +200,11 @@ fn main() {
     drop(s);
     let mut s = RedbStorage::open(
         &path,
-        Options::new()
-            .checkpoint(Periodic::default())
-            .gc(IncrementalGc {
-                full: FullTriggers {
-                    after_deletions: Some(1_000),
-                    ..FullTriggers::default()
-                },
-                ..IncrementalGc::default()
-            }),
+        Options::new().checkpoint(Periodic::default()).gc({
+            let mut p = IncrementalGc::default();
+            p.full.after_deletions = Some(1_000);
+            p
+        }),
     )
     .unwrap();
     let queued = s.gc_state().unwrap().queue_len;

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 /// What the engine knows when it asks a policy.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct CheckpointFacts {
     /// Commits applied since the last checkpoint, including the one being decided.
     pub commits_since_checkpoint: u64,
@@ -22,6 +23,7 @@ pub struct CheckpointFacts {
 
 /// What the engine knows about the file when it asks whether to compact.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct CompactionFacts {
     /// Size of the file on disk.
     pub file_bytes: u64,

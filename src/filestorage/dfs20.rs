@@ -24,8 +24,8 @@
 use std::path::Path;
 
 use super::{
-    FileError, FileFormat, PosReader, ReadOptions, RecordSource, SourceEvent, SourceItem,
-    check_record,
+    FileError, FileFormat, PosReader, ReadOptions, RecordSource, SourceEvent, SourceItem, TornTail,
+    TxnCursor, check_record,
 };
 use crate::record::Oid;
 
@@ -39,22 +39,17 @@ enum State {
     /// At a transaction start, the index, or the end of the file. (After a
     /// resume, possibly between two items of a base transaction.)
     TxnStart,
-    /// Inside a transaction whose terminator ends at `end`.
-    InTxn {
-        end: u64,
-        base: bool,
-        after_item: bool,
-    },
+    /// Inside a transaction; its items end 4 bytes before its end.
+    InTxn(TxnCursor),
     Done,
 }
 
 /// A streaming reader of a DFS20 file.
 pub(super) struct Dfs20Source {
     r: PosReader,
-    options: ReadOptions,
     state: State,
     index_offset: u64,
-    torn: Option<u64>,
+    tail: TornTail,
 }
 
 impl Dfs20Source {
@@ -86,24 +81,15 @@ impl Dfs20Source {
         }
         Ok(Dfs20Source {
             r,
-            options,
             state: State::TxnStart,
             index_offset,
-            torn: None,
+            tail: TornTail::new(options),
         })
     }
 
     fn torn(&mut self, offset: u64) -> Result<Option<SourceEvent>, FileError> {
         self.state = State::Done;
-        if self.options.accept_torn_tail {
-            self.torn = Some(offset);
-            Ok(None)
-        } else {
-            Err(FileError::Truncated {
-                offset,
-                file_len: self.r.len,
-            })
-        }
+        self.tail.meet(offset, self.r.len)
     }
 
     /// The end of the index record at the index offset; `None` if torn.
@@ -151,20 +137,21 @@ impl Dfs20Source {
         }
         Ok(found)
     }
+}
 
-    fn read_item(&mut self) -> Result<SourceItem, FileError> {
-        let start = self.r.pos;
-        let n = u64::from(self.r.read_u32()?);
-        let record = self.r.read_vec(n)?;
-        let Some(oid) = Oid::from_slice(&record) else {
-            return Err(FileError::Corrupt {
-                offset: start,
-                reason: format!("record of {n} bytes is shorter than an oid"),
-            });
-        };
-        check_record(start, oid, &record)?;
-        Ok(SourceItem { oid, record })
-    }
+/// Reads one item (its length is known to lie inside the transaction).
+fn read_item(r: &mut PosReader, _items_end: u64) -> Result<SourceItem, FileError> {
+    let start = r.pos;
+    let n = u64::from(r.read_u32()?);
+    let record = r.read_vec(n)?;
+    let Some(oid) = Oid::from_slice(&record) else {
+        return Err(FileError::Corrupt {
+            offset: start,
+            reason: format!("record of {n} bytes is shorter than an oid"),
+        });
+    };
+    check_record(start, oid, &record)?;
+    Ok(SourceItem { oid, record })
 }
 
 impl RecordSource for Dfs20Source {
@@ -191,40 +178,20 @@ impl RecordSource for Dfs20Source {
                     }
                     match self.scan_transaction()? {
                         Some(end) => {
-                            self.state = State::InTxn {
-                                end,
-                                base: start < self.index_offset,
-                                after_item: false,
-                            }
+                            let base = start < self.index_offset;
+                            self.state = State::InTxn(TxnCursor::new(end - 4, end, base));
                         }
                         None => return self.torn(start),
                     }
                 }
-                State::InTxn {
-                    end,
-                    base,
-                    after_item,
-                } => {
-                    if self.r.pos + 4 == end {
-                        self.r.seek(end)?;
-                        self.state = State::TxnStart;
-                        return Ok(Some(SourceEvent::TransactionEnd { offset: end }));
-                    }
-                    if after_item {
-                        self.state = State::InTxn {
-                            end,
-                            base,
-                            after_item: false,
-                        };
-                        return Ok(Some(SourceEvent::SafePoint { offset: self.r.pos }));
-                    }
-                    let item = self.read_item()?;
-                    self.state = State::InTxn {
-                        end,
-                        base,
-                        after_item: base,
+                State::InTxn(mut cursor) => {
+                    let (event, ended) = cursor.step(&mut self.r, read_item)?;
+                    self.state = if ended {
+                        State::TxnStart
+                    } else {
+                        State::InTxn(cursor)
                     };
-                    return Ok(Some(SourceEvent::Item(item)));
+                    return Ok(Some(event));
                 }
             }
         }
@@ -258,13 +225,13 @@ impl RecordSource for Dfs20Source {
             }
         }
         self.r.seek(offset)?;
-        self.torn = None;
+        self.tail.at = None;
         self.state = State::TxnStart;
         Ok(())
     }
 
     fn torn_tail(&self) -> Option<u64> {
-        self.torn
+        self.tail.at
     }
 }
 

@@ -284,6 +284,80 @@ pub fn open_source(
     })
 }
 
+/// A reader's place inside one transaction of a SHELF-1 or DFS20 file: both
+/// formats hand out a transaction's items, a safe point after each item of a
+/// base transaction, and the transaction's end the same way.
+#[derive(Debug, Clone, Copy)]
+struct TxnCursor {
+    /// Where the items stop (before DFS20's terminator).
+    items_end: u64,
+    /// Where the transaction ends: the offset of its `TransactionEnd`.
+    end: u64,
+    /// A base transaction, whose items are separated by safe points.
+    base: bool,
+    /// An item was just handed out: a safe point is due (base only).
+    after_item: bool,
+}
+
+impl TxnCursor {
+    fn new(items_end: u64, end: u64, base: bool) -> TxnCursor {
+        TxnCursor {
+            items_end,
+            end,
+            base,
+            after_item: false,
+        }
+    }
+
+    /// The next event inside the transaction, reading an item with
+    /// `read_item`; `true` with the event once the transaction has ended
+    /// (the reader is then at its end).
+    fn step(
+        &mut self,
+        r: &mut PosReader,
+        read_item: impl FnOnce(&mut PosReader, u64) -> Result<SourceItem, FileError>,
+    ) -> Result<(SourceEvent, bool), FileError> {
+        if r.pos == self.items_end {
+            r.seek(self.end)?;
+            return Ok((SourceEvent::TransactionEnd { offset: self.end }, true));
+        }
+        if self.after_item {
+            self.after_item = false;
+            return Ok((SourceEvent::SafePoint { offset: r.pos }, false));
+        }
+        let item = read_item(r, self.items_end)?;
+        self.after_item = self.base;
+        Ok((SourceEvent::Item(item), false))
+    }
+}
+
+/// What both readers do when the file ends inside a structure: fail, or,
+/// with [`ReadOptions::accept_torn_tail`], remember where and end cleanly.
+#[derive(Debug, Clone, Copy, Default)]
+struct TornTail {
+    accept: bool,
+    at: Option<u64>,
+}
+
+impl TornTail {
+    fn new(options: ReadOptions) -> TornTail {
+        TornTail {
+            accept: options.accept_torn_tail,
+            at: None,
+        }
+    }
+
+    /// The file (of `file_len` bytes) ends inside the structure at `offset`.
+    fn meet(&mut self, offset: u64, file_len: u64) -> Result<Option<SourceEvent>, FileError> {
+        if self.accept {
+            self.at = Some(offset);
+            Ok(None)
+        } else {
+            Err(FileError::Truncated { offset, file_len })
+        }
+    }
+}
+
 /// A buffered reader of a file that knows its position and the file's
 /// length at opening, and reads no further than that length.
 struct PosReader {

@@ -24,8 +24,8 @@ use std::io::{BufReader, BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use super::{
-    FileError, FileFormat, PosReader, ReadOptions, RecordSource, SourceEvent, SourceItem,
-    check_record,
+    FileError, FileFormat, PosReader, ReadOptions, RecordSource, SourceEvent, SourceItem, TornTail,
+    TxnCursor, check_record,
 };
 use crate::record::{Oid, Record};
 
@@ -43,25 +43,18 @@ enum State {
     OffsetMap,
     /// At the start of a further transaction, or at the end of the file.
     TxnStart,
-    /// Inside a transaction that ends at `end`.
-    InTxn {
-        end: u64,
-        /// The initial transaction, whose items are separated by safe points.
-        base: bool,
-        /// An item was just handed out: a safe point is due (base only).
-        after_item: bool,
-    },
+    /// Inside a transaction; the initial one is a base transaction.
+    InTxn(TxnCursor),
     Done,
 }
 
 /// A streaming reader of a SHELF-1 file.
 pub(super) struct ShelfSource {
     r: PosReader,
-    options: ReadOptions,
     state: State,
     /// The end of the initial transaction, if its header is in the file.
     init_end: Option<u64>,
-    torn: Option<u64>,
+    tail: TornTail,
 }
 
 impl ShelfSource {
@@ -93,25 +86,16 @@ impl ShelfSource {
         };
         Ok(ShelfSource {
             r,
-            options,
             state: State::Initial,
             init_end,
-            torn: None,
+            tail: TornTail::new(options),
         })
     }
 
     /// The file ends inside the structure starting at `offset`.
     fn torn(&mut self, offset: u64) -> Result<Option<SourceEvent>, FileError> {
         self.state = State::Done;
-        if self.options.accept_torn_tail {
-            self.torn = Some(offset);
-            Ok(None)
-        } else {
-            Err(FileError::Truncated {
-                offset,
-                file_len: self.r.len,
-            })
-        }
+        self.tail.meet(offset, self.r.len)
     }
 
     /// Reads a transaction's length; `None` if the file ends inside it.
@@ -153,36 +137,37 @@ impl ShelfSource {
         self.r.seek(start + 8 + len)?;
         Ok(Some(()))
     }
+}
 
-    fn read_item(&mut self, end: u64) -> Result<SourceItem, FileError> {
-        let start = self.r.pos;
-        let corrupt = |reason: String| FileError::Corrupt {
-            offset: start,
-            reason,
-        };
-        if end - start < 8 {
-            return Err(corrupt(format!(
-                "item length field overruns the transaction ending at {end}"
-            )));
-        }
-        let len = self.r.read_u64()?;
-        if len > end - self.r.pos {
-            return Err(corrupt(format!(
-                "item of {len} bytes overruns the transaction ending at {end}"
-            )));
-        }
-        if len < 8 {
-            return Err(corrupt(format!(
-                "item of {len} bytes is shorter than its oid"
-            )));
-        }
-        let mut oid = [0; 8];
-        self.r.read_exact(&mut oid)?;
-        let oid = Oid::from_bytes(oid);
-        let record = self.r.read_vec(len - 8)?;
-        check_record(start, oid, &record)?;
-        Ok(SourceItem { oid, record })
+/// Reads one item of a transaction whose items end at `end`.
+fn read_item(r: &mut PosReader, end: u64) -> Result<SourceItem, FileError> {
+    let start = r.pos;
+    let corrupt = |reason: String| FileError::Corrupt {
+        offset: start,
+        reason,
+    };
+    if end - start < 8 {
+        return Err(corrupt(format!(
+            "item length field overruns the transaction ending at {end}"
+        )));
     }
+    let len = r.read_u64()?;
+    if len > end - r.pos {
+        return Err(corrupt(format!(
+            "item of {len} bytes overruns the transaction ending at {end}"
+        )));
+    }
+    if len < 8 {
+        return Err(corrupt(format!(
+            "item of {len} bytes is shorter than its oid"
+        )));
+    }
+    let mut oid = [0; 8];
+    r.read_exact(&mut oid)?;
+    let oid = Oid::from_bytes(oid);
+    let record = r.read_vec(len - 8)?;
+    check_record(start, oid, &record)?;
+    Ok(SourceItem { oid, record })
 }
 
 impl RecordSource for ShelfSource {
@@ -195,13 +180,7 @@ impl RecordSource for ShelfSource {
             match self.state {
                 State::Done => return Ok(None),
                 State::Initial => match self.txn_header()? {
-                    Some(end) => {
-                        self.state = State::InTxn {
-                            end,
-                            base: true,
-                            after_item: false,
-                        }
-                    }
+                    Some(end) => self.state = State::InTxn(TxnCursor::new(end, end, true)),
                     None => return self.torn(PREFIX_LEN),
                 },
                 State::OffsetMap => {
@@ -218,44 +197,18 @@ impl RecordSource for ShelfSource {
                         return Ok(None);
                     }
                     match self.txn_header()? {
-                        Some(end) => {
-                            self.state = State::InTxn {
-                                end,
-                                base: false,
-                                after_item: false,
-                            }
-                        }
+                        Some(end) => self.state = State::InTxn(TxnCursor::new(end, end, false)),
                         None => return self.torn(start),
                     }
                 }
-                State::InTxn {
-                    end,
-                    base,
-                    after_item,
-                } => {
-                    if self.r.pos == end {
-                        self.state = if base {
-                            State::OffsetMap
-                        } else {
-                            State::TxnStart
-                        };
-                        return Ok(Some(SourceEvent::TransactionEnd { offset: end }));
-                    }
-                    if after_item {
-                        self.state = State::InTxn {
-                            end,
-                            base,
-                            after_item: false,
-                        };
-                        return Ok(Some(SourceEvent::SafePoint { offset: self.r.pos }));
-                    }
-                    let item = self.read_item(end)?;
-                    self.state = State::InTxn {
-                        end,
-                        base,
-                        after_item: base,
+                State::InTxn(mut cursor) => {
+                    let (event, ended) = cursor.step(&mut self.r, read_item)?;
+                    self.state = match (ended, cursor.base) {
+                        (false, _) => State::InTxn(cursor),
+                        (true, true) => State::OffsetMap,
+                        (true, false) => State::TxnStart,
                     };
-                    return Ok(Some(SourceEvent::Item(item)));
+                    return Ok(Some(event));
                 }
             }
         }
@@ -277,7 +230,7 @@ impl RecordSource for ShelfSource {
         if offset > self.r.len {
             return Err(invalid("beyond the end of the file"));
         }
-        self.torn = None;
+        self.tail.at = None;
         if offset == 0 || offset == PREFIX_LEN {
             self.r.seek(PREFIX_LEN)?;
             self.state = State::Initial;
@@ -288,11 +241,7 @@ impl RecordSource for ShelfSource {
         };
         if (BASE_ITEMS..init_end).contains(&offset) {
             self.r.seek(offset)?;
-            self.state = State::InTxn {
-                end: init_end,
-                base: true,
-                after_item: false,
-            };
+            self.state = State::InTxn(TxnCursor::new(init_end, init_end, true));
         } else if offset == init_end {
             self.r.seek(offset)?;
             self.state = State::OffsetMap;
@@ -314,7 +263,7 @@ impl RecordSource for ShelfSource {
     }
 
     fn torn_tail(&self) -> Option<u64> {
-        self.torn
+        self.tail.at
     }
 }
 

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 /// What the collector knows when it asks its policy what to do.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct GcFacts {
     /// Oids waiting in the incremental collector's queue.
     pub queue_len: u64,
@@ -28,11 +29,19 @@ pub struct GcFacts {
 
 /// How much work per step and how long to rest after it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Pace {
     /// Objects handled per write transaction (each one holds the commit lock).
     pub batch: usize,
     /// Pause after each write transaction, leaving the writer to commits.
     pub pause: Duration,
+}
+
+impl Pace {
+    /// `batch` objects per write transaction, then rest for `pause`.
+    pub fn new(batch: usize, pause: Duration) -> Pace {
+        Pace { batch, pause }
+    }
 }
 
 /// What the collector should do next.
@@ -79,6 +88,7 @@ pub trait GcPolicy: Send + Sync + fmt::Debug + 'static {
 
 /// When a full (cycle) collection starts by itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct FullTriggers {
     /// After this many record bytes committed since the last full collection.
     pub after_bytes: Option<u64>,
@@ -133,6 +143,7 @@ impl FullTriggers {
 /// collector thread waits; once no commit came for `quiet`, the thread works
 /// in paced steps (and full collections go on).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct IncrementalGc {
     /// Work per step and rest after it.
     pub pace: Pace,
@@ -192,6 +203,7 @@ impl GcPolicy for IncrementalGc {
 /// Works only while the store is idle: when no commit happened for `idle`.
 /// A full collection underway pauses as soon as commits come in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct IdleGc {
     /// How long without a commit counts as idle.
     pub idle: Duration,
