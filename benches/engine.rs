@@ -6,12 +6,11 @@
 //! `DURUS_BENCH_QUICK=1` shortens every measurement (for a smoke run).
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion};
 use durus_redb::{
-    CheckpointPolicy, EveryCommit, Manual, Oid, Options, Periodic, Record, RedbStorage, Storage,
+    Durability as DurabilityMode, Manual, Oid, Options, Record, RedbStorage, Storage,
 };
 use redb::{Durability, ReadableDatabase, TableDefinition};
 
@@ -27,18 +26,24 @@ fn record(oid: u64, generation: u64) -> Record {
     Record::new(Oid(oid), &data, &refs)
 }
 
-fn policies() -> Vec<(&'static str, Arc<dyn CheckpointPolicy>)> {
+/// The durability modes, each with the checkpoint policy it runs with.
+fn modes() -> Vec<(&'static str, Options)> {
     vec![
-        ("every-commit", Arc::new(EveryCommit)),
-        ("periodic", Arc::new(Periodic::default())),
-        ("manual", Arc::new(Manual)),
+        ("fsync", Options::new().durability(DurabilityMode::Fsync)),
+        ("os", Options::new().durability(DurabilityMode::os())),
+        (
+            "manual",
+            Options::new()
+                .durability(DurabilityMode::Manual)
+                .checkpoint(Manual),
+        ),
     ]
 }
 
 /// A durus-redb store of OBJECTS records.
-fn durus_store(dir: &Path, policy: Arc<dyn CheckpointPolicy>) -> RedbStorage {
+fn durus_store(dir: &Path, options: Options) -> RedbStorage {
     let path = dir.join(format!("durus-{}.redb", rand_suffix()));
-    let mut s = RedbStorage::open(&path, Options::new().checkpoint_shared(policy)).unwrap();
+    let mut s = RedbStorage::open(&path, options).unwrap();
     let oids = s.new_oids(OBJECTS as usize).unwrap();
     s.begin();
     for o in &oids {
@@ -74,8 +79,10 @@ fn rand_suffix() -> u128 {
         .as_nanos()
 }
 
-/// Raw redb with the durability schedule of a policy: what a plain key/value
-/// program would do to get the same guarantee.
+/// Raw redb with the durability schedule closest to a mode: every commit
+/// durable for `fsync` (the same guarantee), one durable commit a second for
+/// `os` (a weaker one: raw redb loses its non-durable commits on a kill -9),
+/// none for `manual` (the same).
 struct RawPolicy {
     name: &'static str,
     last_durable: Instant,
@@ -85,11 +92,10 @@ struct RawPolicy {
 impl RawPolicy {
     fn durability(&mut self) -> Durability {
         let d = match self.name {
-            "every-commit" => true,
-            "periodic" => {
-                let p = Periodic::default();
+            "fsync" => true,
+            "os" => {
                 self.since += 1;
-                self.since >= p.max_commits || self.last_durable.elapsed() >= p.max_interval
+                self.last_durable.elapsed() >= Duration::from_secs(1)
             }
             _ => false,
         };
@@ -105,7 +111,7 @@ impl RawPolicy {
 
 fn bench_load(c: &mut Criterion, dir: &Path) {
     let mut g = c.benchmark_group("load");
-    let mut s = durus_store(dir, Arc::new(EveryCommit));
+    let mut s = durus_store(dir, Options::new());
     let db = raw_store(dir);
     let mut i = 0u64;
     g.bench_function("durus-redb", |b| {
@@ -126,9 +132,9 @@ fn bench_load(c: &mut Criterion, dir: &Path) {
 }
 
 fn bench_commit(c: &mut Criterion, dir: &Path) {
-    for (name, policy) in policies() {
+    for (name, options) in modes() {
         let mut g = c.benchmark_group(format!("commit-{name}"));
-        let mut s = durus_store(dir, policy);
+        let mut s = durus_store(dir, options);
         let db = raw_store(dir);
         let mut raw_policy = RawPolicy {
             name,
@@ -270,7 +276,7 @@ fn print_ratios() {
         }
     };
     row("load", "load/durus-redb", "load/redb");
-    for (name, _) in policies() {
+    for (name, _) in modes() {
         for k in [1, 10, 100] {
             row(
                 &format!("commit {k:>3} records, {name}"),

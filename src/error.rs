@@ -126,6 +126,18 @@ pub enum StorageError {
         /// The file.
         path: PathBuf,
     },
+    /// A read-only open of a store whose commit log holds commits the store
+    /// file does not have yet (the last writer did not close cleanly).
+    #[error(
+        "{} has {commits} commits in its commit log that are not yet in the file: open it for writing once (for example `durus-redb serve`) to apply them",
+        path.display()
+    )]
+    UnappliedLog {
+        /// The file.
+        path: PathBuf,
+        /// How many logged commits wait.
+        commits: u64,
+    },
     /// A writable open of a store whose import (`migrate`) is unfinished.
     #[error(
         "{} holds an unfinished import from {from}: run `durus-redb migrate` again with the same source to finish it",

@@ -4,7 +4,9 @@
 //! - [`Storage`]: Durus's storage interface; [`MemoryStorage`] is its reference model.
 //! - [`RedbStorage`]: the storage on a redb file, opened in-process with exclusive access.
 //! - [`Server`]: Durus's storage server protocol on a store; [`ClientStorage`] speaks it too.
-//! - [`CheckpointPolicy`]: when commits become durable ([`EveryCommit`], [`Periodic`], [`Manual`]).
+//! - [`Durability`]: when an acknowledged commit is safe (a commit log beside
+//!   the store: [`Durability::Fsync`], [`Durability::Os`]; or none: [`Durability::Manual`]).
+//! - [`CheckpointPolicy`]: when the store file is made durable and the log trimmed ([`Periodic`], [`Manual`]).
 //! - [`GcPolicy`]: how the background garbage collector works ([`IncrementalGc`], [`IdleGc`], [`ManualGc`]).
 //! - [`migrate`] and [`export`]: to and from Durus's own files.
 //!
@@ -30,8 +32,8 @@ mod store;
 mod transport;
 
 pub use checkpoint::{
-    CheckpointFacts, CheckpointPolicy, CommitDurability, CompactionFacts, EveryCommit, Manual,
-    Periodic, default_compaction,
+    CheckpointFacts, CheckpointPolicy, CompactionFacts, Durability, Manual, Periodic,
+    default_compaction,
 };
 pub use client::ClientStorage;
 pub use engine::{CheckReport, FullCheck, StoreStats, check_store};

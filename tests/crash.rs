@@ -10,22 +10,28 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use durus_redb::{EveryCommit, Oid, Options, Periodic, Record, RedbStorage, Storage, check_store};
+use durus_redb::{Durability, Oid, Options, Periodic, Record, RedbStorage, Storage, check_store};
 
 const CHILD_ENV: &str = "DURUS_REDB_CRASH_CHILD";
 const POLICY_ENV: &str = "DURUS_REDB_CRASH_POLICY";
 
-/// Periodic bounds used by the Periodic round: the loss window.
+/// The checkpoint bound of the rounds without a log: their loss window.
 const WINDOW_COMMITS: u64 = 25;
 
-fn options(policy: &str) -> Options {
-    match policy {
-        "periodic" => Options::new().checkpoint(Periodic {
-            max_interval: Duration::from_secs(3600),
-            max_commits: WINDOW_COMMITS,
-            max_bytes: u64::MAX,
+fn options(mode: &str) -> Options {
+    match mode {
+        "manual" => Options::new()
+            .durability(Durability::Manual)
+            .checkpoint(Periodic::new(
+                Duration::from_secs(3600),
+                WINDOW_COMMITS,
+                u64::MAX,
+            )),
+        // A long interval: only the log keeps acknowledged commits.
+        "os" => Options::new().durability(Durability::Os {
+            fsync_interval: Duration::from_secs(3600),
         }),
-        _ => Options::new().checkpoint(EveryCommit),
+        _ => Options::new().durability(Durability::Fsync),
     }
 }
 
@@ -170,13 +176,22 @@ fn seed() -> u64 {
 }
 
 #[test]
-fn acknowledged_commits_survive_sigkill_under_every_commit() {
+fn acknowledged_commits_survive_sigkill_with_fsync_durability() {
+    no_acknowledged_commit_lost("fsync");
+}
+
+#[test]
+fn acknowledged_commits_survive_sigkill_with_os_durability() {
+    no_acknowledged_commit_lost("os");
+}
+
+fn no_acknowledged_commit_lost(mode: &str) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("crash.redb");
     let seed = seed();
     let mut last_acked = None;
     for (round, after) in kill_times(seed, 20).into_iter().enumerate() {
-        let acked = run_and_kill(&path, "every-commit", after);
+        let acked = run_and_kill(&path, mode, after);
         let check = check_store(&path).unwrap();
         assert!(
             check.integrity_ok,
@@ -207,13 +222,13 @@ fn acknowledged_commits_survive_sigkill_under_every_commit() {
 }
 
 #[test]
-fn periodic_loses_at_most_its_window_on_sigkill() {
+fn manual_durability_loses_at_most_its_checkpoint_window_on_sigkill() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("crash.redb");
     let seed = seed();
     let mut lost_any = false;
     for (round, after) in kill_times(seed, 10).into_iter().enumerate() {
-        let acked = run_and_kill(&path, "periodic", after);
+        let acked = run_and_kill(&path, "manual", after);
         let check = check_store(&path).unwrap();
         assert!(
             check.integrity_ok && check.references.is_clean(),
@@ -237,6 +252,6 @@ fn periodic_loses_at_most_its_window_on_sigkill() {
     // checkpoints only every 25 commits a kill almost always lands inside one.
     assert!(
         lost_any,
-        "Periodic never lost a commit: is it really deferring durability?"
+        "Durability::Manual never lost a commit: is it really deferring durability?"
     );
 }

@@ -319,14 +319,17 @@ fn store_of_a_newer_format_is_refused_naming_both_versions() {
             err,
             StorageError::UnsupportedFormat {
                 found: 99,
-                newest: 1,
+                newest: 2,
                 ..
             }
         ),
         "{err:?}"
     );
     let msg = err.to_string();
-    assert!(msg.contains("99") && msg.contains("version 1"), "{msg}");
+    assert!(
+        msg.contains("99") && msg.contains("versions 1 to 2"),
+        "{msg}"
+    );
 }
 
 /// A store written by the first release of format 1 (positional metadata,
@@ -342,9 +345,16 @@ fn format_1_fixture_store_opens_with_its_contents() {
         &path,
     )
     .unwrap();
+    // A read-only open reads format 1 as it is and changes nothing.
+    {
+        let mut r = RedbStorage::open_read_only(&path).unwrap();
+        assert_eq!(r.stats().unwrap().format_version, 1);
+        assert_eq!(r.load(Oid::ROOT).unwrap().data(), b"root v2");
+    }
+    // The first writable open upgrades it to format 2 (UPGRADING.md).
     let mut s = RedbStorage::open(&path, Options::default().gc(ManualGc)).unwrap();
     let stats = s.stats().unwrap();
-    assert_eq!(stats.format_version, 1);
+    assert_eq!(stats.format_version, 2);
     assert_eq!(stats.objects, 6);
     assert_eq!(stats.gc_queue, 1, "oid 5 was dropped and queued");
     let gc = s.gc_state().unwrap();

@@ -309,9 +309,9 @@ fn pack_removes_garbage_and_invalidates_it_for_every_client() {
 fn graceful_shutdown_keeps_every_acknowledged_commit() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("s.redb");
-    // Periodic: acknowledged commits are durable only through the shutdown's
+    // Without a log, acknowledged commits are durable only through a
     // checkpoint, so this shows that SIGTERM takes one.
-    let server = Served::start(&path, &["--checkpoint", "periodic"]);
+    let server = Served::start(&path, &["--durability", "checkpoint"]);
     let mut c = server.client();
     assert_eq!(c.new_oid().unwrap(), Oid::ROOT);
     let oids = c.new_oids(100).unwrap();
@@ -340,6 +340,10 @@ fn graceful_shutdown_keeps_every_acknowledged_commit() {
     }
     let log = server.log_lines().join("\n");
     assert!(log.contains("shutting down"), "{log}");
+    assert!(
+        !dir.path().join("s.redb-log").exists(),
+        "a clean shutdown leaves no commit log"
+    );
     let mut s = RedbStorage::open_read_only(&path).unwrap();
     for (i, o) in oids.iter().enumerate() {
         assert_eq!(s.load(*o).unwrap().data(), &[i as u8]);

@@ -32,8 +32,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use durus_redb::{
-    EveryCommit, Oid, Options, ReadOptions, Record, RedbStorage, ShelfWriter, SourceEvent, Storage,
-    open_source,
+    Oid, Options, ReadOptions, Record, RedbStorage, ShelfWriter, SourceEvent, Storage, open_source,
 };
 
 use loadgen::{LoadReport, Mix};
@@ -255,6 +254,11 @@ struct Stores {
 impl Stores {
     /// Fresh copies of the stores for one server (workloads change them).
     fn start(&self, server: Server, durus_bin: &Path, tag: &str) -> Running {
+        self.start_with(server, durus_bin, tag, &[])
+    }
+
+    /// [`start`](Self::start) with extra arguments for `durus-redb serve`.
+    fn start_with(&self, server: Server, durus_bin: &Path, tag: &str, extra: &[&str]) -> Running {
         let port = free_port();
         let log = self.dir.join(format!("{tag}.log"));
         match server {
@@ -269,7 +273,8 @@ impl Stores {
                     .arg("--port")
                     .arg(port.to_string())
                     .arg("--logginglevel")
-                    .arg("30");
+                    .arg("30")
+                    .args(extra);
                 Running::Process(ServerProcess::start(server.label(), cmd, port, &log))
             }
             Server::DurusFile | Server::DurusSqlite => {
@@ -494,6 +499,14 @@ fn main() {
         None => Server::ALL.to_vec(),
     };
     let with_redb = servers.contains(&Server::DurusRedb);
+    // `-- --only capacity,engine` runs some sections only: python, loadgen,
+    // capacity, startup, engine.
+    let only: Option<Vec<String>> = args
+        .iter()
+        .position(|a| a == "--only")
+        .and_then(|i| args.get(i + 1))
+        .map(|l| l.split(',').map(str::to_string).collect());
+    let want = |section: &str| only.as_ref().is_none_or(|o| o.iter().any(|s| s == section));
     let cfg = Config::from_env();
     let (python, durus_bin) = python_tools();
     let tmp = tempfile::Builder::new()
@@ -552,111 +565,114 @@ fn main() {
     };
 
     // 2. Python clients.
-    let mut cells: HashMap<(usize, usize, Server), Cell> = HashMap::new();
-    for &server in &servers {
-        eprintln!("compare: Python clients against {}", server.label());
-        let running = stores.start(server, &durus_bin, &format!("py-{server:?}"));
-        for (wi, w) in WORKLOADS.iter().enumerate() {
-            for &n in &cfg.clients {
-                let cell = python_cell(&python, &cfg, running.port(), *w, n);
-                eprintln!(
-                    "  {:<10} {:>2} clients: {:>8.0} ops/s p50 {:.2} ms p99 {:.2} ms",
-                    w.name, n, cell.ops_per_s, cell.p50, cell.p99
-                );
-                cells.insert((wi, n, server), cell);
+    if want("python") {
+        let mut cells: HashMap<(usize, usize, Server), Cell> = HashMap::new();
+        for &server in &servers {
+            eprintln!("compare: Python clients against {}", server.label());
+            let running = stores.start(server, &durus_bin, &format!("py-{server:?}"));
+            for (wi, w) in WORKLOADS.iter().enumerate() {
+                for &n in &cfg.clients {
+                    let cell = python_cell(&python, &cfg, running.port(), *w, n);
+                    eprintln!(
+                        "  {:<10} {:>2} clients: {:>8.0} ops/s p50 {:.2} ms p99 {:.2} ms",
+                        w.name, n, cell.ops_per_s, cell.p50, cell.p99
+                    );
+                    cells.insert((wi, n, server), cell);
+                }
             }
         }
-    }
-    writeln!(
+        writeln!(
         md,
         "### The real Python Durus client (ops/s; share of the null server's; p50 / p99 latency in ms)\n"
     )
     .unwrap();
-    writeln!(
+        writeln!(
         md,
         "| workload | clients | null server (ceiling) | durus-redb | durus -s FileStorage | durus -s SqliteStorage | durus-redb / FileStorage |"
     )
     .unwrap();
-    writeln!(md, "|---|---:|---:|---:|---:|---:|---:|").unwrap();
-    for (wi, w) in WORKLOADS.iter().enumerate() {
-        for &n in &cfg.clients {
-            let ceiling = cells[&(wi, n, Server::Null)].ops_per_s;
-            let mut row = format!("| {} | {n} |", w.name);
-            for server in Server::ALL {
-                let Some(c) = cells.get(&(wi, n, server)) else {
-                    row.push_str(" - |");
-                    continue;
-                };
-                let conflicts = if c.conflicts > 0 {
-                    format!(", {} conflicts", c.conflicts)
-                } else {
-                    String::new()
-                };
-                if server == Server::Null {
-                    write!(
-                        row,
-                        " {:.0}; {:.2} / {:.2}{conflicts} |",
-                        c.ops_per_s, c.p50, c.p99
-                    )
-                    .unwrap();
-                } else {
-                    write!(
-                        row,
-                        " {:.0} ({:.0}%); {:.2} / {:.2}{conflicts} |",
-                        c.ops_per_s,
-                        100.0 * c.ops_per_s / ceiling,
-                        c.p50,
-                        c.p99
-                    )
-                    .unwrap();
+        writeln!(md, "|---|---:|---:|---:|---:|---:|---:|").unwrap();
+        for (wi, w) in WORKLOADS.iter().enumerate() {
+            for &n in &cfg.clients {
+                let ceiling = cells[&(wi, n, Server::Null)].ops_per_s;
+                let mut row = format!("| {} | {n} |", w.name);
+                for server in Server::ALL {
+                    let Some(c) = cells.get(&(wi, n, server)) else {
+                        row.push_str(" - |");
+                        continue;
+                    };
+                    let conflicts = if c.conflicts > 0 {
+                        format!(", {} conflicts", c.conflicts)
+                    } else {
+                        String::new()
+                    };
+                    if server == Server::Null {
+                        write!(
+                            row,
+                            " {:.0}; {:.2} / {:.2}{conflicts} |",
+                            c.ops_per_s, c.p50, c.p99
+                        )
+                        .unwrap();
+                    } else {
+                        write!(
+                            row,
+                            " {:.0} ({:.0}%); {:.2} / {:.2}{conflicts} |",
+                            c.ops_per_s,
+                            100.0 * c.ops_per_s / ceiling,
+                            c.p50,
+                            c.p99
+                        )
+                        .unwrap();
+                    }
                 }
+                let ratio = match (
+                    cells.get(&(wi, n, Server::DurusRedb)),
+                    cells.get(&(wi, n, Server::DurusFile)),
+                ) {
+                    (Some(a), Some(b)) => format!("{:.2}x", a.ops_per_s / b.ops_per_s),
+                    _ => "-".into(),
+                };
+                writeln!(row, " {ratio} |").unwrap();
+                md.push_str(&row);
             }
-            let ratio = match (
-                cells.get(&(wi, n, Server::DurusRedb)),
-                cells.get(&(wi, n, Server::DurusFile)),
-            ) {
-                (Some(a), Some(b)) => format!("{:.2}x", a.ops_per_s / b.ops_per_s),
-                _ => "-".into(),
-            };
-            writeln!(row, " {ratio} |").unwrap();
-            md.push_str(&row);
         }
     }
 
     // 3. The Rust load generator.
-    writeln!(
+    if want("loadgen") {
+        writeln!(
         md,
         "\n### Rust load generator (the protocol directly; {} s per run; loads/s and commits/s; p50 / p99 in ms)\n",
         cfg.loadgen_seconds
     )
     .unwrap();
-    writeln!(
+        writeln!(
         md,
         "| mix | connections | server | loads/s | load p50 / p99 | commits/s | commit p50 / p99 |"
     )
     .unwrap();
-    writeln!(md, "|---|---:|---|---:|---:|---:|---:|").unwrap();
-    let mixes = [
-        ("90% loads, 10% commits of 10", 0.10, 10usize),
-        ("commits of 10 only", 1.0, 10usize),
-    ];
-    for &server in &servers {
-        eprintln!("compare: load generator against {}", server.label());
-        let running = stores.start(server, &durus_bin, &format!("lg-{server:?}"));
-        for (name, fraction, per_commit) in mixes {
-            for connections in [1usize, 16] {
-                let mix = Mix {
-                    connections,
-                    commit_fraction: fraction,
-                    records_per_commit: per_commit,
-                    objects_per_connection: 200,
-                    duration: Duration::from_secs(cfg.loadgen_seconds),
-                };
-                let mut r: LoadReport = loadgen::run(running.port(), mix)
-                    .unwrap_or_else(|e| panic!("load generator against {server:?}: {e}"));
-                let (lp50, lp99) = percentiles(&mut r.load_lat_us);
-                let (cp50, cp99) = percentiles(&mut r.commit_lat_us);
-                writeln!(
+        writeln!(md, "|---|---:|---|---:|---:|---:|---:|").unwrap();
+        let mixes = [
+            ("90% loads, 10% commits of 10", 0.10, 10usize),
+            ("commits of 10 only", 1.0, 10usize),
+        ];
+        for &server in &servers {
+            eprintln!("compare: load generator against {}", server.label());
+            let running = stores.start(server, &durus_bin, &format!("lg-{server:?}"));
+            for (name, fraction, per_commit) in mixes {
+                for connections in [1usize, 16] {
+                    let mix = Mix {
+                        connections,
+                        commit_fraction: fraction,
+                        records_per_commit: per_commit,
+                        objects_per_connection: 200,
+                        duration: Duration::from_secs(cfg.loadgen_seconds),
+                    };
+                    let mut r: LoadReport = loadgen::run(running.port(), mix)
+                        .unwrap_or_else(|e| panic!("load generator against {server:?}: {e}"));
+                    let (lp50, lp99) = percentiles(&mut r.load_lat_us);
+                    let (cp50, cp99) = percentiles(&mut r.commit_lat_us);
+                    writeln!(
                     md,
                     "| {name} | {connections} | {} | {:.0} | {lp50:.2} / {lp99:.2} | {:.0} | {cp50:.2} / {cp99:.2} |",
                     server.label(),
@@ -664,116 +680,220 @@ fn main() {
                     r.commits as f64 / r.seconds,
                 )
                 .unwrap();
+                }
             }
         }
     }
 
+    // 3b. Commit capacity: durable commits against Durus's non-durable ones.
+    if want("capacity") {
+        commit_capacity(&mut md, &stores, &durus_bin, &cfg, &servers);
+    }
+
     // 4. Start-up time and memory against store size.
-    writeln!(
-        md,
-        "\n### Start-up (until the root loads) and resident memory after start-up\n"
-    )
-    .unwrap();
-    writeln!(
-        md,
-        "| objects | server | file MiB | start-up ms | RSS MiB |"
-    )
-    .unwrap();
-    writeln!(md, "|---:|---|---:|---:|---:|").unwrap();
-    for &n in &cfg.startup_sizes {
-        eprintln!("compare: start-up with {n} objects");
-        let shelf = dir.join(format!("startup-{n}.durus"));
-        let mut w = ShelfWriter::create(&shelf).expect("create SHELF-1");
-        for oid in 0..n {
-            let refs: Vec<Oid> = if oid + 1 < n {
-                vec![Oid(oid + 1)]
-            } else {
-                vec![]
-            };
-            let mut data = vec![b's'; 120];
-            data[..8].copy_from_slice(&oid.to_be_bytes());
-            w.write(Oid(oid), Record::new(Oid(oid), &data, &refs).as_bytes())
-                .expect("write SHELF-1");
-        }
-        w.finish().expect("finish SHELF-1");
-        let redb = dir.join(format!("startup-{n}.redb"));
-        if with_redb {
-            run_ok(
-                Command::new(durus_redb_bin())
-                    .arg("migrate")
-                    .arg(&shelf)
-                    .arg(&redb),
-                "durus-redb migrate",
-            );
-        }
-        for (label, file, is_redb) in [
-            ("durus-redb serve", &redb, true),
-            ("durus -s FileStorage", &shelf, false),
-        ] {
-            if is_redb && !with_redb {
-                continue;
+    if want("startup") {
+        writeln!(
+            md,
+            "\n### Start-up (until the root loads) and resident memory after start-up\n"
+        )
+        .unwrap();
+        writeln!(
+            md,
+            "| objects | server | file MiB | start-up ms | RSS MiB |"
+        )
+        .unwrap();
+        writeln!(md, "|---:|---|---:|---:|---:|").unwrap();
+        for &n in &cfg.startup_sizes {
+            eprintln!("compare: start-up with {n} objects");
+            let shelf = dir.join(format!("startup-{n}.durus"));
+            let mut w = ShelfWriter::create(&shelf).expect("create SHELF-1");
+            for oid in 0..n {
+                let refs: Vec<Oid> = if oid + 1 < n {
+                    vec![Oid(oid + 1)]
+                } else {
+                    vec![]
+                };
+                let mut data = vec![b's'; 120];
+                data[..8].copy_from_slice(&oid.to_be_bytes());
+                w.write(Oid(oid), Record::new(Oid(oid), &data, &refs).as_bytes())
+                    .expect("write SHELF-1");
             }
-            let port = free_port();
-            let mut cmd = Command::new(if is_redb {
-                durus_redb_bin()
-            } else {
-                durus_bin.clone()
-            });
-            if is_redb {
-                cmd.arg("serve");
-            } else {
-                cmd.arg("-s");
+            w.finish().expect("finish SHELF-1");
+            let redb = dir.join(format!("startup-{n}.redb"));
+            if with_redb {
+                run_ok(
+                    Command::new(durus_redb_bin())
+                        .arg("migrate")
+                        .arg(&shelf)
+                        .arg(&redb),
+                    "durus-redb migrate",
+                );
             }
-            cmd.arg("--file")
-                .arg(file)
-                .arg("--port")
-                .arg(port.to_string())
-                .arg("--logginglevel")
-                .arg("30");
-            let p = ServerProcess::start(label, cmd, port, &dir.join(format!("startup-{n}.log")));
-            let size = std::fs::metadata(file).map_or(0, |m| m.len()) as f64 / 1048576.0;
-            writeln!(
-                md,
-                "| {n} | {label} | {size:.0} | {:.0} | {:.0} |",
-                p.startup.as_secs_f64() * 1000.0,
-                p.rss_mib()
-            )
-            .unwrap();
+            for (label, file, is_redb) in [
+                ("durus-redb serve", &redb, true),
+                ("durus -s FileStorage", &shelf, false),
+            ] {
+                if is_redb && !with_redb {
+                    continue;
+                }
+                let port = free_port();
+                let mut cmd = Command::new(if is_redb {
+                    durus_redb_bin()
+                } else {
+                    durus_bin.clone()
+                });
+                if is_redb {
+                    cmd.arg("serve");
+                } else {
+                    cmd.arg("-s");
+                }
+                cmd.arg("--file")
+                    .arg(file)
+                    .arg("--port")
+                    .arg(port.to_string())
+                    .arg("--logginglevel")
+                    .arg("30");
+                let p =
+                    ServerProcess::start(label, cmd, port, &dir.join(format!("startup-{n}.log")));
+                let size = std::fs::metadata(file).map_or(0, |m| m.len()) as f64 / 1048576.0;
+                writeln!(
+                    md,
+                    "| {n} | {label} | {size:.0} | {:.0} | {:.0} |",
+                    p.startup.as_secs_f64() * 1000.0,
+                    p.rss_mib()
+                )
+                .unwrap();
+            }
         }
     }
 
     // 5. The engine against raw redb.
-    eprintln!("compare: engine against raw redb");
-    let (engine_commit, raw_commit, engine_load, raw_load) = engine_vs_raw(&dir);
-    writeln!(
+    if want("engine") {
+        eprintln!("compare: engine against raw redb");
+        let (engine_commit, raw_commit, engine_load, raw_load) = engine_vs_raw(&dir);
+        writeln!(
+            md,
+            "\n### The engine against raw redb (same key/value work, durable commits)\n"
+        )
+        .unwrap();
+        writeln!(md, "| operation | durus-redb | raw redb | ratio |").unwrap();
+        writeln!(md, "|---|---:|---:|---:|").unwrap();
+        writeln!(
         md,
-        "\n### The engine against raw redb (same key/value work, durable commits)\n"
-    )
-    .unwrap();
-    writeln!(md, "| operation | durus-redb | raw redb | ratio |").unwrap();
-    writeln!(md, "|---|---:|---:|---:|").unwrap();
-    writeln!(
-        md,
-        "| commit of 10 records (EveryCommit) | {:.0} us | {:.0} us | {:.2}x |",
+        "| durable commit of 10 records (engine: log fsync; redb: Immediate) | {:.0} us | {:.0} us | {:.2}x |",
         engine_commit,
         raw_commit,
         engine_commit / raw_commit
     )
     .unwrap();
-    writeln!(
-        md,
-        "| load of one record | {:.2} us | {:.2} us | {:.2}x |",
-        engine_load,
-        raw_load,
-        engine_load / raw_load
-    )
-    .unwrap();
-    writeln!(md, "\nTotal run time: {:.0} s.", t0.elapsed().as_secs_f64()).unwrap();
+        writeln!(
+            md,
+            "| load of one record | {:.2} us | {:.2} us | {:.2}x |",
+            engine_load,
+            raw_load,
+            engine_load / raw_load
+        )
+        .unwrap();
+        writeln!(md, "\nTotal run time: {:.0} s.", t0.elapsed().as_secs_f64()).unwrap();
 
-    println!("{md}");
+        println!("{md}");
+    }
+
     let out = root().join("target/bench-compare.md");
     if std::fs::write(&out, &md).is_ok() {
         eprintln!("compare: table written to {}", out.display());
+    }
+}
+
+/// The commit-capacity table: the load generator committing 10 records per
+/// commit as fast as it can, at 1, 4 and 16 connections, against `durus -s`
+/// (FileStorage, which never fsyncs) and durus-redb in its two log modes.
+fn commit_capacity(
+    md: &mut String,
+    stores: &Stores,
+    durus_bin: &Path,
+    cfg: &Config,
+    servers: &[Server],
+) {
+    let mut runs: Vec<(String, Server, Vec<&str>)> = Vec::new();
+    if servers.contains(&Server::DurusFile) {
+        runs.push((
+            "durus -s FileStorage (no fsync)".into(),
+            Server::DurusFile,
+            vec![],
+        ));
+    }
+    if servers.contains(&Server::DurusRedb) {
+        runs.push((
+            "durus-redb --durability fsync".into(),
+            Server::DurusRedb,
+            vec!["--durability", "fsync"],
+        ));
+        runs.push((
+            "durus-redb --durability os".into(),
+            Server::DurusRedb,
+            vec!["--durability", "os"],
+        ));
+    }
+    let counts = [1usize, 4, 16];
+    // Per server: (commits/s, p50 ms, p99 ms) at each connection count.
+    type Cells = Vec<(f64, f64, f64)>;
+    let mut rows: Vec<(String, Cells)> = Vec::new();
+    for (label, server, extra) in &runs {
+        eprintln!("compare: commit capacity of {label}");
+        let mut cells = Vec::new();
+        for &connections in &counts {
+            // A fresh copy of the store for every run.
+            let running = stores.start_with(
+                *server,
+                durus_bin,
+                &format!("cap-{server:?}-{}-{connections}", extra.join("")),
+                extra,
+            );
+            let mix = Mix {
+                connections,
+                commit_fraction: 1.0,
+                records_per_commit: 10,
+                objects_per_connection: 200,
+                duration: Duration::from_secs(cfg.loadgen_seconds),
+            };
+            let mut r = loadgen::run(running.port(), mix)
+                .unwrap_or_else(|e| panic!("load generator against {label}: {e}"));
+            let (p50, p99) = percentiles(&mut r.commit_lat_us);
+            let rate = r.commits as f64 / r.seconds;
+            eprintln!(
+                "  {connections:>2} connections: {rate:>8.0} commits/s p50 {p50:.2} ms p99 {p99:.2} ms"
+            );
+            cells.push((rate, p50, p99));
+        }
+        rows.push((label.clone(), cells));
+    }
+    writeln!(
+        md,
+        "\n### Commit capacity (the Rust load generator, commits of 10 records only, {} s per run; commits/s, p50 / p99 in ms, ratio to durus -s)\n",
+        cfg.loadgen_seconds
+    )
+    .unwrap();
+    writeln!(
+        md,
+        "| server | 1 connection | 4 connections | 16 connections |"
+    )
+    .unwrap();
+    writeln!(md, "|---|---:|---:|---:|").unwrap();
+    let base = rows
+        .iter()
+        .find(|(l, _)| l.starts_with("durus -s"))
+        .map(|(_, c)| c.clone());
+    for (label, cells) in &rows {
+        let mut row = format!("| {label} |");
+        for (i, (rate, p50, p99)) in cells.iter().enumerate() {
+            let ratio = match &base {
+                Some(b) if !label.starts_with("durus -s") => format!(", {:.2}x", rate / b[i].0),
+                _ => String::new(),
+            };
+            write!(row, " {rate:.0}{ratio}; {p50:.2} / {p99:.2} |").unwrap();
+        }
+        writeln!(md, "{row}").unwrap();
     }
 }
 
@@ -809,11 +929,9 @@ fn engine_vs_raw(dir: &Path) -> (f64, f64, f64, f64) {
         Record::new(Oid(oid), &data, &[Oid((oid + 1) % N)])
     };
 
-    let mut s = RedbStorage::open(
-        dir.join("engine.redb"),
-        Options::new().checkpoint(EveryCommit),
-    )
-    .expect("open");
+    // The default durability (Fsync: each commit's log entry fsynced)
+    // against raw redb's durable commit.
+    let mut s = RedbStorage::open(dir.join("engine.redb"), Options::new()).expect("open");
     let oids = s.new_oids(N as usize).expect("oids");
     s.begin();
     for o in &oids {

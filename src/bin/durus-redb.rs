@@ -5,8 +5,8 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use durus_redb::{
-    Address, CheckpointPolicy, ClientStorage, EveryCommit, Manual, ManualGc, MigrateOptions,
-    MigrateProgress, Options, Periodic, RedbStorage, Server, ServerConfig, check_store,
+    Address, ClientStorage, Durability, ManualGc, MigrateOptions, MigrateProgress, Options,
+    Periodic, RedbStorage, Server, ServerConfig, check_store,
 };
 
 /// A Durus-compatible object store and server on redb.
@@ -94,16 +94,21 @@ enum Command {
     },
 }
 
-/// When commits become durable.
+/// When an acknowledged commit is safe.
 #[derive(ValueEnum, Clone, Copy, Debug)]
-enum CheckpointChoice {
-    /// Every acknowledged commit is durable (commits arriving together share one fsync).
-    EveryCommit,
-    /// Commits are made durable together at least every 200 ms / 1000 commits /
-    /// 64 MiB; a crash loses what was acknowledged since the last checkpoint.
-    Periodic,
-    /// Durable only at a clean shutdown (bulk loads that can be redone).
-    Manual,
+enum DurabilityChoice {
+    /// A commit is acknowledged once it is in the commit log on disk
+    /// (commits arriving together share one fsync): nothing acknowledged is
+    /// lost, by a crash of the server, the OS or the power.
+    Fsync,
+    /// A commit is acknowledged once written to the OS, and the log is
+    /// fsynced every --fsync-interval: survives a kill -9 of the server (as
+    /// Durus's own server does); a power cut or OS crash loses up to the
+    /// interval.
+    Os,
+    /// No commit log: commits are durable at the next checkpoint (every
+    /// second at most); any crash loses what came since.
+    Checkpoint,
 }
 
 #[derive(Args, Debug)]
@@ -166,9 +171,13 @@ struct ServeArgs {
     /// committer holds the commit order at most this long).
     #[arg(long, default_value_t = 10.0)]
     request_timeout: f64,
-    /// When commits become durable.
-    #[arg(long, value_enum, default_value = "every-commit")]
-    checkpoint: CheckpointChoice,
+    /// When an acknowledged commit is safe (see README for each mode's loss
+    /// window).
+    #[arg(long, value_enum, default_value = "fsync")]
+    durability: DurabilityChoice,
+    /// Seconds between fsyncs of the commit log with --durability os.
+    #[arg(long, default_value_t = 1.0)]
+    fsync_interval: f64,
     /// How garbage is collected in the background.
     #[arg(long, value_enum, default_value = "incremental")]
     gc: GcChoice,
@@ -257,10 +266,15 @@ fn fail(msg: impl std::fmt::Display) -> ExitCode {
 
 fn serve(args: ServeArgs) -> ExitCode {
     init_logging(args.logfile.as_deref(), args.logginglevel);
-    let policy: std::sync::Arc<dyn CheckpointPolicy> = match args.checkpoint {
-        CheckpointChoice::EveryCommit => std::sync::Arc::new(EveryCommit),
-        CheckpointChoice::Periodic => std::sync::Arc::new(Periodic::default()),
-        CheckpointChoice::Manual => std::sync::Arc::new(Manual),
+    if !(args.fsync_interval > 0.0 && args.fsync_interval.is_finite()) {
+        return fail("--fsync-interval must be a positive number of seconds");
+    }
+    let durability = match args.durability {
+        DurabilityChoice::Fsync => Durability::Fsync,
+        DurabilityChoice::Os => Durability::Os {
+            fsync_interval: std::time::Duration::from_secs_f64(args.fsync_interval),
+        },
+        DurabilityChoice::Checkpoint => Durability::Manual,
     };
     let gc: std::sync::Arc<dyn durus_redb::GcPolicy> = match args.gc {
         GcChoice::Incremental => std::sync::Arc::new(durus_redb::IncrementalGc::default()),
@@ -272,7 +286,10 @@ fn serve(args: ServeArgs) -> ExitCode {
     } else {
         RedbStorage::open(
             &args.file,
-            Options::new().checkpoint_shared(policy).gc_shared(gc),
+            Options::new()
+                .durability(durability)
+                .checkpoint(Periodic::default())
+                .gc_shared(gc),
         )
     };
     let store = match opened {

@@ -195,7 +195,9 @@ pub struct FullCheck {
     pub stats: StoreStats,
 }
 
-/// Checks a closed store: redb integrity, then references. Needs exclusive access.
+/// Checks a closed store: redb integrity, then references. Needs exclusive
+/// access. A commit log left by a crash is applied first (as any writable
+/// open does).
 pub fn check_store(path: &Path) -> Result<FullCheck> {
     if !path.exists() {
         return Err(StorageError::Io(std::io::Error::new(
@@ -216,7 +218,18 @@ pub fn check_store(path: &Path) -> Result<FullCheck> {
         }
         ok
     };
-    let engine = Engine::open(path, &super::EngineConfig::read_only())?;
+    // A commit log left by a crash is applied first, as any writable open
+    // does; otherwise the store is only read.
+    let config = if super::log::log_dir(path).exists() {
+        super::EngineConfig {
+            read_only: false,
+            importing: true,
+            ..super::EngineConfig::read_only()
+        }
+    } else {
+        super::EngineConfig::read_only()
+    };
+    let engine = Engine::open(path, &config)?;
     Ok(FullCheck {
         integrity_ok,
         references: check_references(&engine)?,

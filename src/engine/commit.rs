@@ -8,10 +8,10 @@ use std::time::Instant;
 use parking_lot::MutexGuard;
 use redb::{Durability, ReadableTable, WriteTransaction};
 
-use super::layout::RECORDS;
+use super::layout::{KEY_APPLIED, LOG_STATE, RECORDS};
 use super::refcount::{apply_ref_deltas, corrupt};
 use super::{Engine, SessionId};
-use crate::checkpoint::{CheckpointFacts, CommitDurability};
+use crate::checkpoint::{CheckpointFacts, Durability as Mode};
 use crate::error::{Conflict, InvalidInput, Result, StorageError};
 use crate::record::{Oid, Record, refs_of};
 use crate::storage::validate_commit;
@@ -23,11 +23,16 @@ pub(crate) struct CommitState {
     pub(super) reserved: u64,
     /// Oids handed out and not yet stored, with the session that holds each.
     pub(super) allocated: HashMap<Oid, SessionId>,
+    /// Commits and record bytes since the last checkpoint began.
     pub(super) commits_since: u64,
     pub(super) bytes_since: u64,
     pub(super) last_checkpoint: Instant,
-    /// Sequence number of the last applied commit.
+    /// redb write transactions committed since open (commits, the
+    /// collector's, imports').
     pub(super) applied_seq: u64,
+    /// Sequence number of the last commit (the log's numbering, persisted
+    /// in the file with each logged commit).
+    pub(super) log_seq: u64,
 }
 
 impl CommitState {
@@ -38,20 +43,18 @@ impl CommitState {
             since_checkpoint: self.last_checkpoint.elapsed(),
         }
     }
-
-    pub(super) fn checkpointed(&mut self) {
-        self.commits_since = 0;
-        self.bytes_since = 0;
-        self.last_checkpoint = Instant::now();
-    }
 }
 
 /// The result of applying a commit: what remains to make it durable.
 #[derive(Debug, Clone, Copy)]
 #[must_use = "a commit is acknowledged only after Engine::finish"]
 pub(crate) struct CommitTicket {
+    /// The commit's sequence number.
     pub(super) seq: u64,
-    pub(super) needs_flush: bool,
+    /// Wait for the log to be durable up to `seq`.
+    pub(super) wait: bool,
+    /// The checkpoint policy asks for a checkpoint.
+    pub(super) checkpoint: bool,
 }
 
 /// The commit lock, held.
@@ -89,8 +92,8 @@ impl Engine {
         }
     }
 
-    /// Commits `records` for `session` and returns once the checkpoint policy
-    /// is satisfied (for `EveryCommit`: once durable).
+    /// Commits `records` for `session` and returns once it is as durable as
+    /// the store's durability mode promises.
     pub(crate) fn commit(&self, session: SessionId, records: &BTreeMap<Oid, Record>) -> Result<()> {
         let ticket = self.lock_commits().apply(session, records)?;
         self.finish(ticket)
@@ -131,10 +134,9 @@ impl Engine {
         self.poisoning(r)?;
         st.applied_seq += 1;
         if matches!(durability, Durability::Immediate) {
+            // Every commit before it is durable in the file with it.
             self.durable_seq.fetch_max(st.applied_seq, Ordering::AcqRel);
-            st.checkpointed();
-        } else {
-            st.commits_since += 1;
+            self.log_durable.fetch_max(st.log_seq, Ordering::AcqRel);
         }
         Ok(value)
     }
@@ -155,47 +157,50 @@ impl CommitGuard<'_> {
         let st = &mut *self.state;
         if records.is_empty() {
             return Ok(CommitTicket {
-                seq: st.applied_seq,
-                needs_flush: false,
+                seq: st.log_seq,
+                wait: false,
+                checkpoint: false,
             });
         }
         let bytes: u64 = records.values().map(|r| r.len() as u64).sum();
-        let mut facts = st.facts();
-        facts.commits_since_checkpoint += 1;
-        facts.bytes_since_checkpoint += bytes;
-        let decision = engine.policy.on_commit(&facts);
-        // With other committers queued, make this commit cheap and let one
-        // flush cover all of them (group commit).
-        let immediate = decision == CommitDurability::Now
-            && engine.committers_waiting.load(Ordering::Acquire) == 0;
-
         let db = engine.db()?;
         let mut w = db.rw()?.begin_write()?;
-        w.set_durability(if immediate {
-            Durability::Immediate
-        } else {
-            Durability::None
-        })?;
+        // Never redb's fsync here: the log, or a checkpoint, makes it durable.
+        w.set_durability(Durability::None)?;
         w.set_quick_repair(engine.quick_repair);
-        let queued = write_commit(&w, session, records, &st.allocated)?;
+        let queued = write_commit(&w, Some((session, &st.allocated)), records)?;
         // The commit's share of the collector's work, in its own transaction.
         let hook = engine.hook.get();
         let collected = match hook {
             Some(h) => h.in_commit(&w)?,
             None => Vec::new(),
         };
+        let seq = st.log_seq + 1;
+        let mut logged_at = None;
+        if let Some(log) = &engine.log {
+            w.open_table(LOG_STATE)?.insert(KEY_APPLIED, seq)?;
+            let at = log.position();
+            if let Err(e) = log.append(seq, records.values()) {
+                drop(w);
+                return Err(e);
+            }
+            logged_at = Some((log, at));
+        }
         let r = w.commit().map_err(StorageError::from);
+        if r.is_err()
+            && let Some((log, at)) = logged_at
+        {
+            // Not in the file: not in the log either, so a replay cannot
+            // apply a commit that was refused.
+            let _ = log.unappend(seq, at);
+        }
         engine.poisoning(r)?;
 
         st.applied_seq += 1;
-        let seq = st.applied_seq;
-        if immediate {
-            engine.durable_seq.fetch_max(seq, Ordering::AcqRel);
-            st.checkpointed();
-        } else {
-            st.commits_since = facts.commits_since_checkpoint;
-            st.bytes_since = facts.bytes_since_checkpoint;
-        }
+        st.log_seq = seq;
+        st.commits_since += 1;
+        st.bytes_since += bytes;
+        let checkpoint = engine.policy.checkpoint_due(&st.facts());
         let oids: Vec<Oid> = records.keys().copied().collect();
         for oid in &oids {
             st.allocated.remove(oid);
@@ -209,22 +214,23 @@ impl CommitGuard<'_> {
         }
         Ok(CommitTicket {
             seq,
-            needs_flush: decision == CommitDurability::Now && !immediate,
+            wait: engine.log.is_some() && engine.durability == Mode::Fsync,
+            checkpoint,
         })
     }
 }
 
-/// Validates a commit inside `w` and writes its records and reference counts.
+/// Validates a commit of `session` inside `w` (unless `check` is `None`:
+/// a replay of a logged commit) and writes its records and reference counts.
 /// Every check runs before the first write. Returns how many oids it queued
 /// for the collector.
-fn write_commit(
+pub(super) fn write_commit(
     w: &WriteTransaction,
-    session: SessionId,
+    check: Option<(SessionId, &HashMap<Oid, SessionId>)>,
     records: &BTreeMap<Oid, Record>,
-    allocated: &HashMap<Oid, SessionId>,
 ) -> Result<u64> {
     let mut table = w.open_table(RECORDS)?;
-    {
+    if let Some((session, allocated)) = check {
         let t = &table;
         validate_commit(
             records,

@@ -1,21 +1,25 @@
-//! Durability: group flushes, checkpoints, the checkpoint thread, and close.
+//! Durability: the log's group flushes, checkpoints, the background thread
+//! that takes them (and syncs the log in `Durability::Os`), and close.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
 
 use super::layout::{KEY_OIDS, META, OidMeta, encode};
 use super::{CommitTicket, Db, Engine};
-use crate::checkpoint::CompactionFacts;
+use crate::checkpoint::{CompactionFacts, Durability as Mode};
 use crate::error::{Result, StorageError};
 
 enum Control {
     Stop,
+    /// A commit found a checkpoint due.
+    Wake,
 }
 
-/// Owns the checkpoint thread: dropping it stops and joins the thread.
+/// Owns the background thread: dropping it stops and joins the thread.
 pub(super) struct Checkpointer {
     tx: Sender<Control>,
     handle: Option<JoinHandle<()>>,
@@ -34,28 +38,46 @@ impl Drop for Checkpointer {
 }
 
 impl Engine {
-    /// Starts the thread that checkpoints when the policy asks for it, if
-    /// the policy wants one.
+    /// Starts the thread that checkpoints when the policy asks for it and,
+    /// in `Durability::Os`, syncs the log every interval, if either is wanted.
     pub(super) fn start_checkpointer(self: &Arc<Self>) -> Result<()> {
-        let Some(interval) = self.policy.background_interval() else {
-            return Ok(());
+        let sync_every = match self.durability {
+            Mode::Os { fsync_interval } if self.log.is_some() => {
+                Some(fsync_interval.max(Duration::from_millis(1)))
+            }
+            _ => None,
+        };
+        let checkpoint_every = self.policy.background_interval();
+        let interval = match (sync_every, checkpoint_every) {
+            (Some(a), Some(b)) => a.min(b),
+            (Some(a), None) | (None, Some(a)) => a,
+            (None, None) => return Ok(()),
         };
         let (tx, rx): (Sender<Control>, Receiver<Control>) = crossbeam_channel::bounded(1);
         let weak = Arc::downgrade(self);
         let handle = std::thread::Builder::new()
             .name("durus-redb-checkpoint".into())
             .spawn(move || {
+                let mut last_sync = Instant::now();
                 loop {
                     match rx.recv_timeout(interval) {
                         Ok(Control::Stop) | Err(RecvTimeoutError::Disconnected) => return,
-                        Err(RecvTimeoutError::Timeout) => {
-                            let Some(engine) = weak.upgrade() else { return };
-                            let due = engine.policy.checkpoint_due(&engine.commit.lock().facts());
-                            if due && let Err(e) = engine.checkpoint() {
-                                tracing::error!(error = %e, "background checkpoint failed");
-                                return;
-                            }
+                        Ok(Control::Wake) | Err(RecvTimeoutError::Timeout) => {}
+                    }
+                    let Some(engine) = weak.upgrade() else { return };
+                    if let Some(every) = sync_every
+                        && last_sync.elapsed() >= every
+                    {
+                        last_sync = Instant::now();
+                        if let Err(e) = engine.sync_log() {
+                            tracing::error!(error = %e, "syncing the commit log failed");
+                            return;
                         }
+                    }
+                    let due = engine.policy.checkpoint_due(&engine.commit.lock().facts());
+                    if due && let Err(e) = engine.checkpoint() {
+                        tracing::error!(error = %e, "background checkpoint failed");
+                        return;
                     }
                 }
             })?;
@@ -66,28 +88,46 @@ impl Engine {
         Ok(())
     }
 
-    /// Waits until the commit of `ticket` is as durable as its policy asked.
+    /// Asks the background thread for a checkpoint (without waiting).
+    fn wake_checkpointer(&self) {
+        if let Some(c) = self.checkpointer.lock().as_ref() {
+            match c.tx.try_send(Control::Wake) {
+                Ok(()) | Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {}
+            }
+        }
+    }
+
+    /// Waits until the commit of `ticket` is as durable as the durability
+    /// mode promises, and starts a checkpoint if the policy asked for one.
     pub(crate) fn finish(&self, ticket: CommitTicket) -> Result<()> {
-        if !ticket.needs_flush || self.durable_seq.load(Ordering::Acquire) >= ticket.seq {
+        if ticket.checkpoint {
+            if self.log.is_some() {
+                self.wake_checkpointer();
+            } else {
+                // No log: the checkpoint is what makes the commit durable,
+                // so the policy's bounds are exact.
+                self.checkpoint()?;
+            }
+        }
+        if !ticket.wait || self.log_durable.load(Ordering::Acquire) >= ticket.seq {
             return Ok(());
         }
+        // Group commit: one committer syncs the log for every commit written
+        // so far; those that arrive meanwhile wait here and find themselves
+        // covered, or sync the next group.
         let _leader = self.flush_lock.lock();
-        if self.durable_seq.load(Ordering::Acquire) >= ticket.seq {
+        if self.log_durable.load(Ordering::Acquire) >= ticket.seq {
             return Ok(());
         }
-        // The group's flush runs without the commit lock, so that other
-        // connections go on sending invalidations and receiving commit data
-        // meanwhile (their writes wait for redb's single writer only).
-        // Every commit applied before this durable transaction becomes
-        // durable with it.
-        let target = self.commit.lock().applied_seq;
-        self.durable_flush()?;
-        self.durable_seq.fetch_max(target, Ordering::AcqRel);
-        let mut st = self.commit.lock();
-        if st.applied_seq == target {
-            // Nothing was applied meanwhile: the policy's counters restart.
-            st.checkpointed();
-        }
+        self.sync_log()
+    }
+
+    /// Makes every logged commit written so far durable (one `fdatasync`).
+    fn sync_log(&self) -> Result<()> {
+        let Some(log) = &self.log else { return Ok(()) };
+        let r = log.sync();
+        let covered = self.poisoning(r)?;
+        self.log_durable.fetch_max(covered, Ordering::AcqRel);
         Ok(())
     }
 
@@ -104,18 +144,39 @@ impl Engine {
         self.poisoning(r)
     }
 
-    /// Makes every applied commit durable (one fsync).
+    /// A checkpoint: makes the file durable with every commit applied so far
+    /// (one fsync of the file) and trims the log. Commits go on meanwhile;
+    /// the commit lock is held only to start a new log segment.
     pub(crate) fn checkpoint(&self) -> Result<()> {
         if self.read_only {
             return Ok(());
         }
-        let mut st = self.commit.lock();
-        if st.applied_seq == self.durable_seq.load(Ordering::Acquire) && st.commits_since == 0 {
-            return Ok(());
-        }
+        let _one = self.checkpoint_lock.lock();
+        let started = Instant::now();
+        let (log_seq, applied, commits, bytes) = {
+            let st = self.commit.lock();
+            if st.applied_seq == self.durable_seq.load(Ordering::Acquire) {
+                return Ok(());
+            }
+            if let Some(log) = &self.log {
+                let r = log.rotate(st.log_seq + 1);
+                self.poisoning(r)?;
+            }
+            (st.log_seq, st.applied_seq, st.commits_since, st.bytes_since)
+        };
         self.durable_flush()?;
-        self.durable_seq.fetch_max(st.applied_seq, Ordering::AcqRel);
-        st.checkpointed();
+        self.durable_seq.fetch_max(applied, Ordering::AcqRel);
+        self.log_durable.fetch_max(log_seq, Ordering::AcqRel);
+        if let Some(log) = &self.log
+            && let Err(e) = log.remove_before(log_seq + 1)
+        {
+            // Harmless: a replay skips what the file already holds.
+            tracing::warn!(error = %e, "could not delete an old commit log segment");
+        }
+        let mut st = self.commit.lock();
+        st.commits_since -= commits;
+        st.bytes_since -= bytes;
+        st.last_checkpoint = started;
         Ok(())
     }
 
@@ -140,8 +201,7 @@ impl Engine {
         }
         // Persist the exact oid mark and make every applied commit durable,
         // unless both already are.
-        let pending =
-            st.applied_seq != self.durable_seq.load(Ordering::Acquire) || st.commits_since > 0;
+        let pending = st.applied_seq != self.durable_seq.load(Ordering::Acquire);
         if pending || st.next_oid != st.reserved {
             let mut w = db.begin_write()?;
             w.set_quick_repair(self.quick_repair);
@@ -157,7 +217,12 @@ impl Engine {
             }
             w.commit()?;
             st.reserved = st.next_oid;
-            st.checkpointed();
+            st.commits_since = 0;
+            st.bytes_since = 0;
+        }
+        // Everything logged is in the durable file now.
+        if let Some(log) = &self.log {
+            log.remove()?;
         }
         let file_bytes = std::fs::metadata(&self.path).map(|m| m.len()).unwrap_or(0);
         // Only a large file can be worth compacting: skip the stats otherwise.

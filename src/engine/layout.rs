@@ -1,4 +1,4 @@
-//! The on-disk layout of a durus-redb store, format version 1.
+//! The on-disk layout of a durus-redb store, format version 2.
 //!
 //! A store is one redb file with these tables:
 //!
@@ -8,6 +8,13 @@
 //! | `durus_records`    | `u64` oid       | `&[u8]`         | the Durus record exactly as committed: `oid(8) \| u32 len \| data \| refs` |
 //! | `durus_refcounts`  | `u64` oid       | `u64`           | how many refs stored records hold to the oid (each occurrence counts); absent means zero |
 //! | `durus_gc_queue`   | `u64` oid       | `()`            | oids whose count fell to zero: candidates for the incremental collector, re-checked before deletion |
+//! | `durus_log`        | `&str`          | `u64`           | `applied`: the sequence number of the last logged commit the file holds (format 2) |
+//!
+//! Beside the file, a commit log directory `<file>-log/` (format 2; see
+//! `engine/log.rs`) holds the commits since the last checkpoint while the
+//! store is open or after a crash; a clean close removes it. Format 1 had no
+//! log: a format 1 store is upgraded when first opened for writing (the
+//! version is rewritten; nothing else changes).
 //!
 //! Metadata keys (values are rmp-serde encoded with named fields, so that a
 //! field added later is read as absent by older code, never misread):
@@ -34,7 +41,7 @@ use crate::error::{Result, StorageError};
 use crate::record::Oid;
 
 /// The format version this build writes.
-pub(crate) const FORMAT_VERSION: u32 = 1;
+pub(crate) const FORMAT_VERSION: u32 = 2;
 /// The oldest format version this build opens.
 pub(crate) const OLDEST_FORMAT_VERSION: u32 = 1;
 
@@ -46,6 +53,10 @@ pub(crate) const RECORDS: TableDefinition<u64, &[u8]> = TableDefinition::new("du
 pub(crate) const REFCOUNTS: TableDefinition<u64, u64> = TableDefinition::new("durus_refcounts");
 /// Oids whose reference count fell to zero.
 pub(crate) const GC_QUEUE: TableDefinition<u64, ()> = TableDefinition::new("durus_gc_queue");
+/// The commit log's state in the file (format 2).
+pub(crate) const LOG_STATE: TableDefinition<&str, u64> = TableDefinition::new("durus_log");
+/// [`LOG_STATE`] key: the last logged commit the file holds.
+pub(crate) const KEY_APPLIED: &str = "applied";
 
 /// Metadata key of [`FormatInfo`].
 pub(crate) const KEY_FORMAT: &str = "format";

@@ -8,6 +8,7 @@
 //! - `sessions`: sessions, invalid sets and oid allocation.
 //! - `commit`: the commit lock, validation and the apply of a commit.
 //! - `durability`: group flushes, checkpoints, the checkpoint thread, close.
+//! - `log`: the commit log and its replay.
 //! - `import`: the import path of `migrate`.
 //! - `refcount`: reference counts and the collector's queue.
 //! - `check`: `check` and `stats`.
@@ -15,13 +16,16 @@
 //! # Lock order
 //! `db` (read) may be taken while holding `commit`; `commit` is never taken
 //! while holding `sessions` or an invalid set; `close` takes `commit` first,
-//! then `db` (write), as the commit paths do.
+//! then `db` (write), as the commit paths do. The log's own writer lock is
+//! taken under `commit` (appends, rotation) or alone (the flushes);
+//! `checkpoint_lock` is taken before `commit`.
 
 mod check;
 mod commit;
 mod durability;
 mod import;
 pub(crate) mod layout;
+pub(crate) mod log;
 mod open;
 mod refcount;
 mod sessions;
@@ -39,7 +43,7 @@ use commit::{CommitState, CommitTicket};
 pub(crate) use refcount::{apply_ref_deltas, corrupt, delete_queued, forget};
 pub(crate) use sessions::{InvalidSet, SessionId};
 
-use crate::checkpoint::CheckpointPolicy;
+use crate::checkpoint::{CheckpointPolicy, Durability};
 use crate::error::{Result, StorageError};
 use crate::record::{Oid, Record};
 use durability::Checkpointer;
@@ -51,6 +55,7 @@ use refcount::load_from;
 pub(crate) struct EngineConfig {
     pub(crate) read_only: bool,
     pub(crate) create: bool,
+    pub(crate) durability: Durability,
     pub(crate) checkpoint: Arc<dyn CheckpointPolicy>,
     pub(crate) cache_bytes: usize,
     pub(crate) quick_repair: bool,
@@ -64,7 +69,8 @@ impl EngineConfig {
         EngineConfig {
             read_only: true,
             create: false,
-            checkpoint: Arc::new(crate::checkpoint::EveryCommit),
+            durability: Durability::Manual,
+            checkpoint: Arc::new(crate::checkpoint::Manual),
             cache_bytes: 32 << 20,
             quick_repair: true,
             importing: false,
@@ -119,10 +125,18 @@ pub(crate) struct Engine {
     read_only: bool,
     quick_repair: bool,
     policy: Arc<dyn CheckpointPolicy>,
+    durability: Durability,
     commit: Mutex<CommitState>,
     committers_waiting: AtomicUsize,
+    /// redb transactions (counted by `CommitState::applied_seq`) that are durable.
     durable_seq: AtomicU64,
+    /// The commit log (none for `Durability::Manual` and read-only opens).
+    log: Option<Arc<log::CommitLog>>,
+    /// Logged commits (by sequence number) that are durable: in the log on
+    /// disk or in the file by a checkpoint.
+    log_durable: AtomicU64,
     flush_lock: Mutex<()>,
+    checkpoint_lock: Mutex<()>,
     sessions: Mutex<std::collections::HashMap<SessionId, InvalidSet>>,
     next_session: AtomicU64,
     /// Live `RedbStorage` handles; the last one dropped closes the store.

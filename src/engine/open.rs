@@ -10,8 +10,10 @@ use std::time::Instant;
 use parking_lot::{Mutex, RwLock};
 use redb::ReadableTable;
 
+use super::commit::write_commit;
 use super::layout::*;
-use super::{CommitState, Db, Engine, EngineConfig};
+use super::{CommitState, Db, Engine, EngineConfig, log};
+use crate::checkpoint::Durability;
 use crate::error::{Result, StorageError};
 
 pub(super) fn open_error(path: &Path, e: redb::DatabaseError) -> StorageError {
@@ -66,6 +68,28 @@ impl Engine {
             Db::Rw(builder.create(path).map_err(|e| open_error(path, e))?)
         };
         let (next_oid, reserved) = init_or_verify(path, &db, config.quick_repair)?;
+        let log_dir = log::log_dir(path);
+        let log_seq = if config.read_only {
+            let applied = applied_log_seq(&db)?;
+            let waiting = log::commits_after(&log_dir, applied)?;
+            if waiting > 0 {
+                return Err(StorageError::UnappliedLog {
+                    path: path.to_path_buf(),
+                    commits: waiting,
+                });
+            }
+            applied
+        } else {
+            replay(path, &db, config.quick_repair)?
+        };
+        let log = match config.durability {
+            _ if config.read_only => None,
+            Durability::Manual => {
+                log::remove_log(&log_dir)?;
+                None
+            }
+            _ => Some(Arc::new(log::CommitLog::start(&log_dir, log_seq + 1)?)),
+        };
         if !config.read_only && !config.importing {
             let rtxn = db.begin_read()?;
             let meta = rtxn.open_table(META)?;
@@ -82,6 +106,7 @@ impl Engine {
             read_only: config.read_only,
             quick_repair: config.quick_repair,
             policy: config.checkpoint.clone(),
+            durability: config.durability,
             commit: Mutex::new(CommitState {
                 next_oid,
                 reserved,
@@ -90,10 +115,14 @@ impl Engine {
                 bytes_since: 0,
                 last_checkpoint: Instant::now(),
                 applied_seq: 0,
+                log_seq,
             }),
             committers_waiting: AtomicUsize::new(0),
             durable_seq: AtomicU64::new(0),
+            log,
+            log_durable: AtomicU64::new(log_seq),
             flush_lock: Mutex::new(()),
+            checkpoint_lock: Mutex::new(()),
             sessions: Mutex::new(HashMap::new()),
             next_session: AtomicU64::new(1),
             handles: AtomicUsize::new(0),
@@ -200,6 +229,7 @@ fn init_or_verify(path: &Path, db: &Db, quick_repair: bool) -> Result<(u64, u64)
             w.open_table(RECORDS)?;
             w.open_table(REFCOUNTS)?;
             w.open_table(GC_QUEUE)?;
+            w.open_table(LOG_STATE)?.insert(KEY_APPLIED, 0)?;
         }
         w.commit()?;
         tracing::info!(path = %path.display(), version = FORMAT_VERSION, "created a new store");
@@ -211,6 +241,14 @@ fn init_or_verify(path: &Path, db: &Db, quick_repair: bool) -> Result<(u64, u64)
             reason: "no format version in its metadata".into(),
         })?;
     check_version(path, info.version)?;
+    if info.version < FORMAT_VERSION
+        && let Ok(rw) = db.rw()
+    {
+        drop(meta);
+        drop(rtxn);
+        upgrade(path, rw, info, quick_repair)?;
+        return init_or_verify(path, db, quick_repair);
+    }
     let oids: OidMeta = read_meta(&meta, KEY_OIDS)?.unwrap_or(OidMeta { reserved: 0 });
     let records = rtxn.open_table(RECORDS)?;
     let after_last = match records.last()? {
@@ -233,4 +271,108 @@ pub(crate) fn check_version(path: &Path, found: u32) -> Result<()> {
             newest: FORMAT_VERSION,
         })
     }
+}
+
+/// Upgrades a store of an older format to [`FORMAT_VERSION`] in one durable
+/// transaction. Format 1 -> 2: the commit log's state table is added (the
+/// log itself lives beside the file); records, counts and the queue are
+/// unchanged.
+fn upgrade(path: &Path, db: &redb::Database, info: FormatInfo, quick_repair: bool) -> Result<()> {
+    let mut w = db.begin_write()?;
+    w.set_quick_repair(quick_repair);
+    {
+        let mut m = w.open_table(META)?;
+        let upgraded = FormatInfo {
+            version: FORMAT_VERSION,
+            created_by: info.created_by.clone(),
+        };
+        m.insert(KEY_FORMAT, encode(&upgraded).as_slice())?;
+        let mut l = w.open_table(LOG_STATE)?;
+        if l.get(KEY_APPLIED)?.is_none() {
+            l.insert(KEY_APPLIED, 0)?;
+        }
+    }
+    w.commit()?;
+    tracing::info!(
+        path = %path.display(),
+        from = info.version,
+        to = FORMAT_VERSION,
+        "upgraded the store's format"
+    );
+    Ok(())
+}
+
+/// The last logged commit the file holds (0 if none was ever logged).
+fn applied_log_seq(db: &Db) -> Result<u64> {
+    let rtxn = db.begin_read()?;
+    let t = match rtxn.open_table(LOG_STATE) {
+        Ok(t) => t,
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(0),
+        Err(e) => return Err(e.into()),
+    };
+    Ok(t.get(KEY_APPLIED)?.map(|v| v.value()).unwrap_or(0))
+}
+
+/// Applies the commits in the log that the file does not hold (the last
+/// writer did not close cleanly), and makes the file durable with them.
+/// Idempotent: a crash during a replay leaves the file as it was before it,
+/// and the next open replays again. Returns the last logged commit.
+fn replay(path: &Path, db: &Db, quick_repair: bool) -> Result<u64> {
+    let dir = log::log_dir(path);
+    if !dir.exists() {
+        return applied_log_seq(db);
+    }
+    let applied = applied_log_seq(db)?;
+    let rw = db.rw()?;
+    let started = std::time::Instant::now();
+    let (last, stop) = log::read_log(&dir, applied, 8 << 20, |batch| {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let mut w = rw.begin_write()?;
+        w.set_durability(redb::Durability::None)?;
+        w.set_quick_repair(quick_repair);
+        let mut seq = 0;
+        for commit in batch {
+            let records = commit.records.into_iter().map(|r| (r.oid(), r)).collect();
+            write_commit(&w, None, &records)?;
+            seq = commit.seq;
+        }
+        w.open_table(LOG_STATE)?.insert(KEY_APPLIED, seq)?;
+        w.commit()?;
+        Ok(())
+    })?;
+    if let Some(stop) = &stop {
+        if stop.later_data {
+            // Not a torn tail: something is damaged in the middle of the log.
+            let aside = dir.with_extension(format!("damaged-{}", std::process::id()));
+            tracing::error!(
+                segment = %stop.segment.display(),
+                offset = stop.offset,
+                reason = %stop.reason,
+                kept = %aside.display(),
+                "the commit log is damaged before its end: replayed the commits before the damage; the log is kept aside"
+            );
+            std::fs::rename(&dir, &aside)?;
+        } else {
+            tracing::warn!(
+                segment = %stop.segment.display(),
+                offset = stop.offset,
+                reason = %stop.reason,
+                "the commit log ends in a torn or corrupt entry (a crash while it was written); replayed the commits before it"
+            );
+        }
+    }
+    if last > applied {
+        let mut w = rw.begin_write()?;
+        w.set_quick_repair(quick_repair);
+        w.commit()?;
+        tracing::info!(
+            path = %path.display(),
+            commits = last - applied,
+            ms = started.elapsed().as_millis() as u64,
+            "replayed the commit log"
+        );
+    }
+    Ok(last)
 }

@@ -73,7 +73,8 @@ impl Engine {
         Ok(oids)
     }
 
-    /// Durably records the oid reservation mark; this also checkpoints.
+    /// Durably records the oid reservation mark; every commit before it is
+    /// durable in the file with it.
     pub(super) fn write_oid_meta(&self, reserved: u64, st: &mut CommitState) -> Result<()> {
         let db = self.db()?;
         let mut w = db.rw()?.begin_write()?;
@@ -84,7 +85,7 @@ impl Engine {
         }
         w.commit()?;
         self.durable_seq.fetch_max(st.applied_seq, Ordering::AcqRel);
-        st.checkpointed();
+        self.log_durable.fetch_max(st.log_seq, Ordering::AcqRel);
         Ok(())
     }
 }

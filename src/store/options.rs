@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use crate::checkpoint::{CheckpointPolicy, EveryCommit};
+use crate::checkpoint::{CheckpointPolicy, Durability, Periodic};
 use crate::engine::EngineConfig;
 use crate::gc::{GcPolicy, IncrementalGc};
 
@@ -11,7 +11,10 @@ use crate::gc::{GcPolicy, IncrementalGc};
 ///
 /// ```
 /// # use durus_redb::{Options, Periodic, IdleGc};
-/// let options = Options::new().checkpoint(Periodic::default()).gc(IdleGc::default());
+/// let options = Options::new()
+///     .durability(durus_redb::Durability::os())
+///     .checkpoint(Periodic::default())
+///     .gc(IdleGc::default());
 /// ```
 ///
 /// A read-only open takes no options: see
@@ -19,6 +22,7 @@ use crate::gc::{GcPolicy, IncrementalGc};
 #[derive(Debug, Clone)]
 pub struct Options {
     create: bool,
+    durability: Durability,
     checkpoint: Arc<dyn CheckpointPolicy>,
     cache_bytes: usize,
     quick_repair: bool,
@@ -29,7 +33,8 @@ impl Default for Options {
     fn default() -> Self {
         Options {
             create: true,
-            checkpoint: Arc::new(EveryCommit),
+            durability: Durability::Fsync,
+            checkpoint: Arc::new(Periodic::default()),
             cache_bytes: 256 << 20,
             quick_repair: true,
             gc: Arc::new(IncrementalGc::default()),
@@ -38,8 +43,8 @@ impl Default for Options {
 }
 
 impl Options {
-    /// The defaults: create if absent, [`EveryCommit`], [`IncrementalGc`],
-    /// a 256 MiB page cache, quick repair on.
+    /// The defaults: create if absent, [`Durability::Fsync`], [`Periodic`]
+    /// checkpoints, [`IncrementalGc`], a 256 MiB page cache, quick repair on.
     pub fn new() -> Self {
         Options::default()
     }
@@ -50,7 +55,14 @@ impl Options {
         self
     }
 
-    /// When commits become durable. Default: [`EveryCommit`].
+    /// When an acknowledged commit is safe. Default: [`Durability::Fsync`].
+    pub fn durability(mut self, durability: Durability) -> Self {
+        self.durability = durability;
+        self
+    }
+
+    /// When the store file is made durable and the commit log trimmed.
+    /// Default: [`Periodic`].
     pub fn checkpoint(self, policy: impl CheckpointPolicy) -> Self {
         self.checkpoint_shared(Arc::new(policy))
     }
@@ -94,6 +106,7 @@ impl Options {
         EngineConfig {
             read_only: false,
             create: self.create,
+            durability: self.durability,
             checkpoint: self.checkpoint.clone(),
             cache_bytes: self.cache_bytes,
             quick_repair: self.quick_repair,
