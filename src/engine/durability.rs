@@ -112,14 +112,27 @@ impl Engine {
         if !ticket.wait || self.log_durable.load(Ordering::Acquire) >= ticket.seq {
             return Ok(());
         }
-        // Group commit: one committer syncs the log for every commit written
-        // so far; those that arrive meanwhile wait here and find themselves
-        // covered, or sync the next group.
-        let _leader = self.flush_lock.lock();
-        if self.log_durable.load(Ordering::Acquire) >= ticket.seq {
-            return Ok(());
+        // Group commit: one committer (the leader) syncs the log for every
+        // commit written so far. Those that arrive meanwhile wait, and are
+        // all woken at once when it is done: the covered ones return, one of
+        // the others leads the next group.
+        let mut syncing = self.syncing.lock();
+        loop {
+            if self.log_durable.load(Ordering::Acquire) >= ticket.seq {
+                return Ok(());
+            }
+            if !*syncing {
+                *syncing = true;
+                drop(syncing);
+                let r = self.sync_log();
+                syncing = self.syncing.lock();
+                *syncing = false;
+                self.synced.notify_all();
+                r?;
+                continue;
+            }
+            self.synced.wait(&mut syncing);
         }
-        self.sync_log()
     }
 
     /// Makes every logged commit written so far durable (one `fdatasync`).
@@ -153,13 +166,18 @@ impl Engine {
         }
         let _one = self.checkpoint_lock.lock();
         let started = Instant::now();
+        if self.commit.lock().applied_seq == self.durable_seq.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        // The next segment is made before the commit lock is taken.
+        let next = match &self.log {
+            Some(log) => Some(log.prepare()?),
+            None => None,
+        };
         let (log_seq, applied, commits, bytes) = {
             let st = self.commit.lock();
-            if st.applied_seq == self.durable_seq.load(Ordering::Acquire) {
-                return Ok(());
-            }
-            if let Some(log) = &self.log {
-                let r = log.rotate(st.log_seq + 1);
+            if let (Some(log), Some(next)) = (&self.log, next) {
+                let r = log.switch(next);
                 self.poisoning(r)?;
             }
             (st.log_seq, st.applied_seq, st.commits_since, st.bytes_since)
@@ -168,7 +186,7 @@ impl Engine {
         self.durable_seq.fetch_max(applied, Ordering::AcqRel);
         self.log_durable.fetch_max(log_seq, Ordering::AcqRel);
         if let Some(log) = &self.log
-            && let Err(e) = log.remove_before(log_seq + 1)
+            && let Err(e) = log.remove_old()
         {
             // Harmless: a replay skips what the file already holds.
             tracing::warn!(error = %e, "could not delete an old commit log segment");

@@ -135,7 +135,10 @@ pub(crate) struct Engine {
     /// Logged commits (by sequence number) that are durable: in the log on
     /// disk or in the file by a checkpoint.
     log_durable: AtomicU64,
-    flush_lock: Mutex<()>,
+    /// Whether a committer is syncing the log for a group right now.
+    syncing: Mutex<bool>,
+    /// Signalled after every sync of the log.
+    synced: parking_lot::Condvar,
     checkpoint_lock: Mutex<()>,
     sessions: Mutex<std::collections::HashMap<SessionId, InvalidSet>>,
     next_session: AtomicU64,
