@@ -119,7 +119,7 @@ pub enum StorageError {
     /// open cannot do.
     #[error(
         "{} was not closed cleanly and needs a repair, which a read-only open cannot do; \
-         open it read-write once (`durus-redb check --repair` does)",
+         open it read-write once (`durus-redb check` or `durus-redb serve` does)",
         path.display()
     )]
     NeedsRepair {
