@@ -203,6 +203,7 @@ fn main() {
         Options::new().checkpoint(Periodic::default()).gc({
             let mut p = IncrementalGc::default();
             p.full.after_deletions = Some(1_000);
+            p.grace = Duration::ZERO;
             p
         }),
     )

@@ -32,7 +32,7 @@ fn stats_and_check_report_a_healthy_store() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}");
     assert!(text.contains("objects:          201"), "{text}");
-    assert!(text.contains("format version:   2"), "{text}");
+    assert!(text.contains("format version:   3"), "{text}");
     let out = bin().arg("check").arg(&path).output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}");

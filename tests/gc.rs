@@ -108,6 +108,13 @@ fn commit_both(
     }
 }
 
+/// The default policy without a grace window: garbage goes at once.
+fn no_grace() -> IncrementalGc {
+    let mut p = IncrementalGc::default();
+    p.grace = Duration::ZERO;
+    p
+}
+
 /// No collector thread; every commit deletes up to the given number of queued
 /// objects in its own transaction (as the default policy has commits do).
 #[derive(Debug)]
@@ -265,7 +272,7 @@ fn the_background_collector_reclaims_by_itself() {
     let dir = tempfile::tempdir().unwrap();
     let mut s = RedbStorage::open(
         dir.path().join("bg.redb"),
-        Options::default().gc(IncrementalGc::default()),
+        Options::default().gc(no_grace()),
     )
     .unwrap();
     let root = s.new_oid().unwrap();
@@ -397,7 +404,7 @@ const LIVE: usize = 500;
 fn gc_crash_child_entry_point() {
     let path = std::env::var_os(CHILD_ENV)
         .expect("run by the crash test, which sets DURUS_REDB_GC_CRASH_CHILD");
-    let mut s = RedbStorage::open(&path, Options::default().gc(IncrementalGc::default())).unwrap();
+    let mut s = RedbStorage::open(&path, Options::default().gc(no_grace())).unwrap();
     if s.load(Oid::ROOT).is_err() {
         let root = s.new_oid().unwrap();
         let live = s.new_oids(LIVE).unwrap();
@@ -508,5 +515,123 @@ fn sigkill_during_collections_loses_nothing_live_and_leaves_a_clean_store() {
         assert!(r.completed);
         assert_eq!(stored(&mut s), reachable, "round {round}");
         drop(s);
+    }
+}
+
+// ---------------------------------------------------------------- grace window
+
+/// Commits take a share of the collector's work (no thread), with a grace
+/// window the test sets: long (nothing dropped may go) or zero (the window
+/// has passed).
+#[derive(Debug)]
+struct Windowed {
+    grace_ms: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl GcPolicy for Windowed {
+    fn background(&self) -> bool {
+        false
+    }
+    fn decide(&self, _: &GcFacts) -> GcAction {
+        GcAction::Wait(Duration::from_secs(3600))
+    }
+    fn in_commit(&self) -> usize {
+        4
+    }
+    fn grace(&self) -> Duration {
+        Duration::from_millis(self.grace_ms.load(Ordering::Acquire))
+    }
+}
+
+fn run_windowed(ops: Vec<Op>) -> Result<(), TestCaseError> {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("grace.redb");
+    let grace_ms = Arc::new(std::sync::atomic::AtomicU64::new(3_600_000));
+    let policy = Windowed {
+        grace_ms: grace_ms.clone(),
+    };
+    let mut redb = RedbStorage::open(&path, Options::default().gc(policy)).unwrap();
+    let mut model = MemoryStorage::new();
+    let root = redb.new_oid().unwrap();
+    assert_eq!(model.new_oid().unwrap(), root);
+    commit_both(&mut redb, &mut model, &[(root, rec(root, b"root", &[]))])?;
+    let mut made: Vec<Oid> = vec![root];
+    // Within the window: every commit, also one that references an object
+    // a commit before it dropped (with what that object references), is
+    // accepted, and nothing ever made is deleted.
+    for (n, op) in ops.into_iter().enumerate() {
+        let records = match op {
+            Op::Add { parent, refs } => {
+                let o = redb.new_oid().unwrap();
+                prop_assert_eq!(o, model.new_oid().unwrap());
+                let refs: Vec<Oid> = refs.iter().map(|i| *i.get(&made)).collect();
+                let mut records = vec![(o, rec(o, format!("n{n}").as_bytes(), &refs))];
+                if let Some(p) = parent {
+                    let reachable: Vec<Oid> = model.reachable().into_iter().collect();
+                    let p = *p.get(&reachable);
+                    let mut prefs = model_refs(&mut model, p);
+                    prefs.push(o);
+                    records.push((p, rec(p, format!("p{n}").as_bytes(), &prefs)));
+                }
+                made.push(o);
+                records
+            }
+            Op::Rewire { target, refs } => {
+                let reachable: Vec<Oid> = model.reachable().into_iter().collect();
+                let t = *target.get(&reachable);
+                let refs: Vec<Oid> = refs.iter().map(|i| *i.get(&made)).collect();
+                vec![(t, rec(t, format!("w{n}").as_bytes(), &refs))]
+            }
+            // Explicit collections ignore the window: not part of this test.
+            Op::Step(_) | Op::Drain | Op::Full => continue,
+        };
+        prop_assert!(
+            commit_both(&mut redb, &mut model, &records)?,
+            "a commit inside the grace window was refused"
+        );
+        let all: BTreeSet<Oid> = made.iter().copied().collect();
+        prop_assert_eq!(stored(&mut redb), all, "an object went inside its window");
+        for o in model.reachable() {
+            prop_assert_eq!(redb.load(o).unwrap(), model.load(o).unwrap());
+        }
+    }
+    // The window passes: commits' shares reclaim the dropped objects that
+    // are not in cycles, and nothing reachable.
+    grace_ms.store(0, Ordering::Release);
+    for _ in 0..10_000 {
+        if redb.gc_state().unwrap().queue_len == 0 {
+            break;
+        }
+        let refs = model_refs(&mut model, root);
+        commit_both(&mut redb, &mut model, &[(root, rec(root, b"root", &refs))])?;
+    }
+    prop_assert_eq!(redb.gc_state().unwrap().queue_len, 0);
+    let reachable = model.reachable();
+    let left = stored(&mut redb);
+    prop_assert!(left.is_superset(&reachable));
+    // What is left beyond the reachable set is cyclic garbage (or objects
+    // never referenced): a full collection takes it, and then the store
+    // equals the reachable set.
+    let r = redb
+        .full_collection(&mut |_| ControlFlow::Continue(()))
+        .unwrap();
+    prop_assert!(r.completed);
+    prop_assert_eq!(stored(&mut redb), reachable);
+    let check = redb.check_references().unwrap();
+    prop_assert!(check.is_clean(), "{check:?}");
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, .. ProptestConfig::default() })]
+    /// The grace window against the model: inside it no dropped object is
+    /// deleted and referencing one again is accepted; once it has passed
+    /// the commits' shares and a full collection leave exactly the
+    /// reachable set.
+    #[test]
+    fn no_object_goes_inside_its_grace_window_and_all_garbage_goes_after(
+        ops in prop::collection::vec(op(), 1..60)
+    ) {
+        run_windowed(ops)?;
     }
 }

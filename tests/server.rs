@@ -794,3 +794,65 @@ fn gcbytes_starts_a_collection_after_that_many_committed_bytes() {
     assert!(log.contains("gcbytes reached"), "{log}");
     server.stop();
 }
+
+/// `--gc-grace 1` while a client commits every 20 ms, each commit dropping
+/// a 3-object chain: an object dropped less than 0.8 s ago is always still
+/// there (the window), and one dropped more than 3 s ago is already gone
+/// (the collector keeps up while commits flow, not only in pauses).
+#[test]
+fn with_a_short_grace_window_dropped_objects_go_by_themselves_while_commits_flow() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.redb");
+    let server = Served::start(&path, &["--gc-grace", "1"]);
+    let mut c = server.client();
+    assert_eq!(c.new_oid().unwrap(), Oid::ROOT);
+    let mut dropped: Vec<(Instant, Vec<Oid>)> = Vec::new();
+    let mut current: Vec<Oid> = Vec::new();
+    let started = Instant::now();
+    let (mut kept_checked, mut gone_checked) = (0, 0);
+    while started.elapsed() < Duration::from_secs(7) {
+        // A new 3-object chain replaces the previous one under the root.
+        let chain = c.new_oids(3).unwrap();
+        c.begin();
+        c.store(chain[2], rec(chain[2], b"c", &[])).unwrap();
+        c.store(chain[1], rec(chain[1], b"b", &[chain[2]])).unwrap();
+        c.store(chain[0], rec(chain[0], b"a", &[chain[1]])).unwrap();
+        c.store(Oid::ROOT, rec(Oid::ROOT, b"root", &chain[..1]))
+            .unwrap();
+        c.end().unwrap();
+        if !current.is_empty() {
+            dropped.push((Instant::now(), std::mem::take(&mut current)));
+        }
+        current = chain;
+        c.sync().unwrap();
+        for (at, oids) in &dropped {
+            let age = at.elapsed();
+            for o in oids {
+                let got = c.load(*o);
+                if age < Duration::from_millis(800) {
+                    assert!(
+                        got.is_ok(),
+                        "{o} dropped {age:?} ago is gone inside the window"
+                    );
+                    kept_checked += 1;
+                } else if age > Duration::from_secs(3) {
+                    assert!(
+                        matches!(got, Err(StorageError::NotFound(_))),
+                        "{o} dropped {age:?} ago is still there: {got:?}"
+                    );
+                    gone_checked += 1;
+                }
+            }
+        }
+        // Checked once past 3 s: keep the list short.
+        dropped.retain(|(at, _)| at.elapsed() <= Duration::from_secs(4));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        kept_checked > 100 && gone_checked > 100,
+        "{kept_checked} {gone_checked}"
+    );
+    drop(c);
+    server.stop();
+    check_clean(&path);
+}

@@ -181,13 +181,20 @@ struct ServeArgs {
     /// How garbage is collected in the background.
     #[arg(long, value_enum, default_value = "incremental")]
     gc: GcChoice,
+    /// Seconds an object stays after a commit removed its last reference,
+    /// before the background collector reclaims it. Within it the object
+    /// stays loadable and a commit may reference it again (Durus keeps every
+    /// object until a pack); 0 reclaims at once. A pack (`P`), --gcbytes and
+    /// `durus-redb gc` ignore it.
+    #[arg(long, default_value_t = 600.0)]
+    gc_grace: f64,
 }
 
 /// Background garbage collection.
 #[derive(ValueEnum, Clone, Copy, Debug)]
 enum GcChoice {
-    /// Reclaim objects soon after their last reference goes, in small steps;
-    /// a full collection (cycles) now and then.
+    /// Reclaim objects once --gc-grace has passed after their last reference
+    /// went, in small steps; a full collection (cycles) now and then.
     Incremental,
     /// Collect only while no commit came for a while.
     Idle,
@@ -276,9 +283,21 @@ fn serve(args: ServeArgs) -> ExitCode {
         },
         DurabilityChoice::Checkpoint => Durability::Manual,
     };
+    if !(args.gc_grace >= 0.0 && args.gc_grace.is_finite()) {
+        return fail("--gc-grace must be a number of seconds, 0 or more");
+    }
+    let grace = std::time::Duration::from_secs_f64(args.gc_grace);
     let gc: std::sync::Arc<dyn durus_redb::GcPolicy> = match args.gc {
-        GcChoice::Incremental => std::sync::Arc::new(durus_redb::IncrementalGc::default()),
-        GcChoice::Idle => std::sync::Arc::new(durus_redb::IdleGc::default()),
+        GcChoice::Incremental => {
+            let mut p = durus_redb::IncrementalGc::default();
+            p.grace = grace;
+            std::sync::Arc::new(p)
+        }
+        GcChoice::Idle => {
+            let mut p = durus_redb::IdleGc::default();
+            p.grace = grace;
+            std::sync::Arc::new(p)
+        }
         GcChoice::Manual => std::sync::Arc::new(ManualGc),
     };
     let opened = if args.readonly {
@@ -560,7 +579,14 @@ fn stats(path: PathBuf) -> ExitCode {
     println!("bytes stored:     {}", s.stored_bytes);
     println!("fragmented bytes: {}", s.fragmented_bytes);
     println!("referenced oids:  {}", s.referenced_objects);
-    println!("gc queue:         {}", s.gc_queue);
+    match s.gc_oldest {
+        Some(age) => println!(
+            "gc queue:         {} (unreachable; the oldest for {:.0} s)",
+            s.gc_queue,
+            age.as_secs_f64()
+        ),
+        None => println!("gc queue:         {}", s.gc_queue),
+    }
     println!("next oid:         {}", s.oid_mark);
     ExitCode::SUCCESS
 }

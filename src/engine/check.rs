@@ -21,8 +21,11 @@ pub struct StoreStats {
     pub format_version: u32,
     /// Oids with a non-zero reference count.
     pub referenced_objects: u64,
-    /// Oids waiting for the incremental collector.
+    /// Oids waiting for the incremental collector (unreachable, in their
+    /// grace window or due).
     pub gc_queue: u64,
+    /// How long ago the oldest of them became unreachable.
+    pub gc_oldest: Option<std::time::Duration>,
     /// Every oid below this may have been handed out.
     pub oid_mark: u64,
     /// Bytes of keys and values stored (redb's count).
@@ -41,7 +44,7 @@ pub(crate) fn stats(engine: &Engine) -> Result<StoreStats> {
     let records = txn.open_table(RECORDS)?;
     let s = records.stats()?;
     let counts = txn.open_table(REFCOUNTS)?;
-    let queue = txn.open_table(GC_QUEUE)?;
+    let (queue_len, first_drop) = super::refcount::queue_summary(&txn)?;
     Ok(StoreStats {
         objects: records.len()?,
         file_bytes: std::fs::metadata(engine.path())
@@ -49,7 +52,10 @@ pub(crate) fn stats(engine: &Engine) -> Result<StoreStats> {
             .unwrap_or(0),
         format_version: info.version,
         referenced_objects: counts.len()?,
-        gc_queue: queue.len()?,
+        gc_queue: queue_len,
+        gc_oldest: first_drop.map(|ms| {
+            std::time::Duration::from_millis(super::layout::now_unix_ms().saturating_sub(ms))
+        }),
         oid_mark: oids.reserved,
         stored_bytes: s.stored_bytes(),
         fragmented_bytes: s.fragmented_bytes(),

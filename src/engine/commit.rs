@@ -8,7 +8,7 @@ use std::time::Instant;
 use parking_lot::MutexGuard;
 use redb::{Durability, ReadableTable, WriteTransaction};
 
-use super::layout::{KEY_APPLIED, LOG_STATE, RECORDS};
+use super::layout::{KEY_APPLIED, LOG_STATE, RECORDS, now_unix_ms};
 use super::refcount::{apply_ref_deltas, corrupt};
 use super::{Engine, SessionId};
 use crate::checkpoint::{CheckpointFacts, Durability as Mode};
@@ -259,5 +259,5 @@ pub(super) fn write_commit(
         }
     }
     drop(table);
-    apply_ref_deltas(w, delta)
+    apply_ref_deltas(w, delta, now_unix_ms())
 }

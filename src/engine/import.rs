@@ -96,7 +96,7 @@ impl Engine {
                     }
                 }
             }
-            apply_ref_deltas(w, delta)?;
+            apply_ref_deltas(w, delta, super::layout::now_unix_ms())?;
             let mut meta = w.open_table(META)?;
             meta.insert(KEY_MIGRATION, state(&batch).as_slice())?;
             if let Some(max) = batch.max_oid

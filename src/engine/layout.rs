@@ -1,4 +1,4 @@
-//! The on-disk layout of a durus-redb store, format version 2.
+//! The on-disk layout of a durus-redb store, format version 3.
 //!
 //! A store is one redb file with these tables:
 //!
@@ -7,7 +7,8 @@
 //! | `durus_meta`       | `&str`          | `&[u8]` rmp-serde | metadata, keys below |
 //! | `durus_records`    | `u64` oid       | `&[u8]`         | the Durus record exactly as committed: `oid(8) \| u32 len \| data \| refs` |
 //! | `durus_refcounts`  | `u64` oid       | `u64`           | how many refs stored records hold to the oid (each occurrence counts); absent means zero |
-//! | `durus_gc_queue`   | `u64` oid       | `()`            | oids whose count fell to zero: candidates for the incremental collector, re-checked before deletion |
+//! | `durus_gc_due`     | `(u64, u64)` (drop time ms, oid) | `()` | oids whose count fell to zero, in the order they did: candidates for the incremental collector once their grace window has passed, re-checked before deletion (format 3) |
+//! | `durus_gc_dropped` | `u64` oid       | `u64`           | the latest time (ms since the Unix epoch) the oid's count fell to zero; a `durus_gc_due` entry with an older time is stale (format 3) |
 //! | `durus_log`        | `&str`          | `u64`           | `applied`: the sequence number of the last logged commit the file holds (format 2) |
 //!
 //! Beside the file, a commit log directory `<file>-log/` (format 2; see
@@ -15,6 +16,11 @@
 //! store is open or after a crash; a clean close removes it. Format 1 had no
 //! log: a format 1 store is upgraded when first opened for writing (the
 //! version is rewritten; nothing else changes).
+//!
+//! Format 2 kept the collector's queue as `durus_gc_queue` (`u64` oid ->
+//! `()`), in oid order and without times; the upgrade to format 3 moves its
+//! entries into `durus_gc_due` with the upgrade's time as their drop time
+//! (they wait out one grace window) and removes it.
 //!
 //! Metadata keys (values are rmp-serde encoded with named fields, so that a
 //! field added later is read as absent by older code, never misread):
@@ -41,7 +47,7 @@ use crate::error::{Result, StorageError};
 use crate::record::Oid;
 
 /// The format version this build writes.
-pub(crate) const FORMAT_VERSION: u32 = 2;
+pub(crate) const FORMAT_VERSION: u32 = 3;
 /// The oldest format version this build opens.
 pub(crate) const OLDEST_FORMAT_VERSION: u32 = 1;
 
@@ -51,8 +57,21 @@ pub(crate) const META: TableDefinition<&str, &[u8]> = TableDefinition::new("duru
 pub(crate) const RECORDS: TableDefinition<u64, &[u8]> = TableDefinition::new("durus_records");
 /// Reference counts by oid.
 pub(crate) const REFCOUNTS: TableDefinition<u64, u64> = TableDefinition::new("durus_refcounts");
-/// Oids whose reference count fell to zero.
-pub(crate) const GC_QUEUE: TableDefinition<u64, ()> = TableDefinition::new("durus_gc_queue");
+/// Formats 1 and 2: oids whose reference count fell to zero (read only by
+/// the upgrade to format 3).
+pub(crate) const GC_QUEUE_V2: TableDefinition<u64, ()> = TableDefinition::new("durus_gc_queue");
+/// Oids whose reference count fell to zero, by (drop time ms, oid).
+pub(crate) const GC_DUE: TableDefinition<(u64, u64), ()> = TableDefinition::new("durus_gc_due");
+/// The latest drop time (ms since the Unix epoch) of each queued oid.
+pub(crate) const GC_DROPPED: TableDefinition<u64, u64> = TableDefinition::new("durus_gc_dropped");
+
+/// Milliseconds since the Unix epoch, the clock of drop times.
+pub(crate) fn now_unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
 /// The commit log's state in the file (format 2).
 pub(crate) const LOG_STATE: TableDefinition<&str, u64> = TableDefinition::new("durus_log");
 /// [`LOG_STATE`] key: the last logged commit the file holds.

@@ -40,7 +40,9 @@ use redb::{Database, ReadOnlyDatabase, ReadTransaction, ReadableDatabase, WriteT
 pub use check::{CheckReport, FullCheck, StoreStats, check_store};
 pub(crate) use check::{check_references, stats};
 use commit::{CommitState, CommitTicket};
-pub(crate) use refcount::{apply_ref_deltas, corrupt, delete_queued, forget};
+pub(crate) use refcount::{
+    Deleted, apply_ref_deltas, corrupt, delete_queued, forget, queue_summary,
+};
 pub(crate) use sessions::{InvalidSet, SessionId};
 
 use crate::checkpoint::{CheckpointPolicy, Durability};

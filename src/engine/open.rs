@@ -229,7 +229,8 @@ fn init_or_verify(path: &Path, db: &Db, quick_repair: bool) -> Result<(u64, u64)
             m.insert(KEY_OIDS, encode(&OidMeta { reserved: 0 }).as_slice())?;
             w.open_table(RECORDS)?;
             w.open_table(REFCOUNTS)?;
-            w.open_table(GC_QUEUE)?;
+            w.open_table(GC_DUE)?;
+            w.open_table(GC_DROPPED)?;
             w.open_table(LOG_STATE)?.insert(KEY_APPLIED, 0)?;
         }
         w.commit()?;
@@ -276,8 +277,9 @@ pub(crate) fn check_version(path: &Path, found: u32) -> Result<()> {
 
 /// Upgrades a store of an older format to [`FORMAT_VERSION`] in one durable
 /// transaction. Format 1 -> 2: the commit log's state table is added (the
-/// log itself lives beside the file); records, counts and the queue are
-/// unchanged.
+/// log itself lives beside the file). Format 2 -> 3: the collector's queue
+/// moves from `durus_gc_queue` (by oid) to `durus_gc_due` (by drop time),
+/// every entry with the upgrade's time. Records and counts are unchanged.
 fn upgrade(path: &Path, db: &redb::Database, info: FormatInfo, quick_repair: bool) -> Result<()> {
     let mut w = db.begin_write()?;
     w.set_quick_repair(quick_repair);
@@ -291,6 +293,23 @@ fn upgrade(path: &Path, db: &redb::Database, info: FormatInfo, quick_repair: boo
         let mut l = w.open_table(LOG_STATE)?;
         if l.get(KEY_APPLIED)?.is_none() {
             l.insert(KEY_APPLIED, 0)?;
+        }
+        let now = now_unix_ms();
+        let mut due = w.open_table(GC_DUE)?;
+        let mut dropped = w.open_table(GC_DROPPED)?;
+        let old = match w.open_table(GC_QUEUE_V2) {
+            Ok(t) => Some(t),
+            Err(redb::TableError::TableDoesNotExist(_)) => None,
+            Err(e) => return Err(e.into()),
+        };
+        if let Some(old) = old {
+            for item in old.iter()? {
+                let oid = item?.0.value();
+                due.insert((now, oid), ())?;
+                dropped.insert(oid, now)?;
+            }
+            drop(old);
+            w.delete_table(GC_QUEUE_V2)?;
         }
     }
     w.commit()?;

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 
 use redb::{ReadableTable, ReadableTableMetadata, WriteTransaction};
 
-use super::layout::{GC_QUEUE, RECORDS, REFCOUNTS};
+use super::layout::{GC_DROPPED, GC_DUE, GC_QUEUE_V2, RECORDS, REFCOUNTS};
 use crate::error::{Result, StorageError};
 use crate::record::{Oid, Record, RecordError, refs_of};
 
@@ -13,23 +13,92 @@ use crate::record::{Oid, Record, RecordError, refs_of};
 /// early if `stop()` says so.
 const ROUND: usize = 8;
 
-/// Applies reference count changes; an oid whose count falls to zero is queued
-/// for the collector.
-/// Returns how many oids were queued.
-pub(crate) fn apply_ref_deltas(w: &WriteTransaction, delta: HashMap<u64, i64>) -> Result<u64> {
+/// The collector's queue, open in a write transaction: entries by drop
+/// time, and each queued oid's latest drop time (an oid has at most one
+/// entry: a new drop replaces the older one).
+pub(crate) struct Queue<'t> {
+    due: redb::Table<'t, (u64, u64), ()>,
+    dropped: redb::Table<'t, u64, u64>,
+}
+
+impl<'t> Queue<'t> {
+    pub(crate) fn open(w: &'t WriteTransaction) -> Result<Queue<'t>> {
+        Ok(Queue {
+            due: w.open_table(GC_DUE)?,
+            dropped: w.open_table(GC_DROPPED)?,
+        })
+    }
+
+    /// Queues `oid`, whose count fell to zero at `ms`.
+    fn push(&mut self, oid: u64, ms: u64) -> Result<()> {
+        if let Some(old) = self.dropped.insert(oid, ms)?.map(|v| v.value())
+            && old != ms
+        {
+            self.due.remove((old, oid))?;
+        }
+        self.due.insert((ms, oid), ())?;
+        Ok(())
+    }
+
+    /// Takes the first entry if it dropped at or before `cutoff`; otherwise
+    /// says when the first one is due (or that the queue is empty).
+    fn pop_due(&mut self, cutoff: u64) -> Result<Popped> {
+        let first = self.due.first()?.map(|(k, _)| k.value());
+        Ok(match first {
+            None => Popped::Empty,
+            Some((ms, oid)) if ms <= cutoff => {
+                self.due.remove((ms, oid))?;
+                if self.dropped.get(oid)?.map(|v| v.value()) == Some(ms) {
+                    self.dropped.remove(oid)?;
+                }
+                Popped::Entry(ms, oid)
+            }
+            Some((ms, _)) => Popped::NotYet(ms),
+        })
+    }
+
+    /// Removes `oid` from the queue.
+    fn remove(&mut self, oid: u64) -> Result<()> {
+        if let Some(ms) = self.dropped.remove(oid)?.map(|v| v.value()) {
+            self.due.remove((ms, oid))?;
+        }
+        Ok(())
+    }
+
+    /// Entries queued.
+    pub(crate) fn len(&self) -> Result<u64> {
+        Ok(self.due.len()?)
+    }
+}
+
+enum Popped {
+    Entry(u64, u64),
+    NotYet(u64),
+    Empty,
+}
+
+/// Applies reference count changes; an oid whose count falls to zero is
+/// queued for the collector with the drop time `drop_ms`. Returns how many
+/// oids were queued.
+pub(crate) fn apply_ref_deltas(
+    w: &WriteTransaction,
+    delta: HashMap<u64, i64>,
+    drop_ms: u64,
+) -> Result<u64> {
     if delta.values().all(|d| *d == 0) {
         return Ok(0);
     }
     let mut counts = w.open_table(REFCOUNTS)?;
-    let mut queue = w.open_table(GC_QUEUE)?;
-    apply_ref_deltas_in(&mut counts, &mut queue, delta)
+    let mut queue = Queue::open(w)?;
+    apply_ref_deltas_in(&mut counts, &mut queue, delta, drop_ms)
 }
 
 /// [`apply_ref_deltas`] on tables the caller holds open.
 fn apply_ref_deltas_in(
     counts: &mut redb::Table<u64, u64>,
-    queue: &mut redb::Table<u64, ()>,
+    queue: &mut Queue,
     delta: HashMap<u64, i64>,
+    drop_ms: u64,
 ) -> Result<u64> {
     let mut delta: Vec<(u64, i64)> = delta.into_iter().filter(|(_, d)| *d != 0).collect();
     delta.sort_unstable();
@@ -44,7 +113,7 @@ fn apply_ref_deltas_in(
         };
         if new == 0 {
             counts.remove(oid)?;
-            queue.insert(oid, ())?;
+            queue.push(oid, drop_ms)?;
             queued += 1;
         } else {
             counts.insert(oid, new)?;
@@ -62,64 +131,80 @@ pub(crate) struct Deleted {
     pub(crate) bytes: u64,
     /// The queue was found empty.
     pub(crate) queue_empty: bool,
+    /// When the first entry still waiting (past the cutoff) dropped, if the
+    /// deletion stopped at one.
+    pub(crate) next_drop_ms: Option<u64>,
     /// Queue entries left (counted only when asked).
     pub(crate) queue_left: Option<u64>,
 }
 
-/// Deletes queued oids that are still garbage inside the write transaction
-/// `w`: up to `batch` oids looked at, what the deletions release included.
-/// Used by collector steps and by commits that take a share of the work.
-/// Each candidate is re-checked: a commit may have referenced it again
-/// since it was queued.
+/// Deletes queued oids that dropped at or before `cutoff_ms` (their grace
+/// window has passed; `u64::MAX` takes every one) and are still garbage,
+/// inside the write transaction `w`: up to `batch` oids looked at, what the
+/// deletions release included. Used by collector steps and by commits that
+/// take a share of the work. Each candidate is re-checked: a commit may have
+/// referenced it again since it was queued. What a deletion releases is
+/// queued with the deleted object's drop time: it has been unreachable as
+/// long, so a chain goes in one step, not one window per link.
 pub(crate) fn delete_queued(
     w: &WriteTransaction,
     batch: usize,
     count_left: bool,
+    cutoff_ms: u64,
     stop: impl Fn() -> bool,
 ) -> Result<Deleted> {
     let batch = batch.max(1);
-    // Rounds within the one transaction: deletions queue what they
-    // release, and the next round takes those, until `batch` oids were
-    // looked at (a chain of garbage goes in one step, not one per link)
-    // or `stop()` says a committer is waiting.
     let mut looked = 0usize;
     let mut out = Deleted::default();
-    // The three tables stay open for the whole call (opening them is a
-    // good part of the cost of one deletion).
-    let mut queue = w.open_table(GC_QUEUE)?;
+    // The tables stay open for the whole call (opening them is a good part
+    // of the cost of one deletion).
+    let mut queue = Queue::open(w)?;
     let mut counts = w.open_table(REFCOUNTS)?;
     let mut records = w.open_table(RECORDS)?;
-    while looked < batch {
+    'rounds: while looked < batch {
         if looked > 0 && stop() {
             break;
         }
         let mut candidates = Vec::new();
         while looked + candidates.len() < batch && candidates.len() < ROUND {
-            let Some((k, _)) = queue.pop_first()? else {
-                break;
-            };
-            candidates.push(k.value());
+            match queue.pop_due(cutoff_ms)? {
+                Popped::Entry(ms, oid) => candidates.push((ms, oid)),
+                Popped::NotYet(ms) => {
+                    out.next_drop_ms = Some(ms);
+                    break;
+                }
+                Popped::Empty => {
+                    out.queue_empty = true;
+                    break;
+                }
+            }
         }
         if candidates.is_empty() {
-            out.queue_empty = true;
-            break;
+            break 'rounds;
         }
         looked += candidates.len();
         let mut delta: HashMap<u64, i64> = HashMap::new();
-        for oid in candidates {
+        let mut latest = 0;
+        for (ms, oid) in candidates {
             if oid == Oid::ROOT.0 || counts.get(oid)?.is_some_and(|c| c.value() > 0) {
                 continue;
             }
             let Some(old) = records.remove(oid)? else {
                 continue;
             };
+            latest = latest.max(ms);
             out.bytes += old.value().len() as u64;
             for r in refs_of(old.value()).map_err(|e| corrupt(Oid(oid), e))? {
                 *delta.entry(r.0).or_default() -= 1;
             }
             out.oids.push(Oid(oid));
         }
-        apply_ref_deltas_in(&mut counts, &mut queue, delta)?;
+        if apply_ref_deltas_in(&mut counts, &mut queue, delta, latest)? > 0 {
+            // The deletions queued what they released: what the round saw
+            // of the queue no longer holds.
+            out.queue_empty = false;
+            out.next_drop_ms = None;
+        }
     }
     if count_left {
         out.queue_left = Some(queue.len()?);
@@ -127,10 +212,25 @@ pub(crate) fn delete_queued(
     Ok(out)
 }
 
+/// The queue's length and the drop time of its first entry, from a read
+/// transaction (a format 2 store opened read-only has the old queue, without
+/// times).
+pub(crate) fn queue_summary(txn: &redb::ReadTransaction) -> Result<(u64, Option<u64>)> {
+    match txn.open_table(GC_DUE) {
+        Ok(t) => Ok((t.len()?, t.first()?.map(|(k, _)| k.value().0))),
+        Err(redb::TableError::TableDoesNotExist(_)) => match txn.open_table(GC_QUEUE_V2) {
+            Ok(t) => Ok((t.len()?, None)),
+            Err(redb::TableError::TableDoesNotExist(_)) => Ok((0, None)),
+            Err(e) => Err(e.into()),
+        },
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// Removes the counts and queue entries of `oids` (deleted by a sweep).
 pub(crate) fn forget(w: &WriteTransaction, oids: &[Oid]) -> Result<()> {
     let mut counts = w.open_table(REFCOUNTS)?;
-    let mut queue = w.open_table(GC_QUEUE)?;
+    let mut queue = Queue::open(w)?;
     for oid in oids {
         counts.remove(oid.0)?;
         queue.remove(oid.0)?;

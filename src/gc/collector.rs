@@ -12,7 +12,8 @@ use parking_lot::Mutex;
 use super::policy::{GcAction, GcFacts, GcPolicy};
 use super::state::read_state;
 use super::{full, incremental};
-use crate::engine::{CommitHook, Engine, delete_queued};
+use crate::engine::layout::now_unix_ms;
+use crate::engine::{CommitHook, Deleted, Engine, delete_queued};
 use crate::error::{Result, StorageError};
 use crate::record::{Oid, Record};
 
@@ -49,11 +50,16 @@ pub(crate) struct GcShared {
     full_collections: AtomicU64,
     background_rounds: AtomicU64,
     nudge: Mutex<Option<Sender<()>>>,
-    /// False once a deletion found the queue empty and nothing was queued
-    /// since (commits then skip their share without looking).
-    queue_maybe_nonempty: AtomicBool,
+    /// The earliest drop time (ms since the Unix epoch) in the queue as far
+    /// as known: `u64::MAX` once a deletion found the queue empty and nothing
+    /// was queued since, 0 when unknown. Commits skip their share without
+    /// looking while it is not yet due.
+    next_drop_ms: AtomicU64,
     /// Held by whoever runs a full collection.
     pub(crate) full_lock: Mutex<()>,
+    /// An explicit full collection (a pack) waits for `full_lock`: a
+    /// background one gives way (it restarts later).
+    pub(crate) explicit_waiting: AtomicBool,
     /// While a full collection runs: every oid stored or referenced by a
     /// commit since its start (recorded by the commit hook, under the commit
     /// lock). The sweep keeps them and what they reach.
@@ -85,26 +91,38 @@ impl GcShared {
             full_collections: AtomicU64::new(0),
             background_rounds: AtomicU64::new(0),
             nudge: Mutex::new(None),
-            queue_maybe_nonempty: AtomicBool::new(true),
+            next_drop_ms: AtomicU64::new(0),
             full_lock: Mutex::new(()),
+            explicit_waiting: AtomicBool::new(false),
             extra: Mutex::new(None),
             thread: Mutex::new(None),
         }
     }
 
-    /// Whether the queue may hold oids (see `queue_found_empty`).
-    pub(crate) fn queue_maybe_nonempty(&self) -> bool {
-        self.queue_maybe_nonempty.load(Ordering::Acquire)
+    /// The drop time at or before which queued oids are due now.
+    pub(crate) fn cutoff_ms(&self) -> u64 {
+        now_unix_ms().saturating_sub(self.policy.grace().as_millis() as u64)
     }
 
-    /// A deletion under the commit lock found the queue empty.
-    pub(crate) fn queue_found_empty(&self) {
-        self.queue_maybe_nonempty.store(false, Ordering::Release);
+    /// Whether queued oids may be due at `cutoff` (see `next_drop_ms`).
+    pub(crate) fn maybe_due(&self, cutoff: u64) -> bool {
+        self.next_drop_ms.load(Ordering::Acquire) <= cutoff
     }
 
-    /// Something was queued outside a commit (a collector transaction).
+    /// What a deletion learnt about the queue.
+    pub(crate) fn queue_seen(&self, deleted: &Deleted) {
+        let next = match (deleted.queue_empty, deleted.next_drop_ms) {
+            (true, _) => u64::MAX,
+            (false, Some(ms)) => ms,
+            (false, None) => 0,
+        };
+        self.next_drop_ms.store(next, Ordering::Release);
+    }
+
+    /// Something was queued outside a commit (a collector transaction),
+    /// possibly with an earlier drop time than known.
     pub(crate) fn queue_grew(&self) {
-        self.queue_maybe_nonempty.store(true, Ordering::Release);
+        self.next_drop_ms.store(0, Ordering::Release);
     }
 
     /// Called by the commit path after each applied commit: updates the facts
@@ -116,7 +134,9 @@ impl GcShared {
         let now = self.opened.elapsed().as_nanos() as u64 + 1;
         self.last_commit.store(now, Ordering::Relaxed);
         if queued > 0 {
-            self.queue_maybe_nonempty.store(true, Ordering::Release);
+            // Queued now: due one grace window from now at the earliest.
+            self.next_drop_ms
+                .fetch_min(now_unix_ms().saturating_sub(1), Ordering::AcqRel);
         }
         if queued > 0
             && let Some(tx) = self.nudge.lock().as_ref()
@@ -166,6 +186,7 @@ impl GcShared {
         let last = self.last_commit.load(Ordering::Relaxed);
         let facts = GcFacts {
             queue_len: state.queue_len,
+            oldest_queued: state.oldest_queued,
             bytes_since_full: self.bytes_since_full.load(Ordering::Relaxed),
             commits_since_full: self.commits_since_full.load(Ordering::Relaxed),
             deleted_since_full: self.deleted_since_full.load(Ordering::Relaxed),
@@ -320,7 +341,7 @@ fn round(engine: &Arc<Engine>, gc: &GcShared, stop: &Receiver<Sender<()>>) -> Re
     match action {
         GcAction::Wait(d) => Ok(Next::Wait(d)),
         GcAction::Incremental(pace) => {
-            let step = incremental::step(engine, gc, pace.batch)?;
+            let step = incremental::step(engine, gc, pace.batch, gc.cutoff_ms())?;
             if step.queue_left == 0 && !step.removed.is_empty() {
                 // A burst is over: make its deletions durable so redb can
                 // reuse the pages.
@@ -340,7 +361,10 @@ fn round(engine: &Arc<Engine>, gc: &GcShared, stop: &Receiver<Sender<()>>) -> Re
             let mut failure: Option<StorageError> = None;
             let mut between = |_: &full::FullProgress| -> ControlFlow<()> {
                 loop {
-                    if gc.stopping.load(Ordering::Acquire) || Arc::strong_count(engine) <= 1 {
+                    if gc.stopping.load(Ordering::Acquire)
+                        || gc.explicit_waiting.load(Ordering::Acquire)
+                        || Arc::strong_count(engine) <= 1
+                    {
                         return ControlFlow::Break(());
                     }
                     let facts = match gc.facts(engine, true) {
@@ -367,7 +391,7 @@ fn round(engine: &Arc<Engine>, gc: &GcShared, stop: &Receiver<Sender<()>>) -> Re
                     }
                 }
             };
-            let report = full::run(engine, gc, pace.batch, &mut between)?;
+            let report = full::run(engine, gc, pace.batch, gc.policy.grace(), &mut between)?;
             if let Some(e) = failure {
                 return Err(e);
             }
@@ -385,13 +409,12 @@ fn round(engine: &Arc<Engine>, gc: &GcShared, stop: &Receiver<Sender<()>>) -> Re
 impl CommitHook for GcShared {
     fn in_commit(&self, w: &redb::WriteTransaction) -> Result<Vec<Oid>> {
         let share = self.policy.in_commit();
-        if share == 0 || !self.queue_maybe_nonempty() {
+        let cutoff = self.cutoff_ms();
+        if share == 0 || !self.maybe_due(cutoff) {
             return Ok(Vec::new());
         }
-        let deleted = delete_queued(w, share, false, || false)?;
-        if deleted.queue_empty {
-            self.queue_found_empty();
-        }
+        let deleted = delete_queued(w, share, false, cutoff, || false)?;
+        self.queue_seen(&deleted);
         self.note_deleted(deleted.oids.len() as u64, deleted.bytes, false);
         Ok(deleted.oids)
     }

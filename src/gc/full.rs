@@ -56,6 +56,9 @@ const SCAN_KEYS: usize = 8192;
 pub enum FullPhase {
     /// Marking everything reachable from the root.
     Mark,
+    /// Waiting out the grace window after the start before sweeping
+    /// (background collections only), protecting what commits reference.
+    Grace,
     /// Deleting unmarked records; passes are counted from 1.
     Sweep {
         /// The pass over the store.
@@ -157,12 +160,16 @@ impl Drop for ExtraGuard<'_> {
 
 /// Runs a full collection with `batch` seeds per sweep transaction, calling
 /// `between` after each chunk of work (it may sleep; `Break` stops the
-/// collection, which then restarts after the next open). The caller holds the
-/// engine's full-collection lock.
+/// collection, which then restarts after the next open). The sweep starts no
+/// earlier than `grace` after the start: what is unmarked then was
+/// unreachable at the start and not referenced by any commit since, so it
+/// has been unreachable for at least `grace`. The caller holds the engine's
+/// full-collection lock.
 pub(crate) fn run(
     engine: &Engine,
     gc: &GcShared,
     batch: usize,
+    grace: Duration,
     between: &mut dyn FnMut(&FullProgress) -> ControlFlow<()>,
 ) -> Result<FullReport> {
     let started = Instant::now();
@@ -208,6 +215,20 @@ pub(crate) fn run(
         if mark(engine, &mut marked, &mut progress, between)?.is_break() {
             report.elapsed = started.elapsed();
             return Ok(report);
+        }
+        // Wait out the grace window, keeping the set of what commits since
+        // the start reach small by marking it as it comes.
+        let sweep_at = started + grace;
+        while Instant::now() < sweep_at {
+            progress.phase = FullPhase::Grace;
+            absorb(engine, gc, &mut marked)?;
+            progress.marked = marked.len;
+            if between(&progress).is_break() {
+                report.elapsed = started.elapsed();
+                return Ok(report);
+            }
+            let left = sweep_at.saturating_duration_since(Instant::now());
+            std::thread::sleep(left.min(Duration::from_millis(100)));
         }
         report.live_objects = marked.len;
         let mut limit = batch.saturating_mul(4).max(64);
@@ -320,6 +341,38 @@ fn mark(
         }
     }
     Ok(ControlFlow::Continue(()))
+}
+
+/// Marks what the commits since the start reach, in one read transaction
+/// (the sweep's own transactions do it again under the commit lock for what
+/// comes later).
+fn absorb(engine: &Engine, gc: &GcShared, marked: &mut MarkSet) -> Result<()> {
+    let extra: Vec<u64> = gc
+        .extra
+        .lock()
+        .as_mut()
+        .map(|e| e.drain().map(|o| o.0).collect())
+        .unwrap_or_default();
+    let mut todo: Vec<u64> = extra.into_iter().filter(|&o| !marked.contains(o)).collect();
+    if todo.is_empty() {
+        return Ok(());
+    }
+    let db = engine.db()?;
+    let txn = db.begin_read()?;
+    let records = txn.open_table(RECORDS)?;
+    while let Some(oid) = todo.pop() {
+        if !marked.insert(oid) {
+            continue;
+        }
+        if let Some(v) = records.get(oid)? {
+            for r in refs_of(v.value()).map_err(|e| corrupt(Oid(oid), e))? {
+                if !marked.contains(r.0) {
+                    todo.push(r.0);
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Up to `want` unmarked oids from `from` on, scanning at most [`SCAN_KEYS`]
@@ -465,7 +518,7 @@ fn sweep(
             }
         }
         drop(records);
-        if apply_ref_deltas(w, delta)? > 0 {
+        if apply_ref_deltas(w, delta, now_unix_ms())? > 0 {
             gc.queue_grew();
         }
         forget(w, &removed)?;

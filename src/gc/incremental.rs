@@ -2,12 +2,11 @@
 //! zero, in small non-durable write transactions. Time is proportional to the
 //! garbage, not to the store.
 
-use redb::{Durability, ReadableTableMetadata};
+use redb::Durability;
 
 use super::collector::GcShared;
 use super::state::meta_in;
-use crate::engine::layout::GC_QUEUE;
-use crate::engine::{Engine, delete_queued};
+use crate::engine::{Engine, delete_queued, queue_summary};
 use crate::error::{InvalidInput, Result};
 use crate::record::Oid;
 
@@ -22,15 +21,20 @@ pub(crate) struct Step {
     pub queue_left: u64,
 }
 
-/// Pops up to `batch` oids from the queue and deletes those that are still
-/// garbage, all in one `Durability::None` write transaction under the commit
-/// lock. Oids whose count falls to zero are queued (transitive release).
-pub(crate) fn step(engine: &Engine, gc: &GcShared, batch: usize) -> Result<Step> {
+/// Pops up to `batch` oids that dropped at or before `cutoff_ms` from the
+/// queue and deletes those that are still garbage, all in one
+/// `Durability::None` write transaction under the commit lock. Oids whose
+/// count falls to zero are queued (transitive release).
+pub(crate) fn step(engine: &Engine, gc: &GcShared, batch: usize, cutoff_ms: u64) -> Result<Step> {
     {
         let db = engine.db()?;
         let txn = db.begin_read()?;
-        if txn.open_table(GC_QUEUE)?.is_empty()? {
-            return Ok(Step::default());
+        let (len, first) = queue_summary(&txn)?;
+        if len == 0 || first.is_some_and(|ms| ms > cutoff_ms) {
+            return Ok(Step {
+                queue_left: len,
+                ..Step::default()
+            });
         }
     }
     engine.yield_to_committers();
@@ -39,13 +43,9 @@ pub(crate) fn step(engine: &Engine, gc: &GcShared, batch: usize) -> Result<Step>
         if migration {
             return Err(InvalidInput::ImportInProgress.into());
         }
-        delete_queued(w, batch, true, || engine.committers_waiting())
+        delete_queued(w, batch, true, cutoff_ms, || engine.committers_waiting())
     })?;
-    if deleted.queue_empty {
-        gc.queue_found_empty();
-    } else {
-        gc.queue_grew();
-    }
+    gc.queue_seen(&deleted);
     engine.invalidate_others(None, &deleted.oids);
     gc.note_deleted(deleted.oids.len() as u64, deleted.bytes, false);
     Ok(Step {

@@ -7,8 +7,12 @@ use std::time::Duration;
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct GcFacts {
-    /// Oids waiting in the incremental collector's queue.
+    /// Oids waiting in the incremental collector's queue (in their grace
+    /// window or past it).
     pub queue_len: u64,
+    /// How long ago the oldest queued oid became unreachable; `None` when the
+    /// queue is empty (or, for a store upgraded from format 2, unknown).
+    pub oldest_queued: Option<Duration>,
     /// Record bytes committed since the last full collection (or since open).
     pub bytes_since_full: u64,
     /// Commits since the last full collection (or since open).
@@ -25,6 +29,24 @@ pub struct GcFacts {
     pub full_interrupted: bool,
     /// The collector is in the middle of a full collection and asks how to go on.
     pub full_running: bool,
+}
+
+impl GcFacts {
+    /// Whether the oldest queued oid has waited out `grace`.
+    pub fn queue_due(&self, grace: Duration) -> bool {
+        self.queue_len > 0 && self.oldest_queued.is_none_or(|age| age >= grace)
+    }
+
+    /// How long until the oldest queued oid has waited out `grace`.
+    pub fn until_due(&self, grace: Duration) -> Option<Duration> {
+        if self.queue_len == 0 {
+            return None;
+        }
+        Some(
+            self.oldest_queued
+                .map_or(Duration::ZERO, |age| grace.saturating_sub(age)),
+        )
+    }
 }
 
 /// How much work per step and how long to rest after it.
@@ -70,6 +92,16 @@ pub trait GcPolicy: Send + Sync + fmt::Debug + 'static {
 
     /// What to do now.
     fn decide(&self, facts: &GcFacts) -> GcAction;
+
+    /// How long an object whose last reference a commit removed stays in the
+    /// store before the background collector may reclaim it (and a full
+    /// collection may sweep it). Within it the object stays loadable, and a
+    /// commit that references it again keeps it, with what it references, as
+    /// Durus keeps every object until a pack. Explicit collections (`pack`,
+    /// `collect_garbage_now`, `durus-redb gc`) ignore it. Default: zero.
+    fn grace(&self) -> Duration {
+        Duration::ZERO
+    }
 
     /// Objects each commit deletes from the collector's queue inside its own
     /// write transaction (0: none). A small share per commit reclaims garbage
@@ -137,11 +169,12 @@ impl FullTriggers {
     }
 }
 
-/// The default: reclaim queued garbage soon after it appears and start a
-/// full collection when [`FullTriggers`] say so. While commits flow, each
-/// commit deletes `in_commit` queued objects in its own transaction and the
-/// collector thread waits; once no commit came for `quiet`, the thread works
-/// in paced steps (and full collections go on).
+/// The default: reclaim garbage once its grace window has passed and start
+/// a full collection when [`FullTriggers`] say so. Each commit deletes up to
+/// `in_commit` due objects in its own transaction, and the thread works in
+/// paced steps whenever objects are due, also while commits flow (each step
+/// gives way to a waiting committer), so reclaiming keeps up with a steady
+/// load. A full collection waits for a pause in commits (`quiet`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct IncrementalGc {
@@ -154,9 +187,12 @@ pub struct IncrementalGc {
     /// Queued objects each commit deletes in its own transaction (0: the
     /// thread does all the work, also while commits flow).
     pub in_commit: usize,
-    /// How long without a commit before the thread's own transactions run,
-    /// when commits take a share.
+    /// How long without a commit before a full collection runs, when
+    /// commits take a share.
     pub quiet: Duration,
+    /// How long an unreachable object stays (see [`GcPolicy::grace`]).
+    /// Default: 10 minutes.
+    pub grace: Duration,
 }
 
 impl Default for IncrementalGc {
@@ -172,6 +208,7 @@ impl Default for IncrementalGc {
             full: FullTriggers::default(),
             in_commit: 1,
             quiet: Duration::from_millis(50),
+            grace: Duration::from_secs(600),
         }
     }
 }
@@ -181,21 +218,28 @@ impl GcPolicy for IncrementalGc {
         self.in_commit
     }
 
+    fn grace(&self) -> Duration {
+        self.grace
+    }
+
     fn decide(&self, f: &GcFacts) -> GcAction {
-        // Commits flowing and taking their share: stay out of their way.
-        if self.in_commit > 0
-            && let Some(since) = f.since_last_commit
-            && since < self.quiet
-            && (f.queue_len > 0 || f.full_running || self.full.due(f))
-        {
-            return GcAction::Wait(self.quiet - since);
-        }
+        let flowing = f.since_last_commit.filter(|s| *s < self.quiet);
         if f.full_running || self.full.due(f) {
-            GcAction::Full(self.pace)
-        } else if f.queue_len > 0 {
-            GcAction::Incremental(self.pace)
-        } else {
-            GcAction::Wait(self.poll)
+            // Commits flowing and taking their share: a full collection
+            // stays out of their way.
+            if self.in_commit > 0
+                && let Some(since) = flowing
+            {
+                return GcAction::Wait(self.quiet - since);
+            }
+            return GcAction::Full(self.pace);
+        }
+        if f.queue_due(self.grace) {
+            return GcAction::Incremental(self.pace);
+        }
+        match f.until_due(self.grace) {
+            Some(d) => GcAction::Wait(d.min(self.poll)),
+            None => GcAction::Wait(self.poll),
         }
     }
 }
@@ -211,6 +255,9 @@ pub struct IdleGc {
     pub pace: Pace,
     /// When to start a full collection (once idle).
     pub full: FullTriggers,
+    /// How long an unreachable object stays (see [`GcPolicy::grace`]).
+    /// Default: 10 minutes.
+    pub grace: Duration,
 }
 
 impl Default for IdleGc {
@@ -222,11 +269,16 @@ impl Default for IdleGc {
                 pause: Duration::ZERO,
             },
             full: FullTriggers::default(),
+            grace: Duration::from_secs(600),
         }
     }
 }
 
 impl GcPolicy for IdleGc {
+    fn grace(&self) -> Duration {
+        self.grace
+    }
+
     fn decide(&self, f: &GcFacts) -> GcAction {
         if let Some(since) = f.since_last_commit
             && since < self.idle
@@ -235,10 +287,11 @@ impl GcPolicy for IdleGc {
         }
         if f.full_running || self.full.due(f) {
             GcAction::Full(self.pace)
-        } else if f.queue_len > 0 {
+        } else if f.queue_due(self.grace) {
             GcAction::Incremental(self.pace)
         } else {
-            GcAction::Wait(self.idle.max(Duration::from_millis(100)))
+            let idle = self.idle.max(Duration::from_millis(100));
+            GcAction::Wait(f.until_due(self.grace).map_or(idle, |d| d.max(idle)))
         }
     }
 }
@@ -268,6 +321,40 @@ mod tests {
             since_last_commit: Some(Duration::from_secs(10)),
             ..GcFacts::default()
         }
+    }
+
+    #[test]
+    fn incremental_waits_out_the_grace_window_then_steps_also_while_commits_flow() {
+        let p = IncrementalGc::default();
+        assert_eq!(p.grace, Duration::from_secs(600));
+        let young = GcFacts {
+            queue_len: 3,
+            oldest_queued: Some(Duration::from_secs(599)),
+            since_last_commit: Some(Duration::from_secs(10)),
+            ..GcFacts::default()
+        };
+        assert_eq!(p.decide(&young), GcAction::Wait(Duration::from_secs(1)));
+        let almost = GcFacts {
+            oldest_queued: Some(Duration::from_millis(599_700)),
+            ..young
+        };
+        assert_eq!(
+            p.decide(&almost),
+            GcAction::Wait(Duration::from_millis(300))
+        );
+        let due = GcFacts {
+            oldest_queued: Some(Duration::from_secs(600)),
+            ..young
+        };
+        assert_eq!(p.decide(&due), GcAction::Incremental(p.pace));
+        let flowing = GcFacts {
+            since_last_commit: Some(Duration::from_millis(5)),
+            ..due
+        };
+        assert_eq!(p.decide(&flowing), GcAction::Incremental(p.pace));
+        let idle = IdleGc::default();
+        assert!(matches!(idle.decide(&young), GcAction::Wait(_)));
+        assert_eq!(idle.decide(&due), GcAction::Incremental(idle.pace));
     }
 
     #[test]

@@ -2,11 +2,12 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use redb::{ReadableTable, ReadableTableMetadata, WriteTransaction};
+use redb::{ReadableTable, WriteTransaction};
 use serde::{Deserialize, Serialize};
 
 use crate::engine::Engine;
-use crate::engine::layout::{GC_QUEUE, KEY_GC, KEY_MIGRATION, META, encode, read_meta};
+use crate::engine::layout::{KEY_GC, KEY_MIGRATION, META, encode, read_meta};
+use crate::engine::queue_summary;
 use crate::error::Result;
 
 /// What the collector keeps in the store between opens (rmp-serde under the
@@ -34,6 +35,8 @@ pub(crate) fn now_unix_ms() -> u64 {
 pub struct GcState {
     /// Oids waiting in the incremental collector's queue.
     pub queue_len: u64,
+    /// How long ago the oldest of them became unreachable.
+    pub oldest_queued: Option<Duration>,
     /// A full collection was started and has not finished (it may be running
     /// now, or it was interrupted and will restart).
     pub full_pending: bool,
@@ -52,9 +55,10 @@ pub(crate) fn read_state(engine: &Engine) -> Result<GcState> {
     let meta = txn.open_table(META)?;
     let gc: GcMeta = read_meta(&meta, KEY_GC)?.unwrap_or_default();
     let migration = meta.get(KEY_MIGRATION)?.is_some();
-    let queue = txn.open_table(GC_QUEUE)?;
+    let (queue_len, first_drop) = queue_summary(&txn)?;
     Ok(GcState {
-        queue_len: queue.len()?,
+        queue_len,
+        oldest_queued: first_drop.map(|ms| Duration::from_millis(now_unix_ms().saturating_sub(ms))),
         full_pending: gc.full_running,
         full_collections: gc.full_collections,
         since_full: gc

@@ -27,9 +27,11 @@ impl RedbStorage {
     /// Runs one incremental step on the calling thread: pops up to
     /// `max_objects` oids from the collector's queue and deletes those whose
     /// reference count is still zero, in one non-durable write transaction.
+    /// Explicit collections ignore the policy's grace window.
     pub fn gc_step(&self, max_objects: usize) -> Result<GcReport> {
         let started = Instant::now();
-        let step = step(&self.engine, &self.gc, max_objects)?;
+        // Durus's meaning: whatever is unreachable now goes, window or not.
+        let step = step(&self.engine, &self.gc, max_objects, u64::MAX)?;
         Ok(GcReport {
             removed_objects: step.removed.len() as u64,
             removed_bytes: step.bytes,
@@ -54,7 +56,7 @@ impl RedbStorage {
         let batch = self.gc.policy.explicit_batch();
         let mut report = GcReport::default();
         loop {
-            let step = step(engine, &self.gc, batch)?;
+            let step = step(engine, &self.gc, batch, u64::MAX)?;
             report.removed_objects += step.removed.len() as u64;
             report.removed_bytes += step.bytes;
             report.steps += 1;
@@ -96,11 +98,20 @@ impl RedbStorage {
         &self,
         progress: &mut dyn FnMut(&FullProgress) -> ControlFlow<()>,
     ) -> Result<FullReport> {
-        let _running = self.gc.full_lock.lock();
+        // A background collection in its grace window gives way.
+        self.gc
+            .explicit_waiting
+            .store(true, std::sync::atomic::Ordering::Release);
+        let running = self.gc.full_lock.lock();
+        self.gc
+            .explicit_waiting
+            .store(false, std::sync::atomic::Ordering::Release);
+        let _running = running;
         let report = run_full(
             &self.engine,
             &self.gc,
             self.gc.policy.explicit_batch(),
+            Duration::ZERO,
             progress,
         )?;
         self.engine.checkpoint()?;

@@ -793,11 +793,68 @@ def scenario_unix_socket(target):
             hashlib.sha256(payload).hexdigest()}
 
 
+# ---------------------------------------------------------------- reattach
+
+REATTACH_PAUSE = 3.0
+
+
+def scenario_reattach(target):
+    """Objects detached by one commit and attached again by a later one, a
+    few seconds apart, while the application still holds them: Durus keeps
+    every object until a pack, so the second commit must succeed and
+    everything must read back from a second connection."""
+    c1 = target.connection()
+    root = c1.get_root()
+    box = PersistentDict()
+    root["reattach"] = box
+    box["one"] = PersistentDict(v="one")
+    head = PersistentDict(v=0)
+    node = head
+    for i in range(1, 50):
+        nxt = PersistentDict(v=i)
+        node["next"] = nxt
+        node = nxt
+    box["chain"] = head
+    cycle_a = PersistentDict(v="a")
+    cycle_b = PersistentDict(v="b", other=cycle_a)
+    cycle_a["other"] = cycle_b
+    box["cycle"] = cycle_a
+    c1.commit()
+    one, chain, cycle = box["one"], box["chain"], box["cycle"]
+    del box["one"]
+    del box["chain"]
+    del box["cycle"]
+    c1.commit()
+    time.sleep(REATTACH_PAUSE)
+    box["one_again"] = one
+    box["chain_again"] = chain
+    box["cycle_again"] = cycle
+    c1.commit()
+    c2 = target.connection()
+    box2 = c2.get_root()["reattach"]
+    values = []
+    node = box2["chain_again"]
+    while node is not None:
+        values.append(node["v"])
+        node = node.get("next")
+    check(values == list(range(50)), "the chain read back as %r", values)
+    a = box2["cycle_again"]
+    result = {
+        "one": box2["one_again"]["v"],
+        "chain": values,
+        "cycle": [a["v"], a["other"]["v"], a["other"]["other"]["v"]],
+        "keys": sorted(box2.keys()),
+    }
+    close(c1, c2)
+    return result
+
+
 SCENARIOS = [
     ("graph", scenario_graph),
     ("write_conflict", scenario_write_conflict),
     ("read_conflict", scenario_read_conflict),
     ("pack", scenario_pack),
+    ("reattach", scenario_reattach),
     ("many_clients", scenario_many_clients),
     ("unix_socket", scenario_unix_socket),
 ]
