@@ -136,6 +136,8 @@ pub(crate) struct Deleted {
     pub(crate) next_drop_ms: Option<u64>,
     /// Queue entries left (counted only when asked).
     pub(crate) queue_left: Option<u64>,
+    /// Queue entries looked at.
+    pub(crate) looked: usize,
 }
 
 /// Deletes queued oids that dropped at or before `cutoff_ms` (their grace
@@ -209,6 +211,7 @@ pub(crate) fn delete_queued(
     if count_left {
         out.queue_left = Some(queue.len()?);
     }
+    out.looked = looked;
     Ok(out)
 }
 

@@ -55,6 +55,11 @@ pub(crate) struct GcShared {
     /// was queued since, 0 when unknown. Commits skip their share without
     /// looking while it is not yet due.
     next_drop_ms: AtomicU64,
+    /// The batch of the thread's next incremental step: the policy's, doubled
+    /// after every step that used all of it (a backlog), up to
+    /// [`MAX_BATCH`]. A step stops early when a committer waits, so a large
+    /// batch does not hold commits up.
+    batch: std::sync::atomic::AtomicUsize,
     /// Held by whoever runs a full collection.
     pub(crate) full_lock: Mutex<()>,
     /// An explicit full collection (a pack) waits for `full_lock`: a
@@ -92,6 +97,7 @@ impl GcShared {
             background_rounds: AtomicU64::new(0),
             nudge: Mutex::new(None),
             next_drop_ms: AtomicU64::new(0),
+            batch: std::sync::atomic::AtomicUsize::new(0),
             full_lock: Mutex::new(()),
             explicit_waiting: AtomicBool::new(false),
             extra: Mutex::new(None),
@@ -254,6 +260,9 @@ pub(crate) fn start(engine: &Arc<Engine>, gc: &Arc<GcShared>) {
     }
 }
 
+/// The largest batch an incremental step grows to under a backlog.
+const MAX_BATCH: usize = 4096;
+
 /// What a round asks the loop to do next.
 enum Next {
     Wait(Duration),
@@ -341,7 +350,14 @@ fn round(engine: &Arc<Engine>, gc: &GcShared, stop: &Receiver<Sender<()>>) -> Re
     match action {
         GcAction::Wait(d) => Ok(Next::Wait(d)),
         GcAction::Incremental(pace) => {
-            let step = incremental::step(engine, gc, pace.batch, gc.cutoff_ms())?;
+            let batch = gc.batch.load(Ordering::Relaxed).max(pace.batch.max(1));
+            let step = incremental::step(engine, gc, batch, gc.cutoff_ms())?;
+            let next = if step.looked >= batch {
+                (batch * 2).min(MAX_BATCH.max(pace.batch))
+            } else {
+                pace.batch
+            };
+            gc.batch.store(next, Ordering::Relaxed);
             if step.queue_left == 0 && !step.removed.is_empty() {
                 // A burst is over: make its deletions durable so redb can
                 // reuse the pages.

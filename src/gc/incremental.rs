@@ -19,6 +19,8 @@ pub(crate) struct Step {
     pub bytes: u64,
     /// Queue entries left after the step.
     pub queue_left: u64,
+    /// Queue entries looked at.
+    pub looked: usize,
 }
 
 /// Pops up to `batch` oids that dropped at or before `cutoff_ms` from the
@@ -52,5 +54,6 @@ pub(crate) fn step(engine: &Engine, gc: &GcShared, batch: usize, cutoff_ms: u64)
         removed: deleted.oids,
         bytes: deleted.bytes,
         queue_left: deleted.queue_left.unwrap_or(0),
+        looked: deleted.looked,
     })
 }
