@@ -113,6 +113,43 @@ fn check_finds_a_damaged_file() {
     assert!(!out.status.success(), "check passed a damaged file: {text}");
 }
 
+/// A damaged page header makes redb panic when it opens the file: every
+/// command says the file is probably damaged and exits 2, never with a
+/// Rust panic's exit code 101.
+#[test]
+fn a_damaged_page_header_gives_a_clear_error_and_exit_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.redb");
+    small_store(&path);
+    let mut bytes = std::fs::read(&path).unwrap();
+    let at = bytes
+        .windows(64)
+        .position(|w| w == [b'x'; 64])
+        .expect("record data in the file");
+    let page = at & !4095;
+    for b in &mut bytes[page..page + 64] {
+        *b = 0xFF;
+    }
+    std::fs::write(&path, &bytes).unwrap();
+    for cmd in ["stats", "check", "export"] {
+        let mut c = bin();
+        c.arg(cmd).arg(&path);
+        if cmd == "export" {
+            c.arg(dir.path().join("out.durus"));
+        }
+        let out = c.output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{cmd} passed a damaged file");
+        assert_ne!(out.status.code(), Some(101), "{cmd} panicked: {err}");
+        if !err.contains("durus-redb: internal error") {
+            // Refused without a panic: a clear message of its own.
+            assert!(err.contains("durus-redb:"), "{cmd}: {err}");
+        } else {
+            assert!(err.contains("probably damaged"), "{cmd}: {err}");
+        }
+    }
+}
+
 #[test]
 fn many_threads_commit_at_once_and_nothing_is_lost() {
     let dir = tempfile::tempdir().unwrap();

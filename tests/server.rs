@@ -856,3 +856,65 @@ fn with_a_short_grace_window_dropped_objects_go_by_themselves_while_commits_flow
     server.stop();
     check_clean(&path);
 }
+
+/// A store with one damaged record: a load that reaches it fails. Each such
+/// connection is closed with a log line, never left hanging, and its slot
+/// under --max-connections is freed: more clients than the limit come one
+/// after another, and `stop` still works. (A panic inside redb on a damaged
+/// page ends the connection the same way, caught in its thread; a damaged
+/// page header makes redb 4.6 panic already when the file is opened, which
+/// `tests/cli.rs` covers.)
+#[test]
+fn a_load_that_meets_a_damaged_record_ends_that_connection_and_frees_its_slot() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.redb");
+    let oids;
+    {
+        let mut s = RedbStorage::open(
+            &path,
+            durus_redb::Options::default().gc(durus_redb::ManualGc),
+        )
+        .unwrap();
+        assert_eq!(s.new_oid().unwrap(), Oid::ROOT);
+        oids = s.new_oids(2000).unwrap();
+        s.begin();
+        for (i, o) in oids.iter().enumerate() {
+            let data = format!("MARKER-{i:04}").repeat(8);
+            s.store(*o, rec(*o, data.as_bytes(), &[])).unwrap();
+        }
+        s.store(Oid::ROOT, rec(Oid::ROOT, b"root", &oids)).unwrap();
+        s.end().unwrap();
+        s.close().unwrap();
+    }
+    // Damage record 500 where it lies in the file: its data length field
+    // (the 4 bytes before its data) and the start of its data.
+    let mut bytes = std::fs::read(&path).unwrap();
+    let at = bytes
+        .windows(11)
+        .position(|w| w == b"MARKER-0500")
+        .expect("the record is in the file");
+    for b in &mut bytes[at - 4..at + 8] {
+        *b = 0xFF;
+    }
+    std::fs::write(&path, &bytes).unwrap();
+    let server = Served::start(&path, &["--max-connections", "2"]);
+    let port = server.port;
+    for round in 0..5 {
+        let (tx, rx) = mpsc::channel();
+        let target = oids[500];
+        std::thread::spawn(move || {
+            let got = ClientStorage::connect_tcp("127.0.0.1", port).map(|mut c| c.load(target));
+            let _ = tx.send(format!("{got:?}"));
+        });
+        let got = rx
+            .recv_timeout(Duration::from_secs(20))
+            .unwrap_or_else(|_| panic!("round {round}: the client was left hanging"));
+        assert!(
+            !got.starts_with("Ok(Ok("),
+            "round {round}: a damaged record loaded: {got}"
+        );
+    }
+    let log = server.log_lines().join("\n");
+    assert!(log.contains("is damaged"), "{log}");
+    server.stop();
+}

@@ -205,6 +205,32 @@ enum GcChoice {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // redb panics on some damaged pages: say so plainly and exit 2 (as for
+    // any file that cannot be used), not with a Rust panic's exit 101.
+    std::panic::set_hook(Box::new(|info| {
+        let what = info
+            .payload()
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| info.payload().downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "a panic".into());
+        let at = info
+            .location()
+            .map(|l| format!(" at {}:{}", l.file(), l.line()))
+            .unwrap_or_default();
+        eprintln!(
+            "durus-redb: internal error: {what}{at}. If it comes from redb, the store file is \
+             probably damaged: run `durus-redb check` on it, and restore from a copy if it \
+             reports damage."
+        );
+    }));
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(cli))) {
+        Ok(code) => code,
+        Err(_) => ExitCode::from(2),
+    }
+}
+
+fn run(cli: Cli) -> ExitCode {
     if let Command::Serve(args) = cli.command {
         return serve(args);
     }

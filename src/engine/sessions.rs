@@ -27,6 +27,12 @@ impl Engine {
         (id, set)
     }
 
+    /// How many sessions receive invalidations.
+    #[cfg(test)]
+    pub(crate) fn session_count(&self) -> usize {
+        self.sessions.lock().len()
+    }
+
     /// Forgets a session and the oids it held allocated but unused.
     pub(crate) fn unregister_session(&self, id: SessionId) {
         self.sessions.lock().remove(&id);

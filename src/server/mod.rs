@@ -175,7 +175,7 @@ impl Server {
         Ok(Server {
             shared: Arc::new(Shared {
                 engine: store.engine().clone(),
-                store: store.new_session(),
+                store: store.session_maker(),
                 config,
                 address,
                 stopping: AtomicBool::new(false),
@@ -243,8 +243,27 @@ impl Server {
             let spawned = std::thread::Builder::new()
                 .name(format!("durus-conn-{id}"))
                 .spawn(move || {
-                    connection::serve(&sh, stream, &peer);
-                    sh.connections.lock().remove(&id);
+                    // A panic (redb panics on some damaged pages) ends this
+                    // connection only: its socket is closed and its slot
+                    // under --max-connections freed, so the client is not
+                    // left waiting and others can still connect.
+                    let served = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        connection::serve(&sh, stream, &peer)
+                    }));
+                    if let Some(s) = sh.connections.lock().remove(&id) {
+                        s.shutdown();
+                    }
+                    if let Err(panic) = served {
+                        let what = panic
+                            .downcast_ref::<&str>()
+                            .map(|s| s.to_string())
+                            .or_else(|| panic.downcast_ref::<String>().cloned())
+                            .unwrap_or_else(|| "a panic".into());
+                        tracing::error!(
+                            "connection {id} from {peer} ended by a panic: {what}; \
+                             the store may be damaged: stop the server and run `durus-redb check`"
+                        );
+                    }
                 });
             match spawned {
                 Ok(t) => threads.push(t),
@@ -272,5 +291,29 @@ impl Server {
         shared.engine.close()?;
         tracing::info!("store closed");
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Options, RedbStorage};
+
+    /// The server's own handle is not a session: the invalidations of every
+    /// commit and collection would otherwise pile up in it for the life of
+    /// the server (nothing ever syncs it).
+    #[test]
+    fn the_server_keeps_no_session_of_its_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RedbStorage::open(dir.path().join("s.redb"), Options::new()).unwrap();
+        let engine = store.engine().clone();
+        assert_eq!(engine.session_count(), 1, "the store's own handle");
+        let server = Server::bind(&store, ServerConfig::new(Address::tcp("127.0.0.1", 0))).unwrap();
+        assert_eq!(engine.session_count(), 1, "bind registered a session");
+        let maker = server.shared.store.new_session();
+        assert_eq!(engine.session_count(), 2);
+        drop(maker);
+        assert_eq!(engine.session_count(), 1);
+        drop(server);
     }
 }

@@ -86,6 +86,15 @@ impl RedbStorage {
         RedbStorage::session_of(self.engine.clone(), self.gc.clone())
     }
 
+    /// A handle that keeps the store open and makes sessions (for the
+    /// server) but is not a session itself: no invalidation is ever added
+    /// to it, so it holds no memory for the life of the server.
+    pub(crate) fn session_maker(&self) -> RedbStorage {
+        let s = self.new_session();
+        s.engine.unregister_session(s.session);
+        s
+    }
+
     /// The engine (for the server and the migration).
     pub(crate) fn engine(&self) -> &Arc<Engine> {
         &self.engine
