@@ -96,6 +96,8 @@ struct Writer {
     allocated: u64,
     /// The last sequence number written.
     written: u64,
+    /// Bytes of the segment known to be on disk (a sync covered them).
+    synced_len: u64,
     buf: Vec<u8>,
 }
 
@@ -168,6 +170,7 @@ impl CommitLog {
                 len: HEADER_LEN,
                 allocated: PREALLOC,
                 written: next_seq - 1,
+                synced_len: HEADER_LEN,
                 buf: Vec::new(),
             }),
         };
@@ -228,11 +231,15 @@ impl CommitLog {
     /// Makes every entry written so far durable; returns the last sequence
     /// number it covers.
     pub(crate) fn sync(&self) -> Result<u64> {
-        let (file, written) = {
+        let (file, written, len, number) = {
             let w = self.writer.lock();
-            (w.file.clone(), w.written)
+            (w.file.clone(), w.written, w.len, w.number)
         };
         file.sync_data()?;
+        let mut w = self.writer.lock();
+        if w.number == number {
+            w.synced_len = w.synced_len.max(len);
+        }
         Ok(written)
     }
 
@@ -253,6 +260,7 @@ impl CommitLog {
         w.number = next.number;
         w.len = HEADER_LEN;
         w.allocated = PREALLOC;
+        w.synced_len = HEADER_LEN;
         Ok(())
     }
 
@@ -266,6 +274,23 @@ impl CommitLog {
             }
         }
         Ok(())
+    }
+
+    /// Tests: the log as a power cut now would leave it, at worst: every
+    /// segment file, the current one with zeros past what a sync covered.
+    #[cfg(test)]
+    pub(crate) fn power_cut_image(&self) -> Vec<(std::ffi::OsString, Vec<u8>)> {
+        let w = self.writer.lock();
+        let mut out = Vec::new();
+        for (number, path) in segments(&self.dir).expect("list the log") {
+            let mut data = std::fs::read(&path).expect("read a segment");
+            if number == w.number {
+                let keep = (w.synced_len as usize).min(data.len());
+                data[keep..].fill(0);
+            }
+            out.push((path.file_name().expect("a name").to_owned(), data));
+        }
+        out
     }
 
     /// Removes the whole log (after a clean close made everything durable).

@@ -27,6 +27,8 @@ mod import;
 pub(crate) mod layout;
 pub(crate) mod log;
 mod open;
+#[cfg(test)]
+mod powercut;
 mod refcount;
 mod sessions;
 
@@ -63,6 +65,9 @@ pub(crate) struct EngineConfig {
     pub(crate) quick_repair: bool,
     /// An unfinished import is allowed (the migration opens it).
     pub(crate) importing: bool,
+    /// Tests: the file is this simulated disk instead of `path`.
+    #[cfg(test)]
+    pub(crate) disk: Option<std::sync::Arc<powercut::Disk>>,
 }
 
 impl EngineConfig {
@@ -76,6 +81,8 @@ impl EngineConfig {
             cache_bytes: 32 << 20,
             quick_repair: true,
             importing: false,
+            #[cfg(test)]
+            disk: None,
         }
     }
 }

@@ -59,6 +59,8 @@ impl Engine {
                     .open_read_only(path)
                     .map_err(|e| open_error(path, e))?,
             )
+        } else if let Some(db) = simulated_disk(config, &builder, path)? {
+            db
         } else if !config.create && !path.exists() {
             return Err(not_found(path));
         } else {
@@ -137,6 +139,28 @@ impl Engine {
         tracing::debug!(path = %path.display(), next_oid, "store opened");
         Ok(engine)
     }
+}
+
+/// Tests: the database on the simulated disk of `config`, if it has one.
+#[cfg(test)]
+fn simulated_disk(
+    config: &EngineConfig,
+    builder: &redb::Builder,
+    path: &Path,
+) -> Result<Option<Db>> {
+    match &config.disk {
+        None => Ok(None),
+        Some(disk) => Ok(Some(Db::Rw(
+            builder
+                .create_with_backend(super::powercut::DiskBackend(disk.clone()))
+                .map_err(|e| open_error(path, e))?,
+        ))),
+    }
+}
+
+#[cfg(not(test))]
+fn simulated_disk(_: &EngineConfig, _: &redb::Builder, _: &Path) -> Result<Option<Db>> {
+    Ok(None)
 }
 
 /// Creates a new, initialised store at `path` without ever leaving a

@@ -111,6 +111,8 @@ impl Options {
             cache_bytes: self.cache_bytes,
             quick_repair: self.quick_repair,
             importing,
+            #[cfg(test)]
+            disk: None,
         }
     }
 }
