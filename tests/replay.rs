@@ -30,6 +30,7 @@ fn log_dir(path: &Path) -> PathBuf {
 /// Copies the store at `path` and its log into `dir` under `name`, as a
 /// crash would leave them, without closing the store.
 fn crash_image(path: &Path, dir: &Path, name: &str) -> PathBuf {
+    std::fs::create_dir_all(dir).unwrap();
     let to = dir.join(name);
     std::fs::copy(path, &to).unwrap();
     let log = log_dir(path);
@@ -317,4 +318,88 @@ fn a_read_only_open_refuses_an_unapplied_log_and_check_applies_it() {
     for (i, &o) in oids.iter().enumerate() {
         assert_eq!(r.load(o).unwrap().data(), [i as u8]);
     }
+}
+
+/// The log directory set aside by a replay that met damage before the log's
+/// end, if there is one.
+fn set_aside(image: &Path) -> Option<PathBuf> {
+    let prefix = format!(
+        "{}.damaged-",
+        log_dir(image).file_name().unwrap().to_string_lossy()
+    );
+    std::fs::read_dir(image.parent().unwrap())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with(&prefix)
+        })
+}
+
+#[test]
+fn damage_inside_the_log_keeps_it_aside_and_a_torn_tail_does_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let (image, oids) = image_after(dir.path(), 6);
+    let data = std::fs::read(only_segment(&image)).unwrap();
+    let e = entries(&data);
+    // Entry 2 damaged, entries 3..5 intact after it: damage.
+    let c = crash_image(&image, &dir.path().join("d1"), "mid.redb");
+    let mut bad = data.clone();
+    bad[e[2].0 + 24] ^= 0x01;
+    std::fs::write(only_segment(&c), bad).unwrap();
+    assert_eq!(commits_present(&c, &oids), 2);
+    assert!(set_aside(&c).is_some(), "the damaged log was not kept");
+    // The last entry torn: a tail, nothing kept.
+    let t = crash_image(&image, &dir.path().join("d2"), "tail.redb");
+    std::fs::write(only_segment(&t), &data[..e[5].0 + 7]).unwrap();
+    assert_eq!(commits_present(&t, &oids), 5);
+    assert!(set_aside(&t).is_none());
+}
+
+/// A segment the last checkpoint made redundant is still there (a crash
+/// came between the checkpoint and its deletion) and has a damaged entry:
+/// the next segment goes on from where it stops, so nothing is lost.
+#[test]
+fn a_damaged_segment_that_was_already_applied_does_not_stop_the_replay() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.redb");
+    let mut s = RedbStorage::open(&path, options()).unwrap();
+    assert_eq!(s.new_oid().unwrap(), Oid::ROOT);
+    let oids = s.new_oids(6).unwrap();
+    s.begin();
+    s.store(
+        Oid::ROOT,
+        Record::new(Oid::ROOT, b"root", &oids).into_bytes(),
+    )
+    .unwrap();
+    for &o in &oids {
+        s.store(o, Record::new(o, b"-", &[]).into_bytes()).unwrap();
+    }
+    s.end().unwrap();
+    let commit = |s: &mut RedbStorage, i: usize| {
+        s.begin();
+        s.store(oids[i], Record::new(oids[i], &[i as u8], &[]).into_bytes())
+            .unwrap();
+        s.end().unwrap();
+    };
+    for i in 0..3 {
+        commit(&mut s, i);
+    }
+    // The first segment, as it was before the checkpoint deleted it.
+    let early = crash_image(&path, &dir.path().join("early"), "s.redb");
+    s.checkpoint().unwrap();
+    for i in 3..6 {
+        commit(&mut s, i);
+    }
+    let late = crash_image(&path, &dir.path().join("late"), "s.redb");
+    drop(s);
+    let old_segment = only_segment(&early);
+    let mut old = std::fs::read(&old_segment).unwrap();
+    let e = entries(&old);
+    old[e[1].0 + 24] ^= 0x01;
+    std::fs::write(log_dir(&late).join(old_segment.file_name().unwrap()), old).unwrap();
+    assert_eq!(commits_present(&late, &oids), 6);
+    assert!(set_aside(&late).is_none());
 }

@@ -168,7 +168,7 @@ impl CommitGuard<'_> {
         // Never redb's fsync here: the log, or a checkpoint, makes it durable.
         w.set_durability(Durability::None)?;
         w.set_quick_repair(engine.quick_repair);
-        let queued = write_commit(&w, Some((session, &st.allocated)), records)?;
+        let (queued, released) = write_commit(&w, Some((session, &st.allocated)), records)?;
         // The commit's share of the collector's work, in its own transaction.
         let hook = engine.hook.get();
         let collected = match hook {
@@ -210,7 +210,7 @@ impl CommitGuard<'_> {
             engine.invalidate_others(None, &collected);
         }
         if let Some(h) = hook {
-            h.after_commit(records, bytes, queued);
+            h.after_commit(records, &released, bytes, queued);
         }
         Ok(CommitTicket {
             seq,
@@ -223,12 +223,12 @@ impl CommitGuard<'_> {
 /// Validates a commit of `session` inside `w` (unless `check` is `None`:
 /// a replay of a logged commit) and writes its records and reference counts.
 /// Every check runs before the first write. Returns how many oids it queued
-/// for the collector.
+/// for the collector, and the oids whose reference count it lowered.
 pub(super) fn write_commit(
     w: &WriteTransaction,
     check: Option<(SessionId, &HashMap<Oid, SessionId>)>,
     records: &BTreeMap<Oid, Record>,
-) -> Result<u64> {
+) -> Result<(u64, Vec<Oid>)> {
     let mut table = w.open_table(RECORDS)?;
     if let Some((session, allocated)) = check {
         let t = &table;
@@ -259,5 +259,10 @@ pub(super) fn write_commit(
         }
     }
     drop(table);
-    apply_ref_deltas(w, delta, now_unix_ms())
+    let released = delta
+        .iter()
+        .filter(|(_, d)| **d < 0)
+        .map(|(o, _)| Oid(*o))
+        .collect();
+    Ok((apply_ref_deltas(w, delta, now_unix_ms())?, released))
 }

@@ -71,12 +71,16 @@ impl Engine {
                         last_sync = Instant::now();
                         if let Err(e) = engine.sync_log() {
                             tracing::error!(error = %e, "syncing the commit log failed");
+                            engine.poison(&e);
                             return;
                         }
                     }
                     let due = engine.policy.checkpoint_due(&engine.commit.lock().facts());
                     if due && let Err(e) = engine.checkpoint() {
+                        // Without checkpoints (and, in Os mode, syncs) the
+                        // promises no longer hold: refuse commits from now on.
                         tracing::error!(error = %e, "background checkpoint failed");
+                        engine.poison(&e);
                         return;
                     }
                 }
@@ -88,12 +92,15 @@ impl Engine {
         Ok(())
     }
 
-    /// Asks the background thread for a checkpoint (without waiting).
-    fn wake_checkpointer(&self) {
-        if let Some(c) = self.checkpointer.lock().as_ref() {
-            match c.tx.try_send(Control::Wake) {
-                Ok(()) | Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {}
-            }
+    /// Asks the background thread for a checkpoint (without waiting);
+    /// false if there is no thread to ask.
+    fn wake_checkpointer(&self) -> bool {
+        match self.checkpointer.lock().as_ref() {
+            Some(c) => match c.tx.try_send(Control::Wake) {
+                Ok(()) | Err(TrySendError::Full(_)) => true,
+                Err(TrySendError::Disconnected(_)) => false,
+            },
+            None => false,
         }
     }
 
@@ -101,11 +108,11 @@ impl Engine {
     /// mode promises, and starts a checkpoint if the policy asked for one.
     pub(crate) fn finish(&self, ticket: CommitTicket) -> Result<()> {
         if ticket.checkpoint {
-            if self.log.is_some() {
-                self.wake_checkpointer();
-            } else {
-                // No log: the checkpoint is what makes the commit durable,
-                // so the policy's bounds are exact.
+            // With a log, the background thread takes it. Without a log the
+            // checkpoint is what makes the commit durable, so the policy's
+            // bounds are exact; and without a thread (a policy with no
+            // background interval) nobody else would take it.
+            if !(self.log.is_some() && self.wake_checkpointer()) {
                 self.checkpoint()?;
             }
         }
@@ -138,6 +145,9 @@ impl Engine {
     /// Makes every logged commit written so far durable (one `fdatasync`).
     fn sync_log(&self) -> Result<()> {
         let Some(log) = &self.log else { return Ok(()) };
+        // After a failed sync the OS may have dropped the unwritten pages and
+        // report success on the next one: nothing counts as durable any more.
+        self.check_writable()?;
         let r = log.sync();
         let covered = self.poisoning(r)?;
         self.log_durable.fetch_max(covered, Ordering::AcqRel);
@@ -171,7 +181,10 @@ impl Engine {
         }
         // The next segment is made before the commit lock is taken.
         let next = match &self.log {
-            Some(log) => Some(log.prepare()?),
+            Some(log) => {
+                let r = log.prepare();
+                Some(self.poisoning(r)?)
+            }
             None => None,
         };
         let (log_seq, applied, commits, bytes) = {
@@ -192,8 +205,8 @@ impl Engine {
             tracing::warn!(error = %e, "could not delete an old commit log segment");
         }
         let mut st = self.commit.lock();
-        st.commits_since -= commits;
-        st.bytes_since -= bytes;
+        st.commits_since = st.commits_since.saturating_sub(commits);
+        st.bytes_since = st.bytes_since.saturating_sub(bytes);
         st.last_checkpoint = started;
         Ok(())
     }
@@ -260,7 +273,7 @@ impl Engine {
                 db.compact()?;
             }
         }
-        drop(db);
+        db.close()?;
         tracing::debug!(path = %self.path.display(), "store closed");
         Ok(())
     }

@@ -372,86 +372,145 @@ pub(crate) fn read_log(
     for (i, (_, path)) in all.iter().enumerate() {
         let mut data = Vec::new();
         File::open(path)?.read_to_end(&mut data)?;
-        let later_data = all[i + 1..].iter().any(|(_, p)| has_entries(p));
-        let stop = |offset: usize, reason: String| LogStop {
-            segment: path.clone(),
-            offset: offset as u64,
-            reason,
-            later_data,
-        };
         if data.len() < HEADER_LEN as usize || &data[..8] != MAGIC {
             // A segment created by a checkpoint that died before its header
             // was durable holds nothing yet.
             if data.iter().all(|&b| b == 0) {
                 continue;
             }
-            apply(std::mem::take(&mut batch))?;
-            return Ok((last, Some(stop(0, "no segment header".into()))));
+        } else {
+            let version = u32::from_le_bytes(data[8..12].try_into().expect("4 bytes"));
+            if version != VERSION {
+                return Err(StorageError::damaged(format!(
+                    "commit log segment {} has version {version}; this build reads version {VERSION}",
+                    path.display()
+                )));
+            }
         }
-        let version = u32::from_le_bytes(data[8..12].try_into().expect("4 bytes"));
-        if version != VERSION {
-            return Err(StorageError::damaged(format!(
-                "commit log segment {} has version {version}; this build reads version {VERSION}",
-                path.display()
-            )));
-        }
-        let mut at = HEADER_LEN as usize;
-        while at < data.len() {
-            let rest = &data[at..];
-            if rest.len() < ENTRY_OVERHEAD {
-                if rest.iter().all(|&b| b == 0) {
-                    break;
-                }
-                apply(std::mem::take(&mut batch))?;
-                return Ok((last, Some(stop(at, "entry cut short".into()))));
-            }
-            let len = u32::from_le_bytes(rest[..4].try_into().expect("4 bytes")) as usize;
-            let seq = u64::from_le_bytes(rest[4..12].try_into().expect("8 bytes"));
-            if len == 0 && seq == 0 {
-                // Preallocated zeros: the end of this segment's entries.
-                break;
-            }
-            if rest.len() < ENTRY_OVERHEAD + len {
-                apply(std::mem::take(&mut batch))?;
-                return Ok((last, Some(stop(at, "entry cut short".into()))));
-            }
-            let payload = &rest[12..12 + len];
-            let sum = u64::from_le_bytes(rest[12 + len..20 + len].try_into().expect("8 bytes"));
-            if checksum(seq, payload) != sum {
-                apply(std::mem::take(&mut batch))?;
-                return Ok((
-                    last,
-                    Some(stop(at, format!("checksum mismatch (seq {seq})"))),
-                ));
-            }
-            at += ENTRY_OVERHEAD + len;
-            if seq <= last {
-                // Already in the store (applied before the last checkpoint).
-                continue;
-            }
-            if seq != last + 1 {
-                apply(std::mem::take(&mut batch))?;
-                let why = format!("entry {seq} where {} was expected", last + 1);
-                return Ok((last, Some(stop(at - ENTRY_OVERHEAD - len, why))));
-            }
-            let records = match decode_records(payload) {
-                Ok(r) => r,
-                Err(why) => {
-                    apply(std::mem::take(&mut batch))?;
-                    return Ok((last, Some(stop(at - ENTRY_OVERHEAD - len, why))));
-                }
-            };
-            last = seq;
+        let (bad, reason) = match read_segment(&data, &mut last, &mut |c: LoggedCommit, len| {
             batch_len += len;
-            batch.push(LoggedCommit { seq, records });
+            batch.push(c);
             if batch_len >= batch_bytes {
-                apply(std::mem::take(&mut batch))?;
                 batch_len = 0;
+                apply(std::mem::take(&mut batch))
+            } else {
+                Ok(())
             }
+        })? {
+            None => continue,
+            Some(stop) => stop,
+        };
+        // A bad entry. If a later segment goes on where this one stops (this
+        // segment was already applied, or only its unapplied tail is bad and
+        // the next one repeats nothing), read on from there.
+        let next_first = all[i + 1..].iter().find_map(|(_, p)| first_seq(p));
+        if let Some(first) = next_first
+            && first <= last + 1
+        {
+            tracing::warn!(
+                segment = %path.display(),
+                offset = bad,
+                reason = %reason,
+                "a damaged commit log entry was skipped: the next segment goes on from it"
+            );
+            continue;
         }
+        // Damage, not a torn tail, if entries follow: after this entry in
+        // this segment, or in a later segment.
+        let later_data = next_first.is_some()
+            || all[i + 1..].iter().any(|(_, p)| has_entries(p))
+            || entry_end(&data, bad).is_some_and(|end| data[end..].iter().any(|&b| b != 0));
+        apply(std::mem::take(&mut batch))?;
+        return Ok((
+            last,
+            Some(LogStop {
+                segment: path.clone(),
+                offset: bad as u64,
+                reason,
+                later_data,
+            }),
+        ));
     }
     apply(batch)?;
     Ok((last, None))
+}
+
+/// Reads the entries of one segment, handing each one after `last` to
+/// `take` (with its payload length) and advancing `last`. Returns where and
+/// why it stopped before the segment's end, if it did.
+fn read_segment(
+    data: &[u8],
+    last: &mut u64,
+    take: &mut dyn FnMut(LoggedCommit, usize) -> Result<()>,
+) -> Result<Option<(usize, String)>> {
+    if data.len() < HEADER_LEN as usize || &data[..8] != MAGIC {
+        return Ok(Some((0, "no segment header".into())));
+    }
+    let mut at = HEADER_LEN as usize;
+    while at < data.len() {
+        let rest = &data[at..];
+        if rest.len() < ENTRY_OVERHEAD {
+            if rest.iter().all(|&b| b == 0) {
+                break;
+            }
+            return Ok(Some((at, "entry cut short".into())));
+        }
+        let len = u32::from_le_bytes(rest[..4].try_into().expect("4 bytes")) as usize;
+        let seq = u64::from_le_bytes(rest[4..12].try_into().expect("8 bytes"));
+        if len == 0 && seq == 0 {
+            // Preallocated zeros: the end of this segment's entries.
+            break;
+        }
+        if rest.len() < ENTRY_OVERHEAD + len {
+            return Ok(Some((at, "entry cut short".into())));
+        }
+        let payload = &rest[12..12 + len];
+        let sum = u64::from_le_bytes(rest[12 + len..20 + len].try_into().expect("8 bytes"));
+        if checksum(seq, payload) != sum {
+            return Ok(Some((at, format!("checksum mismatch (seq {seq})"))));
+        }
+        if seq <= *last {
+            // Already in the store (applied before the last checkpoint).
+            at += ENTRY_OVERHEAD + len;
+            continue;
+        }
+        if seq != *last + 1 {
+            return Ok(Some((
+                at,
+                format!("entry {seq} where {} was expected", *last + 1),
+            )));
+        }
+        let records = match decode_records(payload) {
+            Ok(r) => r,
+            Err(why) => return Ok(Some((at, why))),
+        };
+        *last = seq;
+        take(LoggedCommit { seq, records }, len)?;
+        at += ENTRY_OVERHEAD + len;
+    }
+    Ok(None)
+}
+
+/// Where the entry at `at` ends, if its declared length fits in `data`.
+fn entry_end(data: &[u8], at: usize) -> Option<usize> {
+    let len = u32::from_le_bytes(data.get(at..at + 4)?.try_into().ok()?) as usize;
+    let end = at.checked_add(ENTRY_OVERHEAD)?.checked_add(len)?;
+    (end <= data.len()).then_some(end)
+}
+
+/// The sequence number of the first entry of the segment at `path`, if it
+/// is intact.
+fn first_seq(path: &Path) -> Option<u64> {
+    let data = std::fs::read(path).ok()?;
+    if data.len() < HEADER_LEN as usize || &data[..8] != MAGIC {
+        return None;
+    }
+    let at = HEADER_LEN as usize;
+    let end = entry_end(&data, at)?;
+    let len = end - at - ENTRY_OVERHEAD;
+    let seq = u64::from_le_bytes(data[at + 4..at + 12].try_into().ok()?);
+    let sum = u64::from_le_bytes(data[end - 8..end].try_into().ok()?);
+    (!(len == 0 && seq == 0) && checksum(seq, &data[at + 12..at + 12 + len]) == sum).then_some(seq)
 }
 
 /// Whether the segment at `path` holds at least one entry (its first entry

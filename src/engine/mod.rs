@@ -94,11 +94,13 @@ pub(crate) trait CommitHook: Send + Sync {
     /// written: the commit's share of background work. Returns the oids it
     /// deleted (the engine invalidates them for every session).
     fn in_commit(&self, w: &WriteTransaction) -> Result<Vec<Oid>>;
-    /// After the commit was applied: what it stored, their bytes, how many
-    /// oids it queued.
+    /// After the commit was applied: what it stored, the oids whose
+    /// reference count it lowered, the records' bytes, how many oids it
+    /// queued.
     fn after_commit(
         &self,
         records: &std::collections::BTreeMap<Oid, Record>,
+        released: &[Oid],
         bytes: u64,
         queued: u64,
     );

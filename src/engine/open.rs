@@ -386,10 +386,25 @@ fn replay(path: &Path, db: &Db, quick_repair: bool) -> Result<u64> {
         w.commit()?;
         Ok(())
     })?;
+    // The replayed commits are made durable before anything happens to the
+    // log: a crash in between replays them again.
+    if last > applied {
+        let mut w = rw.begin_write()?;
+        w.set_quick_repair(quick_repair);
+        w.commit()?;
+        tracing::info!(
+            path = %path.display(),
+            commits = last - applied,
+            ms = started.elapsed().as_millis() as u64,
+            "replayed the commit log"
+        );
+    }
     if let Some(stop) = &stop {
         if stop.later_data {
             // Not a torn tail: something is damaged in the middle of the log.
-            let aside = dir.with_extension(format!("damaged-{}", std::process::id()));
+            let mut name = dir.file_name().unwrap_or_default().to_os_string();
+            name.push(format!(".damaged-{}", super::layout::now_unix_ms()));
+            let aside = dir.with_file_name(name);
             tracing::error!(
                 segment = %stop.segment.display(),
                 offset = stop.offset,
@@ -406,17 +421,6 @@ fn replay(path: &Path, db: &Db, quick_repair: bool) -> Result<u64> {
                 "the commit log ends in a torn or corrupt entry (a crash while it was written); replayed the commits before it"
             );
         }
-    }
-    if last > applied {
-        let mut w = rw.begin_write()?;
-        w.set_quick_repair(quick_repair);
-        w.commit()?;
-        tracing::info!(
-            path = %path.display(),
-            commits = last - applied,
-            ms = started.elapsed().as_millis() as u64,
-            "replayed the commit log"
-        );
     }
     Ok(last)
 }

@@ -125,6 +125,16 @@ impl GcShared {
         self.next_drop_ms.store(next, Ordering::Release);
     }
 
+    /// [`queue_seen`](Self::queue_seen) from outside the commit lock: never
+    /// claims the queue empty (a commit may have queued since).
+    pub(crate) fn queue_seen_unlocked(&self, deleted: &Deleted) {
+        let next = match deleted.next_drop_ms {
+            Some(ms) if !deleted.queue_empty => ms,
+            _ => 0,
+        };
+        self.next_drop_ms.fetch_min(next, Ordering::AcqRel);
+    }
+
     /// Something was queued outside a commit (a collector transaction),
     /// possibly with an earlier drop time than known.
     pub(crate) fn queue_grew(&self) {
@@ -393,7 +403,16 @@ fn round(engine: &Arc<Engine>, gc: &GcShared, stop: &Receiver<Sender<()>>) -> Re
                     };
                     let d = match gc.policy.decide(&facts) {
                         GcAction::Wait(d) => d,
-                        GcAction::Incremental(p) | GcAction::Full(p) => {
+                        action @ (GcAction::Incremental(p) | GcAction::Full(p)) => {
+                            // Due garbage is reclaimed between the chunks of
+                            // a full collection too.
+                            if matches!(action, GcAction::Incremental(_))
+                                && let Err(e) =
+                                    incremental::step(engine, gc, p.batch, gc.cutoff_ms())
+                            {
+                                failure = Some(e);
+                                return ControlFlow::Break(());
+                            }
                             if let Some(ack) = pause(stop, p.pause) {
                                 stopped = Some(ack);
                                 return ControlFlow::Break(());
@@ -438,6 +457,7 @@ impl CommitHook for GcShared {
     fn after_commit(
         &self,
         records: &std::collections::BTreeMap<Oid, Record>,
+        released: &[Oid],
         bytes: u64,
         queued: u64,
     ) {
@@ -446,6 +466,10 @@ impl CommitHook for GcShared {
                 extra.insert(r.oid());
                 extra.extend(r.refs());
             }
+            // What the commit stopped referencing was reachable until now
+            // (perhaps not yet marked): this collection keeps it, so that it
+            // is never swept inside its grace window; a later one takes it.
+            extra.extend(released.iter().copied());
         }
         self.committed(bytes, queued);
     }

@@ -47,7 +47,9 @@ pub(crate) fn step(engine: &Engine, gc: &GcShared, batch: usize, cutoff_ms: u64)
         }
         delete_queued(w, batch, true, cutoff_ms, || engine.committers_waiting())
     })?;
-    gc.queue_seen(&deleted);
+    // Outside the commit lock: a commit may have queued meanwhile, so an
+    // empty queue is only noted as "unknown".
+    gc.queue_seen_unlocked(&deleted);
     engine.invalidate_others(None, &deleted.oids);
     gc.note_deleted(deleted.oids.len() as u64, deleted.bytes, false);
     Ok(Step {

@@ -224,17 +224,32 @@ impl GcPolicy for IncrementalGc {
 
     fn decide(&self, f: &GcFacts) -> GcAction {
         let flowing = f.since_last_commit.filter(|s| *s < self.quiet);
-        if f.full_running || self.full.due(f) {
+        let due = f.queue_due(self.grace);
+        if f.full_running {
+            // Asked between chunks of a running full collection: due
+            // garbage is reclaimed meanwhile (a full collection can wait out
+            // a whole grace window).
+            return if due {
+                GcAction::Incremental(self.pace)
+            } else {
+                GcAction::Full(self.pace)
+            };
+        }
+        if self.full.due(f) {
             // Commits flowing and taking their share: a full collection
-            // stays out of their way.
+            // waits for a pause, incremental work does not.
             if self.in_commit > 0
                 && let Some(since) = flowing
             {
-                return GcAction::Wait(self.quiet - since);
+                return if due {
+                    GcAction::Incremental(self.pace)
+                } else {
+                    GcAction::Wait(self.quiet - since)
+                };
             }
             return GcAction::Full(self.pace);
         }
-        if f.queue_due(self.grace) {
+        if due {
             return GcAction::Incremental(self.pace);
         }
         match f.until_due(self.grace) {
@@ -355,6 +370,38 @@ mod tests {
         let idle = IdleGc::default();
         assert!(matches!(idle.decide(&young), GcAction::Wait(_)));
         assert_eq!(idle.decide(&due), GcAction::Incremental(idle.pace));
+    }
+
+    #[test]
+    fn due_garbage_is_reclaimed_while_a_full_collection_waits_or_runs() {
+        let mut p = IncrementalGc::default();
+        p.full.after_bytes = Some(10);
+        let due = GcFacts {
+            queue_len: 3,
+            oldest_queued: Some(Duration::from_secs(700)),
+            bytes_since_full: 100,
+            since_last_commit: Some(Duration::from_millis(5)),
+            ..GcFacts::default()
+        };
+        // A full collection is due but commits flow: incremental work goes on.
+        assert_eq!(p.decide(&due), GcAction::Incremental(p.pace));
+        let nothing_due = GcFacts {
+            queue_len: 0,
+            oldest_queued: None,
+            ..due
+        };
+        assert!(matches!(p.decide(&nothing_due), GcAction::Wait(_)));
+        // Running: asked between its chunks, it reclaims due garbage first.
+        let running = GcFacts {
+            full_running: true,
+            ..due
+        };
+        assert_eq!(p.decide(&running), GcAction::Incremental(p.pace));
+        let running_idle = GcFacts {
+            full_running: true,
+            ..nothing_due
+        };
+        assert_eq!(p.decide(&running_idle), GcAction::Full(p.pace));
     }
 
     #[test]
