@@ -635,3 +635,38 @@ proptest! {
         run_windowed(ops)?;
     }
 }
+
+#[test]
+fn gc_state_tells_how_much_garbage_waits_out_its_window() {
+    let dir = tempfile::tempdir().unwrap();
+    let grace_ms = Arc::new(std::sync::atomic::AtomicU64::new(3_600_000));
+    let mut s = RedbStorage::open(
+        dir.path().join("w.redb"),
+        Options::default().gc(Windowed {
+            grace_ms: grace_ms.clone(),
+        }),
+    )
+    .unwrap();
+    let root = s.new_oid().unwrap();
+    let objs = s.new_oids(10).unwrap();
+    s.begin();
+    for o in &objs {
+        s.store(*o, rec(*o, b"x", &[])).unwrap();
+    }
+    s.store(root, rec(root, b"root", &objs)).unwrap();
+    s.end().unwrap();
+    s.begin();
+    s.store(root, rec(root, b"root", &objs[..4])).unwrap();
+    s.end().unwrap();
+    let st = s.gc_state().unwrap();
+    assert_eq!((st.queue_len, st.waiting), (6, 6));
+    assert!(st.oldest_queued.is_some());
+    assert_eq!(s.gc_waiting(Duration::ZERO).unwrap(), 0);
+    // The window passes: nothing waits; the next commit's share reclaims.
+    grace_ms.store(0, Ordering::Release);
+    assert_eq!(s.gc_state().unwrap().waiting, 0);
+    s.begin();
+    s.store(root, rec(root, b"root", &objs[..4])).unwrap();
+    s.end().unwrap();
+    assert!(s.gc_state().unwrap().queue_len < 6);
+}

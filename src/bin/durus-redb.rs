@@ -84,6 +84,10 @@ enum Command {
     Stats {
         /// The store file.
         path: PathBuf,
+        /// The grace window to count the garbage still waiting out (the
+        /// server's --gc-grace), in seconds.
+        #[arg(long, default_value_t = 600.0)]
+        gc_grace: f64,
     },
     /// Check a store: redb integrity, every stored reference resolves, and
     /// the reference counts equal a recount from scratch. Exits 1 if anything
@@ -255,7 +259,7 @@ fn run(cli: Cli) -> ExitCode {
             o
         }),
         Command::Export { source, dest } => export_cmd(&source, &dest),
-        Command::Stats { path } => stats(path),
+        Command::Stats { path, gc_grace } => stats(path, gc_grace),
         Command::Check { path } => check(path),
     }
 }
@@ -593,8 +597,14 @@ fn export_cmd(source: &std::path::Path, dest: &std::path::Path) -> ExitCode {
     }
 }
 
-fn stats(path: PathBuf) -> ExitCode {
-    let s = match RedbStorage::open_read_only(&path).and_then(|s| s.stats()) {
+fn stats(path: PathBuf, gc_grace: f64) -> ExitCode {
+    if !(gc_grace >= 0.0 && gc_grace.is_finite()) {
+        return fail("--gc-grace must be a number of seconds, 0 or more");
+    }
+    let grace = std::time::Duration::from_secs_f64(gc_grace);
+    let (s, waiting) = match RedbStorage::open_read_only(&path)
+        .and_then(|s| Ok((s.stats()?, s.gc_waiting(grace)?)))
+    {
         Ok(s) => s,
         Err(e) => return fail(format_args!("{}: {e}", path.display())),
     };
@@ -607,7 +617,7 @@ fn stats(path: PathBuf) -> ExitCode {
     println!("referenced oids:  {}", s.referenced_objects);
     match s.gc_oldest {
         Some(age) => println!(
-            "gc queue:         {} (unreachable; the oldest for {:.0} s)",
+            "gc queue:         {} unreachable, {waiting} of them waiting out a {gc_grace} s grace window; the oldest for {:.0} s",
             s.gc_queue,
             age.as_secs_f64()
         ),

@@ -43,7 +43,7 @@ pub use check::{CheckReport, FullCheck, StoreStats, check_store};
 pub(crate) use check::{check_references, stats};
 use commit::{CommitState, CommitTicket};
 pub(crate) use refcount::{
-    Deleted, apply_ref_deltas, corrupt, delete_queued, forget, queue_summary,
+    Deleted, apply_ref_deltas, corrupt, delete_queued, forget, queue_summary, queued_since,
 };
 pub(crate) use sessions::{InvalidSet, SessionId};
 

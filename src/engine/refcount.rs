@@ -230,6 +230,23 @@ pub(crate) fn queue_summary(txn: &redb::ReadTransaction) -> Result<(u64, Option<
     }
 }
 
+/// How many queued oids dropped at or after `since_ms` (counted one by one:
+/// as many as a grace window's worth of drops).
+pub(crate) fn queued_since(txn: &redb::ReadTransaction, since_ms: u64) -> Result<u64> {
+    match txn.open_table(GC_DUE) {
+        Ok(t) => {
+            let mut n = 0;
+            for item in t.range((since_ms, 0)..)? {
+                item?;
+                n += 1;
+            }
+            Ok(n)
+        }
+        Err(redb::TableError::TableDoesNotExist(_)) => Ok(0),
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// Removes the counts and queue entries of `oids` (deleted by a sweep).
 pub(crate) fn forget(w: &WriteTransaction, oids: &[Oid]) -> Result<()> {
     let mut counts = w.open_table(REFCOUNTS)?;

@@ -37,6 +37,9 @@ pub struct GcState {
     pub queue_len: u64,
     /// How long ago the oldest of them became unreachable.
     pub oldest_queued: Option<Duration>,
+    /// How many of them are still waiting out the policy's grace window
+    /// (filled by `RedbStorage::gc_state`).
+    pub waiting: u64,
     /// A full collection was started and has not finished (it may be running
     /// now, or it was interrupted and will restart).
     pub full_pending: bool,
@@ -65,6 +68,7 @@ pub(crate) fn read_state(engine: &Engine) -> Result<GcState> {
             .last_full_unix_ms
             .map(|t| Duration::from_millis(now_unix_ms().saturating_sub(t))),
         migration_in_progress: migration,
+        waiting: 0,
     })
 }
 

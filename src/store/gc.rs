@@ -83,9 +83,23 @@ impl RedbStorage {
         self.run_full(progress)
     }
 
-    /// The collector's persisted state and queue.
+    /// The collector's persisted state and queue, with how much of the
+    /// queue is still waiting out the policy's grace window.
     pub fn gc_state(&self) -> Result<GcState> {
-        read_state(&self.engine)
+        let mut state = read_state(&self.engine)?;
+        state.waiting = self.gc_waiting(self.gc.policy.grace())?;
+        Ok(state)
+    }
+
+    /// How many queued (unreachable) objects became unreachable less than
+    /// `grace` ago: those a collector with that window still keeps.
+    pub fn gc_waiting(&self, grace: Duration) -> Result<u64> {
+        let since = crate::engine::layout::now_unix_ms()
+            .saturating_sub(grace.as_millis() as u64)
+            .saturating_add(1);
+        let db = self.engine.db()?;
+        let txn = db.begin_read()?;
+        crate::engine::queued_since(&txn, since)
     }
 
     /// The collector's counters since open.
