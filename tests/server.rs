@@ -918,3 +918,54 @@ fn a_load_that_meets_a_damaged_record_ends_that_connection_and_frees_its_slot() 
     assert!(log.contains("is damaged"), "{log}");
     server.stop();
 }
+
+/// A committer that trickles its commit data a byte every 0.3 s (each read
+/// within the timeout) still loses the commit order once --request-timeout
+/// has passed in all: another client's commit goes through soon after.
+#[test]
+fn a_trickling_committer_loses_the_commit_order_after_the_whole_request_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.redb");
+    let server = Served::start(&path, &["--request-timeout", "1"]);
+    let mut c = server.client();
+    assert_eq!(c.new_oid().unwrap(), Oid::ROOT);
+    make_root(&mut c, &[]);
+    let mut trickler = server.raw();
+    trickler.write_all(&handshake()).unwrap();
+    let mut v = [0u8; 4];
+    trickler.read_exact(&mut v).unwrap();
+    trickler.write_all(b"C").unwrap();
+    let mut n = [0u8; 4];
+    trickler.read_exact(&mut n).unwrap();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let dripping = {
+        let stop = stop.clone();
+        let mut t = trickler.try_clone().unwrap();
+        std::thread::spawn(move || {
+            // A commit of 1 MB, announced, then sent a byte at a time.
+            let _ = t.write_all(&(1u32 << 20).to_be_bytes());
+            while !stop.load(std::sync::atomic::Ordering::Acquire) {
+                if t.write_all(&[0]).is_err() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(300));
+            }
+        })
+    };
+    std::thread::sleep(Duration::from_millis(100));
+    let started = Instant::now();
+    c.sync().unwrap();
+    c.begin();
+    c.store(Oid::ROOT, rec(Oid::ROOT, b"after the trickle", &[]))
+        .unwrap();
+    c.end().unwrap();
+    let waited = started.elapsed();
+    stop.store(true, std::sync::atomic::Ordering::Release);
+    dripping.join().unwrap();
+    assert!(
+        waited < Duration::from_secs(4),
+        "the trickler held the commit order for {waited:?}"
+    );
+    drop(c);
+    server.stop();
+}

@@ -1,7 +1,8 @@
 //! One client connection: its session, its requests, in order.
 
-use std::io::{self, BufReader, BufWriter, Write};
+use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::sync::Arc;
+use std::time::Instant;
 
 use super::Shared;
 use crate::engine::{Engine, InvalidSet, SessionId};
@@ -90,6 +91,7 @@ pub(super) fn serve(shared: &Arc<Shared>, stream: Stream, peer: &str) {
                 control: &stream,
                 r: BufReader::new(read_half),
                 w: BufWriter::new(write_half),
+                deadline: Instant::now(),
             };
             conn.run()
         }
@@ -124,9 +126,46 @@ struct Conn<'a> {
     control: &'a Stream,
     r: BufReader<Stream>,
     w: BufWriter<Stream>,
+    /// When the request being read must be complete.
+    deadline: Instant,
+}
+
+/// Reads the rest of a request within its deadline: before each read from
+/// the socket the read timeout is what is left of the request's time, so a
+/// client that trickles its request a byte at a time cannot hold it (and
+/// the commit order) for longer than `--request-timeout` in all.
+struct DeadlineRead<'a> {
+    inner: &'a mut BufReader<Stream>,
+    control: &'a Stream,
+    deadline: Instant,
+}
+
+impl Read for DeadlineRead<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.inner.buffer().is_empty() {
+            let left = self.deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "the request was not complete within --request-timeout",
+                ));
+            }
+            self.control.set_read_timeout(Some(left))?;
+        }
+        self.inner.read(buf)
+    }
 }
 
 impl Conn<'_> {
+    /// The request's reader, bound by its deadline.
+    fn reader(&mut self) -> DeadlineRead<'_> {
+        DeadlineRead {
+            inner: &mut self.r,
+            control: self.control,
+            deadline: self.deadline,
+        }
+    }
+
     fn engine(&self) -> &Engine {
         &self.shared.engine
     }
@@ -150,6 +189,7 @@ impl Conn<'_> {
             if let Err(e) = self.control.set_read_timeout(timeout) {
                 return End::Io(e);
             }
+            self.deadline = Instant::now() + self.shared.config.request_timeout;
             let result = self.request(code).and_then(|go_on| {
                 self.w.flush()?;
                 Ok(go_on)
@@ -165,7 +205,7 @@ impl Conn<'_> {
     /// Handles one request; false ends the connection.
     fn request(&mut self, code: u8) -> Result<bool, End> {
         let max_oids = self.shared.config.max_frame_bytes as usize / 8;
-        match Request::read_after(code, &mut self.r, max_oids)? {
+        match Request::read_after(code, &mut self.reader(), max_oids)? {
             Request::Version(theirs) => {
                 self.w.write_all(&PROTOCOL.to_be_bytes())?;
                 if theirs != PROTOCOL {
@@ -247,7 +287,12 @@ impl Conn<'_> {
         let invalid = self.session.take_invalid();
         self.w.write_all(&encode_oids(&invalid))?;
         self.w.flush()?;
-        let Some(records) = read_commit_data(&mut self.r, shared.config.max_frame_bytes)? else {
+        // Waiting for the commit order is not the client's time.
+        self.deadline = Instant::now() + shared.config.request_timeout;
+        // The commit order is held from here: the commit data must come
+        // within what is left of the request's time.
+        let Some(records) = read_commit_data(&mut self.reader(), shared.config.max_frame_bytes)?
+        else {
             // The client found a conflict in the invalidations and gave up.
             return Ok(());
         };
