@@ -70,6 +70,18 @@ pub enum InvalidInput {
     /// A full collection was asked while one is already running.
     #[error("a full collection is already running")]
     CollectionRunning,
+    /// A session asked for more new oids than it may hold unused.
+    #[error(
+        "{asked} new oids asked while {held} handed out are not yet stored: at most {cap} may be held"
+    )]
+    TooManyOidsHeld {
+        /// Oids handed out to the session and not yet stored.
+        held: u64,
+        /// Oids asked for.
+        asked: u64,
+        /// The most it may hold.
+        cap: u64,
+    },
     /// No more oids can be handed out: the store reached the top of the oid range.
     #[error("no oid is left to hand out: the store has reached oid {highest}")]
     OidsExhausted {

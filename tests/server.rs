@@ -81,6 +81,26 @@ impl Served {
         self.log.try_iter().collect()
     }
 
+    /// Waits (up to 10 s) for a log line containing `what`; all lines read.
+    fn wait_for_log(&self, what: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut lines = Vec::new();
+        while Instant::now() < deadline {
+            match self.log.recv_timeout(Duration::from_millis(50)) {
+                Ok(l) => {
+                    let found = l.contains(what);
+                    lines.push(l);
+                    if found {
+                        break;
+                    }
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            }
+        }
+        lines.join("\n")
+    }
+
     fn rss_kib(&self) -> u64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
         status
@@ -914,7 +934,7 @@ fn a_load_that_meets_a_damaged_record_ends_that_connection_and_frees_its_slot() 
             "round {round}: a damaged record loaded: {got}"
         );
     }
-    let log = server.log_lines().join("\n");
+    let log = server.wait_for_log("is damaged");
     assert!(log.contains("is damaged"), "{log}");
     server.stop();
 }
@@ -967,5 +987,35 @@ fn a_trickling_committer_loses_the_commit_order_after_the_whole_request_timeout(
         "the trickler held the commit order for {waited:?}"
     );
     drop(c);
+    server.stop();
+}
+
+/// A connection may hold only so many new oids unused (--max-oids-held):
+/// storing them frees the room; asking beyond it closes that connection.
+#[test]
+fn a_connection_holds_at_most_max_oids_held_unused_oids() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.redb");
+    let server = Served::start(&path, &["--max-oids-held", "100"]);
+    let mut c = server.client();
+    assert_eq!(c.new_oid().unwrap(), Oid::ROOT);
+    let a = c.new_oids(60).unwrap();
+    // Storing them gives the room back.
+    c.begin();
+    for o in &a {
+        c.store(*o, rec(*o, b"a", &[])).unwrap();
+    }
+    c.store(Oid::ROOT, rec(Oid::ROOT, b"root", &a)).unwrap();
+    c.end().unwrap();
+    let b = c.new_oids(60).unwrap();
+    assert_eq!(b.len(), 60);
+    // 60 held and 60 more asked: refused, the connection closed.
+    assert!(c.new_oids(60).is_err());
+    let log = server.wait_for_log("--max-oids-held");
+    assert!(log.contains("--max-oids-held"), "{log}");
+    // Others are not disturbed.
+    let mut d = server.client();
+    assert_eq!(d.load(a[0]).unwrap().data(), b"a");
+    drop((c, d));
     server.stop();
 }

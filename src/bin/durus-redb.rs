@@ -168,6 +168,10 @@ struct ServeArgs {
     /// Connections served at once; more are refused.
     #[arg(long, default_value_t = 512)]
     max_connections: usize,
+    /// The most new oids one connection may hold handed out and not yet
+    /// stored; asking for more closes the connection.
+    #[arg(long, default_value_t = 1 << 20)]
+    max_oids_held: u64,
     /// The largest request accepted (a commit's data), in bytes.
     #[arg(long, default_value_t = 256 << 20)]
     max_frame_bytes: u32,
@@ -363,6 +367,7 @@ fn serve(args: ServeArgs) -> ExitCode {
     config.max_frame_bytes = args.max_frame_bytes;
     config.request_timeout = std::time::Duration::from_secs_f64(args.request_timeout);
     config.gcbytes = args.gcbytes;
+    config.max_oids_held = args.max_oids_held.max(1);
     let server = match Server::bind(&store, config) {
         Ok(s) => s,
         Err(e) => {

@@ -23,6 +23,8 @@ pub(crate) struct CommitState {
     pub(super) reserved: u64,
     /// Oids handed out and not yet stored, with the session that holds each.
     pub(super) allocated: HashMap<Oid, SessionId>,
+    /// How many of `allocated` each session holds.
+    pub(super) allocated_by: HashMap<SessionId, u64>,
     /// Commits and record bytes since the last checkpoint began.
     pub(super) commits_since: u64,
     pub(super) bytes_since: u64,
@@ -203,7 +205,11 @@ impl CommitGuard<'_> {
         let checkpoint = engine.policy.checkpoint_due(&st.facts());
         let oids: Vec<Oid> = records.keys().copied().collect();
         for oid in &oids {
-            st.allocated.remove(oid);
+            if let Some(s) = st.allocated.remove(oid)
+                && let Some(n) = st.allocated_by.get_mut(&s)
+            {
+                *n = n.saturating_sub(1);
+            }
         }
         engine.invalidate_others(Some(session), &oids);
         if !collected.is_empty() {

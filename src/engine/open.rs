@@ -113,6 +113,7 @@ impl Engine {
                 next_oid,
                 reserved,
                 allocated: HashMap::new(),
+                allocated_by: HashMap::new(),
                 commits_since: 0,
                 bytes_since: 0,
                 last_checkpoint: Instant::now(),

@@ -36,7 +36,10 @@ impl Engine {
     /// Forgets a session and the oids it held allocated but unused.
     pub(crate) fn unregister_session(&self, id: SessionId) {
         self.sessions.lock().remove(&id);
-        self.commit.lock().allocated.retain(|_, s| *s != id);
+        let mut st = self.commit.lock();
+        if st.allocated_by.remove(&id).is_some_and(|n| n > 0) {
+            st.allocated.retain(|_, s| *s != id);
+        }
     }
 
     /// Adds `oids` to the invalid set of every session but `except`.
@@ -55,9 +58,30 @@ impl Engine {
     /// before any oid above it is handed out. Refused once the oid range is
     /// used up.
     pub(crate) fn allocate(&self, session: SessionId, n: usize) -> Result<Vec<Oid>> {
+        self.allocate_capped(session, n, u64::MAX)
+    }
+
+    /// [`allocate`](Self::allocate), refused if the session would then hold
+    /// more than `cap` oids handed out and not yet stored (a server's bound
+    /// on what one connection can make it remember).
+    pub(crate) fn allocate_capped(
+        &self,
+        session: SessionId,
+        n: usize,
+        cap: u64,
+    ) -> Result<Vec<Oid>> {
         self.check_writable()?;
         let n = n as u64;
         let mut st = self.commit.lock();
+        let held = st.allocated_by.get(&session).copied().unwrap_or(0);
+        if held.saturating_add(n) > cap {
+            return Err(InvalidInput::TooManyOidsHeld {
+                held,
+                asked: n,
+                cap,
+            }
+            .into());
+        }
         let end = st
             .next_oid
             .checked_add(n)
@@ -76,6 +100,7 @@ impl Engine {
         for &oid in &oids {
             st.allocated.insert(oid, session);
         }
+        *st.allocated_by.entry(session).or_default() += n;
         Ok(oids)
     }
 

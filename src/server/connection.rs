@@ -47,6 +47,9 @@ impl From<StorageError> for End {
                 "the store is served read-only (--readonly): commits and new oids are refused"
                     .into(),
             ),
+            StorageError::Invalid(e @ crate::error::InvalidInput::TooManyOidsHeld { .. }) => {
+                End::Client(format!("{e} (--max-oids-held)"))
+            }
             e => End::Storage(e),
         }
     }
@@ -269,7 +272,9 @@ impl Conn<'_> {
         if n == 0 {
             return Ok(());
         }
-        let oids = self.engine().allocate(self.session.id, n)?;
+        let oids =
+            self.engine()
+                .allocate_capped(self.session.id, n, self.shared.config.max_oids_held)?;
         let mut buf = Vec::with_capacity(8 * n);
         for o in oids {
             buf.extend_from_slice(&o.to_bytes());

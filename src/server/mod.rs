@@ -44,6 +44,11 @@ pub struct ServerConfig {
     /// Start a full collection after this many committed bytes (0: never),
     /// as Durus's `--gcbytes`.
     pub gcbytes: u64,
+    /// The most new oids one connection may hold handed out and not yet
+    /// stored (the server remembers each); asking for more closes the
+    /// connection. A Durus client asks for the oids of the new objects of
+    /// its next commit.
+    pub max_oids_held: u64,
 }
 
 impl Default for ServerConfig {
@@ -54,6 +59,7 @@ impl Default for ServerConfig {
             max_frame_bytes: 256 << 20,
             request_timeout: Duration::from_secs(10),
             gcbytes: 0,
+            max_oids_held: 1 << 20,
         }
     }
 }
