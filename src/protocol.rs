@@ -162,9 +162,14 @@ impl LoadAnswer {
 
 /// Writes the `O` answer carrying `record`.
 pub(crate) fn write_record(w: &mut impl Write, record: &Record) -> io::Result<()> {
+    write_record_bytes(w, record.as_bytes())
+}
+
+/// Writes a record answer from a record's bytes.
+pub(crate) fn write_record_bytes(w: &mut impl Write, bytes: &[u8]) -> io::Result<()> {
     w.write_all(&[STATUS_OKAY])?;
-    w.write_all(&(record.len() as u32).to_be_bytes())?;
-    w.write_all(record.as_bytes())
+    w.write_all(&(bytes.len() as u32).to_be_bytes())?;
+    w.write_all(bytes)
 }
 
 pub(crate) fn read_u8(r: &mut impl Read) -> io::Result<u8> {

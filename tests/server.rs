@@ -1019,3 +1019,110 @@ fn a_connection_holds_at_most_max_oids_held_unused_oids() {
     drop((c, d));
     server.stop();
 }
+
+/// A bulk load's answers come in the order asked, each written as it is
+/// read: records, `I` for an oid invalidated for this connection, `K` for a
+/// missing one.
+#[test]
+fn bulk_load_answers_records_invalid_and_missing_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.redb");
+    let server = Served::start(&path, &[]);
+    let mut c = server.client();
+    assert_eq!(c.new_oid().unwrap(), Oid::ROOT);
+    let objs = c.new_oids(3).unwrap();
+    c.begin();
+    for o in &objs {
+        c.store(*o, rec(*o, &[o.0 as u8; 300_000], &[])).unwrap();
+    }
+    c.store(Oid::ROOT, rec(Oid::ROOT, b"root", &objs)).unwrap();
+    c.end().unwrap();
+    let mut raw = server.raw();
+    raw.write_all(&handshake()).unwrap();
+    let mut v = [0u8; 4];
+    raw.read_exact(&mut v).unwrap();
+    // objs[1] changes after `raw` connected: invalid for it until it syncs.
+    c.begin();
+    c.store(objs[1], rec(objs[1], b"changed", &[])).unwrap();
+    c.end().unwrap();
+    let missing = Oid(1 << 40);
+    let ask = [objs[0], objs[1], missing, objs[2], objs[1], objs[0]];
+    let mut req = b"B".to_vec();
+    req.extend_from_slice(&(ask.len() as u32).to_be_bytes());
+    for o in &ask {
+        req.extend_from_slice(&o.0.to_be_bytes());
+    }
+    raw.write_all(&req).unwrap();
+    let mut answers = Vec::new();
+    for _ in &ask {
+        let mut status = [0u8; 1];
+        raw.read_exact(&mut status).unwrap();
+        match status[0] {
+            b'O' => {
+                let mut n = [0u8; 4];
+                raw.read_exact(&mut n).unwrap();
+                let mut body = vec![0u8; u32::from_be_bytes(n) as usize];
+                raw.read_exact(&mut body).unwrap();
+                answers.push(format!("O{}", Oid::from_slice(&body).unwrap().0));
+            }
+            s => answers.push((s as char).to_string()),
+        }
+    }
+    let want: Vec<String> = vec![
+        format!("O{}", objs[0].0),
+        "I".into(),
+        "K".into(),
+        format!("O{}", objs[2].0),
+        "I".into(),
+        format!("O{}", objs[0].0),
+    ];
+    assert_eq!(answers, want);
+    drop((c, raw));
+    server.stop();
+}
+
+/// A 2 KB bulk load naming one 1 MiB record 256 times does not make the
+/// server hold 256 MiB: answers are written as they are read.
+#[test]
+fn a_bulk_load_of_one_big_record_many_times_stays_small_in_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.redb");
+    let server = Served::start(&path, &[]);
+    let mut c = server.client();
+    assert_eq!(c.new_oid().unwrap(), Oid::ROOT);
+    let big = c.new_oid().unwrap();
+    c.begin();
+    c.store(big, rec(big, &vec![7u8; 1 << 20], &[])).unwrap();
+    c.store(Oid::ROOT, rec(Oid::ROOT, b"root", &[big])).unwrap();
+    c.end().unwrap();
+    let before = server.rss_kib();
+    let mut raw = server.raw();
+    raw.write_all(&handshake()).unwrap();
+    let mut v = [0u8; 4];
+    raw.read_exact(&mut v).unwrap();
+    let mut req = b"B".to_vec();
+    req.extend_from_slice(&256u32.to_be_bytes());
+    for _ in 0..256 {
+        req.extend_from_slice(&big.0.to_be_bytes());
+    }
+    raw.write_all(&req).unwrap();
+    // Read slowly at first, so that the server would have to hold what it
+    // cannot send yet.
+    std::thread::sleep(Duration::from_millis(500));
+    let during = server.rss_kib();
+    let mut got = 0u64;
+    let mut buf = vec![0u8; 1 << 16];
+    let want = 256 * (1 + 4 + 12 + (1u64 << 20));
+    while got < want {
+        let n = raw.read(&mut buf).unwrap();
+        assert!(n > 0, "the server closed after {got} bytes");
+        got += n as u64;
+    }
+    let grew = during.saturating_sub(before);
+    assert!(
+        grew < 64 * 1024,
+        "the server grew by {grew} KiB for one bulk load"
+    );
+    drop((c, raw));
+    server.stop();
+}

@@ -244,6 +244,37 @@ impl Engine {
             .collect()
     }
 
+    /// Hands each of `oids`' stored bytes (checked, `None` where absent) to
+    /// `each`, in order, from one snapshot, without copying them: a bulk
+    /// load's answer is written as it is read, so its memory does not grow
+    /// with the number or size of the records asked for.
+    pub(crate) fn load_each<E: From<StorageError>>(
+        &self,
+        oids: &[Oid],
+        mut each: impl FnMut(Option<&[u8]>) -> std::result::Result<(), E>,
+    ) -> std::result::Result<(), E> {
+        let db = self.db()?;
+        let txn = db.begin_read().map_err(E::from)?;
+        let table = txn.open_table(RECORDS).map_err(StorageError::from)?;
+        for &oid in oids {
+            match table.get(oid.0).map_err(StorageError::from)? {
+                Some(v) => {
+                    let bytes = v.value();
+                    Record::check(bytes).map_err(|e| corrupt(oid, e))?;
+                    if Oid::from_slice(bytes) != Some(oid) {
+                        return Err(StorageError::damaged(format!(
+                            "the record stored under oid {oid} names another oid"
+                        ))
+                        .into());
+                    }
+                    each(Some(bytes))?;
+                }
+                None => each(None)?,
+            }
+        }
+        Ok(())
+    }
+
     /// Up to `limit` records with oids above `after` (or from the first), in oid order.
     pub(crate) fn records_after(&self, after: Option<Oid>, limit: usize) -> Result<Vec<Record>> {
         let start = match after {

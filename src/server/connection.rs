@@ -9,7 +9,7 @@ use crate::engine::{Engine, InvalidSet, SessionId};
 use crate::error::StorageError;
 use crate::protocol::{
     LoadAnswer, PROTOCOL, ReadError, Request, STATUS_INVALID, STATUS_OKAY, encode_oids,
-    read_commit_data, read_u8,
+    read_commit_data, read_u8, write_record_bytes,
 };
 use crate::record::Oid;
 use crate::transport::Stream;
@@ -253,18 +253,32 @@ impl Conn<'_> {
             .filter(|(_, inv)| !**inv)
             .map(|(o, _)| *o)
             .collect();
-        let mut found = self.engine().load_many(&wanted)?.into_iter();
-        for inv in invalid {
-            let answer = if inv {
-                LoadAnswer::Invalid
-            } else {
-                match found.next().flatten() {
-                    Some(record) => LoadAnswer::Record(record),
-                    None => LoadAnswer::KeyError,
-                }
-            };
-            answer.write(&mut self.w)?;
+        // Each answer is written as its record is read (an invalidated oid's
+        // `I` in its place): one record in memory at a time.
+        let mut invalid = invalid.into_iter().peekable();
+        let w = &mut self.w;
+        // The `I`s that come before the next record's answer.
+        fn invalids(
+            w: &mut BufWriter<Stream>,
+            flags: &mut std::iter::Peekable<std::vec::IntoIter<bool>>,
+        ) -> Result<(), End> {
+            while flags.next_if(|inv| *inv).is_some() {
+                LoadAnswer::Invalid.write(w)?;
+            }
+            Ok(())
         }
+        invalids(w, &mut invalid)?;
+        self.shared
+            .engine
+            .load_each(&wanted, |bytes| -> Result<(), End> {
+                match bytes {
+                    Some(b) => write_record_bytes(w, b)?,
+                    None => LoadAnswer::KeyError.write(w)?,
+                }
+                // This answer's own flag (false), then any `I`s after it.
+                let _ = invalid.next();
+                invalids(w, &mut invalid)
+            })?;
         Ok(())
     }
 
