@@ -5,13 +5,19 @@
 # stops the server with `durus-redb stop`, and checks the store.
 #
 # Needs cargo and python3 (with venv); installs durus==4.3 into .venv.
+# DURUS_REDB_BIN=PATH runs that durus-redb command (for example the one
+# `pip install` put into a virtualenv) instead of building it.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 
 bash scripts/setup-python.sh >/dev/null
-cargo build --release --bin durus-redb
-BIN="$ROOT/target/release/durus-redb"
+if [ -n "${DURUS_REDB_BIN:-}" ]; then
+    BIN="$DURUS_REDB_BIN"
+else
+    cargo build --release --bin durus-redb
+    BIN="$ROOT/target/release/durus-redb"
+fi
 PY="$ROOT/.venv/bin/python"
 
 DIR="$(mktemp -d "${TMPDIR:-/tmp}/durus-redb-demo.XXXXXX")"

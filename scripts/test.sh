@@ -87,6 +87,8 @@ step "interop harness: durus -s vs durus -s (deterministic?)" \
 step "interop: durus-redb vs durus -s over TCP" interop "--port {port}"
 step "interop: durus-redb vs durus -s over a Unix socket" \
     interop "--address {address}"
+step "wheel: built, installed into a fresh venv, the demo run with the installed command" \
+    bash scripts/wheel.sh
 
 echo
 echo "== summary"
