@@ -8,7 +8,7 @@ use std::time::Duration;
 use crate::error::{Conflict, Result, StorageError};
 use crate::protocol::{
     LoadAnswer, PROTOCOL, ReadError, Request, STATUS_INVALID, STATUS_OKAY, encode_commit_data,
-    read_oid, read_oids, read_u8, read_u32,
+    read_bytes, read_oid, read_oids, read_u8, read_u32,
 };
 use crate::record::{Oid, Record};
 use crate::storage::{PackReport, PendingCommit, Storage};
@@ -106,6 +106,15 @@ impl ClientStorage {
 
     fn read_oid_list(&mut self) -> Result<Vec<Oid>> {
         Ok(read_oids(&mut self.r, u32::MAX as usize)?)
+    }
+
+    /// The live state of a durus-redb server (its own `X` request, which
+    /// Durus's server does not know): one `name value` pair a line.
+    pub fn server_state(&mut self) -> Result<String> {
+        self.send(&Request::Stats)?;
+        let n = read_u32(&mut self.r)? as usize;
+        let bytes = read_bytes(&mut self.r, n)?;
+        String::from_utf8(bytes).map_err(|e| StorageError::protocol(format!("live state: {e}")))
     }
 
     /// Asks the server to shut down (`Q`) and closes this connection.

@@ -13,6 +13,7 @@
 //! | `C` commit | | `u32 n`, `n` oids; then the client sends [commit data](read_commit_data), the server `O` or `I` |
 //! | `P` pack | | `O` |
 //! | `Q` quit | | the server closes and shuts down |
+//! | `X` live state (durus-redb's own; Durus clients never send it) | | `u32 n`, `n` bytes of UTF-8 text: one `name value` pair a line |
 //! | `.` or other | | the server closes the connection |
 
 use std::collections::BTreeMap;
@@ -52,6 +53,8 @@ pub(crate) enum Request {
     Pack,
     /// `Q`: shut the server down.
     Quit,
+    /// `X`: the server's live state (an extension of durus-redb's).
+    Stats,
     /// `.` or any other byte: the connection ends.
     Close(u8),
 }
@@ -95,6 +98,7 @@ impl Request {
             b'C' => Request::Commit,
             b'P' => Request::Pack,
             b'Q' => Request::Quit,
+            b'X' => Request::Stats,
             other => Request::Close(other),
         })
     }
@@ -115,6 +119,7 @@ impl Request {
             Request::Commit => vec![b'C'],
             Request::Pack => vec![b'P'],
             Request::Quit => vec![b'Q'],
+            Request::Stats => vec![b'X'],
             Request::Close(code) => vec![*code],
         }
     }
@@ -314,6 +319,7 @@ mod tests {
             Request::Sync,
             Request::Commit,
             Request::Pack,
+            Request::Stats,
             Request::Quit,
             Request::Close(b'.'),
         ];

@@ -1181,3 +1181,51 @@ fn parallel_loads_of_one_big_record_do_not_multiply_memory() {
     drop(c);
     server.stop();
 }
+
+/// `durus-redb stats --port P` asks a running server for its live state
+/// (the `X` extension), which a second client sees change with its commits.
+#[test]
+fn stats_of_a_running_server_reports_its_live_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.redb");
+    let server = Served::start(&path, &[]);
+    let mut c = server.client();
+    assert_eq!(c.new_oid().unwrap(), Oid::ROOT);
+    let objs = c.new_oids(5).unwrap();
+    c.begin();
+    for o in &objs {
+        c.store(*o, rec(*o, b"x", &[])).unwrap();
+    }
+    c.store(Oid::ROOT, rec(Oid::ROOT, b"root", &objs)).unwrap();
+    c.end().unwrap();
+    let state = c.server_state().unwrap();
+    assert!(state.lines().any(|l| l == "objects 6"), "{state}");
+    assert!(state.lines().any(|l| l == "commits_total 1"), "{state}");
+    assert!(state.lines().any(|l| l == "connections 1"), "{state}");
+    for key in [
+        "commits_not_durable",
+        "gc_queue",
+        "gc_waiting",
+        "loads_total",
+    ] {
+        assert!(state.lines().any(|l| l.starts_with(key)), "{key}: {state}");
+    }
+    // The command line, while the client keeps its connection.
+    let out = Command::new(bin())
+        .args(["stats", "--port", &server.port.to_string()])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("objects:") && text.contains("commits_per_second:"),
+        "{text}"
+    );
+    assert!(text.contains("connections:               2"), "{text}");
+    drop(c);
+    server.stop();
+}

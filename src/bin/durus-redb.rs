@@ -80,10 +80,16 @@ enum Command {
         #[command(flatten)]
         at: ConnectArgs,
     },
-    /// Print the object count, size on disk and format version of a store.
+    /// Print the object count, size on disk and format version of a store
+    /// file; or, without a file, ask a running durus-redb server for its
+    /// live state (objects, connections, commits and loads per second,
+    /// durability lag, collector progress, garbage waiting).
     Stats {
-        /// The store file.
-        path: PathBuf,
+        /// The store file (not open by a server). Without it, the server at
+        /// --host/--port or --address is asked.
+        path: Option<PathBuf>,
+        #[command(flatten)]
+        at: ConnectArgs,
         /// The grace window to count the garbage still waiting out (the
         /// server's --gc-grace), in seconds.
         #[arg(long, default_value_t = 600.0)]
@@ -183,6 +189,11 @@ struct ServeArgs {
     /// window).
     #[arg(long, value_enum, default_value = "fsync")]
     durability: DurabilityChoice,
+    /// redb's page cache, in MiB: the largest part of the server's memory
+    /// once the store has been read (the rest: some 26 KiB per connection,
+    /// plus the data of a commit being applied).
+    #[arg(long, default_value_t = 256)]
+    cache_size: usize,
     /// Seconds between fsyncs of the commit log with --durability os.
     #[arg(long, default_value_t = 1.0)]
     fsync_interval: f64,
@@ -263,7 +274,12 @@ fn run(cli: Cli) -> ExitCode {
             o
         }),
         Command::Export { source, dest } => export_cmd(&source, &dest),
-        Command::Stats { path, gc_grace } => stats(path, gc_grace),
+        Command::Stats {
+            path: Some(path),
+            gc_grace,
+            ..
+        } => stats(path, gc_grace),
+        Command::Stats { path: None, at, .. } => live_stats(at),
         Command::Check { path } => check(path),
     }
 }
@@ -342,6 +358,7 @@ fn serve(args: ServeArgs) -> ExitCode {
             Options::new()
                 .durability(durability)
                 .checkpoint(Periodic::default())
+                .cache_bytes(args.cache_size.max(1) << 20)
                 .gc_shared(gc),
         )
     };
@@ -600,6 +617,51 @@ fn export_cmd(source: &std::path::Path, dest: &std::path::Path) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Asks a running server for its live state twice, a second apart, and
+/// prints it with the rates over that second.
+fn live_stats(at: ConnectArgs) -> ExitCode {
+    let address = match at.address {
+        Some(p) => Address::unix(p),
+        None => Address::tcp(at.host, at.port),
+    };
+    let parse = |text: &str| -> std::collections::BTreeMap<String, String> {
+        text.lines()
+            .filter_map(|l| l.split_once(' '))
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    };
+    let sample = |c: &mut ClientStorage| {
+        c.server_state()
+            .map(|t| (std::time::Instant::now(), parse(&t)))
+    };
+    let mut client = match ClientStorage::connect(address.clone()) {
+        Ok(c) => c,
+        Err(e) => return fail(format_args!("no server answers on {address}: {e}")),
+    };
+    let first = sample(&mut client);
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    let (first, second) = match (first, sample(&mut client)) {
+        (Ok(a), Ok(b)) => (a, b),
+        (Err(e), _) | (_, Err(e)) => {
+            return fail(format_args!(
+                "{address} did not give its live state (is it a durus-redb server?): {e}"
+            ));
+        }
+    };
+    let get = |m: &std::collections::BTreeMap<String, String>, k: &str| -> f64 {
+        m.get(k).and_then(|v| v.parse().ok()).unwrap_or(0.0)
+    };
+    let secs = second.0.duration_since(first.0).as_secs_f64();
+    let rate = |k: &str| (get(&second.1, k) - get(&first.1, k)) / secs;
+    println!("server:           {address}");
+    for (k, v) in &second.1 {
+        println!("{:<26} {v}", format!("{k}:"));
+    }
+    println!("{:<26} {:.1}", "commits_per_second:", rate("commits_total"));
+    println!("{:<26} {:.1}", "loads_per_second:", rate("loads_total"));
+    ExitCode::SUCCESS
 }
 
 fn stats(path: PathBuf, gc_grace: f64) -> ExitCode {

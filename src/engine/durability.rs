@@ -104,6 +104,17 @@ impl Engine {
         }
     }
 
+    /// Commits applied and not yet durable, and the time since the last
+    /// checkpoint began (for the server's live state).
+    pub(crate) fn durability_lag(&self) -> (u64, Duration) {
+        let st = self.commit.lock();
+        let durable = self.log_durable.load(Ordering::Acquire);
+        (
+            st.log_seq.saturating_sub(durable),
+            st.last_checkpoint.elapsed(),
+        )
+    }
+
     /// Waits until the commit of `ticket` is as durable as the durability
     /// mode promises, and starts a checkpoint if the policy asked for one.
     pub(crate) fn finish(&self, ticket: CommitTicket) -> Result<()> {

@@ -227,6 +227,11 @@ impl Conn<'_> {
                 self.w.write_all(&encode_oids(&oids))?;
             }
             Request::Commit => self.commit()?,
+            Request::Stats => {
+                let text = self.shared.live_state()?;
+                self.w.write_all(&(text.len() as u32).to_be_bytes())?;
+                self.w.write_all(text.as_bytes())?;
+            }
             Request::Pack => {
                 self.w.write_all(&[STATUS_OKAY])?;
                 self.w.flush()?;
@@ -268,6 +273,9 @@ impl Conn<'_> {
             Ok(())
         }
         invalids(w, &mut invalid)?;
+        self.shared
+            .loads
+            .fetch_add(oids.len() as u64, std::sync::atomic::Ordering::Relaxed);
         self.shared
             .engine
             .load_each(&wanted, |bytes| -> Result<(), End> {
@@ -321,6 +329,9 @@ impl Conn<'_> {
                 drop(order);
                 engine.finish(ticket)?;
                 self.w.write_all(&[STATUS_OKAY])?;
+                shared
+                    .commits
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 tracing::debug!("committed {} objects, {bytes} bytes", records.len());
                 shared.committed_bytes(bytes + 8);
                 Ok(())

@@ -85,6 +85,10 @@ pub(crate) struct Shared {
     connections: Mutex<HashMap<u64, Stream>>,
     packing: AtomicBool,
     bytes_since_pack: AtomicU64,
+    /// Commits acknowledged and records sent since the server started.
+    pub(crate) commits: AtomicU64,
+    pub(crate) loads: AtomicU64,
+    started: std::time::Instant,
 }
 
 impl Shared {
@@ -116,6 +120,55 @@ impl Shared {
             tracing::error!("cannot start the pack thread: {e}");
             self.packing.store(false, Ordering::Release);
         }
+    }
+
+    /// The live state for `X`: one `name value` pair a line.
+    pub(crate) fn live_state(&self) -> crate::Result<String> {
+        use std::fmt::Write as _;
+        let st = self.store.stats()?;
+        let gc = self.store.gc_state()?;
+        let gcs = self.store.gc_stats();
+        let (not_durable, since_checkpoint) = self.engine.durability_lag();
+        let mut out = String::new();
+        let mut line = |name: &str, value: String| {
+            let _ = writeln!(out, "{name} {value}");
+        };
+        line("objects", st.objects.to_string());
+        line("file_bytes", st.file_bytes.to_string());
+        line("stored_bytes", st.stored_bytes.to_string());
+        line("connections", self.connections.lock().len().to_string());
+        line(
+            "commits_total",
+            self.commits.load(Ordering::Relaxed).to_string(),
+        );
+        line(
+            "loads_total",
+            self.loads.load(Ordering::Relaxed).to_string(),
+        );
+        line(
+            "uptime_seconds",
+            format!("{:.3}", self.started.elapsed().as_secs_f64()),
+        );
+        line("commits_not_durable", not_durable.to_string());
+        line(
+            "seconds_since_checkpoint",
+            format!("{:.3}", since_checkpoint.as_secs_f64()),
+        );
+        line("gc_queue", gc.queue_len.to_string());
+        line("gc_waiting", gc.waiting.to_string());
+        line(
+            "gc_oldest_seconds",
+            gc.oldest_queued
+                .map_or("-".into(), |d| format!("{:.1}", d.as_secs_f64())),
+        );
+        line("gc_full_running", u8::from(gc.full_pending).to_string());
+        line(
+            "gc_removed_incremental",
+            gcs.incremental_removed.to_string(),
+        );
+        line("gc_removed_full", gcs.full_removed.to_string());
+        line("gc_full_collections", gcs.full_collections.to_string());
+        Ok(out)
     }
 
     /// Counts committed bytes; starts a collection after `gcbytes`.
@@ -188,6 +241,9 @@ impl Server {
                 connections: Mutex::new(HashMap::new()),
                 packing: AtomicBool::new(false),
                 bytes_since_pack: AtomicU64::new(0),
+                commits: AtomicU64::new(0),
+                loads: AtomicU64::new(0),
+                started: std::time::Instant::now(),
             }),
             listener,
         })
