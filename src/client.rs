@@ -117,6 +117,23 @@ impl ClientStorage {
         String::from_utf8(bytes).map_err(|e| StorageError::protocol(format!("live state: {e}")))
     }
 
+    /// Every record of a durus-redb server, from one snapshot, in oid order
+    /// (its own `Y` request, for backups): the record count, then the
+    /// records as they arrive. Read the iterator to its end before using
+    /// the connection again.
+    pub fn snapshot(&mut self) -> Result<(u64, SnapshotRecords<'_>)> {
+        self.send(&Request::Snapshot)?;
+        let mut n = [0u8; 8];
+        std::io::Read::read_exact(&mut self.r, &mut n)?;
+        Ok((
+            u64::from_be_bytes(n),
+            SnapshotRecords {
+                client: self,
+                done: false,
+            },
+        ))
+    }
+
     /// Asks the server to shut down (`Q`) and closes this connection.
     pub fn stop_server(mut self) -> Result<()> {
         self.send(&Request::Quit)?;
@@ -226,5 +243,43 @@ impl Storage for ClientStorage {
         self.pending.clear();
         let _ = self.send(&Request::Close(b'.'));
         Ok(())
+    }
+}
+
+/// The records of a [`ClientStorage::snapshot`], in oid order.
+#[derive(Debug)]
+pub struct SnapshotRecords<'a> {
+    client: &'a mut ClientStorage,
+    done: bool,
+}
+
+impl Iterator for SnapshotRecords<'_> {
+    type Item = Result<Record>;
+
+    fn next(&mut self) -> Option<Result<Record>> {
+        if self.done {
+            return None;
+        }
+        let r = (|| -> Result<Option<Record>> {
+            let n = read_u32(&mut self.client.r)? as usize;
+            if n == 0 {
+                return Ok(None);
+            }
+            let bytes = read_bytes(&mut self.client.r, n)?;
+            let record = Record::from_bytes(bytes)
+                .map_err(|e| StorageError::protocol(format!("snapshot: a bad record: {e}")))?;
+            Ok(Some(record))
+        })();
+        match r {
+            Ok(Some(record)) => Some(Ok(record)),
+            Ok(None) => {
+                self.done = true;
+                None
+            }
+            Err(e) => {
+                self.done = true;
+                Some(Err(e))
+            }
+        }
     }
 }

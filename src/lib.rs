@@ -35,7 +35,7 @@ pub use checkpoint::{
     CheckpointFacts, CheckpointPolicy, CompactionFacts, Durability, Manual, Periodic,
     default_compaction,
 };
-pub use client::ClientStorage;
+pub use client::{ClientStorage, SnapshotRecords};
 pub use engine::{CheckReport, FullCheck, StoreStats, check_store};
 pub use error::{BackendError, Conflict, InvalidInput, Result, StorageError};
 pub use filestorage::{
@@ -48,8 +48,8 @@ pub use gc::{
 };
 pub use memory::MemoryStorage;
 pub use migrate::{
-    ExportReport, MigrateError, MigrateOptions, MigrateProgress, MigrateReport, export, migrate,
-    migrate_storage,
+    BackupFormat, BackupReport, ExportReport, MigrateError, MigrateOptions, MigrateProgress,
+    MigrateReport, backup, export, migrate, migrate_storage,
 };
 pub use record::{Oid, Record, RecordError};
 pub use server::{Server, ServerConfig, ShutdownHandle};

@@ -14,6 +14,7 @@
 //! | `P` pack | | `O` |
 //! | `Q` quit | | the server closes and shuts down |
 //! | `X` live state (durus-redb's own; Durus clients never send it) | | `u32 n`, `n` bytes of UTF-8 text: one `name value` pair a line |
+//! | `Y` snapshot (durus-redb's own, for `backup`) | | `u64` the record count, then every record of one snapshot in oid order, each `u32 n` and `n` bytes, then `u32 0` |
 //! | `.` or other | | the server closes the connection |
 
 use std::collections::BTreeMap;
@@ -55,6 +56,8 @@ pub(crate) enum Request {
     Quit,
     /// `X`: the server's live state (an extension of durus-redb's).
     Stats,
+    /// `Y`: every record of one snapshot (an extension of durus-redb's).
+    Snapshot,
     /// `.` or any other byte: the connection ends.
     Close(u8),
 }
@@ -99,6 +102,7 @@ impl Request {
             b'P' => Request::Pack,
             b'Q' => Request::Quit,
             b'X' => Request::Stats,
+            b'Y' => Request::Snapshot,
             other => Request::Close(other),
         })
     }
@@ -120,6 +124,7 @@ impl Request {
             Request::Pack => vec![b'P'],
             Request::Quit => vec![b'Q'],
             Request::Stats => vec![b'X'],
+            Request::Snapshot => vec![b'Y'],
             Request::Close(code) => vec![*code],
         }
     }
@@ -320,6 +325,7 @@ mod tests {
             Request::Commit,
             Request::Pack,
             Request::Stats,
+            Request::Snapshot,
             Request::Quit,
             Request::Close(b'.'),
         ];

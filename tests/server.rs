@@ -1229,3 +1229,109 @@ fn stats_of_a_running_server_reports_its_live_state() {
     drop(c);
     server.stop();
 }
+
+/// `durus-redb backup` while a client keeps committing: every commit sets
+/// two objects to the same counter, so a copy from one snapshot has them
+/// equal; the copy is a clean store (or a Durus file) with every object.
+#[test]
+fn backup_of_a_serving_store_is_consistent_while_commits_go_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.redb");
+    let server = Served::start(&path, &[]);
+    let mut c = server.client();
+    assert_eq!(c.new_oid().unwrap(), Oid::ROOT);
+    let ab = c.new_oids(2).unwrap();
+    let filler = c.new_oids(3000).unwrap();
+    c.begin();
+    for o in &filler {
+        c.store(*o, rec(*o, &[5u8; 200], &[])).unwrap();
+    }
+    for o in &ab {
+        c.store(*o, rec(*o, &0u64.to_be_bytes(), &[])).unwrap();
+    }
+    let mut refs = ab.clone();
+    refs.extend(&filler);
+    c.store(Oid::ROOT, rec(Oid::ROOT, b"root", &refs)).unwrap();
+    c.end().unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let committer = {
+        let stop = stop.clone();
+        let port = server.port;
+        let ab = ab.clone();
+        std::thread::spawn(move || {
+            let mut c = ClientStorage::connect_tcp("127.0.0.1", port).unwrap();
+            let mut n = 0u64;
+            while !stop.load(Ordering::Acquire) {
+                n += 1;
+                c.begin();
+                for o in &ab {
+                    c.store(*o, rec(*o, &n.to_be_bytes(), &[])).unwrap();
+                }
+                c.end().unwrap();
+            }
+            n
+        })
+    };
+    std::thread::sleep(Duration::from_millis(200));
+    let copy = dir.path().join("copy.redb");
+    let shelf = dir.path().join("copy.durus");
+    for (dest, format) in [(&copy, "redb"), (&shelf, "durus")] {
+        let out = Command::new(bin())
+            .args([
+                "backup",
+                "--port",
+                &server.port.to_string(),
+                "--format",
+                format,
+            ])
+            .arg(dest)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    stop.store(true, Ordering::Release);
+    let commits = committer.join().unwrap();
+    assert!(
+        commits > 10,
+        "only {commits} commits ran beside the backups"
+    );
+    // The store copy: clean, every object, A and B from the same commit.
+    let check = durus_redb::check_store(&copy).unwrap();
+    assert!(check.integrity_ok && check.references.is_clean());
+    assert_eq!(check.stats.objects, 3003);
+    let mut s = RedbStorage::open_read_only(&copy).unwrap();
+    let (a, b) = (s.load(ab[0]).unwrap(), s.load(ab[1]).unwrap());
+    assert_eq!(a.data(), b.data(), "the copy mixes two commits");
+    // The Durus file: the same.
+    let mut src = durus_redb::open_source(&shelf, durus_redb::ReadOptions::default()).unwrap();
+    let mut found = std::collections::HashMap::new();
+    let mut items = 0;
+    while let Some(ev) = src.next_event().unwrap() {
+        if let durus_redb::SourceEvent::Item(item) = ev {
+            items += 1;
+            found.insert(item.oid, item.record);
+        }
+    }
+    assert_eq!(items, 3003);
+    let data = |o: Oid| {
+        Record::from_bytes(found[&o].clone())
+            .unwrap()
+            .data()
+            .to_vec()
+    };
+    assert_eq!(data(ab[0]), data(ab[1]), "the Durus copy mixes two commits");
+    // No temporary file is left.
+    let left: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("partial"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+    drop(c);
+    server.stop();
+}

@@ -61,6 +61,19 @@ enum Command {
         /// The Durus file to write (must not exist).
         dest: PathBuf,
     },
+    /// Copy the store of a running durus-redb server, consistently (from
+    /// one snapshot) while it goes on serving, to a new file. Restore by
+    /// serving the copy (or, with --format durus, by migrating it).
+    Backup {
+        /// The file to write (must not exist; written under a temporary
+        /// name and renamed when complete).
+        dest: PathBuf,
+        #[command(flatten)]
+        at: ConnectArgs,
+        /// A new durus-redb store, or a Durus FileStorage (SHELF-1) file.
+        #[arg(long, value_enum, default_value = "redb")]
+        format: BackupChoice,
+    },
     /// Collect garbage in a store (not open elsewhere).
     ///
     /// By default runs the incremental collector until its queue is empty:
@@ -102,6 +115,15 @@ enum Command {
         /// The store file (must not be open by a server).
         path: PathBuf,
     },
+}
+
+/// What a backup writes.
+#[derive(ValueEnum, Clone, Copy, Debug)]
+enum BackupChoice {
+    /// A new durus-redb store.
+    Redb,
+    /// A Durus FileStorage (SHELF-1) file.
+    Durus,
 }
 
 /// When an acknowledged commit is safe.
@@ -274,6 +296,7 @@ fn run(cli: Cli) -> ExitCode {
             o
         }),
         Command::Export { source, dest } => export_cmd(&source, &dest),
+        Command::Backup { dest, at, format } => backup_cmd(&dest, at, format),
         Command::Stats {
             path: Some(path),
             gc_grace,
@@ -614,6 +637,43 @@ fn export_cmd(source: &std::path::Path, dest: &std::path::Path) -> ExitCode {
         }
         Err(e) => {
             eprintln!("durus-redb: export failed: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn backup_cmd(dest: &std::path::Path, at: ConnectArgs, format: BackupChoice) -> ExitCode {
+    let address = match at.address {
+        Some(p) => Address::unix(p),
+        None => Address::tcp(at.host, at.port),
+    };
+    let mut client = match ClientStorage::connect(address.clone()) {
+        Ok(c) => c,
+        Err(e) => return fail(format_args!("no server answers on {address}: {e}")),
+    };
+    let format = match format {
+        BackupChoice::Redb => durus_redb::BackupFormat::Store,
+        BackupChoice::Durus => durus_redb::BackupFormat::Durus,
+    };
+    let progress = bar(0, "backing up [{bar:40}] {percent:>3}% {pos}/{len} records");
+    let result = durus_redb::backup(&mut client, dest, format, &mut |done, total| {
+        progress.set_length(total);
+        progress.set_position(done);
+    });
+    progress.finish();
+    match result {
+        Ok(r) => {
+            println!(
+                "backed up {} records ({} bytes) from {address} to {} in {:.1} s",
+                r.records,
+                r.bytes,
+                dest.display(),
+                r.elapsed.as_secs_f64()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("durus-redb: backup failed: {e}");
             ExitCode::FAILURE
         }
     }

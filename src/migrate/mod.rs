@@ -35,9 +35,11 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+mod backup;
 mod export;
 mod verify;
 
+pub use backup::{BackupFormat, BackupReport, backup};
 pub use export::{ExportReport, export};
 
 use crate::engine::Engine;

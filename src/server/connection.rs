@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::Shared;
-use crate::engine::{Engine, InvalidSet, SessionId};
+use crate::engine::{Engine, InvalidSet, SessionId, Walk};
 use crate::error::StorageError;
 use crate::protocol::{
     LoadAnswer, PROTOCOL, ReadError, Request, STATUS_INVALID, STATUS_OKAY, encode_oids,
@@ -227,6 +227,20 @@ impl Conn<'_> {
                 self.w.write_all(&encode_oids(&oids))?;
             }
             Request::Commit => self.commit()?,
+            Request::Snapshot => {
+                let w = &mut self.w;
+                self.shared.engine.each_record(|item| -> Result<(), End> {
+                    match item {
+                        Walk::Count(n) => w.write_all(&n.to_be_bytes())?,
+                        Walk::Record(bytes) => {
+                            w.write_all(&(bytes.len() as u32).to_be_bytes())?;
+                            w.write_all(bytes)?;
+                        }
+                    }
+                    Ok(())
+                })?;
+                self.w.write_all(&0u32.to_be_bytes())?;
+            }
             Request::Stats => {
                 let text = self.shared.live_state()?;
                 self.w.write_all(&(text.len() as u32).to_be_bytes())?;
