@@ -1335,3 +1335,38 @@ fn backup_of_a_serving_store_is_consistent_while_commits_go_on() {
     drop(c);
     server.stop();
 }
+
+/// `--metrics-address`: the live state as Prometheus text over HTTP.
+#[test]
+fn metrics_are_served_as_prometheus_text() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.redb");
+    let server = Served::start(&path, &["--metrics-address", "127.0.0.1:0"]);
+    let log = server.wait_for_log("metrics on http://");
+    let url = log
+        .lines()
+        .find_map(|l| l.split("metrics on http://").nth(1))
+        .expect("the metrics address is logged");
+    let addr = url.trim().trim_end_matches("/metrics").to_string();
+    let mut c = server.client();
+    assert_eq!(c.new_oid().unwrap(), Oid::ROOT);
+    make_root(&mut c, &[]);
+    let get = |path: &str| {
+        let mut s = TcpStream::connect(addr.as_str()).unwrap();
+        write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
+        let mut text = String::new();
+        s.read_to_string(&mut text).unwrap();
+        text
+    };
+    let page = get("/metrics");
+    assert!(page.starts_with("HTTP/1.0 200 OK"), "{page}");
+    assert!(
+        page.contains("# TYPE durus_redb_commits_total counter"),
+        "{page}"
+    );
+    assert!(page.contains("durus_redb_objects 1"), "{page}");
+    assert!(page.contains("durus_redb_connections 1"), "{page}");
+    assert!(get("/other").starts_with("HTTP/1.0 404"));
+    drop(c);
+    server.stop();
+}

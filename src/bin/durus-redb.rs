@@ -196,6 +196,9 @@ struct ServeArgs {
     /// Connections served at once; more are refused.
     #[arg(long, default_value_t = 512)]
     max_connections: usize,
+    /// Serve the live state as Prometheus text at http://HOST:PORT/metrics.
+    #[arg(long)]
+    metrics_address: Option<String>,
     /// The most new oids one connection may hold handed out and not yet
     /// stored; asking for more closes the connection.
     #[arg(long, default_value_t = 1 << 20)]
@@ -407,6 +410,7 @@ fn serve(args: ServeArgs) -> ExitCode {
     config.max_frame_bytes = args.max_frame_bytes;
     config.request_timeout = std::time::Duration::from_secs_f64(args.request_timeout);
     config.gcbytes = args.gcbytes;
+    config.metrics_address = args.metrics_address.clone();
     config.max_oids_held = args.max_oids_held.max(1);
     let server = match Server::bind(&store, config) {
         Ok(s) => s,

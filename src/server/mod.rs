@@ -10,6 +10,7 @@
 //! durable as the checkpoint policy asks.
 
 mod connection;
+mod metrics;
 
 use std::collections::HashMap;
 use std::io;
@@ -49,6 +50,9 @@ pub struct ServerConfig {
     /// connection. A Durus client asks for the oids of the new objects of
     /// its next commit.
     pub max_oids_held: u64,
+    /// Where to serve the live state as Prometheus text (`GET /metrics`),
+    /// as `HOST:PORT`; `None`: nowhere.
+    pub metrics_address: Option<String>,
 }
 
 impl Default for ServerConfig {
@@ -60,6 +64,7 @@ impl Default for ServerConfig {
             request_timeout: Duration::from_secs(10),
             gcbytes: 0,
             max_oids_held: 1 << 20,
+            metrics_address: None,
         }
     }
 }
@@ -217,6 +222,7 @@ impl std::fmt::Debug for ShutdownHandle {
 pub struct Server {
     shared: Arc<Shared>,
     listener: Listener,
+    metrics: Option<std::net::TcpListener>,
 }
 
 impl std::fmt::Debug for Server {
@@ -231,6 +237,10 @@ impl Server {
     /// closes it then.
     pub fn bind(store: &RedbStorage, config: ServerConfig) -> io::Result<Server> {
         let (listener, address) = Listener::bind(&config.address)?;
+        let metrics = match &config.metrics_address {
+            Some(a) => Some(std::net::TcpListener::bind(a.as_str())?),
+            None => None,
+        };
         Ok(Server {
             shared: Arc::new(Shared {
                 engine: store.engine().clone(),
@@ -246,7 +256,13 @@ impl Server {
                 started: std::time::Instant::now(),
             }),
             listener,
+            metrics,
         })
+    }
+
+    /// Where the metrics page listens, if it does.
+    pub fn metrics_address(&self) -> Option<std::net::SocketAddr> {
+        self.metrics.as_ref().and_then(|m| m.local_addr().ok())
     }
 
     /// The address actually bound (with the port picked, if 0 was asked).
@@ -266,6 +282,15 @@ impl Server {
     pub fn run(self) -> crate::Result<()> {
         let shared = &self.shared;
         tracing::info!("Ready on {}", shared.address);
+        if let Some(m) = self.metrics.as_ref().and_then(|m| m.try_clone().ok()) {
+            if let Ok(a) = m.local_addr() {
+                tracing::info!("metrics on http://{a}/metrics");
+            }
+            let sh = shared.clone();
+            let _ = std::thread::Builder::new()
+                .name("durus-metrics".into())
+                .spawn(move || metrics::serve(sh, m));
+        }
         let mut threads: Vec<JoinHandle<()>> = Vec::new();
         let mut next_id = 0u64;
         loop {

@@ -1,0 +1,107 @@
+//! `serve --metrics-address`: the live state (`X`) as Prometheus text, over
+//! a minimal HTTP/1.0 responder. One read-only page, a few scrapes a
+//! minute: a thread and std's TcpListener do it; an HTTP crate would bring
+//! an async runtime or a server framework for one GET.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use super::Shared;
+
+/// The live state in Prometheus's text format: `durus_redb_<name> <value>`,
+/// counters (`*_total`) and gauges typed as such.
+pub(crate) fn exposition(state: &str) -> String {
+    let mut out = String::new();
+    for line in state.lines() {
+        let Some((name, value)) = line.split_once(' ') else {
+            continue;
+        };
+        if value.parse::<f64>().is_err() {
+            continue;
+        }
+        let kind = if name.ends_with("_total") {
+            "counter"
+        } else {
+            "gauge"
+        };
+        out.push_str(&format!(
+            "# TYPE durus_redb_{name} {kind}\ndurus_redb_{name} {value}\n"
+        ));
+    }
+    out
+}
+
+/// Serves the metrics page on `listener` until the server stops.
+pub(super) fn serve(shared: Arc<Shared>, listener: TcpListener) {
+    if listener.set_nonblocking(true).is_err() {
+        tracing::error!("the metrics listener cannot be polled; metrics are off");
+        return;
+    }
+    while !shared.stopping.load(Ordering::Acquire) {
+        match listener.accept() {
+            Ok((stream, _)) => answer(&shared, stream),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Err(e) => {
+                tracing::warn!("metrics: accept failed: {e}");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+}
+
+fn answer(shared: &Shared, mut stream: TcpStream) {
+    let _ = stream.set_nonblocking(false);
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+    let _ = stream.set_write_timeout(Some(Duration::from_secs(2)));
+    // The request head, at most 8 KiB.
+    let mut head = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 8192 {
+        match stream.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => head.extend_from_slice(&buf[..n]),
+        }
+    }
+    let line = String::from_utf8_lossy(&head);
+    let mut parts = line.split_whitespace();
+    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let (status, body, kind) = if method != "GET" {
+        ("405 Method Not Allowed", String::new(), "text/plain")
+    } else if path != "/metrics" && path != "/" {
+        ("404 Not Found", "see /metrics\n".to_string(), "text/plain")
+    } else {
+        match shared.live_state() {
+            Ok(state) => (
+                "200 OK",
+                exposition(&state),
+                "text/plain; version=0.0.4; charset=utf-8",
+            ),
+            Err(e) => ("500 Internal Server Error", format!("{e}\n"), "text/plain"),
+        }
+    };
+    let _ = write!(
+        stream,
+        "HTTP/1.0 {status}\r\nContent-Type: {kind}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::exposition;
+
+    #[test]
+    fn the_live_state_becomes_prometheus_text() {
+        let text = exposition("objects 6\ncommits_total 3\ngc_oldest_seconds -\n");
+        assert_eq!(
+            text,
+            "# TYPE durus_redb_objects gauge\ndurus_redb_objects 6\n\
+             # TYPE durus_redb_commits_total counter\ndurus_redb_commits_total 3\n"
+        );
+    }
+}
