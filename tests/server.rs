@@ -1230,48 +1230,62 @@ fn stats_of_a_running_server_reports_its_live_state() {
     server.stop();
 }
 
-/// `durus-redb backup` while a client keeps committing: every commit sets
-/// two objects to the same counter, so a copy from one snapshot has them
-/// equal; the copy is a clean store (or a Durus file) with every object.
+/// `durus-redb backup` while 4 clients keep committing. Every commit of
+/// client i sets its own object X_i to its next counter and the shared
+/// object S to (i, counter), so in the state after any commit S names a
+/// client and counter that X_i holds; a copy that mixed two commit points
+/// would break that. The copy is a clean store (or a Durus file) with every
+/// object, and each X_i holds a counter its client had committed.
 #[test]
 fn backup_of_a_serving_store_is_consistent_while_commits_go_on() {
+    const CLIENTS: usize = 4;
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("s.redb");
     let server = Served::start(&path, &[]);
     let mut c = server.client();
     assert_eq!(c.new_oid().unwrap(), Oid::ROOT);
-    let ab = c.new_oids(2).unwrap();
+    let xs = c.new_oids(CLIENTS).unwrap();
+    let shared = c.new_oid().unwrap();
     let filler = c.new_oids(3000).unwrap();
+    let val = |i: u64, n: u64| [i.to_be_bytes(), n.to_be_bytes()].concat();
     c.begin();
     for o in &filler {
         c.store(*o, rec(*o, &[5u8; 200], &[])).unwrap();
     }
-    for o in &ab {
-        c.store(*o, rec(*o, &0u64.to_be_bytes(), &[])).unwrap();
+    for (i, o) in xs.iter().enumerate() {
+        c.store(*o, rec(*o, &val(i as u64, 0), &[])).unwrap();
     }
-    let mut refs = ab.clone();
+    c.store(shared, rec(shared, &val(0, 0), &[])).unwrap();
+    let mut refs = xs.clone();
+    refs.push(shared);
     refs.extend(&filler);
     c.store(Oid::ROOT, rec(Oid::ROOT, b"root", &refs)).unwrap();
     c.end().unwrap();
     let stop = Arc::new(AtomicBool::new(false));
-    let committer = {
-        let stop = stop.clone();
-        let port = server.port;
-        let ab = ab.clone();
-        std::thread::spawn(move || {
-            let mut c = ClientStorage::connect_tcp("127.0.0.1", port).unwrap();
-            let mut n = 0u64;
-            while !stop.load(Ordering::Acquire) {
-                n += 1;
-                c.begin();
-                for o in &ab {
-                    c.store(*o, rec(*o, &n.to_be_bytes(), &[])).unwrap();
+    let committers: Vec<_> = (0..CLIENTS)
+        .map(|i| {
+            let stop = stop.clone();
+            let port = server.port;
+            let (x, s) = (xs[i], shared);
+            std::thread::spawn(move || {
+                let mut c = ClientStorage::connect_tcp("127.0.0.1", port).unwrap();
+                let mut n = 0u64;
+                while !stop.load(Ordering::Acquire) {
+                    c.begin();
+                    c.store(x, rec(x, &val(i as u64, n + 1), &[])).unwrap();
+                    c.store(s, rec(s, &val(i as u64, n + 1), &[])).unwrap();
+                    match c.end() {
+                        Ok(()) => n += 1,
+                        Err(e) if e.is_conflict() => {
+                            c.sync().unwrap();
+                        }
+                        Err(e) => panic!("{e}"),
+                    }
                 }
-                c.end().unwrap();
-            }
-            n
+                n
+            })
         })
-    };
+        .collect();
     std::thread::sleep(Duration::from_millis(200));
     let copy = dir.path().join("copy.redb");
     let shelf = dir.path().join("copy.durus");
@@ -1295,36 +1309,55 @@ fn backup_of_a_serving_store_is_consistent_while_commits_go_on() {
         );
     }
     stop.store(true, Ordering::Release);
-    let commits = committer.join().unwrap();
+    let committed: Vec<u64> = committers.into_iter().map(|t| t.join().unwrap()).collect();
     assert!(
-        commits > 10,
-        "only {commits} commits ran beside the backups"
+        committed.iter().sum::<u64>() > 20,
+        "too few commits beside the backups: {committed:?}"
     );
-    // The store copy: clean, every object, A and B from the same commit.
+    // Checks one copy's records: S names (i, n) and X_i holds n; every X_j
+    // holds a counter its client committed.
+    let consistent = |load: &dyn Fn(Oid) -> Vec<u8>, what: &str| {
+        let s = load(shared);
+        let (i, n) = (
+            u64::from_be_bytes(s[..8].try_into().unwrap()),
+            u64::from_be_bytes(s[8..].try_into().unwrap()),
+        );
+        assert_eq!(
+            load(xs[i as usize]),
+            val(i, n),
+            "{what}: S and X_{i} from two commits"
+        );
+        for (j, x) in xs.iter().enumerate() {
+            let v = load(*x);
+            let m = u64::from_be_bytes(v[8..].try_into().unwrap());
+            assert!(m <= committed[j], "{what}: X_{j} = {m}, never committed");
+        }
+    };
     let check = durus_redb::check_store(&copy).unwrap();
     assert!(check.integrity_ok && check.references.is_clean());
-    assert_eq!(check.stats.objects, 3003);
-    let mut s = RedbStorage::open_read_only(&copy).unwrap();
-    let (a, b) = (s.load(ab[0]).unwrap(), s.load(ab[1]).unwrap());
-    assert_eq!(a.data(), b.data(), "the copy mixes two commits");
-    // The Durus file: the same.
+    assert_eq!(check.stats.objects, 3006);
+    let store = std::cell::RefCell::new(RedbStorage::open_read_only(&copy).unwrap());
+    consistent(
+        &|o| store.borrow_mut().load(o).unwrap().data().to_vec(),
+        "store copy",
+    );
     let mut src = durus_redb::open_source(&shelf, durus_redb::ReadOptions::default()).unwrap();
     let mut found = std::collections::HashMap::new();
-    let mut items = 0;
     while let Some(ev) = src.next_event().unwrap() {
         if let durus_redb::SourceEvent::Item(item) = ev {
-            items += 1;
             found.insert(item.oid, item.record);
         }
     }
-    assert_eq!(items, 3003);
-    let data = |o: Oid| {
-        Record::from_bytes(found[&o].clone())
-            .unwrap()
-            .data()
-            .to_vec()
-    };
-    assert_eq!(data(ab[0]), data(ab[1]), "the Durus copy mixes two commits");
+    assert_eq!(found.len(), 3006);
+    consistent(
+        &|o| {
+            Record::from_bytes(found[&o].clone())
+                .unwrap()
+                .data()
+                .to_vec()
+        },
+        "Durus copy",
+    );
     // No temporary file is left.
     let left: Vec<_> = std::fs::read_dir(dir.path())
         .unwrap()
