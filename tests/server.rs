@@ -1403,3 +1403,31 @@ fn metrics_are_served_as_prometheus_text() {
     drop(c);
     server.stop();
 }
+
+/// Not a test: prints the server's resident memory after reading 100 MB of
+/// 1 MiB records, with the default page cache and with `--cache-size 16`
+/// (`cargo test --release --test server measure_cache -- --ignored --nocapture`).
+#[test]
+#[ignore = "a measurement, run by hand"]
+fn measure_cache_size() {
+    for extra in [&[][..], &["--cache-size", "16"][..]] {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.redb");
+        let server = Served::start(&path, extra);
+        let mut c = server.client();
+        assert_eq!(c.new_oid().unwrap(), Oid::ROOT);
+        let objs = c.new_oids(100).unwrap();
+        for o in &objs {
+            c.begin();
+            c.store(*o, rec(*o, &vec![3u8; 1 << 20], &[])).unwrap();
+            c.end().unwrap();
+        }
+        make_root(&mut c, &objs);
+        for o in &objs {
+            c.load(*o).unwrap();
+        }
+        eprintln!("{extra:?}: RSS {} MiB", server.rss_kib() / 1024);
+        drop(c);
+        server.stop();
+    }
+}
