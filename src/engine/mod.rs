@@ -238,16 +238,26 @@ impl Engine {
 
     /// The records for `oids` from one snapshot; `None` where absent.
     pub(crate) fn load_many(&self, oids: &[Oid]) -> Result<Vec<Option<Record>>> {
+        let mut out = Vec::with_capacity(oids.len());
+        self.load_each(oids, |bytes| -> Result<()> {
+            let record = match bytes {
+                Some(b) => Some(Record::from_bytes(b.to_vec()).map_err(|e| {
+                    StorageError::damaged(format!("a stored record is damaged: {e}"))
+                })?),
+                None => None,
+            };
+            out.push(record);
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    /// How many records the store holds (from redb's table header: no walk).
+    pub(crate) fn object_count(&self) -> Result<u64> {
+        use redb::ReadableTableMetadata;
         let db = self.db()?;
         let txn = db.begin_read()?;
-        let table = txn.open_table(RECORDS)?;
-        oids.iter()
-            .map(|&oid| match load_from(&table, oid) {
-                Ok(r) => Ok(Some(r)),
-                Err(StorageError::NotFound(_)) => Ok(None),
-                Err(e) => Err(e),
-            })
-            .collect()
+        Ok(txn.open_table(RECORDS)?.len()?)
     }
 
     /// Hands each of `oids`' stored bytes (checked, `None` where absent) to
