@@ -76,6 +76,15 @@ impl Served {
         s
     }
 
+    /// A raw connection past the version handshake.
+    fn raw_handshaken(&self) -> TcpStream {
+        let mut s = self.raw();
+        s.write_all(&handshake()).unwrap();
+        let mut v = [0u8; 4];
+        s.read_exact(&mut v).unwrap();
+        s
+    }
+
     /// Log lines so far.
     fn log_lines(&self) -> Vec<String> {
         self.log.try_iter().collect()
@@ -573,10 +582,7 @@ fn a_stalled_committer_loses_the_commit_order_after_the_timeout() {
     assert_eq!(c.new_oid().unwrap(), Oid::ROOT);
     make_root(&mut c, &[]);
     // The staller sends `C`, receives its invalidations and sends nothing more.
-    let mut staller = server.raw();
-    staller.write_all(&handshake()).unwrap();
-    let mut v = [0u8; 4];
-    staller.read_exact(&mut v).unwrap();
+    let mut staller = server.raw_handshaken();
     staller.write_all(b"C").unwrap();
     let mut n = [0u8; 4];
     staller.read_exact(&mut n).unwrap();
@@ -950,10 +956,7 @@ fn a_trickling_committer_loses_the_commit_order_after_the_whole_request_timeout(
     let mut c = server.client();
     assert_eq!(c.new_oid().unwrap(), Oid::ROOT);
     make_root(&mut c, &[]);
-    let mut trickler = server.raw();
-    trickler.write_all(&handshake()).unwrap();
-    let mut v = [0u8; 4];
-    trickler.read_exact(&mut v).unwrap();
+    let mut trickler = server.raw_handshaken();
     trickler.write_all(b"C").unwrap();
     let mut n = [0u8; 4];
     trickler.read_exact(&mut n).unwrap();
@@ -1037,10 +1040,7 @@ fn bulk_load_answers_records_invalid_and_missing_in_order() {
     }
     c.store(Oid::ROOT, rec(Oid::ROOT, b"root", &objs)).unwrap();
     c.end().unwrap();
-    let mut raw = server.raw();
-    raw.write_all(&handshake()).unwrap();
-    let mut v = [0u8; 4];
-    raw.read_exact(&mut v).unwrap();
+    let mut raw = server.raw_handshaken();
     // objs[1] changes after `raw` connected: invalid for it until it syncs.
     c.begin();
     c.store(objs[1], rec(objs[1], b"changed", &[])).unwrap();
@@ -1096,10 +1096,7 @@ fn a_bulk_load_of_one_big_record_many_times_stays_small_in_memory() {
     c.store(Oid::ROOT, rec(Oid::ROOT, b"root", &[big])).unwrap();
     c.end().unwrap();
     let before = server.rss_kib();
-    let mut raw = server.raw();
-    raw.write_all(&handshake()).unwrap();
-    let mut v = [0u8; 4];
-    raw.read_exact(&mut v).unwrap();
+    let mut raw = server.raw_handshaken();
     let mut req = b"B".to_vec();
     req.extend_from_slice(&256u32.to_be_bytes());
     for _ in 0..256 {

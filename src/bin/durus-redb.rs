@@ -156,6 +156,16 @@ struct ConnectArgs {
     address: Option<PathBuf>,
 }
 
+impl ConnectArgs {
+    /// The server's address: the Unix socket if given, else host and port.
+    fn address(self) -> Address {
+        match self.address {
+            Some(p) => Address::unix(p),
+            None => Address::tcp(self.host, self.port),
+        }
+    }
+}
+
 #[derive(Args, Debug)]
 struct ServeArgs {
     /// The store file (created if absent).
@@ -451,10 +461,7 @@ fn serve(args: ServeArgs) -> ExitCode {
 }
 
 fn stop(at: ConnectArgs) -> ExitCode {
-    let address = match at.address {
-        Some(p) => Address::unix(p),
-        None => Address::tcp(at.host, at.port),
-    };
+    let address = at.address();
     match ClientStorage::connect(address.clone()).and_then(|c| c.stop_server()) {
         Ok(()) => {
             println!("asked the server on {address} to stop");
@@ -647,10 +654,7 @@ fn export_cmd(source: &std::path::Path, dest: &std::path::Path) -> ExitCode {
 }
 
 fn backup_cmd(dest: &std::path::Path, at: ConnectArgs, format: BackupChoice) -> ExitCode {
-    let address = match at.address {
-        Some(p) => Address::unix(p),
-        None => Address::tcp(at.host, at.port),
-    };
+    let address = at.address();
     let mut client = match ClientStorage::connect(address.clone()) {
         Ok(c) => c,
         Err(e) => return fail(format_args!("no server answers on {address}: {e}")),
@@ -686,10 +690,7 @@ fn backup_cmd(dest: &std::path::Path, at: ConnectArgs, format: BackupChoice) -> 
 /// Asks a running server for its live state twice, a second apart, and
 /// prints it with the rates over that second.
 fn live_stats(at: ConnectArgs) -> ExitCode {
-    let address = match at.address {
-        Some(p) => Address::unix(p),
-        None => Address::tcp(at.host, at.port),
-    };
+    let address = at.address();
     let parse = |text: &str| -> std::collections::BTreeMap<String, String> {
         text.lines()
             .filter_map(|l| l.split_once(' '))

@@ -343,23 +343,12 @@ fn mark(
     Ok(ControlFlow::Continue(()))
 }
 
-/// Marks what the commits since the start reach, in one read transaction
-/// (the sweep's own transactions do it again under the commit lock for what
-/// comes later).
-fn absorb(engine: &Engine, gc: &GcShared, marked: &mut MarkSet) -> Result<()> {
-    let extra: Vec<u64> = gc
-        .extra
-        .lock()
-        .as_mut()
-        .map(|e| e.drain().map(|o| o.0).collect())
-        .unwrap_or_default();
-    let mut todo: Vec<u64> = extra.into_iter().filter(|&o| !marked.contains(o)).collect();
-    if todo.is_empty() {
-        return Ok(());
-    }
-    let db = engine.db()?;
-    let txn = db.begin_read()?;
-    let records = txn.open_table(RECORDS)?;
+/// Marks `todo` and everything reachable from it in `records`.
+fn mark_reachable(
+    records: &impl ReadableTable<u64, &'static [u8]>,
+    marked: &mut MarkSet,
+    mut todo: Vec<u64>,
+) -> Result<()> {
     while let Some(oid) = todo.pop() {
         if !marked.insert(oid) {
             continue;
@@ -373,6 +362,26 @@ fn absorb(engine: &Engine, gc: &GcShared, marked: &mut MarkSet) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Marks what the commits since the start reach, in one read transaction
+/// (the sweep's own transactions do it again under the commit lock for what
+/// comes later).
+fn absorb(engine: &Engine, gc: &GcShared, marked: &mut MarkSet) -> Result<()> {
+    let extra: Vec<u64> = gc
+        .extra
+        .lock()
+        .as_mut()
+        .map(|e| e.drain().map(|o| o.0).collect())
+        .unwrap_or_default();
+    let todo: Vec<u64> = extra.into_iter().filter(|&o| !marked.contains(o)).collect();
+    if todo.is_empty() {
+        return Ok(());
+    }
+    let db = engine.db()?;
+    let txn = db.begin_read()?;
+    let records = txn.open_table(RECORDS)?;
+    mark_reachable(&records, marked, todo)
 }
 
 /// Up to `want` unmarked oids from `from` on, scanning at most [`SCAN_KEYS`]
@@ -422,23 +431,12 @@ fn sweep(
             .unwrap_or_default();
         let mut records = w.open_table(RECORDS)?;
         // Protect whatever commits since the start reach, in the current state.
-        let mut todo: Vec<u64> = extra
+        let todo: Vec<u64> = extra
             .into_iter()
             .map(|o| o.0)
             .filter(|&o| !marked.contains(o))
             .collect();
-        while let Some(oid) = todo.pop() {
-            if !marked.insert(oid) {
-                continue;
-            }
-            if let Some(v) = records.get(oid)? {
-                for r in refs_of(v.value()).map_err(|e| corrupt(Oid(oid), e))? {
-                    if !marked.contains(r.0) {
-                        todo.push(r.0);
-                    }
-                }
-            }
-        }
+        mark_reachable(&records, marked, todo)?;
         // The candidate set: forward closure of the seeds among unmarked records.
         let mut members: HashMap<u64, (Vec<u64>, u64)> = HashMap::new();
         'seeds: for &seed in seeds {
