@@ -71,6 +71,13 @@ interop() {  # interop TRANSPORT-ARGS (e.g. "--port {port}")
         --compare-cmd "$DURUS_BIN -s --file {file} $1" --quiet
 }
 
+snapshot_interop() {  # the scenarios against snapshot reads; each checks itself
+    have_server || return 1
+    "${RUN_AGAINST[@]}" \
+        --server-cmd "$SERVER_BIN serve --file {file} --port {port} --snapshot-reads" \
+        --interop-arg=--snapshot-reads --quiet
+}
+
 step "python harness compiles" "$DURUS_PYTHON" -m py_compile \
     tests/python/interop.py tests/python/run_against.py
 step "cargo fmt --check" cargo fmt --all -- --check
@@ -87,6 +94,8 @@ step "interop harness: durus -s vs durus -s (deterministic?)" \
 step "interop: durus-redb vs durus -s over TCP" interop "--port {port}"
 step "interop: durus-redb vs durus -s over a Unix socket" \
     interop "--address {address}"
+step "interop: durus-redb --snapshot-reads (read_conflict's stated difference)" \
+    snapshot_interop
 step "wheel: built, installed into a fresh venv, the demo run with the installed command" \
     bash scripts/wheel.sh
 

@@ -52,7 +52,7 @@ pub use migrate::{
     MigrateReport, backup, export, migrate, migrate_storage,
 };
 pub use record::{Oid, Record, RecordError};
-pub use server::{Server, ServerConfig, ShutdownHandle};
+pub use server::{DEFAULT_SNAPSHOT_IDLE, Server, ServerConfig, ShutdownHandle};
 pub use storage::{PackReport, Storage, Traversal};
 pub use store::{GcReport, Options, RedbStorage};
 pub use transport::Address;

@@ -494,3 +494,60 @@ fn format_2_fixture_store_upgrades_with_its_queue() {
         (0, 0, 0)
     );
 }
+
+/// Snapshot reads in the library: a session loads the state of its last
+/// sync or commit; `sync` moves it to the latest and names what changed;
+/// an object the collector removed after the snapshot stays loadable from
+/// it; releasing the snapshot goes back to the latest state.
+#[test]
+fn snapshot_reads_keep_a_session_on_the_state_of_its_last_sync() {
+    let (_d, path) = temp_store();
+    let mut a =
+        RedbStorage::open(&path, Options::default().gc(ManualGc).snapshot_reads(true)).unwrap();
+    let mut b = a.new_session();
+    let (root, x) = commit_root_and_child(&mut a);
+    assert!(a.holds_snapshot(), "a commit takes a snapshot");
+    b.sync().unwrap();
+    let x_before = b.load(x).unwrap();
+
+    // a changes x, then drops it from the root and packs it away.
+    a.begin();
+    a.store(x, rec(x, b"changed", &[])).unwrap();
+    a.end().unwrap();
+    assert_eq!(b.load(x).unwrap(), x_before, "b reads its snapshot");
+    assert_eq!(
+        a.load(x).unwrap().data(),
+        b"changed",
+        "a reads its own commit"
+    );
+    a.begin();
+    a.store(root, rec(root, b"root", &[])).unwrap();
+    a.end().unwrap();
+    let packed = a.pack().unwrap();
+    assert_eq!(packed.removed_objects, 1);
+    // a's own snapshot (from its last commit) still has x too, until a syncs.
+    assert!(a.load(x).is_ok());
+    a.sync().unwrap();
+    assert!(matches!(a.load(x), Err(StorageError::NotFound(_))));
+    assert_eq!(b.load(x).unwrap(), x_before, "still in b's snapshot");
+    assert_eq!(b.bulk_load(&[root, x]).unwrap()[1], x_before);
+
+    // b syncs: told of x and the root, and reads the latest state.
+    assert_eq!(b.sync().unwrap(), vec![root, x]);
+    assert!(matches!(b.load(x), Err(StorageError::NotFound(_))));
+    assert_eq!(b.load(root).unwrap().refs().count(), 0);
+
+    // Without a snapshot, loads read the latest state again.
+    let y = a.new_oid().unwrap();
+    a.begin();
+    a.store(y, rec(y, b"y", &[])).unwrap();
+    a.store(root, rec(root, b"root", &[y])).unwrap();
+    a.end().unwrap();
+    assert!(matches!(b.load(y), Err(StorageError::NotFound(_))));
+    b.release_snapshot();
+    assert!(!b.holds_snapshot());
+    assert_eq!(b.load(y).unwrap().data(), b"y");
+    b.set_snapshot_reads(false);
+    b.sync().unwrap();
+    assert!(!b.holds_snapshot(), "snapshot reads are off for b");
+}

@@ -9,6 +9,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
 
+#[allow(dead_code)] // only python() and script() are used here
+mod common;
+
 use durus_redb::Address;
 use durus_redb::{ClientStorage, Conflict, Oid, Record, RedbStorage, Storage, StorageError};
 
@@ -1459,4 +1462,229 @@ fn bad_flag_values_are_refused_with_a_message() {
         assert!(!err.is_empty(), "{args:?}: no message");
         assert!(!path.exists(), "{args:?}: the store was created");
     }
+}
+
+/// The live state's value for `key`.
+fn state_value(c: &mut ClientStorage, key: &str) -> u64 {
+    let state = c.server_state().unwrap();
+    state
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{key} ")))
+        .unwrap_or_else(|| panic!("no {key} in {state}"))
+        .parse()
+        .unwrap()
+}
+
+/// With `--snapshot-reads` a synced connection loads the state of its last
+/// sync: an object changed since loads as it was, where Durus answers `I`.
+/// Its invalidations are the same, so a write based on the old state is
+/// still refused as a conflict; and before its first sync a connection
+/// behaves as Durus's.
+#[test]
+fn snapshot_reads_load_the_state_of_the_last_sync_and_keep_write_conflicts() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.redb");
+    let server = Served::start(&path, &["--snapshot-reads"]);
+    let mut a = server.client();
+    let mut b = server.client();
+    assert_eq!(a.new_oid().unwrap(), Oid::ROOT);
+    let x = a.new_oid().unwrap();
+    let y = a.new_oid().unwrap();
+    a.begin();
+    a.store(x, rec(x, b"x1", &[])).unwrap();
+    a.store(y, rec(y, b"y1", &[])).unwrap();
+    a.store(Oid::ROOT, rec(Oid::ROOT, b"root", &[x, y]))
+        .unwrap();
+    a.end().unwrap();
+    // b has not synced yet: Durus's answer.
+    assert!(matches!(b.load(x), Err(StorageError::ReadConflict(o)) if o == x));
+    assert_eq!(b.sync().unwrap(), vec![Oid::ROOT, x, y]);
+    assert_eq!(b.load(y).unwrap().data(), b"y1");
+
+    // a changes x and y; b, synced before, still reads both as they were,
+    // and a bulk load too, from the same state.
+    a.begin();
+    a.store(x, rec(x, b"x2", &[])).unwrap();
+    a.store(y, rec(y, b"y2", &[])).unwrap();
+    a.end().unwrap();
+    assert_eq!(b.load(x).unwrap().data(), b"x1");
+    let both = b.bulk_load(&[x, y]).unwrap();
+    assert_eq!((both[0].data(), both[1].data()), (&b"x1"[..], &b"y1"[..]));
+    // A commit by b based on that state is refused: the invalidations
+    // sent with `C` name x.
+    b.begin();
+    b.store(x, rec(x, b"from b", &[])).unwrap();
+    let err = b.end().unwrap_err();
+    assert!(
+        matches!(&err, StorageError::Conflict(Conflict::Invalidated { oids }) if oids == &[x]),
+        "{err}"
+    );
+    // That `C` synced b: it now reads the latest state.
+    assert_eq!(b.load(x).unwrap().data(), b"x2");
+    // An object created after b's snapshot is "invalid" to it (it must
+    // sync to see it), not missing.
+    let z = a.new_oid().unwrap();
+    a.begin();
+    a.store(z, rec(z, b"z", &[])).unwrap();
+    a.store(Oid::ROOT, rec(Oid::ROOT, b"root", &[x, y, z]))
+        .unwrap();
+    a.end().unwrap();
+    assert!(matches!(b.load(z), Err(StorageError::ReadConflict(o)) if o == z));
+    assert_eq!(
+        b.load(Oid::ROOT).unwrap().refs().collect::<Vec<_>>(),
+        vec![x, y]
+    );
+    // (The client hands out again what its refused commit was told.)
+    assert_eq!(b.sync().unwrap(), vec![Oid::ROOT, x, y, z]);
+    assert_eq!(b.load(z).unwrap().data(), b"z");
+    // a's own commit moved a's snapshot past it.
+    assert_eq!(a.load(z).unwrap().data(), b"z");
+    drop((a, b));
+    server.stop();
+    check_clean(&path);
+}
+
+/// An idle connection gives up its snapshot after `--snapshot-idle`: its
+/// loads fall back to Durus's `I`, and the file, which grows while the
+/// snapshot keeps rewritten pages from reuse, stops growing.
+#[test]
+fn an_idle_connection_gives_up_its_snapshot_and_the_file_stops_growing() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.redb");
+    let server = Served::start(&path, &["--snapshot-reads", "--snapshot-idle", "3"]);
+    let mut w = server.client();
+    assert_eq!(w.new_oid().unwrap(), Oid::ROOT);
+    let objs = w.new_oids(200).unwrap();
+    let rewrite = |w: &mut ClientStorage, round: u32| {
+        w.begin();
+        for o in &objs {
+            let data = vec![(round % 251) as u8; 2000];
+            w.store(*o, rec(*o, &data, &[])).unwrap();
+        }
+        w.end().unwrap();
+    };
+    w.begin();
+    for o in &objs {
+        w.store(*o, rec(*o, b"new", &[])).unwrap();
+    }
+    w.store(Oid::ROOT, rec(Oid::ROOT, b"root", &objs)).unwrap();
+    w.end().unwrap();
+    // Settle: a few rounds and checkpoints with nothing pinned.
+    for round in 1..40 {
+        rewrite(&mut w, round);
+    }
+    std::thread::sleep(Duration::from_millis(1500));
+    let mut r = server.client();
+    r.sync().unwrap();
+    assert_eq!(r.load(objs[0]).unwrap().data()[0], 39);
+    let mut stats = server.client();
+    // r's snapshot and w's (renewed by each commit).
+    assert_eq!(state_value(&mut stats, "snapshots_held"), 2);
+
+    // While r holds its snapshot, rewriting the same 200 records grows the
+    // file: the pages r can still read cannot be reused.
+    let size = || std::fs::metadata(&path).unwrap().len();
+    let before = size();
+    let mut round = 40;
+    let held_from = Instant::now();
+    while round < 100 || held_from.elapsed() < Duration::from_secs(2) {
+        rewrite(&mut w, round);
+        round += 1;
+    }
+    let grown = size() - before;
+    let held_rounds = round - 40;
+    assert!(
+        grown > 1 << 20,
+        "the file grew only {grown} bytes while a snapshot was held"
+    );
+    assert_eq!(
+        r.load(objs[0]).unwrap().data()[0],
+        39,
+        "r reads its snapshot"
+    );
+
+    // r stays idle past --snapshot-idle while w goes on: the server gives
+    // r's snapshot up.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while state_value(&mut stats, "snapshots_held") != 1 {
+        assert!(
+            Instant::now() < deadline,
+            "the idle snapshot was not released"
+        );
+        rewrite(&mut w, round);
+        round += 1;
+    }
+    // Then the file stops growing under the same rewrites (after a
+    // checkpoint has made the freed pages reusable).
+    for _ in 0..20 {
+        rewrite(&mut w, round);
+        round += 1;
+    }
+    std::thread::sleep(Duration::from_millis(1500));
+    let settled = size();
+    let until = Instant::now() + Duration::from_millis(2000);
+    while Instant::now() < until {
+        rewrite(&mut w, round);
+        round += 1;
+    }
+    let more = size() - settled;
+    eprintln!(
+        "file growth: {grown} bytes over {held_rounds} rounds with a snapshot held, {more} after it was released"
+    );
+    assert!(
+        more < grown / 4,
+        "the file grew {more} bytes after the snapshot was released ({grown} while held)"
+    );
+    // r's loads of what changed are Durus's `I` now; a sync brings it up.
+    assert!(matches!(
+        r.load(objs[0]),
+        Err(StorageError::ReadConflict(_))
+    ));
+    assert!(r.sync().unwrap().contains(&objs[0]));
+    assert_eq!(
+        r.load(objs[0]).unwrap().data()[0],
+        ((round - 1) % 251) as u8
+    );
+    drop((w, r, stats));
+    server.stop();
+    check_clean(&path);
+}
+
+/// The reader workload of the real Durus client (tests/python/balance.py):
+/// one reader sums 40 balances while 4 writers move amounts between them.
+/// With `--snapshot-reads` the reader meets no ReadConflictError and every
+/// sum is exact.
+#[test]
+fn python_readers_never_meet_read_conflicts_with_snapshot_reads() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.redb");
+    let server = Served::start(&path, &["--snapshot-reads"]);
+    let out = Command::new(common::python())
+        .arg(common::script("balance.py"))
+        .args(["--port", &server.port.to_string(), "--seconds", "3"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let field = |k: &str| -> u64 {
+        let at = text
+            .find(&format!("\"{k}\": "))
+            .unwrap_or_else(|| panic!("{k}: {text}"));
+        let rest = &text[at + k.len() + 4..];
+        let end = rest
+            .find(|c: char| !c.is_ascii_digit() && c != '.')
+            .unwrap();
+        rest[..end].parse::<f64>().unwrap() as u64
+    };
+    assert_eq!(field("read_conflicts"), 0, "{text}");
+    assert_eq!(field("wrong"), 0, "{text}");
+    assert!(field("sums") >= 10, "{text}");
+    assert_eq!(field("sums"), field("exact"), "{text}");
+    assert!(field("writer_commits") > 100, "{text}");
+    server.stop();
+    check_clean(&path);
 }

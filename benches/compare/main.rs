@@ -500,7 +500,7 @@ fn main() {
     };
     let with_redb = servers.contains(&Server::DurusRedb);
     // `-- --only capacity,engine` runs some sections only: python, loadgen,
-    // capacity, startup, engine.
+    // capacity, snapshot, startup, engine.
     let only: Option<Vec<String>> = args
         .iter()
         .position(|a| a == "--only")
@@ -690,6 +690,11 @@ fn main() {
         commit_capacity(&mut md, &stores, &durus_bin, &cfg, &servers);
     }
 
+    // 3c. Snapshot reads: read-only work under writes, and the mixed load.
+    if want("snapshot") {
+        snapshot_reads(&mut md, &stores, &durus_bin, &python, &cfg, &servers);
+    }
+
     // 4. Start-up time and memory against store size.
     if want("startup") {
         writeln!(
@@ -802,6 +807,104 @@ fn main() {
     let out = root().join("target/bench-compare.md");
     if std::fs::write(&out, &md).is_ok() {
         eprintln!("compare: table written to {}", out.display());
+    }
+}
+
+/// The snapshot-reads tables. First the reader workload of
+/// tests/python/balance.py (one reader summing 40 balances, 0.5 ms between
+/// loads, while 4 writers move amounts between them): sums completed,
+/// exact, read conflicts, and the writers' commit rate, against `durus -s`
+/// and durus-redb without and with `--snapshot-reads`. Then the Python
+/// `mixed` workload with 4 clients on the same three.
+fn snapshot_reads(
+    md: &mut String,
+    stores: &Stores,
+    durus_bin: &Path,
+    python: &Path,
+    cfg: &Config,
+    servers: &[Server],
+) {
+    let mut runs: Vec<(&str, Server, Vec<&str>)> = Vec::new();
+    if servers.contains(&Server::DurusFile) {
+        runs.push(("durus -s FileStorage", Server::DurusFile, vec![]));
+    }
+    if servers.contains(&Server::DurusRedb) {
+        runs.push(("durus-redb", Server::DurusRedb, vec![]));
+        runs.push((
+            "durus-redb --snapshot-reads",
+            Server::DurusRedb,
+            vec!["--snapshot-reads"],
+        ));
+    }
+    let seconds = if cfg.objects < 100_000 { 3.0 } else { 6.0 };
+    writeln!(
+        md,
+        "\n### Snapshot reads: one reader summing 40 balances while 4 writers move amounts ({seconds} s per run; tests/python/balance.py)\n"
+    )
+    .unwrap();
+    writeln!(
+        md,
+        "| server | sums completed | exact | read conflicts | writers' commits/s | write conflicts |"
+    )
+    .unwrap();
+    writeln!(md, "|---|---:|---:|---:|---:|---:|").unwrap();
+    let script = root().join("tests/python/balance.py");
+    for (i, (label, server, extra)) in runs.iter().enumerate() {
+        eprintln!("compare: balance workload against {label}");
+        let running = stores.start_with(*server, durus_bin, &format!("balance-{i}"), extra);
+        let out = Command::new(python)
+            .arg(&script)
+            .args(["--port", &running.port().to_string()])
+            .args(["--seconds", &seconds.to_string()])
+            .output()
+            .expect("run balance.py");
+        assert!(
+            out.status.success(),
+            "balance.py failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        let field = |k: &str| -> f64 {
+            let at = text
+                .find(&format!("\"{k}\": "))
+                .unwrap_or_else(|| panic!("{k} in {text}"));
+            let rest = &text[at + k.len() + 4..];
+            let end = rest
+                .find(|c: char| !c.is_ascii_digit() && c != '.')
+                .unwrap_or(rest.len());
+            rest[..end].parse().expect("a number")
+        };
+        eprintln!("  {text}");
+        writeln!(
+            md,
+            "| {label} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} |",
+            field("sums"),
+            field("exact"),
+            field("read_conflicts"),
+            field("commits_per_s"),
+            field("write_conflicts")
+        )
+        .unwrap();
+    }
+    writeln!(
+        md,
+        "\n### Snapshot reads: the Python `mixed` workload, 4 clients ({} s per run; ops/s, p50 / p99 in ms, conflicts)\n",
+        cfg.seconds
+    )
+    .unwrap();
+    writeln!(md, "| server | ops/s | p50 / p99 | conflicts |").unwrap();
+    writeln!(md, "|---|---:|---:|---:|").unwrap();
+    let mixed = WORKLOADS[4];
+    for (i, (label, server, extra)) in runs.iter().enumerate() {
+        eprintln!("compare: mixed workload against {label}");
+        let running = stores.start_with(*server, durus_bin, &format!("mixed-{i}"), extra);
+        let c = python_cell(python, cfg, running.port(), mixed, 4);
+        writeln!(
+            md,
+            "| {label} | {:.0} | {:.2} / {:.2} | {} |",
+            c.ops_per_s, c.p50, c.p99, c.conflicts
+        )
+        .unwrap();
     }
 }
 

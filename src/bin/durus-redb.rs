@@ -229,6 +229,19 @@ struct ServeArgs {
     /// plus the data of a commit being applied).
     #[arg(long, default_value_t = 256)]
     cache_size: usize,
+    /// Snapshot reads: each connection loads from the state of its last
+    /// sync or commit, so read-only work never meets ReadConflictError (a
+    /// load of an object changed since returns the version of that state).
+    /// Invalidations are sent as without it: write conflicts are caught as
+    /// before.
+    #[arg(long)]
+    snapshot_reads: bool,
+    /// Seconds without a request after which a connection gives up its
+    /// snapshot (its loads then answer "invalid" for objects changed since,
+    /// as Durus does). While a snapshot is held the file can grow by what is
+    /// written meanwhile.
+    #[arg(long, default_value_t = durus_redb::DEFAULT_SNAPSHOT_IDLE.as_secs_f64())]
+    snapshot_idle: f64,
     /// Seconds between fsyncs of the commit log with --durability os.
     #[arg(long, default_value_t = 1.0)]
     fsync_interval: f64,
@@ -359,6 +372,12 @@ fn fail(msg: impl std::fmt::Display) -> ExitCode {
 
 fn serve(args: ServeArgs) -> ExitCode {
     init_logging(args.logfile.as_deref(), args.logginglevel);
+    if !(args.request_timeout > 0.0 && args.request_timeout.is_finite()) {
+        return fail("--request-timeout must be a positive number of seconds");
+    }
+    if !(args.snapshot_idle > 0.0 && args.snapshot_idle.is_finite()) {
+        return fail("--snapshot-idle must be a positive number of seconds");
+    }
     if !(args.fsync_interval > 0.0 && args.fsync_interval.is_finite()) {
         return fail("--fsync-interval must be a positive number of seconds");
     }
@@ -411,9 +430,6 @@ fn serve(args: ServeArgs) -> ExitCode {
         },
         None => Address::tcp(args.host, args.port),
     };
-    if !(args.request_timeout > 0.0 && args.request_timeout.is_finite()) {
-        return fail("--request-timeout must be a positive number of seconds");
-    }
     let mut config = ServerConfig::default();
     config.address = address.clone();
     config.max_connections = args.max_connections.max(1);
@@ -422,6 +438,8 @@ fn serve(args: ServeArgs) -> ExitCode {
     config.gcbytes = args.gcbytes;
     config.metrics_address = args.metrics_address.clone();
     config.max_oids_held = args.max_oids_held.max(1);
+    config.snapshot_reads = args.snapshot_reads;
+    config.snapshot_idle = std::time::Duration::from_secs_f64(args.snapshot_idle);
     let server = match Server::bind(&store, config) {
         Ok(s) => s,
         Err(e) => {

@@ -101,6 +101,21 @@ impl Engine {
         self.finish(ticket)
     }
 
+    /// [`commit`](Self::commit), and a snapshot of the state just after it
+    /// (taken under the commit lock, so it holds nothing committed later).
+    pub(crate) fn commit_and_snapshot(
+        &self,
+        session: SessionId,
+        records: &BTreeMap<Oid, Record>,
+    ) -> Result<super::Snapshot> {
+        let mut guard = self.lock_commits();
+        let ticket = guard.apply(session, records)?;
+        let snapshot = self.snapshot()?;
+        drop(guard);
+        self.finish(ticket)?;
+        Ok(snapshot)
+    }
+
     /// Runs `f` in a write transaction under the commit lock with the given
     /// durability; `f` also gets the oid allocation mark. A failure of the
     /// commit poisons the store.
@@ -188,32 +203,35 @@ impl CommitGuard<'_> {
             }
             logged_at = Some((log, at));
         }
-        let r = w.commit().map_err(StorageError::from);
-        if r.is_err()
-            && let Some((log, at)) = logged_at
+        let oids: Vec<Oid> = records.keys().copied().collect();
         {
-            // Not in the file: not in the log either, so a replay cannot
-            // apply a commit that was refused.
-            let _ = log.unappend(seq, at);
+            // Visible and published as one step (a snapshot falls before
+            // or after both).
+            let _published = engine.publish.lock();
+            let r = w.commit().map_err(StorageError::from);
+            if r.is_err()
+                && let Some((log, at)) = logged_at
+            {
+                // Not in the file: not in the log either, so a replay cannot
+                // apply a commit that was refused.
+                let _ = log.unappend(seq, at);
+            }
+            engine.poisoning(r)?;
+            engine.publish_changes(Some(session), &oids);
+            engine.publish_changes(None, &collected);
         }
-        engine.poisoning(r)?;
 
         st.applied_seq += 1;
         st.log_seq = seq;
         st.commits_since += 1;
         st.bytes_since += bytes;
         let checkpoint = engine.policy.checkpoint_due(&st.facts());
-        let oids: Vec<Oid> = records.keys().copied().collect();
         for oid in &oids {
             if let Some(s) = st.allocated.remove(oid)
                 && let Some(n) = st.allocated_by.get_mut(&s)
             {
                 *n = n.saturating_sub(1);
             }
-        }
-        engine.invalidate_others(Some(session), &oids);
-        if !collected.is_empty() {
-            engine.invalidate_others(None, &collected);
         }
         if let Some(h) = hook {
             h.after_commit(records, &released, bytes, queued);

@@ -18,7 +18,8 @@
 //! while holding `sessions` or an invalid set; `close` takes `commit` first,
 //! then `db` (write), as the commit paths do. The log's own writer lock is
 //! taken under `commit` (appends, rotation) or alone (the flushes);
-//! `checkpoint_lock` is taken before `commit`.
+//! `checkpoint_lock` is taken before `commit`. `publish` is taken under
+//! `commit` or alone, then `changes`, then `sessions`, then a session's state.
 
 mod check;
 mod commit;
@@ -45,7 +46,8 @@ use commit::{CommitState, CommitTicket};
 pub(crate) use refcount::{
     Deleted, apply_ref_deltas, corrupt, delete_queued, forget, queue_summary, queued_since,
 };
-pub(crate) use sessions::{InvalidSet, SessionId};
+use sessions::ChangeLog;
+pub(crate) use sessions::{SessionId, SessionRef, Snapshot};
 
 use crate::checkpoint::{CheckpointPolicy, Durability};
 use crate::error::{Result, StorageError};
@@ -157,7 +159,14 @@ pub(crate) struct Engine {
     /// Signalled after every sync of the log.
     synced: parking_lot::Condvar,
     checkpoint_lock: Mutex<()>,
-    sessions: Mutex<std::collections::HashMap<SessionId, InvalidSet>>,
+    sessions: Mutex<std::collections::HashMap<SessionId, SessionRef>>,
+    /// Every change published since the oldest point a session needs.
+    changes: RwLock<ChangeLog>,
+    /// Held from a change becoming visible in redb to its publication, and
+    /// while a snapshot is taken: snapshots fall between publications.
+    publish: Mutex<()>,
+    /// Snapshots held by sessions.
+    snapshots: Arc<AtomicUsize>,
     next_session: AtomicU64,
     /// Live `RedbStorage` handles; the last one dropped closes the store.
     pub(crate) handles: AtomicUsize,
@@ -272,23 +281,7 @@ impl Engine {
         let db = self.db()?;
         let txn = db.begin_read().map_err(E::from)?;
         let table = txn.open_table(RECORDS).map_err(StorageError::from)?;
-        for &oid in oids {
-            match table.get(oid.0).map_err(StorageError::from)? {
-                Some(v) => {
-                    let bytes = v.value();
-                    Record::check(bytes).map_err(|e| corrupt(oid, e))?;
-                    if Oid::from_slice(bytes) != Some(oid) {
-                        return Err(StorageError::damaged(format!(
-                            "the record stored under oid {oid} names another oid"
-                        ))
-                        .into());
-                    }
-                    each(Some(bytes))?;
-                }
-                None => each(None)?,
-            }
-        }
-        Ok(())
+        each_in(&table, oids, |_, bytes| each(bytes))
     }
 
     /// The number of records, then each record's bytes (checked) in oid
@@ -334,6 +327,32 @@ impl Engine {
         }
         Ok(out)
     }
+}
+
+/// Hands each of `oids`' bytes in `table` (checked, `None` where absent) to
+/// `each`, in order, without copying them.
+pub(crate) fn each_in<E: From<StorageError>>(
+    table: &redb::ReadOnlyTable<u64, &'static [u8]>,
+    oids: &[Oid],
+    mut each: impl FnMut(Oid, Option<&[u8]>) -> std::result::Result<(), E>,
+) -> std::result::Result<(), E> {
+    for &oid in oids {
+        match table.get(oid.0).map_err(StorageError::from)? {
+            Some(v) => {
+                let bytes = v.value();
+                Record::check(bytes).map_err(|e| corrupt(oid, e))?;
+                if Oid::from_slice(bytes) != Some(oid) {
+                    return Err(StorageError::damaged(format!(
+                        "the record stored under oid {oid} names another oid"
+                    ))
+                    .into());
+                }
+                each(oid, Some(bytes))?;
+            }
+            None => each(oid, None)?,
+        }
+    }
+    Ok(())
 }
 
 impl Drop for Engine {

@@ -1,30 +1,261 @@
-//! Sessions (an in-process handle or a server connection), their invalid
-//! sets, and oid allocation.
+//! Sessions (an in-process handle or a server connection), what each must
+//! treat as invalid, snapshots, and oid allocation.
+//!
+//! # Invalidations: one shared log, not a set per session
+//! Every commit (and every collection) publishes the oids it changed once,
+//! as one entry of a shared [`ChangeLog`] numbered in publication order. A
+//! session remembers only how far it has read (`seen`): its invalidations
+//! are the entries after that, gathered when it syncs or commits. A commit
+//! therefore costs O(its oids), whatever the number of sessions, and an
+//! oid's latest change is one map lookup away for a load's check.
+//!
+//! Entries every session has read are dropped. A session that lags (an
+//! idle connection) pins at most [`CHANGE_LOG_CAP`] oids of the shared
+//! log; beyond that the oldest entries move into the lagging sessions' own
+//! sets, which hold each distinct oid once: an idle session costs at most
+//! one set entry per distinct oid changed while it idles, as a Durus
+//! server's invalid set does.
+//!
+//! # Snapshots
+//! A snapshot is a redb read transaction taken exactly at a publication
+//! boundary: the `publish` lock is held by a writer from its redb commit to
+//! its log entry, and by a session from its `begin_read` to reading the
+//! log's end. The snapshot's state therefore contains exactly the entries up
+//! to the sequence number it records, and a sync hands out exactly those.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use parking_lot::Mutex;
+use redb::{ReadOnlyTable, ReadTransaction};
 
-use super::layout::{KEY_OIDS, META, OID_BLOCK, OidMeta, encode};
+use super::layout::{KEY_OIDS, META, OID_BLOCK, OidMeta, RECORDS, encode};
 use super::{CommitState, Engine};
-use crate::error::{InvalidInput, Result};
+use crate::error::{InvalidInput, Result, StorageError};
 use crate::record::Oid;
 
 /// An identifier of a session.
 pub(crate) type SessionId = u64;
 
-/// An invalid set: oids a session must treat as invalid until it syncs.
-pub(crate) type InvalidSet = Arc<Mutex<HashSet<Oid>>>;
+/// How many oids the shared change log holds at most for lagging sessions
+/// before it moves its oldest entries into their own sets (about 8 MiB of
+/// log and map at 32 bytes an oid).
+pub(crate) const CHANGE_LOG_CAP: usize = 1 << 18;
+
+/// Below this many oids the log is not trimmed (trimming looks at every
+/// session, so it runs once per this many oids at least).
+const TRIM_FLOOR: usize = 4096;
+
+/// One publication: the oids a commit or a collection changed.
+struct Change {
+    seq: u64,
+    /// The committing session (its own changes are not invalid to it).
+    by: Option<SessionId>,
+    oids: Vec<Oid>,
+}
+
+/// The shared log of changes since the oldest point a session still needs.
+pub(crate) struct ChangeLog {
+    /// Sequence number of the last publication (0: none since open).
+    last: u64,
+    entries: VecDeque<Change>,
+    /// Oids in `entries`.
+    held: usize,
+    /// Each oid in `entries` with the sequence number and author of its
+    /// latest change.
+    latest: HashMap<Oid, (u64, Option<SessionId>)>,
+    /// Trim when `held` exceeds this.
+    trim_at: usize,
+    /// [`CHANGE_LOG_CAP`] (smaller in tests).
+    cap: usize,
+    /// [`TRIM_FLOOR`] (smaller in tests).
+    floor: usize,
+}
+
+/// What a session has been told.
+#[derive(Debug, Default)]
+pub(crate) struct SessionState {
+    /// The log's entries up to this one have been handed to the session.
+    seen: u64,
+    /// Oids of entries dropped from the log before the session read them.
+    overflow: HashSet<Oid>,
+}
+
+/// A session's state, shared with the engine (which may fill `overflow`).
+pub(crate) type SessionRef = Arc<Mutex<SessionState>>;
+
+/// A consistent read-only view of the records as of one publication: the
+/// state a session was last synced to.
+pub(crate) struct Snapshot {
+    table: ReadOnlyTable<u64, &'static [u8]>,
+    _txn: ReadTransaction,
+    /// The last publication the snapshot contains.
+    seq: u64,
+    /// The engine's count of snapshots held.
+    held: Arc<AtomicUsize>,
+}
+
+impl Drop for Snapshot {
+    fn drop(&mut self) {
+        self.held.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl std::fmt::Debug for Snapshot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Snapshot")
+            .field("seq", &self.seq)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Snapshot {
+    /// Hands each of `oids`' bytes in the snapshot (checked, `None` where
+    /// absent) to `each`, in order.
+    pub(crate) fn load_each<E: From<StorageError>>(
+        &self,
+        oids: &[Oid],
+        each: impl FnMut(Oid, Option<&[u8]>) -> std::result::Result<(), E>,
+    ) -> std::result::Result<(), E> {
+        super::each_in(&self.table, oids, each)
+    }
+}
+
+impl ChangeLog {
+    pub(super) fn new() -> ChangeLog {
+        ChangeLog {
+            last: 0,
+            entries: VecDeque::new(),
+            held: 0,
+            latest: HashMap::new(),
+            trim_at: TRIM_FLOOR,
+            cap: CHANGE_LOG_CAP,
+            floor: TRIM_FLOOR,
+        }
+    }
+
+    /// Appends a publication, trimming the log when it has grown.
+    fn publish(
+        &mut self,
+        by: Option<SessionId>,
+        oids: &[Oid],
+        sessions: &Mutex<HashMap<SessionId, SessionRef>>,
+    ) {
+        if oids.is_empty() {
+            return;
+        }
+        self.push(by, oids);
+        if self.held > self.trim_at {
+            self.trim(&sessions.lock());
+        }
+    }
+
+    /// For each of `oids`, whether session `id` must treat it as invalid.
+    fn flags(&self, id: SessionId, st: &SessionState, oids: &[Oid]) -> Vec<bool> {
+        oids.iter()
+            .map(|oid| {
+                st.overflow.contains(oid)
+                    || self
+                        .latest
+                        .get(oid)
+                        .is_some_and(|(seq, by)| *seq > st.seen && *by != Some(id))
+            })
+            .collect()
+    }
+
+    /// The invalidations of session `id` up to publication `upto`.
+    fn drain(&self, id: SessionId, st: &mut SessionState, upto: Option<u64>) -> Vec<Oid> {
+        let upto = upto.unwrap_or(self.last);
+        let mut out: HashSet<Oid> = std::mem::take(&mut st.overflow);
+        if upto > st.seen {
+            let start = self.entries.partition_point(|e| e.seq <= st.seen);
+            for e in self.entries.range(start..) {
+                if e.seq > upto {
+                    break;
+                }
+                if e.by != Some(id) {
+                    out.extend(e.oids.iter().copied());
+                }
+            }
+            st.seen = upto;
+        }
+        let mut oids: Vec<Oid> = out.into_iter().collect();
+        oids.sort_unstable();
+        oids
+    }
+
+    fn push(&mut self, by: Option<SessionId>, oids: &[Oid]) {
+        self.last += 1;
+        let seq = self.last;
+        for &oid in oids {
+            self.latest.insert(oid, (seq, by));
+        }
+        self.held += oids.len();
+        self.entries.push_back(Change {
+            seq,
+            by,
+            oids: oids.to_vec(),
+        });
+    }
+
+    /// Drops the oldest entry, forgetting its oids' latest change where it
+    /// was that entry's.
+    fn pop(&mut self) -> Option<Change> {
+        let e = self.entries.pop_front()?;
+        self.held -= e.oids.len();
+        for oid in &e.oids {
+            if self.latest.get(oid).is_some_and(|(s, _)| *s == e.seq) {
+                self.latest.remove(oid);
+            }
+        }
+        Some(e)
+    }
+
+    /// Drops what every session has read; if the log is still over its cap,
+    /// moves its oldest entries into the sets of the sessions that lag.
+    fn trim(&mut self, sessions: &HashMap<SessionId, SessionRef>) {
+        let states: Vec<(SessionId, parking_lot::MutexGuard<'_, SessionState>)> =
+            sessions.iter().map(|(id, s)| (*id, s.lock())).collect();
+        let min_seen = states
+            .iter()
+            .map(|(_, s)| s.seen)
+            .min()
+            .unwrap_or(self.last);
+        while self.entries.front().is_some_and(|e| e.seq <= min_seen) {
+            self.pop();
+        }
+        let mut states = states;
+        if self.held > self.cap {
+            while self.held > self.cap / 2 {
+                let Some(e) = self.pop() else { break };
+                for (id, st) in states.iter_mut() {
+                    if st.seen < e.seq && e.by != Some(*id) {
+                        st.overflow.extend(e.oids.iter().copied());
+                    }
+                }
+            }
+        }
+        self.trim_at = (self.held * 2).clamp(self.floor, self.cap);
+    }
+}
 
 impl Engine {
-    /// Registers a session and returns its id and invalid set.
-    pub(crate) fn register_session(&self) -> (SessionId, InvalidSet) {
+    /// Registers a session, up to date with every change published so far.
+    pub(crate) fn register_session(&self) -> (SessionId, SessionRef) {
         let id = self.next_session.fetch_add(1, Ordering::Relaxed);
-        let set: InvalidSet = Arc::new(Mutex::new(HashSet::new()));
-        self.sessions.lock().insert(id, set.clone());
-        (id, set)
+        let changes = self.changes.read();
+        let state: SessionRef = Arc::new(Mutex::new(SessionState {
+            seen: changes.last,
+            overflow: HashSet::new(),
+        }));
+        self.sessions.lock().insert(id, state.clone());
+        (id, state)
+    }
+
+    /// How many snapshots sessions hold now.
+    pub(crate) fn snapshots_held(&self) -> usize {
+        self.snapshots.load(Ordering::Acquire)
     }
 
     /// How many sessions receive invalidations.
@@ -42,16 +273,72 @@ impl Engine {
         }
     }
 
-    /// Adds `oids` to the invalid set of every session but `except`.
-    pub(crate) fn invalidate_others(&self, except: Option<SessionId>, oids: &[Oid]) {
-        if oids.is_empty() {
-            return;
+    /// Publishes `oids` as changed by `by` (`None`: by the collector, so
+    /// invalid to every session). Called right after the change became
+    /// visible to readers, with `publish` held where snapshots must see
+    /// exactly the published changes.
+    pub(crate) fn publish_changes(&self, by: Option<SessionId>, oids: &[Oid]) {
+        if !oids.is_empty() {
+            self.changes.write().publish(by, oids, &self.sessions);
         }
-        for (id, set) in self.sessions.lock().iter() {
-            if Some(*id) != except {
-                set.lock().extend(oids.iter().copied());
-            }
-        }
+    }
+
+    /// For each of `oids`, whether `session` must treat it as invalid: it
+    /// changed (by another session, or was collected) after the session's
+    /// last sync.
+    pub(crate) fn invalid_flags(
+        &self,
+        id: SessionId,
+        session: &SessionRef,
+        oids: &[Oid],
+    ) -> Vec<bool> {
+        let log = self.changes.read();
+        let st = session.lock();
+        log.flags(id, &st, oids)
+    }
+
+    /// Hands `session` its invalidations: every oid changed by others after
+    /// its last sync, up to publication `upto` (or the latest), sorted.
+    pub(crate) fn take_invalid(
+        &self,
+        id: SessionId,
+        session: &SessionRef,
+        upto: Option<u64>,
+    ) -> Vec<Oid> {
+        let log = self.changes.read();
+        let mut st = session.lock();
+        log.drain(id, &mut st, upto)
+    }
+
+    /// A snapshot of the latest state, with the sequence number of the
+    /// last publication it contains. Exact: `publish` keeps a writer from
+    /// making a change visible without its log entry.
+    pub(crate) fn snapshot(&self) -> Result<Snapshot> {
+        let db = self.db()?;
+        let _p = self.publish.lock();
+        let txn = db.begin_read()?;
+        let seq = self.changes.read().last;
+        drop(_p);
+        let table = txn.open_table(RECORDS)?;
+        self.snapshots.fetch_add(1, Ordering::AcqRel);
+        Ok(Snapshot {
+            table,
+            _txn: txn,
+            seq,
+            held: self.snapshots.clone(),
+        })
+    }
+
+    /// A sync in snapshot mode: a new snapshot and exactly the
+    /// invalidations that bring the session to it.
+    pub(crate) fn sync_to_snapshot(
+        &self,
+        id: SessionId,
+        session: &SessionRef,
+    ) -> Result<(Vec<Oid>, Snapshot)> {
+        let snap = self.snapshot()?;
+        let oids = self.take_invalid(id, session, Some(snap.seq));
+        Ok((oids, snap))
     }
 
     /// Hands out `n` new oids to `session`. The reserved mark is made durable
@@ -118,5 +405,135 @@ impl Engine {
         self.durable_seq.fetch_max(st.applied_seq, Ordering::AcqRel);
         self.log_durable.fetch_max(st.log_seq, Ordering::AcqRel);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Register,
+        Unregister(usize),
+        Publish(Option<usize>, Vec<u8>),
+        Drain(usize),
+        Flags(usize, Vec<u8>),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            1 => Just(Op::Register),
+            1 => (0..8usize).prop_map(Op::Unregister),
+            6 => (proptest::option::of(0..8usize), proptest::collection::vec(0..40u8, 1..6))
+                .prop_map(|(by, oids)| Op::Publish(by, oids)),
+            3 => (0..8usize).prop_map(Op::Drain),
+            3 => (0..8usize, proptest::collection::vec(0..40u8, 1..6))
+                .prop_map(|(s, oids)| Op::Flags(s, oids)),
+        ]
+    }
+
+    /// A small log, so that trimming and overflow happen often.
+    fn small_log() -> ChangeLog {
+        let mut log = ChangeLog::new();
+        log.cap = 24;
+        log.floor = 4;
+        log.trim_at = 4;
+        log
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+        /// The shared log hands every session what a Durus server's own
+        /// invalid set per session would, and holds a bounded number of
+        /// oids however far a session lags.
+        #[test]
+        fn shared_log_matches_a_set_per_session(ops in proptest::collection::vec(op(), 1..120)) {
+            let sessions: Mutex<HashMap<SessionId, SessionRef>> = Mutex::new(HashMap::new());
+            let mut log = small_log();
+            // The model: each live session's own set, and who changed each
+            // oid last.
+            let mut model: Vec<(SessionId, HashSet<Oid>)> = Vec::new();
+            let mut last_by: HashMap<Oid, Option<SessionId>> = HashMap::new();
+            let mut next = 1;
+            for op in ops {
+                match op {
+                    Op::Register => {
+                        let st = Arc::new(Mutex::new(SessionState { seen: log.last, overflow: HashSet::new() }));
+                        sessions.lock().insert(next, st);
+                        model.push((next, HashSet::new()));
+                        next += 1;
+                    }
+                    Op::Unregister(i) if !model.is_empty() => {
+                        let (id, _) = model.remove(i % model.len());
+                        sessions.lock().remove(&id);
+                    }
+                    Op::Publish(by, oids) => {
+                        let by = by.and_then(|i| model.get(i % model.len().max(1)).map(|(id, _)| *id));
+                        let oids: Vec<Oid> = oids.into_iter().map(|o| Oid(o as u64)).collect();
+                        for (id, set) in model.iter_mut() {
+                            if Some(*id) != by {
+                                set.extend(oids.iter().copied());
+                            }
+                        }
+                        for o in &oids {
+                            last_by.insert(*o, by);
+                        }
+                        log.publish(by, &oids, &sessions);
+                        prop_assert!(log.held <= log.cap + oids.len(), "the log holds {} oids", log.held);
+                    }
+                    Op::Drain(i) if !model.is_empty() => {
+                        let n = model.len();
+                        let (id, set) = &mut model[i % n];
+                        let st = sessions.lock()[id].clone();
+                        let got = log.drain(*id, &mut st.lock(), None);
+                        let mut want: Vec<Oid> = set.drain().collect();
+                        want.sort_unstable();
+                        prop_assert_eq!(got, want);
+                    }
+                    Op::Flags(i, oids) if !model.is_empty() => {
+                        let (id, set) = &model[i % model.len()];
+                        let oids: Vec<Oid> = oids.into_iter().map(|o| Oid(o as u64)).collect();
+                        let st = sessions.lock()[id].clone();
+                        let got = log.flags(*id, &st.lock(), &oids);
+                        for (oid, flag) in oids.iter().zip(got) {
+                            // An oid this session changed last is valid to
+                            // it (its own version is the latest); a set per
+                            // session still holds the older change.
+                            if last_by.get(oid) == Some(&Some(*id)) && !st.lock().overflow.contains(oid) {
+                                continue;
+                            }
+                            prop_assert_eq!(flag, set.contains(oid), "oid {}", oid);
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+
+    /// A drain up to a publication hands out exactly the changes up to it
+    /// and keeps the later ones for the next drain (a snapshot's sync).
+    #[test]
+    fn drain_up_to_a_publication_keeps_the_later_ones() {
+        let sessions: Mutex<HashMap<SessionId, SessionRef>> = Mutex::new(HashMap::new());
+        let mut log = ChangeLog::new();
+        let st: SessionRef = Arc::new(Mutex::new(SessionState::default()));
+        sessions.lock().insert(1, st.clone());
+        log.publish(Some(2), &[Oid(5), Oid(6)], &sessions);
+        let upto = log.last;
+        log.publish(Some(2), &[Oid(6), Oid(7)], &sessions);
+        log.publish(Some(1), &[Oid(8)], &sessions);
+        assert_eq!(
+            log.drain(1, &mut st.lock(), Some(upto)),
+            vec![Oid(5), Oid(6)]
+        );
+        assert_eq!(
+            log.flags(1, &st.lock(), &[Oid(5), Oid(6), Oid(7), Oid(8)]),
+            vec![false, true, true, false]
+        );
+        assert_eq!(log.drain(1, &mut st.lock(), None), vec![Oid(6), Oid(7)]);
+        assert_eq!(log.drain(1, &mut st.lock(), None), Vec::<Oid>::new());
     }
 }

@@ -250,7 +250,7 @@ pub(crate) fn run(
                     let (removed, bytes) = sweep(engine, gc, &seeds, &mut marked, limit)?;
                     progress.removed_objects += removed.len() as u64;
                     progress.removed_bytes += bytes;
-                    engine.invalidate_others(None, &removed);
+                    engine.publish_changes(None, &removed);
                     gc.note_deleted(removed.len() as u64, bytes, true);
                 }
                 progress.marked = marked.len;

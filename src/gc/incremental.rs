@@ -50,7 +50,9 @@ pub(crate) fn step(engine: &Engine, gc: &GcShared, batch: usize, cutoff_ms: u64)
     // Outside the commit lock: a commit may have queued meanwhile, so an
     // empty queue is only noted as "unknown".
     gc.queue_seen_unlocked(&deleted);
-    engine.invalidate_others(None, &deleted.oids);
+    // Published after the commit lock: a snapshot taken in between sees
+    // the deletion before the session is told of it, harmless for garbage.
+    engine.publish_changes(None, &deleted.oids);
     gc.note_deleted(deleted.oids.len() as u64, deleted.bytes, false);
     Ok(Step {
         removed: deleted.oids,

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::Shared;
-use crate::engine::{Engine, InvalidSet, SessionId, Walk};
+use crate::engine::{Engine, SessionId, SessionRef, Snapshot, Walk};
 use crate::error::StorageError;
 use crate::protocol::{
     LoadAnswer, PROTOCOL, ReadError, Request, STATUS_INVALID, STATUS_OKAY, encode_oids,
@@ -59,7 +59,7 @@ impl From<StorageError> for End {
 struct Session<'a> {
     engine: &'a Engine,
     id: SessionId,
-    invalid: InvalidSet,
+    state: SessionRef,
 }
 
 impl Drop for Session<'_> {
@@ -70,22 +70,15 @@ impl Drop for Session<'_> {
 
 impl Session<'_> {
     fn take_invalid(&self) -> Vec<Oid> {
-        let mut set = self.invalid.lock();
-        let mut oids: Vec<Oid> = set.drain().collect();
-        oids.sort_unstable();
-        oids
+        self.engine.take_invalid(self.id, &self.state, None)
     }
 }
 
 /// Serves one connection until it ends, and logs why it ended.
 pub(super) fn serve(shared: &Arc<Shared>, stream: Stream, peer: &str) {
     let engine = &*shared.engine;
-    let (id, invalid) = engine.register_session();
-    let session = Session {
-        engine,
-        id,
-        invalid,
-    };
+    let (id, state) = engine.register_session();
+    let session = Session { engine, id, state };
     let end = match (stream.try_clone(), stream.try_clone()) {
         (Ok(read_half), Ok(write_half)) => {
             let mut conn = Conn {
@@ -95,6 +88,7 @@ pub(super) fn serve(shared: &Arc<Shared>, stream: Stream, peer: &str) {
                 r: BufReader::new(read_half),
                 w: BufWriter::new(write_half),
                 deadline: Instant::now(),
+                snapshot: None,
             };
             conn.run()
         }
@@ -131,6 +125,9 @@ struct Conn<'a> {
     w: BufWriter<Stream>,
     /// When the request being read must be complete.
     deadline: Instant,
+    /// With `--snapshot-reads`: the state of the last sync or commit, which
+    /// loads read; `None` before the first and after `--snapshot-idle`.
+    snapshot: Option<Snapshot>,
 }
 
 /// Reads the rest of a request within its deadline: before each read from
@@ -179,10 +176,7 @@ impl Conn<'_> {
         loop {
             // Waiting for the next request has no limit; the rest of a
             // request, once begun, must come within the timeout.
-            if let Err(e) = self.control.set_read_timeout(None) {
-                return End::Io(e);
-            }
-            let code = match read_u8(&mut self.r) {
+            let code = match self.next_code() {
                 Ok(c) => c,
                 Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
                     return End::Closed("the client closed the connection".into());
@@ -205,6 +199,43 @@ impl Conn<'_> {
         }
     }
 
+    /// Waits for the next request's command byte. Without a snapshot there
+    /// is no limit; with one, the wait is cut at `--snapshot-idle` to give
+    /// the snapshot up, and then goes on without a limit.
+    fn next_code(&mut self) -> io::Result<u8> {
+        if self.snapshot.is_some() && self.r.buffer().is_empty() {
+            self.control
+                .set_read_timeout(Some(self.shared.config.snapshot_idle))?;
+            match read_u8(&mut self.r) {
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    tracing::debug!("an idle connection gave up its snapshot");
+                    self.snapshot = None;
+                }
+                r => return r,
+            }
+        }
+        self.control.set_read_timeout(None)?;
+        read_u8(&mut self.r)
+    }
+
+    /// With `--snapshot-reads`, the state the session has just been synced
+    /// to becomes what its loads read.
+    fn renew_snapshot(
+        &mut self,
+        snapshot: impl FnOnce() -> crate::Result<Snapshot>,
+    ) -> Result<(), End> {
+        if self.shared.config.snapshot_reads {
+            self.snapshot = None;
+            self.snapshot = Some(snapshot()?);
+        }
+        Ok(())
+    }
+
     /// Handles one request; false ends the connection.
     fn request(&mut self, code: u8) -> Result<bool, End> {
         let max_oids = self.shared.config.max_frame_bytes as usize / 8;
@@ -223,7 +254,16 @@ impl Conn<'_> {
             Request::NewOid => self.new_oids(1)?,
             Request::NewOids(n) => self.new_oids(n as usize)?,
             Request::Sync => {
-                let oids = self.session.take_invalid();
+                let oids = if self.shared.config.snapshot_reads {
+                    self.snapshot = None;
+                    let (oids, snapshot) = self
+                        .engine()
+                        .sync_to_snapshot(self.session.id, &self.session.state)?;
+                    self.snapshot = Some(snapshot);
+                    oids
+                } else {
+                    self.session.take_invalid()
+                };
                 self.w.write_all(&encode_oids(&oids))?;
             }
             Request::Commit => self.commit()?,
@@ -262,10 +302,28 @@ impl Conn<'_> {
     }
 
     fn answer_loads(&mut self, oids: &[Oid]) -> Result<(), End> {
-        let invalid: Vec<bool> = {
-            let set = self.session.invalid.lock();
-            oids.iter().map(|o| set.contains(o)).collect()
-        };
+        let invalid = self
+            .engine()
+            .invalid_flags(self.session.id, &self.session.state, oids);
+        self.shared
+            .loads
+            .fetch_add(oids.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        let w = &mut self.w;
+        if let Some(snapshot) = &self.snapshot {
+            // Every answer from the snapshot: the state the client was last
+            // synced to. An oid it lacks is "invalid" if it was made since
+            // (the client must sync to see it), else absent.
+            let mut flags = invalid.into_iter();
+            return snapshot.load_each(oids, |_, bytes| -> Result<(), End> {
+                let changed = flags.next().unwrap_or(false);
+                match bytes {
+                    Some(b) => write_record_bytes(w, b)?,
+                    None if changed => LoadAnswer::Invalid.write(w)?,
+                    None => LoadAnswer::KeyError.write(w)?,
+                }
+                Ok(())
+            });
+        }
         let wanted: Vec<Oid> = oids
             .iter()
             .zip(&invalid)
@@ -275,7 +333,6 @@ impl Conn<'_> {
         // Each answer is written as its record is read (an invalidated oid's
         // `I` in its place): one record in memory at a time.
         let mut invalid = invalid.into_iter().peekable();
-        let w = &mut self.w;
         // The `I`s that come before the next record's answer.
         fn invalids(
             w: &mut BufWriter<Stream>,
@@ -287,9 +344,6 @@ impl Conn<'_> {
             Ok(())
         }
         invalids(w, &mut invalid)?;
-        self.shared
-            .loads
-            .fetch_add(oids.len() as u64, std::sync::atomic::Ordering::Relaxed);
         self.shared
             .engine
             .load_each(&wanted, |bytes| -> Result<(), End> {
@@ -334,11 +388,19 @@ impl Conn<'_> {
         // within what is left of the request's time.
         let Some(records) = read_commit_data(&mut self.reader(), shared.config.max_frame_bytes)?
         else {
-            // The client found a conflict in the invalidations and gave up.
+            // The client found a conflict in the invalidations and gave up:
+            // it is synced to the state they bring it to.
+            self.renew_snapshot(|| engine.snapshot())?;
             return Ok(());
         };
         let bytes: u64 = records.values().map(|r| r.len() as u64 + 12).sum();
-        match order.apply(self.session.id, &records) {
+        let applied = order.apply(self.session.id, &records);
+        // Still under the commit lock: the state just after this commit (or
+        // the one its invalidations brought the client to, if refused).
+        if applied.is_ok() || applied.as_ref().is_err_and(|e| e.is_conflict()) {
+            self.renew_snapshot(|| engine.snapshot())?;
+        }
+        match applied {
             Ok(ticket) => {
                 drop(order);
                 engine.finish(ticket)?;

@@ -26,6 +26,13 @@ use crate::storage::Storage;
 use crate::store::RedbStorage;
 use crate::transport::{Address, Listener, Stream};
 
+/// How long an idle connection keeps its snapshot by default. A Durus
+/// client syncs at every commit and abort, so a connection at work renews
+/// its snapshot every transaction; one silent this long is idle. While a
+/// snapshot is held, pages freed by later commits cannot be reused, so the
+/// file can grow by what is written in that time.
+pub const DEFAULT_SNAPSHOT_IDLE: Duration = Duration::from_secs(10);
+
 /// How a server behaves. Start from `ServerConfig::default()` and set the
 /// fields that differ.
 #[derive(Debug, Clone)]
@@ -53,6 +60,16 @@ pub struct ServerConfig {
     /// Where to serve the live state as Prometheus text (`GET /metrics`),
     /// as `HOST:PORT`; `None`: nowhere.
     pub metrics_address: Option<String>,
+    /// Snapshot reads: each connection loads from the state of its last
+    /// sync or commit, so a load of an oid changed since returns the
+    /// version of that state instead of Durus's "invalid" (no
+    /// ReadConflictError for read-only work). Invalidations are handed out
+    /// as without it, so write conflicts are caught as before.
+    pub snapshot_reads: bool,
+    /// A connection that sends no request for this long gives up its
+    /// snapshot (its loads then answer "invalid" for oids changed since, as
+    /// Durus does), so an idle client cannot keep old pages from reuse.
+    pub snapshot_idle: Duration,
 }
 
 impl Default for ServerConfig {
@@ -65,6 +82,8 @@ impl Default for ServerConfig {
             gcbytes: 0,
             max_oids_held: 1 << 20,
             metrics_address: None,
+            snapshot_reads: false,
+            snapshot_idle: DEFAULT_SNAPSHOT_IDLE,
         }
     }
 }
@@ -158,6 +177,7 @@ impl Shared {
             "uptime_seconds",
             format!("{:.3}", self.started.elapsed().as_secs_f64()),
         );
+        line("snapshots_held", self.engine.snapshots_held().to_string());
         line("commits_not_durable", not_durable.to_string());
         line(
             "seconds_since_checkpoint",

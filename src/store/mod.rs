@@ -14,7 +14,8 @@ pub use gc::GcReport;
 pub use options::Options;
 
 use crate::engine::{
-    CheckReport, Engine, EngineConfig, InvalidSet, SessionId, StoreStats, check_references, stats,
+    CheckReport, Engine, EngineConfig, SessionId, SessionRef, Snapshot, StoreStats,
+    check_references, stats,
 };
 use crate::error::{Result, StorageError};
 use crate::gc::GcShared;
@@ -33,8 +34,12 @@ pub struct RedbStorage {
     engine: Arc<Engine>,
     gc: Arc<GcShared>,
     session: SessionId,
-    invalid: InvalidSet,
+    state: SessionRef,
     pending: PendingCommit,
+    snapshot_reads: bool,
+    /// With snapshot reads: the state loads read (`None` until the first
+    /// sync or commit, and after `release_snapshot`).
+    snapshot: Option<Snapshot>,
 }
 
 impl RedbStorage {
@@ -53,7 +58,7 @@ impl RedbStorage {
         let config = EngineConfig::read_only();
         let engine = Engine::open(path.as_ref(), &config)?;
         let gc = Arc::new(GcShared::new(Arc::new(crate::gc::ManualGc)));
-        Ok(RedbStorage::session_of(engine, gc))
+        Ok(RedbStorage::session_of(engine, gc, false))
     }
 
     /// Opens for a migration (`importing`: an unfinished import is allowed).
@@ -66,24 +71,48 @@ impl RedbStorage {
         let gc = Arc::new(GcShared::new(options.gc_policy().clone()));
         engine.set_hook(gc.clone());
         crate::gc::start(&engine, &gc);
-        Ok(RedbStorage::session_of(engine, gc))
+        Ok(RedbStorage::session_of(engine, gc, options.snapshots()))
     }
 
-    fn session_of(engine: Arc<Engine>, gc: Arc<GcShared>) -> RedbStorage {
+    fn session_of(engine: Arc<Engine>, gc: Arc<GcShared>, snapshot_reads: bool) -> RedbStorage {
         engine.handles.fetch_add(1, Ordering::AcqRel);
-        let (session, invalid) = engine.register_session();
+        let (session, state) = engine.register_session();
         RedbStorage {
             engine,
             gc,
             session,
-            invalid,
+            state,
             pending: PendingCommit::default(),
+            snapshot_reads,
+            snapshot: None,
         }
     }
 
-    /// Another session on the same open store.
+    /// Another session on the same open store (with this one's snapshot
+    /// reads setting).
     pub fn new_session(&self) -> RedbStorage {
-        RedbStorage::session_of(self.engine.clone(), self.gc.clone())
+        RedbStorage::session_of(self.engine.clone(), self.gc.clone(), self.snapshot_reads)
+    }
+
+    /// Turns snapshot reads on or off for this session (see
+    /// [`Options::snapshot_reads`]). Turning them on takes effect at the
+    /// next sync or commit; turning them off releases the snapshot.
+    pub fn set_snapshot_reads(&mut self, on: bool) {
+        self.snapshot_reads = on;
+        if !on {
+            self.snapshot = None;
+        }
+    }
+
+    /// Gives up this session's snapshot, if it holds one: loads read the
+    /// latest state again until the next sync or commit takes a new one.
+    pub fn release_snapshot(&mut self) {
+        self.snapshot = None;
+    }
+
+    /// Whether this session holds a snapshot now.
+    pub fn holds_snapshot(&self) -> bool {
+        self.snapshot.is_some()
     }
 
     /// A handle that keeps the store open and makes sessions (for the
@@ -141,12 +170,35 @@ impl Drop for RedbStorage {
 
 impl Storage for RedbStorage {
     fn load(&mut self, oid: Oid) -> Result<Record> {
-        self.engine.load(oid)
+        match &self.snapshot {
+            Some(_) => self
+                .bulk_load(&[oid])?
+                .pop()
+                .ok_or(StorageError::NotFound(oid)),
+            None => self.engine.load(oid),
+        }
     }
 
     fn bulk_load(&mut self, oids: &[Oid]) -> Result<Vec<Record>> {
-        self.engine
-            .load_many(oids)?
+        let found = match &self.snapshot {
+            Some(snapshot) => {
+                let mut out = Vec::with_capacity(oids.len());
+                snapshot.load_each(oids, |oid, bytes| -> Result<()> {
+                    out.push(match bytes {
+                        Some(b) => Some(Record::from_bytes(b.to_vec()).map_err(|e| {
+                            StorageError::damaged(format!(
+                                "the record of oid {oid} is damaged: {e}"
+                            ))
+                        })?),
+                        None => None,
+                    });
+                    Ok(())
+                })?;
+                out
+            }
+            None => self.engine.load_many(oids)?,
+        };
+        found
             .into_iter()
             .zip(oids)
             .map(|(r, &oid)| r.ok_or(StorageError::NotFound(oid)))
@@ -163,7 +215,13 @@ impl Storage for RedbStorage {
 
     fn end(&mut self) -> Result<()> {
         let records = self.pending.take();
-        self.engine.commit(self.session, &records)
+        if self.snapshot_reads {
+            self.snapshot = None;
+            self.snapshot = Some(self.engine.commit_and_snapshot(self.session, &records)?);
+            Ok(())
+        } else {
+            self.engine.commit(self.session, &records)
+        }
     }
 
     fn abort(&mut self) {
@@ -171,10 +229,14 @@ impl Storage for RedbStorage {
     }
 
     fn sync(&mut self) -> Result<Vec<Oid>> {
-        let mut set = self.invalid.lock();
-        let mut oids: Vec<Oid> = set.drain().collect();
-        oids.sort_unstable();
-        Ok(oids)
+        if self.snapshot_reads {
+            self.snapshot = None;
+            let (oids, snapshot) = self.engine.sync_to_snapshot(self.session, &self.state)?;
+            self.snapshot = Some(snapshot);
+            Ok(oids)
+        } else {
+            Ok(self.engine.take_invalid(self.session, &self.state, None))
+        }
     }
 
     fn new_oid(&mut self) -> Result<Oid> {
@@ -205,6 +267,7 @@ impl Storage for RedbStorage {
 
     fn close(&mut self) -> Result<()> {
         self.pending.clear();
+        self.snapshot = None;
         self.engine.close()
     }
 }

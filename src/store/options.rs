@@ -27,6 +27,7 @@ pub struct Options {
     cache_bytes: usize,
     quick_repair: bool,
     gc: Arc<dyn GcPolicy>,
+    snapshot_reads: bool,
 }
 
 impl Default for Options {
@@ -38,6 +39,7 @@ impl Default for Options {
             cache_bytes: 256 << 20,
             quick_repair: true,
             gc: Arc::new(IncrementalGc::default()),
+            snapshot_reads: false,
         }
     }
 }
@@ -96,6 +98,24 @@ impl Options {
     pub fn quick_repair(mut self, on: bool) -> Self {
         self.quick_repair = on;
         self
+    }
+
+    /// Snapshot reads for the sessions of this open (default false): a
+    /// session loads from the state of its last [`sync`](crate::Storage::sync)
+    /// or commit, so an oid another session changed since still loads as
+    /// it was then; [`sync`](crate::Storage::sync) moves the session to the
+    /// latest state and returns what changed, as without snapshots. A
+    /// session's snapshot keeps the pages it reads from being reused until
+    /// it syncs, commits, calls
+    /// [`release_snapshot`](crate::RedbStorage::release_snapshot) or is
+    /// dropped; see also [`RedbStorage::set_snapshot_reads`](crate::RedbStorage::set_snapshot_reads).
+    pub fn snapshot_reads(mut self, on: bool) -> Self {
+        self.snapshot_reads = on;
+        self
+    }
+
+    pub(crate) fn snapshots(&self) -> bool {
+        self.snapshot_reads
     }
 
     pub(crate) fn gc_policy(&self) -> &Arc<dyn GcPolicy> {

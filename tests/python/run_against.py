@@ -239,6 +239,7 @@ def run_batch(command, scenarios, options, label):
         for s in scenarios:
             argv += ["--scenario", s]
         argv += ["--pack-timeout", str(options.pack_timeout)]
+        argv += options.interop_arg
         # interop.py runs in its own process group, so that on a timeout
         # its worker processes (many_clients) are killed too.
         child = subprocess.Popen(argv, stdin=subprocess.DEVNULL,
@@ -323,6 +324,9 @@ def main(argv=None):
     parser.add_argument("--scenario-timeout", type=float, default=300.0,
                         help="seconds allowed per scenario")
     parser.add_argument("--pack-timeout", type=float, default=20.0)
+    parser.add_argument("--interop-arg", action="append", default=[],
+                        help="an argument passed on to interop.py "
+                        "(repeatable), e.g. --interop-arg=--snapshot-reads")
     parser.add_argument("--shared-server", action="store_true",
                         help="run all scenarios on one server")
     parser.add_argument("--quiet", action="store_true",
