@@ -131,7 +131,7 @@ pub enum StorageError {
     /// open cannot do.
     #[error(
         "{} was not closed cleanly and needs a repair, which a read-only open cannot do; \
-         open it read-write once (`durus-redb check` or `durus-redb serve` does)",
+         open it read-write once (`durus-redb check --repair` or `durus-redb serve` does)",
         path.display()
     )]
     NeedsRepair {
@@ -141,7 +141,7 @@ pub enum StorageError {
     /// A read-only open of a store whose commit log holds commits the store
     /// file does not have yet (the last writer did not close cleanly).
     #[error(
-        "{} has {commits} commits in its commit log that are not yet in the file: open it for writing once (for example `durus-redb serve`) to apply them",
+        "{} has {commits} commits in its commit log that are not yet in the file: open it for writing once (`durus-redb check --repair` or `durus-redb serve` does) to apply them",
         path.display()
     )]
     UnappliedLog {
@@ -215,6 +215,17 @@ impl StorageError {
 
     pub(crate) fn damaged(what: impl Into<String>) -> StorageError {
         StorageError::Damaged { what: what.into() }
+    }
+
+    /// True if the store's data is damaged (a record that does not decode,
+    /// a page redb finds corrupted): a repair cannot bring back what was
+    /// lost, a backup can.
+    pub fn is_damage(&self) -> bool {
+        match self {
+            StorageError::Damaged { .. } => true,
+            StorageError::Backend(BackendError(e)) => matches!(e, redb::Error::Corrupted(_)),
+            _ => false,
+        }
     }
 
     /// True for a conflict of any kind (including a read conflict): the caller

@@ -36,7 +36,7 @@ pub use checkpoint::{
     default_compaction,
 };
 pub use client::{ClientStorage, SnapshotRecords};
-pub use engine::{CheckReport, FullCheck, StoreStats, check_store};
+pub use engine::{CheckReport, FullCheck, StoreStats, check_store, repair_store};
 pub use error::{BackendError, Conflict, InvalidInput, Result, StorageError};
 pub use filestorage::{
     FileError, FileFormat, ReadOptions, RecordSource, ShelfWriter, SourceEvent, SourceItem,

@@ -111,6 +111,17 @@ fn check_finds_a_damaged_file() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(!out.status.success(), "check passed a damaged file: {text}");
+    // The check only read: the damaged file is exactly as it was, so the
+    // other tools see it as before, and the advice names what helps.
+    assert!(
+        std::fs::read(&path).unwrap() == bytes,
+        "check wrote to the file"
+    );
+    assert!(
+        text.contains("backup") || text.contains("--repair"),
+        "no advice: {text}"
+    );
+    println!("{text}");
 }
 
 /// A damaged page header makes redb panic when it opens the file: every
@@ -131,6 +142,12 @@ fn a_damaged_page_header_gives_a_clear_error_and_exit_2() {
         *b = 0xFF;
     }
     std::fs::write(&path, &bytes).unwrap();
+    let out = bin().arg("check").arg(&path).output().unwrap();
+    assert!(!out.status.success());
+    assert!(
+        std::fs::read(&path).unwrap() == bytes,
+        "check wrote to the file"
+    );
     for cmd in ["stats", "check", "export"] {
         let mut c = bin();
         c.arg(cmd).arg(&path);

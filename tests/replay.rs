@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use durus_redb::{
     Durability, Manual, ManualGc, Oid, Options, Record, RedbStorage, Storage, StorageError,
-    check_store,
+    check_store, repair_store,
 };
 use proptest::prelude::*;
 
@@ -293,7 +293,7 @@ fn a_corrupt_entry_ends_the_replay_before_it() {
 }
 
 #[test]
-fn a_read_only_open_refuses_an_unapplied_log_and_check_applies_it() {
+fn a_read_only_open_refuses_an_unapplied_log_check_counts_it_and_repair_applies_it() {
     let dir = tempfile::tempdir().unwrap();
     let (image, oids) = image_after(dir.path(), 4);
     // redb itself needs a repair after the crash, or the log holds commits
@@ -312,7 +312,12 @@ fn a_read_only_open_refuses_an_unapplied_log_and_check_applies_it() {
             || err.to_string().contains("open it read-write"),
         "{err}"
     );
+    // A check reads only: it counts the waiting commits and leaves them.
     let check = check_store(&image).unwrap();
+    assert!(check.integrity_ok && check.references.is_clean());
+    assert_eq!(check.unapplied_log_commits, 4);
+    assert!(RedbStorage::open_read_only(&image).is_err());
+    let check = repair_store(&image).unwrap();
     assert!(check.integrity_ok && check.references.is_clean());
     let mut r = RedbStorage::open_read_only(&image).unwrap();
     for (i, &o) in oids.iter().enumerate() {

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use durus_redb::{
     Address, ClientStorage, Durability, ManualGc, MigrateOptions, MigrateProgress, Options,
-    Periodic, RedbStorage, Server, ServerConfig, check_store,
+    Periodic, RedbStorage, Server, ServerConfig, check_store, repair_store,
 };
 
 /// A Durus-compatible object store and server on redb.
@@ -108,12 +108,20 @@ enum Command {
         #[arg(long, default_value_t = 600.0)]
         gc_grace: f64,
     },
-    /// Check a store: redb integrity, every stored reference resolves, and
-    /// the reference counts equal a recount from scratch. Exits 1 if anything
-    /// is wrong, 2 if the file cannot be checked at all.
+    /// Check a store: redb integrity (every page checksum), every stored
+    /// reference resolves, and the reference counts equal a recount from
+    /// scratch. Never writes to the store: a store that was not closed
+    /// cleanly is repaired in memory to be checked, and commits waiting in
+    /// its commit log are counted. With --repair it writes: the file is
+    /// repaired, the waiting commits applied, an older format upgraded.
+    /// Exits 1 if anything is wrong, 2 if the file cannot be checked at all.
     Check {
         /// The store file (must not be open by a server).
         path: PathBuf,
+        /// Repair the file for good (redb's repair, the commit log applied,
+        /// the format upgraded), then check it.
+        #[arg(long)]
+        repair: bool,
     },
 }
 
@@ -329,7 +337,7 @@ fn run(cli: Cli) -> ExitCode {
             ..
         } => stats(path, gc_grace),
         Command::Stats { path: None, at, .. } => live_stats(at),
-        Command::Check { path } => check(path),
+        Command::Check { path, repair } => check(path, repair),
     }
 }
 
@@ -777,9 +785,26 @@ fn stats(path: PathBuf, gc_grace: f64) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-fn check(path: PathBuf) -> ExitCode {
-    let c = match check_store(&path) {
+fn check(path: PathBuf, repair: bool) -> ExitCode {
+    let checked = if repair {
+        repair_store(&path)
+    } else {
+        check_store(&path)
+    };
+    let c = match checked {
         Ok(c) => c,
+        Err(e) if e.is_damage() => {
+            return fail(format_args!(
+                "{}: {e}\nThe store is damaged and cannot be checked{}. Restore it from a \
+                 backup (`durus-redb backup` copies a running server's store).",
+                path.display(),
+                if repair {
+                    " or repaired"
+                } else {
+                    "; the file was left as it was"
+                }
+            ));
+        }
         Err(e) => return fail(format_args!("{}: {e}", path.display())),
     };
     let r = &c.references;
@@ -796,6 +821,13 @@ fn check(path: PathBuf) -> ExitCode {
             "FAILED (redb checksums or allocator state)"
         }
     );
+    if c.unapplied_log_commits > 0 {
+        println!(
+            "commit log: {} commits not yet in the file (checked here without them; \
+             `durus-redb check --repair` or any writable open applies them)",
+            c.unapplied_log_commits
+        );
+    }
     println!("objects:    {}", r.objects);
     println!("references: {}", r.refs);
     for (holder, missing) in &r.dangling {
@@ -811,6 +843,17 @@ fn check(path: PathBuf) -> ExitCode {
         println!("result:     clean");
         ExitCode::SUCCESS
     } else {
+        if !c.integrity_ok {
+            println!(
+                "advice:     redb's page checksums do not match: the file is damaged. \
+                 Restore it from a backup (`durus-redb backup`); {}",
+                if repair {
+                    "the repair kept what redb could"
+                } else {
+                    "`durus-redb check --repair` keeps what redb can"
+                }
+            );
+        }
         println!(
             "result:     {} dangling references, {} wrong counts, {} damaged records",
             r.dangling_count, r.mismatch_count, r.damaged_count

@@ -193,18 +193,57 @@ pub(crate) fn check_references(engine: &Engine) -> Result<CheckReport> {
 /// The result of [`check_store`].
 #[derive(Debug, Clone)]
 pub struct FullCheck {
-    /// redb's own integrity check (checksums, allocator state) passed.
+    /// redb's own integrity check (page checksums, allocator state) passed.
     pub integrity_ok: bool,
+    /// Commits in the commit log that are not yet in the file (a writer
+    /// that did not close cleanly): a read-only check looks at the file
+    /// without them; [`repair_store`] applies them first.
+    pub unapplied_log_commits: u64,
     /// The reference check.
     pub references: CheckReport,
     /// Statistics.
     pub stats: StoreStats,
 }
 
-/// Checks a closed store: redb integrity, then references. Needs exclusive
-/// access. A commit log left by a crash is applied first (as any writable
-/// open does).
+/// Checks a closed store and never writes to it: redb's integrity check
+/// (every page checksum) runs on the file opened through a backend that
+/// keeps redb's own writes in memory (so a store that was not closed
+/// cleanly is repaired in memory only), then every record, reference and
+/// reference count is checked. Commits waiting in the commit log are
+/// counted, not applied. A store open for writing elsewhere is refused.
 pub fn check_store(path: &Path) -> Result<FullCheck> {
+    if !path.exists() {
+        return Err(StorageError::Io(std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            format!("{} does not exist", path.display()),
+        )));
+    }
+    let backend = super::overlay::OverlayBackend::open(path)?;
+    let mut db = redb::Builder::new()
+        .create_with_backend(backend)
+        .map_err(|e| super::open::open_error(path, e))?;
+    let integrity_ok = db.check_integrity()?;
+    ensure_our_tables(path, &db)?;
+    let config = super::EngineConfig {
+        checking: true,
+        ..super::EngineConfig::read_only()
+    };
+    let engine = Engine::open_with(path, &config, super::Db::Rw(db))?;
+    let applied = super::open::applied_log_seq_of(&engine)?;
+    let unapplied = super::log::commits_after(&super::log::log_dir(path), applied)?;
+    Ok(FullCheck {
+        integrity_ok,
+        unapplied_log_commits: unapplied,
+        references: check_references(&engine)?,
+        stats: stats(&engine)?,
+    })
+}
+
+/// Repairs a closed store, then checks it as [`check_store`] does: opens it
+/// for writing (redb repairs a file that was not closed cleanly), verifies
+/// every page checksum, applies the commits waiting in its commit log and
+/// brings an older format up to date. Writes to the file.
+pub fn repair_store(path: &Path) -> Result<FullCheck> {
     if !path.exists() {
         return Err(StorageError::Io(std::io::Error::new(
             std::io::ErrorKind::NotFound,
@@ -214,31 +253,31 @@ pub fn check_store(path: &Path) -> Result<FullCheck> {
     let integrity_ok = {
         let mut db = redb::Database::open(path).map_err(|e| super::open::open_error(path, e))?;
         let ok = db.check_integrity()?;
-        // The file must hold our tables too.
-        let txn = db.begin_read()?;
-        if let Err(e) = txn.open_table(META) {
-            return Err(StorageError::NotAStore {
-                path: path.to_path_buf(),
-                reason: format!("a redb database without durus-redb's tables ({e})"),
-            });
-        }
+        ensure_our_tables(path, &db)?;
         ok
     };
-    // A commit log left by a crash is applied first, as any writable open
-    // does; otherwise the store is only read.
-    let config = if super::log::log_dir(path).exists() {
-        super::EngineConfig {
-            read_only: false,
-            importing: true,
-            ..super::EngineConfig::read_only()
-        }
-    } else {
-        super::EngineConfig::read_only()
+    let config = super::EngineConfig {
+        read_only: false,
+        importing: true,
+        ..super::EngineConfig::read_only()
     };
     let engine = Engine::open(path, &config)?;
     Ok(FullCheck {
         integrity_ok,
+        unapplied_log_commits: 0,
         references: check_references(&engine)?,
         stats: stats(&engine)?,
     })
+}
+
+/// The file must hold durus-redb's tables, not only be a redb database.
+fn ensure_our_tables(path: &Path, db: &redb::Database) -> Result<()> {
+    let txn = db.begin_read()?;
+    if let Err(e) = txn.open_table(META) {
+        return Err(StorageError::NotAStore {
+            path: path.to_path_buf(),
+            reason: format!("a redb database without durus-redb's tables ({e})"),
+        });
+    }
+    Ok(())
 }

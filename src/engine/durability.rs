@@ -236,6 +236,10 @@ impl Engine {
         let mut slot = self.db.write();
         let Some(db) = slot.take() else { return Ok(()) };
         let Db::Rw(mut db) = db else { return Ok(()) };
+        if self.read_only {
+            // A check's database: nothing of its own to write.
+            return Ok(());
+        }
         if let Some(why) = self.poisoned.lock().as_ref() {
             return Err(StorageError::Poisoned {
                 reason: why.clone(),

@@ -28,6 +28,7 @@ mod import;
 pub(crate) mod layout;
 pub(crate) mod log;
 mod open;
+mod overlay;
 #[cfg(test)]
 mod powercut;
 mod refcount;
@@ -40,7 +41,7 @@ use std::sync::{Arc, OnceLock};
 use parking_lot::{Mutex, RwLock, RwLockReadGuard};
 use redb::{Database, ReadOnlyDatabase, ReadTransaction, ReadableDatabase, WriteTransaction};
 
-pub use check::{CheckReport, FullCheck, StoreStats, check_store};
+pub use check::{CheckReport, FullCheck, StoreStats, check_store, repair_store};
 pub(crate) use check::{check_references, stats};
 use commit::{CommitState, CommitTicket};
 pub(crate) use refcount::{
@@ -73,6 +74,9 @@ pub(crate) struct EngineConfig {
     pub(crate) quick_repair: bool,
     /// An unfinished import is allowed (the migration opens it).
     pub(crate) importing: bool,
+    /// A read-only open for `check`: commits waiting in the log are
+    /// reported, not refused.
+    pub(crate) checking: bool,
     /// Tests: the file is this simulated disk instead of `path`.
     #[cfg(test)]
     pub(crate) disk: Option<std::sync::Arc<powercut::Disk>>,
@@ -89,6 +93,7 @@ impl EngineConfig {
             cache_bytes: 32 << 20,
             quick_repair: true,
             importing: false,
+            checking: false,
             #[cfg(test)]
             disk: None,
         }

@@ -48,33 +48,21 @@ impl Engine {
     /// whose import (`migrate`) is unfinished is refused unless
     /// `config.importing`.
     pub(crate) fn open(path: &Path, config: &EngineConfig) -> Result<Arc<Engine>> {
-        let mut builder = redb::Builder::new();
-        builder.set_cache_size(config.cache_bytes);
-        let db = if config.read_only {
-            if !path.exists() {
-                return Err(not_found(path));
-            }
-            Db::Ro(
-                builder
-                    .open_read_only(path)
-                    .map_err(|e| open_error(path, e))?,
-            )
-        } else if let Some(db) = simulated_disk(config, &builder, path)? {
-            db
-        } else if !config.create && !path.exists() {
-            return Err(not_found(path));
-        } else {
-            if !path.exists() {
-                create_atomically(path, config.quick_repair)?;
-            }
-            Db::Rw(builder.create(path).map_err(|e| open_error(path, e))?)
-        };
-        let (next_oid, reserved) = init_or_verify(path, &db, config.quick_repair)?;
+        let db = open_db(path, config)?;
+        Engine::open_with(path, config, db)
+    }
+
+    /// Opens the engine on a database already opened (`check` opens the
+    /// file through an [`OverlayBackend`](super::overlay::OverlayBackend)
+    /// and verifies it first).
+    pub(crate) fn open_with(path: &Path, config: &EngineConfig, db: Db) -> Result<Arc<Engine>> {
+        let (next_oid, reserved) =
+            init_or_verify(path, &db, config.quick_repair, config.read_only)?;
         let log_dir = log::log_dir(path);
         let log_seq = if config.read_only {
             let applied = applied_log_seq(&db)?;
             let waiting = log::commits_after(&log_dir, applied)?;
-            if waiting > 0 {
+            if waiting > 0 && !config.checking {
                 return Err(StorageError::UnappliedLog {
                     path: path.to_path_buf(),
                     commits: waiting,
@@ -145,6 +133,32 @@ impl Engine {
     }
 }
 
+/// Opens (or creates) the redb database of the store as `config` says.
+fn open_db(path: &Path, config: &EngineConfig) -> Result<Db> {
+    let mut builder = redb::Builder::new();
+    builder.set_cache_size(config.cache_bytes);
+    let db = if config.read_only {
+        if !path.exists() {
+            return Err(not_found(path));
+        }
+        Db::Ro(
+            builder
+                .open_read_only(path)
+                .map_err(|e| open_error(path, e))?,
+        )
+    } else if let Some(db) = simulated_disk(config, &builder, path)? {
+        db
+    } else if !config.create && !path.exists() {
+        return Err(not_found(path));
+    } else {
+        if !path.exists() {
+            create_atomically(path, config.quick_repair)?;
+        }
+        Db::Rw(builder.create(path).map_err(|e| open_error(path, e))?)
+    };
+    Ok(db)
+}
+
 /// Tests: the database on the simulated disk of `config`, if it has one.
 #[cfg(test)]
 fn simulated_disk(
@@ -203,7 +217,7 @@ fn create_atomically(path: &Path, quick_repair: bool) -> Result<()> {
                 .create(&tmp)
                 .map_err(|e| open_error(&tmp, e))?,
         );
-        init_or_verify(&tmp, &db, quick_repair)?;
+        init_or_verify(&tmp, &db, quick_repair, false)?;
         // Linked while still open (and so locked): a concurrent creator
         // never takes it for a leftover.
         let linked = match std::fs::hard_link(&tmp, path) {
@@ -225,7 +239,7 @@ fn create_atomically(path: &Path, quick_repair: bool) -> Result<()> {
 
 /// Creates the tables of a new store, or checks the format of an existing
 /// one. Returns the next oid to hand out and the reserved mark.
-fn init_or_verify(path: &Path, db: &Db, quick_repair: bool) -> Result<(u64, u64)> {
+fn init_or_verify(path: &Path, db: &Db, quick_repair: bool, read_only: bool) -> Result<(u64, u64)> {
     let rtxn = db.begin_read()?;
     let meta = match rtxn.open_table(META) {
         Ok(t) => Some(t),
@@ -241,10 +255,14 @@ fn init_or_verify(path: &Path, db: &Db, quick_repair: bool) -> Result<(u64, u64)
                 reason: "a redb database without a durus_meta table".into(),
             });
         }
-        let db = db.rw().map_err(|_| StorageError::NotAStore {
-            path: path.to_path_buf(),
-            reason: "an empty redb database".into(),
-        })?;
+        let db = db
+            .rw()
+            .ok()
+            .filter(|_| !read_only)
+            .ok_or_else(|| StorageError::NotAStore {
+                path: path.to_path_buf(),
+                reason: "an empty redb database".into(),
+            })?;
         let mut w = db.begin_write()?;
         w.set_quick_repair(quick_repair);
         {
@@ -272,12 +290,13 @@ fn init_or_verify(path: &Path, db: &Db, quick_repair: bool) -> Result<(u64, u64)
         })?;
     check_version(path, info.version)?;
     if info.version < FORMAT_VERSION
+        && !read_only
         && let Ok(rw) = db.rw()
     {
         drop(meta);
         drop(rtxn);
         upgrade(path, rw, info, quick_repair)?;
-        return init_or_verify(path, db, quick_repair);
+        return init_or_verify(path, db, quick_repair, read_only);
     }
     let oids: OidMeta = read_meta(&meta, KEY_OIDS)?.unwrap_or(OidMeta { reserved: 0 });
     let records = rtxn.open_table(RECORDS)?;
@@ -351,6 +370,11 @@ fn upgrade(path: &Path, db: &redb::Database, info: FormatInfo, quick_repair: boo
 }
 
 /// The last logged commit the file holds (0 if none was ever logged).
+/// The last logged commit the engine's file holds.
+pub(super) fn applied_log_seq_of(engine: &Engine) -> Result<u64> {
+    applied_log_seq(&*engine.db()?)
+}
+
 fn applied_log_seq(db: &Db) -> Result<u64> {
     let rtxn = db.begin_read()?;
     let t = match rtxn.open_table(LOG_STATE) {

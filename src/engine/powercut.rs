@@ -96,6 +96,7 @@ fn config(durability: Durability, disk: Arc<Disk>) -> EngineConfig {
         cache_bytes: 4 << 20,
         quick_repair: true,
         importing: false,
+        checking: false,
         disk: Some(disk),
     }
 }

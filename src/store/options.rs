@@ -131,6 +131,7 @@ impl Options {
             cache_bytes: self.cache_bytes,
             quick_repair: self.quick_repair,
             importing,
+            checking: false,
             #[cfg(test)]
             disk: None,
         }
