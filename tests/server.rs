@@ -24,13 +24,28 @@ struct Served {
     child: Child,
     port: u16,
     log: mpsc::Receiver<String>,
+    /// Log lines before `Ready on`.
+    early: Vec<String>,
 }
 
 impl Served {
     /// Starts `durus-redb serve --file path --port 0 EXTRA..` and waits for
     /// its `Ready on` line to learn the port.
     fn start(path: &Path, extra: &[&str]) -> Served {
-        let mut child = Command::new(bin())
+        Served::start_under(&[], path, extra)
+    }
+
+    /// [`start`](Self::start) under a wrapper command (`prlimit ... --`).
+    fn start_under(wrapper: &[&str], path: &Path, extra: &[&str]) -> Served {
+        let mut cmd = match wrapper.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(bin());
+                c
+            }
+            None => Command::new(bin()),
+        };
+        let mut child = cmd
             .arg("serve")
             .arg("--file")
             .arg(path)
@@ -52,6 +67,7 @@ impl Served {
             }
         });
         let deadline = Instant::now() + Duration::from_secs(30);
+        let mut early = Vec::new();
         let port = loop {
             let left = deadline.saturating_duration_since(Instant::now());
             let line = rx
@@ -61,11 +77,13 @@ impl Served {
                 let addr = line[at + 9..].trim();
                 break addr.rsplit(':').next().unwrap().parse::<u16>().unwrap();
             }
+            early.push(line);
         };
         Served {
             child,
             port,
             log: rx,
+            early,
         }
     }
 
@@ -95,6 +113,9 @@ impl Served {
 
     /// Waits (up to 10 s) for a log line containing `what`; all lines read.
     fn wait_for_log(&self, what: &str) -> String {
+        if let Some(l) = self.early.iter().find(|l| l.contains(what)) {
+            return l.clone();
+        }
         let deadline = Instant::now() + Duration::from_secs(10);
         let mut lines = Vec::new();
         while Instant::now() < deadline {
@@ -1685,6 +1706,134 @@ fn python_readers_never_meet_read_conflicts_with_snapshot_reads() {
     assert!(field("sums") >= 10, "{text}");
     assert_eq!(field("sums"), field("exact"), "{text}");
     assert!(field("writer_commits") > 100, "{text}");
+    server.stop();
+    check_clean(&path);
+}
+
+/// A server whose process may open only 64 files serves as many
+/// connections as fit (and says so), refuses the rest, and keeps serving:
+/// commits and loads go on, and freed slots are used again.
+#[test]
+fn a_server_with_few_file_descriptors_caps_its_connections_and_keeps_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.redb");
+    let server = Served::start_under(&["prlimit", "--nofile=64:64", "--"], &path, &[]);
+    let said = server.wait_for_log("serving at most");
+    assert!(said.contains("serving at most 8 connections"), "{said}");
+    let mut c = server.client();
+    assert_eq!(c.new_oid().unwrap(), Oid::ROOT);
+    make_root(&mut c, &[]);
+    // 7 more fit beside c; the 8 after them are refused (closed at once).
+    let mut extra: Vec<TcpStream> = (0..7).map(|_| server.raw_handshaken()).collect();
+    for _ in 0..8 {
+        let mut s = server.raw();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let _ = s.write_all(&handshake());
+        let mut v = [0u8; 4];
+        assert!(
+            s.read_exact(&mut v).is_err(),
+            "a connection beyond the cap was served"
+        );
+    }
+    assert!(
+        server
+            .wait_for_log("refusing a connection")
+            .contains("--max-connections")
+    );
+    // c still commits and loads, many times over (log segments rotate).
+    for i in 0..200u32 {
+        let o = c.new_oid().unwrap();
+        c.begin();
+        c.store(o, rec(o, &vec![i as u8; 20_000], &[])).unwrap();
+        c.store(Oid::ROOT, rec(Oid::ROOT, b"root", &[o])).unwrap();
+        c.end().unwrap();
+        assert_eq!(c.load(o).unwrap().data()[0], i as u8);
+    }
+    // Freed slots serve again.
+    extra.truncate(2);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut d = loop {
+        if let Ok(mut d) = ClientStorage::connect_tcp("127.0.0.1", server.port)
+            && d.load(Oid::ROOT).is_ok()
+        {
+            break d;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "a freed slot was not served again"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(d.sync().is_ok());
+    drop((c, d, extra));
+    server.stop();
+    check_clean(&path);
+}
+
+/// A commit that meets a file-size limit (RLIMIT_FSIZE) is refused, the
+/// server is not killed by SIGXFSZ, and after a restart without the limit
+/// every acknowledged commit is there.
+#[test]
+fn a_commit_beyond_a_file_size_limit_is_refused_and_nothing_acknowledged_is_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.redb");
+    let mut server = Served::start_under(&["prlimit", "--fsize=6000000", "--"], &path, &[]);
+    let mut c = server.client();
+    assert_eq!(c.new_oid().unwrap(), Oid::ROOT);
+    make_root(&mut c, &[]);
+    let mut acked: Vec<(Oid, u8)> = Vec::new();
+    let mut refused = None;
+    for i in 0..400u32 {
+        let o = match c.new_oid() {
+            Ok(o) => o,
+            Err(e) => {
+                refused = Some(e.to_string());
+                break;
+            }
+        };
+        let mut refs: Vec<Oid> = acked.iter().map(|(o, _)| *o).collect();
+        refs.push(o);
+        c.begin();
+        c.store(o, rec(o, &vec![i as u8; 50_000], &[])).unwrap();
+        c.store(Oid::ROOT, rec(Oid::ROOT, b"root", &refs)).unwrap();
+        match c.end() {
+            Ok(()) => acked.push((o, i as u8)),
+            Err(e) => {
+                refused = Some(e.to_string());
+                break;
+            }
+        }
+    }
+    let refused = refused.expect("20 MB of commits passed a 6 MB file-size limit");
+    eprintln!("refused after {} commits: {refused}", acked.len());
+    assert!(
+        acked.len() > 10,
+        "only {} commits before the limit",
+        acked.len()
+    );
+    // The server is alive (SIGXFSZ ignored) and says why.
+    assert!(
+        server.child.try_wait().unwrap().is_none(),
+        "the server died"
+    );
+    let said = server.wait_for_log("File too large");
+    assert!(
+        said.contains("File too large"),
+        "refused with {refused}; log: {said}"
+    );
+    let mut reader = server.client();
+    assert_eq!(reader.load(acked[0].0).unwrap().data()[0], acked[0].1);
+    drop((c, reader));
+    // A restart without the limit recovers every acknowledged commit.
+    server.child.kill().unwrap();
+    server.child.wait().unwrap();
+    drop(server);
+    let server = Served::start(&path, &[]);
+    let mut c = server.client();
+    for (o, v) in &acked {
+        assert_eq!(c.load(*o).unwrap().data(), vec![*v; 50_000], "oid {o}");
+    }
+    drop(c);
     server.stop();
     check_clean(&path);
 }

@@ -310,6 +310,7 @@ fn run(cli: Cli) -> ExitCode {
         return serve(args);
     }
     init_logging(None, 20);
+    prepare_process();
     match cli.command {
         Command::Serve(_) => unreachable!("handled above"),
         Command::Stop { at } => stop(at),
@@ -378,8 +379,29 @@ fn fail(msg: impl std::fmt::Display) -> ExitCode {
     ExitCode::from(2)
 }
 
+/// Raises the soft limit on open files to the hard limit (each connection
+/// needs a few; the server caps its connections to what fits), and ignores
+/// SIGXFSZ, so that a write beyond a file-size limit fails with an error
+/// the store handles instead of killing the server.
+fn prepare_process() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    use nix::sys::signal::{SigHandler, Signal, signal};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE)
+        && soft < hard
+        && let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard)
+    {
+        tracing::warn!("cannot raise the open-files limit from {soft} to {hard}: {e}");
+    }
+    // SAFETY: SIG_IGN installs no handler code; nothing else in this
+    // process sets a disposition for SIGXFSZ.
+    if let Err(e) = unsafe { signal(Signal::SIGXFSZ, SigHandler::SigIgn) } {
+        tracing::warn!("cannot ignore SIGXFSZ: {e}");
+    }
+}
+
 fn serve(args: ServeArgs) -> ExitCode {
     init_logging(args.logfile.as_deref(), args.logginglevel);
+    prepare_process();
     if !(args.request_timeout > 0.0 && args.request_timeout.is_finite()) {
         return fail("--request-timeout must be a positive number of seconds");
     }

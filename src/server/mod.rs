@@ -242,6 +242,33 @@ impl std::fmt::Debug for ShutdownHandle {
     }
 }
 
+/// File descriptors one connection holds: its socket, the copy the server
+/// keeps to close it, and the reading and writing halves.
+const FDS_PER_CONNECTION: u64 = 4;
+
+/// File descriptors kept free for the store (the file, the commit log's
+/// segments, a new segment at rotation), the listeners and the log output.
+const FD_RESERVE: u64 = 32;
+
+/// How many connections fit in `soft` open files beside the reserve (at
+/// least 1).
+fn connections_within(soft: u64) -> usize {
+    (soft.saturating_sub(FD_RESERVE) / FDS_PER_CONNECTION).max(1) as usize
+}
+
+/// The soft limit on open files of this process (Linux: read from
+/// /proc/self/limits, so the library needs no system-call crate), or
+/// `None` where unknown or unlimited.
+fn open_files_limit() -> Option<u64> {
+    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    line["Max open files".len()..]
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
 /// A bound server, ready to [`run`](Server::run).
 pub struct Server {
     shared: Arc<Shared>,
@@ -259,7 +286,20 @@ impl Server {
     /// Binds the address of `config` to serve the open store `store`. The
     /// server keeps the store open until [`run`](Server::run) ends, and
     /// closes it then.
-    pub fn bind(store: &RedbStorage, config: ServerConfig) -> io::Result<Server> {
+    pub fn bind(store: &RedbStorage, mut config: ServerConfig) -> io::Result<Server> {
+        if let Some(soft) = open_files_limit() {
+            let fit = connections_within(soft);
+            if config.max_connections > fit {
+                tracing::warn!(
+                    "serving at most {fit} connections instead of {} (--max-connections): \
+                     the process may open {soft} files, each connection takes \
+                     {FDS_PER_CONNECTION} and the store keeps {FD_RESERVE} in reserve; \
+                     raise the limit (ulimit -n) to serve more",
+                    config.max_connections
+                );
+                config.max_connections = fit;
+            }
+        }
         let (listener, address) = Listener::bind(&config.address)?;
         let metrics = match &config.metrics_address {
             Some(a) => Some(std::net::TcpListener::bind(a.as_str())?),
@@ -317,6 +357,8 @@ impl Server {
         }
         let mut threads: Vec<JoinHandle<()>> = Vec::new();
         let mut next_id = 0u64;
+        let mut failed_accepts = 0u64;
+        let mut last_accept_warning: Option<std::time::Instant> = None;
         loop {
             let accepted = self.listener.accept();
             if shared.stopping.load(Ordering::Acquire) {
@@ -325,7 +367,16 @@ impl Server {
             let stream = match accepted {
                 Ok(s) => s,
                 Err(e) => {
-                    tracing::warn!("accept failed: {e}");
+                    // Out of file descriptors (or another transient
+                    // failure): the connections being served go on; the
+                    // new one waits in the backlog. One log line per 10 s.
+                    failed_accepts += 1;
+                    if last_accept_warning.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
+                        tracing::warn!(
+                            "cannot accept a connection ({failed_accepts} failures so far): {e}"
+                        );
+                        last_accept_warning = Some(std::time::Instant::now());
+                    }
                     std::thread::sleep(Duration::from_millis(50));
                     continue;
                 }
