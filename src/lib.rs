@@ -21,6 +21,8 @@ mod client;
 mod engine;
 mod error;
 mod filestorage;
+#[doc(hidden)]
+pub mod fuzzing;
 mod gc;
 mod memory;
 mod migrate;

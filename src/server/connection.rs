@@ -291,6 +291,10 @@ impl Conn<'_> {
                 self.w.flush()?;
                 self.shared.start_pack("requested by a client");
             }
+            Request::Quit if !self.shared.config.allow_quit => {
+                tracing::info!("a client asked the server to stop (Q); not allowed here");
+                return Ok(false);
+            }
             Request::Quit => {
                 tracing::info!("shutdown requested by a client (Q)");
                 self.shared.request_stop();

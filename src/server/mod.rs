@@ -70,6 +70,9 @@ pub struct ServerConfig {
     /// snapshot (its loads then answer "invalid" for oids changed since, as
     /// Durus does), so an idle client cannot keep old pages from reuse.
     pub snapshot_idle: Duration,
+    /// Whether a client's `Q` stops the server, as in Durus (default true);
+    /// when false, `Q` ends that client's connection only.
+    pub allow_quit: bool,
 }
 
 impl Default for ServerConfig {
@@ -84,6 +87,7 @@ impl Default for ServerConfig {
             metrics_address: None,
             snapshot_reads: false,
             snapshot_idle: DEFAULT_SNAPSHOT_IDLE,
+            allow_quit: true,
         }
     }
 }
@@ -112,6 +116,8 @@ pub(crate) struct Shared {
     /// Commits acknowledged and records sent since the server started.
     pub(crate) commits: AtomicU64,
     pub(crate) loads: AtomicU64,
+    /// Connections ended by a panic since the server started.
+    pub(crate) panics: AtomicU64,
     started: std::time::Instant,
 }
 
@@ -178,6 +184,10 @@ impl Shared {
             format!("{:.3}", self.started.elapsed().as_secs_f64()),
         );
         line("snapshots_held", self.engine.snapshots_held().to_string());
+        line(
+            "connection_panics",
+            self.panics.load(Ordering::Relaxed).to_string(),
+        );
         line("commits_not_durable", not_durable.to_string());
         line(
             "seconds_since_checkpoint",
@@ -317,6 +327,7 @@ impl Server {
                 bytes_since_pack: AtomicU64::new(0),
                 commits: AtomicU64::new(0),
                 loads: AtomicU64::new(0),
+                panics: AtomicU64::new(0),
                 started: std::time::Instant::now(),
             }),
             listener,
@@ -416,6 +427,7 @@ impl Server {
                         s.shutdown();
                     }
                     if let Err(panic) = served {
+                        sh.panics.fetch_add(1, Ordering::Relaxed);
                         let what = panic
                             .downcast_ref::<&str>()
                             .map(|s| s.to_string())
