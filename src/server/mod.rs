@@ -22,7 +22,6 @@ use std::time::Duration;
 use parking_lot::Mutex;
 
 use crate::engine::Engine;
-use crate::storage::Storage;
 use crate::store::RedbStorage;
 use crate::transport::{Address, Listener, Stream};
 
@@ -119,6 +118,8 @@ pub(crate) struct Shared {
     /// Connections ended by a panic since the server started.
     pub(crate) panics: AtomicU64,
     started: std::time::Instant,
+    /// Pack threads, joined at shutdown.
+    workers: Mutex<Vec<JoinHandle<()>>>,
 }
 
 impl Shared {
@@ -134,21 +135,40 @@ impl Shared {
         let spawned = std::thread::Builder::new()
             .name("durus-pack".into())
             .spawn(move || {
-                let mut session = shared.store.new_session();
-                match session.pack() {
-                    Ok(r) => tracing::info!(
+                let session = shared.store.new_session();
+                // A shutdown stops the pack between chunks of work (the
+                // background collector finishes it after the next open).
+                let stop = |_: &crate::gc::FullProgress| {
+                    if shared.stopping.load(Ordering::Acquire) {
+                        std::ops::ControlFlow::Break(())
+                    } else {
+                        std::ops::ControlFlow::Continue(())
+                    }
+                };
+                match session.full_collection(&mut { stop }) {
+                    Ok(r) if r.completed => tracing::info!(
                         removed = r.removed_objects,
                         bytes = r.removed_bytes,
                         live = r.live_objects,
                         "pack completed"
                     ),
+                    Ok(r) => {
+                        tracing::info!(removed = r.removed_objects, "pack stopped by the shutdown")
+                    }
                     Err(e) => tracing::error!("pack failed: {e}"),
                 }
                 shared.packing.store(false, Ordering::Release);
             });
-        if let Err(e) = spawned {
-            tracing::error!("cannot start the pack thread: {e}");
-            self.packing.store(false, Ordering::Release);
+        match spawned {
+            Ok(t) => {
+                let mut workers = self.workers.lock();
+                workers.retain(|t| !t.is_finished());
+                workers.push(t);
+            }
+            Err(e) => {
+                tracing::error!("cannot start the pack thread: {e}");
+                self.packing.store(false, Ordering::Release);
+            }
         }
     }
 
@@ -328,6 +348,7 @@ impl Server {
                 commits: AtomicU64::new(0),
                 loads: AtomicU64::new(0),
                 panics: AtomicU64::new(0),
+                workers: Mutex::new(Vec::new()),
                 started: std::time::Instant::now(),
             }),
             listener,
@@ -362,9 +383,13 @@ impl Server {
                 tracing::info!("metrics on http://{a}/metrics");
             }
             let sh = shared.clone();
-            let _ = std::thread::Builder::new()
+            match std::thread::Builder::new()
                 .name("durus-metrics".into())
-                .spawn(move || metrics::serve(sh, m));
+                .spawn(move || metrics::serve(sh, m))
+            {
+                Ok(t) => shared.workers.lock().push(t),
+                Err(e) => tracing::error!("cannot start the metrics thread: {e}"),
+            }
         }
         let mut threads: Vec<JoinHandle<()>> = Vec::new();
         let mut next_id = 0u64;
@@ -460,6 +485,11 @@ impl Server {
             }
         }
         for t in threads {
+            let _ = t.join();
+        }
+        // The pack (stopped between chunks) and the metrics page.
+        let workers = std::mem::take(&mut *shared.workers.lock());
+        for t in workers {
             let _ = t.join();
         }
         shared.engine.close()?;
