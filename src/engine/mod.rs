@@ -172,6 +172,9 @@ pub(crate) struct Engine {
     publish: Mutex<()>,
     /// Snapshots held by sessions.
     snapshots: Arc<AtomicUsize>,
+    /// Every oid handed out so far is below this (`CommitState::next_oid`,
+    /// readable without the commit lock).
+    oids_out: AtomicU64,
     next_session: AtomicU64,
     /// Live `RedbStorage` handles; the last one dropped closes the store.
     pub(crate) handles: AtomicUsize,

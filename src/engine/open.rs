@@ -119,6 +119,7 @@ impl Engine {
             changes: RwLock::new(super::sessions::ChangeLog::new()),
             publish: Mutex::new(()),
             snapshots: Arc::new(AtomicUsize::new(0)),
+            oids_out: AtomicU64::new(next_oid),
             next_session: AtomicU64::new(1),
             handles: AtomicUsize::new(0),
             poisoned: Mutex::new(None),

@@ -74,12 +74,34 @@ pub(crate) struct ChangeLog {
 }
 
 /// What a session has been told.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct SessionState {
     /// The log's entries up to this one have been handed to the session.
     seen: u64,
     /// Oids of entries dropped from the log before the session read them.
     overflow: HashSet<Oid>,
+    /// Every oid handed out when the session last synced is below this.
+    /// An oid at or above it was made since: the session cannot hold a
+    /// copy of it (a load of it before the next sync is answered
+    /// "invalid"), so it never needs to be told of it, and `overflow`
+    /// skips it: what a lagging session pins follows the store it last
+    /// saw, not the history since.
+    oid_mark: u64,
+    /// Entries the session had not read were dropped from the log since it
+    /// last synced: the log no longer knows every oid made since, so any oid
+    /// at or above `oid_mark` counts as invalid to it.
+    overflowed: bool,
+}
+
+impl Default for SessionState {
+    fn default() -> Self {
+        SessionState {
+            seen: 0,
+            overflow: HashSet::new(),
+            oid_mark: u64::MAX,
+            overflowed: false,
+        }
+    }
 }
 
 /// A session's state, shared with the engine (which may fill `overflow`).
@@ -156,6 +178,7 @@ impl ChangeLog {
         oids.iter()
             .map(|oid| {
                 st.overflow.contains(oid)
+                    || (st.overflowed && oid.0 >= st.oid_mark)
                     || self
                         .latest
                         .get(oid)
@@ -168,6 +191,7 @@ impl ChangeLog {
     fn drain(&self, id: SessionId, st: &mut SessionState, upto: Option<u64>) -> Vec<Oid> {
         let upto = upto.unwrap_or(self.last);
         let mut out: HashSet<Oid> = std::mem::take(&mut st.overflow);
+        st.overflowed = false;
         if upto > st.seen {
             let start = self.entries.partition_point(|e| e.seq <= st.seen);
             for e in self.entries.range(start..) {
@@ -231,7 +255,10 @@ impl ChangeLog {
                 let Some(e) = self.pop() else { break };
                 for (id, st) in states.iter_mut() {
                     if st.seen < e.seq && e.by != Some(*id) {
-                        st.overflow.extend(e.oids.iter().copied());
+                        st.overflowed = true;
+                        let mark = st.oid_mark;
+                        st.overflow
+                            .extend(e.oids.iter().copied().filter(|o| o.0 < mark));
                     }
                 }
             }
@@ -247,7 +274,8 @@ impl Engine {
         let changes = self.changes.read();
         let state: SessionRef = Arc::new(Mutex::new(SessionState {
             seen: changes.last,
-            overflow: HashSet::new(),
+            oid_mark: self.oids_out.load(Ordering::Acquire),
+            ..SessionState::default()
         }));
         self.sessions.lock().insert(id, state.clone());
         (id, state)
@@ -307,6 +335,8 @@ impl Engine {
     ) -> Vec<Oid> {
         let log = self.changes.read();
         let mut st = session.lock();
+        // Read after any snapshot this sync takes: above every oid in it.
+        st.oid_mark = self.oids_out.load(Ordering::Acquire);
         log.drain(id, &mut st, upto)
     }
 
@@ -383,6 +413,7 @@ impl Engine {
         }
         let start = st.next_oid;
         st.next_oid = end;
+        self.oids_out.fetch_max(end, Ordering::AcqRel);
         let oids: Vec<Oid> = (start..end).map(Oid).collect();
         for &oid in &oids {
             st.allocated.insert(oid, session);
@@ -460,7 +491,7 @@ mod tests {
             for op in ops {
                 match op {
                     Op::Register => {
-                        let st = Arc::new(Mutex::new(SessionState { seen: log.last, overflow: HashSet::new() }));
+                        let st = Arc::new(Mutex::new(SessionState { seen: log.last, ..SessionState::default() }));
                         sessions.lock().insert(next, st);
                         model.push((next, HashSet::new()));
                         next += 1;
@@ -511,6 +542,54 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// A session that lags past the cap keeps, in its own set, only oids
+    /// that existed when it last synced: a million oids made (and
+    /// collected) since cost it nothing, and the shared log stays within
+    /// its cap.
+    #[test]
+    fn a_lagging_session_pins_only_oids_it_could_hold() {
+        let sessions: Mutex<HashMap<SessionId, SessionRef>> = Mutex::new(HashMap::new());
+        let mut log = small_log();
+        let idle: SessionRef = Arc::new(Mutex::new(SessionState {
+            oid_mark: 200,
+            ..SessionState::default()
+        }));
+        sessions.lock().insert(1, idle.clone());
+        for batch in 0..100_000u64 {
+            // Ten new oids a commit, and one of the old ones now and then.
+            let mut oids: Vec<Oid> = (0..10).map(|i| Oid(1000 + batch * 10 + i)).collect();
+            if batch % 1000 == 0 {
+                oids.push(Oid(batch / 1000));
+            }
+            log.publish(Some(2), &oids, &sessions);
+            assert!(log.held <= log.cap + oids.len());
+        }
+        let st = idle.lock();
+        assert_eq!(
+            st.overflow.len(),
+            100,
+            "only the old oids: {:?}",
+            st.overflow.len()
+        );
+        // A new oid the log has forgotten is still invalid to it; an old
+        // one it was never told of is not.
+        assert_eq!(
+            log.flags(1, &st, &[Oid(1000), Oid(150), Oid(5)]),
+            vec![true, false, true]
+        );
+        drop(st);
+        let got = log.drain(1, &mut idle.lock(), None);
+        // Every old oid is handed out; new ones only if still in the log.
+        assert!((0..100).all(|o| got.contains(&Oid(o))));
+        assert!(got.len() <= 100 + log.cap + 10);
+        // Synced: no longer overflowed; what remains invalid is only what
+        // the log still holds after its last drain (nothing).
+        assert_eq!(
+            log.flags(1, &idle.lock(), &[Oid(1000), Oid(5)]),
+            vec![false, false]
+        );
     }
 
     /// A drain up to a publication hands out exactly the changes up to it

@@ -104,7 +104,9 @@ impl ShelfSource {
             return Ok(None);
         }
         let n = self.r.read_u64()?;
-        Ok((n <= self.r.remaining()).then_some(self.r.pos + n))
+        // `then`, not `then_some`: the end is computed only when it fits
+        // (a length near 2^64 would overflow).
+        Ok((n <= self.r.remaining()).then(|| self.r.pos + n))
     }
 
     /// Checks the offset map's dimensions and skips it; `None` if torn.
@@ -426,6 +428,23 @@ mod tests {
         let mut v = (body.len() as u64).to_be_bytes().to_vec();
         v.extend(body);
         v
+    }
+
+    /// Found by the fuzzer: a transaction length of 2^64-1 overflowed the
+    /// end offset (a panic in debug builds) before it was found too long.
+    #[test]
+    fn a_transaction_length_near_2_pow_64_is_a_torn_tail_not_a_panic() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f.durus");
+        let mut bytes = MAGIC.to_vec();
+        bytes.extend_from_slice(&u64::MAX.to_be_bytes());
+        bytes.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0, 0xcb, 0, 0, 0, 0]);
+        std::fs::write(&path, &bytes).unwrap();
+        assert!(matches!(
+            events(&path, ReadOptions::default()),
+            Err(FileError::Truncated { .. })
+        ));
+        assert!(events(&path, ReadOptions::default().with_torn_tail(true)).is_ok());
     }
 
     fn events(path: &Path, options: ReadOptions) -> Result<Vec<SourceEvent>, FileError> {
