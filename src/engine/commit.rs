@@ -14,7 +14,6 @@ use super::{Engine, SessionId};
 use crate::checkpoint::{CheckpointFacts, Durability as Mode};
 use crate::error::{Conflict, InvalidInput, Result, StorageError};
 use crate::record::{Oid, Record, refs_of};
-use crate::storage::validate_commit;
 
 /// State guarded by the commit lock: everything a commit reads or changes
 /// outside redb.
@@ -246,40 +245,83 @@ impl CommitGuard<'_> {
 
 /// Validates a commit of `session` inside `w` (unless `check` is `None`:
 /// a replay of a logged commit) and writes its records and reference counts.
-/// Every check runs before the first write. Returns how many oids it queued
-/// for the collector, and the oids whose reference count it lowered.
+/// Returns how many oids it queued for the collector, and the oids whose
+/// reference count it lowered.
+///
+/// The records are written first and checked as they go: a refusal returns
+/// an error, and the caller drops the transaction, which undoes every write.
+/// Writing first lets each insert hand back the record it replaces, so the
+/// checks cost only what is new: whether each oid may be written (from the
+/// old record's presence), and whether each reference the old record did
+/// not already hold resolves. A reference the old record held is kept
+/// without a lookup: its count kept its target alive. (A store imported with
+/// `--allow-dangling` may hold a dangling one; a commit that keeps it is
+/// accepted, one that adds it is refused.) Every oid's permission is checked
+/// before any reference, as `validate_commit` does.
 pub(super) fn write_commit(
     w: &WriteTransaction,
     check: Option<(SessionId, &HashMap<Oid, SessionId>)>,
     records: &BTreeMap<Oid, Record>,
 ) -> Result<(u64, Vec<Oid>)> {
     let mut table = w.open_table(RECORDS)?;
-    if let Some((session, allocated)) = check {
-        let t = &table;
-        validate_commit(
-            records,
-            |oid| Ok(t.get(oid.0)?.is_some()),
-            |oid, present| {
-                if present || oid == Oid::ROOT {
-                    return Ok(());
-                }
-                match allocated.get(&oid) {
-                    Some(&s) if s == session => Ok(()),
-                    Some(_) => Err(InvalidInput::OidOfAnotherSession { oid }.into()),
-                    None => Err(Conflict::UnknownOid { oid }.into()),
-                }
-            },
-        )?;
-    }
+    // Only the references a record gained or lost change a count: most
+    // rewrites keep their references, and then nothing is counted at all.
     let mut delta: HashMap<u64, i64> = HashMap::new();
+    // References to look up once every record is written.
+    let mut new_refs: Vec<Oid> = Vec::new();
+    let (mut old_refs, mut refs): (Vec<Oid>, Vec<Oid>) = (Vec::new(), Vec::new());
     for (oid, record) in records {
-        if let Some(old) = table.insert(oid.0, record.as_bytes())? {
-            for r in refs_of(old.value()).map_err(|e| corrupt(*oid, e))? {
-                *delta.entry(r.0).or_default() -= 1;
+        let old = table.insert(oid.0, record.as_bytes())?;
+        let present = old.is_some();
+        old_refs.clear();
+        if let Some(v) = &old {
+            old_refs.extend(refs_of(v.value()).map_err(|e| corrupt(*oid, e))?);
+        }
+        drop(old);
+        if let Some((session, allocated)) = check {
+            may_write(session, allocated, *oid, present)?;
+        }
+        refs.clear();
+        refs.extend(record.refs());
+        old_refs.sort_unstable();
+        refs.sort_unstable();
+        // A merge of the two sorted lists: an occurrence in both cancels.
+        let (mut i, mut j) = (0, 0);
+        while i < old_refs.len() || j < refs.len() {
+            match (old_refs.get(i), refs.get(j)) {
+                (Some(a), Some(b)) if a == b => {
+                    i += 1;
+                    j += 1;
+                }
+                (Some(a), b) if b.is_none_or(|b| a < b) => {
+                    *delta.entry(a.0).or_default() -= 1;
+                    i += 1;
+                }
+                (_, Some(b)) => {
+                    *delta.entry(b.0).or_default() += 1;
+                    if check.is_some()
+                        && old_refs.binary_search(b).is_err()
+                        && !records.contains_key(b)
+                    {
+                        new_refs.push(*b);
+                    }
+                    j += 1;
+                }
+                _ => break,
             }
         }
-        for r in record.refs() {
-            *delta.entry(r.0).or_default() += 1;
+    }
+    if check.is_some() && !new_refs.is_empty() {
+        new_refs.sort_unstable();
+        new_refs.dedup();
+        let mut dangling = Vec::new();
+        for r in new_refs {
+            if table.get(r.0)?.is_none() {
+                dangling.push(r);
+            }
+        }
+        if !dangling.is_empty() {
+            return Err(Conflict::DanglingRefs { oids: dangling }.into());
         }
     }
     drop(table);
@@ -289,4 +331,22 @@ pub(super) fn write_commit(
         .map(|(o, _)| Oid(*o))
         .collect();
     Ok((apply_ref_deltas(w, delta, now_unix_ms())?, released))
+}
+
+/// Whether `session` may write `oid`: it is stored already, or it is the
+/// root, or the session was handed it.
+fn may_write(
+    session: SessionId,
+    allocated: &HashMap<Oid, SessionId>,
+    oid: Oid,
+    present: bool,
+) -> Result<()> {
+    if present || oid == Oid::ROOT {
+        return Ok(());
+    }
+    match allocated.get(&oid) {
+        Some(&s) if s == session => Ok(()),
+        Some(_) => Err(InvalidInput::OidOfAnotherSession { oid }.into()),
+        None => Err(Conflict::UnknownOid { oid }.into()),
+    }
 }

@@ -47,6 +47,33 @@ pub(crate) const CHANGE_LOG_CAP: usize = 1 << 18;
 /// session, so it runs once per this many oids at least).
 const TRIM_FLOOR: usize = 4096;
 
+/// A hasher for oid keys: one multiply of the integer. Oids are
+/// sequential integers chosen by the store, not by a client, so SipHash's
+/// protection against chosen keys buys nothing here; a commit hashes every
+/// oid it changes.
+#[derive(Default, Clone, Copy)]
+pub(crate) struct OidHasher(u64);
+
+impl std::hash::Hasher for OidHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(*b)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = (self.0 ^ n)
+            .wrapping_mul(0x9e37_79b9_7f4a_7c15)
+            .rotate_left(29);
+    }
+}
+
+type OidBuild = std::hash::BuildHasherDefault<OidHasher>;
+type OidMap<V> = HashMap<Oid, V, OidBuild>;
+type OidSet = HashSet<Oid, OidBuild>;
+
 /// One publication: the oids a commit or a collection changed.
 struct Change {
     seq: u64,
@@ -64,7 +91,7 @@ pub(crate) struct ChangeLog {
     held: usize,
     /// Each oid in `entries` with the sequence number and author of its
     /// latest change.
-    latest: HashMap<Oid, (u64, Option<SessionId>)>,
+    latest: OidMap<(u64, Option<SessionId>)>,
     /// Trim when `held` exceeds this.
     trim_at: usize,
     /// [`CHANGE_LOG_CAP`] (smaller in tests).
@@ -79,7 +106,7 @@ pub(crate) struct SessionState {
     /// The log's entries up to this one have been handed to the session.
     seen: u64,
     /// Oids of entries dropped from the log before the session read them.
-    overflow: HashSet<Oid>,
+    overflow: OidSet,
     /// Every oid handed out when the session last synced is below this.
     /// An oid at or above it was made since: the session cannot hold a
     /// copy of it (a load of it before the next sync is answered
@@ -97,7 +124,7 @@ impl Default for SessionState {
     fn default() -> Self {
         SessionState {
             seen: 0,
-            overflow: HashSet::new(),
+            overflow: OidSet::default(),
             oid_mark: u64::MAX,
             overflowed: false,
         }
@@ -150,7 +177,7 @@ impl ChangeLog {
             last: 0,
             entries: VecDeque::new(),
             held: 0,
-            latest: HashMap::new(),
+            latest: OidMap::default(),
             trim_at: TRIM_FLOOR,
             cap: CHANGE_LOG_CAP,
             floor: TRIM_FLOOR,
@@ -166,6 +193,16 @@ impl ChangeLog {
     ) {
         if oids.is_empty() {
             return;
+        }
+        {
+            // Nobody to tell: no session but (maybe) the author. A session
+            // registering meanwhile waits for `publish` (held by the
+            // writer), so it only ever sees the change already made.
+            let sessions = sessions.lock();
+            let others = sessions.len() - by.map_or(0, |b| usize::from(sessions.contains_key(&b)));
+            if others == 0 {
+                return;
+            }
         }
         self.push(by, oids);
         if self.held > self.trim_at {
@@ -190,7 +227,7 @@ impl ChangeLog {
     /// The invalidations of session `id` up to publication `upto`.
     fn drain(&self, id: SessionId, st: &mut SessionState, upto: Option<u64>) -> Vec<Oid> {
         let upto = upto.unwrap_or(self.last);
-        let mut out: HashSet<Oid> = std::mem::take(&mut st.overflow);
+        let mut out: OidSet = std::mem::take(&mut st.overflow);
         st.overflowed = false;
         if upto > st.seen {
             let start = self.entries.partition_point(|e| e.seq <= st.seen);
@@ -271,6 +308,9 @@ impl Engine {
     /// Registers a session, up to date with every change published so far.
     pub(crate) fn register_session(&self) -> (SessionId, SessionRef) {
         let id = self.next_session.fetch_add(1, Ordering::Relaxed);
+        // Not between a change becoming visible and its publication (which
+        // may be skipped while no other session exists).
+        let _p = self.publish.lock();
         let changes = self.changes.read();
         let state: SessionRef = Arc::new(Mutex::new(SessionState {
             seen: changes.last,
@@ -590,6 +630,24 @@ mod tests {
             log.flags(1, &idle.lock(), &[Oid(1000), Oid(5)]),
             vec![false, false]
         );
+    }
+
+    /// A change nobody else needs to hear of is not kept: a lone session's
+    /// commits (an embedded store) cost the log nothing.
+    #[test]
+    fn a_lone_session_publishes_nothing() {
+        let sessions: Mutex<HashMap<SessionId, SessionRef>> = Mutex::new(HashMap::new());
+        let mut log = ChangeLog::new();
+        log.publish(None, &[Oid(1)], &sessions);
+        sessions
+            .lock()
+            .insert(1, Arc::new(Mutex::new(SessionState::default())));
+        log.publish(Some(1), &[Oid(2), Oid(3)], &sessions);
+        assert_eq!((log.held, log.last), (0, 0));
+        let other: SessionRef = Arc::new(Mutex::new(SessionState::default()));
+        sessions.lock().insert(2, other.clone());
+        log.publish(Some(1), &[Oid(4)], &sessions);
+        assert_eq!(log.drain(2, &mut other.lock(), None), vec![Oid(4)]);
     }
 
     /// A drain up to a publication hands out exactly the changes up to it

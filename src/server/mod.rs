@@ -120,7 +120,12 @@ pub(crate) struct Shared {
     started: std::time::Instant,
     /// Pack threads, joined at shutdown.
     workers: Mutex<Vec<JoinHandle<()>>>,
+    /// The last count of `gc_waiting`, and when it was made.
+    waiting_count: Mutex<Option<(std::time::Instant, u64)>>,
 }
+
+/// How old a count of `gc_waiting` the live state may report.
+const WAITING_RECOUNT: Duration = Duration::from_secs(5);
 
 impl Shared {
     /// Starts a full collection in the background unless one runs.
@@ -172,6 +177,21 @@ impl Shared {
         }
     }
 
+    /// How much of the collector's queue waits out the grace window. Counting
+    /// walks the waiting part of the queue, so a scrape reuses a count up to
+    /// [`WAITING_RECOUNT`] old: scrapes stay cheap however long the queue.
+    fn gc_waiting(&self) -> crate::Result<u64> {
+        let mut cached = self.waiting_count.lock();
+        if let Some((at, n)) = *cached
+            && at.elapsed() < WAITING_RECOUNT
+        {
+            return Ok(n);
+        }
+        let n = self.store.gc_waiting(self.store.gc_policy_grace())?;
+        *cached = Some((std::time::Instant::now(), n));
+        Ok(n)
+    }
+
     /// The live state for `X`: one `name value` pair a line.
     pub(crate) fn live_state(&self) -> crate::Result<String> {
         use std::fmt::Write as _;
@@ -181,7 +201,8 @@ impl Shared {
         let file_bytes = std::fs::metadata(self.engine.path())
             .map(|m| m.len())
             .unwrap_or(0);
-        let gc = self.store.gc_state()?;
+        let gc = self.store.gc_state_uncounted()?;
+        let waiting = self.gc_waiting()?;
         let gcs = self.store.gc_stats();
         let (not_durable, since_checkpoint) = self.engine.durability_lag();
         let mut out = String::new();
@@ -214,7 +235,7 @@ impl Shared {
             format!("{:.3}", since_checkpoint.as_secs_f64()),
         );
         line("gc_queue", gc.queue_len.to_string());
-        line("gc_waiting", gc.waiting.to_string());
+        line("gc_waiting", waiting.to_string());
         line(
             "gc_oldest_seconds",
             gc.oldest_queued
@@ -349,6 +370,7 @@ impl Server {
                 loads: AtomicU64::new(0),
                 panics: AtomicU64::new(0),
                 workers: Mutex::new(Vec::new()),
+                waiting_count: Mutex::new(None),
                 started: std::time::Instant::now(),
             }),
             listener,

@@ -91,6 +91,17 @@ impl RedbStorage {
         Ok(state)
     }
 
+    /// The grace window of the collector's policy.
+    pub(crate) fn gc_policy_grace(&self) -> Duration {
+        self.gc.policy.grace()
+    }
+
+    /// [`gc_state`](Self::gc_state) without counting what waits out the
+    /// grace window (`waiting` is 0): no walk of the queue.
+    pub(crate) fn gc_state_uncounted(&self) -> Result<GcState> {
+        read_state(&self.engine)
+    }
+
     /// How many queued (unreachable) objects became unreachable less than
     /// `grace` ago: those a collector with that window still keeps.
     pub fn gc_waiting(&self, grace: Duration) -> Result<u64> {
