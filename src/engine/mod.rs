@@ -5,7 +5,8 @@
 //!
 //! - `layout`: tables, metadata and their encodings (the on-disk format).
 //! - `open`: opening, creating and checking the format of a store.
-//! - `sessions`: sessions, invalid sets and oid allocation.
+//! - `sessions`: sessions, the shared invalidation log, snapshots and oid
+//!   allocation.
 //! - `commit`: the commit lock, validation and the apply of a commit.
 //! - `durability`: group flushes, checkpoints, the checkpoint thread, close.
 //! - `log`: the commit log and its replay.
@@ -15,7 +16,7 @@
 //!
 //! # Lock order
 //! `db` (read) may be taken while holding `commit`; `commit` is never taken
-//! while holding `sessions` or an invalid set; `close` takes `commit` first,
+//! while holding `sessions` or a session's state; `close` takes `commit` first,
 //! then `db` (write), as the commit paths do. The log's own writer lock is
 //! taken under `commit` (appends, rotation) or alone (the flushes);
 //! `checkpoint_lock` is taken before `commit`. `publish` is taken under

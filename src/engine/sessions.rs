@@ -12,9 +12,10 @@
 //! Entries every session has read are dropped. A session that lags (an
 //! idle connection) pins at most [`CHANGE_LOG_CAP`] oids of the shared
 //! log; beyond that the oldest entries move into the lagging sessions' own
-//! sets, which hold each distinct oid once: an idle session costs at most
-//! one set entry per distinct oid changed while it idles, as a Durus
-//! server's invalid set does.
+//! sets, which hold each distinct oid once, and only oids that existed when
+//! the session last synced (see `SessionState::oid_mark`): an idle session
+//! costs at most one set entry per object of the store it last saw. A
+//! change nobody else needs (one session only) is not published at all.
 //!
 //! # Snapshots
 //! A snapshot is a redb read transaction taken exactly at a publication

@@ -13,7 +13,7 @@ use crate::record::Oid;
 /// What one incremental step did.
 #[derive(Debug, Default)]
 pub(crate) struct Step {
-    /// Oids deleted (already sent to every session's invalid set).
+    /// Oids deleted (already published to every session).
     pub removed: Vec<Oid>,
     /// Bytes of the deleted records.
     pub bytes: u64,

@@ -23,7 +23,7 @@ use crate::record::{Oid, Record};
 use crate::storage::{PackReport, PendingCommit, Storage};
 
 /// A session on a durus-redb store: a [`Storage`] with its own pending commit,
-/// its own allocated oids and its own invalid set.
+/// its own allocated oids and its own place in the invalidation log.
 ///
 /// The first handle comes from [`RedbStorage::open`]; more sessions on the same
 /// open store come from [`RedbStorage::new_session`] and may be moved to other
