@@ -11,11 +11,11 @@
 //! The file readers' seeds are small files written by the real Durus
 //! (`tests/python/make_durus_files.py`), so this test needs `DURUS_PYTHON`.
 
-#[allow(dead_code)] // python() and script() only
+#[allow(dead_code)] // make_durus_files_of only
 mod common;
 
 use std::panic::AssertUnwindSafe;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use durus_redb::fuzzing;
@@ -205,34 +205,14 @@ fn fuzz_the_request_parser() {
     assert!(fuzz("requests", fuzzing::server_seeds(), fuzzing::requests) > 0);
 }
 
-/// Small SHELF-1, DFS20 and SQLite files written by the real Durus.
-fn durus_files(dir: &Path) -> Vec<PathBuf> {
-    let out = std::process::Command::new(common::python())
-        .arg(common::script("make_durus_files.py"))
-        .arg(dir)
-        .arg("4")
-        .output()
-        .expect("run DURUS_PYTHON");
-    assert!(
-        out.status.success(),
-        "make_durus_files.py failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    ["shelf.durus", "dfs20.durus", "sqlite.durus"]
-        .iter()
-        .map(|n| dir.join(n))
-        .collect()
-}
-
 #[test]
 fn fuzz_the_durus_file_readers() {
     let tmp = tempfile::tempdir().unwrap();
-    let files = durus_files(&tmp.path().join("seeds"));
-    let seeds: Vec<Vec<u8>> = files[..2]
-        .iter()
-        .map(|p| std::fs::read(p).unwrap())
-        .collect();
-    for (p, s) in files[..2].iter().zip(&seeds) {
+    // Small SHELF-1 and DFS20 files written by the real Durus.
+    let dir = common::make_durus_files_of(tmp.path(), "seeds", 4);
+    let files = [dir.join("shelf.durus"), dir.join("dfs20.durus")];
+    let seeds: Vec<Vec<u8>> = files.iter().map(|p| std::fs::read(p).unwrap()).collect();
+    for (p, s) in files.iter().zip(&seeds) {
         assert!(s.len() < 64 << 10, "{} is a large seed", p.display());
     }
     let scratch = tmp.path().join("scratch");

@@ -18,6 +18,23 @@ use crate::error::{Result, StorageError};
 
 const BLOCK: u64 = 4096;
 
+/// The pieces of `len` bytes at `offset`, one a block: (block number,
+/// offset within the block, length, offset within the whole).
+fn pieces(offset: u64, len: usize) -> impl Iterator<Item = (u64, usize, usize, usize)> {
+    let mut done = 0usize;
+    std::iter::from_fn(move || {
+        if done >= len {
+            return None;
+        }
+        let at = offset + done as u64;
+        let within = (at % BLOCK) as usize;
+        let take = (BLOCK as usize - within).min(len - done);
+        let piece = (at / BLOCK, within, take, done);
+        done += take;
+        Some(piece)
+    })
+}
+
 /// The file, read-only, with writes kept in memory over it.
 #[derive(Debug)]
 pub(crate) struct OverlayBackend {
@@ -83,12 +100,8 @@ impl redb::StorageBackend for OverlayBackend {
         if offset + out.len() as u64 > st.len {
             return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof));
         }
-        let mut done = 0usize;
-        while done < out.len() {
+        for (n, within, take, done) in pieces(offset, out.len()) {
             let at = offset + done as u64;
-            let n = at / BLOCK;
-            let within = (at % BLOCK) as usize;
-            let take = (BLOCK as usize - within).min(out.len() - done);
             let dst = &mut out[done..done + take];
             match st.blocks.get(&n) {
                 Some(b) => dst.copy_from_slice(&b[within..within + take]),
@@ -99,7 +112,6 @@ impl redb::StorageBackend for OverlayBackend {
                 }
                 None => dst.fill(0),
             }
-            done += take;
         }
         Ok(())
     }
@@ -137,18 +149,12 @@ impl redb::StorageBackend for OverlayBackend {
 
     fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
         let mut st = self.state.lock();
-        let mut done = 0usize;
-        while done < data.len() {
-            let at = offset + done as u64;
-            let n = at / BLOCK;
-            let within = (at % BLOCK) as usize;
-            let take = (BLOCK as usize - within).min(data.len() - done);
+        for (n, within, take, done) in pieces(offset, data.len()) {
             let b = match st.blocks.entry(n) {
                 std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
                 std::collections::hash_map::Entry::Vacant(e) => e.insert(self.base_block(n)?),
             };
             b[within..within + take].copy_from_slice(&data[done..done + take]);
-            done += take;
         }
         if offset + data.len() as u64 > st.len {
             st.len = offset + data.len() as u64;

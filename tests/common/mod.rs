@@ -26,12 +26,17 @@ pub fn script(name: &str) -> PathBuf {
 /// SqliteStorage, with their dumps; see make_durus_files.py) into a fresh
 /// directory `name` under the test's temporary directory, and returns it.
 pub fn make_durus_files(tmp: &Path, name: &str) -> PathBuf {
+    make_durus_files_of(tmp, name, 3000)
+}
+
+/// [`make_durus_files`] with graphs of `size` objects.
+pub fn make_durus_files_of(tmp: &Path, name: &str, size: usize) -> PathBuf {
     let dir = tmp.join(name);
     let _ = std::fs::remove_dir_all(&dir);
     let out = Command::new(python())
         .arg(script("make_durus_files.py"))
         .arg(&dir)
-        .arg("3000")
+        .arg(size.to_string())
         .output()
         .expect("run DURUS_PYTHON");
     assert!(
