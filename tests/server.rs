@@ -1470,6 +1470,8 @@ fn bad_flag_values_are_refused_with_a_message() {
         &["--gc-grace", "-1"][..],
         &["--durability", "sometimes"][..],
         &["--cache-size", "lots"][..],
+        &["--snapshot-idle", "0"][..],
+        &["--request-timeout", "-3"][..],
     ] {
         let out = Command::new(bin())
             .arg("serve")
@@ -1940,4 +1942,94 @@ fn shutdown_racing_commits_the_collector_and_a_pack_never_deadlocks() {
         drop(s);
         check_clean(&path);
     }
+}
+
+/// After a SIGKILL of the server, `check` reads only: it reports the
+/// commits waiting in the commit log and leaves the file and the log as
+/// they are; `stats` (a read-only open) says to run `check --repair`; that
+/// applies the log, after which `stats` and a plain `check` see every
+/// acknowledged commit.
+#[test]
+fn after_a_crash_check_reports_and_check_repair_applies_the_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.redb");
+    let server = Served::start(&path, &[]);
+    let mut c = server.client();
+    assert_eq!(c.new_oid().unwrap(), Oid::ROOT);
+    let oids = c.new_oids(30).unwrap();
+    make_root(&mut c, &[]);
+    for (i, o) in oids.iter().enumerate() {
+        c.begin();
+        c.store(*o, rec(*o, &[i as u8], &[])).unwrap();
+        c.store(Oid::ROOT, rec(Oid::ROOT, b"root", &oids[..=i]))
+            .unwrap();
+        c.end().unwrap();
+    }
+    drop(c);
+    let mut server = server;
+    server.child.kill().unwrap();
+    server.child.wait().unwrap();
+    drop(server);
+    let files = |p: &Path| -> Vec<(PathBuf, Vec<u8>)> {
+        let mut out = vec![(p.to_path_buf(), std::fs::read(p).unwrap())];
+        let log = dir.path().join("s.redb-log");
+        for e in std::fs::read_dir(&log).unwrap().flatten() {
+            out.push((e.path(), std::fs::read(e.path()).unwrap()));
+        }
+        out.sort();
+        out
+    };
+    let before = files(&path);
+    let out = Command::new(bin())
+        .arg("check")
+        .arg(&path)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("commits not yet in the file"), "{text}");
+    assert!(
+        before == files(&path),
+        "check wrote to the store or its log"
+    );
+    let out = Command::new(bin())
+        .arg("stats")
+        .arg(&path)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("check --repair"), "{err}");
+    let out = Command::new(bin())
+        .args(["check", "--repair"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!text.contains("commits not yet in the file"), "{text}");
+    let out = Command::new(bin())
+        .arg("stats")
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut s = RedbStorage::open_read_only(&path).unwrap();
+    for (i, o) in oids.iter().enumerate() {
+        assert_eq!(s.load(*o).unwrap().data(), [i as u8]);
+    }
+    drop(s);
+    check_clean(&path);
 }
