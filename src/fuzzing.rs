@@ -282,3 +282,98 @@ pub fn server_seeds() -> Vec<Vec<u8>> {
         b"C\0\0\0\0P".to_vec(),
     ]
 }
+
+/// The commit log's replay: each input becomes the only segment of the
+/// log of a store image taken while commits were being logged, and the
+/// store is opened for writing (which replays it). The open must succeed
+/// or fail with an error, never panic; a store that opens must check clean.
+pub struct LogReplayTarget {
+    dir: PathBuf,
+    image: PathBuf,
+    segment: std::ffi::OsString,
+    seed: Vec<u8>,
+}
+
+impl LogReplayTarget {
+    /// Makes the image in `dir`: a store with a root and a few objects
+    /// whose last commits are only in its log.
+    pub fn new(dir: &Path) -> LogReplayTarget {
+        use crate::engine::log::log_dir;
+        let path = dir.join("source.redb");
+        let mut s = RedbStorage::open(
+            &path,
+            Options::new()
+                .durability(Durability::Fsync)
+                .checkpoint(Manual)
+                .gc(ManualGc),
+        )
+        .expect("open the source store");
+        let root = s.new_oid().expect("the root oid");
+        let oids = s.new_oids(4).expect("oids");
+        for (i, o) in oids.iter().enumerate() {
+            s.begin();
+            s.store(*o, Record::new(*o, &[i as u8; 9], &[]).into_bytes())
+                .expect("store");
+            s.store(root, Record::new(root, b"root", &oids[..=i]).into_bytes())
+                .expect("store the root");
+            s.end().expect("commit");
+        }
+        // The image: the file and the log as a crash would leave them.
+        let image = dir.join("image.redb");
+        std::fs::copy(&path, &image).expect("copy the store file");
+        let segment = std::fs::read_dir(log_dir(&path))
+            .expect("the log directory")
+            .flatten()
+            .map(|e| e.file_name())
+            .min()
+            .expect("a segment");
+        let seed = std::fs::read(log_dir(&path).join(&segment)).expect("read the segment");
+        drop(s);
+        let target = LogReplayTarget {
+            dir: dir.to_path_buf(),
+            image,
+            segment,
+            seed,
+        };
+        // Without its log the image lacks the last commits; the seed
+        // replays them: every commit of the source is back.
+        target.run(&[]);
+        let mut s = RedbStorage::open(target.dir.join("work/s.redb"), Options::new().gc(ManualGc))
+            .expect("the image without its log");
+        let without = s.load(root).map(|r| r.refs().count()).unwrap_or(0);
+        s.close().expect("close");
+        assert!(without < 4, "the image holds every commit without its log");
+        target.run(&target.seed);
+        let mut s = RedbStorage::open(target.dir.join("work/s.redb"), Options::new().gc(ManualGc))
+            .expect("the replayed image");
+        let refs = s.load(root).expect("the root").refs().count();
+        assert_eq!(refs, 4, "the seed segment did not replay its four commits");
+        s.close().expect("close");
+        target
+    }
+
+    /// The segment the source store wrote: four logged commits.
+    pub fn seed(&self) -> Vec<u8> {
+        self.seed.clone()
+    }
+
+    /// Replays `data` as the log of a fresh copy of the image.
+    pub fn run(&self, data: &[u8]) {
+        use crate::engine::log::log_dir;
+        let work = self.dir.join("work");
+        let _ = std::fs::remove_dir_all(&work);
+        std::fs::create_dir_all(&work).expect("a work directory");
+        let path = work.join("s.redb");
+        std::fs::copy(&self.image, &path).expect("copy the image");
+        std::fs::create_dir_all(log_dir(&path)).expect("the log directory");
+        std::fs::write(log_dir(&path).join(&self.segment), data).expect("write the segment");
+        if let Ok(mut s) = RedbStorage::open(&path, Options::new().gc(ManualGc)) {
+            let report = s.check_references().expect("check a replayed store");
+            assert!(
+                report.is_clean(),
+                "a replayed store is not whole: {report:?}"
+            );
+            s.close().expect("close");
+        }
+    }
+}

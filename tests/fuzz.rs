@@ -240,6 +240,15 @@ fn fuzz_the_sqlite_row_reader() {
 }
 
 #[test]
+fn fuzz_the_commit_log_replay() {
+    let tmp = tempfile::tempdir().unwrap();
+    let target = fuzzing::LogReplayTarget::new(tmp.path());
+    let seed = target.seed();
+    let seeds = vec![seed.clone(), seed[..seed.len() / 2].to_vec(), Vec::new()];
+    assert!(fuzz("log_replay", seeds, |d| target.run(d)) > 0);
+}
+
+#[test]
 fn fuzz_the_server_with_whole_connections() {
     let tmp = tempfile::tempdir().unwrap();
     let server = fuzzing::ServerTarget::start(tmp.path());
