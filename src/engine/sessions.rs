@@ -228,7 +228,9 @@ impl ChangeLog {
     /// The invalidations of session `id` up to publication `upto`.
     fn drain(&self, id: SessionId, st: &mut SessionState, upto: Option<u64>) -> Vec<Oid> {
         let upto = upto.unwrap_or(self.last);
-        let mut out: OidSet = std::mem::take(&mut st.overflow);
+        // A sorted, deduplicated list (the server sends it under the commit
+        // lock at `C`: no set is built).
+        let mut oids: Vec<Oid> = std::mem::take(&mut st.overflow).into_iter().collect();
         st.overflowed = false;
         if upto > st.seen {
             let start = self.entries.partition_point(|e| e.seq <= st.seen);
@@ -237,13 +239,13 @@ impl ChangeLog {
                     break;
                 }
                 if e.by != Some(id) {
-                    out.extend(e.oids.iter().copied());
+                    oids.extend_from_slice(&e.oids);
                 }
             }
             st.seen = upto;
         }
-        let mut oids: Vec<Oid> = out.into_iter().collect();
         oids.sort_unstable();
+        oids.dedup();
         oids
     }
 
