@@ -4,6 +4,8 @@
 //!
 //! The child is this test binary run again with `DURUS_REDB_CRASH_CHILD` set.
 
+mod common;
+
 use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -196,10 +198,13 @@ fn no_acknowledged_commit_lost(mode: &str) {
         let acked = run_and_kill(&path, mode, after);
         // A check after the crash reads only: the file and the log are
         // exactly as the crash left them.
-        let before = files_of(&path);
+        let before = common::store_files(&path);
         let read_only = check_store(&path).unwrap();
         assert!(read_only.integrity_ok && read_only.references.is_clean());
-        assert!(before == files_of(&path), "round {round}: check wrote");
+        assert!(
+            before == common::store_files(&path),
+            "round {round}: check wrote"
+        );
         // The repair applies the log.
         let check = repair_store(&path).unwrap();
         assert!(
@@ -263,18 +268,4 @@ fn manual_durability_loses_at_most_its_checkpoint_window_on_sigkill() {
         lost_any,
         "Durability::Manual never lost a commit: is it really deferring durability?"
     );
-}
-
-/// Every file of the store (the file and its commit log), with its bytes.
-fn files_of(path: &std::path::Path) -> Vec<(std::path::PathBuf, Vec<u8>)> {
-    let mut out = vec![(path.to_path_buf(), std::fs::read(path).unwrap())];
-    let mut log = path.as_os_str().to_owned();
-    log.push("-log");
-    if let Ok(dir) = std::fs::read_dir(std::path::PathBuf::from(log)) {
-        for e in dir.flatten() {
-            out.push((e.path(), std::fs::read(e.path()).unwrap()));
-        }
-    }
-    out.sort();
-    out
 }

@@ -11,7 +11,6 @@
 //! The file readers' seeds are small files written by the real Durus
 //! (`tests/python/make_durus_files.py`), so this test needs `DURUS_PYTHON`.
 
-#[allow(dead_code)] // make_durus_files_of only
 mod common;
 
 use std::panic::AssertUnwindSafe;

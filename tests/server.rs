@@ -9,7 +9,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
 
-#[allow(dead_code)] // only python() and script() are used here
 mod common;
 
 use durus_redb::Address;
@@ -142,6 +141,28 @@ impl Served {
             .and_then(|l| l.split_whitespace().nth(1))
             .and_then(|v| v.parse().ok())
             .unwrap()
+    }
+
+    /// Sends SIGTERM and waits (up to `within`) for a clean exit; `what`
+    /// names the case in a failure.
+    fn terminate(&mut self, within: Duration, what: &str) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success(), "{what}: kill -TERM failed");
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                assert!(s.success(), "{what}: the server exited with {s} on SIGTERM");
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{what}: no exit on SIGTERM within {within:?}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 
     /// Sends `Q` and waits for a clean exit. (Connecting is retried: a
@@ -375,22 +396,8 @@ fn graceful_shutdown_keeps_every_acknowledged_commit() {
     }
     make_root(&mut c, &oids);
     drop(c);
-    let pid = server.child.id();
-    let status = Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
     let mut server = server;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Some(s) = server.child.try_wait().unwrap() {
-            assert!(s.success(), "server exited with {s} on SIGTERM");
-            break;
-        }
-        assert!(Instant::now() < deadline, "no exit on SIGTERM");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    server.terminate(Duration::from_secs(30), "graceful shutdown");
     let log = server.log_lines().join("\n");
     assert!(log.contains("shutting down"), "{log}");
     assert!(
@@ -1943,20 +1950,8 @@ fn shutdown_racing_commits_the_collector_and_a_pack_never_deadlocks() {
         let mut p = server.client();
         p.pack().unwrap();
         std::thread::sleep(Duration::from_millis(20 * round));
-        Command::new("kill")
-            .args(["-TERM", &server.child.id().to_string()])
-            .status()
-            .unwrap();
         let mut server = server;
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Some(s) = server.child.try_wait().unwrap() {
-                assert!(s.success(), "round {round}: exited with {s}");
-                break;
-            }
-            assert!(Instant::now() < deadline, "round {round}: no exit in 20 s");
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        server.terminate(Duration::from_secs(20), &format!("round {round}"));
         stop.store(true, Ordering::Release);
         let lasts: Vec<_> = workers.into_iter().map(|t| t.join().unwrap()).collect();
         drop(p);
@@ -2009,16 +2004,7 @@ fn after_a_crash_check_reports_and_check_repair_applies_the_log() {
     server.child.kill().unwrap();
     server.child.wait().unwrap();
     drop(server);
-    let files = |p: &Path| -> Vec<(PathBuf, Vec<u8>)> {
-        let mut out = vec![(p.to_path_buf(), std::fs::read(p).unwrap())];
-        let log = dir.path().join("s.redb-log");
-        for e in std::fs::read_dir(&log).unwrap().flatten() {
-            out.push((e.path(), std::fs::read(e.path()).unwrap()));
-        }
-        out.sort();
-        out
-    };
-    let before = files(&path);
+    let before = common::store_files(&path);
     let out = Command::new(bin())
         .arg("check")
         .arg(&path)
@@ -2032,7 +2018,7 @@ fn after_a_crash_check_reports_and_check_repair_applies_the_log() {
     );
     assert!(text.contains("commits not yet in the file"), "{text}");
     assert!(
-        before == files(&path),
+        before == common::store_files(&path),
         "check wrote to the store or its log"
     );
     let out = Command::new(bin())

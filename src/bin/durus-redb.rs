@@ -529,6 +529,14 @@ fn bar(total: u64, template: &str) -> indicatif::ProgressBar {
     bar
 }
 
+/// A progress callback `(done, total)` that moves `bar`.
+fn follow(bar: &indicatif::ProgressBar) -> impl FnMut(u64, u64) + '_ {
+    |done, total| {
+        bar.set_length(total);
+        bar.set_position(done);
+    }
+}
+
 fn migrate_cmd(
     source: &std::path::Path,
     dest: &std::path::Path,
@@ -678,10 +686,7 @@ fn gc_cmd(path: &std::path::Path, full: bool) -> ExitCode {
 
 fn export_cmd(source: &std::path::Path, dest: &std::path::Path) -> ExitCode {
     let progress = bar(0, "exporting [{bar:40}] {percent:>3}% {pos}/{len} records");
-    let result = durus_redb::export(source, dest, &mut |done, total| {
-        progress.set_length(total);
-        progress.set_position(done);
-    });
+    let result = durus_redb::export(source, dest, &mut follow(&progress));
     progress.finish();
     match result {
         Ok(r) => {
@@ -712,10 +717,7 @@ fn backup_cmd(dest: &std::path::Path, at: ConnectArgs, format: BackupChoice) -> 
         BackupChoice::Durus => durus_redb::BackupFormat::Durus,
     };
     let progress = bar(0, "backing up [{bar:40}] {percent:>3}% {pos}/{len} records");
-    let result = durus_redb::backup(&mut client, dest, format, &mut |done, total| {
-        progress.set_length(total);
-        progress.set_position(done);
-    });
+    let result = durus_redb::backup(&mut client, dest, format, &mut follow(&progress));
     progress.finish();
     match result {
         Ok(r) => {

@@ -1,4 +1,8 @@
-//! Helpers shared by the tests that need Python Durus.
+//! Helpers shared by the integration tests: Python Durus, its files, and a
+//! store's own files.
+
+// Each test binary uses some of these helpers, not all.
+#![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -45,4 +49,19 @@ pub fn make_durus_files_of(tmp: &Path, name: &str, size: usize) -> PathBuf {
         String::from_utf8_lossy(&out.stderr)
     );
     dir
+}
+
+/// Every file of a durus-redb store (the file and its commit log), with its
+/// bytes, in path order: to see that something left them as they were.
+pub fn store_files(path: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut out = vec![(path.to_path_buf(), std::fs::read(path).unwrap())];
+    let mut log = path.as_os_str().to_owned();
+    log.push("-log");
+    if let Ok(dir) = std::fs::read_dir(PathBuf::from(log)) {
+        for e in dir.flatten() {
+            out.push((e.path(), std::fs::read(e.path()).unwrap()));
+        }
+    }
+    out.sort();
+    out
 }
