@@ -337,6 +337,110 @@ fn many_clients_commit_at_once_and_oids_never_repeat() {
     check_clean(&path);
 }
 
+/// Commits are applied after the next client has been told of them (the
+/// commit order is released once a commit has its turn): a client told of
+/// a change must never load what came before it. Writers bump version
+/// numbers of shared objects; a reader syncs and loads over and over, and
+/// every object its sync names must load at a higher version than it last
+/// loaded, and none ever at a lower one.
+#[test]
+fn a_client_told_of_a_change_never_loads_what_came_before_it() {
+    const OBJECTS: u64 = 6;
+    const WRITERS: usize = 4;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.redb");
+    let server = Served::start(&path, &[]);
+    let mut setup = server.client();
+    assert_eq!(setup.new_oid().unwrap(), Oid::ROOT);
+    let objs: Vec<Oid> = (0..OBJECTS).map(|_| setup.new_oid().unwrap()).collect();
+    setup.begin();
+    for &o in &objs {
+        setup.store(o, rec(o, &0u64.to_be_bytes(), &[])).unwrap();
+    }
+    setup
+        .store(Oid::ROOT, rec(Oid::ROOT, b"root", &objs))
+        .unwrap();
+    setup.end().unwrap();
+    drop(setup);
+    let version = |r: &Record| u64::from_be_bytes(r.data().try_into().unwrap());
+    let stop = Arc::new(AtomicBool::new(false));
+    let port = server.port;
+    let writers: Vec<_> = (0..WRITERS)
+        .map(|w| {
+            let (stop, objs) = (stop.clone(), objs.clone());
+            std::thread::spawn(move || {
+                let mut c = ClientStorage::connect_tcp("127.0.0.1", port).unwrap();
+                let (mut commits, mut conflicts) = (0u64, 0u64);
+                let mut i = w;
+                while !stop.load(Ordering::Relaxed) {
+                    i += 1;
+                    let o = objs[i % objs.len()];
+                    c.sync().unwrap();
+                    let v = match c.load(o) {
+                        Ok(r) => version(&r),
+                        Err(StorageError::ReadConflict(_)) => continue,
+                        Err(e) => panic!("{e}"),
+                    };
+                    c.begin();
+                    c.store(o, rec(o, &(v + 1).to_be_bytes(), &[])).unwrap();
+                    match c.end() {
+                        Ok(()) => commits += 1,
+                        Err(e) if e.is_conflict() => conflicts += 1,
+                        Err(e) => panic!("{e}"),
+                    }
+                }
+                (commits, conflicts)
+            })
+        })
+        .collect();
+    let mut reader = server.client();
+    let mut last: Vec<Option<u64>> = vec![None; objs.len()];
+    let (mut rounds, mut told) = (0u64, 0u64);
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < deadline {
+        let invalid = reader.sync().unwrap();
+        told += invalid.len() as u64;
+        for (k, &o) in objs.iter().enumerate() {
+            let r = match reader.load(o) {
+                Ok(r) => r,
+                // Changed since this sync: the next round syncs again.
+                Err(StorageError::ReadConflict(_)) => continue,
+                Err(e) => panic!("{e}"),
+            };
+            let v = version(&r);
+            if let Some(before) = last[k] {
+                if invalid.contains(&o) {
+                    assert!(
+                        v > before,
+                        "{o} was named by a sync but loaded at version {v}, \
+                         not above the {before} loaded before it"
+                    );
+                } else {
+                    assert!(v >= before, "{o} went back from {before} to {v}");
+                }
+            }
+            last[k] = Some(v);
+        }
+        rounds += 1;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let mut commits = 0;
+    for w in writers {
+        commits += w.join().unwrap().0;
+    }
+    assert!(
+        commits > 100 && told > 100,
+        "too little happened: {commits} commits, {rounds} rounds, {told} oids told"
+    );
+    // Each accepted commit raised one version by exactly one.
+    let mut c = server.client();
+    let total: u64 = objs.iter().map(|&o| version(&c.load(o).unwrap())).sum();
+    assert_eq!(total, commits);
+    drop((c, reader));
+    server.stop();
+    check_clean(&path);
+}
+
 #[test]
 fn pack_removes_garbage_and_invalidates_it_for_every_client() {
     let dir = tempfile::tempdir().unwrap();

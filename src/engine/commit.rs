@@ -20,10 +20,6 @@ use crate::record::{Oid, Record, refs_of};
 pub(crate) struct CommitState {
     pub(super) next_oid: u64,
     pub(super) reserved: u64,
-    /// Oids handed out and not yet stored, with the session that holds each.
-    pub(super) allocated: HashMap<Oid, SessionId>,
-    /// How many of `allocated` each session holds.
-    pub(super) allocated_by: HashMap<SessionId, u64>,
     /// Commits and record bytes since the last checkpoint began.
     pub(super) commits_since: u64,
     pub(super) bytes_since: u64,
@@ -34,6 +30,33 @@ pub(crate) struct CommitState {
     /// Sequence number of the last commit (the log's numbering, persisted
     /// in the file with each logged commit).
     pub(super) log_seq: u64,
+    /// Turns of the commit order finished (applied or given up).
+    pub(super) turns_done: u64,
+}
+
+/// Oids handed out and not yet stored (under their own lock, so that a
+/// commit can be checked without the commit lock).
+#[derive(Default)]
+pub(crate) struct Allocations {
+    /// Each oid with the session that holds it.
+    pub(super) by_oid: HashMap<Oid, SessionId>,
+    /// How many of `by_oid` each session holds.
+    pub(super) by_session: HashMap<SessionId, u64>,
+}
+
+impl Allocations {
+    /// Whether `session` may store `oid`, which is not stored yet: it is
+    /// the root, or the session was handed it.
+    pub(super) fn may_create(&self, session: SessionId, oid: Oid) -> Result<()> {
+        if oid == Oid::ROOT {
+            return Ok(());
+        }
+        match self.by_oid.get(&oid) {
+            Some(&s) if s == session => Ok(()),
+            Some(_) => Err(InvalidInput::OidOfAnotherSession { oid }.into()),
+            None => Err(Conflict::UnknownOid { oid }.into()),
+        }
+    }
 }
 
 impl CommitState {
@@ -58,10 +81,23 @@ pub(crate) struct CommitTicket {
     pub(super) checkpoint: bool,
 }
 
-/// The commit lock, held.
-pub(crate) struct CommitGuard<'a> {
+/// Condition variables the turns' waits are spread over.
+pub(super) const TURN_SLOTS: usize = 64;
+
+/// The commit order, held (see [`Engine::lock_order`]).
+pub(crate) struct OrderGuard<'a> {
     engine: &'a Engine,
-    state: MutexGuard<'a, CommitState>,
+    _order: MutexGuard<'a, ()>,
+}
+
+/// A commit's place in the commit order. [`Turn::apply`] applies it once
+/// every earlier turn has finished; a turn dropped unapplied is given up,
+/// so the turns after it go on.
+#[must_use = "a turn holds up every later commit until it is applied or dropped"]
+pub(crate) struct Turn<'a> {
+    engine: &'a Engine,
+    n: u64,
+    done: bool,
 }
 
 impl Engine {
@@ -80,24 +116,45 @@ impl Engine {
         }
     }
 
-    /// Takes the commit lock. Nothing else commits while the guard lives; the
-    /// server holds it from sending a client its invalidations until that
-    /// client's commit is applied.
-    pub(crate) fn lock_commits(&self) -> CommitGuard<'_> {
+    /// Takes the commit order. The server holds it from sending a client its
+    /// invalidations until that client's commit has its turn, so no other
+    /// commit falls between what the client was told and its own.
+    pub(crate) fn lock_order(&self) -> OrderGuard<'_> {
+        OrderGuard {
+            engine: self,
+            _order: self.order.lock(),
+        }
+    }
+
+    /// Takes the commit lock (the state every apply changes), counting the
+    /// wait so that the collector makes way.
+    fn lock_state(&self) -> MutexGuard<'_, CommitState> {
         self.committers_waiting.fetch_add(1, Ordering::AcqRel);
         let state = self.commit.lock();
         self.committers_waiting.fetch_sub(1, Ordering::AcqRel);
-        CommitGuard {
-            engine: self,
-            state,
+        state
+    }
+
+    /// Turns handed out so far.
+    pub(crate) fn turns_ordered(&self) -> u64 {
+        self.ordered.load(Ordering::Acquire)
+    }
+
+    /// Waits until every turn up to `n` has finished: a session told of a
+    /// commit's changes reads nothing older than that commit.
+    pub(crate) fn await_turns(&self, n: u64) {
+        if self.turns_done.load(Ordering::Acquire) >= n {
+            return;
         }
+        let mut st = self.commit.lock();
+        self.wait_turns(&mut st, n);
     }
 
     /// Commits `records` for `session` and returns once it is as durable as
     /// the store's durability mode promises.
     pub(crate) fn commit(&self, session: SessionId, records: &BTreeMap<Oid, Record>) -> Result<()> {
-        let ticket = self.lock_commits().apply(session, records)?;
-        self.finish(ticket)
+        let (ticket, ()) = self.lock_order().apply_then(session, records, |_| ());
+        self.finish(ticket?)
     }
 
     /// [`commit`](Self::commit), and a snapshot of the state just after it
@@ -107,12 +164,11 @@ impl Engine {
         session: SessionId,
         records: &BTreeMap<Oid, Record>,
     ) -> Result<super::Snapshot> {
-        let mut guard = self.lock_commits();
-        let ticket = guard.apply(session, records)?;
-        let snapshot = self.snapshot()?;
-        drop(guard);
-        self.finish(ticket)?;
-        Ok(snapshot)
+        let (ticket, snapshot) = self
+            .lock_order()
+            .apply_then(session, records, |r| r.is_ok().then(|| self.snapshot()));
+        self.finish(ticket?)?;
+        snapshot.expect("a snapshot follows every applied commit")
     }
 
     /// Runs `f` in a write transaction under the commit lock with the given
@@ -133,8 +189,8 @@ impl Engine {
         f: impl FnOnce(&WriteTransaction, &mut CommitState) -> Result<T>,
     ) -> Result<T> {
         self.check_writable()?;
-        let mut guard = self.lock_commits();
-        let st = &mut *guard.state;
+        let mut guard = self.lock_state();
+        let st = &mut *guard;
         let db = self.db()?;
         let mut w = db.rw()?.begin_write()?;
         w.set_durability(durability)?;
@@ -156,91 +212,252 @@ impl Engine {
         }
         Ok(value)
     }
+
+    /// Marks turn `n` finished and wakes whoever waits for it.
+    fn end_turn(&self, st: &mut CommitState, n: u64) {
+        st.turns_done = n;
+        self.turns_done.store(n, Ordering::Release);
+        self.turn[n as usize % TURN_SLOTS].notify_all();
+    }
+
+    /// Waits (on the commit lock) until every turn up to `n` has finished.
+    /// Each wait is on the slot of the turn it waits for, so finishing a
+    /// turn wakes only whoever waits for that one (its successor), not
+    /// every committer in line.
+    fn wait_turns(&self, st: &mut MutexGuard<'_, CommitState>, n: u64) {
+        while st.turns_done < n {
+            self.turn[n as usize % TURN_SLOTS].wait(st);
+        }
+    }
 }
 
-impl CommitGuard<'_> {
-    /// Validates and applies one commit of `session` in its own redb write
-    /// transaction. Nothing is written if validation fails. Call
-    /// [`Engine::finish`] with the ticket, after dropping the guard, before
-    /// acknowledging the commit.
-    pub(crate) fn apply(
+impl<'a> OrderGuard<'a> {
+    fn take_turn(&mut self) -> Turn<'a> {
+        let n = self.engine.ordered.load(Ordering::Acquire) + 1;
+        self.engine.ordered.store(n, Ordering::Release);
+        Turn {
+            engine: self.engine,
+            n,
+            done: false,
+        }
+    }
+
+    /// Applies a commit of `session` now, in its turn, with the order held
+    /// throughout: its changes are published as they become visible, so a
+    /// snapshot is exact. `after` runs under the commit lock right after
+    /// the apply, with its result (a snapshot of the state just after it).
+    pub(crate) fn apply_then<T>(
         &mut self,
         session: SessionId,
         records: &BTreeMap<Oid, Record>,
-    ) -> Result<CommitTicket> {
-        let engine = self.engine;
-        engine.check_writable()?;
-        let st = &mut *self.state;
-        if records.is_empty() {
-            return Ok(CommitTicket {
-                seq: st.log_seq,
-                wait: false,
-                checkpoint: false,
-            });
-        }
-        let bytes: u64 = records.values().map(|r| r.len() as u64).sum();
-        let db = engine.db()?;
-        let mut w = db.rw()?.begin_write()?;
-        // Never redb's fsync here: the log, or a checkpoint, makes it durable.
-        w.set_durability(Durability::None)?;
-        w.set_quick_repair(engine.quick_repair);
-        let (queued, released) = write_commit(&w, Some((session, &st.allocated)), records)?;
-        // The commit's share of the collector's work, in its own transaction.
-        let hook = engine.hook.get();
-        let collected = match hook {
-            Some(h) => h.in_commit(&w)?,
-            None => Vec::new(),
-        };
-        let seq = st.log_seq + 1;
-        let mut logged_at = None;
-        if let Some(log) = &engine.log {
-            w.open_table(LOG_STATE)?.insert(KEY_APPLIED, seq)?;
-            let at = log.position();
-            if let Err(e) = log.append(seq, records.values()) {
-                drop(w);
-                return Err(e);
-            }
-            logged_at = Some((log, at));
-        }
-        let oids: Vec<Oid> = records.keys().copied().collect();
-        {
-            // Visible and published as one step (a snapshot falls before
-            // or after both).
-            let _published = engine.publish.lock();
-            let r = w.commit().map_err(StorageError::from);
-            if r.is_err()
-                && let Some((log, at)) = logged_at
-            {
-                // Not in the file: not in the log either, so a replay cannot
-                // apply a commit that was refused.
-                let _ = log.unappend(seq, at);
-            }
-            engine.poisoning(r)?;
-            engine.publish_changes(Some(session), &oids);
-            engine.publish_changes(None, &collected);
-        }
+        after: impl FnOnce(&Result<CommitTicket>) -> T,
+    ) -> (Result<CommitTicket>, T) {
+        self.take_turn().run(session, records, true, after)
+    }
 
-        st.applied_seq += 1;
-        st.log_seq = seq;
-        st.commits_since += 1;
-        st.bytes_since += bytes;
-        let checkpoint = engine.policy.checkpoint_due(&st.facts());
+    /// Places a commit of `session` in the order. If it passes validation
+    /// against the state applied so far, it gets the next turn and its oids
+    /// are published as changed now, before it is applied: whoever takes
+    /// the order next is told of them. It is applied with [`Turn::apply`]
+    /// after the guard is dropped, so the next client's round trip overlaps
+    /// the apply; a session told of the change waits for the turn before it
+    /// reads ([`Engine::await_turns`]). A commit that does not pass is
+    /// applied now, under the order, and refused as it would be in turn:
+    /// a refused commit publishes nothing.
+    ///
+    /// Turns waiting to be applied only add and change records, so a commit
+    /// that passes here passes in its turn, unless the collector deletes
+    /// what it needs in between; only an object unreferenced for the
+    /// collector's grace period can go, and then the commit is refused
+    /// with its oids published for nothing (their holders reload what did
+    /// not change).
+    pub(crate) fn place(
+        &mut self,
+        session: SessionId,
+        records: &BTreeMap<Oid, Record>,
+    ) -> Placed<'a> {
+        if records.is_empty() || !passes(self.engine, session, records).unwrap_or(false) {
+            return Placed::Applied(self.apply_then(session, records, |_| ()).0);
+        }
+        let turn = self.take_turn();
+        let oids: Vec<Oid> = records.keys().copied().collect();
+        self.engine.publish_changes(Some(session), &oids);
+        Placed::Turn(turn)
+    }
+}
+
+/// Where [`OrderGuard::place`] put a commit.
+#[must_use]
+pub(crate) enum Placed<'a> {
+    /// In line: apply it with [`Turn::apply`] once the order is released.
+    Turn(Turn<'a>),
+    /// Applied already (or refused).
+    Applied(Result<CommitTicket>),
+}
+
+/// Whether a commit of `session` passes validation against the state
+/// applied so far: each oid is stored, or the session may create it, and
+/// each reference its record gains resolves.
+fn passes(engine: &Engine, session: SessionId, records: &BTreeMap<Oid, Record>) -> Result<bool> {
+    let db = engine.db()?;
+    let txn = db.begin_read()?;
+    let table = txn.open_table(RECORDS)?;
+    let mut old_refs: Vec<Oid> = Vec::new();
+    let mut gained: Vec<Oid> = Vec::new();
+    for (oid, record) in records {
+        old_refs.clear();
+        match table.get(oid.0)? {
+            Some(v) => old_refs.extend(refs_of(v.value()).map_err(|e| corrupt(*oid, e))?),
+            None => {
+                if engine.allocs.lock().may_create(session, *oid).is_err() {
+                    return Ok(false);
+                }
+            }
+        }
+        old_refs.sort_unstable();
+        gained.extend(
+            record
+                .refs()
+                .filter(|r| old_refs.binary_search(r).is_err() && !records.contains_key(r)),
+        );
+    }
+    gained.sort_unstable();
+    gained.dedup();
+    for r in gained {
+        if table.get(r.0)?.is_none() {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+impl Turn<'_> {
+    /// Applies the commit (enqueued by [`OrderGuard::enqueue`]) once every
+    /// earlier turn has finished.
+    pub(crate) fn apply(
+        self,
+        session: SessionId,
+        records: &BTreeMap<Oid, Record>,
+    ) -> Result<CommitTicket> {
+        self.run(session, records, false, |_| ()).0
+    }
+
+    fn run<T>(
+        mut self,
+        session: SessionId,
+        records: &BTreeMap<Oid, Record>,
+        publish: bool,
+        after: impl FnOnce(&Result<CommitTicket>) -> T,
+    ) -> (Result<CommitTicket>, T) {
+        let engine = self.engine;
+        let mut st = engine.lock_state();
+        engine.wait_turns(&mut st, self.n - 1);
+        let r = apply(engine, &mut st, session, records, publish);
+        let value = after(&r);
+        self.done = true;
+        engine.end_turn(&mut st, self.n);
+        (r, value)
+    }
+}
+
+impl Drop for Turn<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            let mut st = self.engine.commit.lock();
+            self.engine.wait_turns(&mut st, self.n - 1);
+            self.engine.end_turn(&mut st, self.n);
+        }
+    }
+}
+
+/// Validates and applies one commit of `session` in its own redb write
+/// transaction, under the commit lock. Nothing is written if validation
+/// fails. With `publish`, its changes are published as they become visible
+/// (else they were published when it took its turn). Call
+/// [`Engine::finish`] with the ticket before acknowledging the commit.
+fn apply(
+    engine: &Engine,
+    st: &mut CommitState,
+    session: SessionId,
+    records: &BTreeMap<Oid, Record>,
+    publish: bool,
+) -> Result<CommitTicket> {
+    engine.check_writable()?;
+    if records.is_empty() {
+        return Ok(CommitTicket {
+            seq: st.log_seq,
+            wait: false,
+            checkpoint: false,
+        });
+    }
+    let bytes: u64 = records.values().map(|r| r.len() as u64).sum();
+    let db = engine.db()?;
+    let mut w = db.rw()?.begin_write()?;
+    // Never redb's fsync here: the log, or a checkpoint, makes it durable.
+    w.set_durability(Durability::None)?;
+    w.set_quick_repair(engine.quick_repair);
+    let may_create = |oid| engine.allocs.lock().may_create(session, oid);
+    let (queued, released) = write_commit(&w, Some(&may_create), records)?;
+    // The commit's share of the collector's work, in its own transaction.
+    let hook = engine.hook.get();
+    let collected = match hook {
+        Some(h) => h.in_commit(&w)?,
+        None => Vec::new(),
+    };
+    let seq = st.log_seq + 1;
+    let mut logged_at = None;
+    if let Some(log) = &engine.log {
+        w.open_table(LOG_STATE)?.insert(KEY_APPLIED, seq)?;
+        let at = log.position();
+        if let Err(e) = log.append(seq, records.values()) {
+            drop(w);
+            return Err(e);
+        }
+        logged_at = Some((log, at));
+    }
+    let oids: Vec<Oid> = records.keys().copied().collect();
+    {
+        // Visible and published as one step (a snapshot falls before
+        // or after both).
+        let _published = engine.publish.lock();
+        let r = w.commit().map_err(StorageError::from);
+        if r.is_err()
+            && let Some((log, at)) = logged_at
+        {
+            // Not in the file: not in the log either, so a replay cannot
+            // apply a commit that was refused.
+            let _ = log.unappend(seq, at);
+        }
+        engine.poisoning(r)?;
+        if publish {
+            engine.publish_changes(Some(session), &oids);
+        }
+        engine.publish_changes(None, &collected);
+    }
+
+    st.applied_seq += 1;
+    st.log_seq = seq;
+    st.commits_since += 1;
+    st.bytes_since += bytes;
+    let checkpoint = engine.policy.checkpoint_due(&st.facts());
+    {
+        let mut allocs = engine.allocs.lock();
         for oid in &oids {
-            if let Some(s) = st.allocated.remove(oid)
-                && let Some(n) = st.allocated_by.get_mut(&s)
+            if let Some(s) = allocs.by_oid.remove(oid)
+                && let Some(n) = allocs.by_session.get_mut(&s)
             {
                 *n = n.saturating_sub(1);
             }
         }
-        if let Some(h) = hook {
-            h.after_commit(records, &released, bytes, queued);
-        }
-        Ok(CommitTicket {
-            seq,
-            wait: engine.log.is_some() && engine.durability == Mode::Fsync,
-            checkpoint,
-        })
     }
+    if let Some(h) = hook {
+        h.after_commit(records, &released, bytes, queued);
+    }
+    Ok(CommitTicket {
+        seq,
+        wait: engine.log.is_some() && engine.durability == Mode::Fsync,
+        checkpoint,
+    })
 }
 
 /// Validates a commit of `session` inside `w` (unless `check` is `None`:
@@ -260,7 +477,7 @@ impl CommitGuard<'_> {
 /// before any reference, as `validate_commit` does.
 pub(super) fn write_commit(
     w: &WriteTransaction,
-    check: Option<(SessionId, &HashMap<Oid, SessionId>)>,
+    check: Option<&dyn Fn(Oid) -> Result<()>>,
     records: &BTreeMap<Oid, Record>,
 ) -> Result<(u64, Vec<Oid>)> {
     let mut table = w.open_table(RECORDS)?;
@@ -278,8 +495,10 @@ pub(super) fn write_commit(
             old_refs.extend(refs_of(v.value()).map_err(|e| corrupt(*oid, e))?);
         }
         drop(old);
-        if let Some((session, allocated)) = check {
-            may_write(session, allocated, *oid, present)?;
+        if let Some(may_create) = check
+            && !present
+        {
+            may_create(*oid)?;
         }
         refs.clear();
         refs.extend(record.refs());
@@ -333,20 +552,93 @@ pub(super) fn write_commit(
     Ok((apply_ref_deltas(w, delta, now_unix_ms())?, released))
 }
 
-/// Whether `session` may write `oid`: it is stored already, or it is the
-/// root, or the session was handed it.
-fn may_write(
-    session: SessionId,
-    allocated: &HashMap<Oid, SessionId>,
-    oid: Oid,
-    present: bool,
-) -> Result<()> {
-    if present || oid == Oid::ROOT {
-        return Ok(());
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use super::Placed;
+    use crate::engine::Engine;
+    use crate::record::{Oid, Record};
+    use crate::store::Options;
+
+    fn open() -> (tempfile::TempDir, Arc<Engine>) {
+        let dir = tempfile::tempdir().unwrap();
+        let config = Options::new().engine_config(false);
+        let engine = Engine::open(&dir.path().join("s.redb"), &config).unwrap();
+        (dir, engine)
     }
-    match allocated.get(&oid) {
-        Some(&s) if s == session => Ok(()),
-        Some(_) => Err(InvalidInput::OidOfAnotherSession { oid }.into()),
-        None => Err(Conflict::UnknownOid { oid }.into()),
+
+    fn one(oid: Oid, data: &[u8], refs: &[Oid]) -> BTreeMap<Oid, Record> {
+        BTreeMap::from([(oid, Record::new(oid, data, refs))])
+    }
+
+    /// A turn given up (dropped unapplied) lets the turns after it go on,
+    /// and a session told of its oids does not wait for it for ever.
+    #[test]
+    fn a_turn_given_up_does_not_hold_up_the_next() {
+        let (_dir, engine) = open();
+        let (a, _) = engine.register_session();
+        let (b, b_state) = engine.register_session();
+        let oids = engine.allocate(a, 3).unwrap();
+        engine.commit(a, &one(oids[0], b"root", &[])).unwrap();
+        engine.take_invalid(b, &b_state, None);
+        let placed = engine.lock_order().place(a, &one(oids[1], b"x", &[]));
+        let Placed::Turn(turn) = placed else {
+            panic!("a valid commit gets a turn")
+        };
+        // Another committer queues behind it.
+        let (e, third) = (engine.clone(), oids[2]);
+        let later = std::thread::spawn(move || e.commit(a, &one(third, b"y", &[])));
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(!later.is_finished(), "a later turn went first");
+        drop(turn);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !later.is_finished() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the turn after one given up never came"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        later.join().unwrap().unwrap();
+        // b was told of oid 1 (published with its turn); its read waits for
+        // nothing now, and the given-up commit left nothing behind.
+        assert_eq!(
+            engine.take_invalid(b, &b_state, None),
+            vec![oids[1], oids[2]]
+        );
+        engine.await_turns(engine.turns_ordered());
+        assert!(matches!(
+            engine.load(oids[1]),
+            Err(crate::StorageError::NotFound(_))
+        ));
+        assert_eq!(engine.load(oids[2]).unwrap().data(), b"y");
+    }
+
+    /// A commit that would be refused is applied (refused) under the order
+    /// and publishes nothing: no other session is told of it.
+    #[test]
+    fn a_commit_that_would_be_refused_publishes_nothing() {
+        let (_dir, engine) = open();
+        let (a, _) = engine.register_session();
+        let (b, b_state) = engine.register_session();
+        let oids = engine.allocate(a, 2).unwrap();
+        engine.commit(a, &one(oids[0], b"root", &[])).unwrap();
+        engine.commit(a, &one(oids[1], b"x", &[])).unwrap();
+        engine.take_invalid(b, &b_state, None);
+        // A dangling reference, then an oid nobody was handed.
+        for records in [
+            one(oids[1], b"dangling", &[Oid(999)]),
+            one(Oid(777), b"unknown", &[]),
+        ] {
+            match engine.lock_order().place(a, &records) {
+                Placed::Applied(r) => assert!(r.unwrap_err().is_conflict()),
+                Placed::Turn(_) => panic!("a commit that fails its checks got a turn"),
+            }
+        }
+        assert_eq!(engine.take_invalid(b, &b_state, None), Vec::<Oid>::new());
+        assert_eq!(engine.load(oids[1]).unwrap().data(), b"x");
     }
 }

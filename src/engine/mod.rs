@@ -15,11 +15,13 @@
 //! - `check`: `check` and `stats`.
 //!
 //! # Lock order
-//! `db` (read) may be taken while holding `commit`; `commit` is never taken
+//! `order` is taken before `commit` and never under it. `db` (read) may be
+//! taken while holding `commit`; `commit` is never taken
 //! while holding `sessions` or a session's state; `close` takes `commit` first,
 //! then `db` (write), as the commit paths do. The log's own writer lock is
 //! taken under `commit` (appends, rotation) or alone (the flushes);
-//! `checkpoint_lock` is taken before `commit`. `publish` is taken under
+//! `checkpoint_lock` is taken before `commit`. `allocs` is taken under
+//! `commit` or alone, and nothing is taken under it. `publish` is taken under
 //! `commit` or alone, then `changes`, then `sessions`, then a session's state.
 
 mod check;
@@ -44,12 +46,13 @@ use redb::{Database, ReadOnlyDatabase, ReadTransaction, ReadableDatabase, WriteT
 
 pub use check::{CheckReport, FullCheck, StoreStats, check_store, repair_store};
 pub(crate) use check::{check_references, stats};
+pub(crate) use commit::Placed;
 use commit::{CommitState, CommitTicket};
 pub(crate) use refcount::{
     Deleted, apply_ref_deltas, corrupt, delete_queued, forget, queue_summary, queued_since,
 };
 use sessions::ChangeLog;
-pub(crate) use sessions::{SessionId, SessionRef, Snapshot};
+pub(crate) use sessions::{Found, SessionId, SessionRef, Snapshot};
 
 use crate::checkpoint::{CheckpointPolicy, Durability};
 use crate::error::{Result, StorageError};
@@ -152,6 +155,20 @@ pub(crate) struct Engine {
     policy: Arc<dyn CheckpointPolicy>,
     durability: Durability,
     commit: Mutex<CommitState>,
+    /// Oids handed out and not yet stored.
+    allocs: Mutex<commit::Allocations>,
+    /// The commit order: held by the server from sending a client its
+    /// invalidations until that client's commit has its place in the order
+    /// (a turn); by the library through the whole apply.
+    order: Mutex<()>,
+    /// Turns handed out (under `order`).
+    ordered: AtomicU64,
+    /// Turns finished, applied or given up (`CommitState::turns_done`,
+    /// readable without the commit lock).
+    turns_done: AtomicU64,
+    /// Signalled (with `commit`) when a turn finishes: the one for turn
+    /// `n` at `n % TURN_SLOTS`.
+    turn: [parking_lot::Condvar; commit::TURN_SLOTS],
     committers_waiting: AtomicUsize,
     /// redb transactions (counted by `CommitState::applied_seq`) that are durable.
     durable_seq: AtomicU64,

@@ -119,17 +119,32 @@ pub(crate) struct SessionState {
     /// last synced: the log no longer knows every oid made since, so any oid
     /// at or above `oid_mark` counts as invalid to it.
     overflowed: bool,
+    /// The turns of the commit order ordered when the session was last told
+    /// of changes: it reads nothing before they are applied (their changes
+    /// may have been published before they were applied).
+    needs: u64,
 }
 
 impl Default for SessionState {
     fn default() -> Self {
         SessionState {
             seen: 0,
+            needs: 0,
             overflow: OidSet::default(),
             oid_mark: u64::MAX,
             overflowed: false,
         }
     }
+}
+
+/// What a session's load of one oid finds ([`Engine::load_for`]).
+pub(crate) enum Found<'a> {
+    /// Changed since the session's last sync: it must sync first.
+    Invalid,
+    /// The stored record.
+    Record(&'a [u8]),
+    /// No such record.
+    Missing,
 }
 
 /// A session's state, shared with the engine (which may fill `overflow`).
@@ -321,6 +336,9 @@ impl Engine {
             ..SessionState::default()
         }));
         self.sessions.lock().insert(id, state.clone());
+        // Read after the session is registered: a commit that skipped
+        // publishing for want of another session has its turn by then.
+        state.lock().needs = self.ordered.load(Ordering::Acquire);
         (id, state)
     }
 
@@ -338,9 +356,9 @@ impl Engine {
     /// Forgets a session and the oids it held allocated but unused.
     pub(crate) fn unregister_session(&self, id: SessionId) {
         self.sessions.lock().remove(&id);
-        let mut st = self.commit.lock();
-        if st.allocated_by.remove(&id).is_some_and(|n| n > 0) {
-            st.allocated.retain(|_, s| *s != id);
+        let mut allocs = self.allocs.lock();
+        if allocs.by_session.remove(&id).is_some_and(|n| n > 0) {
+            allocs.by_oid.retain(|_, s| *s != id);
         }
     }
 
@@ -368,6 +386,47 @@ impl Engine {
         log.flags(id, &st, oids)
     }
 
+    /// A session's loads (the server's): for each of `oids`, `Invalid` if it
+    /// changed (by another session, or was collected) after the session's
+    /// last sync, else its stored bytes (checked) or `Missing`, in order,
+    /// from one read transaction. The transaction begins before the flags
+    /// are read: a change is published before it becomes visible, so every
+    /// change the transaction holds beyond the session's last sync is
+    /// flagged. It begins after the turns the session was told of are
+    /// applied.
+    pub(crate) fn load_for<E: From<StorageError>>(
+        &self,
+        id: SessionId,
+        session: &SessionRef,
+        oids: &[Oid],
+        mut each: impl FnMut(Found<'_>) -> std::result::Result<(), E>,
+    ) -> std::result::Result<(), E> {
+        let needs = session.lock().needs;
+        self.await_turns(needs);
+        let db = self.db()?;
+        let txn = db.begin_read().map_err(E::from)?;
+        let table = txn.open_table(RECORDS).map_err(StorageError::from)?;
+        let flags = self.invalid_flags(id, session, oids);
+        for (oid, invalid) in oids.iter().zip(flags) {
+            if invalid {
+                each(Found::Invalid)?;
+            } else {
+                super::each_in(&table, std::slice::from_ref(oid), |_, bytes| match bytes {
+                    Some(b) => each(Found::Record(b)),
+                    None => each(Found::Missing),
+                })?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits until what `session` was told of is applied (before a walk of
+    /// the store on its behalf).
+    pub(crate) fn await_session(&self, session: &SessionRef) {
+        let needs = session.lock().needs;
+        self.await_turns(needs);
+    }
+
     /// Hands `session` its invalidations: every oid changed by others after
     /// its last sync, up to publication `upto` (or the latest), sorted.
     pub(crate) fn take_invalid(
@@ -380,7 +439,11 @@ impl Engine {
         let mut st = session.lock();
         // Read after any snapshot this sync takes: above every oid in it.
         st.oid_mark = self.oids_out.load(Ordering::Acquire);
-        log.drain(id, &mut st, upto)
+        let oids = log.drain(id, &mut st, upto);
+        // Read after the drain: a turn's number is handed out before its
+        // changes are published, so this covers every change handed out.
+        st.needs = self.ordered.load(Ordering::Acquire);
+        oids
     }
 
     /// A snapshot of the latest state, with the sequence number of the
@@ -433,7 +496,8 @@ impl Engine {
         self.check_writable()?;
         let n = n as u64;
         let mut st = self.commit.lock();
-        let held = st.allocated_by.get(&session).copied().unwrap_or(0);
+        let mut allocs = self.allocs.lock();
+        let held = allocs.by_session.get(&session).copied().unwrap_or(0);
         if held.saturating_add(n) > cap {
             return Err(InvalidInput::TooManyOidsHeld {
                 held,
@@ -459,9 +523,9 @@ impl Engine {
         self.oids_out.fetch_max(end, Ordering::AcqRel);
         let oids: Vec<Oid> = (start..end).map(Oid).collect();
         for &oid in &oids {
-            st.allocated.insert(oid, session);
+            allocs.by_oid.insert(oid, session);
         }
-        *st.allocated_by.entry(session).or_default() += n;
+        *allocs.by_session.entry(session).or_default() += n;
         Ok(oids)
     }
 

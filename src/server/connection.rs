@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::Shared;
-use crate::engine::{Engine, SessionId, SessionRef, Snapshot, Walk};
+use crate::engine::{Engine, Found, Placed, SessionId, SessionRef, Snapshot, Walk};
 use crate::error::StorageError;
 use crate::protocol::{
     LoadAnswer, PROTOCOL, ReadError, Request, STATUS_INVALID, STATUS_OKAY, encode_oids,
@@ -268,6 +268,7 @@ impl Conn<'_> {
             }
             Request::Commit => self.commit()?,
             Request::Snapshot => {
+                self.shared.engine.await_session(&self.session.state);
                 let w = &mut self.w;
                 self.shared.engine.each_record(|item| -> Result<(), End> {
                     match item {
@@ -306,18 +307,16 @@ impl Conn<'_> {
     }
 
     fn answer_loads(&mut self, oids: &[Oid]) -> Result<(), End> {
-        let invalid = self
-            .engine()
-            .invalid_flags(self.session.id, &self.session.state, oids);
         self.shared
             .loads
             .fetch_add(oids.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        let (engine, id, state) = (&*self.shared.engine, self.session.id, &self.session.state);
         let w = &mut self.w;
         if let Some(snapshot) = &self.snapshot {
             // Every answer from the snapshot: the state the client was last
             // synced to. An oid it lacks is "invalid" if it was made since
             // (the client must sync to see it), else absent.
-            let mut flags = invalid.into_iter();
+            let mut flags = engine.invalid_flags(id, state, oids).into_iter();
             return snapshot.load_each(oids, |_, bytes| -> Result<(), End> {
                 let changed = flags.next().unwrap_or(false);
                 match bytes {
@@ -328,38 +327,16 @@ impl Conn<'_> {
                 Ok(())
             });
         }
-        let wanted: Vec<Oid> = oids
-            .iter()
-            .zip(&invalid)
-            .filter(|(_, inv)| !**inv)
-            .map(|(o, _)| *o)
-            .collect();
-        // Each answer is written as its record is read (an invalidated oid's
-        // `I` in its place): one record in memory at a time.
-        let mut invalid = invalid.into_iter().peekable();
-        // The `I`s that come before the next record's answer.
-        fn invalids(
-            w: &mut BufWriter<Stream>,
-            flags: &mut std::iter::Peekable<std::vec::IntoIter<bool>>,
-        ) -> Result<(), End> {
-            while flags.next_if(|inv| *inv).is_some() {
-                LoadAnswer::Invalid.write(w)?;
+        // Each answer is written as its record is read: one record in
+        // memory at a time.
+        engine.load_for(id, state, oids, |found| -> Result<(), End> {
+            match found {
+                Found::Invalid => LoadAnswer::Invalid.write(w)?,
+                Found::Record(b) => write_record_bytes(w, b)?,
+                Found::Missing => LoadAnswer::KeyError.write(w)?,
             }
             Ok(())
-        }
-        invalids(w, &mut invalid)?;
-        self.shared
-            .engine
-            .load_each(&wanted, |bytes| -> Result<(), End> {
-                match bytes {
-                    Some(b) => write_record_bytes(w, b)?,
-                    None => LoadAnswer::KeyError.write(w)?,
-                }
-                // This answer's own flag (false), then any `I`s after it.
-                let _ = invalid.next();
-                invalids(w, &mut invalid)
-            })?;
-        Ok(())
+        })
     }
 
     fn new_oids(&mut self, n: usize) -> Result<(), End> {
@@ -377,12 +354,17 @@ impl Conn<'_> {
         Ok(())
     }
 
-    /// `C`: send the invalidations and apply the commit under one hold of the
-    /// commit lock; answer once the commit is durable enough.
+    /// `C`: send the invalidations and read the commit under one hold of
+    /// the commit order, then apply it; answer once it is durable enough.
+    ///
+    /// Without snapshot reads the order is released as soon as the commit
+    /// has its turn, so the next client's round trip overlaps this apply.
+    /// With them, the apply and the snapshot of the state just after it
+    /// happen under the order, so that snapshot is exact.
     fn commit(&mut self) -> Result<(), End> {
         let shared = self.shared.clone();
         let engine = &*shared.engine;
-        let mut order = engine.lock_commits();
+        let mut order = engine.lock_order();
         let invalid = self.session.take_invalid();
         self.w.write_all(&encode_oids(&invalid))?;
         self.w.flush()?;
@@ -398,15 +380,29 @@ impl Conn<'_> {
             return Ok(());
         };
         let bytes: u64 = records.values().map(|r| r.len() as u64 + 12).sum();
-        let applied = order.apply(self.session.id, &records);
-        // Still under the commit lock: the state just after this commit (or
-        // the one its invalidations brought the client to, if refused).
-        if applied.is_ok() || applied.as_ref().is_err_and(|e| e.is_conflict()) {
-            self.renew_snapshot(|| engine.snapshot())?;
-        }
+        let applied = if shared.config.snapshot_reads {
+            self.snapshot = None;
+            let (applied, snapshot) = order.apply_then(self.session.id, &records, |r| {
+                // The state just after this commit (or the one its
+                // invalidations brought the client to, if refused).
+                (r.is_ok() || r.as_ref().is_err_and(|e| e.is_conflict())).then(|| engine.snapshot())
+            });
+            drop(order);
+            if let Some(s) = snapshot {
+                self.snapshot = Some(s?);
+            }
+            applied
+        } else {
+            match order.place(self.session.id, &records) {
+                Placed::Turn(turn) => {
+                    drop(order);
+                    turn.apply(self.session.id, &records)
+                }
+                Placed::Applied(applied) => applied,
+            }
+        };
         match applied {
             Ok(ticket) => {
-                drop(order);
                 engine.finish(ticket)?;
                 self.w.write_all(&[STATUS_OKAY])?;
                 shared
@@ -417,7 +413,6 @@ impl Conn<'_> {
                 Ok(())
             }
             Err(e) if e.is_conflict() => {
-                drop(order);
                 tracing::info!("commit refused as a conflict: {e}");
                 self.w.write_all(&[STATUS_INVALID])?;
                 Ok(())

@@ -499,9 +499,11 @@ impl Server {
         tracing::info!("shutting down");
         drop(self.listener);
         {
-            // A commit being applied holds this lock: wait for it, then close
-            // every connection so none starts another.
-            let _order = shared.engine.lock_commits();
+            // A client between its invalidations and its commit holds the
+            // order: wait for it and for every commit in line to be
+            // applied, then close every connection so none starts another.
+            let _order = shared.engine.lock_order();
+            shared.engine.await_turns(shared.engine.turns_ordered());
             for s in shared.connections.lock().values() {
                 s.shutdown();
             }
