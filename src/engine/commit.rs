@@ -252,7 +252,7 @@ impl<'a> OrderGuard<'a> {
         records: &BTreeMap<Oid, Record>,
         after: impl FnOnce(&Result<CommitTicket>) -> T,
     ) -> (Result<CommitTicket>, T) {
-        self.take_turn().run(session, records, true, after)
+        self.take_turn().run(session, records, after)
     }
 
     /// Places a commit of `session` in the order. If it passes validation
@@ -274,22 +274,48 @@ impl<'a> OrderGuard<'a> {
     pub(crate) fn place(
         &mut self,
         session: SessionId,
-        records: &BTreeMap<Oid, Record>,
+        records: BTreeMap<Oid, Record>,
     ) -> Placed<'a> {
-        if records.is_empty() || !passes(self.engine, session, records).unwrap_or(false) {
-            return Placed::Applied(self.apply_then(session, records, |_| ()).0);
+        if records.is_empty() || !passes(self.engine, session, &records).unwrap_or(false) {
+            return Placed::Applied(self.apply_then(session, &records, |_| ()).0);
         }
         let turn = self.take_turn();
         let oids: Vec<Oid> = records.keys().copied().collect();
+        self.engine.line.lock().queue.push_back(Queued {
+            n: turn.n,
+            session,
+            records,
+        });
         self.engine.publish_changes(Some(session), &oids);
         Placed::Turn(turn)
     }
 }
 
+/// A placed commit waiting for its turn.
+struct Queued {
+    n: u64,
+    session: SessionId,
+    records: BTreeMap<Oid, Record>,
+}
+
+/// The commits placed and not yet applied, in turn order, and the results
+/// of those applied and not yet collected by their committers.
+#[derive(Default)]
+pub(crate) struct Line {
+    queue: std::collections::VecDeque<Queued>,
+    results: HashMap<u64, Result<CommitTicket>>,
+    /// A committer is applying the line.
+    combining: bool,
+}
+
+/// How many commits after its own a committer applies before it hands the
+/// line on (bounds the delay of its own answer).
+const COMBINE_MORE: u32 = 4;
+
 /// Where [`OrderGuard::place`] put a commit.
 #[must_use]
 pub(crate) enum Placed<'a> {
-    /// In line: apply it with [`Turn::apply`] once the order is released.
+    /// In line: wait for it with [`Turn::apply`] once the order is released.
     Turn(Turn<'a>),
     /// Applied already (or refused).
     Applied(Result<CommitTicket>),
@@ -332,30 +358,54 @@ fn passes(engine: &Engine, session: SessionId, records: &BTreeMap<Oid, Record>) 
 }
 
 impl Turn<'_> {
-    /// Applies the commit (enqueued by [`OrderGuard::enqueue`]) once every
-    /// earlier turn has finished.
-    pub(crate) fn apply(
-        self,
-        session: SessionId,
-        records: &BTreeMap<Oid, Record>,
-    ) -> Result<CommitTicket> {
-        self.run(session, records, false, |_| ()).0
+    /// Waits for the commit's turn: applies it, and the commits in line
+    /// after it, if no other committer is applying the line, or waits for
+    /// the one that does. Returns its result.
+    pub(crate) fn apply(mut self) -> Result<CommitTicket> {
+        self.collect()
     }
 
+    fn collect(&mut self) -> Result<CommitTicket> {
+        let engine = self.engine;
+        self.done = true;
+        let mut line = engine.line.lock();
+        loop {
+            if let Some(r) = line.results.remove(&self.n) {
+                return r;
+            }
+            // Apply the line if nobody does and its first commit is next. If
+            // a turn not in the line comes first, its thread wakes the line
+            // when done (after updating `turns_done`, so this check and
+            // that wake-up cannot both miss).
+            let done = engine.turns_done.load(Ordering::Acquire);
+            if !line.combining && line.queue.front().is_some_and(|q| q.n == done + 1) {
+                line.combining = true;
+                drop(line);
+                engine.combine(self.n);
+                line = engine.line.lock();
+                continue;
+            }
+            engine.line_cv[self.n as usize % TURN_SLOTS].wait(&mut line);
+        }
+    }
+
+    /// Applies a commit that is not in the line (under the order), once
+    /// every earlier turn has finished.
     fn run<T>(
         mut self,
         session: SessionId,
         records: &BTreeMap<Oid, Record>,
-        publish: bool,
         after: impl FnOnce(&Result<CommitTicket>) -> T,
     ) -> (Result<CommitTicket>, T) {
         let engine = self.engine;
+        self.done = true;
         let mut st = engine.lock_state();
         engine.wait_turns(&mut st, self.n - 1);
-        let r = apply(engine, &mut st, session, records, publish);
+        let r = apply(engine, &mut st, session, records, true);
         let value = after(&r);
-        self.done = true;
         engine.end_turn(&mut st, self.n);
+        // Commits in line after this one wait for it: the line goes on.
+        engine.wake_line();
         (r, value)
     }
 }
@@ -363,9 +413,56 @@ impl Turn<'_> {
 impl Drop for Turn<'_> {
     fn drop(&mut self) {
         if !self.done {
-            let mut st = self.engine.commit.lock();
-            self.engine.wait_turns(&mut st, self.n - 1);
-            self.engine.end_turn(&mut st, self.n);
+            // A placed commit was published: it is applied all the same.
+            let _ = self.collect();
+        }
+    }
+}
+
+impl Engine {
+    /// Applies the line's commits in turn order with the commit lock taken
+    /// once (flat combining): a commit in line is applied by whichever
+    /// committer in line gets here first, with no thread wake-up between
+    /// one apply and the next. Stops once its own commit and at most
+    /// [`COMBINE_MORE`] after it are applied, or at a turn not in the line
+    /// (its own thread applies it, then wakes the line), or when the line
+    /// is empty; the owner of the first commit left then takes over.
+    fn combine(&self, own: u64) {
+        let mut st = self.lock_state();
+        let mut more = 0;
+        loop {
+            let next = {
+                let mut line = self.line.lock();
+                let next_up = line.queue.front().is_some_and(|q| q.n == st.turns_done + 1);
+                if next_up && (st.turns_done < own || more < COMBINE_MORE) {
+                    line.queue.pop_front()
+                } else {
+                    line.combining = false;
+                    if next_up && let Some(q) = line.queue.front() {
+                        self.line_cv[q.n as usize % TURN_SLOTS].notify_all();
+                    }
+                    None
+                }
+            };
+            let Some(q) = next else { break };
+            if q.n > own {
+                more += 1;
+            }
+            let r = apply(self, &mut st, q.session, &q.records, false);
+            self.end_turn(&mut st, q.n);
+            self.line.lock().results.insert(q.n, r);
+            self.line_cv[q.n as usize % TURN_SLOTS].notify_all();
+        }
+    }
+
+    /// Wakes the owner of the first commit in line if nobody applies the
+    /// line.
+    fn wake_line(&self) {
+        let line = self.line.lock();
+        if !line.combining
+            && let Some(q) = line.queue.front()
+        {
+            self.line_cv[q.n as usize % TURN_SLOTS].notify_all();
         }
     }
 }
@@ -574,47 +671,101 @@ mod tests {
         BTreeMap::from([(oid, Record::new(oid, data, refs))])
     }
 
-    /// A turn given up (dropped unapplied) lets the turns after it go on,
-    /// and a session told of its oids does not wait for it for ever.
+    /// A placed commit holds up the turns after it until it is applied;
+    /// its committer applies it when waiting for it, or when dropping its
+    /// turn (it was published), and then the later turns go on.
     #[test]
-    fn a_turn_given_up_does_not_hold_up_the_next() {
+    fn a_placed_commit_is_applied_in_turn_even_if_its_turn_is_dropped() {
         let (_dir, engine) = open();
         let (a, _) = engine.register_session();
         let (b, b_state) = engine.register_session();
         let oids = engine.allocate(a, 3).unwrap();
         engine.commit(a, &one(oids[0], b"root", &[])).unwrap();
         engine.take_invalid(b, &b_state, None);
-        let placed = engine.lock_order().place(a, &one(oids[1], b"x", &[]));
+        let placed = engine.lock_order().place(a, one(oids[1], b"x", &[]));
         let Placed::Turn(turn) = placed else {
             panic!("a valid commit gets a turn")
         };
-        // Another committer queues behind it.
+        // Another committer queues behind it (not in the line: the
+        // library applies under the order).
         let (e, third) = (engine.clone(), oids[2]);
         let later = std::thread::spawn(move || e.commit(a, &one(third, b"y", &[])));
         std::thread::sleep(Duration::from_millis(50));
         assert!(!later.is_finished(), "a later turn went first");
+        assert!(matches!(
+            engine.load(oids[1]),
+            Err(crate::StorageError::NotFound(_))
+        ));
         drop(turn);
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         while !later.is_finished() {
             assert!(
                 std::time::Instant::now() < deadline,
-                "the turn after one given up never came"
+                "the turn after a dropped one never came"
             );
             std::thread::sleep(Duration::from_millis(5));
         }
         later.join().unwrap().unwrap();
-        // b was told of oid 1 (published with its turn); its read waits for
-        // nothing now, and the given-up commit left nothing behind.
         assert_eq!(
             engine.take_invalid(b, &b_state, None),
             vec![oids[1], oids[2]]
         );
-        engine.await_turns(engine.turns_ordered());
-        assert!(matches!(
-            engine.load(oids[1]),
-            Err(crate::StorageError::NotFound(_))
-        ));
+        assert_eq!(engine.load(oids[1]).unwrap().data(), b"x");
         assert_eq!(engine.load(oids[2]).unwrap().data(), b"y");
+    }
+
+    /// Commits placed by many threads at once are applied exactly once
+    /// each, in turn order, whoever applies them.
+    #[test]
+    fn commits_in_line_are_applied_once_each_in_turn_order() {
+        let (_dir, engine) = open();
+        let (a, _) = engine.register_session();
+        let root = engine.allocate(a, 1).unwrap()[0];
+        engine.commit(a, &one(root, b"root", &[])).unwrap();
+        let obj = engine.allocate(a, 1).unwrap()[0];
+        engine
+            .commit(a, &one(obj, &0u64.to_be_bytes(), &[]))
+            .unwrap();
+        const THREADS: u64 = 8;
+        const EACH: u64 = 200;
+        let threads: Vec<_> = (0..THREADS)
+            .map(|_| {
+                let e = engine.clone();
+                std::thread::spawn(move || {
+                    let (s, _) = e.register_session();
+                    for _ in 0..EACH {
+                        // Each commit writes the turn it got: applied in
+                        // turn order, the last one written is the last turn.
+                        let mut order = e.lock_order();
+                        let n = e.turns_ordered() + 1;
+                        let placed = order.place(s, one(obj, &n.to_be_bytes(), &[]));
+                        drop(order);
+                        match placed {
+                            Placed::Turn(t) => {
+                                assert_eq!(t.n, n);
+                                e.finish(t.apply().unwrap()).unwrap();
+                            }
+                            Placed::Applied(r) => panic!("not placed: {:?}", r.map(|_| ())),
+                        }
+                    }
+                    e.unregister_session(s);
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let last = engine.turns_ordered();
+        engine.await_turns(last);
+        assert_eq!(engine.load(obj).unwrap().data(), &last.to_be_bytes());
+        let st = engine.commit.lock();
+        assert_eq!(st.turns_done, last);
+        // Every placed commit was logged once: two setup commits and one
+        // per placement.
+        assert_eq!(st.log_seq, 2 + THREADS * EACH);
+        drop(st);
+        let line = engine.line.lock();
+        assert!(line.queue.is_empty() && line.results.is_empty() && !line.combining);
     }
 
     /// A commit that would be refused is applied (refused) under the order
@@ -633,7 +784,7 @@ mod tests {
             one(oids[1], b"dangling", &[Oid(999)]),
             one(Oid(777), b"unknown", &[]),
         ] {
-            match engine.lock_order().place(a, &records) {
+            match engine.lock_order().place(a, records) {
                 Placed::Applied(r) => assert!(r.unwrap_err().is_conflict()),
                 Placed::Turn(_) => panic!("a commit that fails its checks got a turn"),
             }

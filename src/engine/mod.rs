@@ -20,8 +20,8 @@
 //! while holding `sessions` or a session's state; `close` takes `commit` first,
 //! then `db` (write), as the commit paths do. The log's own writer lock is
 //! taken under `commit` (appends, rotation) or alone (the flushes);
-//! `checkpoint_lock` is taken before `commit`. `allocs` is taken under
-//! `commit` or alone, and nothing is taken under it. `publish` is taken under
+//! `checkpoint_lock` is taken before `commit`. `allocs` and `line` are
+//! taken under `commit` or alone, and nothing is taken under them. `publish` is taken under
 //! `commit` or alone, then `changes`, then `sessions`, then a session's state.
 
 mod check;
@@ -161,6 +161,11 @@ pub(crate) struct Engine {
     /// invalidations until that client's commit has its place in the order
     /// (a turn); by the library through the whole apply.
     order: Mutex<()>,
+    /// Commits placed in the commit order and waiting to be applied.
+    line: Mutex<commit::Line>,
+    /// Signalled (with `line`) when the commit of turn `n` is applied, or
+    /// its committer should apply the line: at `n % TURN_SLOTS`.
+    line_cv: [parking_lot::Condvar; commit::TURN_SLOTS],
     /// Turns handed out (under `order`).
     ordered: AtomicU64,
     /// Turns finished, applied or given up (`CommitState::turns_done`,

@@ -380,6 +380,7 @@ impl Conn<'_> {
             return Ok(());
         };
         let bytes: u64 = records.values().map(|r| r.len() as u64 + 12).sum();
+        let objects = records.len();
         let applied = if shared.config.snapshot_reads {
             self.snapshot = None;
             let (applied, snapshot) = order.apply_then(self.session.id, &records, |r| {
@@ -393,10 +394,10 @@ impl Conn<'_> {
             }
             applied
         } else {
-            match order.place(self.session.id, &records) {
+            match order.place(self.session.id, records) {
                 Placed::Turn(turn) => {
                     drop(order);
-                    turn.apply(self.session.id, &records)
+                    turn.apply()
                 }
                 Placed::Applied(applied) => applied,
             }
@@ -408,7 +409,7 @@ impl Conn<'_> {
                 shared
                     .commits
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                tracing::debug!("committed {} objects, {bytes} bytes", records.len());
+                tracing::debug!("committed {objects} objects, {bytes} bytes");
                 shared.committed_bytes(bytes + 8);
                 Ok(())
             }
