@@ -107,6 +107,14 @@ impl Stream {
         }
     }
 
+    /// Switches non-blocking mode on or off.
+    pub(crate) fn set_nonblocking(&self, on: bool) -> io::Result<()> {
+        match self {
+            Stream::Tcp(s) => s.set_nonblocking(on),
+            Stream::Unix(s) => s.set_nonblocking(on),
+        }
+    }
+
     /// Shuts both directions down; a thread blocked reading wakes up.
     pub(crate) fn shutdown(&self) {
         let _ = match self {
