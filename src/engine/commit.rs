@@ -656,7 +656,7 @@ mod tests {
     use std::time::Duration;
 
     use super::Placed;
-    use crate::engine::Engine;
+    use crate::engine::{Engine, SessionId, SessionRef};
     use crate::record::{Oid, Record};
     use crate::store::Options;
 
@@ -671,17 +671,33 @@ mod tests {
         BTreeMap::from([(oid, Record::new(oid, data, refs))])
     }
 
+    /// A store with a root and two sessions: `a`, handed `n` oids (the
+    /// root first), commits; `b` is up to date.
+    fn two_sessions(
+        n: usize,
+    ) -> (
+        tempfile::TempDir,
+        Arc<Engine>,
+        SessionId,
+        SessionId,
+        SessionRef,
+        Vec<Oid>,
+    ) {
+        let (dir, engine) = open();
+        let (a, _) = engine.register_session();
+        let (b, b_state) = engine.register_session();
+        let oids = engine.allocate(a, n).unwrap();
+        engine.commit(a, &one(oids[0], b"root", &[])).unwrap();
+        engine.take_invalid(b, &b_state, None);
+        (dir, engine, a, b, b_state, oids)
+    }
+
     /// A placed commit holds up the turns after it until it is applied;
     /// its committer applies it when waiting for it, or when dropping its
     /// turn (it was published), and then the later turns go on.
     #[test]
     fn a_placed_commit_is_applied_in_turn_even_if_its_turn_is_dropped() {
-        let (_dir, engine) = open();
-        let (a, _) = engine.register_session();
-        let (b, b_state) = engine.register_session();
-        let oids = engine.allocate(a, 3).unwrap();
-        engine.commit(a, &one(oids[0], b"root", &[])).unwrap();
-        engine.take_invalid(b, &b_state, None);
+        let (_dir, engine, a, b, b_state, oids) = two_sessions(3);
         let placed = engine.lock_order().place(a, one(oids[1], b"x", &[]));
         let Placed::Turn(turn) = placed else {
             panic!("a valid commit gets a turn")
@@ -772,11 +788,7 @@ mod tests {
     /// and publishes nothing: no other session is told of it.
     #[test]
     fn a_commit_that_would_be_refused_publishes_nothing() {
-        let (_dir, engine) = open();
-        let (a, _) = engine.register_session();
-        let (b, b_state) = engine.register_session();
-        let oids = engine.allocate(a, 2).unwrap();
-        engine.commit(a, &one(oids[0], b"root", &[])).unwrap();
+        let (_dir, engine, a, b, b_state, oids) = two_sessions(2);
         engine.commit(a, &one(oids[1], b"x", &[])).unwrap();
         engine.take_invalid(b, &b_state, None);
         // A dangling reference, then an oid nobody was handed.
