@@ -30,7 +30,7 @@ pub(crate) struct CommitState {
     /// Sequence number of the last commit (the log's numbering, persisted
     /// in the file with each logged commit).
     pub(super) log_seq: u64,
-    /// Turns of the commit order finished (applied or given up).
+    /// Turns of the commit order finished (applied or refused).
     pub(super) turns_done: u64,
 }
 
@@ -91,8 +91,8 @@ pub(crate) struct OrderGuard<'a> {
 }
 
 /// A commit's place in the commit order. [`Turn::apply`] applies it once
-/// every earlier turn has finished; a turn dropped unapplied is given up,
-/// so the turns after it go on.
+/// every earlier turn has finished; a turn dropped unapplied is applied
+/// all the same (its oids were published), so the turns after it go on.
 #[must_use = "a turn holds up every later commit until it is applied or dropped"]
 pub(crate) struct Turn<'a> {
     engine: &'a Engine,
@@ -291,6 +291,13 @@ impl<'a> OrderGuard<'a> {
     }
 }
 
+/// The error a committer gets when the apply of its commit panicked.
+fn apply_panicked() -> StorageError {
+    StorageError::Poisoned {
+        reason: "a commit's apply panicked".into(),
+    }
+}
+
 /// A placed commit waiting for its turn.
 struct Queued {
     n: u64,
@@ -401,12 +408,16 @@ impl Turn<'_> {
         self.done = true;
         let mut st = engine.lock_state();
         engine.wait_turns(&mut st, self.n - 1);
-        let r = apply(engine, &mut st, session, records, true);
-        let value = after(&r);
+        let applied = engine.guarded(|| {
+            let r = apply(engine, &mut st, session, records, true);
+            let value = after(&r);
+            (r, value)
+        });
         engine.end_turn(&mut st, self.n);
         // Commits in line after this one wait for it: the line goes on.
         engine.wake_line();
-        (r, value)
+        drop(st);
+        applied.unwrap_or_else(|p| std::panic::resume_unwind(p))
     }
 }
 
@@ -448,11 +459,32 @@ impl Engine {
             if q.n > own {
                 more += 1;
             }
-            let r = apply(self, &mut st, q.session, &q.records, false);
+            let (r, panicked) =
+                match self.guarded(|| apply(self, &mut st, q.session, &q.records, false)) {
+                    Ok(r) => (r, None),
+                    Err(p) => (Err(apply_panicked()), Some(p)),
+                };
             self.end_turn(&mut st, q.n);
             self.line.lock().results.insert(q.n, r);
             self.line_cv[q.n as usize % TURN_SLOTS].notify_all();
+            if let Some(p) = panicked {
+                self.line.lock().combining = false;
+                self.wake_line();
+                drop(st);
+                std::panic::resume_unwind(p);
+            }
         }
+    }
+
+    /// Runs an apply; a panic in it poisons the store (its state is not
+    /// known any more) and is handed back, to be raised again once the
+    /// turn is ended, so that no later turn waits for ever.
+    fn guarded<R>(&self, f: impl FnOnce() -> R) -> std::thread::Result<R> {
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+        if r.is_err() {
+            self.poison(&apply_panicked());
+        }
+        r
     }
 
     /// Wakes the owner of the first commit in line if nobody applies the
@@ -782,6 +814,45 @@ mod tests {
         drop(st);
         let line = engine.line.lock();
         assert!(line.queue.is_empty() && line.results.is_empty() && !line.combining);
+    }
+
+    /// A hook that panics in the commit it is told to.
+    struct PanicAt(std::sync::atomic::AtomicBool);
+
+    impl crate::engine::CommitHook for PanicAt {
+        fn in_commit(&self, _: &redb::WriteTransaction) -> crate::Result<Vec<Oid>> {
+            if self.0.swap(false, std::sync::atomic::Ordering::AcqRel) {
+                panic!("a bug in an apply");
+            }
+            Ok(Vec::new())
+        }
+        fn after_commit(&self, _: &BTreeMap<Oid, Record>, _: &[Oid], _: u64, _: u64) {}
+        fn on_close(&self) {}
+    }
+
+    /// A panic while a commit is applied poisons the store and ends its
+    /// turn: the committer's thread sees the panic, later turns are
+    /// refused with the poisoning instead of waiting for ever, and a
+    /// session told of the commit does not wait for ever either.
+    #[test]
+    fn a_panic_in_an_apply_poisons_the_store_and_holds_up_no_one() {
+        let (_dir, engine, a, b, b_state, oids) = two_sessions(3);
+        let hook = Arc::new(PanicAt(std::sync::atomic::AtomicBool::new(false)));
+        engine.set_hook(hook.clone());
+        hook.0.store(true, std::sync::atomic::Ordering::Release);
+        let placed = engine.lock_order().place(a, one(oids[1], b"x", &[]));
+        let Placed::Turn(turn) = placed else {
+            panic!("a valid commit gets a turn")
+        };
+        let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| turn.apply()));
+        assert!(caught.is_err(), "the committer's thread sees the panic");
+        engine.take_invalid(b, &b_state, None);
+        engine.await_turns(engine.turns_ordered());
+        let later = engine.commit(a, &one(oids[2], b"y", &[]));
+        assert!(
+            matches!(later, Err(crate::StorageError::Poisoned { .. })),
+            "{later:?}"
+        );
     }
 
     /// A commit that would be refused is applied (refused) under the order

@@ -209,7 +209,7 @@ impl Conn<'_> {
                 Ok(go_on)
             });
             drop(busy);
-            if code == b'C' {
+            if code == b'C' && matches!(result, Ok(true)) {
                 // A committing client's next request follows at once.
                 self.poll(0);
             }
