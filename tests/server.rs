@@ -1600,6 +1600,8 @@ fn bad_flag_values_are_refused_with_a_message() {
         &["--cache-size", "lots"][..],
         &["--snapshot-idle", "0"][..],
         &["--request-timeout", "-3"][..],
+        &["--poll-us", "-5"][..],
+        &["--poll-us", "2000000"][..],
     ] {
         let out = Command::new(bin())
             .arg("serve")
@@ -1612,6 +1614,54 @@ fn bad_flag_values_are_refused_with_a_message() {
         assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
         assert!(!err.is_empty(), "{args:?}: no message");
         assert!(!path.exists(), "{args:?}: the store was created");
+    }
+}
+
+/// A connection alone at work polls its socket after a commit (and for
+/// the commit data) instead of sleeping: whatever the client does meanwhile
+/// (its next request soon, late, or closing) is served as when it sleeps.
+#[test]
+fn a_polling_connection_serves_the_client_as_a_sleeping_one_does() {
+    for poll in ["200000", "0"] {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.redb");
+        let server = Served::start(&path, &["--poll-us", poll]);
+        let mut c = server.client();
+        assert_eq!(c.new_oid().unwrap(), Oid::ROOT);
+        let x = c.new_oid().unwrap();
+        c.begin();
+        c.store(x, rec(x, b"x0", &[])).unwrap();
+        c.store(Oid::ROOT, rec(Oid::ROOT, b"root", &[x])).unwrap();
+        c.end().unwrap();
+        for (i, pause) in [0u64, 20, 300].into_iter().enumerate() {
+            // The next request within the poll, or after it.
+            std::thread::sleep(Duration::from_millis(pause));
+            assert_eq!(c.load(x).unwrap().data(), format!("x{i}").as_bytes());
+            c.begin();
+            c.store(x, rec(x, format!("x{}", i + 1).as_bytes(), &[]))
+                .unwrap();
+            c.end().unwrap();
+        }
+        // A second client's commit while the first one's connection polls.
+        let mut other = server.client();
+        other.sync().unwrap();
+        other.begin();
+        other.store(x, rec(x, b"other", &[])).unwrap();
+        other.end().unwrap();
+        assert!(matches!(c.load(x), Err(StorageError::ReadConflict(_))));
+        assert_eq!(c.sync().unwrap(), vec![x]);
+        assert_eq!(c.load(x).unwrap().data(), b"other");
+        // Closing right after a commit, while the server polls.
+        c.begin();
+        c.store(x, rec(x, b"last", &[])).unwrap();
+        c.end().unwrap();
+        drop(c);
+        std::thread::sleep(Duration::from_millis(20));
+        other.sync().unwrap();
+        assert_eq!(other.load(x).unwrap().data(), b"last");
+        drop(other);
+        server.stop();
+        check_clean(&path);
     }
 }
 

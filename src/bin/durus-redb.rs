@@ -254,7 +254,7 @@ struct ServeArgs {
     /// socket for the client's next bytes before it sleeps (a sleeping
     /// thread wakes 20-30 us late on a virtual machine; one client
     /// committing alone gains most). Only one connection polls at a time.
-    /// 0: never poll.
+    /// 0: never poll; at most 1000000.
     #[arg(long, default_value_t = 50)]
     poll_us: u64,
     /// Seconds between fsyncs of the commit log with --durability os.
@@ -415,6 +415,9 @@ fn serve(args: ServeArgs) -> ExitCode {
     if !(args.snapshot_idle > 0.0 && args.snapshot_idle.is_finite()) {
         return fail("--snapshot-idle must be a positive number of seconds");
     }
+    if args.poll_us > 1_000_000 {
+        return fail("--poll-us must be at most 1000000 (one second)");
+    }
     if !(args.fsync_interval > 0.0 && args.fsync_interval.is_finite()) {
         return fail("--fsync-interval must be a positive number of seconds");
     }
@@ -477,7 +480,7 @@ fn serve(args: ServeArgs) -> ExitCode {
     config.max_oids_held = args.max_oids_held.max(1);
     config.snapshot_reads = args.snapshot_reads;
     config.snapshot_idle = std::time::Duration::from_secs_f64(args.snapshot_idle);
-    config.poll = std::time::Duration::from_micros(args.poll_us.min(1_000_000));
+    config.poll = std::time::Duration::from_micros(args.poll_us);
     let server = match Server::bind(&store, config) {
         Ok(s) => s,
         Err(e) => {
