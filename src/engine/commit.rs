@@ -1,5 +1,6 @@
-//! The commit path: the commit lock, validation inside the write
-//! transaction, and the apply of one commit with its reference counts.
+//! The commit path: the commit order (turns, and the line of checked
+//! commits waiting to be applied), the commit lock, validation inside the
+//! write transaction, and the apply of one commit with its reference counts.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::Ordering;

@@ -7,7 +7,8 @@
 //! - `open`: opening, creating and checking the format of a store.
 //! - `sessions`: sessions, the shared invalidation log, snapshots and oid
 //!   allocation.
-//! - `commit`: the commit lock, validation and the apply of a commit.
+//! - `commit`: the commit order and its turns, the commit lock, validation
+//!   and the apply of a commit.
 //! - `durability`: group flushes, checkpoints, the checkpoint thread, close.
 //! - `log`: the commit log and its replay.
 //! - `import`: the import path of `migrate`.

@@ -401,8 +401,7 @@ impl Engine {
         oids: &[Oid],
         mut each: impl FnMut(Found<'_>) -> std::result::Result<(), E>,
     ) -> std::result::Result<(), E> {
-        let needs = session.lock().needs;
-        self.await_turns(needs);
+        self.await_session(session);
         let db = self.db()?;
         let txn = db.begin_read().map_err(E::from)?;
         let table = txn.open_table(RECORDS).map_err(StorageError::from)?;

@@ -2,12 +2,13 @@
 //! socket, on a durus-redb store.
 //!
 //! One thread per connection. Loads run in parallel, each from its own redb
-//! read snapshot. A commit (`C`) takes the engine's commit lock before the
+//! read snapshot. A commit (`C`) takes the engine's commit order before the
 //! connection's invalidations are sent and holds it until the commit is
-//! applied, so nothing else commits in between (Durus's order); the lock is
-//! released before the commit is made durable, so commits of many
-//! connections share one fsync, and `O` is sent only once the commit is as
-//! durable as the checkpoint policy asks.
+//! read, checked and given its turn, so nothing else commits in between
+//! (Durus's order); it is applied in turn after the order is released (with
+//! `--snapshot-reads`, under it), commits of many connections share one
+//! fsync, and `O` is sent only once the commit is as durable as the
+//! durability mode promises.
 
 mod connection;
 mod metrics;
