@@ -60,6 +60,105 @@ impl Allocations {
     }
 }
 
+/// What placed commits need and what the collector is deleting, so that
+/// neither overtakes the other: a commit placed in line is checked against
+/// the state applied so far and must pass again in its turn.
+///
+/// A placed commit pins its oids and every oid its records reference until
+/// it is applied; a collector transaction deletes no pinned oid, and marks
+/// what it deletes as doomed until its transaction is committed. A commit
+/// that names a doomed oid is not placed but checked in its turn (after
+/// the deletion), so the collector never makes a placed commit fail in its
+/// turn.
+#[derive(Default)]
+pub(crate) struct Pins {
+    sets: parking_lot::Mutex<PinSets>,
+}
+
+/// The sets of [`Pins`], under its lock.
+#[derive(Default)]
+pub(crate) struct PinSets {
+    /// How many placed commits need each oid.
+    pinned: HashMap<u64, u32>,
+    /// Oids a collector transaction not yet committed is deleting.
+    doomed: std::collections::HashSet<u64>,
+}
+
+impl PinSets {
+    /// Whether a placed commit needs `oid`.
+    pub(crate) fn is_pinned(&self, oid: u64) -> bool {
+        self.pinned.contains_key(&oid)
+    }
+
+    /// Marks `oid` as being deleted (until [`Pins::undoom`]).
+    pub(crate) fn doom(&mut self, oid: u64) {
+        self.doomed.insert(oid);
+    }
+}
+
+impl Pins {
+    /// Takes the lock, for a collector's choice of what it deletes.
+    pub(crate) fn lock(&self) -> parking_lot::MutexGuard<'_, PinSets> {
+        self.sets.lock()
+    }
+
+    /// Pins `oids`; false if one of them is being deleted (they are pinned
+    /// all the same: [`unpin`](Self::unpin) them).
+    fn pin(&self, oids: &[u64]) -> bool {
+        let mut sets = self.sets.lock();
+        let mut clear = true;
+        for &oid in oids {
+            *sets.pinned.entry(oid).or_default() += 1;
+            clear &= !sets.doomed.contains(&oid);
+        }
+        clear
+    }
+
+    fn unpin(&self, oids: &[u64]) {
+        let mut sets = self.sets.lock();
+        for oid in oids {
+            if let Some(n) = sets.pinned.get_mut(oid) {
+                *n -= 1;
+                if *n == 0 {
+                    sets.pinned.remove(oid);
+                }
+            }
+        }
+    }
+
+    /// The collector's transaction that deleted `oids` is committed (or
+    /// failed).
+    pub(crate) fn undoom(&self, oids: impl IntoIterator<Item = u64>) {
+        let mut sets = self.sets.lock();
+        for oid in oids {
+            sets.doomed.remove(&oid);
+        }
+    }
+}
+
+/// Undooms the oids it holds when dropped: what a collector transaction
+/// doomed, once the transaction is over whatever its outcome.
+pub(super) struct Undoom<'a>(pub(super) &'a Pins, pub(super) Vec<u64>);
+
+impl Drop for Undoom<'_> {
+    fn drop(&mut self) {
+        if !self.1.is_empty() {
+            self.0.undoom(self.1.drain(..));
+        }
+    }
+}
+
+/// What a placed commit pins: its oids and every oid its records reference.
+fn pin_list(records: &BTreeMap<Oid, Record>) -> Vec<u64> {
+    let mut oids: Vec<u64> = records.keys().map(|o| o.0).collect();
+    for r in records.values() {
+        oids.extend(r.refs().map(|o| o.0));
+    }
+    oids.sort_unstable();
+    oids.dedup();
+    oids
+}
+
 impl CommitState {
     pub(super) fn facts(&self) -> CheckpointFacts {
         CheckpointFacts {
@@ -266,18 +365,24 @@ impl<'a> OrderGuard<'a> {
     /// applied now, under the order, and refused as it would be in turn:
     /// a refused commit publishes nothing.
     ///
-    /// Turns waiting to be applied only add and change records, so a commit
-    /// that passes here passes in its turn, unless the collector deletes
-    /// what it needs in between; only an object unreferenced for the
-    /// collector's grace period can go, and then the commit is refused
-    /// with its oids published for nothing (their holders reload what did
-    /// not change).
+    /// Turns waiting to be applied only add and change records, and the
+    /// collector deletes nothing a placed commit pins ([`Pins`]), so a
+    /// commit that passes here passes in its turn. (Only a store imported
+    /// with `--allow-dangling` can differ: a record that kept a dangling
+    /// reference, rewritten without it by an earlier turn, makes the
+    /// reference new again; the commit is then refused in its turn, its
+    /// oids published for nothing.)
     pub(crate) fn place(
         &mut self,
         session: SessionId,
         records: BTreeMap<Oid, Record>,
     ) -> Placed<'a> {
-        if records.is_empty() || !passes(self.engine, session, &records).unwrap_or(false) {
+        let pinned = pin_list(&records);
+        if records.is_empty()
+            || !self.engine.pins.pin(&pinned)
+            || !passes(self.engine, session, &records).unwrap_or(false)
+        {
+            self.engine.pins.unpin(&pinned);
             return Placed::Applied(self.apply_then(session, &records, |_| ()).0);
         }
         let turn = self.take_turn();
@@ -286,6 +391,7 @@ impl<'a> OrderGuard<'a> {
             n: turn.n,
             session,
             records,
+            pinned,
         });
         self.engine.publish_changes(Some(session), &oids);
         Placed::Turn(turn)
@@ -304,6 +410,8 @@ struct Queued {
     n: u64,
     session: SessionId,
     records: BTreeMap<Oid, Record>,
+    /// What it pins until it is applied.
+    pinned: Vec<u64>,
 }
 
 /// The commits placed and not yet applied, in turn order, and the results
@@ -465,6 +573,7 @@ impl Engine {
                     Ok(r) => (r, None),
                     Err(p) => (Err(apply_panicked()), Some(p)),
                 };
+            self.pins.unpin(&q.pinned);
             self.end_turn(&mut st, q.n);
             self.line.lock().results.insert(q.n, r);
             self.line_cv[q.n as usize % TURN_SLOTS].notify_all();
@@ -531,9 +640,10 @@ fn apply(
     // The commit's share of the collector's work, in its own transaction.
     let hook = engine.hook.get();
     let collected = match hook {
-        Some(h) => h.in_commit(&w)?,
+        Some(h) => h.in_commit(&w, &engine.pins)?,
         None => Vec::new(),
     };
+    let _undoom = Undoom(&engine.pins, collected.iter().map(|o| o.0).collect());
     let seq = st.log_seq + 1;
     let mut logged_at = None;
     if let Some(log) = &engine.log {
@@ -704,18 +814,28 @@ mod tests {
         BTreeMap::from([(oid, Record::new(oid, data, refs))])
     }
 
-    /// A store with a root and two sessions: `a`, handed `n` oids (the
-    /// root first), commits; `b` is up to date.
-    fn two_sessions(
-        n: usize,
-    ) -> (
+    /// Waits up to 10 s for `done`, failing with `never` after that.
+    fn wait_until(never: &str, done: impl Fn() -> bool) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !done() {
+            assert!(std::time::Instant::now() < deadline, "{never}");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// A store, two sessions `a` and `b`, `b`'s state, and `a`'s oids.
+    type Setup = (
         tempfile::TempDir,
         Arc<Engine>,
         SessionId,
         SessionId,
         SessionRef,
         Vec<Oid>,
-    ) {
+    );
+
+    /// A store with a root and two sessions: `a`, handed `n` oids (the
+    /// root first), commits; `b` is up to date.
+    fn two_sessions(n: usize) -> Setup {
         let (dir, engine) = open();
         let (a, _) = engine.register_session();
         let (b, b_state) = engine.register_session();
@@ -746,14 +866,9 @@ mod tests {
             Err(crate::StorageError::NotFound(_))
         ));
         drop(turn);
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while !later.is_finished() {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the turn after a dropped one never came"
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        wait_until("the turn after a dropped one never came", || {
+            later.is_finished()
+        });
         later.join().unwrap().unwrap();
         assert_eq!(
             engine.take_invalid(b, &b_state, None),
@@ -821,7 +936,11 @@ mod tests {
     struct PanicAt(std::sync::atomic::AtomicBool);
 
     impl crate::engine::CommitHook for PanicAt {
-        fn in_commit(&self, _: &redb::WriteTransaction) -> crate::Result<Vec<Oid>> {
+        fn in_commit(
+            &self,
+            _: &redb::WriteTransaction,
+            _: &crate::engine::Pins,
+        ) -> crate::Result<Vec<Oid>> {
             if self.0.swap(false, std::sync::atomic::Ordering::AcqRel) {
                 panic!("a bug in an apply");
             }
@@ -875,5 +994,104 @@ mod tests {
         }
         assert_eq!(engine.take_invalid(b, &b_state, None), Vec::<Oid>::new());
         assert_eq!(engine.load(oids[1]).unwrap().data(), b"x");
+    }
+
+    /// A store where `x` (oids[1]) was referenced by the root and then let
+    /// go: queued for the collector, past any grace with a cutoff of
+    /// `u64::MAX`.
+    fn garbage_x() -> Setup {
+        let (dir, engine, a, b, b_state, oids) = two_sessions(2);
+        let (root, x) = (oids[0], oids[1]);
+        let mut both = one(root, b"root", &[x]);
+        both.extend(one(x, b"x", &[]));
+        engine.commit(a, &both).unwrap();
+        engine.commit(a, &one(root, b"root", &[])).unwrap();
+        engine.take_invalid(b, &b_state, None);
+        (dir, engine, a, b, b_state, oids)
+    }
+
+    /// The collector's deletion inside a write transaction, undoomed after
+    /// it as the collector does.
+    fn collect_all(engine: &Engine) -> Vec<Oid> {
+        let deleted = engine
+            .write_txn(redb::Durability::None, |w, _| {
+                crate::engine::delete_queued(w, &engine.pins, 100, false, u64::MAX, || false)
+            })
+            .unwrap();
+        engine.pins.undoom(deleted.oids.iter().map(|o| o.0));
+        deleted.oids
+    }
+
+    /// A commit placed in line that takes back an object the collector
+    /// could delete keeps it: the collector spares it (and queues it again)
+    /// until the commit is applied, so the commit is not refused in its
+    /// turn after its oids were published.
+    #[test]
+    fn the_collector_spares_what_a_placed_commit_needs() {
+        let (_dir, engine, a, _b, _b_state, oids) = garbage_x();
+        let (root, x) = (oids[0], oids[1]);
+        let Placed::Turn(turn) = engine.lock_order().place(a, one(root, b"again", &[x])) else {
+            panic!("a valid commit gets a turn")
+        };
+        assert_eq!(
+            collect_all(&engine),
+            Vec::<Oid>::new(),
+            "a pinned oid was deleted"
+        );
+        engine.finish(turn.apply().unwrap()).unwrap();
+        assert_eq!(engine.load(x).unwrap().data(), b"x");
+        // Referenced again, it is no garbage for the next step either.
+        assert_eq!(collect_all(&engine), Vec::<Oid>::new());
+        assert_eq!(engine.load(x).unwrap().data(), b"x");
+        // Let go again, it goes.
+        engine.commit(a, &one(root, b"root", &[])).unwrap();
+        assert_eq!(collect_all(&engine), vec![x]);
+    }
+
+    /// A commit that names what a collector transaction not yet committed
+    /// is deleting gets no turn: it waits for the deletion and is refused
+    /// in its turn, publishing nothing.
+    #[test]
+    fn a_commit_naming_what_is_being_deleted_is_checked_after_the_deletion() {
+        let (_dir, engine, a, b, b_state, oids) = garbage_x();
+        let (root, x) = (oids[0], oids[1]);
+        let mut placer = None;
+        let deleted = engine
+            .write_txn(redb::Durability::None, |w, _| {
+                let d =
+                    crate::engine::delete_queued(w, &engine.pins, 100, false, u64::MAX, || false)?;
+                assert_eq!(d.oids, vec![x]);
+                let e = engine.clone();
+                placer = Some(std::thread::spawn(move || {
+                    match e.lock_order().place(a, one(root, b"again", &[x])) {
+                        Placed::Applied(r) => Some(r.map(|_| ()).map_err(|e| e.is_conflict())),
+                        Placed::Turn(t) => {
+                            let _ = t.apply();
+                            None
+                        }
+                    }
+                }));
+                // Until it waits for this transaction's commit lock.
+                wait_until(
+                    "the commit took a turn instead of waiting for the deletion",
+                    || engine.committers_waiting(),
+                );
+                Ok(d)
+            })
+            .unwrap();
+        engine.pins.undoom(deleted.oids.iter().map(|o| o.0));
+        let outcome = placer.unwrap().join().unwrap();
+        assert_eq!(
+            outcome,
+            Some(Err(true)),
+            "refused as a conflict, without a turn"
+        );
+        // The refused commit published nothing (the test's deletion is not
+        // published either: the collector does that itself).
+        assert_eq!(engine.take_invalid(b, &b_state, None), Vec::<Oid>::new());
+        assert!(matches!(
+            engine.load(x),
+            Err(crate::StorageError::NotFound(_))
+        ));
     }
 }

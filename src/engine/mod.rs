@@ -47,8 +47,8 @@ use redb::{Database, ReadOnlyDatabase, ReadTransaction, ReadableDatabase, WriteT
 
 pub use check::{CheckReport, FullCheck, StoreStats, check_store, repair_store};
 pub(crate) use check::{check_references, stats};
-pub(crate) use commit::Placed;
 use commit::{CommitState, CommitTicket};
+pub(crate) use commit::{Pins, Placed};
 pub(crate) use refcount::{
     Deleted, apply_ref_deltas, corrupt, delete_queued, forget, queue_summary, queued_since,
 };
@@ -111,7 +111,8 @@ pub(crate) trait CommitHook: Send + Sync {
     /// Runs inside the commit's write transaction after its records were
     /// written: the commit's share of background work. Returns the oids it
     /// deleted (the engine invalidates them for every session).
-    fn in_commit(&self, w: &WriteTransaction) -> Result<Vec<Oid>>;
+    /// It deletes nothing `pins` holds, and dooms what it deletes.
+    fn in_commit(&self, w: &WriteTransaction, pins: &Pins) -> Result<Vec<Oid>>;
     /// After the commit was applied: what it stored, the oids whose
     /// reference count it lowered, the records' bytes, how many oids it
     /// queued.
@@ -164,6 +165,8 @@ pub(crate) struct Engine {
     order: Mutex<()>,
     /// Commits placed in the commit order and waiting to be applied.
     line: Mutex<commit::Line>,
+    /// What placed commits need and what the collector is deleting.
+    pub(crate) pins: Pins,
     /// Signalled (with `line`) when the commit of turn `n` is applied, or
     /// its committer should apply the line: at `n % TURN_SLOTS`.
     line_cv: [parking_lot::Condvar; commit::TURN_SLOTS],

@@ -110,6 +110,7 @@ impl Engine {
             allocs: Mutex::new(Default::default()),
             order: Mutex::new(()),
             line: Mutex::new(Default::default()),
+            pins: Default::default(),
             line_cv: std::array::from_fn(|_| parking_lot::Condvar::new()),
             ordered: AtomicU64::new(0),
             turns_done: AtomicU64::new(0),

@@ -5,6 +5,7 @@ use std::collections::HashMap;
 
 use redb::{ReadableTable, ReadableTableMetadata, WriteTransaction};
 
+use super::commit::{Pins, Undoom};
 use super::layout::{GC_DROPPED, GC_DUE, GC_QUEUE_V2, RECORDS, REFCOUNTS};
 use crate::error::{Result, StorageError};
 use crate::record::{Oid, Record, RecordError, refs_of};
@@ -148,8 +149,13 @@ pub(crate) struct Deleted {
 /// referenced it again since it was queued. What a deletion releases is
 /// queued with the deleted object's drop time: it has been unreachable as
 /// long, so a chain goes in one step, not one window per link.
+///
+/// Nothing a placed commit pins is deleted (it stays queued), and what is
+/// deleted is doomed in `pins`: the caller undooms `oids` once `w` is
+/// committed or dropped.
 pub(crate) fn delete_queued(
     w: &WriteTransaction,
+    pins: &Pins,
     batch: usize,
     count_left: bool,
     cutoff_ms: u64,
@@ -163,6 +169,9 @@ pub(crate) fn delete_queued(
     let mut queue = Queue::open(w)?;
     let mut counts = w.open_table(REFCOUNTS)?;
     let mut records = w.open_table(RECORDS)?;
+    let mut pinned = Vec::new();
+    // On an error, what this call doomed is undoomed here.
+    let mut doomed = Undoom(pins, Vec::new());
     'rounds: while looked < batch {
         if looked > 0 && stop() {
             break;
@@ -185,13 +194,31 @@ pub(crate) fn delete_queued(
             break 'rounds;
         }
         looked += candidates.len();
+        // What a placed commit needs waits for a later round; the rest is
+        // doomed until the caller's transaction is over.
+        {
+            let mut sets = pins.lock();
+            candidates.retain(|&(ms, oid)| {
+                if sets.is_pinned(oid) {
+                    pinned.push((ms, oid));
+                    false
+                } else {
+                    sets.doom(oid);
+                    doomed.1.push(oid);
+                    true
+                }
+            });
+        }
         let mut delta: HashMap<u64, i64> = HashMap::new();
         let mut latest = 0;
+        let mut spared = Vec::new();
         for (ms, oid) in candidates {
             if oid == Oid::ROOT.0 || counts.get(oid)?.is_some_and(|c| c.value() > 0) {
+                spared.push(oid);
                 continue;
             }
             let Some(old) = records.remove(oid)? else {
+                spared.push(oid);
                 continue;
             };
             latest = latest.max(ms);
@@ -201,6 +228,9 @@ pub(crate) fn delete_queued(
             }
             out.oids.push(Oid(oid));
         }
+        if !spared.is_empty() {
+            pins.undoom(spared);
+        }
         if apply_ref_deltas_in(&mut counts, &mut queue, delta, latest)? > 0 {
             // The deletions queued what they released: what the round saw
             // of the queue no longer holds.
@@ -208,10 +238,17 @@ pub(crate) fn delete_queued(
             out.next_drop_ms = None;
         }
     }
+    // Queued again as they were, for a step after the commits that pin
+    // them are applied (a commit that references one takes it out).
+    for (ms, oid) in pinned {
+        queue.push(oid, ms)?;
+        out.queue_empty = false;
+    }
     if count_left {
         out.queue_left = Some(queue.len()?);
     }
     out.looked = looked;
+    doomed.1.clear();
     Ok(out)
 }
 

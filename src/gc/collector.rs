@@ -13,7 +13,7 @@ use super::policy::{GcAction, GcFacts, GcPolicy};
 use super::state::read_state;
 use super::{full, incremental};
 use crate::engine::layout::now_unix_ms;
-use crate::engine::{CommitHook, Deleted, Engine, delete_queued};
+use crate::engine::{CommitHook, Deleted, Engine, Pins, delete_queued};
 use crate::error::{Result, StorageError};
 use crate::record::{Oid, Record};
 
@@ -442,13 +442,13 @@ fn round(engine: &Arc<Engine>, gc: &GcShared, stop: &Receiver<Sender<()>>) -> Re
 }
 
 impl CommitHook for GcShared {
-    fn in_commit(&self, w: &redb::WriteTransaction) -> Result<Vec<Oid>> {
+    fn in_commit(&self, w: &redb::WriteTransaction, pins: &Pins) -> Result<Vec<Oid>> {
         let share = self.policy.in_commit();
         let cutoff = self.cutoff_ms();
         if share == 0 || !self.maybe_due(cutoff) {
             return Ok(Vec::new());
         }
-        let deleted = delete_queued(w, share, false, cutoff, || false)?;
+        let deleted = delete_queued(w, pins, share, false, cutoff, || false)?;
         self.queue_seen(&deleted);
         self.note_deleted(deleted.oids.len() as u64, deleted.bytes, false);
         Ok(deleted.oids)

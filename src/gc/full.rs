@@ -422,7 +422,8 @@ fn sweep(
     limit: usize,
 ) -> Result<(Vec<Oid>, u64)> {
     engine.yield_to_committers();
-    engine.write_txn(Durability::None, |w, _| {
+    let mut doomed = Vec::new();
+    let swept = engine.write_txn(Durability::None, |w, _| {
         let extra: Vec<Oid> = gc
             .extra
             .lock()
@@ -476,15 +477,22 @@ fn sweep(
             }
         }
         let mut kept: HashSet<u64> = HashSet::new();
+        let mut outside = Vec::new();
         {
             let counts = w.open_table(REFCOUNTS)?;
-            let mut outside = Vec::new();
             for &oid in members.keys() {
                 let count = counts.get(oid)?.map(|c| c.value()).unwrap_or(0);
                 if count != inner.get(&oid).copied().unwrap_or(0) {
                     outside.push(oid);
                 }
             }
+        }
+        {
+            // What a placed commit needs is kept as if referenced from
+            // outside, and what is swept is doomed until this transaction
+            // is over, under one hold of the pins.
+            let mut pins = engine.pins.lock();
+            outside.extend(members.keys().copied().filter(|&o| pins.is_pinned(o)));
             while let Some(oid) = outside.pop() {
                 if !kept.insert(oid) {
                     continue;
@@ -496,6 +504,10 @@ fn sweep(
                             .filter(|r| members.contains_key(r) && !kept.contains(r)),
                     );
                 }
+            }
+            for &oid in members.keys().filter(|o| !kept.contains(o)) {
+                pins.doom(oid);
+                doomed.push(oid);
             }
         }
         // Delete the rest; release what it referenced outside the set.
@@ -522,5 +534,64 @@ fn sweep(
         forget(w, &removed)?;
         removed.sort_unstable();
         Ok((removed, bytes))
-    })
+    });
+    // Committed (or not): what it swept no longer holds up a commit.
+    engine.pins.undoom(doomed);
+    swept
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::ops::ControlFlow;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use crate::engine::{Engine, Placed};
+    use crate::gc::{GcShared, IncrementalGc};
+    use crate::record::{Oid, Record};
+    use crate::store::Options;
+
+    /// A full collection spares a cycle that a commit placed in line takes
+    /// back (and the commit applies in its turn), and sweeps it once it is
+    /// let go again.
+    #[test]
+    fn a_sweep_spares_a_cycle_that_a_placed_commit_takes_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = Options::new().engine_config(false);
+        let engine = Engine::open(&dir.path().join("s.redb"), &config).unwrap();
+        let (a, _) = engine.register_session();
+        let oids = engine.allocate(a, 3).unwrap();
+        let (root, x, y) = (oids[0], oids[1], oids[2]);
+        let rec = |oid: Oid, refs: &[Oid]| (oid, Record::new(oid, b"r", refs));
+        let commit = |records: Vec<(Oid, Record)>| {
+            engine
+                .commit(a, &records.into_iter().collect::<BTreeMap<_, _>>())
+                .unwrap()
+        };
+        // x and y reference each other: once the root lets go, only a full
+        // collection takes them.
+        commit(vec![rec(root, &[x]), rec(x, &[y]), rec(y, &[x])]);
+        commit(vec![rec(root, &[])]);
+        let gc = GcShared::new(Arc::new(IncrementalGc::default()));
+        let full = |engine: &Engine| {
+            super::run(engine, &gc, 100, Duration::ZERO, &mut |_| {
+                ControlFlow::Continue(())
+            })
+            .unwrap()
+        };
+        let placed = engine
+            .lock_order()
+            .place(a, BTreeMap::from([rec(root, &[x])]));
+        let Placed::Turn(turn) = placed else {
+            panic!("a valid commit gets a turn")
+        };
+        let report = full(&engine);
+        assert_eq!(report.removed_objects, 0, "a pinned cycle was swept");
+        engine.finish(turn.apply().unwrap()).unwrap();
+        assert!(engine.load(x).is_ok() && engine.load(y).is_ok());
+        commit(vec![rec(root, &[])]);
+        assert_eq!(full(&engine).removed_objects, 2);
+        assert!(engine.load(y).is_err());
+    }
 }

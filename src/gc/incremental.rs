@@ -40,13 +40,23 @@ pub(crate) fn step(engine: &Engine, gc: &GcShared, batch: usize, cutoff_ms: u64)
         }
     }
     engine.yield_to_committers();
+    let mut doomed = Vec::new();
     let deleted = engine.write_txn(Durability::None, |w, _| {
         let (_, migration) = meta_in(w)?;
         if migration {
             return Err(InvalidInput::ImportInProgress.into());
         }
-        delete_queued(w, batch, true, cutoff_ms, || engine.committers_waiting())
-    })?;
+        let d = delete_queued(w, &engine.pins, batch, true, cutoff_ms, || {
+            engine.committers_waiting()
+        });
+        if let Ok(d) = &d {
+            doomed = d.oids.clone();
+        }
+        d
+    });
+    // Committed (or not): what it deleted no longer holds up a commit.
+    engine.pins.undoom(doomed.iter().map(|o| o.0));
+    let deleted = deleted?;
     // Outside the commit lock: a commit may have queued meanwhile, so an
     // empty queue is only noted as "unknown".
     gc.queue_seen_unlocked(&deleted);
