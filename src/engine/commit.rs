@@ -138,7 +138,7 @@ impl Pins {
 
 /// Undooms the oids it holds when dropped: what a collector transaction
 /// doomed, once the transaction is over whatever its outcome.
-pub(super) struct Undoom<'a>(pub(super) &'a Pins, pub(super) Vec<u64>);
+pub(crate) struct Undoom<'a>(pub(crate) &'a Pins, pub(crate) Vec<u64>);
 
 impl Drop for Undoom<'_> {
     fn drop(&mut self) {

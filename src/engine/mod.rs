@@ -48,7 +48,7 @@ use redb::{Database, ReadOnlyDatabase, ReadTransaction, ReadableDatabase, WriteT
 pub use check::{CheckReport, FullCheck, StoreStats, check_store, repair_store};
 pub(crate) use check::{check_references, stats};
 use commit::{CommitState, CommitTicket};
-pub(crate) use commit::{Pins, Placed};
+pub(crate) use commit::{Pins, Placed, Undoom};
 pub(crate) use refcount::{
     Deleted, apply_ref_deltas, corrupt, delete_queued, forget, queue_summary, queued_since,
 };

@@ -41,7 +41,7 @@ use redb::{Durability, ReadableTable, ReadableTableMetadata};
 use super::collector::GcShared;
 use super::state::{GcMeta, meta_in, now_unix_ms, write_meta};
 use crate::engine::layout::{RECORDS, REFCOUNTS};
-use crate::engine::{Engine, apply_ref_deltas, corrupt, forget};
+use crate::engine::{Engine, Undoom, apply_ref_deltas, corrupt, forget};
 use crate::error::{InvalidInput, Result};
 use crate::record::{Oid, refs_of};
 
@@ -422,7 +422,9 @@ fn sweep(
     limit: usize,
 ) -> Result<(Vec<Oid>, u64)> {
     engine.yield_to_committers();
-    let mut doomed = Vec::new();
+    // Once the transaction is over, committed or not, what it swept no
+    // longer holds up a commit.
+    let mut doomed = Undoom(&engine.pins, Vec::new());
     let swept = engine.write_txn(Durability::None, |w, _| {
         let extra: Vec<Oid> = gc
             .extra
@@ -507,7 +509,7 @@ fn sweep(
             }
             for &oid in members.keys().filter(|o| !kept.contains(o)) {
                 pins.doom(oid);
-                doomed.push(oid);
+                doomed.1.push(oid);
             }
         }
         // Delete the rest; release what it referenced outside the set.
@@ -535,8 +537,7 @@ fn sweep(
         removed.sort_unstable();
         Ok((removed, bytes))
     });
-    // Committed (or not): what it swept no longer holds up a commit.
-    engine.pins.undoom(doomed);
+    drop(doomed);
     swept
 }
 

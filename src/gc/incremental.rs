@@ -6,7 +6,7 @@ use redb::Durability;
 
 use super::collector::GcShared;
 use super::state::meta_in;
-use crate::engine::{Engine, delete_queued, queue_summary};
+use crate::engine::{Engine, Undoom, delete_queued, queue_summary};
 use crate::error::{InvalidInput, Result};
 use crate::record::Oid;
 
@@ -40,7 +40,9 @@ pub(crate) fn step(engine: &Engine, gc: &GcShared, batch: usize, cutoff_ms: u64)
         }
     }
     engine.yield_to_committers();
-    let mut doomed = Vec::new();
+    // Once the transaction is over, committed or not, what it deleted no
+    // longer holds up a commit.
+    let mut doomed = Undoom(&engine.pins, Vec::new());
     let deleted = engine.write_txn(Durability::None, |w, _| {
         let (_, migration) = meta_in(w)?;
         if migration {
@@ -48,14 +50,11 @@ pub(crate) fn step(engine: &Engine, gc: &GcShared, batch: usize, cutoff_ms: u64)
         }
         let d = delete_queued(w, &engine.pins, batch, true, cutoff_ms, || {
             engine.committers_waiting()
-        });
-        if let Ok(d) = &d {
-            doomed = d.oids.clone();
-        }
-        d
+        })?;
+        doomed.1.extend(d.oids.iter().map(|o| o.0));
+        Ok(d)
     });
-    // Committed (or not): what it deleted no longer holds up a commit.
-    engine.pins.undoom(doomed.iter().map(|o| o.0));
+    drop(doomed);
     let deleted = deleted?;
     // Outside the commit lock: a commit may have queued meanwhile, so an
     // empty queue is only noted as "unknown".
