@@ -2212,3 +2212,83 @@ fn after_a_crash_check_reports_and_check_repair_applies_the_log() {
     drop(s);
     check_clean(&path);
 }
+
+/// Reads a commit's invalidation list (a u32 count, then the oids).
+fn read_invalidations(s: &mut TcpStream) -> Vec<u64> {
+    let mut n = [0u8; 4];
+    s.read_exact(&mut n).unwrap();
+    (0..u32::from_be_bytes(n))
+        .map(|_| {
+            let mut o = [0u8; 8];
+            s.read_exact(&mut o).unwrap();
+            u64::from_be_bytes(o)
+        })
+        .collect()
+}
+
+/// While one client holds the commit order, committers queued behind it
+/// are sent their invalidations by whoever hands the order over: one that
+/// leaves while queued and one that stalls after its invalidations (for
+/// `--request-timeout`) hold nobody up for longer than that, and commit
+/// data a client sends before its invalidations waits for its own turn.
+#[test]
+fn committers_queued_for_the_commit_order_are_served_in_turn() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.redb");
+    let server = Served::start(&path, &["--request-timeout", "1"]);
+    let mut c = server.client();
+    assert_eq!(c.new_oid().unwrap(), Oid::ROOT);
+    make_root(&mut c, &[]);
+    let mut holder = server.raw_handshaken();
+    holder.write_all(b"C").unwrap();
+    read_invalidations(&mut holder);
+    // Queued behind the holder: one that leaves, one that will stall, and
+    // one that sends its commit of the root at once, without waiting for
+    // its invalidations; in that order (a pause lets each one's `C` in).
+    let pause = || std::thread::sleep(Duration::from_millis(100));
+    let mut leaver = server.raw_handshaken();
+    leaver.write_all(b"C").unwrap();
+    leaver.shutdown(std::net::Shutdown::Both).unwrap();
+    pause();
+    let mut staller = server.raw_handshaken();
+    staller.write_all(b"C").unwrap();
+    pause();
+    let mut early = server.raw_handshaken();
+    let mut request = b"C".to_vec();
+    request.extend(commit_frame(&[(0, rec(Oid::ROOT, b"early", &[]))]));
+    early.write_all(&request).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    // The holder commits the root.
+    holder
+        .write_all(&commit_frame(&[(0, rec(Oid::ROOT, b"held", &[]))]))
+        .unwrap();
+    let mut status = [0u8; 1];
+    holder.read_exact(&mut status).unwrap();
+    assert_eq!(&status, b"O");
+    // The early commit had its turn after the holder's: it was told of the
+    // holder's change, and it is what the root holds now. The staller,
+    // served before it, held the order for a second at most.
+    let started = Instant::now();
+    assert!(read_invalidations(&mut early).contains(&0));
+    early.read_exact(&mut status).unwrap();
+    assert_eq!(&status, b"O");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    c.sync().unwrap();
+    assert_eq!(c.load(Oid::ROOT).unwrap().data(), b"early");
+    // The staller was sent its invalidations, then dropped.
+    let mut rest = Vec::new();
+    staller.read_to_end(&mut rest).unwrap();
+    assert!(
+        rest.len() >= 4 && rest.len() % 8 == 4,
+        "staller got {rest:?}"
+    );
+    // The order is free: a commit goes through at once.
+    let started = Instant::now();
+    c.begin();
+    c.store(Oid::ROOT, rec(Oid::ROOT, b"after", &[])).unwrap();
+    c.end().unwrap();
+    assert!(started.elapsed() < Duration::from_secs(2));
+    drop(c);
+    server.stop();
+    check_clean(&path);
+}

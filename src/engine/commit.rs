@@ -10,6 +10,7 @@ use parking_lot::MutexGuard;
 use redb::{Durability, ReadableTable, WriteTransaction};
 
 use super::layout::{KEY_APPLIED, LOG_STATE, RECORDS, now_unix_ms};
+use super::order::{Entry, Grant, Held, Place, Standing};
 use super::refcount::{apply_ref_deltas, corrupt};
 use super::{Engine, SessionId};
 use crate::checkpoint::{CheckpointFacts, Durability as Mode};
@@ -187,7 +188,41 @@ pub(super) const TURN_SLOTS: usize = 64;
 /// The commit order, held (see [`Engine::lock_order`]).
 pub(crate) struct OrderGuard<'a> {
     engine: &'a Engine,
-    _order: MutexGuard<'a, ()>,
+    _order: Held<'a>,
+}
+
+/// What [`Engine::enter_order`] gives.
+pub(crate) enum OrderEntry<'a> {
+    /// The order was free and is held now; the grant was not run.
+    Now(OrderGuard<'a>),
+    /// Another holds the order; the grant runs as it is handed over.
+    Queued(QueuedOrder<'a>),
+}
+
+/// A place in the commit order's queue, not yet served; given up (or the
+/// order given back, if it was granted meanwhile) when dropped.
+pub(crate) struct QueuedOrder<'a>(Place<'a>);
+
+impl<'a> QueuedOrder<'a> {
+    /// How the place stands now, without waiting.
+    pub(crate) fn peek(&self) -> Standing {
+        self.0.peek()
+    }
+
+    /// Waits until the place is served: the order, and when its grant
+    /// ended; `None` if the grant failed.
+    pub(crate) fn wait(self) -> Option<(OrderGuard<'a>, Instant)> {
+        let engine = self.0.engine();
+        self.0.wait().map(|(held, at)| {
+            (
+                OrderGuard {
+                    engine,
+                    _order: held,
+                },
+                at,
+            )
+        })
+    }
 }
 
 /// A commit's place in the commit order. [`Turn::apply`] applies it once
@@ -222,7 +257,21 @@ impl Engine {
     pub(crate) fn lock_order(&self) -> OrderGuard<'_> {
         OrderGuard {
             engine: self,
-            _order: self.order.lock(),
+            _order: self.order.lock(self),
+        }
+    }
+
+    /// Takes the commit order if it is free; otherwise queues for it, and
+    /// whoever hands it over runs `grant` first, on this waiter's behalf
+    /// (the server sends the waiting client its invalidations there, so
+    /// the waiting thread is woken once, by its client's answer).
+    pub(crate) fn enter_order(&self, grant: Grant) -> OrderEntry<'_> {
+        match self.order.enter(self, grant) {
+            Entry::Now(held) => OrderEntry::Now(OrderGuard {
+                engine: self,
+                _order: held,
+            }),
+            Entry::Queued(q) => OrderEntry::Queued(QueuedOrder(q)),
         }
     }
 

@@ -32,6 +32,7 @@ mod import;
 pub(crate) mod layout;
 pub(crate) mod log;
 mod open;
+pub(crate) mod order;
 mod overlay;
 #[cfg(test)]
 mod powercut;
@@ -48,7 +49,8 @@ use redb::{Database, ReadOnlyDatabase, ReadTransaction, ReadableDatabase, WriteT
 pub use check::{CheckReport, FullCheck, StoreStats, check_store, repair_store};
 pub(crate) use check::{check_references, stats};
 use commit::{CommitState, CommitTicket};
-pub(crate) use commit::{Pins, Placed, Undoom};
+pub(crate) use commit::{OrderEntry, Pins, Placed, QueuedOrder, Undoom};
+pub(crate) use order::{Grant, Standing};
 pub(crate) use refcount::{
     Deleted, apply_ref_deltas, corrupt, delete_queued, forget, queue_summary, queued_since,
 };
@@ -162,7 +164,7 @@ pub(crate) struct Engine {
     /// The commit order: held by the server from sending a client its
     /// invalidations until that client's commit has its place in the order
     /// (a turn); by the library through the whole apply.
-    order: Mutex<()>,
+    order: order::Order,
     /// Commits placed in the commit order and waiting to be applied.
     line: Mutex<commit::Line>,
     /// What placed commits need and what the collector is deleting.

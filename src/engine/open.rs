@@ -108,7 +108,7 @@ impl Engine {
                 turns_done: 0,
             }),
             allocs: Mutex::new(Default::default()),
-            order: Mutex::new(()),
+            order: Default::default(),
             line: Mutex::new(Default::default()),
             pins: Default::default(),
             line_cv: std::array::from_fn(|_| parking_lot::Condvar::new()),

@@ -5,7 +5,10 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::Shared;
-use crate::engine::{Engine, Found, Placed, SessionId, SessionRef, Snapshot, Walk};
+use crate::engine::{
+    Engine, Found, Grant, OrderEntry, Placed, QueuedOrder, SessionId, SessionRef, Snapshot,
+    Standing, Walk,
+};
 use crate::error::StorageError;
 use crate::protocol::{
     LoadAnswer, PROTOCOL, ReadError, Request, STATUS_INVALID, STATUS_OKAY, encode_oids,
@@ -79,20 +82,21 @@ pub(super) fn serve(shared: &Arc<Shared>, stream: Stream, peer: &str) {
     let engine = &*shared.engine;
     let (id, state) = engine.register_session();
     let session = Session { engine, id, state };
-    let end = match (stream.try_clone(), stream.try_clone()) {
-        (Ok(read_half), Ok(write_half)) => {
+    let end = match (stream.try_clone(), stream.try_clone(), stream.try_clone()) {
+        (Ok(read_half), Ok(write_half), Ok(grant_half)) => {
             let mut conn = Conn {
                 shared,
                 session: &session,
                 control: &stream,
                 r: BufReader::new(read_half),
                 w: BufWriter::new(write_half),
+                grant_half: Arc::new(grant_half),
                 deadline: Instant::now(),
                 snapshot: None,
             };
             conn.run()
         }
-        (Err(e), _) | (_, Err(e)) => End::Io(e),
+        (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => End::Io(e),
     };
     match &end {
         End::Closed(why) => tracing::debug!("connection from {peer} closed: {why}"),
@@ -139,6 +143,9 @@ struct Conn<'a> {
     control: &'a Stream,
     r: BufReader<Stream>,
     w: BufWriter<Stream>,
+    /// Where another connection's thread writes this client's
+    /// invalidations when it hands the commit order over.
+    grant_half: Arc<Stream>,
     /// When the request being read must be complete.
     deadline: Instant,
     /// With `--snapshot-reads`: the state of the last sync or commit, which
@@ -412,6 +419,67 @@ impl Conn<'_> {
         self.shared.polling.store(false, Release);
     }
 
+    /// What the holder of the commit order runs for this connection as it
+    /// hands the order over: this client's invalidations, sent.
+    fn grant(&self) -> Grant {
+        let (id, state) = (self.session.id, self.session.state.clone());
+        let stream = self.grant_half.clone();
+        Box::new(move |engine: &Engine| {
+            let invalid = engine.take_invalid(id, &state, None);
+            match (&*stream).write_all(&encode_oids(&invalid)) {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::debug!("could not send a waiting client its invalidations: {e}");
+                    false
+                }
+            }
+        })
+    }
+
+    /// Waits, queued for the commit order, until the client's first bytes
+    /// after `C` arrive. Until the order is granted the wait has no limit
+    /// (it is not the client's time); from then on it has the request's.
+    fn await_commit_data(&mut self, place: &QueuedOrder<'_>) -> Result<(), End> {
+        use std::io::BufRead;
+        let timeout = self.shared.config.request_timeout;
+        loop {
+            let wait = match place.peek() {
+                Standing::Waiting => timeout,
+                Standing::Granted(at) => {
+                    let left = (at + timeout).saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return Err(End::Io(io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            "the request was not complete within --request-timeout",
+                        )));
+                    }
+                    left
+                }
+                Standing::Failed => {
+                    return Err(End::Closed(
+                        "the invalidations could not be sent to the client".into(),
+                    ));
+                }
+            };
+            self.control.set_read_timeout(Some(wait))?;
+            match self.r.fill_buf() {
+                Ok([]) => {
+                    return Err(End::Io(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "the client closed the connection while waiting to commit",
+                    )));
+                }
+                Ok(_) => return Ok(()),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
     /// `C`: send the invalidations and read the commit under one hold of
     /// the commit order, then apply it; answer once it is durable enough.
     ///
@@ -422,15 +490,34 @@ impl Conn<'_> {
     fn commit(&mut self) -> Result<(), End> {
         let shared = self.shared.clone();
         let engine = &*shared.engine;
-        let mut order = engine.lock_order();
-        let invalid = self.session.take_invalid();
-        self.w.write_all(&encode_oids(&invalid))?;
-        self.w.flush()?;
-        // Waiting for the commit order is not the client's time.
-        self.deadline = Instant::now() + shared.config.request_timeout;
-        // The commit order is held from here: the commit data must come
-        // within what is left of the request's time.
-        self.poll(1);
+        let timeout = shared.config.request_timeout;
+        let mut order = match engine.enter_order(self.grant()) {
+            OrderEntry::Now(order) => {
+                let invalid = self.session.take_invalid();
+                self.w.write_all(&encode_oids(&invalid))?;
+                self.w.flush()?;
+                // Waiting for the commit order is not the client's time.
+                self.deadline = Instant::now() + timeout;
+                // The commit order is held from here: the commit data must
+                // come within what is left of the request's time.
+                self.poll(1);
+                order
+            }
+            OrderEntry::Queued(place) => {
+                // Whoever hands the order over sends the invalidations:
+                // sleep until the client answers them.
+                self.await_commit_data(&place)?;
+                // Data sent before the invalidations (by a client that does
+                // not wait for them) waits here for the order.
+                let Some((order, granted)) = place.wait() else {
+                    return Err(End::Closed(
+                        "the invalidations could not be sent to the client".into(),
+                    ));
+                };
+                self.deadline = granted + timeout;
+                order
+            }
+        };
         let Some(records) = read_commit_data(&mut self.reader(), shared.config.max_frame_bytes)?
         else {
             // The client found a conflict in the invalidations and gave up:
