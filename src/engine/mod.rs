@@ -163,7 +163,8 @@ pub(crate) struct Engine {
     allocs: Mutex<commit::Allocations>,
     /// The commit order: held by the server from sending a client its
     /// invalidations until that client's commit has its place in the order
-    /// (a turn); by the library through the whole apply.
+    /// (a turn); by the library through the whole apply. Handed to waiters
+    /// first come, first served (see [`order`]).
     order: order::Order,
     /// Commits placed in the commit order and waiting to be applied.
     line: Mutex<commit::Line>,

@@ -5,7 +5,10 @@
 //! read snapshot. A commit (`C`) takes the engine's commit order before the
 //! connection's invalidations are sent and holds it until the commit is
 //! read, checked and given its turn, so nothing else commits in between
-//! (Durus's order); it is applied in turn after the order is released (with
+//! (Durus's order). A connection that finds the order taken queues for it,
+//! and whoever hands the order over sends that client its invalidations, so
+//! the queued thread sleeps only until its client answers. The commit is
+//! applied in turn after the order is released (with
 //! `--snapshot-reads`, under it), commits of many connections share one
 //! fsync, and `O` is sent only once the commit is as durable as the
 //! durability mode promises.
