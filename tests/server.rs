@@ -729,15 +729,9 @@ fn hostile_input_never_disturbs_a_well_behaved_client() {
 fn a_stalled_committer_loses_the_commit_order_after_the_timeout() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("s.redb");
-    let server = Served::start(&path, &["--request-timeout", "1"]);
-    let mut c = server.client();
-    assert_eq!(c.new_oid().unwrap(), Oid::ROOT);
-    make_root(&mut c, &[]);
+    let (server, mut c) = serve_with_root(&path, &["--request-timeout", "1"]);
     // The staller sends `C`, receives its invalidations and sends nothing more.
-    let mut staller = server.raw_handshaken();
-    staller.write_all(b"C").unwrap();
-    let mut n = [0u8; 4];
-    staller.read_exact(&mut n).unwrap();
+    let mut staller = take_the_order(&server);
     // Another client's commit waits behind it, then goes through.
     let started = Instant::now();
     c.sync().unwrap();
@@ -1110,14 +1104,8 @@ fn a_load_that_meets_a_damaged_record_ends_that_connection_and_frees_its_slot() 
 fn a_trickling_committer_loses_the_commit_order_after_the_whole_request_timeout() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("s.redb");
-    let server = Served::start(&path, &["--request-timeout", "1"]);
-    let mut c = server.client();
-    assert_eq!(c.new_oid().unwrap(), Oid::ROOT);
-    make_root(&mut c, &[]);
-    let mut trickler = server.raw_handshaken();
-    trickler.write_all(b"C").unwrap();
-    let mut n = [0u8; 4];
-    trickler.read_exact(&mut n).unwrap();
+    let (server, mut c) = serve_with_root(&path, &["--request-timeout", "1"]);
+    let trickler = take_the_order(&server);
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let dripping = {
         let stop = stop.clone();
@@ -2213,6 +2201,24 @@ fn after_a_crash_check_reports_and_check_repair_applies_the_log() {
     check_clean(&path);
 }
 
+/// A server on a new store at `path` holding a root, and a client of it.
+fn serve_with_root(path: &Path, extra: &[&str]) -> (Served, ClientStorage) {
+    let server = Served::start(path, extra);
+    let mut c = server.client();
+    assert_eq!(c.new_oid().unwrap(), Oid::ROOT);
+    make_root(&mut c, &[]);
+    (server, c)
+}
+
+/// A raw connection that sent `C` and read its invalidations: it holds the
+/// commit order until it sends its data or loses the order.
+fn take_the_order(server: &Served) -> TcpStream {
+    let mut s = server.raw_handshaken();
+    s.write_all(b"C").unwrap();
+    read_invalidations(&mut s);
+    s
+}
+
 /// Reads a commit's invalidation list (a u32 count, then the oids).
 fn read_invalidations(s: &mut TcpStream) -> Vec<u64> {
     let mut n = [0u8; 4];
@@ -2235,13 +2241,8 @@ fn read_invalidations(s: &mut TcpStream) -> Vec<u64> {
 fn committers_queued_for_the_commit_order_are_served_in_turn() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("s.redb");
-    let server = Served::start(&path, &["--request-timeout", "1"]);
-    let mut c = server.client();
-    assert_eq!(c.new_oid().unwrap(), Oid::ROOT);
-    make_root(&mut c, &[]);
-    let mut holder = server.raw_handshaken();
-    holder.write_all(b"C").unwrap();
-    read_invalidations(&mut holder);
+    let (server, mut c) = serve_with_root(&path, &["--request-timeout", "1"]);
+    let mut holder = take_the_order(&server);
     // Queued behind the holder: one that leaves, one that will stall, and
     // one that sends its commit of the root at once, without waiting for
     // its invalidations; in that order (a pause lets each one's `C` in).

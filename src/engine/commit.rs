@@ -850,14 +850,8 @@ mod tests {
     use super::Placed;
     use crate::engine::{Engine, SessionId, SessionRef};
     use crate::record::{Oid, Record};
-    use crate::store::Options;
 
-    fn open() -> (tempfile::TempDir, Arc<Engine>) {
-        let dir = tempfile::tempdir().unwrap();
-        let config = Options::new().engine_config(false);
-        let engine = Engine::open(&dir.path().join("s.redb"), &config).unwrap();
-        (dir, engine)
-    }
+    use crate::engine::open_temp as open;
 
     fn one(oid: Oid, data: &[u8], refs: &[Oid]) -> BTreeMap<Oid, Record> {
         BTreeMap::from([(oid, Record::new(oid, data, refs))])

@@ -400,3 +400,13 @@ impl Drop for Engine {
         }
     }
 }
+
+/// A fresh engine on a new store in a temporary directory, for unit tests
+/// (the directory lives as long as the first value).
+#[cfg(test)]
+pub(crate) fn open_temp() -> (tempfile::TempDir, Arc<Engine>) {
+    let dir = tempfile::tempdir().unwrap();
+    let config = crate::store::Options::new().engine_config(false);
+    let engine = Engine::open(&dir.path().join("s.redb"), &config).unwrap();
+    (dir, engine)
+}

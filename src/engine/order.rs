@@ -240,15 +240,8 @@ mod tests {
     use parking_lot::Mutex;
 
     use super::{Entry, Standing};
-    use crate::engine::Engine;
-    use crate::store::Options;
 
-    fn open() -> (tempfile::TempDir, Arc<Engine>) {
-        let dir = tempfile::tempdir().unwrap();
-        let config = Options::new().engine_config(false);
-        let engine = Engine::open(&dir.path().join("s.redb"), &config).unwrap();
-        (dir, engine)
-    }
+    use crate::engine::open_temp as open;
 
     /// A grant that records its name in `log` and succeeds if `ok`.
     fn grant(log: &Arc<Mutex<Vec<&'static str>>>, name: &'static str, ok: bool) -> super::Grant {

@@ -551,16 +551,13 @@ mod tests {
     use crate::engine::{Engine, Placed};
     use crate::gc::{GcShared, IncrementalGc};
     use crate::record::{Oid, Record};
-    use crate::store::Options;
 
     /// A full collection spares a cycle that a commit placed in line takes
     /// back (and the commit applies in its turn), and sweeps it once it is
     /// let go again.
     #[test]
     fn a_sweep_spares_a_cycle_that_a_placed_commit_takes_back() {
-        let dir = tempfile::tempdir().unwrap();
-        let config = Options::new().engine_config(false);
-        let engine = Engine::open(&dir.path().join("s.redb"), &config).unwrap();
+        let (_dir, engine) = crate::engine::open_temp();
         let (a, _) = engine.register_session();
         let oids = engine.allocate(a, 3).unwrap();
         let (root, x, y) = (oids[0], oids[1], oids[2]);

@@ -545,7 +545,12 @@ impl Conn<'_> {
                     drop(order);
                     turn.apply()
                 }
-                Placed::Applied(applied) => applied,
+                Placed::Applied(applied) => {
+                    // Applied (or refused) under the order: the next
+                    // committer need not wait for this one's sync.
+                    drop(order);
+                    applied
+                }
             }
         };
         match applied {
