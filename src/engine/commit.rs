@@ -1065,6 +1065,42 @@ mod tests {
         deleted.oids
     }
 
+    /// A deletion cut short because a committer waits for the writer
+    /// stops after one deletion, not at the end of its round, and queues
+    /// what the round did not reach again as it was: nothing of it stays
+    /// doomed, and a later deletion takes it.
+    #[test]
+    fn a_deletion_cut_short_queues_the_rest_of_its_round_again() {
+        let (_dir, engine, a, _b, _b_state, oids) = two_sessions(6);
+        let (root, xs) = (oids[0], &oids[1..]);
+        let mut all = one(root, b"root", xs);
+        for &x in xs {
+            all.extend(one(x, b"x", &[]));
+        }
+        engine.commit(a, &all).unwrap();
+        engine.commit(a, &one(root, b"root", &[])).unwrap();
+        // A committer waits throughout.
+        let first = engine
+            .write_txn(redb::Durability::None, |w, _| {
+                crate::engine::delete_queued(w, &engine.pins, 100, true, u64::MAX, || true)
+            })
+            .unwrap();
+        engine.pins.undoom(first.oids.iter().map(|o| o.0));
+        assert_eq!(first.oids.len(), 1, "the round went on past one deletion");
+        assert_eq!(first.queue_left, Some(xs.len() as u64 - 1));
+        let rest: Vec<u64> = xs
+            .iter()
+            .map(|o| o.0)
+            .filter(|o| *o != first.oids[0].0)
+            .collect();
+        assert!(engine.pins.pin(&rest), "an oid put back is still doomed");
+        engine.pins.unpin(&rest);
+        let mut deleted = collect_all(&engine);
+        deleted.extend(first.oids);
+        deleted.sort();
+        assert_eq!(deleted, xs);
+    }
+
     /// A commit placed in line that takes back an object the collector
     /// could delete keeps it: the collector spares it (and queues it again)
     /// until the commit is applied, so the commit is not refused in its

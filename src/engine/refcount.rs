@@ -169,7 +169,9 @@ pub(crate) fn delete_queued(
     let mut queue = Queue::open(w)?;
     let mut counts = w.open_table(REFCOUNTS)?;
     let mut records = w.open_table(RECORDS)?;
-    let mut pinned = Vec::new();
+    // Popped and not deleted now: what a placed commit pins, and what a
+    // round cut short did not reach.
+    let mut requeue = Vec::new();
     // On an error, what this call doomed is undoomed here.
     let mut doomed = Undoom(pins, Vec::new());
     'rounds: while looked < batch {
@@ -200,7 +202,7 @@ pub(crate) fn delete_queued(
             let mut sets = pins.lock();
             candidates.retain(|&(ms, oid)| {
                 if sets.is_pinned(oid) {
-                    pinned.push((ms, oid));
+                    requeue.push((ms, oid));
                     false
                 } else {
                     sets.doom(oid);
@@ -212,7 +214,17 @@ pub(crate) fn delete_queued(
         let mut delta: HashMap<u64, i64> = HashMap::new();
         let mut latest = 0;
         let mut spared = Vec::new();
-        for (ms, oid) in candidates {
+        let mut stopped = false;
+        let mut candidates = candidates.into_iter();
+        for (ms, oid) in candidates.by_ref() {
+            // A committer waiting for the writer waits for one deletion at
+            // most, not for the rest of the round.
+            if !out.oids.is_empty() && stop() {
+                spared.push(oid);
+                requeue.push((ms, oid));
+                stopped = true;
+                break;
+            }
             if oid == Oid::ROOT.0 || counts.get(oid)?.is_some_and(|c| c.value() > 0) {
                 spared.push(oid);
                 continue;
@@ -228,6 +240,10 @@ pub(crate) fn delete_queued(
             }
             out.oids.push(Oid(oid));
         }
+        // Cut short: what the round did not reach is queued again as it was.
+        let rest: Vec<(u64, u64)> = candidates.collect();
+        spared.extend(rest.iter().map(|&(_, oid)| oid));
+        requeue.extend(rest);
         if !spared.is_empty() {
             pins.undoom(spared);
         }
@@ -237,10 +253,14 @@ pub(crate) fn delete_queued(
             out.queue_empty = false;
             out.next_drop_ms = None;
         }
+        if stopped {
+            break;
+        }
     }
-    // Queued again as they were, for a step after the commits that pin
-    // them are applied (a commit that references one takes it out).
-    for (ms, oid) in pinned {
+    // Queued again as they were: for a later step (what a placed commit
+    // pins, after that commit is applied; a commit that references one
+    // takes it out).
+    for (ms, oid) in requeue {
         queue.push(oid, ms)?;
         out.queue_empty = false;
     }
