@@ -40,7 +40,7 @@ struct Queue {
 }
 
 /// One waiter for the order.
-pub(crate) struct Waiter {
+struct Waiter {
     state: Mutex<State>,
     changed: Condvar,
 }
