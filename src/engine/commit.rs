@@ -262,10 +262,11 @@ impl Engine {
     }
 
     /// Takes the commit order if it is free; otherwise queues for it, and
-    /// whoever hands it over runs `grant` first, on this waiter's behalf
+    /// whoever hands it over runs the grant `grant` makes (made only then)
+    /// first, on this waiter's behalf
     /// (the server sends the waiting client its invalidations there, so
     /// the waiting thread is woken once, by its client's answer).
-    pub(crate) fn enter_order(&self, grant: Grant) -> OrderEntry<'_> {
+    pub(crate) fn enter_order(&self, grant: impl FnOnce() -> Grant) -> OrderEntry<'_> {
         match self.order.enter(self, grant) {
             Entry::Now(held) => OrderEntry::Now(OrderGuard {
                 engine: self,

@@ -96,16 +96,17 @@ pub(crate) enum Entry<'a> {
 }
 
 impl Order {
-    /// Takes the order at once if it is free; otherwise queues `grant` to
-    /// be run, on the releasing thread, as the order is handed over.
-    pub(crate) fn enter<'a>(&self, engine: &'a Engine, grant: Grant) -> Entry<'a> {
+    /// Takes the order at once if it is free; otherwise queues the grant
+    /// `grant` makes, to be run on the releasing thread as the order is
+    /// handed over (a free order makes none: nothing to allocate).
+    pub(crate) fn enter<'a>(&self, engine: &'a Engine, grant: impl FnOnce() -> Grant) -> Entry<'a> {
         let mut q = self.queue.lock();
         if !q.held {
             q.held = true;
             return Entry::Now(Held(engine));
         }
         let waiter = Arc::new(Waiter {
-            state: Mutex::new(State::Waiting(grant)),
+            state: Mutex::new(State::Waiting(grant())),
             changed: Condvar::new(),
         });
         q.waiting.push_back(waiter.clone());
@@ -117,7 +118,7 @@ impl Order {
 
     /// Takes the order, waiting for it as long as it takes.
     pub(crate) fn lock<'a>(&self, engine: &'a Engine) -> Held<'a> {
-        match self.enter(engine, Box::new(|_| true)) {
+        match self.enter(engine, || Box::new(|_| true)) {
             Entry::Now(held) => held,
             Entry::Queued(q) => q.wait().expect("a grant that cannot fail did not fail").0,
         }
@@ -268,13 +269,13 @@ mod tests {
         let (_dir, engine) = open();
         let order = &engine.order;
         let log = Arc::new(Mutex::new(Vec::new()));
-        let Entry::Now(held) = order.enter(&engine, grant(&log, "first", true)) else {
+        let Entry::Now(held) = order.enter(&engine, || grant(&log, "first", true)) else {
             panic!("the order was not free");
         };
-        let a = queued(order.enter(&engine, grant(&log, "a", false)));
-        let b = queued(order.enter(&engine, grant(&log, "b", true)));
-        let c = queued(order.enter(&engine, grant(&log, "c", true)));
-        let d = queued(order.enter(&engine, grant(&log, "d", true)));
+        let a = queued(order.enter(&engine, || grant(&log, "a", false)));
+        let b = queued(order.enter(&engine, || grant(&log, "b", true)));
+        let c = queued(order.enter(&engine, || grant(&log, "c", true)));
+        let d = queued(order.enter(&engine, || grant(&log, "d", true)));
         assert_eq!(a.peek(), Standing::Waiting);
         // `b` gives its place up before its turn.
         drop(b);
@@ -294,13 +295,13 @@ mod tests {
         assert_eq!(*log.lock(), ["a", "c", "d"]);
         let (held, _) = d.wait().expect("d was granted");
         // The order is held until `d`'s holding is dropped, then free.
-        let e = queued(order.enter(&engine, grant(&log, "e", true)));
+        let e = queued(order.enter(&engine, || grant(&log, "e", true)));
         drop(held);
         assert_eq!(*log.lock(), ["a", "c", "d", "e"]);
         // `e` gives its holding back when its place is dropped.
         drop(e);
         assert!(matches!(
-            order.enter(&engine, grant(&log, "f", true)),
+            order.enter(&engine, || grant(&log, "f", true)),
             Entry::Now(_)
         ));
         assert_eq!(
@@ -342,7 +343,7 @@ mod tests {
                             counted.fetch_add(1, Ordering::Relaxed);
                             true
                         });
-                        match engine.order.enter(&engine, g) {
+                        match engine.order.enter(&engine, || g) {
                             Entry::Now(_h) => hold(),
                             // Every fifth place is given up unserved, or
                             // given back if served meanwhile.
@@ -364,7 +365,7 @@ mod tests {
         // Free at the end.
         let log = Arc::new(Mutex::new(Vec::new()));
         assert!(matches!(
-            engine.order.enter(&engine, grant(&log, "x", true)),
+            engine.order.enter(&engine, || grant(&log, "x", true)),
             Entry::Now(_)
         ));
     }

@@ -153,6 +153,20 @@ struct Conn<'a> {
     snapshot: Option<Snapshot>,
 }
 
+/// A request not complete within `--request-timeout`.
+fn request_timed_out() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::TimedOut,
+        "the request was not complete within --request-timeout",
+    )
+}
+
+/// The holder of the commit order could not send a queued client its
+/// invalidations (the client went away or stopped reading).
+fn grant_failed() -> End {
+    End::Closed("the invalidations could not be sent to the client".into())
+}
+
 /// Reads the rest of a request within its deadline: before each read from
 /// the socket the read timeout is what is left of the request's time, so a
 /// client that trickles its request a byte at a time cannot hold it (and
@@ -168,10 +182,7 @@ impl Read for DeadlineRead<'_> {
         if self.inner.buffer().is_empty() {
             let left = self.deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                return Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    "the request was not complete within --request-timeout",
-                ));
+                return Err(request_timed_out());
             }
             self.control.set_read_timeout(Some(left))?;
         }
@@ -448,18 +459,11 @@ impl Conn<'_> {
                 Standing::Granted(at) => {
                     let left = (at + timeout).saturating_duration_since(Instant::now());
                     if left.is_zero() {
-                        return Err(End::Io(io::Error::new(
-                            io::ErrorKind::TimedOut,
-                            "the request was not complete within --request-timeout",
-                        )));
+                        return Err(End::Io(request_timed_out()));
                     }
                     left
                 }
-                Standing::Failed => {
-                    return Err(End::Closed(
-                        "the invalidations could not be sent to the client".into(),
-                    ));
-                }
+                Standing::Failed => return Err(grant_failed()),
             };
             self.control.set_read_timeout(Some(wait))?;
             match self.r.fill_buf() {
@@ -491,7 +495,7 @@ impl Conn<'_> {
         let shared = self.shared.clone();
         let engine = &*shared.engine;
         let timeout = shared.config.request_timeout;
-        let mut order = match engine.enter_order(self.grant()) {
+        let mut order = match engine.enter_order(|| self.grant()) {
             OrderEntry::Now(order) => {
                 let invalid = self.session.take_invalid();
                 self.w.write_all(&encode_oids(&invalid))?;
@@ -510,9 +514,7 @@ impl Conn<'_> {
                 // Data sent before the invalidations (by a client that does
                 // not wait for them) waits here for the order.
                 let Some((order, granted)) = place.wait() else {
-                    return Err(End::Closed(
-                        "the invalidations could not be sent to the client".into(),
-                    ));
+                    return Err(grant_failed());
                 };
                 self.deadline = granted + timeout;
                 order
