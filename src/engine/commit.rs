@@ -11,7 +11,7 @@ use redb::{Durability, ReadableTable, WriteTransaction};
 
 use super::layout::{KEY_APPLIED, LOG_STATE, RECORDS, now_unix_ms};
 use super::order::{Entry, Grant, Held, Place, Standing};
-use super::refcount::{apply_ref_deltas, corrupt};
+use super::refcount::{Deleted, apply_ref_deltas, corrupt};
 use super::{Engine, SessionId};
 use crate::checkpoint::{CheckpointFacts, Durability as Mode};
 use crate::error::{Conflict, InvalidInput, Result, StorageError};
@@ -34,6 +34,19 @@ pub(crate) struct CommitState {
     pub(super) log_seq: u64,
     /// Turns of the commit order finished (applied or refused).
     pub(super) turns_done: u64,
+    /// A collector transaction cut short for a waiting committer and left
+    /// open for it (see [`Engine::deletion_txn`]).
+    pub(super) parked: Option<Parked>,
+}
+
+/// A collector transaction that deleted `deleted` (its oids doomed), not
+/// committed: the next commit applies its records in it and commits both
+/// at once, so the committer that cut the deletion short does not wait for
+/// a commit of its own. Whoever else next needs redb's writer commits it
+/// first ([`Engine::settle_parked`]).
+pub(crate) struct Parked {
+    w: WriteTransaction,
+    deleted: Deleted,
 }
 
 /// Oids handed out and not yet stored (under their own lock, so that a
@@ -341,6 +354,7 @@ impl Engine {
         self.check_writable()?;
         let mut guard = self.lock_state();
         let st = &mut *guard;
+        self.settle_parked(st)?;
         let db = self.db()?;
         let mut w = db.rw()?.begin_write()?;
         w.set_durability(durability)?;
@@ -361,6 +375,66 @@ impl Engine {
             self.log_durable.fetch_max(st.log_seq, Ordering::AcqRel);
         }
         Ok(value)
+    }
+
+    /// A collector deletion in a `Durability::None` write transaction under
+    /// the commit lock: `f` deletes (dooming what it deletes). If `f` was
+    /// cut short for a waiting committer and `hand_over`, the transaction
+    /// is left open for that committer instead of committed (true); the deletion's effects
+    /// ([`Engine::deletion_committed`]) follow its commit. Otherwise it is
+    /// committed here and the caller sees to those effects (false).
+    pub(crate) fn deletion_txn(
+        &self,
+        f: impl FnOnce(&WriteTransaction) -> Result<Deleted>,
+        hand_over: bool,
+    ) -> Result<(Deleted, bool)> {
+        self.check_writable()?;
+        let mut st = self.lock_state();
+        self.settle_parked(&mut st)?;
+        let db = self.db()?;
+        let mut w = db.rw()?.begin_write()?;
+        w.set_durability(Durability::None)?;
+        w.set_quick_repair(self.quick_repair);
+        let deleted = f(&w)?;
+        // What it doomed stays doomed until its transaction is over.
+        let mut doomed = Undoom(&self.pins, deleted.oids.iter().map(|o| o.0).collect());
+        if hand_over && deleted.cut && !deleted.oids.is_empty() {
+            doomed.1.clear();
+            st.parked = Some(Parked {
+                w,
+                deleted: deleted.clone(),
+            });
+            return Ok((deleted, true));
+        }
+        let r = w.commit().map_err(StorageError::from);
+        self.poisoning(r)?;
+        st.applied_seq += 1;
+        Ok((deleted, false))
+    }
+
+    /// Commits the parked collector transaction, if any (before another
+    /// write transaction begins: redb has one writer). A store that is not
+    /// writable any more drops it instead.
+    pub(super) fn settle_parked(&self, st: &mut CommitState) -> Result<()> {
+        let Some(Parked { w, deleted }) = st.parked.take() else {
+            return Ok(());
+        };
+        let _undoom = Undoom(&self.pins, deleted.oids.iter().map(|o| o.0).collect());
+        self.check_writable()?;
+        let r = w.commit().map_err(StorageError::from);
+        self.poisoning(r)?;
+        st.applied_seq += 1;
+        self.deletion_committed(&deleted);
+        Ok(())
+    }
+
+    /// What follows the commit of a collector deletion: every session is
+    /// told of the deleted oids, and the collector of what it learnt.
+    pub(crate) fn deletion_committed(&self, deleted: &Deleted) {
+        self.publish_changes(None, &deleted.oids);
+        if let Some(h) = self.hook.get() {
+            h.deletion_committed(deleted);
+        }
     }
 
     /// Marks turn `n` finished and wakes whoever waits for it.
@@ -681,17 +755,31 @@ fn apply(
     }
     let bytes: u64 = records.values().map(|r| r.len() as u64).sum();
     let db = engine.db()?;
-    let mut w = db.rw()?.begin_write()?;
+    // A collector deletion left open for this commit is committed with it
+    // (undone with it if the commit is refused).
+    let parked = st.parked.take();
+    let _undoom_parked = Undoom(
+        &engine.pins,
+        parked
+            .iter()
+            .flat_map(|p| p.deleted.oids.iter().map(|o| o.0))
+            .collect(),
+    );
+    let (mut w, adopted) = match parked {
+        Some(Parked { w, deleted }) => (w, Some(deleted)),
+        None => (db.rw()?.begin_write()?, None),
+    };
     // Never redb's fsync here: the log, or a checkpoint, makes it durable.
     w.set_durability(Durability::None)?;
     w.set_quick_repair(engine.quick_repair);
     let may_create = |oid| engine.allocs.lock().may_create(session, oid);
     let (queued, released) = write_commit(&w, Some(&may_create), records)?;
-    // The commit's share of the collector's work, in its own transaction.
+    // The commit's share of the collector's work, in its own transaction
+    // (a deletion it adopted is that share).
     let hook = engine.hook.get();
     let collected = match hook {
-        Some(h) => h.in_commit(&w, &engine.pins)?,
-        None => Vec::new(),
+        Some(h) if adopted.is_none() => h.in_commit(&w, &engine.pins)?,
+        _ => Vec::new(),
     };
     let _undoom = Undoom(&engine.pins, collected.iter().map(|o| o.0).collect());
     let seq = st.log_seq + 1;
@@ -723,6 +811,9 @@ fn apply(
             engine.publish_changes(Some(session), &oids);
         }
         engine.publish_changes(None, &collected);
+        if let Some(d) = &adopted {
+            engine.deletion_committed(d);
+        }
     }
 
     st.applied_seq += 1;
@@ -991,6 +1082,7 @@ mod tests {
             Ok(Vec::new())
         }
         fn after_commit(&self, _: &BTreeMap<Oid, Record>, _: &[Oid], _: u64, _: u64) {}
+        fn deletion_committed(&self, _: &crate::engine::Deleted) {}
         fn on_close(&self) {}
     }
 
@@ -1169,6 +1261,118 @@ mod tests {
         // The refused commit published nothing (the test's deletion is not
         // published either: the collector does that itself).
         assert_eq!(engine.take_invalid(b, &b_state, None), Vec::<Oid>::new());
+        assert!(matches!(
+            engine.load(x),
+            Err(crate::StorageError::NotFound(_))
+        ));
+    }
+
+    /// Parks a deletion of everything queued, cut short as if a committer
+    /// waited: the transaction is left open for the next commit.
+    fn park(engine: &Engine) -> Vec<Oid> {
+        let (deleted, parked) = engine
+            .deletion_txn(
+                |w| crate::engine::delete_queued(w, &engine.pins, 100, true, u64::MAX, || true),
+                true,
+            )
+            .unwrap();
+        assert!(
+            parked,
+            "a deletion cut short was committed, not handed over"
+        );
+        deleted.oids
+    }
+
+    /// A deletion cut short for a waiting committer is left to it: nothing
+    /// of it is visible or published until the next commit, which commits
+    /// it with its own records; its oids stay doomed until then.
+    #[test]
+    fn a_deletion_handed_over_is_committed_with_the_next_commit() {
+        let (_dir, engine, a, b, b_state, oids) = garbage_x();
+        let (root, x) = (oids[0], oids[1]);
+        assert_eq!(park(&engine), vec![x]);
+        assert_eq!(
+            engine.load(x).unwrap().data(),
+            b"x",
+            "visible before its commit"
+        );
+        assert!(
+            !engine.pins.pin(&[x.0]),
+            "a parked deletion's oid is not doomed"
+        );
+        engine.pins.unpin(&[x.0]);
+        assert_eq!(engine.take_invalid(b, &b_state, None), Vec::<Oid>::new());
+        engine.commit(a, &one(root, b"root2", &[])).unwrap();
+        assert!(matches!(
+            engine.load(x),
+            Err(crate::StorageError::NotFound(_))
+        ));
+        assert_eq!(engine.load(root).unwrap().data(), b"root2");
+        let mut told = engine.take_invalid(b, &b_state, None);
+        told.sort();
+        assert_eq!(told, vec![root, x]);
+        assert!(engine.pins.pin(&[x.0]), "still doomed after its commit");
+    }
+
+    /// A commit that takes over a deletion and is refused undoes both: the
+    /// garbage stays, queued and not doomed, for a later deletion.
+    #[test]
+    fn a_deletion_handed_over_to_a_refused_commit_is_undone_with_it() {
+        let (_dir, engine, a, b, b_state, oids) = garbage_x();
+        let x = oids[1];
+        assert_eq!(park(&engine), vec![x]);
+        let refused = engine.commit(a, &one(Oid(777), b"unknown", &[]));
+        assert!(refused.unwrap_err().is_conflict());
+        assert_eq!(engine.load(x).unwrap().data(), b"x");
+        assert_eq!(engine.take_invalid(b, &b_state, None), Vec::<Oid>::new());
+        assert!(
+            engine.pins.pin(&[x.0]),
+            "still doomed after its commit was refused"
+        );
+        engine.pins.unpin(&[x.0]);
+        assert_eq!(collect_all(&engine), vec![x], "no longer queued");
+    }
+
+    /// Whatever else needs redb's single writer commits a parked deletion
+    /// first instead of waiting for it: a checkpoint, another collector
+    /// transaction, the close (the deletion is in the file after a reopen).
+    #[test]
+    fn a_parked_deletion_is_committed_before_any_other_writer() {
+        let (_dir, engine, _a, b, b_state, oids) = garbage_x();
+        let x = oids[1];
+        park(&engine);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let e = engine.clone();
+        std::thread::spawn(move || tx.send(e.checkpoint().map_err(|e| e.to_string())));
+        let done = rx.recv_timeout(Duration::from_secs(10));
+        assert_eq!(
+            done,
+            Ok(Ok(())),
+            "the checkpoint waited for the parked deletion"
+        );
+        assert!(matches!(
+            engine.load(x),
+            Err(crate::StorageError::NotFound(_))
+        ));
+        assert_eq!(engine.take_invalid(b, &b_state, None), vec![x]);
+
+        // Another collector transaction.
+        let (_dir, engine, ..) = garbage_x();
+        let x = park(&engine)[0];
+        engine
+            .write_txn(redb::Durability::None, |_, _| Ok(()))
+            .unwrap();
+        assert!(matches!(
+            engine.load(x),
+            Err(crate::StorageError::NotFound(_))
+        ));
+
+        // The close.
+        let (dir, engine, ..) = garbage_x();
+        let x = park(&engine)[0];
+        engine.close().unwrap();
+        let config = crate::store::Options::new().engine_config(false);
+        let engine = Engine::open(&dir.path().join("s.redb"), &config).unwrap();
         assert!(matches!(
             engine.load(x),
             Err(crate::StorageError::NotFound(_))

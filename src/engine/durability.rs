@@ -169,8 +169,13 @@ impl Engine {
     /// committed before it durable with it. A failure poisons the store.
     fn durable_flush(&self) -> Result<()> {
         let r = (|| -> Result<()> {
+            // Under the commit lock only to begin: a parked collector
+            // transaction is committed first, and none is parked after.
+            let mut st = self.commit.lock();
+            self.settle_parked(&mut st)?;
             let db = self.db()?;
             let mut w = db.rw()?.begin_write()?;
+            drop(st);
             w.set_quick_repair(self.quick_repair);
             w.commit()?;
             Ok(())
@@ -233,6 +238,10 @@ impl Engine {
         // The commit lock first, then the database: the order of every
         // commit path, so a close racing a commit cannot deadlock.
         let mut st = self.commit.lock();
+        if self.poisoned.lock().is_some() {
+            st.parked = None;
+        }
+        self.settle_parked(&mut st)?;
         let mut slot = self.db.write();
         let Some(db) = slot.take() else { return Ok(()) };
         let Db::Rw(mut db) = db else { return Ok(()) };

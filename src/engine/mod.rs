@@ -125,6 +125,9 @@ pub(crate) trait CommitHook: Send + Sync {
         bytes: u64,
         queued: u64,
     );
+    /// A collector deletion was committed (after every session was told
+    /// of it).
+    fn deletion_committed(&self, deleted: &Deleted);
     /// The store is closing: stop and join any thread.
     fn on_close(&self);
 }

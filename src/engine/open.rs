@@ -106,6 +106,7 @@ impl Engine {
                 applied_seq: 0,
                 log_seq,
                 turns_done: 0,
+                parked: None,
             }),
             allocs: Mutex::new(Default::default()),
             order: Default::default(),

@@ -124,7 +124,7 @@ fn apply_ref_deltas_in(
 }
 
 /// What [`delete_queued`] did.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub(crate) struct Deleted {
     /// Oids deleted.
     pub(crate) oids: Vec<Oid>,
@@ -139,6 +139,8 @@ pub(crate) struct Deleted {
     pub(crate) queue_left: Option<u64>,
     /// Queue entries looked at.
     pub(crate) looked: usize,
+    /// Cut short because `stop()` said so (a committer waits).
+    pub(crate) cut: bool,
 }
 
 /// Deletes queued oids that dropped at or before `cutoff_ms` (their grace
@@ -176,6 +178,7 @@ pub(crate) fn delete_queued(
     let mut doomed = Undoom(pins, Vec::new());
     'rounds: while looked < batch {
         if looked > 0 && stop() {
+            out.cut = true;
             break;
         }
         let mut candidates = Vec::new();
@@ -254,6 +257,7 @@ pub(crate) fn delete_queued(
             out.next_drop_ms = None;
         }
         if stopped {
+            out.cut = true;
             break;
         }
     }

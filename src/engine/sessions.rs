@@ -531,6 +531,7 @@ impl Engine {
     /// Durably records the oid reservation mark; every commit before it is
     /// durable in the file with it.
     pub(super) fn write_oid_meta(&self, reserved: u64, st: &mut CommitState) -> Result<()> {
+        self.settle_parked(st)?;
         let db = self.db()?;
         let mut w = db.rw()?.begin_write()?;
         w.set_quick_repair(self.quick_repair);

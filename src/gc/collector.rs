@@ -361,7 +361,7 @@ fn round(engine: &Arc<Engine>, gc: &GcShared, stop: &Receiver<Sender<()>>) -> Re
         GcAction::Wait(d) => Ok(Next::Wait(d)),
         GcAction::Incremental(pace) => {
             let batch = gc.batch.load(Ordering::Relaxed).max(pace.batch.max(1));
-            let step = incremental::step(engine, gc, batch, gc.cutoff_ms())?;
+            let step = incremental::step(engine, batch, gc.cutoff_ms(), true)?;
             let next = if step.looked >= batch {
                 (batch * 2).min(MAX_BATCH.max(pace.batch))
             } else {
@@ -408,7 +408,7 @@ fn round(engine: &Arc<Engine>, gc: &GcShared, stop: &Receiver<Sender<()>>) -> Re
                             // a full collection too.
                             if matches!(action, GcAction::Incremental(_))
                                 && let Err(e) =
-                                    incremental::step(engine, gc, p.batch, gc.cutoff_ms())
+                                    incremental::step(engine, p.batch, gc.cutoff_ms(), true)
                             {
                                 failure = Some(e);
                                 return ControlFlow::Break(());
@@ -472,6 +472,12 @@ impl CommitHook for GcShared {
             extra.extend(released.iter().copied());
         }
         self.committed(bytes, queued);
+    }
+
+    fn deletion_committed(&self, deleted: &Deleted) {
+        // Possibly outside the commit lock: a commit may have queued since.
+        self.queue_seen_unlocked(deleted);
+        self.note_deleted(deleted.oids.len() as u64, deleted.bytes, false);
     }
 
     fn on_close(&self) {

@@ -2,11 +2,8 @@
 //! zero, in small non-durable write transactions. Time is proportional to the
 //! garbage, not to the store.
 
-use redb::Durability;
-
-use super::collector::GcShared;
 use super::state::meta_in;
-use crate::engine::{Engine, Undoom, delete_queued, queue_summary};
+use crate::engine::{Engine, delete_queued, queue_summary};
 use crate::error::{InvalidInput, Result};
 use crate::record::Oid;
 
@@ -27,7 +24,12 @@ pub(crate) struct Step {
 /// queue and deletes those that are still garbage, all in one
 /// `Durability::None` write transaction under the commit lock. Oids whose
 /// count falls to zero are queued (transitive release).
-pub(crate) fn step(engine: &Engine, gc: &GcShared, batch: usize, cutoff_ms: u64) -> Result<Step> {
+///
+/// A step cut short for a waiting committer leaves its transaction to that
+/// committer if `hand_over` (the background thread's steps): the commit
+/// then carries the deletion, and `removed` is what it will carry (undone
+/// with it if the commit is refused). Otherwise the step commits.
+pub(crate) fn step(engine: &Engine, batch: usize, cutoff_ms: u64, hand_over: bool) -> Result<Step> {
     {
         let db = engine.db()?;
         let txn = db.begin_read()?;
@@ -40,29 +42,25 @@ pub(crate) fn step(engine: &Engine, gc: &GcShared, batch: usize, cutoff_ms: u64)
         }
     }
     engine.yield_to_committers();
-    // Once the transaction is over, committed or not, what it deleted no
-    // longer holds up a commit.
-    let mut doomed = Undoom(&engine.pins, Vec::new());
-    let deleted = engine.write_txn(Durability::None, |w, _| {
-        let (_, migration) = meta_in(w)?;
-        if migration {
-            return Err(InvalidInput::ImportInProgress.into());
-        }
-        let d = delete_queued(w, &engine.pins, batch, true, cutoff_ms, || {
-            engine.committers_waiting()
-        })?;
-        doomed.1.extend(d.oids.iter().map(|o| o.0));
-        Ok(d)
-    });
-    drop(doomed);
-    let deleted = deleted?;
-    // Outside the commit lock: a commit may have queued meanwhile, so an
-    // empty queue is only noted as "unknown".
-    gc.queue_seen_unlocked(&deleted);
-    // Published after the commit lock: a snapshot taken in between sees
-    // the deletion before the session is told of it, harmless for garbage.
-    engine.publish_changes(None, &deleted.oids);
-    gc.note_deleted(deleted.oids.len() as u64, deleted.bytes, false);
+    let (deleted, parked) = engine.deletion_txn(
+        |w| {
+            let (_, migration) = meta_in(w)?;
+            if migration {
+                return Err(InvalidInput::ImportInProgress.into());
+            }
+            delete_queued(w, &engine.pins, batch, true, cutoff_ms, || {
+                engine.committers_waiting()
+            })
+        },
+        hand_over,
+    )?;
+    if !parked {
+        // Told after the commit lock: a snapshot taken in between sees the
+        // deletion before the session is told of it, harmless for garbage.
+        // (A parked deletion is told of once the commit that takes it over
+        // is committed.)
+        engine.deletion_committed(&deleted);
+    }
     Ok(Step {
         removed: deleted.oids,
         bytes: deleted.bytes,

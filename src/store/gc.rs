@@ -31,7 +31,7 @@ impl RedbStorage {
     pub fn gc_step(&self, max_objects: usize) -> Result<GcReport> {
         let started = Instant::now();
         // Durus's meaning: whatever is unreachable now goes, window or not.
-        let step = step(&self.engine, &self.gc, max_objects, u64::MAX)?;
+        let step = step(&self.engine, max_objects, u64::MAX, false)?;
         Ok(GcReport {
             removed_objects: step.removed.len() as u64,
             removed_bytes: step.bytes,
@@ -56,7 +56,7 @@ impl RedbStorage {
         let batch = self.gc.policy.explicit_batch();
         let mut report = GcReport::default();
         loop {
-            let step = step(engine, &self.gc, batch, u64::MAX)?;
+            let step = step(engine, batch, u64::MAX, false)?;
             report.removed_objects += step.removed.len() as u64;
             report.removed_bytes += step.bytes;
             report.steps += 1;
