@@ -390,6 +390,145 @@ fn commits_that_rescue_garbage_during_a_full_collection_lose_nothing() {
     assert_eq!(stored(&mut s).len(), want);
 }
 
+/// Sessions commit without pause, on threads of their own, while the
+/// background collector reclaims a backlog and the checkpoint thread runs:
+/// the collector's steps are cut short by waiting committers and handed to
+/// them, some of those commits are refused (a dangling reference) and undo
+/// the deletion they carried. Nothing reachable is lost, nothing hangs, and
+/// once the commits stop every piece of garbage goes.
+#[test]
+fn commits_flowing_through_a_busy_collector_lose_nothing_and_leave_no_garbage() {
+    // On a thread of its own, so that a hang (a writer waiting for redb's
+    // writer for ever) fails the test instead of stalling the run.
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let r = std::panic::catch_unwind(busy_collector_body);
+        let _ = tx.send(r.is_ok());
+    });
+    match rx.recv_timeout(Duration::from_secs(120)) {
+        Ok(passed) => assert!(passed, "the test failed (see its panic above)"),
+        Err(_) => panic!("hung for 2 minutes"),
+    }
+}
+
+fn busy_collector_body() {
+    const WRITERS: usize = 3;
+    const CHAIN: usize = 5;
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = RedbStorage::open(
+        dir.path().join("flow.redb"),
+        Options::default().gc({
+            let mut p = no_grace();
+            // No full collection: it would take what the steps leave.
+            p.full = durus_redb::FullTriggers::never();
+            p
+        }),
+    )
+    .unwrap();
+    let root = s.new_oid().unwrap();
+    let shared = s.new_oid().unwrap();
+    let slots = s.new_oids(WRITERS).unwrap();
+    s.begin();
+    for o in &slots {
+        s.store(*o, rec(*o, b"slot", &[])).unwrap();
+    }
+    s.store(shared, rec(shared, b"shared", &[])).unwrap();
+    let mut top = slots.clone();
+    top.push(shared);
+    s.store(root, rec(root, b"root", &top)).unwrap();
+    s.end().unwrap();
+    // A backlog: 20 chains of 1,000 objects, linked and let go.
+    for _ in 0..20 {
+        let chain = s.new_oids(1_000).unwrap();
+        s.begin();
+        for (i, o) in chain.iter().enumerate() {
+            let next: Vec<Oid> = chain.get(i + 1).copied().into_iter().collect();
+            s.store(*o, rec(*o, b"old", &next)).unwrap();
+        }
+        s.store(shared, rec(shared, b"shared", &chain[..1]))
+            .unwrap();
+        s.end().unwrap();
+        s.begin();
+        s.store(shared, rec(shared, b"shared", &[])).unwrap();
+        s.end().unwrap();
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let writers: Vec<_> = slots
+        .iter()
+        .enumerate()
+        .map(|(w, &slot)| {
+            let mut s = s.new_session();
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let (mut committed, mut refused) = (0u32, 0u32);
+                let mut last = Vec::new();
+                for i in 0u32.. {
+                    if stop.load(Ordering::Acquire) {
+                        break;
+                    }
+                    // Every 7th commit names an oid that does not exist:
+                    // refused inside its transaction, with whatever deletion
+                    // it carried.
+                    let dangling = i % 7 == 0;
+                    s.sync().unwrap();
+                    let chain = s.new_oids(CHAIN).unwrap();
+                    s.begin();
+                    for (k, o) in chain.iter().enumerate() {
+                        let next: Vec<Oid> = chain.get(k + 1).copied().into_iter().collect();
+                        let data = format!("w{w} i{i}");
+                        s.store(*o, rec(*o, data.as_bytes(), &next)).unwrap();
+                    }
+                    let mut refs = vec![chain[0]];
+                    if dangling {
+                        refs.push(Oid(1 << 40));
+                    }
+                    s.store(slot, rec(slot, b"slot", &refs)).unwrap();
+                    match s.end() {
+                        Ok(()) => {
+                            committed += 1;
+                            last = chain.iter().map(|o| (*o, format!("w{w} i{i}"))).collect();
+                        }
+                        Err(e) if dangling && e.is_conflict() => refused += 1,
+                        Err(e) => panic!("writer {w}: {e}"),
+                    }
+                }
+                (committed, refused, last)
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs(2));
+    stop.store(true, Ordering::Release);
+    let mut live: BTreeSet<Oid> = [root, shared]
+        .into_iter()
+        .chain(slots.iter().copied())
+        .collect();
+    for w in writers {
+        let (committed, refused, last) = w.join().unwrap();
+        assert!(committed > 0, "a writer committed nothing");
+        assert!(refused > 0, "no commit was refused");
+        for (o, data) in last {
+            assert_eq!(s.load(o).unwrap().data(), data.as_bytes(), "{o} lost");
+            live.insert(o);
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        s.sync().unwrap();
+        if stored(&mut s) == live {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "garbage left after the commits stopped: {} stored, {} live, {} queued",
+            stored(&mut s).len(),
+            live.len(),
+            s.gc_state().unwrap().queue_len
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(s.check_references().unwrap().is_clean());
+}
+
 // ---------------------------------------------------------------- crash
 
 const CHILD_ENV: &str = "DURUS_REDB_GC_CRASH_CHILD";
