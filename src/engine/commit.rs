@@ -380,9 +380,10 @@ impl Engine {
     /// A collector deletion in a `Durability::None` write transaction under
     /// the commit lock: `f` deletes (dooming what it deletes). If `f` was
     /// cut short for a waiting committer and `hand_over`, the transaction
-    /// is left open for that committer instead of committed (true); the deletion's effects
-    /// ([`Engine::deletion_committed`]) follow its commit. Otherwise it is
-    /// committed here and the caller sees to those effects (false).
+    /// is left open for that committer instead of committed (true), and
+    /// the deletion's effects ([`Engine::deletion_committed`]) follow that
+    /// commit. Otherwise it is committed here and the caller sees to those
+    /// effects (false).
     pub(crate) fn deletion_txn(
         &self,
         f: impl FnOnce(&WriteTransaction) -> Result<Deleted>,
