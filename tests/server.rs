@@ -285,10 +285,7 @@ fn commits_invalidate_other_clients_and_conflicts_are_reported() {
 fn many_clients_commit_at_once_and_oids_never_repeat() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("s.redb");
-    let server = Served::start(&path, &[]);
-    let mut first = server.client();
-    assert_eq!(first.new_oid().unwrap(), Oid::ROOT);
-    make_root(&mut first, &[]);
+    let (server, mut first) = serve_with_root(&path, &[]);
     const CLIENTS: usize = 8;
     const COMMITS: usize = 40;
     let port = server.port;
