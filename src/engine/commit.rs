@@ -354,11 +354,7 @@ impl Engine {
         self.check_writable()?;
         let mut guard = self.lock_state();
         let st = &mut *guard;
-        self.settle_parked(st)?;
-        let db = self.db()?;
-        let mut w = db.rw()?.begin_write()?;
-        w.set_durability(durability)?;
-        w.set_quick_repair(self.quick_repair);
+        let w = self.begin_locked(st, durability)?;
         let value = match f(&w, st) {
             Ok(v) => v,
             Err(e) => {
@@ -366,9 +362,7 @@ impl Engine {
                 return Err(e);
             }
         };
-        let r = w.commit().map_err(StorageError::from);
-        self.poisoning(r)?;
-        st.applied_seq += 1;
+        self.commit_locked(st, w)?;
         if matches!(durability, Durability::Immediate) {
             // Every commit before it is durable in the file with it.
             self.durable_seq.fetch_max(st.applied_seq, Ordering::AcqRel);
@@ -391,11 +385,7 @@ impl Engine {
     ) -> Result<(Deleted, bool)> {
         self.check_writable()?;
         let mut st = self.lock_state();
-        self.settle_parked(&mut st)?;
-        let db = self.db()?;
-        let mut w = db.rw()?.begin_write()?;
-        w.set_durability(Durability::None)?;
-        w.set_quick_repair(self.quick_repair);
+        let w = self.begin_locked(&mut st, Durability::None)?;
         let deleted = f(&w)?;
         // What it doomed stays doomed until its transaction is over.
         let mut doomed = Undoom(&self.pins, deleted.oids.iter().map(|o| o.0).collect());
@@ -407,10 +397,31 @@ impl Engine {
             });
             return Ok((deleted, true));
         }
+        self.commit_locked(&mut st, w)?;
+        Ok((deleted, false))
+    }
+
+    /// Begins a write transaction under the commit lock, once a parked
+    /// deletion is committed (redb has one writer).
+    fn begin_locked(
+        &self,
+        st: &mut CommitState,
+        durability: Durability,
+    ) -> Result<WriteTransaction> {
+        self.settle_parked(st)?;
+        let db = self.db()?;
+        let mut w = db.rw()?.begin_write()?;
+        w.set_durability(durability)?;
+        w.set_quick_repair(self.quick_repair);
+        Ok(w)
+    }
+
+    /// Commits `w` under the commit lock; a failure poisons the store.
+    fn commit_locked(&self, st: &mut CommitState, w: WriteTransaction) -> Result<()> {
         let r = w.commit().map_err(StorageError::from);
         self.poisoning(r)?;
         st.applied_seq += 1;
-        Ok((deleted, false))
+        Ok(())
     }
 
     /// Commits the parked collector transaction, if any (before another
@@ -422,9 +433,7 @@ impl Engine {
         };
         let _undoom = Undoom(&self.pins, deleted.oids.iter().map(|o| o.0).collect());
         self.check_writable()?;
-        let r = w.commit().map_err(StorageError::from);
-        self.poisoning(r)?;
-        st.applied_seq += 1;
+        self.commit_locked(st, w)?;
         self.deletion_committed(&deleted);
         Ok(())
     }
@@ -755,7 +764,6 @@ fn apply(
         });
     }
     let bytes: u64 = records.values().map(|r| r.len() as u64).sum();
-    let db = engine.db()?;
     // A collector deletion left open for this commit is committed with it
     // (undone with it if the commit is refused).
     let parked = st.parked.take();
@@ -766,13 +774,11 @@ fn apply(
             .flat_map(|p| p.deleted.oids.iter().map(|o| o.0))
             .collect(),
     );
-    let (mut w, adopted) = match parked {
-        Some(Parked { w, deleted }) => (w, Some(deleted)),
-        None => (db.rw()?.begin_write()?, None),
-    };
     // Never redb's fsync here: the log, or a checkpoint, makes it durable.
-    w.set_durability(Durability::None)?;
-    w.set_quick_repair(engine.quick_repair);
+    let (w, adopted) = match parked {
+        Some(Parked { w, deleted }) => (w, Some(deleted)),
+        None => (engine.begin_locked(st, Durability::None)?, None),
+    };
     let may_create = |oid| engine.allocs.lock().may_create(session, oid);
     let (queued, released) = write_commit(&w, Some(&may_create), records)?;
     // The commit's share of the collector's work, in its own transaction
