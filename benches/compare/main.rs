@@ -10,7 +10,10 @@
 //!    read, write (1, 10, 100 objects per commit) and mixed workloads with 1,
 //!    4 and 16 client processes against the null server (the ceiling),
 //!    durus-redb, and `durus -s` on its FileStorage and on its SqliteStorage;
-//! 3. Rust rows: a load generator speaking the protocol directly;
+//! 3. Rust rows: a load generator speaking the protocol directly, and the
+//!    commit capacity: commits of 10 records at 1, 4 and 16 connections
+//!    against `durus -s`, durus-redb in its log modes, and two ceilings (the
+//!    null server without storage, and with a group-fsynced log);
 //! 4. start-up time and resident memory against store size;
 //! 5. the engine against raw redb doing the same key/value work.
 //!
@@ -910,7 +913,9 @@ fn snapshot_reads(
 
 /// The commit-capacity table: the load generator committing 10 records per
 /// commit as fast as it can, at 1, 4 and 16 connections, against `durus -s`
-/// (FileStorage, which never fsyncs) and durus-redb in its two log modes.
+/// (FileStorage, which never fsyncs), the null server without storage and
+/// with a group-fsynced log (the ceilings of a non-durable and of a durable
+/// commit on this machine), and durus-redb in its two log modes.
 fn commit_capacity(
     md: &mut String,
     stores: &Stores,
@@ -918,41 +923,61 @@ fn commit_capacity(
     cfg: &Config,
     servers: &[Server],
 ) {
-    let mut runs: Vec<(String, Server, Vec<&str>)> = Vec::new();
+    /// What a row runs against.
+    enum Target {
+        Null,
+        NullLogged,
+        Process(Server, Vec<&'static str>),
+    }
+    let mut runs: Vec<(String, Target)> = Vec::new();
     if servers.contains(&Server::DurusFile) {
         runs.push((
             "durus -s FileStorage (no fsync)".into(),
-            Server::DurusFile,
-            vec![],
+            Target::Process(Server::DurusFile, vec![]),
+        ));
+    }
+    if servers.contains(&Server::Null) {
+        runs.push(("null server, no storage (ceiling)".into(), Target::Null));
+        runs.push((
+            "null server, fsynced log only (ceiling of fsync)".into(),
+            Target::NullLogged,
         ));
     }
     if servers.contains(&Server::DurusRedb) {
         runs.push((
             "durus-redb --durability fsync".into(),
-            Server::DurusRedb,
-            vec!["--durability", "fsync"],
+            Target::Process(Server::DurusRedb, vec!["--durability", "fsync"]),
         ));
         runs.push((
             "durus-redb --durability os".into(),
-            Server::DurusRedb,
-            vec!["--durability", "os"],
+            Target::Process(Server::DurusRedb, vec!["--durability", "os"]),
         ));
     }
     let counts = [1usize, 4, 16];
     // Per server: (commits/s, p50 ms, p99 ms) at each connection count.
     type Cells = Vec<(f64, f64, f64)>;
     let mut rows: Vec<(String, Cells)> = Vec::new();
-    for (label, server, extra) in &runs {
+    for (label, target) in &runs {
         eprintln!("compare: commit capacity of {label}");
         let mut cells = Vec::new();
         for &connections in &counts {
-            // A fresh copy of the store for every run.
-            let running = stores.start_with(
-                *server,
-                durus_bin,
-                &format!("cap-{server:?}-{}-{connections}", extra.join("")),
-                extra,
-            );
+            // A fresh store (or log) for every run.
+            let running = match target {
+                Target::Null => Running::Null(NullServer::start(HashMap::new()).expect("null")),
+                Target::NullLogged => Running::Null(
+                    NullServer::start_logged(
+                        HashMap::new(),
+                        &stores.dir.join(format!("cap-null-{connections}.log")),
+                    )
+                    .expect("null server with a log"),
+                ),
+                Target::Process(server, extra) => stores.start_with(
+                    *server,
+                    durus_bin,
+                    &format!("cap-{server:?}-{}-{connections}", extra.join("")),
+                    extra,
+                ),
+            };
             let mix = Mix {
                 connections,
                 commit_fraction: 1.0,
@@ -962,6 +987,7 @@ fn commit_capacity(
             };
             let mut r = loadgen::run(running.port(), mix)
                 .unwrap_or_else(|e| panic!("load generator against {label}: {e}"));
+            drop(running);
             let (p50, p99) = percentiles(&mut r.commit_lat_us);
             let rate = r.commits as f64 / r.seconds;
             eprintln!(
@@ -1000,22 +1026,33 @@ fn commit_capacity(
     }
 }
 
-/// A short run of the load generator against the null server.
+/// A short run of the load generator against the null server, without and
+/// with its log.
 fn smoke() {
-    let server = NullServer::start(HashMap::new()).expect("null server");
-    let mix = Mix {
-        connections: 2,
-        commit_fraction: 0.2,
-        records_per_commit: 3,
-        objects_per_connection: 50,
-        duration: Duration::from_millis(300),
-    };
-    let r = loadgen::run(server.port, mix).expect("load generator");
-    assert!(r.loads > 0 && r.commits > 0, "no work done: {r:?}");
-    println!(
-        "compare (test mode): load generator did {} loads and {} commits against the null server; run `cargo bench --bench compare` for the comparison",
-        r.loads, r.commits
-    );
+    let dir = tempfile::tempdir().expect("temporary directory");
+    for logged in [false, true] {
+        let server = if logged {
+            NullServer::start_logged(HashMap::new(), &dir.path().join("null.log"))
+        } else {
+            NullServer::start(HashMap::new())
+        }
+        .expect("null server");
+        let mix = Mix {
+            connections: 2,
+            commit_fraction: 0.2,
+            records_per_commit: 3,
+            objects_per_connection: 50,
+            duration: Duration::from_millis(300),
+        };
+        let r = loadgen::run(server.port, mix).expect("load generator");
+        assert!(r.loads > 0 && r.commits > 0, "no work done: {r:?}");
+        println!(
+            "compare (test mode): load generator did {} loads and {} commits against the null server{}; run `cargo bench --bench compare` for the comparison",
+            r.loads,
+            r.commits,
+            if logged { " with its log" } else { "" }
+        );
+    }
 }
 
 /// Mean microseconds per commit of 10 records and per load, for the engine
