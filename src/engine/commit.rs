@@ -42,8 +42,9 @@ pub(crate) struct CommitState {
 /// A collector transaction that deleted `deleted` (its oids doomed), not
 /// committed: the next commit applies its records in it and commits both
 /// at once, so the committer that cut the deletion short does not wait for
-/// a commit of its own. Whoever else next needs redb's writer commits it
-/// first ([`Engine::settle_parked`]).
+/// a commit of its own (only a commit expected to pass: see [`Carry`]).
+/// Whoever else next needs redb's writer commits it first
+/// ([`Engine::settle_parked`]).
 pub(crate) struct Parked {
     w: WriteTransaction,
     deleted: Deleted,
@@ -486,7 +487,8 @@ impl<'a> OrderGuard<'a> {
         records: &BTreeMap<Oid, Record>,
         after: impl FnOnce(&Result<CommitTicket>) -> T,
     ) -> (Result<CommitTicket>, T) {
-        self.take_turn().run(session, records, after)
+        self.take_turn()
+            .run(session, records, Carry::IfClean, after)
     }
 
     /// Places a commit of `session` in the order. If it passes validation
@@ -517,7 +519,8 @@ impl<'a> OrderGuard<'a> {
             || !passes(self.engine, session, &records).unwrap_or(false)
         {
             self.engine.pins.unpin(&pinned);
-            return Placed::Applied(self.apply_then(session, &records, |_| ()).0);
+            let turn = self.take_turn();
+            return Placed::Applied(turn.run(session, &records, Carry::No, |_| ()).0);
         }
         let turn = self.take_turn();
         let oids: Vec<Oid> = records.keys().copied().collect();
@@ -645,6 +648,7 @@ impl Turn<'_> {
         mut self,
         session: SessionId,
         records: &BTreeMap<Oid, Record>,
+        carry: Carry,
         after: impl FnOnce(&Result<CommitTicket>) -> T,
     ) -> (Result<CommitTicket>, T) {
         let engine = self.engine;
@@ -652,7 +656,7 @@ impl Turn<'_> {
         let mut st = engine.lock_state();
         engine.wait_turns(&mut st, self.n - 1);
         let applied = engine.guarded(|| {
-            let r = apply(engine, &mut st, session, records, true);
+            let r = apply(engine, &mut st, session, records, true, carry);
             let value = after(&r);
             (r, value)
         });
@@ -702,11 +706,12 @@ impl Engine {
             if q.n > own {
                 more += 1;
             }
-            let (r, panicked) =
-                match self.guarded(|| apply(self, &mut st, q.session, &q.records, false)) {
-                    Ok(r) => (r, None),
-                    Err(p) => (Err(apply_panicked()), Some(p)),
-                };
+            let (r, panicked) = match self
+                .guarded(|| apply(self, &mut st, q.session, &q.records, false, Carry::Yes))
+            {
+                Ok(r) => (r, None),
+                Err(p) => (Err(apply_panicked()), Some(p)),
+            };
             self.pins.unpin(&q.pinned);
             self.end_turn(&mut st, q.n);
             self.line.lock().results.insert(q.n, r);
@@ -743,6 +748,33 @@ impl Engine {
     }
 }
 
+/// Whether a commit may carry a collector deletion parked for it
+/// ([`Parked`]). A commit refused with the deletion in its transaction
+/// undoes the deletion too, so only commits expected to pass carry one:
+/// bad input must not undo the collector's work (a client sending commits
+/// that are refused would otherwise stop the collector for good).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Carry {
+    /// Placed in the line: validated and pinned, it passes in its turn.
+    Yes,
+    /// Refused when it was placed: the deletion is committed on its own
+    /// first.
+    No,
+    /// Not validated yet (the library, snapshot reads): carries it only if
+    /// it passes validation and touches nothing the deletion removes.
+    IfClean,
+}
+
+/// Whether a commit of `session` not yet validated may carry a parked
+/// deletion: nothing it writes or references is being deleted, and it
+/// passes validation against the state applied so far.
+fn clean(engine: &Engine, session: SessionId, records: &BTreeMap<Oid, Record>) -> bool {
+    let pinned = pin_list(records);
+    let clean = engine.pins.pin(&pinned) && passes(engine, session, records).unwrap_or(false);
+    engine.pins.unpin(&pinned);
+    clean
+}
+
 /// Validates and applies one commit of `session` in its own redb write
 /// transaction, under the commit lock. Nothing is written if validation
 /// fails. With `publish`, its changes are published as they become visible
@@ -754,6 +786,7 @@ fn apply(
     session: SessionId,
     records: &BTreeMap<Oid, Record>,
     publish: bool,
+    carry: Carry,
 ) -> Result<CommitTicket> {
     engine.check_writable()?;
     if records.is_empty() {
@@ -765,8 +798,14 @@ fn apply(
     }
     let bytes: u64 = records.values().map(|r| r.len() as u64).sum();
     // A collector deletion left open for this commit is committed with it
-    // (undone with it if the commit is refused).
-    let parked = st.parked.take();
+    // (undone with it if the commit is refused) if the commit may carry it;
+    // else `begin_locked` commits it first.
+    let carry = match carry {
+        Carry::Yes => true,
+        Carry::No => false,
+        Carry::IfClean => st.parked.is_some() && clean(engine, session, records),
+    };
+    let parked = if carry { st.parked.take() } else { None };
     let _undoom_parked = Undoom(
         &engine.pins,
         parked
@@ -946,7 +985,7 @@ mod tests {
     use std::sync::Arc;
     use std::time::Duration;
 
-    use super::Placed;
+    use super::{Carry, Placed, apply};
     use crate::engine::{Engine, SessionId, SessionRef};
     use crate::record::{Oid, Record};
 
@@ -1321,14 +1360,23 @@ mod tests {
         assert!(engine.pins.pin(&[x.0]), "still doomed after its commit");
     }
 
-    /// A commit that takes over a deletion and is refused undoes both: the
-    /// garbage stays, queued and not doomed, for a later deletion.
+    /// A commit that carries a deletion and is refused in its turn undoes
+    /// both: the garbage stays, queued and not doomed, for a later deletion.
+    /// (Only a commit expected to pass carries one, see the next tests; a
+    /// placed commit can still be refused in its turn in a store imported
+    /// with `--allow-dangling`. This applies one as the line does.)
     #[test]
-    fn a_deletion_handed_over_to_a_refused_commit_is_undone_with_it() {
+    fn a_carried_deletion_is_undone_with_a_commit_refused_in_its_turn() {
         let (_dir, engine, a, b, b_state, oids) = garbage_x();
         let x = oids[1];
         assert_eq!(park(&engine), vec![x]);
-        let refused = engine.commit(a, &one(Oid(777), b"unknown", &[]));
+        let refused = {
+            let mut st = engine.lock_state();
+            let bad = one(Oid(777), b"unknown", &[]);
+            let r = apply(&engine, &mut st, a, &bad, false, Carry::Yes);
+            assert!(st.parked.is_none(), "the deletion was not carried");
+            r
+        };
         assert!(refused.unwrap_err().is_conflict());
         assert_eq!(engine.load(x).unwrap().data(), b"x");
         assert_eq!(engine.take_invalid(b, &b_state, None), Vec::<Oid>::new());
@@ -1338,6 +1386,58 @@ mod tests {
         );
         engine.pins.unpin(&[x.0]);
         assert_eq!(collect_all(&engine), vec![x], "no longer queued");
+    }
+
+    /// A commit refused by validation does not carry a parked deletion: the
+    /// deletion is committed on its own first, so bad input cannot undo the
+    /// collector's work (a client sending only refused commits would
+    /// otherwise stop the collector for good). Through the library (not
+    /// validated before its apply) and through the line (refused when
+    /// placed).
+    #[test]
+    fn a_refused_commit_leaves_a_parked_deletion_to_be_committed() {
+        for placed in [false, true] {
+            let (_dir, engine, a, b, b_state, oids) = garbage_x();
+            let x = oids[1];
+            assert_eq!(park(&engine), vec![x]);
+            let bad = one(Oid(777), b"unknown", &[]);
+            let refused = if placed {
+                match engine.lock_order().place(a, bad) {
+                    Placed::Applied(r) => r.map(|_| ()),
+                    Placed::Turn(_) => panic!("a commit of an unknown oid was placed"),
+                }
+            } else {
+                engine.commit(a, &bad)
+            };
+            assert!(refused.unwrap_err().is_conflict());
+            assert!(
+                matches!(engine.load(x), Err(crate::StorageError::NotFound(_))),
+                "a refused commit undid the deletion (placed: {placed})"
+            );
+            assert_eq!(engine.take_invalid(b, &b_state, None), vec![x]);
+            assert!(engine.pins.pin(&[x.0]), "still doomed");
+            engine.pins.unpin(&[x.0]);
+        }
+    }
+
+    /// A library commit that references what a parked deletion removes
+    /// does not carry it: the deletion is committed first, and the commit
+    /// is refused for a reference to a deleted object, as it would be had
+    /// the collector committed the deletion itself (not refused by a
+    /// deletion that is then undone).
+    #[test]
+    fn a_commit_referencing_a_parked_deletion_does_not_carry_it() {
+        let (_dir, engine, a, b, b_state, oids) = garbage_x();
+        let (root, x) = (oids[0], oids[1]);
+        assert_eq!(park(&engine), vec![x]);
+        let refused = engine.commit(a, &one(root, b"root", &[x]));
+        assert!(refused.unwrap_err().is_conflict());
+        assert!(
+            matches!(engine.load(x), Err(crate::StorageError::NotFound(_))),
+            "the deletion was undone"
+        );
+        assert_eq!(engine.take_invalid(b, &b_state, None), vec![x]);
+        assert_eq!(engine.load(root).unwrap().data(), b"root");
     }
 
     /// Whatever else needs redb's single writer commits a parked deletion

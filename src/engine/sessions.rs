@@ -495,8 +495,11 @@ impl Engine {
         self.check_writable()?;
         let n = n as u64;
         let mut st = self.commit.lock();
-        let mut allocs = self.allocs.lock();
-        let held = allocs.by_session.get(&session).copied().unwrap_or(0);
+        // `allocs` is not held across the mark's write below: that write
+        // commits a parked collector deletion first, which publishes (and
+        // nothing is taken under `allocs`). Under the commit lock nothing
+        // else raises this session's count meanwhile.
+        let held = (self.allocs.lock().by_session.get(&session).copied()).unwrap_or(0);
         if held.saturating_add(n) > cap {
             return Err(InvalidInput::TooManyOidsHeld {
                 held,
@@ -521,6 +524,7 @@ impl Engine {
         st.next_oid = end;
         self.oids_out.fetch_max(end, Ordering::AcqRel);
         let oids: Vec<Oid> = (start..end).map(Oid).collect();
+        let mut allocs = self.allocs.lock();
         for &oid in &oids {
             allocs.by_oid.insert(oid, session);
         }

@@ -368,9 +368,11 @@ fn round(engine: &Arc<Engine>, gc: &GcShared, stop: &Receiver<Sender<()>>) -> Re
                 pace.batch
             };
             gc.batch.store(next, Ordering::Relaxed);
-            if step.queue_left == 0 && !step.removed.is_empty() {
+            if step.queue_left == 0 && !step.removed.is_empty() && !step.parked {
                 // A burst is over: make its deletions durable so redb can
-                // reuse the pages.
+                // reuse the pages. (Not for a step left to a waiting
+                // committer: the checkpoint would commit it first and make
+                // that committer wait for the fsync.)
                 engine.checkpoint()?;
             }
             if let Some(ack) = pause(stop, pace.pause) {

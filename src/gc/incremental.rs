@@ -18,6 +18,8 @@ pub(crate) struct Step {
     pub queue_left: u64,
     /// Queue entries looked at.
     pub looked: usize,
+    /// Cut short and left to the next commit to carry.
+    pub parked: bool,
 }
 
 /// Pops up to `batch` oids that dropped at or before `cutoff_ms` from the
@@ -66,5 +68,6 @@ pub(crate) fn step(engine: &Engine, batch: usize, cutoff_ms: u64, hand_over: boo
         bytes: deleted.bytes,
         queue_left: deleted.queue_left.unwrap_or(0),
         looked: deleted.looked,
+        parked,
     })
 }
