@@ -809,3 +809,43 @@ fn gc_state_tells_how_much_garbage_waits_out_its_window() {
     s.end().unwrap();
     assert!(s.gc_state().unwrap().queue_len < 6);
 }
+
+/// A policy whose decision panics (a bug in it, or in the collector).
+#[derive(Debug)]
+struct PanickingPolicy;
+
+impl GcPolicy for PanickingPolicy {
+    fn decide(&self, _: &GcFacts) -> GcAction {
+        panic!("a policy that panics")
+    }
+}
+
+/// A panic in the background collector is not swallowed: the store refuses
+/// writes from then on and says why, as after a collector error, instead of
+/// going on without a collector and without a word.
+#[test]
+fn a_panic_in_the_collector_poisons_the_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("panics.redb");
+    let mut s = RedbStorage::open(&path, Options::default().gc(PanickingPolicy)).unwrap();
+    let root = s.new_oid().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let err = loop {
+        s.begin();
+        s.store(root, rec(root, b"root", &[])).unwrap();
+        match s.end() {
+            Err(e) => break e,
+            Ok(()) => {
+                assert!(
+                    Instant::now() < deadline,
+                    "commits still accepted 30 s after the collector panicked"
+                );
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+    };
+    assert!(
+        matches!(err, StorageError::Poisoned { .. }) && err.to_string().contains("panicked"),
+        "{err}"
+    );
+}

@@ -307,7 +307,22 @@ fn thread_main(
             wait = Duration::from_millis(50);
             continue;
         }
-        match round(&engine, gc, &stop) {
+        // A panic in a round (a bug, or a policy that panics) is a failure
+        // like an error: logged, and the store refuses writes from then on,
+        // instead of going on without a collector and without a word.
+        let result =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| round(&engine, gc, &stop)))
+                .unwrap_or_else(|payload| {
+                    let what = payload
+                        .downcast_ref::<&str>()
+                        .map(|s| s.to_string())
+                        .or_else(|| payload.downcast_ref::<String>().cloned())
+                        .unwrap_or_default();
+                    Err(StorageError::Poisoned {
+                        reason: format!("the garbage collector panicked: {what}"),
+                    })
+                });
+        match result {
             Ok(Next::Wait(d)) => wait = d,
             // An import started meanwhile, or the store cannot be collected
             // as it is (records but no root): not a failure of the store.
