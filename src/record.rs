@@ -160,6 +160,11 @@ impl Record {
         refs_of_validated(&self.bytes[self.data_end..])
     }
 
+    /// The refs part, as written: 8 bytes an oid.
+    pub(crate) fn refs_bytes(&self) -> &[u8] {
+        &self.bytes[self.data_end..]
+    }
+
     /// The whole record, as stored and sent on the wire.
     pub fn as_bytes(&self) -> &[u8] {
         &self.bytes

@@ -15,7 +15,7 @@ use super::refcount::{Deleted, apply_ref_deltas, corrupt};
 use super::{Engine, SessionId};
 use crate::checkpoint::{CheckpointFacts, Durability as Mode};
 use crate::error::{Conflict, InvalidInput, Result, StorageError};
-use crate::record::{Oid, Record, refs_of};
+use crate::record::{Oid, Record, refs_of, refs_of_validated};
 
 /// State guarded by the commit lock: everything a commit reads or changes
 /// outside redb.
@@ -919,7 +919,14 @@ pub(super) fn write_commit(
         let present = old.is_some();
         old_refs.clear();
         if let Some(v) = &old {
-            old_refs.extend(refs_of(v.value()).map_err(|e| corrupt(*oid, e))?);
+            let bytes = v.value();
+            let end = Record::check(bytes).map_err(|e| corrupt(*oid, e))?;
+            if bytes[end..] == *record.refs_bytes() {
+                // The same references in the same order (most rewrites):
+                // no count changes, and none is new.
+                continue;
+            }
+            old_refs.extend(refs_of_validated(&bytes[end..]));
         }
         drop(old);
         if let Some(may_create) = check
