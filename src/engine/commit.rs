@@ -15,7 +15,7 @@ use super::refcount::{Deleted, apply_ref_deltas, corrupt};
 use super::{Engine, SessionId};
 use crate::checkpoint::{CheckpointFacts, Durability as Mode};
 use crate::error::{Conflict, InvalidInput, Result, StorageError};
-use crate::record::{Oid, Record, refs_of, refs_of_validated};
+use crate::record::{Oid, Record, refs_of_validated};
 
 /// State guarded by the commit lock: everything a commit reads or changes
 /// outside redb.
@@ -586,7 +586,15 @@ fn passes(engine: &Engine, session: SessionId, records: &BTreeMap<Oid, Record>) 
     for (oid, record) in records {
         old_refs.clear();
         match table.get(oid.0)? {
-            Some(v) => old_refs.extend(refs_of(v.value()).map_err(|e| corrupt(*oid, e))?),
+            Some(v) => {
+                let bytes = v.value();
+                let end = Record::check(bytes).map_err(|e| corrupt(*oid, e))?;
+                if bytes[end..] == *record.refs_bytes() {
+                    // The same references: none gained.
+                    continue;
+                }
+                old_refs.extend(refs_of_validated(&bytes[end..]));
+            }
             None => {
                 if engine.allocs.lock().may_create(session, *oid).is_err() {
                     return Ok(false);
@@ -1169,10 +1177,14 @@ mod tests {
     #[test]
     fn a_commit_that_would_be_refused_publishes_nothing() {
         let (_dir, engine, a, b, b_state, oids) = two_sessions(2);
-        engine.commit(a, &one(oids[1], b"x", &[])).unwrap();
+        let mut both = one(oids[0], b"root", &[]);
+        both.extend(one(oids[1], b"x", &[oids[0]]));
+        engine.commit(a, &both).unwrap();
         engine.take_invalid(b, &b_state, None);
-        // A dangling reference, then an oid nobody was handed.
+        // A dangling reference added, one in place of a reference held
+        // (as many references as before), then an oid nobody was handed.
         for records in [
+            one(oids[1], b"dangling", &[oids[0], Oid(999)]),
             one(oids[1], b"dangling", &[Oid(999)]),
             one(Oid(777), b"unknown", &[]),
         ] {
