@@ -60,6 +60,9 @@ pub(crate) struct GcShared {
     /// [`MAX_BATCH`]. A step stops early when a committer waits, so a large
     /// batch does not hold commits up.
     batch: std::sync::atomic::AtomicUsize,
+    /// A burst ended with a step left to a waiting committer: its
+    /// checkpoint is taken at the start of the next round instead.
+    checkpoint_owed: AtomicBool,
     /// Held by whoever runs a full collection.
     pub(crate) full_lock: Mutex<()>,
     /// An explicit full collection (a pack) waits for `full_lock`: a
@@ -98,6 +101,7 @@ impl GcShared {
             nudge: Mutex::new(None),
             next_drop_ms: AtomicU64::new(0),
             batch: std::sync::atomic::AtomicUsize::new(0),
+            checkpoint_owed: AtomicBool::new(false),
             full_lock: Mutex::new(()),
             explicit_waiting: AtomicBool::new(false),
             extra: Mutex::new(None),
@@ -368,6 +372,9 @@ fn round(engine: &Arc<Engine>, gc: &GcShared, stop: &Receiver<Sender<()>>) -> Re
     if migration {
         return Ok(Next::Wait(Duration::from_secs(1)));
     }
+    if gc.checkpoint_owed.swap(false, Ordering::AcqRel) {
+        engine.checkpoint()?;
+    }
     let action = gc.policy.decide(&facts);
     if !matches!(action, GcAction::Wait(_)) {
         gc.background_rounds.fetch_add(1, Ordering::Relaxed);
@@ -383,12 +390,16 @@ fn round(engine: &Arc<Engine>, gc: &GcShared, stop: &Receiver<Sender<()>>) -> Re
                 pace.batch
             };
             gc.batch.store(next, Ordering::Relaxed);
-            if step.queue_left == 0 && !step.removed.is_empty() && !step.parked {
+            if step.queue_left == 0 && !step.removed.is_empty() {
                 // A burst is over: make its deletions durable so redb can
-                // reuse the pages. (Not for a step left to a waiting
-                // committer: the checkpoint would commit it first and make
-                // that committer wait for the fsync.)
-                engine.checkpoint()?;
+                // reuse the pages. After a step left to a waiting committer,
+                // at the next round: now the checkpoint would commit the
+                // step first and make that committer wait for the fsync.
+                if step.parked {
+                    gc.checkpoint_owed.store(true, Ordering::Release);
+                } else {
+                    engine.checkpoint()?;
+                }
             }
             if let Some(ack) = pause(stop, pace.pause) {
                 return Ok(Next::Stop(ack));
