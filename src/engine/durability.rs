@@ -37,6 +37,14 @@ impl Drop for Checkpointer {
     }
 }
 
+/// How long a committer whose commit waits for a group sync that is
+/// running waits for it without sleeping (yielding its core to any other
+/// thread that can run) before it sleeps. About one `fdatasync` of the log
+/// on the disk it was measured on (100-150 us): the load generator at 4
+/// and 16 connections in `fsync` mode committed 10-20% more with it (three
+/// alternating rounds; 75 us gained less, 300 us no more).
+pub(super) const FLUSH_SPIN: Duration = Duration::from_micros(150);
+
 impl Engine {
     /// Starts the thread that checkpoints when the policy asks for it and,
     /// in `Durability::Os`, syncs the log every interval, if either is wanted.
@@ -134,6 +142,21 @@ impl Engine {
         // commit written so far. Those that arrive meanwhile wait, and are
         // all woken at once when it is done: the covered ones return, one of
         // the others leads the next group.
+        //
+        // A committer that finds a sync running first waits for it without
+        // sleeping, for up to FLUSH_SPIN, giving its core to any other
+        // thread that can run: sleeping on the condition variable and being
+        // woken costs two thread switches, 20-30 us each on a virtual
+        // machine, for a wait of about one sync.
+        if self.flushing.load(Ordering::Acquire) {
+            let until = Instant::now() + FLUSH_SPIN;
+            while self.flushing.load(Ordering::Acquire) && Instant::now() < until {
+                if self.log_durable.load(Ordering::Acquire) >= ticket.seq {
+                    return Ok(());
+                }
+                std::thread::yield_now();
+            }
+        }
         let mut syncing = self.syncing.lock();
         loop {
             if self.log_durable.load(Ordering::Acquire) >= ticket.seq {
@@ -141,10 +164,12 @@ impl Engine {
             }
             if !*syncing {
                 *syncing = true;
+                self.flushing.store(true, Ordering::Release);
                 drop(syncing);
                 let r = self.sync_log();
                 syncing = self.syncing.lock();
                 *syncing = false;
+                self.flushing.store(false, Ordering::Release);
                 self.synced.notify_all();
                 r?;
                 continue;

@@ -194,6 +194,9 @@ pub(crate) struct Engine {
     log_durable: AtomicU64,
     /// Whether a committer is syncing the log for a group right now.
     syncing: Mutex<bool>,
+    /// The same, read without the lock by a committer that waits for it
+    /// (see [`FLUSH_SPIN`](durability::FLUSH_SPIN)).
+    flushing: std::sync::atomic::AtomicBool,
     /// Signalled after every sync of the log.
     synced: parking_lot::Condvar,
     checkpoint_lock: Mutex<()>,

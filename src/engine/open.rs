@@ -121,6 +121,7 @@ impl Engine {
             log,
             log_durable: AtomicU64::new(log_seq),
             syncing: Mutex::new(false),
+            flushing: std::sync::atomic::AtomicBool::new(false),
             synced: parking_lot::Condvar::new(),
             checkpoint_lock: Mutex::new(()),
             sessions: Mutex::new(HashMap::new()),
