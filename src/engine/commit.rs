@@ -669,17 +669,12 @@ impl Turn<'_> {
                 // then look again under the lock.
                 spun = true;
                 drop(line);
-                let until = Instant::now() + LINE_SPIN;
-                while Instant::now() < until {
-                    std::thread::yield_now();
+                super::spin_while(LINE_SPIN, || {
                     let l = engine.line.lock();
                     let done = engine.turns_done.load(Ordering::Acquire);
-                    if l.results.contains_key(&self.n)
-                        || (!l.combining && l.queue.front().is_some_and(|q| q.n == done + 1))
-                    {
-                        break;
-                    }
-                }
+                    !(l.results.contains_key(&self.n)
+                        || (!l.combining && l.queue.front().is_some_and(|q| q.n == done + 1)))
+                });
                 line = engine.line.lock();
                 continue;
             }

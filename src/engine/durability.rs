@@ -135,7 +135,8 @@ impl Engine {
                 self.checkpoint()?;
             }
         }
-        if !ticket.wait || self.log_durable.load(Ordering::Acquire) >= ticket.seq {
+        let covered = || self.log_durable.load(Ordering::Acquire) >= ticket.seq;
+        if !ticket.wait || covered() {
             return Ok(());
         }
         // Group commit: one committer (the leader) syncs the log for every
@@ -149,17 +150,13 @@ impl Engine {
         // woken costs two thread switches, 20-30 us each on a virtual
         // machine, for a wait of about one sync.
         if self.flushing.load(Ordering::Acquire) {
-            let until = Instant::now() + FLUSH_SPIN;
-            while self.flushing.load(Ordering::Acquire) && Instant::now() < until {
-                if self.log_durable.load(Ordering::Acquire) >= ticket.seq {
-                    return Ok(());
-                }
-                std::thread::yield_now();
-            }
+            super::spin_while(FLUSH_SPIN, || {
+                self.flushing.load(Ordering::Acquire) && !covered()
+            });
         }
         let mut syncing = self.syncing.lock();
         loop {
-            if self.log_durable.load(Ordering::Acquire) >= ticket.seq {
+            if covered() {
                 return Ok(());
             }
             if !*syncing {
