@@ -514,10 +514,7 @@ impl<'a> OrderGuard<'a> {
         records: BTreeMap<Oid, Record>,
     ) -> Placed<'a> {
         let pinned = pin_list(&records);
-        if records.is_empty()
-            || !self.engine.pins.pin(&pinned)
-            || !passes(self.engine, session, &records).unwrap_or(false)
-        {
+        if records.is_empty() || !pin_and_pass(self.engine, session, &records, &pinned) {
             self.engine.pins.unpin(&pinned);
             let turn = self.take_turn();
             return Placed::Applied(turn.run(session, &records, Carry::No, |_| ()).0);
@@ -587,6 +584,30 @@ pub(crate) enum Placed<'a> {
     Applied(Result<CommitTicket>),
 }
 
+/// Whether `record` references other oids than the stored bytes `old` of
+/// `oid` (a corrupt record is an error); if so, `old`'s references are
+/// added to `out`. Byte-equal references (most rewrites) are not parsed.
+fn changed_refs(oid: Oid, old: &[u8], record: &Record, out: &mut Vec<Oid>) -> Result<bool> {
+    let end = Record::check(old).map_err(|e| corrupt(oid, e))?;
+    if old[end..] == *record.refs_bytes() {
+        return Ok(false);
+    }
+    out.extend(refs_of_validated(&old[end..]));
+    Ok(true)
+}
+
+/// Pins `pinned` (the commit's [`pin_list`]) and validates the commit:
+/// false if something it names is being deleted or it does not pass
+/// ([`passes`]). The pins are taken either way: unpin them.
+fn pin_and_pass(
+    engine: &Engine,
+    session: SessionId,
+    records: &BTreeMap<Oid, Record>,
+    pinned: &[u64],
+) -> bool {
+    engine.pins.pin(pinned) && passes(engine, session, records).unwrap_or(false)
+}
+
 /// Whether a commit of `session` passes validation against the state
 /// applied so far: each oid is stored, or the session may create it, and
 /// each reference its record gains resolves.
@@ -600,13 +621,10 @@ fn passes(engine: &Engine, session: SessionId, records: &BTreeMap<Oid, Record>) 
         old_refs.clear();
         match table.get(oid.0)? {
             Some(v) => {
-                let bytes = v.value();
-                let end = Record::check(bytes).map_err(|e| corrupt(*oid, e))?;
-                if bytes[end..] == *record.refs_bytes() {
+                if !changed_refs(*oid, v.value(), record, &mut old_refs)? {
                     // The same references: none gained.
                     continue;
                 }
-                old_refs.extend(refs_of_validated(&bytes[end..]));
             }
             None => {
                 if engine.allocs.lock().may_create(session, *oid).is_err() {
@@ -810,7 +828,7 @@ enum Carry {
 /// passes validation against the state applied so far.
 fn clean(engine: &Engine, session: SessionId, records: &BTreeMap<Oid, Record>) -> bool {
     let pinned = pin_list(records);
-    let clean = engine.pins.pin(&pinned) && passes(engine, session, records).unwrap_or(false);
+    let clean = pin_and_pass(engine, session, records, &pinned);
     engine.pins.unpin(&pinned);
     clean
 }
@@ -958,15 +976,12 @@ pub(super) fn write_commit(
         let old = table.insert(oid.0, record.as_bytes())?;
         let present = old.is_some();
         old_refs.clear();
-        if let Some(v) = &old {
-            let bytes = v.value();
-            let end = Record::check(bytes).map_err(|e| corrupt(*oid, e))?;
-            if bytes[end..] == *record.refs_bytes() {
-                // The same references in the same order (most rewrites):
-                // no count changes, and none is new.
-                continue;
-            }
-            old_refs.extend(refs_of_validated(&bytes[end..]));
+        if let Some(v) = &old
+            && !changed_refs(*oid, v.value(), record, &mut old_refs)?
+        {
+            // The same references in the same order (most rewrites): no
+            // count changes, and none is new.
+            continue;
         }
         drop(old);
         if let Some(may_create) = check
