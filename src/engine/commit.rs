@@ -899,9 +899,19 @@ fn apply(
     }
     let oids: Vec<Oid> = records.keys().copied().collect();
     {
-        // Visible and published as one step (a snapshot falls before
-        // or after both).
+        // Published, then visible, as one step: a snapshot falls before or
+        // after both, and a load that sees a change (it reads without the
+        // `publish` lock) finds it published, so flagged for a session not
+        // yet told of it. (A failed redb commit poisons the store: what was
+        // published for it no longer matters.)
         let _published = engine.publish.lock();
+        if publish {
+            engine.publish_changes(Some(session), &oids);
+        }
+        engine.publish_changes(None, &collected);
+        if let Some(d) = &adopted {
+            engine.publish_changes(None, &d.oids);
+        }
         let r = w.commit().map_err(StorageError::from);
         if r.is_err()
             && let Some((log, at)) = logged_at
@@ -911,13 +921,13 @@ fn apply(
             let _ = log.unappend(seq, at);
         }
         engine.poisoning(r)?;
-        if publish {
-            engine.publish_changes(Some(session), &oids);
+        #[cfg(test)]
+        if let Some(f) = engine.on_visible.get() {
+            f(engine);
         }
-        engine.publish_changes(None, &collected);
-        if let Some(d) = &adopted {
-            engine.deletion_committed(d);
-        }
+    }
+    if let (Some(d), Some(h)) = (&adopted, hook) {
+        h.deletion_committed(d);
     }
 
     st.applied_seq += 1;
@@ -1246,6 +1256,40 @@ mod tests {
             matches!(later, Err(crate::StorageError::Poisoned { .. })),
             "{later:?}"
         );
+    }
+
+    /// A session's load reads without the `publish` lock, so a change must
+    /// be published before it becomes visible: a load that sees it then
+    /// finds it flagged for a session not yet told of it (never the new
+    /// record as if the session were up to date, which a sync naming the
+    /// oid afterwards would contradict). Both ways a commit is applied: in
+    /// its turn under the order (the library), and placed in line.
+    #[test]
+    fn a_load_that_sees_a_commit_finds_it_flagged_for_a_session_not_told_of_it() {
+        let (_dir, engine, a, b, b_state, oids) = two_sessions(3);
+        let seen: Arc<parking_lot::Mutex<Vec<&'static str>>> = Arc::default();
+        let (log, watched) = (seen.clone(), oids[1]);
+        let hook: crate::engine::TestHook = Box::new(move |e: &Engine| {
+            let mut log = log.lock();
+            e.load_for(b, &b_state, &[watched], |found| -> crate::Result<()> {
+                log.push(match found {
+                    crate::engine::Found::Invalid => "invalid",
+                    crate::engine::Found::Record(_) => "record",
+                    crate::engine::Found::Missing => "missing",
+                });
+                Ok(())
+            })
+            .unwrap();
+        });
+        assert!(engine.on_visible.set(hook).is_ok());
+        // Applied in its turn, under the order.
+        engine.commit(a, &one(oids[1], b"x", &[])).unwrap();
+        // Placed in line, then applied.
+        let Placed::Turn(turn) = engine.lock_order().place(a, one(oids[1], b"y", &[])) else {
+            panic!("a valid commit gets a turn")
+        };
+        engine.finish(turn.apply().unwrap()).unwrap();
+        assert_eq!(*seen.lock(), ["invalid", "invalid"]);
     }
 
     /// A commit that would be refused is applied (refused) under the order

@@ -203,8 +203,9 @@ pub(crate) struct Engine {
     sessions: Mutex<std::collections::HashMap<SessionId, SessionRef>>,
     /// Every change published since the oldest point a session needs.
     changes: RwLock<ChangeLog>,
-    /// Held from a change becoming visible in redb to its publication, and
-    /// while a snapshot is taken: snapshots fall between publications.
+    /// Held by a writer across publishing a change and making it visible in
+    /// redb, and while a snapshot is taken: snapshots fall between
+    /// publications.
     publish: Mutex<()>,
     /// Snapshots held by sessions.
     snapshots: Arc<AtomicUsize>,
@@ -217,7 +218,15 @@ pub(crate) struct Engine {
     poisoned: Mutex<Option<String>>,
     checkpointer: Mutex<Option<Checkpointer>>,
     hook: OnceLock<Arc<dyn CommitHook>>,
+    /// Tests: runs in an apply right after its redb commit, with `publish`
+    /// still held.
+    #[cfg(test)]
+    pub(crate) on_visible: OnceLock<TestHook>,
 }
+
+/// Tests: a function the engine calls at a point of interest.
+#[cfg(test)]
+pub(crate) type TestHook = Box<dyn Fn(&Engine) + Send + Sync>;
 
 impl std::fmt::Debug for Engine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

@@ -134,6 +134,8 @@ impl Engine {
             poisoned: Mutex::new(None),
             checkpointer: Mutex::new(None),
             hook: OnceLock::new(),
+            #[cfg(test)]
+            on_visible: OnceLock::new(),
         });
         if !engine.read_only {
             engine.start_checkpointer()?;

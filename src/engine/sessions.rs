@@ -19,9 +19,9 @@
 //!
 //! # Snapshots
 //! A snapshot is a redb read transaction taken exactly at a publication
-//! boundary: the `publish` lock is held by a writer from its redb commit to
-//! its log entry, and by a session from its `begin_read` to reading the
-//! log's end. The snapshot's state therefore contains exactly the entries up
+//! boundary: the `publish` lock is held by a writer from its log entry
+//! through its redb commit, and by a session from its `begin_read` to
+//! reading the log's end. The snapshot's state therefore contains exactly the entries up
 //! to the sequence number it records, and a sync hands out exactly those.
 
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -326,8 +326,8 @@ impl Engine {
     /// Registers a session, up to date with every change published so far.
     pub(crate) fn register_session(&self) -> (SessionId, SessionRef) {
         let id = self.next_session.fetch_add(1, Ordering::Relaxed);
-        // Not between a change becoming visible and its publication (which
-        // may be skipped while no other session exists).
+        // Not between a change's publication (which may be skipped while no
+        // other session exists) and its becoming visible.
         let _p = self.publish.lock();
         let changes = self.changes.read();
         let state: SessionRef = Arc::new(Mutex::new(SessionState {
@@ -390,10 +390,12 @@ impl Engine {
     /// changed (by another session, or was collected) after the session's
     /// last sync, else its stored bytes (checked) or `Missing`, in order,
     /// from one read transaction. The transaction begins before the flags
-    /// are read: a change is published before it becomes visible, so every
-    /// change the transaction holds beyond the session's last sync is
-    /// flagged. It begins after the turns the session was told of are
-    /// applied.
+    /// are read: a commit's changes are published before they become
+    /// visible, so every one the transaction holds beyond the session's
+    /// last sync is flagged. (A collector deletion committed on its own is
+    /// published just after it: such an oid may be found missing before it
+    /// is flagged, which is harmless for garbage.) It begins after the
+    /// turns the session was told of are applied.
     pub(crate) fn load_for<E: From<StorageError>>(
         &self,
         id: SessionId,
@@ -419,8 +421,8 @@ impl Engine {
         Ok(())
     }
 
-    /// Waits until what `session` was told of is applied (before a walk of
-    /// the store on its behalf).
+    /// Waits until what `session` was told of is applied (before a read on
+    /// its behalf: a change is published before it is visible).
     pub(crate) fn await_session(&self, session: &SessionRef) {
         let needs = session.lock().needs;
         self.await_turns(needs);

@@ -175,7 +175,12 @@ impl Storage for RedbStorage {
                 .bulk_load(&[oid])?
                 .pop()
                 .ok_or(StorageError::NotFound(oid)),
-            None => self.engine.load(oid),
+            None => {
+                // A change this session was told of is published before it
+                // is visible: wait for it to be.
+                self.engine.await_session(&self.state);
+                self.engine.load(oid)
+            }
         }
     }
 
@@ -196,7 +201,10 @@ impl Storage for RedbStorage {
                 })?;
                 out
             }
-            None => self.engine.load_many(oids)?,
+            None => {
+                self.engine.await_session(&self.state);
+                self.engine.load_many(oids)?
+            }
         };
         found
             .into_iter()
@@ -302,5 +310,52 @@ impl Iterator for RecordStream<'_> {
         let r = self.buffer.pop_front()?;
         self.after = Some(r.oid());
         Some(Ok(r))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::time::Duration;
+
+    use super::RedbStorage;
+    use crate::engine::Placed;
+    use crate::record::Record;
+    use crate::{Options, Storage};
+
+    /// A change is published before it is visible (a server commit is
+    /// published when it is placed, and applied later): a library session
+    /// told of it by a sync waits for it before it loads, and never reads
+    /// the state from before it (its cache would then keep a stale copy).
+    #[test]
+    fn a_load_after_a_sync_waits_for_the_change_the_sync_told_of() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = RedbStorage::open(dir.path().join("s.redb"), Options::new()).unwrap();
+        let root = s.new_oid().unwrap();
+        s.begin();
+        s.store(root, Record::new(root, b"old", &[]).into_bytes())
+            .unwrap();
+        s.end().unwrap();
+        let mut reader = s.new_session();
+        reader.sync().unwrap();
+        assert_eq!(reader.load(root).unwrap().data(), b"old");
+        let engine = s.engine().clone();
+        let (writer, _) = engine.register_session();
+        let placed = engine.lock_order().place(
+            writer,
+            BTreeMap::from([(root, Record::new(root, b"new", &[]))]),
+        );
+        let Placed::Turn(turn) = placed else {
+            panic!("a valid commit gets a turn")
+        };
+        let read = std::thread::spawn(move || {
+            let told = reader.sync().unwrap();
+            (told, reader.load(root).unwrap())
+        });
+        std::thread::sleep(Duration::from_millis(50));
+        engine.finish(turn.apply().unwrap()).unwrap();
+        let (told, record) = read.join().unwrap();
+        assert_eq!(told, [root]);
+        assert_eq!(record.data(), b"new");
     }
 }
