@@ -1292,6 +1292,46 @@ mod tests {
         assert_eq!(*seen.lock(), ["invalid", "invalid"]);
     }
 
+    /// The collector passes by a queued oid referenced again since without
+    /// dooming it: a commit naming it while the collector's round runs is
+    /// placed, not held back to be checked in its turn.
+    #[test]
+    fn the_collector_does_not_doom_a_queued_oid_that_is_live_again() {
+        let (_dir, engine, a, _, _, oids) = two_sessions(4);
+        let (root, d, x, e) = (oids[0], oids[1], oids[2], oids[3]);
+        let mut all = one(root, b"root", &[d, x, e]);
+        for o in [d, x, e] {
+            all.extend(one(o, b"o", &[]));
+        }
+        engine.commit(a, &all).unwrap();
+        // All three queued, then `x` referenced again.
+        engine.commit(a, &one(root, b"root", &[])).unwrap();
+        engine.commit(a, &one(root, b"root", &[x])).unwrap();
+        let seen = parking_lot::Mutex::new(Vec::new());
+        let (deleted, _) = engine
+            .deletion_txn(
+                |w| {
+                    crate::engine::refcount::delete_queued(
+                        w,
+                        &engine.pins,
+                        10,
+                        true,
+                        u64::MAX,
+                        || {
+                            seen.lock().push(engine.pins.lock().doomed.contains(&x.0));
+                            false
+                        },
+                    )
+                },
+                false,
+            )
+            .unwrap();
+        assert_eq!(deleted.oids, [d, e]);
+        let seen = seen.into_inner();
+        assert!(!seen.is_empty(), "looked at after `d` was deleted");
+        assert!(seen.iter().all(|&doomed| !doomed), "{seen:?}");
+    }
+
     /// A commit that would be refused is applied (refused) under the order
     /// and publishes nothing: no other session is told of it.
     #[test]

@@ -199,6 +199,16 @@ pub(crate) fn delete_queued(
             break 'rounds;
         }
         looked += candidates.len();
+        // A live candidate (referenced again since it was queued) is passed
+        // by without being doomed: a commit naming it meanwhile is still
+        // placed, not held back to be checked in its turn.
+        let mut dead = Vec::with_capacity(candidates.len());
+        for (ms, oid) in candidates {
+            if oid != Oid::ROOT.0 && counts.get(oid)?.is_none_or(|c| c.value() == 0) {
+                dead.push((ms, oid));
+            }
+        }
+        let mut candidates = dead;
         // What a placed commit needs waits for a later round; the rest is
         // doomed until the caller's transaction is over.
         {
@@ -227,10 +237,6 @@ pub(crate) fn delete_queued(
                 requeue.push((ms, oid));
                 stopped = true;
                 break;
-            }
-            if oid == Oid::ROOT.0 || counts.get(oid)?.is_some_and(|c| c.value() > 0) {
-                spared.push(oid);
-                continue;
             }
             let Some(old) = records.remove(oid)? else {
                 spared.push(oid);
