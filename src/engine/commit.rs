@@ -521,13 +521,19 @@ impl<'a> OrderGuard<'a> {
         }
         let turn = self.take_turn();
         let oids: Vec<Oid> = records.keys().copied().collect();
+        // Published before it is in the line: from there another committer
+        // may apply it at once, and a load must never see it unpublished.
+        self.engine.publish_changes(Some(session), &oids);
         self.engine.line.lock().queue.push_back(Queued {
             n: turn.n,
             session,
             records,
             pinned,
         });
-        self.engine.publish_changes(Some(session), &oids);
+        #[cfg(test)]
+        if let Some(f) = self.engine.on_lined.get() {
+            f(self.engine);
+        }
         Placed::Turn(turn)
     }
 }
@@ -1262,16 +1268,18 @@ mod tests {
     /// be published before it becomes visible: a load that sees it then
     /// finds it flagged for a session not yet told of it (never the new
     /// record as if the session were up to date, which a sync naming the
-    /// oid afterwards would contradict). Both ways a commit is applied: in
-    /// its turn under the order (the library), and placed in line.
+    /// oid afterwards would contradict). Every way a commit is applied: in
+    /// its turn under the order (the library), placed in line and applied
+    /// by its committer, and applied by another committer the moment it
+    /// joins the line.
     #[test]
     fn a_load_that_sees_a_commit_finds_it_flagged_for_a_session_not_told_of_it() {
         let (_dir, engine, a, b, b_state, oids) = two_sessions(3);
         let seen: Arc<parking_lot::Mutex<Vec<&'static str>>> = Arc::default();
-        let (log, watched) = (seen.clone(), oids[1]);
+        let (log, watched, state) = (seen.clone(), oids[1], b_state.clone());
         let hook: crate::engine::TestHook = Box::new(move |e: &Engine| {
             let mut log = log.lock();
-            e.load_for(b, &b_state, &[watched], |found| -> crate::Result<()> {
+            e.load_for(b, &state, &[watched], |found| -> crate::Result<()> {
                 log.push(match found {
                     crate::engine::Found::Invalid => "invalid",
                     crate::engine::Found::Record(_) => "record",
@@ -1289,7 +1297,27 @@ mod tests {
             panic!("a valid commit gets a turn")
         };
         engine.finish(turn.apply().unwrap()).unwrap();
-        assert_eq!(*seen.lock(), ["invalid", "invalid"]);
+        // Applied by the committer ahead of it in line as soon as it joins.
+        engine.take_invalid(b, &b_state, None);
+        let Placed::Turn(first) = engine.lock_order().place(a, one(oids[2], b"z", &[])) else {
+            panic!("a valid commit gets a turn")
+        };
+        let ahead = first.n;
+        let armed = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let on_lined: crate::engine::TestHook = Box::new(move |e: &Engine| {
+            if armed.swap(false, std::sync::atomic::Ordering::AcqRel) {
+                e.line.lock().combining = true;
+                e.combine(ahead);
+            }
+        });
+        assert!(engine.on_lined.set(on_lined).is_ok());
+        let Placed::Turn(second) = engine.lock_order().place(a, one(oids[1], b"w", &[])) else {
+            panic!("a valid commit gets a turn")
+        };
+        engine.finish(first.apply().unwrap()).unwrap();
+        engine.finish(second.apply().unwrap()).unwrap();
+        // (`w` is published, though not yet applied, when `z` is applied.)
+        assert_eq!(*seen.lock(), ["invalid"; 4]);
     }
 
     /// The collector passes by a queued oid referenced again since without

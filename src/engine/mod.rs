@@ -222,6 +222,9 @@ pub(crate) struct Engine {
     /// still held.
     #[cfg(test)]
     pub(crate) on_visible: OnceLock<TestHook>,
+    /// Tests: runs when a placed commit has joined the line.
+    #[cfg(test)]
+    pub(crate) on_lined: OnceLock<TestHook>,
 }
 
 /// Tests: a function the engine calls at a point of interest.

@@ -136,6 +136,8 @@ impl Engine {
             hook: OnceLock::new(),
             #[cfg(test)]
             on_visible: OnceLock::new(),
+            #[cfg(test)]
+            on_lined: OnceLock::new(),
         });
         if !engine.read_only {
             engine.start_checkpointer()?;
