@@ -178,17 +178,22 @@ impl CommitLog {
         Ok(log)
     }
 
-    /// Writes the entry of commit `seq` to the OS (no fsync). On failure
-    /// nothing of it stays in the log.
-    pub(crate) fn append<'a>(
+    /// Writes the entries of commits `first`, `first + 1`, ... (one for
+    /// each item of `commits`, in order) to the OS in one write (no fsync).
+    /// On failure nothing of them stays in the log.
+    pub(crate) fn append_all<'a, R: Iterator<Item = &'a Record>>(
         &self,
-        seq: u64,
-        records: impl Iterator<Item = &'a Record>,
+        first: u64,
+        commits: impl Iterator<Item = R>,
     ) -> Result<()> {
         let mut w = self.writer.lock();
         let w = &mut *w;
         w.buf.clear();
-        encode_entry(&mut w.buf, seq, records)?;
+        let mut seq = first - 1;
+        for records in commits {
+            seq += 1;
+            encode_entry(&mut w.buf, seq, records)?;
+        }
         let end = w.len + w.buf.len() as u64;
         // Room for the entry and a zero header after it.
         if end + ENTRY_OVERHEAD as u64 > w.allocated {
@@ -210,15 +215,15 @@ impl CommitLog {
         Ok(())
     }
 
-    /// Removes the entry of `seq` if it is the last one written (its commit
-    /// failed after it was logged); `prev_len` is [`position`](Self::position)
-    /// before it.
-    pub(crate) fn unappend(&self, seq: u64, prev_len: u64) -> Result<()> {
+    /// Removes the entries from `first` on if they are the last ones
+    /// written (their redb commit failed after they were logged);
+    /// `prev_len` is [`position`](Self::position) before them.
+    pub(crate) fn unappend(&self, first: u64, prev_len: u64) -> Result<()> {
         let mut w = self.writer.lock();
-        if w.written == seq {
+        if w.written >= first {
             zero(&w.file, prev_len, w.len)?;
             w.len = prev_len;
-            w.written = seq - 1;
+            w.written = first - 1;
         }
         Ok(())
     }

@@ -231,8 +231,17 @@ fn without_the_log_fsync_acknowledged_commits_are_lost() {
 /// Several committers at once, so that commits wait for group syncs led by
 /// others (the path a single committer never takes): power cuts taken while
 /// they commit lose no commit whose `commit` had returned before the cut.
+/// Through the library (each commit applied in its turn) and through the
+/// server's line (commits placed in the order, several applied together in
+/// one redb transaction).
 #[test]
 fn fsync_loses_no_acknowledged_commit_of_concurrent_committers_in_a_power_cut() {
+    for through_line in [false, true] {
+        concurrent_committers_in_a_power_cut(through_line);
+    }
+}
+
+fn concurrent_committers_in_a_power_cut(through_line: bool) {
     const THREADS: usize = 4;
     const EACH: usize = 150;
     let dir = tempfile::tempdir().unwrap();
@@ -250,9 +259,19 @@ fn fsync_loses_no_acknowledged_commit_of_concurrent_committers_in_a_power_cut() 
                 let oids = engine.allocate(session, EACH).unwrap();
                 for (i, &oid) in oids.iter().enumerate() {
                     let n = (t * EACH + i) as u64;
-                    engine
-                        .commit(session, &BTreeMap::from([(oid, record(oid, n))]))
-                        .unwrap();
+                    let records = BTreeMap::from([(oid, record(oid, n))]);
+                    if through_line {
+                        // The order released before the apply, as the
+                        // server does: commits gather in the line.
+                        let placed = engine.lock_order().place(session, records);
+                        let ticket = match placed {
+                            crate::engine::Placed::Turn(turn) => turn.apply(),
+                            crate::engine::Placed::Applied(r) => r,
+                        };
+                        engine.finish(ticket.unwrap()).unwrap();
+                    } else {
+                        engine.commit(session, &records).unwrap();
+                    }
                     acked.lock().push((oid, n));
                 }
                 done.fetch_add(1, Ordering::AcqRel);
