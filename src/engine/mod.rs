@@ -419,8 +419,6 @@ impl Drop for Engine {
     }
 }
 
-/// A fresh engine on a new store in a temporary directory, for unit tests
-/// (the directory lives as long as the first value).
 /// Waits without sleeping while `waiting` holds, for at most `limit`,
 /// yielding the core to any other thread that can run between looks: for a
 /// wait expected to be shorter than the two thread switches that sleeping
@@ -433,6 +431,8 @@ pub(super) fn spin_while(limit: std::time::Duration, mut waiting: impl FnMut() -
     }
 }
 
+/// A fresh engine on a new store in a temporary directory, for unit tests
+/// (the directory lives as long as the first value).
 #[cfg(test)]
 pub(crate) fn open_temp() -> (tempfile::TempDir, Arc<Engine>) {
     let dir = tempfile::tempdir().unwrap();

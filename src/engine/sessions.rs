@@ -21,8 +21,9 @@
 //! A snapshot is a redb read transaction taken exactly at a publication
 //! boundary: the `publish` lock is held by a writer from its log entry
 //! through its redb commit, and by a session from its `begin_read` to
-//! reading the log's end. The snapshot's state therefore contains exactly the entries up
-//! to the sequence number it records, and a sync hands out exactly those.
+//! reading the log's end. The snapshot's state therefore contains exactly
+//! the entries up to the sequence number it records, and a sync hands out
+//! exactly those.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
