@@ -1138,6 +1138,33 @@ fn a_trickling_committer_loses_the_commit_order_after_the_whole_request_timeout(
     server.stop();
 }
 
+/// The other side of the request timeout: a commit whose data pauses but
+/// is complete within `--request-timeout` is taken, however the server
+/// divides its wait into socket timeouts (it sets them a step shorter than
+/// what is left, so as not to set one before every read).
+#[test]
+fn a_commit_that_pauses_but_is_complete_within_the_request_timeout_is_taken() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.redb");
+    let (server, mut c) = serve_with_root(&path, &["--request-timeout", "4"]);
+    let mut slow = take_the_order(&server);
+    let told = Instant::now();
+    let frame = commit_frame(&[(0, rec(Oid::ROOT, b"slow but in time", &[]))]);
+    let (first, rest) = frame.split_at(frame.len() / 2);
+    slow.write_all(first).unwrap();
+    // Past the first socket timeout the server sets (3 s: what is left
+    // rounded down to a quarter of the request timeout), within the 4 s.
+    std::thread::sleep(Duration::from_millis(3_500).saturating_sub(told.elapsed()));
+    slow.write_all(rest).unwrap();
+    let mut status = [0u8; 1];
+    slow.read_exact(&mut status).unwrap();
+    assert_eq!(&status, b"O", "after {:?}", told.elapsed());
+    c.sync().unwrap();
+    assert_eq!(c.load(Oid::ROOT).unwrap().data(), b"slow but in time");
+    drop(c);
+    server.stop();
+}
+
 /// A connection may hold only so many new oids unused (--max-oids-held):
 /// storing them frees the room; asking beyond it closes that connection.
 #[test]

@@ -2,7 +2,7 @@
 
 use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::Shared;
 use crate::engine::{
@@ -92,6 +92,7 @@ pub(super) fn serve(shared: &Arc<Shared>, stream: Stream, peer: &str) {
                 w: BufWriter::new(write_half),
                 grant_half: Arc::new(grant_half),
                 deadline: Instant::now(),
+                timeout: ReadTimeout::new(shared.config.request_timeout),
                 snapshot: None,
             };
             conn.run()
@@ -101,12 +102,7 @@ pub(super) fn serve(shared: &Arc<Shared>, stream: Stream, peer: &str) {
     match &end {
         End::Closed(why) => tracing::debug!("connection from {peer} closed: {why}"),
         End::Client(why) => tracing::warn!("closing the connection from {peer}: {why}"),
-        End::Io(e)
-            if matches!(
-                e.kind(),
-                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-            ) =>
-        {
+        End::Io(e) if timed_out(e) => {
             tracing::warn!(
                 "closing the connection from {peer}: no complete request within {:?}",
                 shared.config.request_timeout
@@ -148,6 +144,8 @@ struct Conn<'a> {
     grant_half: Arc<Stream>,
     /// When the request being read must be complete.
     deadline: Instant,
+    /// The socket's read timeout, as last set.
+    timeout: ReadTimeout,
     /// With `--snapshot-reads`: the state of the last sync or commit, which
     /// loads read; `None` before the first and after `--snapshot-idle`.
     snapshot: Option<Snapshot>,
@@ -167,26 +165,107 @@ fn grant_failed() -> End {
     End::Closed("the invalidations could not be sent to the client".into())
 }
 
+/// The socket's read timeout, kept so that it is set only when a wait
+/// needs a shorter one: a `setsockopt` before every read cost three
+/// system calls a commit. A read waits at most the timeout set, so a wait
+/// with a limit sets one no longer than what is left of it; one without a
+/// limit loops on timeouts. What is set is what is left rounded down to a
+/// quarter of `--request-timeout`, so the next requests find it short
+/// enough without setting it again (a read that times out with time left
+/// reads again).
+struct ReadTimeout {
+    /// What the socket has, `None` before it is first set (no timeout).
+    set: std::cell::Cell<Option<Duration>>,
+    step: Duration,
+    /// What a wait without a limit sets if the socket has a shorter one:
+    /// an idle connection wakes this often.
+    idle: Duration,
+    /// How many times the timeout was set.
+    #[cfg(test)]
+    puts: std::cell::Cell<u32>,
+}
+
+impl ReadTimeout {
+    fn new(request_timeout: Duration) -> Self {
+        ReadTimeout {
+            set: std::cell::Cell::new(None),
+            step: (request_timeout / 4).max(Duration::from_millis(1)),
+            idle: request_timeout.max(Duration::from_millis(100)),
+            #[cfg(test)]
+            puts: std::cell::Cell::new(0),
+        }
+    }
+
+    /// Makes the next read from `socket` wait at most `left` (not zero).
+    fn at_most(&self, socket: &Stream, left: Duration) -> io::Result<()> {
+        if matches!(self.set.get(), Some(t) if t <= left) {
+            return Ok(());
+        }
+        let t = if left >= self.step {
+            self.step * (left.as_nanos() / self.step.as_nanos()) as u32
+        } else {
+            left
+        };
+        self.put(socket, t)
+    }
+
+    /// Makes the next read from `socket` wait long: a wait without a limit
+    /// reads again when it times out.
+    fn long(&self, socket: &Stream) -> io::Result<()> {
+        match self.set.get() {
+            Some(t) if t < self.step => self.put(socket, self.idle),
+            _ => Ok(()),
+        }
+    }
+
+    fn put(&self, socket: &Stream, t: Duration) -> io::Result<()> {
+        // Forget the old value first: if setting fails, the next wait sets
+        // it again.
+        self.set.set(None);
+        socket.set_read_timeout(Some(t))?;
+        self.set.set(Some(t));
+        #[cfg(test)]
+        self.puts.set(self.puts.get() + 1);
+        Ok(())
+    }
+}
+
+/// A read that timed out (the socket's read timeout).
+fn timed_out(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+    )
+}
+
 /// Reads the rest of a request within its deadline: before each read from
-/// the socket the read timeout is what is left of the request's time, so a
-/// client that trickles its request a byte at a time cannot hold it (and
-/// the commit order) for longer than `--request-timeout` in all.
+/// the socket the read timeout is made no longer than what is left of the
+/// request's time, so a client that trickles its request a byte at a time
+/// cannot hold it (and the commit order) for longer than
+/// `--request-timeout` in all.
 struct DeadlineRead<'a> {
     inner: &'a mut BufReader<Stream>,
     control: &'a Stream,
+    timeout: &'a ReadTimeout,
     deadline: Instant,
 }
 
 impl Read for DeadlineRead<'_> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        if self.inner.buffer().is_empty() {
-            let left = self.deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Err(request_timed_out());
+        loop {
+            if self.inner.buffer().is_empty() {
+                let left = self.deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Err(request_timed_out());
+                }
+                self.timeout.at_most(self.control, left)?;
             }
-            self.control.set_read_timeout(Some(left))?;
+            match self.inner.read(buf) {
+                // The timeout set may be shorter than what was left.
+                Err(e) if timed_out(&e) => {}
+                r => return r,
+            }
         }
-        self.inner.read(buf)
     }
 }
 
@@ -196,6 +275,7 @@ impl Conn<'_> {
         DeadlineRead {
             inner: &mut self.r,
             control: self.control,
+            timeout: &self.timeout,
             deadline: self.deadline,
         }
     }
@@ -205,8 +285,9 @@ impl Conn<'_> {
     }
 
     fn run(&mut self) -> End {
-        let timeout = Some(self.shared.config.request_timeout);
-        let _ = self.control.set_write_timeout(timeout);
+        let _ = self
+            .control
+            .set_write_timeout(Some(self.shared.config.request_timeout));
         loop {
             // Waiting for the next request has no limit; the rest of a
             // request, once begun, must come within the timeout.
@@ -217,9 +298,6 @@ impl Conn<'_> {
                 }
                 Err(e) => return End::Io(e),
             };
-            if let Err(e) = self.control.set_read_timeout(timeout) {
-                return End::Io(e);
-            }
             self.deadline = Instant::now() + self.shared.config.request_timeout;
             let busy = Busy::new(&self.shared.busy);
             let result = self.request(code).and_then(|go_on| {
@@ -243,24 +321,29 @@ impl Conn<'_> {
     /// is no limit; with one, the wait is cut at `--snapshot-idle` to give
     /// the snapshot up, and then goes on without a limit.
     fn next_code(&mut self) -> io::Result<u8> {
-        if self.snapshot.is_some() && self.r.buffer().is_empty() {
-            self.control
-                .set_read_timeout(Some(self.shared.config.snapshot_idle))?;
-            match read_u8(&mut self.r) {
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                    ) =>
-                {
-                    tracing::debug!("an idle connection gave up its snapshot");
-                    self.snapshot = None;
+        let idle_until = self
+            .snapshot
+            .is_some()
+            .then(|| Instant::now() + self.shared.config.snapshot_idle);
+        loop {
+            // Nothing is taken from the buffer by a read that times out.
+            match idle_until.filter(|_| self.snapshot.is_some()) {
+                Some(until) => {
+                    let left = until.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        tracing::debug!("an idle connection gave up its snapshot");
+                        self.snapshot = None;
+                        continue;
+                    }
+                    self.timeout.at_most(self.control, left)?;
                 }
+                None => self.timeout.long(self.control)?,
+            }
+            match read_u8(&mut self.r) {
+                Err(e) if timed_out(&e) => {}
                 r => return r,
             }
         }
-        self.control.set_read_timeout(None)?;
-        read_u8(&mut self.r)
     }
 
     /// With `--snapshot-reads`, the state the session has just been synced
@@ -465,7 +548,7 @@ impl Conn<'_> {
                 }
                 Standing::Failed => return Err(grant_failed()),
             };
-            self.control.set_read_timeout(Some(wait))?;
+            self.timeout.at_most(self.control, wait)?;
             match self.r.fill_buf() {
                 Ok([]) => {
                     return Err(End::Io(io::Error::new(
@@ -474,11 +557,7 @@ impl Conn<'_> {
                     )));
                 }
                 Ok(_) => return Ok(()),
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                    ) => {}
+                Err(e) if timed_out(&e) => {}
                 Err(e) => return Err(e.into()),
             }
         }
@@ -574,5 +653,59 @@ impl Conn<'_> {
             Err(StorageError::Invalid(e)) => Err(End::Client(format!("commit refused: {e}"))),
             Err(e) => Err(e.into()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_read_never_waits_longer_than_is_left_and_the_timeout_is_set_only_when_it_must_be() {
+        let (mine, _peer) = std::os::unix::net::UnixStream::pair().unwrap();
+        let probe = mine.try_clone().unwrap();
+        let socket = Stream::Unix(mine);
+        let secs = Duration::from_secs;
+        let ms = Duration::from_millis;
+        // --request-timeout 16 s: steps of 4 s.
+        let t = ReadTimeout::new(secs(16));
+        let on_socket = || probe.read_timeout().unwrap();
+        // Each wait: what is left, then what the socket must have and how
+        // many times it has been set in all.
+        let waits = [
+            (ms(15_999), secs(12), 1),
+            (ms(12_001), secs(12), 1),
+            (ms(11_999), secs(8), 2),
+            (ms(8_000), secs(8), 2),
+            (ms(300), ms(300), 3),
+            (ms(299), ms(299), 4),
+            (secs(16), ms(299), 4),
+        ];
+        for (left, expect, puts) in waits {
+            t.at_most(&socket, left).unwrap();
+            assert_eq!(t.set.get(), Some(expect), "after a wait with {left:?} left");
+            assert_eq!(t.puts.get(), puts, "after a wait with {left:?} left");
+            // The kernel keeps timeouts in clock ticks, rounded up.
+            let kept = on_socket().unwrap();
+            assert!(kept >= expect && kept < expect + ms(20), "{kept:?}");
+        }
+        // A wait without a limit does not wake every 299 ms...
+        t.long(&socket).unwrap();
+        assert_eq!(t.set.get(), Some(secs(16)));
+        assert_eq!(on_socket(), Some(secs(16)));
+        assert_eq!(t.puts.get(), 5);
+        // ...and leaves a long timeout alone.
+        t.long(&socket).unwrap();
+        t.at_most(&socket, secs(16)).unwrap();
+        assert_eq!(t.puts.get(), 5);
+
+        // A read with 50 ms left comes back as a timeout in about that.
+        t.at_most(&socket, ms(50)).unwrap();
+        let mut reader = BufReader::new(socket.try_clone().unwrap());
+        let started = Instant::now();
+        let e = read_u8(&mut reader).unwrap_err();
+        assert!(timed_out(&e), "{e}");
+        let waited = started.elapsed();
+        assert!(waited >= ms(40) && waited < secs(5), "waited {waited:?}");
     }
 }
