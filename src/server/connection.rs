@@ -202,7 +202,8 @@ impl ReadTimeout {
             return Ok(());
         }
         let t = if left >= self.step {
-            self.step * (left.as_nanos() / self.step.as_nanos()) as u32
+            let steps = left.as_nanos() / self.step.as_nanos();
+            self.step * u32::try_from(steps).unwrap_or(u32::MAX)
         } else {
             left
         };
@@ -698,6 +699,17 @@ mod tests {
         t.long(&socket).unwrap();
         t.at_most(&socket, secs(16)).unwrap();
         assert_eq!(t.puts.get(), 5);
+
+        // Far more steps than a u32 counts (a long --snapshot-idle beside
+        // a short --request-timeout): still no longer than what is left.
+        let short = ReadTimeout::new(ms(4));
+        let long_left = secs(200 * 24 * 3600);
+        short.at_most(&socket, long_left).unwrap();
+        let kept = short.set.get().unwrap();
+        assert!(
+            kept <= long_left && kept >= secs(40 * 24 * 3600),
+            "{kept:?}"
+        );
 
         // A read with 50 ms left comes back as a timeout in about that.
         t.at_most(&socket, ms(50)).unwrap();
