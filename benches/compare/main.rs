@@ -1024,6 +1024,43 @@ fn commit_capacity(
         }
         writeln!(md, "{row}").unwrap();
     }
+    // What the targets are read from: how each server scales from 4 to 16
+    // connections, and each durable row's share of the fsync ceiling.
+    let ceiling = rows
+        .iter()
+        .find(|(l, _)| l.starts_with("null server, fsynced log"))
+        .map(|(_, c)| c.clone());
+    writeln!(
+        md,
+        "\n| server | 16 connections against 4 | share of the fsync ceiling (1 / 4 / 16) | p99 / p50 at 16 |"
+    )
+    .unwrap();
+    writeln!(md, "|---|---:|---:|---:|").unwrap();
+    for (label, cells) in &rows {
+        let share = match &ceiling {
+            Some(c) if label.contains("--durability fsync") => cells
+                .iter()
+                .zip(c)
+                .map(|(a, b)| format!("{:.0}%", 100.0 * a.0 / b.0))
+                .collect::<Vec<_>>()
+                .join(" / "),
+            _ => "-".into(),
+        };
+        let (rate4, rate16) = (cells[1].0, cells[2].0);
+        let (p50, p99) = (cells[2].1, cells[2].2);
+        writeln!(
+            md,
+            "| {label} | {:.2}x | {share} | {:.1}x |",
+            rate16 / rate4,
+            p99 / p50
+        )
+        .unwrap();
+        eprintln!(
+            "compare: {label}: 16 connections {:.2}x of 4; p99 {:.1}x p50 at 16; fsync ceiling share {share}",
+            rate16 / rate4,
+            p99 / p50
+        );
+    }
 }
 
 /// A short run of the load generator against the null server, without and
