@@ -1009,14 +1009,17 @@ fn commit_capacity(
     )
     .unwrap();
     writeln!(md, "|---|---:|---:|---:|").unwrap();
-    let base = rows
-        .iter()
-        .find(|(l, _)| l.starts_with("durus -s"))
-        .map(|(_, c)| c.clone());
+    // The cells of the row whose label starts with `prefix`, if it ran.
+    let cells_of = |prefix: &str| {
+        rows.iter()
+            .find(|(l, _)| l.starts_with(prefix))
+            .map(|(_, c)| c)
+    };
+    let base = cells_of("durus -s");
     for (label, cells) in &rows {
         let mut row = format!("| {label} |");
         for (i, (rate, p50, p99)) in cells.iter().enumerate() {
-            let ratio = match &base {
+            let ratio = match base {
                 Some(b) if !label.starts_with("durus -s") => format!(", {:.2}x", rate / b[i].0),
                 _ => String::new(),
             };
@@ -1026,10 +1029,7 @@ fn commit_capacity(
     }
     // What the targets are read from: how each server scales from 4 to 16
     // connections, and each durable row's share of the fsync ceiling.
-    let ceiling = rows
-        .iter()
-        .find(|(l, _)| l.starts_with("null server, fsynced log"))
-        .map(|(_, c)| c.clone());
+    let ceiling = cells_of("null server, fsynced log");
     writeln!(
         md,
         "\n| server | 16 connections against 4 | share of the fsync ceiling (1 / 4 / 16) | p99 / p50 at 16 |"
@@ -1037,7 +1037,7 @@ fn commit_capacity(
     .unwrap();
     writeln!(md, "|---|---:|---:|---:|").unwrap();
     for (label, cells) in &rows {
-        let share = match &ceiling {
+        let share = match ceiling {
             Some(c) if label.contains("--durability fsync") => cells
                 .iter()
                 .zip(c)
