@@ -150,6 +150,37 @@ pub enum StorageError {
         /// How many logged commits wait.
         commits: u64,
     },
+    /// The commit log is damaged before its end (zeros or a bad entry
+    /// followed by entries, a segment missing, swapped or duplicated):
+    /// commits that were acknowledged may be lost. Nothing was changed
+    /// beyond applying the commits before the damage.
+    #[error(
+        "the commit log of {} is damaged: {detail}. Acknowledged commits may be lost, so the store \
+         was not opened. Keep a copy of the log directory, then run `durus-redb check --repair {}` \
+         to give up the commits after the damage (it names them and keeps the log aside)",
+        path.display(), path.display()
+    )]
+    DamagedLog {
+        /// The store file.
+        path: PathBuf,
+        /// Where and what the damage is, and what follows it.
+        detail: String,
+    },
+    /// The store was not closed cleanly and its commit log directory is
+    /// missing: the commits acknowledged since its last checkpoint are not
+    /// in the file.
+    #[error(
+        "{} was not closed cleanly and its commit log {} is missing: the commits acknowledged \
+         since its last checkpoint are in no file. Restore the directory if you can; \
+         `durus-redb check --repair {}` opens the store without them",
+        path.display(), log.display(), path.display()
+    )]
+    MissingLog {
+        /// The store file.
+        path: PathBuf,
+        /// The log directory expected beside it.
+        log: PathBuf,
+    },
     /// A writable open of a store whose import (`migrate`) is unfinished.
     #[error(
         "{} holds an unfinished import from {from}: run `durus-redb migrate` again with the same source to finish it",

@@ -319,7 +319,7 @@ fn store_of_a_newer_format_is_refused_naming_both_versions() {
             err,
             StorageError::UnsupportedFormat {
                 found: 99,
-                newest: 3,
+                newest: 4,
                 ..
             }
         ),
@@ -327,7 +327,7 @@ fn store_of_a_newer_format_is_refused_naming_both_versions() {
     );
     let msg = err.to_string();
     assert!(
-        msg.contains("99") && msg.contains("versions 1 to 3"),
+        msg.contains("99") && msg.contains("versions 1 to 4"),
         "{msg}"
     );
 }
@@ -351,10 +351,10 @@ fn format_1_fixture_store_opens_with_its_contents() {
         assert_eq!(r.stats().unwrap().format_version, 1);
         assert_eq!(r.load(Oid::ROOT).unwrap().data(), b"root v2");
     }
-    // The first writable open upgrades it to format 3 (UPGRADING.md).
+    // The first writable open upgrades it to format 4 (UPGRADING.md).
     let mut s = RedbStorage::open(&path, Options::default().gc(ManualGc)).unwrap();
     let stats = s.stats().unwrap();
-    assert_eq!(stats.format_version, 3);
+    assert_eq!(stats.format_version, 4);
     assert_eq!(stats.objects, 6);
     assert_eq!(stats.gc_queue, 1, "oid 5 was dropped and queued");
     let gc = s.gc_state().unwrap();
@@ -468,7 +468,7 @@ fn format_2_fixture_store_upgrades_with_its_queue() {
     }
     let mut s = RedbStorage::open(&path, Options::default().gc(ManualGc)).unwrap();
     let st = s.stats().unwrap();
-    assert_eq!((st.format_version, st.objects, st.gc_queue), (3, 4, 1));
+    assert_eq!((st.format_version, st.objects, st.gc_queue), (4, 4, 1));
     assert!(st.gc_oldest.is_some());
     let root = s.load(Oid::ROOT).unwrap();
     assert_eq!(root.refs().collect::<Vec<_>>(), vec![Oid(1)]);

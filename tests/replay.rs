@@ -188,7 +188,13 @@ fn image_after(dir: &Path, n: u8) -> (PathBuf, Vec<Oid>) {
 /// Entry offsets (start, end) in a segment, read by the documented layout.
 fn entries(segment: &[u8]) -> Vec<(usize, usize)> {
     let mut out = Vec::new();
-    let mut at = 16;
+    // The header: 32 bytes in version 2 (16 in version 1).
+    assert_eq!(&segment[..8], b"DRLOG\0\0\0");
+    let mut at = match u32::from_le_bytes(segment[8..12].try_into().unwrap()) {
+        1 => 16,
+        2 => 32,
+        v => panic!("segment version {v}"),
+    };
     while at + 20 <= segment.len() {
         let len = u32::from_le_bytes(segment[at..at + 4].try_into().unwrap()) as usize;
         let seq = u64::from_le_bytes(segment[at + 4..at + 12].try_into().unwrap());
@@ -273,22 +279,90 @@ fn a_torn_last_entry_is_dropped_and_every_earlier_one_replays() {
     }
 }
 
+/// The log at `path` is damaged before its end: an open is refused with
+/// an error naming the damage, a check reports it, a read-only open
+/// refuses too; `check --repair` gives up the commits after the damage,
+/// names them, and keeps the log aside. Returns how many of the commits
+/// are then present.
+fn refused_then_repaired(path: &Path, oids: &[Oid], what: &str) -> usize {
+    let err = RedbStorage::open(path, options()).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            StorageError::DamagedLog { .. } | StorageError::MissingLog { .. }
+        ),
+        "{what}: {err:?}"
+    );
+    assert!(err.to_string().contains("check --repair"), "{what}: {err}");
+    assert!(RedbStorage::open_read_only(path).is_err(), "{what}");
+    let check = check_store(path).unwrap();
+    let damage = check
+        .log_damage
+        .clone()
+        .unwrap_or_else(|| panic!("{what}: check found no damage"));
+    assert!(!damage.is_empty());
+    // Refusing changed nothing the next open depends on: refused again.
+    assert!(
+        RedbStorage::open(path, options()).is_err(),
+        "{what}: refused once only"
+    );
+    let repaired = repair_store(path).unwrap();
+    assert!(
+        repaired.log_damage.is_some(),
+        "{what}: the repair did not say what it gave up"
+    );
+    assert!(repaired.references.is_clean(), "{what}: {repaired:?}");
+    if matches!(err, StorageError::DamagedLog { .. }) {
+        assert!(
+            set_aside(path).is_some(),
+            "{what}: the damaged log was not kept"
+        );
+    }
+    commits_present(path, oids)
+}
+
 #[test]
-fn a_corrupt_entry_ends_the_replay_before_it() {
+fn a_corrupt_entry_followed_by_entries_refuses_the_open_and_repair_keeps_the_commits_before_it() {
     let dir = tempfile::tempdir().unwrap();
     let (image, oids) = image_after(dir.path(), 6);
     let data = std::fs::read(only_segment(&image)).unwrap();
     let e = entries(&data);
     // A flipped byte in the payload, the sequence number, or the checksum of
-    // entry 3: commits 0..3 replay, nothing after.
+    // entry 3, with entries 4 and 5 intact after it.
     let (start, end) = e[3];
     for at in [start + 24, start + 5, end - 2] {
-        let c = crash_image(&image, dir.path(), &format!("flip{at}.redb"));
+        let c = crash_image(&image, &dir.path().join(format!("flip{at}")), "s.redb");
         let s = only_segment(&c);
         let mut bad = data.clone();
         bad[at] ^= 0x40;
         std::fs::write(&s, bad).unwrap();
-        assert_eq!(commits_present(&c, &oids), 3, "flip at {at}");
+        assert_eq!(
+            refused_then_repaired(&c, &oids, &format!("flip at {at}")),
+            3
+        );
+    }
+}
+
+#[test]
+fn a_zeroed_entry_or_header_in_the_middle_is_damage_not_an_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let (image, oids) = image_after(dir.path(), 6);
+    let data = std::fs::read(only_segment(&image)).unwrap();
+    let e = entries(&data);
+    let (start, end) = e[2];
+    for (name, from, to) in [("entry", start, end), ("header", start, start + 12)] {
+        let c = crash_image(&image, &dir.path().join(name), "s.redb");
+        let mut bad = data.clone();
+        bad[from..to].fill(0);
+        std::fs::write(only_segment(&c), bad).unwrap();
+        let err = RedbStorage::open(&c, options()).unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.contains("zeros from offset") || msg.contains("cut short"),
+            "{name}: {msg}"
+        );
+        assert!(msg.contains("intact entries"), "{name}: {msg}");
+        assert_eq!(refused_then_repaired(&c, &oids, name), 2, "{name}");
     }
 }
 
@@ -344,7 +418,7 @@ fn set_aside(image: &Path) -> Option<PathBuf> {
 }
 
 #[test]
-fn damage_inside_the_log_keeps_it_aside_and_a_torn_tail_does_not() {
+fn damage_inside_the_log_refuses_the_open_and_a_torn_tail_does_not() {
     let dir = tempfile::tempdir().unwrap();
     let (image, oids) = image_after(dir.path(), 6);
     let data = std::fs::read(only_segment(&image)).unwrap();
@@ -354,13 +428,125 @@ fn damage_inside_the_log_keeps_it_aside_and_a_torn_tail_does_not() {
     let mut bad = data.clone();
     bad[e[2].0 + 24] ^= 0x01;
     std::fs::write(only_segment(&c), bad).unwrap();
-    assert_eq!(commits_present(&c, &oids), 2);
-    assert!(set_aside(&c).is_some(), "the damaged log was not kept");
-    // The last entry torn: a tail, nothing kept.
+    assert_eq!(refused_then_repaired(&c, &oids, "entry 2 damaged"), 2);
+    // The last entry torn: a tail, nothing kept, nothing refused.
     let t = crash_image(&image, &dir.path().join("d2"), "tail.redb");
     std::fs::write(only_segment(&t), &data[..e[5].0 + 7]).unwrap();
+    assert!(check_store(&t).unwrap().log_damage.is_none());
     assert_eq!(commits_present(&t, &oids), 5);
     assert!(set_aside(&t).is_none());
+}
+
+#[test]
+fn segments_swapped_removed_or_copied_are_damage() {
+    // One segment of 6 entries, split in two as a checkpoint's switch would
+    // have: the second segment's header names its number and first commit.
+    let dir = tempfile::tempdir().unwrap();
+    let (image, oids) = image_after(dir.path(), 6);
+    let seg = only_segment(&image);
+    let data = std::fs::read(&seg).unwrap();
+    let e = entries(&data);
+    let number: u64 = seg.file_stem().unwrap().to_str().unwrap().parse().unwrap();
+    let first_seq = |at: usize| u64::from_le_bytes(data[at + 4..at + 12].try_into().unwrap());
+    let mut one = data[..e[3].0].to_vec();
+    one.resize(data.len(), 0);
+    let mut two = data[..32].to_vec();
+    two[16..24].copy_from_slice(&(number + 1).to_le_bytes());
+    two[24..32].copy_from_slice(&first_seq(e[3].0).to_le_bytes());
+    two.extend_from_slice(&data[e[3].0..e[5].1]);
+    two.resize(data.len(), 0);
+    let name = |n: u64| format!("{n:020}.seg");
+    let split = |case: &str| {
+        let c = crash_image(&image, &dir.path().join(case), "s.redb");
+        std::fs::remove_file(only_segment(&c)).unwrap();
+        c
+    };
+    // The split itself is a whole log: every commit replays.
+    let whole = split("whole");
+    std::fs::write(log_dir(&whole).join(name(number)), &one).unwrap();
+    std::fs::write(log_dir(&whole).join(name(number + 1)), &two).unwrap();
+    assert_eq!(commits_present(&whole, &oids), 6);
+    // Swapped names.
+    let swapped = split("swapped");
+    std::fs::write(log_dir(&swapped).join(name(number)), &two).unwrap();
+    std::fs::write(log_dir(&swapped).join(name(number + 1)), &one).unwrap();
+    assert_eq!(refused_then_repaired(&swapped, &oids, "swapped"), 0);
+    // The first half missing.
+    let missing = split("missing");
+    std::fs::write(log_dir(&missing).join(name(number + 1)), &two).unwrap();
+    assert_eq!(refused_then_repaired(&missing, &oids, "missing"), 0);
+    // The second half copied in as a third segment.
+    let copied = split("copied");
+    std::fs::write(log_dir(&copied).join(name(number)), &one).unwrap();
+    std::fs::write(log_dir(&copied).join(name(number + 1)), &two).unwrap();
+    std::fs::write(log_dir(&copied).join(name(number + 2)), &two).unwrap();
+    assert_eq!(refused_then_repaired(&copied, &oids, "copied"), 6);
+}
+
+#[test]
+fn a_missing_log_after_an_unclean_close_is_refused_and_after_a_clean_one_is_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let (image, oids) = image_after(dir.path(), 4);
+    std::fs::remove_dir_all(log_dir(&image)).unwrap();
+    let err = RedbStorage::open(&image, options()).unwrap_err();
+    assert!(matches!(err, StorageError::MissingLog { .. }), "{err:?}");
+    assert!(err.to_string().contains("is missing"), "{err}");
+    // The checkpoint before the commits holds them at "-": repair opens
+    // without the log and says what it gave up.
+    assert_eq!(refused_then_repaired(&image, &oids, "log removed"), 0);
+    // After a clean close there is no log, and none is wanted.
+    let mut s = RedbStorage::open(&image, options()).unwrap();
+    s.close().unwrap();
+    assert!(!log_dir(&image).exists());
+    assert!(check_store(&image).unwrap().log_damage.is_none());
+    RedbStorage::open(&image, options())
+        .unwrap()
+        .close()
+        .unwrap();
+}
+
+#[test]
+fn a_segment_truncated_replaced_or_removed_under_an_open_store_fails_the_next_commit() {
+    for case in ["truncated", "replaced", "removed"] {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.redb");
+        let mut s = RedbStorage::open(&path, options()).unwrap();
+        assert_eq!(s.new_oid().unwrap(), Oid::ROOT);
+        let commit = |s: &mut RedbStorage, data: &[u8]| {
+            s.begin();
+            s.store(Oid::ROOT, Record::new(Oid::ROOT, data, &[]).into_bytes())?;
+            s.end()
+        };
+        commit(&mut s, b"one").unwrap();
+        let log = log_dir(&path);
+        let seg = std::fs::read_dir(&log)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .max()
+            .unwrap();
+        match case {
+            "truncated" => std::fs::OpenOptions::new()
+                .write(true)
+                .open(&seg)
+                .unwrap()
+                .set_len(32)
+                .unwrap(),
+            "replaced" => {
+                let data = std::fs::read(&seg).unwrap();
+                std::fs::remove_file(&seg).unwrap();
+                std::fs::write(&seg, data).unwrap();
+            }
+            _ => std::fs::remove_dir_all(&log).unwrap(),
+        }
+        let err = commit(&mut s, b"two").unwrap_err();
+        assert!(
+            err.to_string().contains("commit log segment"),
+            "{case}: {err}"
+        );
+        // Poisoned: nothing more is acknowledged.
+        assert!(commit(&mut s, b"three").is_err(), "{case}");
+        drop(s);
+    }
 }
 
 /// A segment the last checkpoint made redundant is still there (a crash
@@ -407,4 +593,40 @@ fn a_damaged_segment_that_was_already_applied_does_not_stop_the_replay() {
     std::fs::write(log_dir(&late).join(old_segment.file_name().unwrap()), old).unwrap();
     assert_eq!(commits_present(&late, &oids), 6);
     assert!(set_aside(&late).is_none());
+}
+
+/// A crash under durus-redb 0.5 leaves a version 1 log (a 16-byte segment
+/// header without the segment's number and first commit): the next open
+/// replays it, and the log it starts is version 2.
+#[test]
+fn a_version_1_log_left_by_an_older_build_replays() {
+    let dir = tempfile::tempdir().unwrap();
+    let (image, oids) = image_after(dir.path(), 5);
+    let seg = only_segment(&image);
+    let data = std::fs::read(&seg).unwrap();
+    let mut v1 = b"DRLOG\0\0\0".to_vec();
+    v1.extend_from_slice(&1u32.to_le_bytes());
+    v1.extend_from_slice(&0u32.to_le_bytes());
+    v1.extend_from_slice(&data[32..]);
+    std::fs::write(&seg, &v1).unwrap();
+    assert_eq!(entries(&v1).len(), 5);
+    let s = RedbStorage::open(&image, options()).unwrap();
+    let now = std::fs::read(only_segment(&image)).unwrap();
+    assert_eq!(u32::from_le_bytes(now[8..12].try_into().unwrap()), 2);
+    drop(s);
+    assert_eq!(commits_present(&image, &oids), 5);
+    // Damage in a version 1 log is found as in version 2.
+    let damaged = dir.path().join("damaged");
+    std::fs::create_dir(&damaged).unwrap();
+    let (image, oids) = image_after(&damaged, 5);
+    let seg = only_segment(&image);
+    let data = std::fs::read(&seg).unwrap();
+    let mut v1 = b"DRLOG\0\0\0".to_vec();
+    v1.extend_from_slice(&1u32.to_le_bytes());
+    v1.extend_from_slice(&0u32.to_le_bytes());
+    v1.extend_from_slice(&data[32..]);
+    let e = entries(&v1);
+    v1[e[1].0..e[1].1].fill(0);
+    std::fs::write(&seg, &v1).unwrap();
+    assert_eq!(refused_then_repaired(&image, &oids, "version 1, zeroed"), 1);
 }

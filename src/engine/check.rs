@@ -199,6 +199,10 @@ pub struct FullCheck {
     /// that did not close cleanly): a read-only check looks at the file
     /// without them; [`repair_store`] applies them first.
     pub unapplied_log_commits: u64,
+    /// The commit log is damaged before its end, or missing although the
+    /// store was not closed cleanly: what [`check_store`] found (the store
+    /// is then not clean), or what [`repair_store`] gave up to open it.
+    pub log_damage: Option<String>,
     /// The reference check.
     pub references: CheckReport,
     /// Statistics.
@@ -230,10 +234,16 @@ pub fn check_store(path: &Path) -> Result<FullCheck> {
     };
     let engine = Engine::open_with(path, &config, super::Db::Rw(db))?;
     let applied = super::open::applied_log_seq_of(&engine)?;
-    let unapplied = super::log::commits_after(&super::log::log_dir(path), applied)?;
+    let (unapplied, stop) = super::log::commits_after(&super::log::log_dir(path), applied)?;
+    let log_damage =
+        super::open::log_problem(path, &*engine.db()?, applied, stop.as_ref())?.map(|e| match e {
+            StorageError::DamagedLog { detail, .. } => format!("DAMAGED: {detail}"),
+            other => other.to_string(),
+        });
     Ok(FullCheck {
         integrity_ok,
         unapplied_log_commits: unapplied,
+        log_damage,
         references: check_references(&engine)?,
         stats: stats(&engine)?,
     })
@@ -250,21 +260,40 @@ pub fn repair_store(path: &Path) -> Result<FullCheck> {
             format!("{} does not exist", path.display()),
         )));
     }
-    let integrity_ok = {
+    let (integrity_ok, problem) = {
         let mut db = redb::Database::open(path).map_err(|e| super::open::open_error(path, e))?;
         let ok = db.check_integrity()?;
         ensure_our_tables(path, &db)?;
-        ok
+        let db = super::Db::Rw(db);
+        let applied = super::open::applied_log_seq(&db)?;
+        let (_, stop) = super::log::commits_after(&super::log::log_dir(path), applied)?;
+        let problem = super::open::log_problem(path, &db, applied, stop.as_ref())?;
+        (ok, problem)
     };
     let config = super::EngineConfig {
         read_only: false,
         importing: true,
+        accept_log_damage: true,
         ..super::EngineConfig::read_only()
     };
     let engine = Engine::open(path, &config)?;
+    let log_damage = problem.map(|e| match e {
+        StorageError::DamagedLog { detail, .. } => format!(
+            "gave up the commits after the damage: {detail}; the log is kept beside the store \
+             as {}.damaged-<time>",
+            super::log::log_dir(path).display()
+        ),
+        StorageError::MissingLog { log, .. } => format!(
+            "opened without the missing commit log {}: the commits acknowledged since the \
+             store's last checkpoint are given up",
+            log.display()
+        ),
+        other => other.to_string(),
+    });
     Ok(FullCheck {
         integrity_ok,
         unapplied_log_commits: 0,
+        log_damage,
         references: check_references(&engine)?,
         stats: stats(&engine)?,
     })

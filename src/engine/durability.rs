@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
 
-use super::layout::{KEY_OIDS, META, OidMeta, encode};
+use super::layout::{KEY_LOG_OPEN, KEY_OIDS, LOG_STATE, META, OidMeta, encode};
 use super::{CommitTicket, Db, Engine};
 use crate::checkpoint::{CompactionFacts, Durability as Mode};
 use crate::error::{Result, StorageError};
@@ -182,14 +182,37 @@ impl Engine {
         // report success on the next one: nothing counts as durable any more.
         self.check_writable()?;
         let r = log.sync();
-        let covered = self.poisoning(r)?;
+        let covered = self.log_failed(r)?;
         self.log_durable.fetch_max(covered, Ordering::AcqRel);
         Ok(())
     }
 
+    /// Passes on `r`, a result of the commit log; if it failed, the store
+    /// file is first made durable with every commit applied (redb itself is
+    /// sound, and the commits acknowledged since the last checkpoint may
+    /// have no other copy now: a log segment removed, replaced or shrunk
+    /// under the store, a failed fsync of the log), then the store is
+    /// poisoned. Call without the commit lock.
+    fn log_failed<T>(&self, r: Result<T>) -> Result<T> {
+        let healthy = self.poisoned.lock().is_none();
+        if let Err(e) = &r
+            && healthy
+            && self.durable_flush(true).is_ok()
+        {
+            tracing::error!(
+                error = %e,
+                "the commit log failed; the store file was made durable with every commit \
+                 applied, so none acknowledged is lost"
+            );
+        }
+        self.poisoning(r)
+    }
+
     /// An empty durable write transaction: redb makes every transaction
     /// committed before it durable with it. A failure poisons the store.
-    fn durable_flush(&self) -> Result<()> {
+    /// With `log_not_needed`, the same commit records that the store needs
+    /// no commit log to be whole (as a clean close does).
+    fn durable_flush(&self, log_not_needed: bool) -> Result<()> {
         let r = (|| -> Result<()> {
             // Under the commit lock only to begin: a parked collector
             // transaction is committed first, and none is parked after.
@@ -199,6 +222,9 @@ impl Engine {
             let mut w = db.rw()?.begin_write()?;
             drop(st);
             w.set_quick_repair(self.quick_repair);
+            if log_not_needed {
+                w.open_table(LOG_STATE)?.insert(KEY_LOG_OPEN, 0)?;
+            }
             w.commit()?;
             Ok(())
         })();
@@ -221,19 +247,27 @@ impl Engine {
         let next = match &self.log {
             Some(log) => {
                 let r = log.prepare();
-                Some(self.poisoning(r)?)
+                Some(self.log_failed(r)?)
             }
             None => None,
         };
-        let (log_seq, applied, commits, bytes) = {
+        let (switched, log_seq, applied, commits, bytes) = {
             let st = self.commit.lock();
-            if let (Some(log), Some(next)) = (&self.log, next) {
-                let r = log.switch(next);
-                self.poisoning(r)?;
-            }
-            (st.log_seq, st.applied_seq, st.commits_since, st.bytes_since)
+            let switched = match (&self.log, next) {
+                (Some(log), Some(next)) => log.switch(next),
+                _ => Ok(()),
+            };
+            let st = &*st;
+            (
+                switched,
+                st.log_seq,
+                st.applied_seq,
+                st.commits_since,
+                st.bytes_since,
+            )
         };
-        self.durable_flush()?;
+        self.log_failed(switched)?;
+        self.durable_flush(false)?;
         self.durable_seq.fetch_max(applied, Ordering::AcqRel);
         self.log_durable.fetch_max(log_seq, Ordering::AcqRel);
         if let Some(log) = &self.log
@@ -278,10 +312,15 @@ impl Engine {
         }
         // Persist the exact oid mark and make every applied commit durable,
         // unless both already are.
+        // With a log, the same durable commit says the store was closed
+        // cleanly, before the log goes.
         let pending = st.applied_seq != self.durable_seq.load(Ordering::Acquire);
-        if pending || st.next_oid != st.reserved {
+        if pending || st.next_oid != st.reserved || self.log.is_some() {
             let mut w = db.begin_write()?;
             w.set_quick_repair(self.quick_repair);
+            if self.log.is_some() {
+                w.open_table(LOG_STATE)?.insert(KEY_LOG_OPEN, 0)?;
+            }
             {
                 let mut m = w.open_table(META)?;
                 m.insert(

@@ -1,4 +1,4 @@
-//! The on-disk layout of a durus-redb store, format version 3.
+//! The on-disk layout of a durus-redb store, format version 4.
 //!
 //! A store is one redb file with these tables:
 //!
@@ -9,13 +9,20 @@
 //! | `durus_refcounts`  | `u64` oid       | `u64`           | how many refs stored records hold to the oid (each occurrence counts); absent means zero |
 //! | `durus_gc_due`     | `(u64, u64)` (drop time ms, oid) | `()` | oids whose count fell to zero, in the order they did: candidates for the incremental collector once their grace window has passed, re-checked before deletion (format 3) |
 //! | `durus_gc_dropped` | `u64` oid       | `u64`           | the latest time (ms since the Unix epoch) the oid's count fell to zero; a `durus_gc_due` entry with an older time is stale (format 3) |
-//! | `durus_log`        | `&str`          | `u64`           | `applied`: the sequence number of the last logged commit the file holds (format 2) |
+//! | `durus_log`        | `&str`          | `u64`           | `applied`: the sequence number of the last logged commit the file holds (format 2); `open`: 1 while a writer with a commit log has the store open, 0 after a clean close (format 4) |
 //!
 //! Beside the file, a commit log directory `<file>-log/` (format 2; see
 //! `engine/log.rs`) holds the commits since the last checkpoint while the
 //! store is open or after a crash; a clean close removes it. Format 1 had no
 //! log: a format 1 store is upgraded when first opened for writing (the
 //! version is rewritten; nothing else changes).
+//!
+//! Format 4 records whether the log must exist (`durus_log`/`open`): a
+//! store not closed cleanly whose log directory is missing is refused
+//! instead of opened without the commits its log held. Its log segments
+//! are version 2 (each names its number and first commit; see
+//! `engine/log.rs`). A format 3 store is upgraded by rewriting the version;
+//! the marker is written at its next writable open.
 //!
 //! Format 2 kept the collector's queue as `durus_gc_queue` (`u64` oid ->
 //! `()`), in oid order and without times; the upgrade to format 3 moves its
@@ -47,7 +54,7 @@ use crate::error::{Result, StorageError};
 use crate::record::Oid;
 
 /// The format version this build writes.
-pub(crate) const FORMAT_VERSION: u32 = 3;
+pub(crate) const FORMAT_VERSION: u32 = 4;
 /// The oldest format version this build opens.
 pub(crate) const OLDEST_FORMAT_VERSION: u32 = 1;
 
@@ -76,6 +83,9 @@ pub(crate) fn now_unix_ms() -> u64 {
 pub(crate) const LOG_STATE: TableDefinition<&str, u64> = TableDefinition::new("durus_log");
 /// [`LOG_STATE`] key: the last logged commit the file holds.
 pub(crate) const KEY_APPLIED: &str = "applied";
+/// [`LOG_STATE`] key: 1 while a writer with a commit log has the store
+/// open, 0 (or absent, before format 4) after a clean close.
+pub(crate) const KEY_LOG_OPEN: &str = "open";
 
 /// Metadata key of [`FormatInfo`].
 pub(crate) const KEY_FORMAT: &str = "format";

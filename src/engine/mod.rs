@@ -84,6 +84,10 @@ pub(crate) struct EngineConfig {
     /// A read-only open for `check`: commits waiting in the log are
     /// reported, not refused.
     pub(crate) checking: bool,
+    /// A commit log damaged before its end, or missing after an unclean
+    /// close, is given up (kept aside, with an ERROR) instead of refusing
+    /// the open: `check --repair`.
+    pub(crate) accept_log_damage: bool,
     /// Tests: the file is this simulated disk instead of `path`.
     #[cfg(test)]
     pub(crate) disk: Option<std::sync::Arc<powercut::Disk>>,
@@ -101,11 +105,15 @@ impl EngineConfig {
             quick_repair: true,
             importing: false,
             checking: false,
+            accept_log_damage: false,
             #[cfg(test)]
             disk: None,
         }
     }
 }
+
+/// What is told when the store is poisoned: the reason.
+pub(crate) type PoisonWatch = Arc<dyn Fn(&str) + Send + Sync>;
 
 /// What a worker beside the engine (the collector) does in every commit.
 /// Installed once after open; called under the commit lock.
@@ -218,6 +226,8 @@ pub(crate) struct Engine {
     poisoned: Mutex<Option<String>>,
     checkpointer: Mutex<Option<Checkpointer>>,
     hook: OnceLock<Arc<dyn CommitHook>>,
+    /// Told, once, when the store is poisoned (the server stops on it).
+    poison_watch: OnceLock<PoisonWatch>,
     /// Tests: runs in an apply right after its redb commit, with `publish`
     /// still held.
     #[cfg(test)]
@@ -273,13 +283,36 @@ impl Engine {
         Ok(())
     }
 
+    /// Why the store takes no more commits, if an earlier failure poisoned
+    /// it.
+    pub(crate) fn poisoned_reason(&self) -> Option<String> {
+        self.poisoned.lock().clone()
+    }
+
+    /// Has `watch` called (on a thread of its own) with the reason when the
+    /// store is poisoned. One watcher per store; a second is ignored.
+    pub(crate) fn watch_poison(&self, watch: PoisonWatch) {
+        let _ = self.poison_watch.set(watch);
+    }
+
     /// Marks the store unusable for writes after a failure that leaves redb's
     /// state unknown.
     pub(crate) fn poison(&self, why: &StorageError) {
         tracing::error!(error = %why, "store poisoned");
-        let mut p = self.poisoned.lock();
-        if p.is_none() {
-            *p = Some(why.to_string());
+        let first = {
+            let mut p = self.poisoned.lock();
+            let first = p.is_none();
+            if first {
+                *p = Some(why.to_string());
+            }
+            first
+        };
+        if first && let Some(watch) = self.poison_watch.get() {
+            // Not on this thread: it may hold the commit lock.
+            let (watch, why) = (watch.clone(), why.to_string());
+            let _ = std::thread::Builder::new()
+                .name("durus-poisoned".into())
+                .spawn(move || watch(&why));
         }
     }
 

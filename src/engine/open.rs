@@ -61,24 +61,36 @@ impl Engine {
         let log_dir = log::log_dir(path);
         let log_seq = if config.read_only {
             let applied = applied_log_seq(&db)?;
-            let waiting = log::commits_after(&log_dir, applied)?;
-            if waiting > 0 && !config.checking {
-                return Err(StorageError::UnappliedLog {
-                    path: path.to_path_buf(),
-                    commits: waiting,
-                });
+            if !config.checking {
+                let (waiting, stop) = log::commits_after(&log_dir, applied)?;
+                if let Some(e) = log_problem(path, &db, applied, stop.as_ref())? {
+                    return Err(e);
+                }
+                if waiting > 0 {
+                    return Err(StorageError::UnappliedLog {
+                        path: path.to_path_buf(),
+                        commits: waiting,
+                    });
+                }
             }
             applied
         } else {
-            replay(path, &db, config.quick_repair)?
+            replay(path, &db, config)?
         };
         let log = match config.durability {
             _ if config.read_only => None,
             Durability::Manual => {
+                // The file holds every logged commit now: it says so before
+                // the log goes, so that a crash in between is no alarm.
+                mark_log_open(&db, false, config.quick_repair)?;
                 log::remove_log(&log_dir)?;
                 None
             }
-            _ => Some(Arc::new(log::CommitLog::start(&log_dir, log_seq + 1)?)),
+            _ => {
+                let log = log::CommitLog::start(&log_dir, log_seq + 1)?;
+                mark_log_open(&db, true, config.quick_repair)?;
+                Some(Arc::new(log))
+            }
         };
         if !config.read_only && !config.importing {
             let rtxn = db.begin_read()?;
@@ -134,6 +146,7 @@ impl Engine {
             poisoned: Mutex::new(None),
             checkpointer: Mutex::new(None),
             hook: OnceLock::new(),
+            poison_watch: OnceLock::new(),
             #[cfg(test)]
             on_visible: OnceLock::new(),
             #[cfg(test)]
@@ -383,13 +396,65 @@ fn upgrade(path: &Path, db: &redb::Database, info: FormatInfo, quick_repair: boo
     Ok(())
 }
 
+/// What is wrong with the commit log of the store at `path`, whose file
+/// holds the logged commits up to `applied`: the damage `stop` names, or
+/// the log directory missing although the store says a writer with a log
+/// did not close it.
+pub(super) fn log_problem(
+    path: &Path,
+    db: &Db,
+    applied: u64,
+    stop: Option<&log::LogStop>,
+) -> Result<Option<StorageError>> {
+    if let Some(stop) = stop.filter(|s| s.damage) {
+        return Ok(Some(StorageError::DamagedLog {
+            path: path.to_path_buf(),
+            detail: stop.describe(applied),
+        }));
+    }
+    let dir = log::log_dir(path);
+    if !dir.exists() && log_marked_open(db)? {
+        return Ok(Some(StorageError::MissingLog {
+            path: path.to_path_buf(),
+            log: dir,
+        }));
+    }
+    Ok(None)
+}
+
+/// Whether the store says a writer with a commit log has it open (or did
+/// not close it cleanly).
+fn log_marked_open(db: &Db) -> Result<bool> {
+    let rtxn = db.begin_read()?;
+    let t = match rtxn.open_table(LOG_STATE) {
+        Ok(t) => t,
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(false),
+        Err(e) => return Err(e.into()),
+    };
+    Ok(t.get(KEY_LOG_OPEN)?.is_some_and(|v| v.value() != 0))
+}
+
+/// Records durably whether a writer with a commit log has the store open
+/// (nothing is written if the store already says so).
+fn mark_log_open(db: &Db, open: bool, quick_repair: bool) -> Result<()> {
+    if log_marked_open(db)? == open {
+        return Ok(());
+    }
+    let mut w = db.rw()?.begin_write()?;
+    w.set_quick_repair(quick_repair);
+    w.open_table(LOG_STATE)?
+        .insert(KEY_LOG_OPEN, u64::from(open))?;
+    w.commit()?;
+    Ok(())
+}
+
 /// The last logged commit the file holds (0 if none was ever logged).
 /// The last logged commit the engine's file holds.
 pub(super) fn applied_log_seq_of(engine: &Engine) -> Result<u64> {
     applied_log_seq(&*engine.db()?)
 }
 
-fn applied_log_seq(db: &Db) -> Result<u64> {
+pub(super) fn applied_log_seq(db: &Db) -> Result<u64> {
     let rtxn = db.begin_read()?;
     let t = match rtxn.open_table(LOG_STATE) {
         Ok(t) => t,
@@ -403,15 +468,31 @@ fn applied_log_seq(db: &Db) -> Result<u64> {
 /// writer did not close cleanly), and makes the file durable with them.
 /// Idempotent: a crash during a replay leaves the file as it was before it,
 /// and the next open replays again. Returns the last logged commit.
-fn replay(path: &Path, db: &Db, quick_repair: bool) -> Result<u64> {
+///
+/// A log damaged before its end, or missing although the store was not
+/// closed cleanly, refuses the open ([`StorageError::DamagedLog`],
+/// [`StorageError::MissingLog`]) unless `config.accept_log_damage`: then the
+/// commits before the damage are kept, the log is set aside with an ERROR
+/// naming what was given up, and the store opens.
+fn replay(path: &Path, db: &Db, config: &EngineConfig) -> Result<u64> {
+    let quick_repair = config.quick_repair;
     let dir = log::log_dir(path);
-    if !dir.exists() {
-        return applied_log_seq(db);
-    }
     let applied = applied_log_seq(db)?;
+    if !dir.exists() {
+        if let Some(e) = log_problem(path, db, applied, None)? {
+            if !config.accept_log_damage {
+                return Err(e);
+            }
+            tracing::error!(
+                error = %e,
+                "opening without the missing commit log, as asked: the commits it held are given up"
+            );
+        }
+        return Ok(applied);
+    }
     let rw = db.rw()?;
     let started = std::time::Instant::now();
-    let (last, stop) = log::read_log(&dir, applied, 8 << 20, |batch| {
+    let log::LogRead { last, stop } = log::read_log(&dir, applied, 8 << 20, |batch| {
         if batch.is_empty() {
             return Ok(());
         }
@@ -442,17 +523,22 @@ fn replay(path: &Path, db: &Db, quick_repair: bool) -> Result<u64> {
         );
     }
     if let Some(stop) = &stop {
-        if stop.later_data {
+        if stop.damage {
             // Not a torn tail: something is damaged in the middle of the log.
+            let detail = stop.describe(last);
+            if !config.accept_log_damage {
+                return Err(StorageError::DamagedLog {
+                    path: path.to_path_buf(),
+                    detail,
+                });
+            }
             let mut name = dir.file_name().unwrap_or_default().to_os_string();
             name.push(format!(".damaged-{}", super::layout::now_unix_ms()));
             let aside = dir.with_file_name(name);
             tracing::error!(
-                segment = %stop.segment.display(),
-                offset = stop.offset,
-                reason = %stop.reason,
+                damage = %detail,
                 kept = %aside.display(),
-                "the commit log is damaged before its end: replayed the commits before the damage; the log is kept aside"
+                "the commit log is damaged before its end: kept the commits up to {last}, gave up every later one as asked; the log is kept aside"
             );
             std::fs::rename(&dir, &aside)?;
         } else {

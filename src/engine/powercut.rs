@@ -97,6 +97,7 @@ fn config(durability: Durability, disk: Arc<Disk>) -> EngineConfig {
         quick_repair: true,
         importing: false,
         checking: false,
+        accept_log_damage: false,
         disk: Some(disk),
     }
 }

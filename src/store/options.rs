@@ -132,6 +132,7 @@ impl Options {
             quick_repair: self.quick_repair,
             importing,
             checking: false,
+            accept_log_damage: false,
             #[cfg(test)]
             disk: None,
         }
