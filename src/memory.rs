@@ -113,6 +113,10 @@ impl Storage for MemoryStorage {
     }
 
     fn new_oid(&mut self) -> Result<Oid> {
+        // Never a stored oid: a root committed directly is passed over.
+        if self.next_oid == 0 && self.records.contains_key(&Oid::ROOT) {
+            self.next_oid = 1;
+        }
         let oid = Oid(self.next_oid);
         self.next_oid += 1;
         self.allocated.insert(oid);

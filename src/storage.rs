@@ -38,8 +38,14 @@ pub struct PackReport {
 ///   that returned `Ok` survives a crash.
 /// - **sync** returns the oids this session must treat as invalid: changed by
 ///   another session, or removed by the garbage collector, since the last sync.
+/// - **The root is oid 0** ([`Oid::ROOT`]): the object everything live is
+///   reachable from. It may be stored without `new_oid`.
 /// - **new_oid** never returns the same oid twice, also across restarts, and
-///   never an oid in use. On an empty store the first one is the root, 0.
+///   never an oid that is stored, the root included. On a store without a
+///   root the first one is the root, 0 (Durus's `Connection` relies on
+///   that): so `new_oids(3)` on an empty store is `[0, 1, 2]`, and the first
+///   of them is the root, not a place for another object. Once a root is
+///   stored, oid 0 is never handed out.
 /// - A record committed but referenced by nothing stays until a full
 ///   collection (`pack`).
 pub trait Storage {
@@ -66,7 +72,8 @@ pub trait Storage {
     /// Oids this session must treat as invalid since the last sync.
     fn sync(&mut self) -> Result<Vec<Oid>>;
 
-    /// A new oid, never handed out before.
+    /// A new oid, never handed out before and never stored (see the
+    /// contract: the first oid of a store without a root is the root).
     fn new_oid(&mut self) -> Result<Oid>;
 
     /// `n` new oids.

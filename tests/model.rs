@@ -17,6 +17,12 @@ enum Op {
         refs: Vec<usize>,
         corrupt: bool,
     },
+    /// Store the root (oid 0) into the pending commit without `new_oid`,
+    /// as the contract allows.
+    StoreRoot {
+        data: Vec<u8>,
+        refs: Vec<usize>,
+    },
     Commit,
     Abort,
     Load(usize),
@@ -31,6 +37,8 @@ fn op() -> impl Strategy<Value = Op> {
         3 => Just(Op::NewOid),
         6 => (0usize..40, prop::collection::vec(any::<u8>(), 0..24), prop::collection::vec(0usize..40, 0..4), prop::bool::weighted(0.05))
             .prop_map(|(oid, data, refs, corrupt)| Op::Store { oid, data, refs, corrupt }),
+        1 => (prop::collection::vec(any::<u8>(), 0..8), prop::collection::vec(0usize..40, 0..3))
+            .prop_map(|(data, refs)| Op::StoreRoot { data, refs }),
         3 => Just(Op::Commit),
         1 => Just(Op::Abort),
         3 => (0usize..40).prop_map(Op::Load),
@@ -78,9 +86,24 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
             Op::NewOid => {
                 let (a, b) = (r.new_oid(), model.new_oid());
                 if let Ok(o) = &b {
+                    // Never an oid that is stored, the root included.
+                    prop_assert!(
+                        model.load(*o).is_err(),
+                        "step {}: new_oid gave stored {}",
+                        step,
+                        o
+                    );
                     known.push(*o);
                 }
                 (show(&a), show(&b))
+            }
+            Op::StoreRoot { data, refs } => {
+                let refs: Vec<Oid> = refs.iter().map(|&i| pick(&known, i)).collect();
+                let bytes = Record::new(Oid::ROOT, &data, &refs).into_bytes();
+                (
+                    show(&r.store(Oid::ROOT, bytes.clone())),
+                    show(&model.store(Oid::ROOT, bytes)),
+                )
             }
             Op::Store {
                 oid,
@@ -140,4 +163,40 @@ proptest! {
     fn redb_storage_behaves_as_the_model(ops in prop::collection::vec(op(), 1..80)) {
         run(ops)?;
     }
+}
+
+/// The root stored directly (no `new_oid`), then oids allocated: neither
+/// the engine nor the model hands out oid 0 again, and the root stays.
+#[test]
+fn a_root_stored_directly_is_never_handed_out_by_new_oid() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("root.redb");
+    let mut redb = RedbStorage::open(&path, Options::default().gc(ManualGc)).unwrap();
+    let mut model = MemoryStorage::new();
+    let stores: [&mut dyn Storage; 2] = [&mut redb, &mut model];
+    for s in stores {
+        s.begin();
+        s.store(Oid::ROOT, Record::new(Oid::ROOT, b"root", &[]).into_bytes())
+            .unwrap();
+        s.end().unwrap();
+        let oids = s.new_oids(3).unwrap();
+        assert_eq!(oids, [Oid(1), Oid(2), Oid(3)]);
+        s.begin();
+        s.store(oids[0], Record::new(oids[0], b"child", &[]).into_bytes())
+            .unwrap();
+        s.store(
+            Oid::ROOT,
+            Record::new(Oid::ROOT, b"root", &[oids[0]]).into_bytes(),
+        )
+        .unwrap();
+        s.end().unwrap();
+        assert_eq!(s.load(Oid::ROOT).unwrap().data(), b"root");
+        assert_eq!(s.load(oids[0]).unwrap().data(), b"child");
+    }
+    // On an empty store the first oid is the root (Durus's Connection
+    // relies on it).
+    assert_eq!(MemoryStorage::new().new_oid().unwrap(), Oid::ROOT);
+    redb.close().unwrap();
+    let mut again = RedbStorage::open(&path, Options::default().gc(ManualGc)).unwrap();
+    assert!(again.new_oid().unwrap() > Oid(3));
 }

@@ -61,15 +61,15 @@ pub(crate) struct Allocations {
 }
 
 impl Allocations {
-    /// Whether `session` may store `oid`, which is not stored yet: it is
-    /// the root, or the session was handed it.
+    /// Whether `session` may store `oid`, which is not stored yet: the
+    /// session was handed it, or it is the root and no other session was
+    /// handed it (as Durus's server, which drops a client that stores an
+    /// oid another client holds).
     pub(super) fn may_create(&self, session: SessionId, oid: Oid) -> Result<()> {
-        if oid == Oid::ROOT {
-            return Ok(());
-        }
         match self.by_oid.get(&oid) {
             Some(&s) if s == session => Ok(()),
             Some(_) => Err(InvalidInput::OidOfAnotherSession { oid }.into()),
+            None if oid == Oid::ROOT => Ok(()),
             None => Err(Conflict::UnknownOid { oid }.into()),
         }
     }

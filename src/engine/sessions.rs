@@ -481,7 +481,9 @@ impl Engine {
 
     /// Hands out `n` new oids to `session`. The reserved mark is made durable
     /// before any oid above it is handed out. Refused once the oid range is
-    /// used up.
+    /// used up. Never an oid that is stored: the first oid of a store is
+    /// the root (0), handed out only while no root is stored (a root
+    /// committed directly, without `new_oid`, is passed over).
     pub(crate) fn allocate(&self, session: SessionId, n: usize) -> Result<Vec<Oid>> {
         self.allocate_capped(session, n, u64::MAX)
     }
@@ -510,6 +512,16 @@ impl Engine {
                 cap,
             }
             .into());
+        }
+        if st.next_oid == 0
+            && self
+                .db()?
+                .begin_read()?
+                .open_table(RECORDS)?
+                .get(0)?
+                .is_some()
+        {
+            st.next_oid = 1;
         }
         let end = st
             .next_oid
