@@ -2,7 +2,7 @@
 
 use std::process::Command;
 
-use durus_redb::{Oid, Options, Record, RedbStorage, Storage};
+use durus_redb::{Durability, Manual, ManualGc, Oid, Options, Record, RedbStorage, Storage};
 
 fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_durus-redb"))
@@ -32,7 +32,7 @@ fn stats_and_check_report_a_healthy_store() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}");
     assert!(text.contains("objects:          201"), "{text}");
-    assert!(text.contains("format version:   3"), "{text}");
+    assert!(text.contains("format version:   4"), "{text}");
     let out = bin().arg("check").arg(&path).output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}");
@@ -251,5 +251,300 @@ fn check_recounts_every_reference_and_finds_wrong_counts() {
     assert!(
         text.contains("oid 9000000 has count 0, recount says 1"),
         "{text}"
+    );
+}
+
+/// A store left as a crash leaves it (file and log copied while it is
+/// open) after ten logged commits, with entry 3 of its log zeroed: the
+/// later commits were acknowledged and sit intact after the zeros.
+fn store_with_zeroed_log_entry(dir: &std::path::Path) -> std::path::PathBuf {
+    let path = dir.join("live.redb");
+    let mut s = RedbStorage::open(
+        &path,
+        Options::new()
+            .durability(Durability::Fsync)
+            .checkpoint(Manual)
+            .gc(ManualGc),
+    )
+    .unwrap();
+    let root = s.new_oid().unwrap();
+    s.begin();
+    s.store(root, Record::new(root, b"root 0", &[]).into_bytes())
+        .unwrap();
+    s.end().unwrap();
+    s.checkpoint().unwrap();
+    for i in 1..=10u8 {
+        s.begin();
+        s.store(root, Record::new(root, &[b'r', i], &[]).into_bytes())
+            .unwrap();
+        s.end().unwrap();
+    }
+    let image = dir.join("image.redb");
+    std::fs::copy(&path, &image).unwrap();
+    let log = dir.join("image.redb-log");
+    std::fs::create_dir(&log).unwrap();
+    let seg = std::fs::read_dir(dir.join("live.redb-log"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .max()
+        .unwrap();
+    let mut data = std::fs::read(&seg).unwrap();
+    drop(s);
+    // Entries after the 32-byte header: u32 length, u64 seq, payload, u64 sum.
+    let mut at = 32;
+    for _ in 0..3 {
+        let len = u32::from_le_bytes(data[at..at + 4].try_into().unwrap()) as usize;
+        at += 20 + len;
+    }
+    let len = u32::from_le_bytes(data[at..at + 4].try_into().unwrap()) as usize;
+    data[at..at + 20 + len].fill(0);
+    std::fs::write(log.join(seg.file_name().unwrap()), data).unwrap();
+    image
+}
+
+#[test]
+fn a_damaged_commit_log_stops_serve_and_check_until_check_repair_names_what_it_gives_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = store_with_zeroed_log_entry(dir.path());
+    // serve refuses to start, and says what is wrong and what to do.
+    let mut child = bin()
+        .args(["serve", "--port", "0", "--file"])
+        .arg(&image)
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            child.kill().unwrap();
+            panic!("serve started on a store whose log is damaged");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(!status.success(), "{err}");
+    assert!(
+        err.contains("commit log") && err.contains("damaged"),
+        "{err}"
+    );
+    assert!(err.contains("check --repair"), "{err}");
+    // check reports the damage and exits 1; nothing was changed.
+    let out = bin().arg("check").arg(&image).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("commit log: DAMAGED"), "{text}");
+    assert!(text.contains("6 intact entries up to commit 11"), "{text}");
+    // check --repair gives up the commits after the damage, names them,
+    // and keeps the log aside.
+    let out = bin()
+        .args(["check", "--repair"])
+        .arg(&image)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("gave up the commits after the damage"),
+        "{text}"
+    );
+    assert!(text.contains("the commits after 4"), "{text}");
+    let kept = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .any(|n| n.starts_with("image.redb-log.damaged-"));
+    assert!(kept, "the damaged log was not kept");
+    let out = bin().arg("check").arg(&image).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let mut s = RedbStorage::open(&image, Options::default()).unwrap();
+    assert_eq!(s.load(Oid::ROOT).unwrap().data(), [b'r', 3]);
+    s.close().unwrap();
+}
+
+/// Runs `durus-redb ARGS` to its end (it must end within a minute) and
+/// returns its exit code and standard error.
+fn run_to_end(args: &[&std::ffi::OsStr]) -> (Option<i32>, String) {
+    let mut child = bin()
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            child.kill().unwrap();
+            panic!("durus-redb {args:?} did not end");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    (status.code(), err)
+}
+
+#[test]
+fn serve_that_cannot_listen_names_the_address_that_failed_and_leaves_no_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let busy_port = busy.local_addr().unwrap().port().to_string();
+    let path = dir.path().join("new.redb");
+    let os = |s: &str| std::ffi::OsString::from(s);
+    // The main port busy.
+    let (code, err) = run_to_end(&[
+        &os("serve"),
+        &os("--port"),
+        &os(&busy_port),
+        &os("--file"),
+        path.as_os_str(),
+    ]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains(&format!("cannot listen on 127.0.0.1:{busy_port}")),
+        "{err}"
+    );
+    assert!(!path.exists(), "a store was left behind: {err}");
+    assert!(!dir.path().join("new.redb-log").exists(), "{err}");
+    // The metrics port busy: the metrics address is named, not the main one.
+    let (code, err) = run_to_end(&[
+        &os("serve"),
+        &os("--port"),
+        &os("0"),
+        &os("--metrics-address"),
+        &os(&format!("127.0.0.1:{busy_port}")),
+        &os("--file"),
+        path.as_os_str(),
+    ]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains(&format!(
+            "cannot listen for metrics on 127.0.0.1:{busy_port}"
+        )),
+        "{err}"
+    );
+    assert!(!path.exists(), "a store was left behind: {err}");
+    // A metrics address that is no address says what one looks like.
+    let (code, err) = run_to_end(&[
+        &os("serve"),
+        &os("--port"),
+        &os("0"),
+        &os("--metrics-address"),
+        &os("29721"),
+        &os("--file"),
+        path.as_os_str(),
+    ]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("cannot listen for metrics on 29721"), "{err}");
+    assert!(err.contains("HOST:PORT"), "{err}");
+    assert!(!path.exists(), "a store was left behind: {err}");
+    // An existing store is kept, whatever happens.
+    small_store(&path);
+    let (code, err) = run_to_end(&[
+        &os("serve"),
+        &os("--port"),
+        &os(&busy_port),
+        &os("--file"),
+        path.as_os_str(),
+    ]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(path.exists(), "an existing store was removed");
+    drop(busy);
+}
+
+#[test]
+fn a_durus_file_or_a_missing_folder_is_named_as_such_with_what_to_do() {
+    let dir = tempfile::tempdir().unwrap();
+    let durus = dir.path().join("app.durus");
+    std::fs::write(&durus, b"SHELF-1\n\0\0\0\0\0\0\0\0").unwrap();
+    let shown = durus.display().to_string();
+    let os = |s: &str| std::ffi::OsString::from(s);
+    for args in [
+        vec![
+            os("serve"),
+            os("--port"),
+            os("0"),
+            os("--file"),
+            durus.clone().into(),
+        ],
+        vec![os("check"), durus.clone().into()],
+        vec![os("stats"), durus.clone().into()],
+    ] {
+        let refs: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_os_str()).collect();
+        let (code, err) = run_to_end(&refs);
+        assert_eq!(code, Some(2), "{args:?}: {err}");
+        assert!(
+            err.contains("is a Durus FileStorage (SHELF-1) file"),
+            "{args:?}: {err}"
+        );
+        assert!(
+            err.contains(&format!("durus-redb migrate {shown}")),
+            "{args:?}: {err}"
+        );
+        assert_eq!(
+            err.matches(&shown).count(),
+            2,
+            "the path once, and once in the advice: {err}"
+        );
+    }
+    let lost = dir.path().join("no-such-folder").join("s.redb");
+    for args in [
+        vec![
+            os("serve"),
+            os("--port"),
+            os("0"),
+            os("--file"),
+            lost.clone().into(),
+        ],
+        vec![os("check"), lost.clone().into()],
+    ] {
+        let refs: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_os_str()).collect();
+        let (code, err) = run_to_end(&refs);
+        assert_eq!(code, Some(2), "{args:?}: {err}");
+        assert!(
+            err.contains("the folder") && err.contains("does not exist"),
+            "{args:?}: {err}"
+        );
+    }
+}
+
+#[test]
+fn serve_with_stderr_redirected_writes_plain_log_lines() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = bin()
+        .args(["serve", "--port", "0", "--file"])
+        .arg(dir.path().join("s.redb"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut seen = String::new();
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        seen.push_str(&line);
+        seen.push('\n');
+        if line.contains("Ready on") {
+            break;
+        }
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(seen.contains("Ready on"), "{seen}");
+    assert!(seen.contains("INFO"), "{seen}");
+    assert!(
+        !seen.contains('\u{1b}'),
+        "escape codes in a redirected log: {seen:?}"
     );
 }

@@ -285,6 +285,36 @@ fn an_unfinished_migration_is_refused_by_other_opens_and_resumed_by_migrate() {
     assert_eq!(again.objects, report.objects);
     let err = migrate(&other, &dest, &options, &mut |_| {}).unwrap_err();
     assert!(err.to_string().contains("already holds a store"), "{err}");
+    // Once clients committed to the store, a rerun says it changed.
+    {
+        let mut s = RedbStorage::open(&dest, Options::default()).unwrap();
+        let root = s.load(Oid::ROOT).unwrap();
+        s.begin();
+        let refs: Vec<Oid> = root.refs().collect();
+        s.store(
+            Oid::ROOT,
+            Record::new(Oid::ROOT, b"changed", &refs).into_bytes(),
+        )
+        .unwrap();
+        s.end().unwrap();
+        s.close().unwrap();
+    }
+    let err = migrate(&source, &dest, &options, &mut |_| {}).unwrap_err();
+    assert!(matches!(err, MigrateError::Refused(_)), "{err}");
+    assert!(err.to_string().contains("changed since"), "{err}");
+    assert!(err.to_string().contains("new file"), "{err}");
+    // A durus-redb store given as the source is named as one.
+    let out = run(bin()
+        .arg("migrate")
+        .arg(&dest)
+        .arg(dir.path().join("z.redb")));
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("already a durus-redb store"),
+        "{}",
+        text(&out)
+    );
+    assert!(!dir.path().join("z.redb").exists());
 }
 
 #[test]

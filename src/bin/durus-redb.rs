@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use durus_redb::{
     Address, ClientStorage, Durability, ManualGc, MigrateOptions, MigrateProgress, Options,
-    Periodic, RedbStorage, Server, ServerConfig, check_store, repair_store,
+    Periodic, RedbStorage, Server, ServerConfig, StorageError, check_store, repair_store,
 };
 
 /// A Durus-compatible object store and server on redb.
@@ -112,14 +112,20 @@ enum Command {
     /// reference resolves, and the reference counts equal a recount from
     /// scratch. Never writes to the store: a store that was not closed
     /// cleanly is repaired in memory to be checked, and commits waiting in
-    /// its commit log are counted. With --repair it writes: the file is
-    /// repaired, the waiting commits applied, an older format upgraded.
-    /// Exits 1 if anything is wrong, 2 if the file cannot be checked at all.
+    /// its commit log are counted; a log damaged before its end (zeros or a
+    /// bad entry followed by entries, a segment missing, swapped or
+    /// copied), or missing after an unclean close, is reported. With
+    /// --repair it writes: the file is repaired, the waiting commits
+    /// applied, an older format upgraded; a damaged log is replayed up to
+    /// the damage, the commits after it are named and given up, and the log
+    /// is kept aside. Exits 1 if anything is wrong, 2 if the file cannot be
+    /// checked at all.
     Check {
         /// The store file (must not be open by a server).
         path: PathBuf,
         /// Repair the file for good (redb's repair, the commit log applied,
-        /// the format upgraded), then check it.
+        /// the format upgraded; a damaged or missing log given up, with the
+        /// commits it loses named), then check it.
         #[arg(long)]
         repair: bool,
     },
@@ -132,6 +138,15 @@ enum BackupChoice {
     Redb,
     /// A Durus FileStorage (SHELF-1) file.
     Durus,
+}
+
+/// What `serve` does once the store is poisoned.
+#[derive(ValueEnum, Clone, Copy, Debug)]
+enum OnPoison {
+    /// Close every connection and exit with status 1 and the reason.
+    Stop,
+    /// Go on serving loads; refuse commits; report `healthy 0`.
+    ServeLoads,
 }
 
 /// When an acknowledged commit is safe.
@@ -257,6 +272,14 @@ struct ServeArgs {
     /// 0: never poll; at most 1000000.
     #[arg(long, default_value_t = 50)]
     poll_us: u64,
+    /// What the server does when the store is poisoned (a failed fsync, a
+    /// full disk at a checkpoint, a commit log segment removed or shrunk
+    /// under it): `stop` closes every connection and exits with status 1
+    /// and the reason, so that a supervisor's restart replays the commit
+    /// log; `serve-loads` goes on answering loads, refuses commits, and
+    /// reports `healthy 0` in `stats` and the metrics.
+    #[arg(long, value_enum, default_value_t = OnPoison::Stop)]
+    on_poison: OnPoison,
     /// Seconds between fsyncs of the commit log with --durability os.
     #[arg(long, default_value_t = 1.0)]
     fsync_interval: f64,
@@ -374,16 +397,66 @@ fn init_logging(logfile: Option<&std::path::Path>, level: u8) {
             .with_writer(std::sync::Mutex::new(file))
             .init(),
         Some(Err(e)) => {
-            builder.with_writer(std::io::stderr).init();
+            builder
+                .with_ansi(stderr_is_terminal())
+                .with_writer(std::io::stderr)
+                .init();
             tracing::error!("cannot open the log file: {e}; logging to stderr");
         }
-        None => builder.with_writer(std::io::stderr).init(),
+        None => builder
+            .with_ansi(stderr_is_terminal())
+            .with_writer(std::io::stderr)
+            .init(),
     }
+}
+
+/// Colours only for a person: plain lines when stderr goes to a file or a
+/// pipe.
+fn stderr_is_terminal() -> bool {
+    std::io::IsTerminal::is_terminal(&std::io::stderr())
 }
 
 fn fail(msg: impl std::fmt::Display) -> ExitCode {
     eprintln!("durus-redb: {msg}");
     ExitCode::from(2)
+}
+
+/// Why the store at `path` did not open, said once, with what to do next:
+/// a Durus file is named as one (with the `migrate` that makes a store of
+/// it), a path in a missing folder names the folder.
+fn store_error(path: &std::path::Path, e: &StorageError) -> String {
+    let shown = path.display().to_string();
+    match e {
+        StorageError::NotAStore { .. } => {
+            if let Ok(format) = durus_redb::detect_format(path) {
+                return format!(
+                    "{shown} is a Durus {} file, not a durus-redb store: \
+                     `durus-redb migrate {shown} NEW.redb` makes a store of it",
+                    match format {
+                        durus_redb::FileFormat::Shelf => "FileStorage (SHELF-1)",
+                        durus_redb::FileFormat::FileStorage2 => "FileStorage2 (DFS20)",
+                        durus_redb::FileFormat::Sqlite => "SqliteStorage",
+                        _ => "storage",
+                    }
+                );
+            }
+        }
+        StorageError::Io(io) if io.kind() == std::io::ErrorKind::NotFound => {
+            if let Some(parent) = path.parent()
+                && !parent.as_os_str().is_empty()
+                && !parent.is_dir()
+            {
+                return format!("{shown}: the folder {} does not exist", parent.display());
+            }
+        }
+        _ => {}
+    }
+    let text = e.to_string();
+    if text.contains(&shown) {
+        text
+    } else {
+        format!("{shown}: {text}")
+    }
 }
 
 /// Raises the soft limit on open files to the hard limit (each connection
@@ -445,6 +518,8 @@ fn serve(args: ServeArgs) -> ExitCode {
         }
         GcChoice::Manual => std::sync::Arc::new(ManualGc),
     };
+    // A store this command creates is removed again if it cannot serve it.
+    let created = !args.file.exists();
     let opened = if args.readonly {
         RedbStorage::open_read_only(&args.file)
     } else {
@@ -459,7 +534,7 @@ fn serve(args: ServeArgs) -> ExitCode {
     };
     let store = match opened {
         Ok(s) => s,
-        Err(e) => return fail(format_args!("{}: {e}", args.file.display())),
+        Err(e) => return fail(store_error(&args.file, &e)),
     };
     let address = match args.address {
         Some(path) => Address::Unix {
@@ -481,11 +556,15 @@ fn serve(args: ServeArgs) -> ExitCode {
     config.snapshot_reads = args.snapshot_reads;
     config.snapshot_idle = std::time::Duration::from_secs_f64(args.snapshot_idle);
     config.poll = std::time::Duration::from_micros(args.poll_us);
+    config.stop_when_poisoned = matches!(args.on_poison, OnPoison::Stop);
     let server = match Server::bind(&store, config) {
         Ok(s) => s,
         Err(e) => {
             drop(store); // closes the store
-            return fail(format_args!("cannot listen on {address}: {e}"));
+            if created {
+                let _ = std::fs::remove_file(&args.file);
+            }
+            return fail(e);
         }
     };
     // The server holds the store open from here on.
@@ -512,6 +591,13 @@ fn serve(args: ServeArgs) -> ExitCode {
     }
     match server.run() {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e @ StorageError::Poisoned { .. }) => {
+            tracing::error!(
+                "stopped: {e}. Start the server again: opening the store replays its commit log, \
+                 so no acknowledged commit is lost"
+            );
+            ExitCode::FAILURE
+        }
         Err(e) => {
             tracing::error!("closing the store failed: {e}");
             ExitCode::FAILURE
@@ -614,6 +700,14 @@ fn migrate_cmd(
                 "objects:    {} (checksum {:016x}, verified)",
                 r.objects, r.checksum
             );
+            if r.resumed_from.is_none() && r.records_read > r.objects {
+                println!(
+                    "            {} of the records read were older versions of objects the \
+                     file holds again later (a Durus file keeps every version until it is \
+                     packed); the store keeps the last of each",
+                    r.records_read - r.objects
+                );
+            }
             if let Some(m) = r.max_oid {
                 println!("next oid:   above {m}");
             }
@@ -639,7 +733,7 @@ fn gc_cmd(path: &std::path::Path, full: bool) -> ExitCode {
     let options = Options::new().create(false).gc(ManualGc);
     let store = match RedbStorage::open(path, options) {
         Ok(s) => s,
-        Err(e) => return fail(format_args!("{}: {e}", path.display())),
+        Err(e) => return fail(store_error(path, &e)),
     };
     let before = store.stats().map(|s| s.objects).unwrap_or(0);
     let started = std::time::Instant::now();
@@ -767,6 +861,7 @@ fn live_stats(at: ConnectArgs) -> ExitCode {
         Err(e) => return fail(format_args!("no server answers on {address}: {e}")),
     };
     let first = sample(&mut client);
+    eprintln!("sampling {address} for a second, for the rates...");
     std::thread::sleep(std::time::Duration::from_secs(1));
     let (first, second) = match (first, sample(&mut client)) {
         (Ok(a), Ok(b)) => (a, b),
@@ -799,7 +894,7 @@ fn stats(path: PathBuf, gc_grace: f64) -> ExitCode {
         .and_then(|s| Ok((s.stats()?, s.gc_waiting(grace)?)))
     {
         Ok(s) => s,
-        Err(e) => return fail(format_args!("{}: {e}", path.display())),
+        Err(e) => return fail(store_error(&path, &e)),
     };
     println!("store:            {}", path.display());
     println!("format version:   {}", s.format_version);
@@ -840,7 +935,7 @@ fn check(path: PathBuf, repair: bool) -> ExitCode {
                 }
             ));
         }
-        Err(e) => return fail(format_args!("{}: {e}", path.display())),
+        Err(e) => return fail(store_error(&path, &e)),
     };
     let r = &c.references;
     println!(
@@ -863,6 +958,9 @@ fn check(path: PathBuf, repair: bool) -> ExitCode {
             c.unapplied_log_commits
         );
     }
+    if let Some(damage) = &c.log_damage {
+        println!("commit log: {damage}");
+    }
     println!("objects:    {}", r.objects);
     println!("references: {}", r.refs);
     for (holder, missing) in &r.dangling {
@@ -874,10 +972,22 @@ fn check(path: PathBuf, repair: bool) -> ExitCode {
     for (oid, why) in &r.damaged {
         println!("damaged:    oid {oid}: {why}");
     }
-    if c.integrity_ok && r.is_clean() {
-        println!("result:     clean");
+    let log_ok = repair || c.log_damage.is_none();
+    if c.integrity_ok && r.is_clean() && log_ok {
+        if c.log_damage.is_some() {
+            println!("result:     clean, after giving up the commits named above");
+        } else {
+            println!("result:     clean");
+        }
         ExitCode::SUCCESS
     } else {
+        if !log_ok {
+            println!(
+                "advice:     the commit log holds acknowledged commits that cannot all be \
+                 replayed. Keep a copy of the log directory; `durus-redb check --repair` gives \
+                 up the commits after the damage and keeps the log aside"
+            );
+        }
         if !c.integrity_ok {
             println!(
                 "advice:     redb's page checksums do not match: the file is damaged. \
@@ -890,8 +1000,11 @@ fn check(path: PathBuf, repair: bool) -> ExitCode {
             );
         }
         println!(
-            "result:     {} dangling references, {} wrong counts, {} damaged records",
-            r.dangling_count, r.mismatch_count, r.damaged_count
+            "result:     {}{} dangling references, {} wrong counts, {} damaged records",
+            if log_ok { "" } else { "commit log damaged, " },
+            r.dangling_count,
+            r.mismatch_count,
+            r.damaged_count
         );
         ExitCode::FAILURE
     }

@@ -70,6 +70,7 @@ pub use shelf::ShelfWriter;
 
 /// The storage file formats of Durus that can be read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum FileFormat {
     /// FileStorage (Durus 3.8 and later): starts with `SHELF-1\n`.
     Shelf,
@@ -87,7 +88,7 @@ pub enum FileError {
     #[error("I/O error: {0}")]
     Io(#[from] io::Error),
     /// The file starts with none of the known magic strings.
-    #[error("not a Durus storage file: it starts with {}", show_bytes(.first_bytes))]
+    #[error("{}", unknown_format(.first_bytes))]
     UnknownFormat {
         /// Up to the first 16 bytes of the file.
         first_bytes: Vec<u8>,
@@ -246,6 +247,21 @@ pub trait RecordSource: Send {
 }
 
 const SQLITE_MAGIC: &[u8] = b"SQLite format 3\0";
+/// How a redb database file begins (a durus-redb store is one).
+const REDB_MAGIC: &[u8] = b"redb\x1a\x0a\xa9\x0d\x0a";
+
+fn unknown_format(first_bytes: &[u8]) -> String {
+    if first_bytes.starts_with(REDB_MAGIC) {
+        "this is already a durus-redb store (a redb database), not a Durus storage file: \
+         serve it as it is, or copy it with `durus-redb backup`"
+            .to_string()
+    } else {
+        format!(
+            "not a Durus storage file: it starts with {}",
+            show_bytes(first_bytes)
+        )
+    }
+}
 
 /// Tells the format of a Durus storage file by its first bytes.
 pub fn detect_format(path: impl AsRef<Path>) -> Result<FileFormat, FileError> {

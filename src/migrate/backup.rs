@@ -52,6 +52,7 @@ pub fn backup(
     }
     let tmp = temporary(dest);
     remove(&tmp);
+    remove_stale(dest);
     let (total, records) = client.snapshot().map_err(MigrateError::SourceStorage)?;
     let mut report = BackupReport::default();
     let result = match format {
@@ -117,6 +118,13 @@ pub fn backup(
         let _ = d.sync_all();
     }
     report.elapsed = started.elapsed();
+    tracing::info!(
+        records = report.records,
+        bytes = report.bytes,
+        seconds = report.elapsed.as_secs_f64(),
+        "backup to {} finished",
+        dest.display()
+    );
     Ok(report)
 }
 
@@ -131,6 +139,44 @@ fn temporary(dest: &Path) -> PathBuf {
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "backup".into());
     dest.with_file_name(format!(".{name}.partial-{}", std::process::id()))
+}
+
+/// Removes what killed backups to `dest` left: temporary files (and their
+/// stores' logs) named for a process that no longer runs. Where there is
+/// no `/proc` to tell, nothing is removed.
+fn remove_stale(dest: &Path) {
+    let (Some(dir), Some(name)) = (dest.parent(), dest.file_name()) else {
+        return;
+    };
+    let dir = if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    };
+    let proc = Path::new("/proc");
+    if !proc.join("self").exists() {
+        return;
+    }
+    let prefix = format!(".{}.partial-", name.to_string_lossy());
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let file = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = file.strip_prefix(&prefix) else {
+            continue;
+        };
+        if pid
+            .parse::<u32>()
+            .is_ok_and(|pid| !proc.join(pid.to_string()).exists())
+        {
+            tracing::info!(
+                "removing {}, left by a backup that did not finish",
+                e.path().display()
+            );
+            remove(&e.path());
+        }
+    }
 }
 
 /// Removes a temporary file and the commit log a store there may have.

@@ -345,7 +345,9 @@ pub fn migrate(
         inner,
         head,
     };
-    run(&mut src, dest, options, progress)
+    let report = run(&mut src, dest, options, progress)?;
+    log_finished(&report);
+    Ok(report)
 }
 
 /// Migrates every record of `source` (for example a [`ClientStorage`](crate::ClientStorage)
@@ -364,7 +366,18 @@ pub fn migrate_storage<S: Storage>(
         records,
         read: 0,
     };
-    run(&mut src, dest, options, progress)
+    let report = run(&mut src, dest, options, progress)?;
+    log_finished(&report);
+    Ok(report)
+}
+
+fn log_finished(report: &MigrateReport) {
+    tracing::info!(
+        records = report.records_read,
+        objects = report.objects,
+        seconds = report.elapsed.as_secs_f64(),
+        "migration finished"
+    );
 }
 
 fn run(
@@ -382,6 +395,9 @@ fn run(
     let open = Options::new()
         // A small page cache: memory must not grow with the store.
         .cache_bytes(IMPORT_CACHE_BYTES)
+        // No commit log: every batch is its own (durable or not) redb
+        // transaction, and the import state says where to resume.
+        .durability(crate::Durability::Manual)
         .checkpoint(crate::Manual)
         .gc(crate::ManualGc);
     // Holds the store open for this run (the last handle closes it).
@@ -431,7 +447,24 @@ fn run(
             if let Some(done) = done
                 && done.source == src.identity(done.hash)
             {
-                // An earlier run finished (perhaps killed just after).
+                // An earlier run finished (perhaps killed just after), and
+                // the store is still what it wrote, or clients changed it.
+                let (count, checksum) =
+                    verify::count_and_checksum(&handle, &done, progress).map_err(dest_err)?;
+                if (count, checksum) != (done.objects, done.checksum) {
+                    return Err(MigrateError::Refused(format!(
+                        "{} holds a finished migration of {}, but it changed since ({}): \
+                         clients committed to it. A migration cannot be topped up: migrate \
+                         into a new file to start over",
+                        dest.display(),
+                        done.source.name,
+                        if count == done.objects {
+                            format!("its {count} records hold other data")
+                        } else {
+                            format!("{count} records now, {} when migrated", done.objects)
+                        }
+                    )));
+                }
                 engine.close().map_err(dest_err)?;
                 tracing::info!("the migration of this source was already complete");
                 return Ok(MigrateReport {
@@ -491,12 +524,6 @@ fn run(
     report.objects = state.objects;
     report.checksum = state.checksum;
     report.elapsed = started.elapsed();
-    tracing::info!(
-        records = report.records_read,
-        objects = report.objects,
-        seconds = report.elapsed.as_secs_f64(),
-        "migration finished"
-    );
     Ok(report)
 }
 

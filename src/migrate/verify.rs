@@ -6,6 +6,33 @@ use crate::engine::layout::ImportState;
 use crate::error::StorageError;
 use crate::store::RedbStorage;
 
+/// The store's record count and the checksum of its records, as an import
+/// that wrote `state` sums them.
+pub(super) fn count_and_checksum(
+    handle: &RedbStorage,
+    state: &ImportState,
+    progress: &mut dyn FnMut(MigrateProgress),
+) -> Result<(u64, u64), StorageError> {
+    let engine = handle.engine();
+    let mut count = 0u64;
+    let mut checksum = 0u64;
+    let mut after = None;
+    loop {
+        let records = engine.records_after(after, 4096)?;
+        let Some(last) = records.last() else { break };
+        after = Some(last.oid());
+        for r in &records {
+            count += 1;
+            checksum = checksum.wrapping_add(state.hash.of(r.oid(), r.as_bytes()));
+        }
+        progress(MigrateProgress::Verify {
+            scanned: count,
+            total: state.objects,
+        });
+    }
+    Ok((count, checksum))
+}
+
 /// Scans the store: count and checksum against the running totals; then
 /// references and reference counts.
 pub(super) fn verify(
@@ -20,22 +47,7 @@ pub(super) fn verify(
         path: engine.path().display().to_string(),
         source: e,
     };
-    let mut count = 0u64;
-    let mut checksum = 0u64;
-    let mut after = None;
-    loop {
-        let records = engine.records_after(after, 4096).map_err(dest_err)?;
-        let Some(last) = records.last() else { break };
-        after = Some(last.oid());
-        for r in &records {
-            count += 1;
-            checksum = checksum.wrapping_add(state.hash.of(r.oid(), r.as_bytes()));
-        }
-        progress(MigrateProgress::Verify {
-            scanned: count,
-            total: state.objects,
-        });
-    }
+    let (count, checksum) = count_and_checksum(handle, state, progress).map_err(dest_err)?;
     if count != state.objects || checksum != state.checksum {
         return Err(MigrateError::Verification(format!(
             "the store holds {count} records with checksum {checksum:016x}; the import wrote \

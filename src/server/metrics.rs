@@ -11,8 +11,54 @@ use std::time::Duration;
 
 use super::Shared;
 
+/// What each figure of the live state means, for `# HELP`.
+const HELP: &[(&str, &str)] = &[
+    (
+        "healthy",
+        "1 while the store takes commits; 0 once a failure poisoned it (see the log)",
+    ),
+    ("objects", "Objects stored"),
+    ("file_bytes", "Size of the store file in bytes"),
+    ("connections", "Client connections open"),
+    (
+        "commits_total",
+        "Commits acknowledged since the server started",
+    ),
+    ("loads_total", "Records loaded since the server started"),
+    ("uptime_seconds", "Seconds since the server started"),
+    (
+        "snapshots_held",
+        "Snapshots held by snapshot-read connections",
+    ),
+    (
+        "connection_panics",
+        "Connections closed by a panic in their handler",
+    ),
+    ("commits_not_durable", "Commits applied but not yet durable"),
+    (
+        "seconds_since_checkpoint",
+        "Seconds since the last checkpoint",
+    ),
+    ("gc_queue", "Objects queued for the collector"),
+    (
+        "gc_waiting",
+        "Queued objects still inside their grace window",
+    ),
+    (
+        "gc_oldest_seconds",
+        "Age of the oldest queued object in seconds",
+    ),
+    ("gc_full_running", "1 while a full collection runs"),
+    (
+        "gc_removed_incremental",
+        "Objects the incremental collector removed",
+    ),
+    ("gc_removed_full", "Objects full collections removed"),
+    ("gc_full_collections", "Full collections finished"),
+];
+
 /// The live state in Prometheus's text format: `durus_redb_<name> <value>`,
-/// counters (`*_total`) and gauges typed as such.
+/// each with its `# HELP` and `# TYPE` (counters `*_total`, the rest gauges).
 pub(crate) fn exposition(state: &str) -> String {
     let mut out = String::new();
     for line in state.lines() {
@@ -27,6 +73,9 @@ pub(crate) fn exposition(state: &str) -> String {
         } else {
             "gauge"
         };
+        if let Some((_, help)) = HELP.iter().find(|(n, _)| *n == name) {
+            out.push_str(&format!("# HELP durus_redb_{name} {help}\n"));
+        }
         out.push_str(&format!(
             "# TYPE durus_redb_{name} {kind}\ndurus_redb_{name} {value}\n"
         ));
@@ -100,7 +149,9 @@ mod tests {
         let text = exposition("objects 6\ncommits_total 3\ngc_oldest_seconds -\n");
         assert_eq!(
             text,
-            "# TYPE durus_redb_objects gauge\ndurus_redb_objects 6\n\
+            "# HELP durus_redb_objects Objects stored\n\
+             # TYPE durus_redb_objects gauge\ndurus_redb_objects 6\n\
+             # HELP durus_redb_commits_total Commits acknowledged since the server started\n\
              # TYPE durus_redb_commits_total counter\ndurus_redb_commits_total 3\n"
         );
     }

@@ -83,6 +83,13 @@ pub struct ServerConfig {
     /// one client committing alone gains most. Only one connection polls
     /// at a time; zero never polls.
     pub poll: Duration,
+    /// Whether the server stops when the store is poisoned (a failed
+    /// fsync, a full disk at a checkpoint, a damaged log segment): its
+    /// connections are closed and [`Server::run`] returns the reason, so
+    /// that a supervisor's restart replays the commit log (default true).
+    /// When false it goes on serving loads, refuses commits, and reports
+    /// `healthy 0` in its live state.
+    pub stop_when_poisoned: bool,
 }
 
 impl Default for ServerConfig {
@@ -99,6 +106,7 @@ impl Default for ServerConfig {
             snapshot_idle: DEFAULT_SNAPSHOT_IDLE,
             allow_quit: true,
             poll: Duration::from_micros(50),
+            stop_when_poisoned: true,
         }
     }
 }
@@ -226,6 +234,10 @@ impl Shared {
         let mut line = |name: &str, value: String| {
             let _ = writeln!(out, "{name} {value}");
         };
+        line(
+            "healthy",
+            u8::from(self.engine.poisoned_reason().is_none()).to_string(),
+        );
         line("objects", objects.to_string());
         line("file_bytes", file_bytes.to_string());
         line("connections", self.connections.lock().len().to_string());
@@ -368,12 +380,27 @@ impl Server {
                 config.max_connections = fit;
             }
         }
-        let (listener, address) = Listener::bind(&config.address)?;
+        let (listener, address) = Listener::bind(&config.address).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("cannot listen on {}: {e}", config.address),
+            )
+        })?;
         let metrics = match &config.metrics_address {
-            Some(a) => Some(std::net::TcpListener::bind(a.as_str())?),
+            Some(a) => Some(std::net::TcpListener::bind(a.as_str()).map_err(|e| {
+                let hint = if e.kind() == io::ErrorKind::InvalidInput {
+                    " (the metrics address is HOST:PORT, for example 127.0.0.1:9100)"
+                } else {
+                    ""
+                };
+                io::Error::new(
+                    e.kind(),
+                    format!("cannot listen for metrics on {a}: {e}{hint}"),
+                )
+            })?),
             None => None,
         };
-        Ok(Server {
+        let server = Server {
             shared: Arc::new(Shared {
                 engine: store.engine().clone(),
                 store: store.session_maker(),
@@ -394,7 +421,23 @@ impl Server {
             }),
             listener,
             metrics,
-        })
+        };
+        if server.shared.config.stop_when_poisoned {
+            let shared = Arc::downgrade(&server.shared);
+            server
+                .shared
+                .engine
+                .watch_poison(Arc::new(move |why: &str| {
+                    if let Some(shared) = shared.upgrade() {
+                        tracing::error!(
+                            "the store takes no more commits ({why}): the server stops, so that a \
+                         restart replays the commit log (see --on-poison)"
+                        );
+                        shared.request_stop();
+                    }
+                }));
+        }
+        Ok(server)
     }
 
     /// Where the metrics page listens, if it does.
