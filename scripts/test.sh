@@ -83,6 +83,7 @@ step "python harness compiles" "$DURUS_PYTHON" -m py_compile \
 step "cargo fmt --check" cargo fmt --all -- --check
 step "cargo clippy" cargo clippy --all-targets -- -D warnings
 step "cargo test" cargo test --all-targets
+step "doctests (the crate docs' quick start and examples)" cargo test --doc
 step "library without default features (no CLI or SQLite crates)" lib_alone
 step "cargo doc, warnings denied" env RUSTDOCFLAGS="-D warnings" cargo doc --no-deps
 step "cargo build durus-redb" cargo build --bin durus-redb

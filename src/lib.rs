@@ -10,6 +10,44 @@
 //! - [`GcPolicy`]: how the background garbage collector works ([`IncrementalGc`], [`IdleGc`], [`ManualGc`]).
 //! - [`migrate`] and [`export`]: to and from Durus's own files.
 //!
+//! # Quick start
+//!
+//! Open (or create) a store, allocate oids, commit records, read them back.
+//! A record is Durus's: the oid, the object's data (for Python Durus, a
+//! pickle) and the oids it references. Oid 0 is the root: the object every
+//! live object is reachable from; the first `new_oid` of a store without a
+//! root returns it, and the collector reclaims what the root no longer
+//! reaches.
+//!
+//! ```
+//! use durus_redb::{Oid, Options, Record, RedbStorage, Storage};
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! # let dir = tempfile::tempdir()?;
+//! # let path = dir.path().join("app.redb");
+//! let mut store = RedbStorage::open(&path, Options::default())?;
+//! let root = store.new_oid()?; // the first oid of a new store is the root
+//! assert_eq!(root, Oid::ROOT);
+//! let child = store.new_oid()?;
+//! store.begin();
+//! store.store(child, Record::new(child, b"a child", &[]).into_bytes())?;
+//! store.store(root, Record::new(root, b"the root", &[child]).into_bytes())?;
+//! store.end()?; // atomic, and durable in the commit log when it returns
+//! store.close()?;
+//!
+//! let mut store = RedbStorage::open(&path, Options::default())?;
+//! let root = store.load(Oid::ROOT)?;
+//! assert_eq!(root.data(), b"the root");
+//! assert_eq!(root.refs().collect::<Vec<_>>(), [child]);
+//! assert_eq!(store.load(child)?.data(), b"a child");
+//! store.close()?;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! The same [`Storage`] calls work on a [`ClientStorage`] connected to
+//! `durus-redb serve` (or to Durus's own server), and on [`MemoryStorage`].
+//!
 //! Cargo features: `cli` (the `durus-redb` command line) and `sqlite`
 //! (migration from Durus's SqliteStorage) are on by default; the library
 //! alone builds with `--no-default-features`.

@@ -2,7 +2,8 @@
 //! engine, installs the collector beside it, and keeps one session per
 //! handle.
 
-mod gc;
+// (`gc` is declared at the end, so that its methods come after `open` and
+// the commit methods in the documentation.)
 mod options;
 
 use std::collections::VecDeque;
@@ -359,3 +360,5 @@ mod tests {
         assert_eq!(record.data(), b"new");
     }
 }
+
+mod gc;
