@@ -23,7 +23,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     store.store(a, Record::new(a, b"object a", &[b]).into_bytes())?;
     store.store(b, Record::new(b, b"object b", &[]).into_bytes())?;
     store.store(root, Record::new(root, b"root", &[a]).into_bytes())?;
-    store.end()?; // atomic and durable (the default policy is EveryCommit)
+    store.end()?; // atomic; durable (in the commit log) when it returns; checkpoints: Periodic
     store.close()?;
 
     let mut store = RedbStorage::open(&path, Options::default())?;
