@@ -92,7 +92,10 @@ pub use migrate::{
     MigrateReport, backup, export, migrate, migrate_storage,
 };
 pub use record::{Oid, Record, RecordError};
-pub use server::{DEFAULT_SNAPSHOT_IDLE, Server, ServerConfig, ShutdownHandle};
+pub use server::{
+    DEFAULT_BACKUP_MAX_AGE, DEFAULT_SNAPSHOT_IDLE, DEFAULT_SNAPSHOT_MAX_AGE, Server, ServerConfig,
+    ShutdownHandle,
+};
 pub use storage::{PackReport, Storage, Traversal};
 pub use store::{GcReport, Options, RedbStorage};
 pub use transport::Address;

@@ -2495,3 +2495,143 @@ fn with_on_poison_serve_loads_a_poisoned_store_answers_loads_and_reports_itself_
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// A busy connection's snapshot is given up at `--snapshot-max-age`
+/// however often it loads: its loads of what changed fall back to Durus's
+/// `I`, the live state reports the snapshot's age and then its release,
+/// and the file stops growing under rewrites.
+#[test]
+fn a_snapshot_older_than_the_max_age_is_given_up_by_a_busy_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.redb");
+    let server = Served::start(
+        &path,
+        &[
+            "--snapshot-reads",
+            "--snapshot-idle",
+            "600",
+            "--snapshot-max-age",
+            "2",
+        ],
+    );
+    let mut w = server.client();
+    assert_eq!(w.new_oid().unwrap(), Oid::ROOT);
+    let objs = w.new_oids(200).unwrap();
+    let rewrite = |w: &mut ClientStorage, round: u32| {
+        w.begin();
+        for o in &objs {
+            w.store(*o, rec(*o, &vec![(round % 251) as u8; 2000], &[]))
+                .unwrap();
+        }
+        w.end().unwrap();
+    };
+    w.begin();
+    for o in &objs {
+        w.store(*o, rec(*o, b"new", &[])).unwrap();
+    }
+    w.store(Oid::ROOT, rec(Oid::ROOT, b"root", &objs)).unwrap();
+    w.end().unwrap();
+    rewrite(&mut w, 1);
+    let mut r = server.client();
+    r.sync().unwrap();
+    assert_eq!(r.load(objs[0]).unwrap().data()[0], 1);
+    let mut stats = server.client();
+    let size = || std::fs::metadata(&path).unwrap().len();
+    let before = size();
+    // r loads after every rewrite (never idle) and reads its snapshot
+    // until the server gives it up.
+    let mut round = 2;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut oldest_seen = 0.0f64;
+    loop {
+        rewrite(&mut w, round);
+        round += 1;
+        let state = stats.server_state().unwrap();
+        if let Some(age) = state
+            .lines()
+            .find_map(|l| l.strip_prefix("snapshot_oldest_seconds "))
+            .and_then(|v| v.parse::<f64>().ok())
+        {
+            oldest_seen = oldest_seen.max(age);
+        }
+        match r.load(objs[0]) {
+            Ok(rec) => assert_eq!(rec.data()[0], 1, "r reads its snapshot"),
+            Err(StorageError::ReadConflict(_)) => break,
+            Err(e) => panic!("{e}"),
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the old snapshot was never given up"
+        );
+    }
+    let grown = size().saturating_sub(before);
+    assert!(
+        oldest_seen >= 1.0,
+        "the snapshot's age was not reported: {oldest_seen}"
+    );
+    // w renews its snapshot with every commit; r holds none now.
+    assert_eq!(state_value(&mut stats, "snapshots_held"), 1);
+    // The file stops growing once a checkpoint makes the freed pages
+    // reusable.
+    for _ in 0..20 {
+        rewrite(&mut w, round);
+        round += 1;
+    }
+    std::thread::sleep(Duration::from_millis(1500));
+    let settled = size();
+    for _ in 0..(round - 2).max(20) {
+        rewrite(&mut w, round);
+        round += 1;
+    }
+    let more = size().saturating_sub(settled);
+    eprintln!("file growth: {grown} bytes while the snapshot was held, {more} after");
+    assert!(
+        more < grown / 4 + (1 << 20),
+        "the file grew {more} bytes after the snapshot was released ({grown} while held)"
+    );
+    // A sync brings r up to date, with a new snapshot.
+    assert!(r.sync().unwrap().contains(&objs[0]));
+    assert_eq!(
+        r.load(objs[0]).unwrap().data()[0],
+        ((round - 1) % 251) as u8
+    );
+    drop((w, r, stats));
+    server.stop();
+}
+
+/// A backup still copying after `--backup-max-age` is stopped: the
+/// command fails with nothing left behind, and the server serves on.
+#[test]
+fn a_backup_past_its_max_age_is_stopped_and_leaves_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.redb");
+    let server = Served::start(&path, &["--backup-max-age", "0.000001"]);
+    let mut c = server.client();
+    assert_eq!(c.new_oid().unwrap(), Oid::ROOT);
+    let objs = c.new_oids(100).unwrap();
+    c.begin();
+    for o in &objs {
+        c.store(*o, rec(*o, b"x", &[])).unwrap();
+    }
+    c.store(Oid::ROOT, rec(Oid::ROOT, b"root", &objs)).unwrap();
+    c.end().unwrap();
+    let dest = dir.path().join("copy.redb");
+    let out = Command::new(bin())
+        .args(["backup", "--port", &server.port.to_string()])
+        .arg(&dest)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(!dest.exists());
+    let left: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("partial"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+    let log = server.wait_for_log("--backup-max-age");
+    assert!(log.contains("was stopped"), "{log}");
+    assert_eq!(c.load(Oid::ROOT).unwrap().data(), b"root");
+    drop(c);
+    server.stop();
+}

@@ -265,6 +265,16 @@ struct ServeArgs {
     /// written meanwhile.
     #[arg(long, default_value_t = durus_redb::DEFAULT_SNAPSHOT_IDLE.as_secs_f64())]
     snapshot_idle: f64,
+    /// Seconds after which a connection's snapshot is given up however
+    /// busy the connection is (it reads as Durus does until its next sync
+    /// or commit): a snapshot keeps the pages later commits free from
+    /// reuse, so this bounds how much the file grows under one.
+    #[arg(long, default_value_t = durus_redb::DEFAULT_SNAPSHOT_MAX_AGE.as_secs_f64())]
+    snapshot_max_age: f64,
+    /// Seconds after which a backup (`durus-redb backup`) still copying is
+    /// stopped, for the same reason; its partial copy is removed.
+    #[arg(long, default_value_t = durus_redb::DEFAULT_BACKUP_MAX_AGE.as_secs_f64())]
+    backup_max_age: f64,
     /// Microseconds a connection that is the only one at work polls its
     /// socket for the client's next bytes before it sleeps (a sleeping
     /// thread wakes 20-30 us late on a virtual machine; one client
@@ -488,6 +498,12 @@ fn serve(args: ServeArgs) -> ExitCode {
     if !(args.snapshot_idle > 0.0 && args.snapshot_idle.is_finite()) {
         return fail("--snapshot-idle must be a positive number of seconds");
     }
+    if !(args.snapshot_max_age > 0.0 && args.snapshot_max_age.is_finite()) {
+        return fail("--snapshot-max-age must be a positive number of seconds");
+    }
+    if !(args.backup_max_age > 0.0 && args.backup_max_age.is_finite()) {
+        return fail("--backup-max-age must be a positive number of seconds");
+    }
     if args.poll_us > 1_000_000 {
         return fail("--poll-us must be at most 1000000 (one second)");
     }
@@ -555,6 +571,8 @@ fn serve(args: ServeArgs) -> ExitCode {
     config.max_oids_held = args.max_oids_held.max(1);
     config.snapshot_reads = args.snapshot_reads;
     config.snapshot_idle = std::time::Duration::from_secs_f64(args.snapshot_idle);
+    config.snapshot_max_age = std::time::Duration::from_secs_f64(args.snapshot_max_age);
+    config.backup_max_age = std::time::Duration::from_secs_f64(args.backup_max_age);
     config.poll = std::time::Duration::from_micros(args.poll_us);
     config.stop_when_poisoned = matches!(args.on_poison, OnPoison::Stop);
     let server = match Server::bind(&store, config) {

@@ -215,8 +215,8 @@ pub(crate) struct Engine {
     /// redb, and while a snapshot is taken: snapshots fall between
     /// publications.
     publish: Mutex<()>,
-    /// Snapshots held by sessions.
-    snapshots: Arc<AtomicUsize>,
+    /// Snapshots held by sessions and backups.
+    snapshots: Arc<sessions::SnapshotsHeld>,
     /// Every oid handed out so far is below this (`CommitState::next_oid`,
     /// readable without the commit lock).
     oids_out: AtomicU64,
@@ -383,6 +383,7 @@ impl Engine {
         use redb::{ReadableTable, ReadableTableMetadata};
         let db = self.db()?;
         let txn = db.begin_read().map_err(E::from)?;
+        let _held = self.snapshots.hold();
         let table = txn.open_table(RECORDS).map_err(StorageError::from)?;
         each(Walk::Count(table.len().map_err(StorageError::from)?))?;
         for item in table.iter().map_err(StorageError::from)? {

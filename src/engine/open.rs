@@ -139,7 +139,7 @@ impl Engine {
             sessions: Mutex::new(HashMap::new()),
             changes: RwLock::new(super::sessions::ChangeLog::new()),
             publish: Mutex::new(()),
-            snapshots: Arc::new(AtomicUsize::new(0)),
+            snapshots: Default::default(),
             oids_out: AtomicU64::new(next_oid),
             next_session: AtomicU64::new(1),
             handles: AtomicUsize::new(0),

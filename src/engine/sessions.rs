@@ -27,7 +27,7 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 
 use parking_lot::Mutex;
 use redb::{ReadOnlyTable, ReadTransaction};
@@ -158,13 +158,57 @@ pub(crate) struct Snapshot {
     _txn: ReadTransaction,
     /// The last publication the snapshot contains.
     seq: u64,
-    /// The engine's count of snapshots held.
-    held: Arc<AtomicUsize>,
+    /// Its place among the snapshots held.
+    held: HeldSnapshot,
 }
 
-impl Drop for Snapshot {
+/// The read snapshots held (connections' snapshots, backups), for their
+/// count and the oldest one's age: an old snapshot keeps every page that
+/// later commits free from reuse.
+#[derive(Default)]
+pub(crate) struct SnapshotsHeld {
+    next: std::sync::atomic::AtomicU64,
+    taken: Mutex<HashMap<u64, std::time::Instant>>,
+}
+
+impl SnapshotsHeld {
+    /// Counts a snapshot taken now until the returned value is dropped.
+    pub(crate) fn hold(self: &Arc<Self>) -> HeldSnapshot {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let taken = std::time::Instant::now();
+        self.taken.lock().insert(id, taken);
+        HeldSnapshot {
+            of: self.clone(),
+            id,
+            taken,
+        }
+    }
+
+    /// How many are held, and how long ago the oldest was taken.
+    pub(crate) fn census(&self) -> (usize, Option<std::time::Duration>) {
+        let taken = self.taken.lock();
+        let oldest = taken.values().min().map(|t| t.elapsed());
+        (taken.len(), oldest)
+    }
+}
+
+/// One snapshot counted in [`SnapshotsHeld`] while it lives.
+pub(crate) struct HeldSnapshot {
+    of: Arc<SnapshotsHeld>,
+    id: u64,
+    taken: std::time::Instant,
+}
+
+impl HeldSnapshot {
+    /// How long ago the snapshot was taken.
+    pub(crate) fn age(&self) -> std::time::Duration {
+        self.taken.elapsed()
+    }
+}
+
+impl Drop for HeldSnapshot {
     fn drop(&mut self) {
-        self.held.fetch_sub(1, Ordering::AcqRel);
+        self.of.taken.lock().remove(&self.id);
     }
 }
 
@@ -185,6 +229,11 @@ impl Snapshot {
         each: impl FnMut(Oid, Option<&[u8]>) -> std::result::Result<(), E>,
     ) -> std::result::Result<(), E> {
         super::each_in(&self.table, oids, each)
+    }
+
+    /// How long ago the snapshot was taken.
+    pub(crate) fn age(&self) -> std::time::Duration {
+        self.held.age()
     }
 }
 
@@ -344,8 +393,10 @@ impl Engine {
     }
 
     /// How many snapshots sessions hold now.
-    pub(crate) fn snapshots_held(&self) -> usize {
-        self.snapshots.load(Ordering::Acquire)
+    /// How many snapshots are held (connections' and backups'), and how
+    /// long ago the oldest was taken.
+    pub(crate) fn snapshots_held(&self) -> (usize, Option<std::time::Duration>) {
+        self.snapshots.census()
     }
 
     /// How many sessions receive invalidations.
@@ -458,12 +509,11 @@ impl Engine {
         let seq = self.changes.read().last;
         drop(_p);
         let table = txn.open_table(RECORDS)?;
-        self.snapshots.fetch_add(1, Ordering::AcqRel);
         Ok(Snapshot {
             table,
             _txn: txn,
             seq,
-            held: self.snapshots.clone(),
+            held: self.snapshots.hold(),
         })
     }
 

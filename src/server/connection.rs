@@ -322,17 +322,19 @@ impl Conn<'_> {
     /// is no limit; with one, the wait is cut at `--snapshot-idle` to give
     /// the snapshot up, and then goes on without a limit.
     fn next_code(&mut self) -> io::Result<u8> {
-        let idle_until = self
-            .snapshot
-            .is_some()
-            .then(|| Instant::now() + self.shared.config.snapshot_idle);
+        let config = &self.shared.config;
+        let idle_until = self.snapshot.as_ref().map(|s| {
+            let now = Instant::now();
+            let old_at = now + config.snapshot_max_age.saturating_sub(s.age());
+            (now + config.snapshot_idle).min(old_at)
+        });
         loop {
             // Nothing is taken from the buffer by a read that times out.
             match idle_until.filter(|_| self.snapshot.is_some()) {
                 Some(until) => {
                     let left = until.saturating_duration_since(Instant::now());
                     if left.is_zero() {
-                        tracing::debug!("an idle connection gave up its snapshot");
+                        tracing::debug!("an idle or old snapshot given up");
                         self.snapshot = None;
                         continue;
                     }
@@ -394,7 +396,16 @@ impl Conn<'_> {
             Request::Snapshot => {
                 self.shared.engine.await_session(&self.session.state);
                 let w = &mut self.w;
+                let (started, limit) = (Instant::now(), self.shared.config.backup_max_age);
                 self.shared.engine.each_record(|item| -> Result<(), End> {
+                    if started.elapsed() > limit {
+                        tracing::warn!(
+                            "a backup still copying after --backup-max-age ({} s) was stopped: \
+                             its snapshot kept freed pages from reuse",
+                            limit.as_secs_f64()
+                        );
+                        return Err(End::Closed("the backup took too long".into()));
+                    }
                     match item {
                         Walk::Count(n) => w.write_all(&n.to_be_bytes())?,
                         Walk::Record(bytes) => {
@@ -435,6 +446,17 @@ impl Conn<'_> {
             .loads
             .fetch_add(oids.len() as u64, std::sync::atomic::Ordering::Relaxed);
         let (engine, id, state) = (&*self.shared.engine, self.session.id, &self.session.state);
+        if self
+            .snapshot
+            .as_ref()
+            .is_some_and(|s| s.age() >= self.shared.config.snapshot_max_age)
+        {
+            tracing::info!(
+                "a connection's snapshot reached --snapshot-max-age: it reads as Durus does \
+                 (read conflicts) until its next sync"
+            );
+            self.snapshot = None;
+        }
         let w = &mut self.w;
         if let Some(snapshot) = &self.snapshot {
             // Every answer from the snapshot: the state the client was last

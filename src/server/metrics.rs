@@ -28,7 +28,11 @@ const HELP: &[(&str, &str)] = &[
     ("uptime_seconds", "Seconds since the server started"),
     (
         "snapshots_held",
-        "Snapshots held by snapshot-read connections",
+        "Read snapshots held, by snapshot-read connections and backups",
+    ),
+    (
+        "snapshot_oldest_seconds",
+        "Age of the oldest read snapshot held; pages freed since it was taken wait for it",
     ),
     (
         "connection_panics",

@@ -35,6 +35,10 @@ use crate::transport::{Address, Listener, Stream};
 /// snapshot is held, pages freed by later commits cannot be reused, so the
 /// file can grow by what is written in that time.
 pub const DEFAULT_SNAPSHOT_IDLE: Duration = Duration::from_secs(10);
+/// [`ServerConfig::snapshot_max_age`]'s default: five minutes.
+pub const DEFAULT_SNAPSHOT_MAX_AGE: Duration = Duration::from_secs(300);
+/// [`ServerConfig::backup_max_age`]'s default: one hour.
+pub const DEFAULT_BACKUP_MAX_AGE: Duration = Duration::from_secs(3600);
 
 /// How a server behaves. Start from `ServerConfig::default()` and set the
 /// fields that differ.
@@ -73,6 +77,16 @@ pub struct ServerConfig {
     /// snapshot (its loads then answer "invalid" for oids changed since, as
     /// Durus does), so an idle client cannot keep old pages from reuse.
     pub snapshot_idle: Duration,
+    /// A connection's snapshot older than this is given up, however busy
+    /// the connection: it reads as Durus does (read conflicts) until its
+    /// next sync or commit. Bounds what one snapshot pins: pages freed by
+    /// later commits cannot be reused while it is held, so the store file
+    /// grows by what is rewritten meanwhile.
+    pub snapshot_max_age: Duration,
+    /// A backup (`Y`) still copying after this long is stopped (its
+    /// connection closed, the partial copy removed by the client), for the
+    /// same reason.
+    pub backup_max_age: Duration,
     /// Whether a client's `Q` stops the server, as in Durus (default true);
     /// when false, `Q` ends that client's connection only.
     pub allow_quit: bool,
@@ -104,6 +118,8 @@ impl Default for ServerConfig {
             metrics_address: None,
             snapshot_reads: false,
             snapshot_idle: DEFAULT_SNAPSHOT_IDLE,
+            snapshot_max_age: DEFAULT_SNAPSHOT_MAX_AGE,
+            backup_max_age: DEFAULT_BACKUP_MAX_AGE,
             allow_quit: true,
             poll: Duration::from_micros(50),
             stop_when_poisoned: true,
@@ -253,7 +269,12 @@ impl Shared {
             "uptime_seconds",
             format!("{:.3}", self.started.elapsed().as_secs_f64()),
         );
-        line("snapshots_held", self.engine.snapshots_held().to_string());
+        let (held, oldest) = self.engine.snapshots_held();
+        line("snapshots_held", held.to_string());
+        line(
+            "snapshot_oldest_seconds",
+            oldest.map_or("-".into(), |d| format!("{:.1}", d.as_secs_f64())),
+        );
         line(
             "connection_panics",
             self.panics.load(Ordering::Relaxed).to_string(),
