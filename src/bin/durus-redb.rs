@@ -663,6 +663,7 @@ fn migrate_cmd(
     );
     import.set_message("importing");
     let mut verify: Option<indicatif::ProgressBar> = None;
+    let mut repack: Option<indicatif::ProgressBar> = None;
     let result = durus_redb::migrate(source, dest, options, &mut |p| match p {
         MigrateProgress::Import {
             position, total, ..
@@ -670,9 +671,24 @@ fn migrate_cmd(
             import.set_length(total);
             import.set_position(position);
         }
+        MigrateProgress::Repack { copied, total } => {
+            let r = repack.get_or_insert_with(|| {
+                import.finish();
+                let r = bar(
+                    total,
+                    "{msg:10} [{bar:40}] {percent:>3}% {pos}/{len} records",
+                );
+                r.set_message("repacking");
+                r
+            });
+            r.set_position(copied);
+        }
         MigrateProgress::Verify { scanned, total } => {
             let v = verify.get_or_insert_with(|| {
                 import.finish();
+                if let Some(r) = &repack {
+                    r.finish();
+                }
                 let v = bar(
                     total,
                     "{msg:10} [{bar:40}] {percent:>3}% {pos}/{len} records",

@@ -4,11 +4,11 @@
 
 use std::collections::HashMap;
 
-use redb::{Durability, ReadableTable};
+use redb::{Durability, ReadableTable, ReadableTableMetadata, TableDefinition, Value};
 
 use super::Engine;
 use super::layout::{
-    KEY_IMPORTED, KEY_MIGRATION, KEY_OIDS, META, OidMeta, RECORDS, RecordHash, encode,
+    KEY_IMPORTED, KEY_MIGRATION, KEY_OIDS, META, OidMeta, RECORDS, REFCOUNTS, RecordHash, encode,
 };
 use super::refcount::{apply_ref_deltas, corrupt};
 use crate::error::Result;
@@ -121,6 +121,110 @@ impl Engine {
             }
             Ok(batch)
         })
+    }
+
+    /// Rewrites the records and the reference counts in oid order (for
+    /// [`compact`](Self::compact) to shrink the file). A table filled in the
+    /// order of a Durus file (not oid order) has pages a half to three
+    /// quarters full; one filled in key order has full pages. Each table is
+    /// copied into a new one in write transactions of about `batch_bytes`,
+    /// and the last of them swaps the copy in, the last swap together with
+    /// the import state `state` (which says the repack is done): a crash
+    /// before leaves the old table whole and the copy so far, which the
+    /// next run goes on from (nothing else writes during an import).
+    /// `progress` gets the records copied and their total.
+    pub(crate) fn repack(
+        &self,
+        batch_bytes: usize,
+        state: &[u8],
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<()> {
+        const RECORDS_NEW: TableDefinition<u64, &[u8]> =
+            TableDefinition::new("durus_records_repack");
+        const REFCOUNTS_NEW: TableDefinition<u64, u64> =
+            TableDefinition::new("durus_refcounts_repack");
+        self.repack_table(RECORDS, RECORDS_NEW, batch_bytes, None, progress)?;
+        self.repack_table(
+            REFCOUNTS,
+            REFCOUNTS_NEW,
+            batch_bytes,
+            Some(state),
+            &mut |_, _| {},
+        )
+    }
+
+    fn repack_table<V: Value + 'static>(
+        &self,
+        table: TableDefinition<u64, V>,
+        copy: TableDefinition<u64, V>,
+        batch_bytes: usize,
+        state: Option<&[u8]>,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<()>
+    where
+        for<'a> V::SelfType<'a>: std::borrow::Borrow<V::SelfType<'a>>,
+    {
+        let mut copied = 0u64;
+        loop {
+            let done = self.write_txn(Durability::None, |w, _| {
+                let from = w.open_table(table)?;
+                let mut to = w.open_table(copy)?;
+                let total = from.len()?;
+                copied = to.len()?;
+                let start = match to.last()? {
+                    None => 0,
+                    Some((k, _)) => match k.value().checked_add(1) {
+                        Some(next) => next,
+                        // The copy reached the top of the oid range.
+                        None => return Ok((true, total)),
+                    },
+                };
+                let mut bytes = 0usize;
+                for item in from.range(start..)? {
+                    let (k, v) = item?;
+                    let value = v.value();
+                    bytes += V::as_bytes(&value).as_ref().len() + 8;
+                    to.insert(k.value(), value)?;
+                    copied += 1;
+                    if bytes >= batch_bytes {
+                        return Ok((false, total));
+                    }
+                }
+                Ok((true, total))
+            })?;
+            progress(copied, done.1);
+            if done.0 {
+                break;
+            }
+        }
+        self.write_txn(Durability::Immediate, |w, _| {
+            w.delete_table(table)?;
+            w.rename_table(copy, table)?;
+            if let Some(state) = state {
+                w.open_table(META)?.insert(KEY_MIGRATION, state)?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Compacts the file: redb moves the pages in use to its start and
+    /// truncates it. Returns whether it did; it does not (and changes
+    /// nothing) while a transaction or snapshot is live elsewhere.
+    pub(crate) fn compact(&self) -> Result<bool> {
+        let mut st = self.commit.lock();
+        self.settle_parked(&mut st)?;
+        let mut slot = self.db.write();
+        let Some(super::Db::Rw(db)) = slot.as_mut() else {
+            return Ok(false);
+        };
+        match db.compact() {
+            Ok(done) => Ok(done),
+            Err(redb::CompactionError::TransactionInProgress) => {
+                tracing::warn!("not compacted: a read or write is in progress");
+                Ok(false)
+            }
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// Ends an import: removes its state (the collector and writable opens

@@ -164,6 +164,10 @@ pub(crate) struct ImportState {
     /// xxh3 (they use FNV-1a).
     #[serde(default)]
     pub(crate) hash: RecordHash,
+    /// The tables were rewritten in oid order after the import; absent in
+    /// states written before 0.6 (false).
+    #[serde(default)]
+    pub(crate) repacked: bool,
 }
 
 /// Identifies a source, so that a rerun resumes only from the same one.
