@@ -36,6 +36,7 @@ pub(crate) mod order;
 mod overlay;
 #[cfg(test)]
 mod powercut;
+mod readgate;
 mod refcount;
 mod sessions;
 
@@ -427,20 +428,27 @@ pub(crate) fn each_in<E: From<StorageError>>(
     mut each: impl FnMut(Oid, Option<&[u8]>) -> std::result::Result<(), E>,
 ) -> std::result::Result<(), E> {
     for &oid in oids {
-        match table.get(oid.0).map_err(StorageError::from)? {
-            Some(v) => {
-                let bytes = v.value();
-                Record::check(bytes).map_err(|e| corrupt(oid, e))?;
-                if Oid::from_slice(bytes) != Some(oid) {
-                    return Err(StorageError::damaged(format!(
-                        "the record stored under oid {oid} names another oid"
-                    ))
-                    .into());
+        // Through the read gate: big records are handed on a few at a time.
+        readgate::read(
+            || table.get(oid.0),
+            |found| found.as_ref().ok()?.as_ref().map(|v| v.value().len()),
+            |found| -> std::result::Result<(), E> {
+                match found.map_err(StorageError::from)? {
+                    Some(v) => {
+                        let bytes = v.value();
+                        Record::check(bytes).map_err(|e| corrupt(oid, e))?;
+                        if Oid::from_slice(bytes) != Some(oid) {
+                            return Err(StorageError::damaged(format!(
+                                "the record stored under oid {oid} names another oid"
+                            ))
+                            .into());
+                        }
+                        each(oid, Some(bytes))
+                    }
+                    None => each(oid, None),
                 }
-                each(oid, Some(bytes))?;
-            }
-            None => each(oid, None)?,
-        }
+            },
+        )?;
     }
     Ok(())
 }
