@@ -254,10 +254,25 @@ fn check_recounts_every_reference_and_finds_wrong_counts() {
     );
 }
 
+/// Damage done to the log of a crash image.
+#[derive(Debug, Clone, Copy)]
+enum LogDamage {
+    /// Entry 3 (of 10) zeroed whole.
+    ZeroedEntry,
+    /// Only entry 3's 12-byte header zeroed.
+    ZeroedHeader,
+    /// The segment split in two at entry 3, as a checkpoint's switch
+    /// would have, and the two files' names exchanged.
+    SwappedSegments,
+    /// The log directory removed.
+    LogRemoved,
+}
+
 /// A store left as a crash leaves it (file and log copied while it is
-/// open) after ten logged commits, with entry 3 of its log zeroed: the
-/// later commits were acknowledged and sit intact after the zeros.
-fn store_with_zeroed_log_entry(dir: &std::path::Path) -> std::path::PathBuf {
+/// open) after ten logged commits of the root ("r" and the commit's
+/// number), with `damage` done to its log: the later commits were
+/// acknowledged and, but for `LogRemoved`, sit intact after the damage.
+fn store_with_damaged_log(dir: &std::path::Path, damage: LogDamage) -> std::path::PathBuf {
     let path = dir.join("live.redb");
     let mut s = RedbStorage::open(
         &path,
@@ -297,9 +312,93 @@ fn store_with_zeroed_log_entry(dir: &std::path::Path) -> std::path::PathBuf {
         at += 20 + len;
     }
     let len = u32::from_le_bytes(data[at..at + 4].try_into().unwrap()) as usize;
-    data[at..at + 20 + len].fill(0);
-    std::fs::write(log.join(seg.file_name().unwrap()), data).unwrap();
+    let name = seg.file_name().unwrap().to_owned();
+    match damage {
+        LogDamage::ZeroedEntry => data[at..at + 20 + len].fill(0),
+        LogDamage::ZeroedHeader => data[at..at + 12].fill(0),
+        LogDamage::SwappedSegments => {
+            let number: u64 = seg.file_stem().unwrap().to_str().unwrap().parse().unwrap();
+            let mut second = data[..32].to_vec();
+            second[16..24].copy_from_slice(&(number + 1).to_le_bytes());
+            second[24..32].copy_from_slice(&data[at + 4..at + 12]);
+            second.extend_from_slice(&data[at..]);
+            data[at..].fill(0);
+            std::fs::write(log.join(format!("{:020}.seg", number + 1)), &data).unwrap();
+            std::fs::write(log.join(name), second).unwrap();
+            return image;
+        }
+        LogDamage::LogRemoved => {
+            std::fs::remove_dir(&log).unwrap();
+            return image;
+        }
+    }
+    std::fs::write(log.join(name), data).unwrap();
     image
+}
+
+fn store_with_zeroed_log_entry(dir: &std::path::Path) -> std::path::PathBuf {
+    store_with_damaged_log(dir, LogDamage::ZeroedEntry)
+}
+
+/// Every kind of damage, through the real binary: `serve` refuses to
+/// start with a message naming it and `check --repair`; `check` exits 1;
+/// `check --repair` opens the store with the commits before the damage,
+/// and the store is then served and checks clean.
+#[test]
+fn each_kind_of_log_damage_is_refused_by_serve_reported_by_check_and_repaired() {
+    for damage in [
+        LogDamage::ZeroedEntry,
+        LogDamage::ZeroedHeader,
+        LogDamage::SwappedSegments,
+        LogDamage::LogRemoved,
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let image = store_with_damaged_log(dir.path(), damage);
+        let os = |s: &str| std::ffi::OsString::from(s);
+        let (code, err) = run_to_end(&[
+            &os("serve"),
+            &os("--port"),
+            &os("0"),
+            &os("--file"),
+            image.as_os_str(),
+        ]);
+        assert_eq!(code, Some(2), "{damage:?}: {err}");
+        assert!(err.contains("check --repair"), "{damage:?}: {err}");
+        assert!(
+            err.contains("is damaged") || err.contains("is missing"),
+            "{damage:?}: {err}"
+        );
+        let out = bin().arg("check").arg(&image).output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(out.status.code(), Some(1), "{damage:?}: {text}");
+        assert!(text.contains("commit log: "), "{damage:?}: {text}");
+        let out = bin()
+            .args(["check", "--repair"])
+            .arg(&image)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{damage:?}: {text}");
+        assert!(
+            text.contains("given up") || text.contains("gave up"),
+            "{damage:?}: {text}"
+        );
+        let out = bin().arg("check").arg(&image).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{damage:?}: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        // The commits before the damage are there (none for a swapped or
+        // removed log: the first segment read is not the first written).
+        let mut s = RedbStorage::open(&image, Options::default()).unwrap();
+        let want: &[u8] = match damage {
+            LogDamage::ZeroedEntry | LogDamage::ZeroedHeader => b"r\x03",
+            LogDamage::SwappedSegments | LogDamage::LogRemoved => b"root 0",
+        };
+        assert_eq!(s.load(Oid::ROOT).unwrap().data(), want, "{damage:?}");
+        s.close().unwrap();
+    }
 }
 
 #[test]

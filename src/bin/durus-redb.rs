@@ -552,6 +552,9 @@ fn serve(args: ServeArgs) -> ExitCode {
         Ok(s) => s,
         Err(e) => return fail(store_error(&args.file, &e)),
     };
+    if created {
+        tracing::info!("created a new store: {}", args.file.display());
+    }
     let address = match args.address {
         Some(path) => Address::Unix {
             path,

@@ -307,7 +307,7 @@ fn init_or_verify(path: &Path, db: &Db, quick_repair: bool, read_only: bool) -> 
             w.open_table(LOG_STATE)?.insert(KEY_APPLIED, 0)?;
         }
         w.commit()?;
-        tracing::info!(path = %path.display(), version = FORMAT_VERSION, "created a new store");
+        tracing::debug!(path = %path.display(), version = FORMAT_VERSION, "created a new store");
         return Ok((0, 0));
     };
     let info: FormatInfo =
