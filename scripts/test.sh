@@ -81,8 +81,9 @@ snapshot_interop() {  # the scenarios against snapshot reads; each checks itself
 step "python harness compiles" "$DURUS_PYTHON" -m py_compile \
     tests/python/interop.py tests/python/run_against.py
 step "cargo fmt --check" cargo fmt --all -- --check
-step "cargo clippy" cargo clippy --all-targets -- -D warnings
-step "cargo test" cargo test --all-targets
+# `fuzzing` exposes the fuzz targets' entry points that tests/fuzz.rs runs.
+step "cargo clippy" cargo clippy --all-targets --features fuzzing -- -D warnings
+step "cargo test" cargo test --all-targets --features fuzzing
 step "doctests (the crate docs' quick start and examples)" cargo test --doc
 step "library without default features (no CLI or SQLite crates)" lib_alone
 step "cargo doc, warnings denied" env RUSTDOCFLAGS="-D warnings" cargo doc --no-deps

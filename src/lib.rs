@@ -59,6 +59,7 @@ mod client;
 mod engine;
 mod error;
 mod filestorage;
+#[cfg(feature = "fuzzing")]
 #[doc(hidden)]
 pub mod fuzzing;
 mod gc;

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 /// Where a server listens, or a client connects.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Address {
     /// A TCP host and port.
     Tcp {

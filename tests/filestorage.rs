@@ -82,7 +82,7 @@ fn dump(state: &BTreeMap<u64, Vec<u8>>) -> Vec<u8> {
 fn boundary(e: &SourceEvent) -> Option<u64> {
     match e {
         SourceEvent::TransactionEnd { offset } | SourceEvent::SafePoint { offset } => Some(*offset),
-        SourceEvent::Item(_) => None,
+        _ => None,
     }
 }
 

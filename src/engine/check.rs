@@ -67,6 +67,7 @@ pub const LISTED: usize = 100;
 
 /// What a reference check found.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct CheckReport {
     /// Records checked.
     pub objects: u64,
@@ -192,6 +193,7 @@ pub(crate) fn check_references(engine: &Engine) -> Result<CheckReport> {
 
 /// The result of [`check_store`].
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct FullCheck {
     /// redb's own integrity check (page checksums, allocator state) passed.
     pub integrity_ok: bool,

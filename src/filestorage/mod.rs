@@ -191,6 +191,7 @@ impl ReadOptions {
 
 /// One record read from a source file.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct SourceItem {
     /// The oid the record is stored under.
     pub oid: Oid,
@@ -201,6 +202,7 @@ pub struct SourceItem {
 
 /// What a [`RecordSource`] hands out next.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum SourceEvent {
     /// A record. A later item for the same oid replaces this one.
     Item(SourceItem),

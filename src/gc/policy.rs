@@ -68,6 +68,7 @@ impl Pace {
 
 /// What the collector should do next.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum GcAction {
     /// Nothing now; ask again after this long or at the next commit.
     /// During a full collection: pause it for this long, then ask again.
