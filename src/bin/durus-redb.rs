@@ -277,8 +277,8 @@ struct ServeArgs {
     backup_max_age: f64,
     /// Microseconds a connection that is the only one at work polls its
     /// socket for the client's next bytes before it sleeps (a sleeping
-    /// thread wakes 20-30 us late on a virtual machine; one client
-    /// committing alone gains most). Only one connection polls at a time.
+    /// thread wakes late, tens of microseconds on a virtual machine; one
+    /// client committing alone gains most). Only one connection polls at a time.
     /// 0: never poll; at most 1000000.
     #[arg(long, default_value_t = 50)]
     poll_us: u64,

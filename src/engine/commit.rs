@@ -576,13 +576,9 @@ const APPLY_TOGETHER: usize = 8;
 /// committer, or after a turn not in the line) waits for it without
 /// sleeping, yielding its core to any other thread that can run, before it
 /// sleeps on the line's condition variable: an apply of a small commit
-/// takes some 45 us, and sleeping and being woken costs two thread
-/// switches of 20-30 us each on a virtual machine. Load generator, 3 s
-/// cells alternating with the build without it (`--durability os`, an
-/// empty store): 4 connections 12,780 against 9,691 commits/s and 16
-/// connections 10,268 against 8,846 (means of three rounds); 50 and 200 us
-/// were no better. Not with `Durability::Fsync`: beside the spin for the
-/// log's syncs it cost 18% at 4 connections.
+/// takes less than sleeping and being woken (two thread switches). Not
+/// with `Durability::Fsync`, where the spin for the log's syncs serves.
+/// Measured, with the values tried: docs/benchmarks.md (`LINE_SPIN`).
 const LINE_SPIN: std::time::Duration = std::time::Duration::from_micros(100);
 
 /// Where [`OrderGuard::place`] put a commit.

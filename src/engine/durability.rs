@@ -39,10 +39,9 @@ impl Drop for Checkpointer {
 
 /// How long a committer whose commit waits for a group sync that is
 /// running waits for it without sleeping (yielding its core to any other
-/// thread that can run) before it sleeps. About one `fdatasync` of the log
-/// on the disk it was measured on (100-150 us): the load generator at 4
-/// and 16 connections in `fsync` mode committed 10-20% more with it (three
-/// alternating rounds; 75 us gained less, 300 us no more).
+/// thread that can run) before it sleeps: about one `fdatasync` of the
+/// log. Measured, with the values tried: docs/benchmarks.md
+/// (`FLUSH_SPIN`).
 pub(super) const FLUSH_SPIN: Duration = Duration::from_micros(150);
 
 impl Engine {

@@ -464,7 +464,7 @@ impl Drop for Engine {
 /// Waits without sleeping while `waiting` holds, for at most `limit`,
 /// yielding the core to any other thread that can run between looks: for a
 /// wait expected to be shorter than the two thread switches that sleeping
-/// and being woken cost (20-30 us each on a virtual machine). The caller
+/// and being woken cost. The caller
 /// looks again, under its lock, before it sleeps.
 pub(super) fn spin_while(limit: std::time::Duration, mut waiting: impl FnMut() -> bool) {
     let until = std::time::Instant::now() + limit;

@@ -503,8 +503,9 @@ impl Conn<'_> {
     /// Polls the socket for up to `--poll-us` until the client's next bytes
     /// arrive, instead of sleeping in the read that follows, if at most
     /// `alone` requests (this one) are being handled and no other
-    /// connection polls: a sleeping thread wakes 20-30 us late on a
-    /// virtual machine, and a client alone waits for each of those.
+    /// connection polls: a sleeping thread wakes late (tens of
+    /// microseconds on a virtual machine), and a client alone waits for
+    /// each of those.
     fn poll(&mut self, alone: usize) {
         use std::io::BufRead;
         use std::sync::atomic::Ordering::{AcqRel, Acquire, Release};

@@ -93,8 +93,8 @@ pub struct ServerConfig {
     /// How long a connection that is the only one at work polls its socket
     /// for the client's next bytes before it sleeps (after answering a
     /// commit, and for the commit data while it holds the commit order).
-    /// A thread woken from sleep starts 20-30 us late on a virtual machine;
-    /// one client committing alone gains most. Only one connection polls
+    /// A thread woken from sleep starts late (tens of microseconds on a
+    /// virtual machine); one client committing alone gains most. Only one connection polls
     /// at a time; zero never polls.
     pub poll: Duration,
     /// Whether the server stops when the store is poisoned (a failed
