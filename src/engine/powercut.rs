@@ -1,8 +1,12 @@
 //! Simulated power cuts: the store file lives on a simulated disk that keeps
 //! what was written and, apart, what the last `sync_data` made durable; the
-//! commit log keeps track of what its syncs covered. A power cut leaves the
-//! durable image of the file and the log with every unsynced byte lost (the
-//! worst case; partly written tails are the replay tests' business).
+//! commit log's segment files record the same of the writes and syncs the
+//! log issues (`log::writer::SegFile`), independently of the log's own
+//! bookkeeping. A power cut leaves the durable image of the file and of
+//! every segment, with every unsynced byte lost (the worst case; partly
+//! written tails are the replay tests' business). Cuts are taken at any
+//! instant, with no lock held: also inside a checkpoint's segment switch or
+//! durable flush.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -123,18 +127,17 @@ fn run(durability: Durability, commits: u64, every: u64) -> Vec<(u64, u64, u64)>
         let records = BTreeMap::from([(oid, record(oid, n))]);
         engine.commit(session, &records).unwrap();
         if n % every == 0 {
-            // The instant of the cut: no checkpoint and no commit half done.
-            let _checkpoint = engine.checkpoint_lock.lock();
-            let st = engine.commit.lock();
-            // What the engine counted durable is read first: a sync that
-            // finishes meanwhile only adds to the images taken after.
+            // A cut at this instant, whatever the background checkpoints
+            // are doing. What the engine counted durable is read first, then
+            // the log's image, then the file's: each only grows, so each
+            // holds at least what was durable when the one before was read.
             let durable = engine.log_durable.load(Ordering::Acquire);
-            let file = disk.durable.lock().clone();
             let log = engine.log.as_ref().unwrap().power_cut_image();
+            let file = disk.durable.lock().clone();
             cuts.push(Cut {
                 file,
                 log,
-                acked: st.log_seq,
+                acked: n,
                 durable,
             });
         }
@@ -284,10 +287,9 @@ fn concurrent_committers_in_a_power_cut(through_line: bool) {
     let mut cuts = Vec::new();
     while done.load(Ordering::Acquire) < THREADS {
         std::thread::sleep(Duration::from_micros(700));
-        let _checkpoint = engine.checkpoint_lock.lock();
         let acked = acked.lock().clone();
-        let file = disk.durable.lock().clone();
         let log = engine.log.as_ref().unwrap().power_cut_image();
+        let file = disk.durable.lock().clone();
         cuts.push((acked, file, log));
     }
     for w in workers {
