@@ -2393,6 +2393,22 @@ fn commit_root(c: &mut ClientStorage, data: &[u8]) -> durus_redb::Result<()> {
     c.end()
 }
 
+/// Commits the root as "after 1", "after 2", ... until a commit is refused
+/// (the store finds damage to its log at a sync, within 10 ms of it);
+/// returns the data of the refused commit.
+fn commit_until_refused(c: &mut ClientStorage) -> Vec<u8> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for n in 1.. {
+        let data = format!("after {n}").into_bytes();
+        if commit_root(c, &data).is_err() {
+            return data;
+        }
+        assert!(Instant::now() < deadline, "no commit refused");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    unreachable!()
+}
+
 /// Truncates the commit log segment being appended to (an outside fault
 /// the store finds at its next sync of the log).
 fn truncate_active_segment(path: &Path) {
@@ -2420,8 +2436,8 @@ fn a_poisoned_store_stops_the_server_with_the_reason_and_a_restart_loses_nothing
     assert_eq!(c.new_oid().unwrap(), Oid::ROOT);
     commit_root(&mut c, b"one").unwrap();
     truncate_active_segment(&path);
-    // The next commit is not acknowledged: its sync finds the segment shrunk.
-    assert!(commit_root(&mut c, b"two").is_err());
+    // A commit is refused once a sync finds the segment shrunk.
+    let refused = commit_until_refused(&mut c);
     let deadline = Instant::now() + Duration::from_secs(30);
     let status = loop {
         if let Some(status) = server.child.try_wait().unwrap() {
@@ -2438,9 +2454,9 @@ fn a_poisoned_store_stops_the_server_with_the_reason_and_a_restart_loses_nothing
     assert!(log.contains("shrank"), "{log}");
     assert!(log.contains("made durable"), "{log}");
     // The store file was made durable before the stop: it opens as it is,
-    // with "two" applied (its commit failed after it was applied, before
-    // it was acknowledged: either outcome is allowed, and this is the one
-    // the flush at the poison gives).
+    // with the refused commit applied (it failed after it was applied,
+    // before it was acknowledged: either outcome is allowed, and this is
+    // the one the flush at the poison gives).
     let out = Command::new(bin())
         .arg("check")
         .arg(&path)
@@ -2453,7 +2469,7 @@ fn a_poisoned_store_stops_the_server_with_the_reason_and_a_restart_loses_nothing
     );
     let server = Served::start(&path, &[]);
     let mut c = server.client();
-    assert_eq!(c.load(Oid::ROOT).unwrap().data(), b"two");
+    assert_eq!(c.load(Oid::ROOT).unwrap().data(), refused);
     drop(c);
     server.stop();
 }
@@ -2481,7 +2497,7 @@ fn a_log_removed_under_a_running_server_loses_no_acknowledged_commit() {
     let mut name = path.file_name().unwrap().to_os_string();
     name.push("-log");
     std::fs::remove_dir_all(path.with_file_name(name)).unwrap();
-    assert!(commit_root(&mut c, b"after").is_err());
+    commit_until_refused(&mut c);
     let deadline = Instant::now() + Duration::from_secs(30);
     while server.child.try_wait().unwrap().is_none() {
         assert!(
@@ -2515,11 +2531,12 @@ fn with_on_poison_serve_loads_a_poisoned_store_answers_loads_and_reports_itself_
     commit_root(&mut c, b"one").unwrap();
     assert!(c.server_state().unwrap().lines().any(|l| l == "healthy 1"));
     truncate_active_segment(&path);
-    assert!(commit_root(&mut c, b"two").is_err());
+    let refused = commit_until_refused(&mut c);
     let mut c = server.client();
     assert!(c.server_state().unwrap().lines().any(|l| l == "healthy 0"));
-    // "two" was applied before its sync failed (not acknowledged).
-    assert_eq!(c.load(Oid::ROOT).unwrap().data(), b"two");
+    // The refused commit was applied before its sync failed (not
+    // acknowledged).
+    assert_eq!(c.load(Oid::ROOT).unwrap().data(), refused);
     assert!(commit_root(&mut c, b"three").is_err());
     drop(c);
     // Stopping it reports the poison: exit status 1.
