@@ -406,27 +406,14 @@ fn a_damaged_commit_log_stops_serve_and_check_until_check_repair_names_what_it_g
     let dir = tempfile::tempdir().unwrap();
     let image = store_with_zeroed_log_entry(dir.path());
     // serve refuses to start, and says what is wrong and what to do.
-    let mut child = bin()
-        .args(["serve", "--port", "0", "--file"])
-        .arg(&image)
-        .stderr(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if std::time::Instant::now() > deadline {
-            child.kill().unwrap();
-            panic!("serve started on a store whose log is damaged");
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    };
-    let mut err = String::new();
-    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
-    assert!(!status.success(), "{err}");
+    let (code, err) = run_to_end(&[
+        std::ffi::OsStr::new("serve"),
+        std::ffi::OsStr::new("--port"),
+        std::ffi::OsStr::new("0"),
+        std::ffi::OsStr::new("--file"),
+        image.as_os_str(),
+    ]);
+    assert_ne!(code, Some(0), "{err}");
     assert!(
         err.contains("commit log") && err.contains("damaged"),
         "{err}"

@@ -611,14 +611,19 @@ fn a_damaged_segment_that_was_already_applied_does_not_stop_the_replay() {
 /// replays it, and the log it starts is version 2.
 #[test]
 fn a_version_1_log_left_by_an_older_build_replays() {
+    // The segment of `image`, rewritten with a version 1 header.
+    let as_version_1 = |image: &Path| -> (PathBuf, Vec<u8>) {
+        let seg = only_segment(image);
+        let data = std::fs::read(&seg).unwrap();
+        let mut v1 = b"DRLOG\0\0\0".to_vec();
+        v1.extend_from_slice(&1u32.to_le_bytes());
+        v1.extend_from_slice(&0u32.to_le_bytes());
+        v1.extend_from_slice(&data[32..]);
+        (seg, v1)
+    };
     let dir = tempfile::tempdir().unwrap();
     let (image, oids) = image_after(dir.path(), 5);
-    let seg = only_segment(&image);
-    let data = std::fs::read(&seg).unwrap();
-    let mut v1 = b"DRLOG\0\0\0".to_vec();
-    v1.extend_from_slice(&1u32.to_le_bytes());
-    v1.extend_from_slice(&0u32.to_le_bytes());
-    v1.extend_from_slice(&data[32..]);
+    let (seg, v1) = as_version_1(&image);
     std::fs::write(&seg, &v1).unwrap();
     assert_eq!(entries(&v1).len(), 5);
     let s = RedbStorage::open(&image, options()).unwrap();
@@ -630,12 +635,7 @@ fn a_version_1_log_left_by_an_older_build_replays() {
     let damaged = dir.path().join("damaged");
     std::fs::create_dir(&damaged).unwrap();
     let (image, oids) = image_after(&damaged, 5);
-    let seg = only_segment(&image);
-    let data = std::fs::read(&seg).unwrap();
-    let mut v1 = b"DRLOG\0\0\0".to_vec();
-    v1.extend_from_slice(&1u32.to_le_bytes());
-    v1.extend_from_slice(&0u32.to_le_bytes());
-    v1.extend_from_slice(&data[32..]);
+    let (seg, mut v1) = as_version_1(&image);
     let e = entries(&v1);
     v1[e[1].0..e[1].1].fill(0);
     std::fs::write(&seg, &v1).unwrap();
