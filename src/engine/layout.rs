@@ -12,7 +12,7 @@
 //! | `durus_log`        | `&str`          | `u64`           | `applied`: the sequence number of the last logged commit the file holds (format 2); `open`: 1 while a writer with a commit log has the store open, 0 after a clean close (format 4) |
 //!
 //! Beside the file, a commit log directory `<file>-log/` (format 2; see
-//! `engine/log.rs`) holds the commits since the last checkpoint while the
+//! `engine/log/`) holds the commits since the last checkpoint while the
 //! store is open or after a crash; a clean close removes it. Format 1 had no
 //! log: a format 1 store is upgraded when first opened for writing (the
 //! version is rewritten; nothing else changes).
@@ -21,7 +21,7 @@
 //! store not closed cleanly whose log directory is missing is refused
 //! instead of opened without the commits its log held. Its log segments
 //! are version 2 (each names its number and first commit; see
-//! `engine/log.rs`). A format 3 store is upgraded by rewriting the version;
+//! `engine/log/mod.rs`). A format 3 store is upgraded by rewriting the version;
 //! the marker is written at its next writable open.
 //!
 //! Format 2 kept the collector's queue as `durus_gc_queue` (`u64` oid ->
