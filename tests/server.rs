@@ -2594,6 +2594,7 @@ fn a_snapshot_older_than_the_max_age_is_given_up_by_a_busy_connection() {
     r.sync().unwrap();
     assert_eq!(r.load(objs[0]).unwrap().data()[0], 1);
     let mut stats = server.client();
+    let rss_before = server.rss_kib();
     let size = || std::fs::metadata(&path).unwrap().len();
     let before = size();
     // r loads after every rewrite (never idle) and reads its snapshot
@@ -2642,7 +2643,18 @@ fn a_snapshot_older_than_the_max_age_is_given_up_by_a_busy_connection() {
         round += 1;
     }
     let more = size().saturating_sub(settled);
-    eprintln!("file growth: {grown} bytes while the snapshot was held, {more} after");
+    let rss = server.rss_kib();
+    eprintln!(
+        "file growth: {grown} bytes while the snapshot was held, {more} after; \
+         server RSS {} MiB before, {} MiB at the end",
+        rss_before / 1024,
+        rss / 1024
+    );
+    // What the store wrote (about 70 MB) bounds what the cache can hold.
+    assert!(
+        rss < rss_before + 150 * 1024,
+        "RSS {rss} KiB (from {rss_before})"
+    );
     assert!(
         more < grown / 4 + (1 << 20),
         "the file grew {more} bytes after the snapshot was released ({grown} while held)"
