@@ -336,8 +336,18 @@ fn store_with_damaged_log(dir: &std::path::Path, damage: LogDamage) -> std::path
     image
 }
 
-fn store_with_zeroed_log_entry(dir: &std::path::Path) -> std::path::PathBuf {
-    store_with_damaged_log(dir, LogDamage::ZeroedEntry)
+/// `durus-redb check [--repair] PATH`: its exit code and standard output.
+fn check(path: &std::path::Path, repair: bool) -> (Option<i32>, String) {
+    let mut cmd = bin();
+    cmd.arg("check");
+    if repair {
+        cmd.arg("--repair");
+    }
+    let out = cmd.arg(path).output().unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
 }
 
 /// Every kind of damage, through the real binary: `serve` refuses to
@@ -368,27 +378,17 @@ fn each_kind_of_log_damage_is_refused_by_serve_reported_by_check_and_repaired() 
             err.contains("is damaged") || err.contains("is missing"),
             "{damage:?}: {err}"
         );
-        let out = bin().arg("check").arg(&image).output().unwrap();
-        let text = String::from_utf8_lossy(&out.stdout);
-        assert_eq!(out.status.code(), Some(1), "{damage:?}: {text}");
+        let (code, text) = check(&image, false);
+        assert_eq!(code, Some(1), "{damage:?}: {text}");
         assert!(text.contains("commit log: "), "{damage:?}: {text}");
-        let out = bin()
-            .args(["check", "--repair"])
-            .arg(&image)
-            .output()
-            .unwrap();
-        let text = String::from_utf8_lossy(&out.stdout);
-        assert!(out.status.success(), "{damage:?}: {text}");
+        let (code, text) = check(&image, true);
+        assert_eq!(code, Some(0), "{damage:?}: {text}");
         assert!(
             text.contains("given up") || text.contains("gave up"),
             "{damage:?}: {text}"
         );
-        let out = bin().arg("check").arg(&image).output().unwrap();
-        assert!(
-            out.status.success(),
-            "{damage:?}: {}",
-            String::from_utf8_lossy(&out.stdout)
-        );
+        let (code, text) = check(&image, false);
+        assert_eq!(code, Some(0), "{damage:?}: {text}");
         // The commits before the damage are there (none for a swapped or
         // removed log: the first segment read is not the first written).
         let mut s = RedbStorage::open(&image, Options::default()).unwrap();
@@ -404,7 +404,7 @@ fn each_kind_of_log_damage_is_refused_by_serve_reported_by_check_and_repaired() 
 #[test]
 fn a_damaged_commit_log_stops_serve_and_check_until_check_repair_names_what_it_gives_up() {
     let dir = tempfile::tempdir().unwrap();
-    let image = store_with_zeroed_log_entry(dir.path());
+    let image = store_with_damaged_log(dir.path(), LogDamage::ZeroedEntry);
     // serve refuses to start, and says what is wrong and what to do.
     let (code, err) = run_to_end(&[
         std::ffi::OsStr::new("serve"),
@@ -420,20 +420,14 @@ fn a_damaged_commit_log_stops_serve_and_check_until_check_repair_names_what_it_g
     );
     assert!(err.contains("check --repair"), "{err}");
     // check reports the damage and exits 1; nothing was changed.
-    let out = bin().arg("check").arg(&image).output().unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(out.status.code(), Some(1), "{text}");
+    let (code, text) = check(&image, false);
+    assert_eq!(code, Some(1), "{text}");
     assert!(text.contains("commit log: DAMAGED"), "{text}");
     assert!(text.contains("6 intact entries up to commit 11"), "{text}");
     // check --repair gives up the commits after the damage, names them,
     // and keeps the log aside.
-    let out = bin()
-        .args(["check", "--repair"])
-        .arg(&image)
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{text}");
+    let (code, text) = check(&image, true);
+    assert_eq!(code, Some(0), "{text}");
     assert!(
         text.contains("gave up the commits after the damage"),
         "{text}"
@@ -444,12 +438,8 @@ fn a_damaged_commit_log_stops_serve_and_check_until_check_repair_names_what_it_g
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .any(|n| n.starts_with("image.redb-log.damaged-"));
     assert!(kept, "the damaged log was not kept");
-    let out = bin().arg("check").arg(&image).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+    let (code, text) = check(&image, false);
+    assert_eq!(code, Some(0), "{text}");
     let mut s = RedbStorage::open(&image, Options::default()).unwrap();
     assert_eq!(s.load(Oid::ROOT).unwrap().data(), [b'r', 3]);
     s.close().unwrap();
