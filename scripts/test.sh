@@ -78,6 +78,13 @@ snapshot_interop() {  # the scenarios against snapshot reads; each checks itself
         --interop-arg=--snapshot-reads --quiet
 }
 
+memory_interop() {
+    have_server || return 1
+    "${RUN_AGAINST[@]}" \
+        --server-cmd "$SERVER_BIN serve --memory --port {port}" \
+        --compare-cmd "$DURUS_BIN -s --file {file} --port {port}" --quiet
+}
+
 step "python harness compiles" "$DURUS_PYTHON" -m py_compile \
     tests/python/interop.py tests/python/run_against.py
 step "cargo fmt --check" cargo fmt --all -- --check
@@ -98,6 +105,14 @@ step "interop: durus-redb vs durus -s over a Unix socket" \
     interop "--address {address}"
 step "interop: durus-redb --snapshot-reads (read_conflict's stated difference)" \
     snapshot_interop
+# The same scenarios against the in-memory store behind the server's
+# backend seam: the seam serves Durus's protocol with either store.
+step "interop: durus-redb serve --memory vs durus -s over TCP" \
+    memory_interop
+step "interop: durus-redb serve --memory --snapshot-reads" \
+    "${RUN_AGAINST[@]}" \
+    --server-cmd "$SERVER_BIN serve --memory --port {port} --snapshot-reads" \
+    --interop-arg=--snapshot-reads --quiet
 step "wheel: built, installed into a fresh venv, the demo run with the installed command" \
     bash scripts/wheel.sh
 

@@ -2,9 +2,9 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 
-use crate::error::{Conflict, InvalidInput, Result, StorageError};
+use crate::error::{InvalidInput, Result, StorageError};
 use crate::record::{Oid, Record};
-use crate::storage::{PackReport, PendingCommit, Storage, validate_commit};
+use crate::storage::{Holder, PackReport, PendingCommit, Storage, may_create, validate_commit};
 
 /// A storage that keeps everything in memory, with the same semantics as
 /// [`RedbStorage`](crate::RedbStorage): the same validation, the same oid
@@ -90,11 +90,15 @@ impl Storage for MemoryStorage {
             &pending,
             |oid| Ok(records.contains_key(&oid)),
             |oid, present| {
-                if present || oid == Oid::ROOT || allocated.contains(&oid) {
-                    Ok(())
-                } else {
-                    Err(Conflict::UnknownOid { oid }.into())
+                if present {
+                    return Ok(());
                 }
+                let holder = if allocated.contains(&oid) {
+                    Holder::ThisSession
+                } else {
+                    Holder::Nobody
+                };
+                may_create(oid, holder)
             },
         )?;
         for (oid, record) in pending {

@@ -198,6 +198,30 @@ pub(crate) fn validate_commit(
     }
 }
 
+/// Who holds an oid handed out by `new_oid` and not yet stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Holder {
+    /// The session committing it.
+    ThisSession,
+    /// Another session.
+    AnotherSession,
+    /// No session (never handed out, or forgotten at a reopen).
+    Nobody,
+}
+
+/// Whether a session may store `oid`, which is not stored yet: the session
+/// was handed it, or it is the root and no other session was handed it
+/// (as Durus's server, which drops a client that stores an oid another
+/// client holds). The rule of every store.
+pub(crate) fn may_create(oid: Oid, holder: Holder) -> Result<()> {
+    match holder {
+        Holder::ThisSession => Ok(()),
+        Holder::AnotherSession => Err(crate::InvalidInput::OidOfAnotherSession { oid }.into()),
+        Holder::Nobody if oid == Oid::ROOT => Ok(()),
+        Holder::Nobody => Err(crate::Conflict::UnknownOid { oid }.into()),
+    }
+}
+
 /// Validates a record for `store`: well formed and naming `oid`.
 pub(crate) fn checked_record(oid: Oid, bytes: Vec<u8>) -> Result<Record> {
     Record::for_oid(oid, bytes).map_err(|source| crate::InvalidInput::Record { oid, source }.into())

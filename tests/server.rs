@@ -27,6 +27,41 @@ struct Served {
     early: Vec<String>,
 }
 
+/// The store a protocol test runs against: the redb file, or the
+/// in-memory model behind the same backend seam (`serve --memory`).
+#[derive(Debug, Clone, Copy)]
+enum Backing {
+    Redb,
+    Memory,
+}
+
+impl Backing {
+    /// `check` of the store file after the server stopped (the in-memory
+    /// store left nothing to check).
+    fn check_clean(self, path: &Path) {
+        if let Backing::Redb = self {
+            check_clean(path);
+        }
+    }
+}
+
+/// A protocol test, run against both stores: `NAME::redb` and `NAME::memory`.
+macro_rules! both {
+    ($name:ident) => {
+        mod $name {
+            #[test]
+            fn redb() {
+                super::$name(super::Backing::Redb)
+            }
+
+            #[test]
+            fn memory() {
+                super::$name(super::Backing::Memory)
+            }
+        }
+    };
+}
+
 impl Served {
     /// Starts `durus-redb serve --file path --port 0 EXTRA..` and waits for
     /// its `Ready on` line to learn the port.
@@ -34,8 +69,22 @@ impl Served {
         Served::start_under(&[], path, extra)
     }
 
+    /// [`start`](Self::start) on `on`; the in-memory store ignores `path`.
+    fn start_on(on: Backing, path: &Path, extra: &[&str]) -> Served {
+        match on {
+            Backing::Redb => Served::start(path, extra),
+            Backing::Memory => Served::spawn(&[], &["--memory"], extra),
+        }
+    }
+
     /// [`start`](Self::start) under a wrapper command (`prlimit ... --`).
     fn start_under(wrapper: &[&str], path: &Path, extra: &[&str]) -> Served {
+        let file = ["--file", path.to_str().expect("a UTF-8 path")];
+        Served::spawn(wrapper, &file, extra)
+    }
+
+    /// Starts `WRAPPER.. durus-redb serve STORE.. --port 0 EXTRA..`.
+    fn spawn(wrapper: &[&str], store: &[&str], extra: &[&str]) -> Served {
         let mut cmd = match wrapper.split_first() {
             Some((first, rest)) => {
                 let mut c = Command::new(first);
@@ -46,8 +95,7 @@ impl Served {
         };
         let mut child = cmd
             .arg("serve")
-            .arg("--file")
-            .arg(path)
+            .args(store)
             .args(["--port", "0"])
             .args(extra)
             .stdin(Stdio::null())
@@ -217,11 +265,10 @@ fn check_clean(path: &Path) {
     );
 }
 
-#[test]
-fn commits_invalidate_other_clients_and_conflicts_are_reported() {
+fn commits_invalidate_other_clients_and_conflicts_are_reported(on: Backing) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("s.redb");
-    let server = Served::start(&path, &[]);
+    let server = Served::start_on(on, &path, &[]);
     let mut a = server.client();
     let mut b = server.client();
     let x = a.new_oid().unwrap();
@@ -278,14 +325,14 @@ fn commits_invalidate_other_clients_and_conflicts_are_reported() {
     ));
     drop((a, b));
     server.stop();
-    check_clean(&path);
+    on.check_clean(&path);
 }
+both!(commits_invalidate_other_clients_and_conflicts_are_reported);
 
-#[test]
-fn many_clients_commit_at_once_and_oids_never_repeat() {
+fn many_clients_commit_at_once_and_oids_never_repeat(on: Backing) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("s.redb");
-    let (server, mut first) = serve_with_root(&path, &[]);
+    let (server, mut first) = serve_with_root_on(on, &path, &[]);
     const CLIENTS: usize = 8;
     const COMMITS: usize = 40;
     let port = server.port;
@@ -331,8 +378,9 @@ fn many_clients_commit_at_once_and_oids_never_repeat() {
     assert_eq!(synced.len(), CLIENTS * COMMITS);
     drop(results);
     server.stop();
-    check_clean(&path);
+    on.check_clean(&path);
 }
+both!(many_clients_commit_at_once_and_oids_never_repeat);
 
 /// Commits are applied after the next client has been told of them (the
 /// commit order is released once a commit has its turn): a client told of
@@ -340,13 +388,12 @@ fn many_clients_commit_at_once_and_oids_never_repeat() {
 /// numbers of shared objects; a reader syncs and loads over and over, and
 /// every object its sync names must load at a higher version than it last
 /// loaded, and none ever at a lower one.
-#[test]
-fn a_client_told_of_a_change_never_loads_what_came_before_it() {
+fn a_client_told_of_a_change_never_loads_what_came_before_it(on: Backing) {
     const OBJECTS: u64 = 6;
     const WRITERS: usize = 4;
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("s.redb");
-    let server = Served::start(&path, &[]);
+    let server = Served::start_on(on, &path, &[]);
     let mut setup = server.client();
     assert_eq!(setup.new_oid().unwrap(), Oid::ROOT);
     let objs: Vec<Oid> = (0..OBJECTS).map(|_| setup.new_oid().unwrap()).collect();
@@ -435,14 +482,14 @@ fn a_client_told_of_a_change_never_loads_what_came_before_it() {
     assert_eq!(total, commits);
     drop((c, reader));
     server.stop();
-    check_clean(&path);
+    on.check_clean(&path);
 }
+both!(a_client_told_of_a_change_never_loads_what_came_before_it);
 
-#[test]
-fn pack_removes_garbage_and_invalidates_it_for_every_client() {
+fn pack_removes_garbage_and_invalidates_it_for_every_client(on: Backing) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("s.redb");
-    let server = Served::start(&path, &[]);
+    let server = Served::start_on(on, &path, &[]);
     let mut a = server.client();
     let mut b = server.client();
     assert_eq!(a.new_oid().unwrap(), Oid::ROOT);
@@ -477,8 +524,9 @@ fn pack_removes_garbage_and_invalidates_it_for_every_client() {
     assert_eq!(b.load(keep).unwrap().data(), b"keep");
     drop((a, b));
     server.stop();
-    check_clean(&path);
+    on.check_clean(&path);
 }
+both!(pack_removes_garbage_and_invalidates_it_for_every_client);
 
 #[test]
 fn graceful_shutdown_keeps_every_acknowledged_commit() {
@@ -559,11 +607,10 @@ fn commit_frame(records: &[(u64, Vec<u8>)]) -> Vec<u8> {
     v
 }
 
-#[test]
-fn hostile_input_never_disturbs_a_well_behaved_client() {
+fn hostile_input_never_disturbs_a_well_behaved_client(on: Backing) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("s.redb");
-    let server = Served::start(&path, &["--max-frame-bytes", "1048576"]);
+    let server = Served::start_on(on, &path, &["--max-frame-bytes", "1048576"]);
     let mut setup = server.client();
     assert_eq!(setup.new_oid().unwrap(), Oid::ROOT);
     let obj = setup.new_oid().unwrap();
@@ -719,14 +766,14 @@ fn hostile_input_never_disturbs_a_well_behaved_client() {
         assert!(log.contains(needle), "no log line about {needle:?}:\n{log}");
     }
     server.stop();
-    check_clean(&path);
+    on.check_clean(&path);
 }
+both!(hostile_input_never_disturbs_a_well_behaved_client);
 
-#[test]
-fn a_stalled_committer_loses_the_commit_order_after_the_timeout() {
+fn a_stalled_committer_loses_the_commit_order_after_the_timeout(on: Backing) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("s.redb");
-    let (server, mut c) = serve_with_root(&path, &["--request-timeout", "1"]);
+    let (server, mut c) = serve_with_root_on(on, &path, &["--request-timeout", "1"]);
     // The staller sends `C`, receives its invalidations and sends nothing more.
     let mut staller = take_the_order(&server);
     // Another client's commit waits behind it, then goes through.
@@ -749,12 +796,12 @@ fn a_stalled_committer_loses_the_commit_order_after_the_timeout() {
     drop(c);
     server.stop();
 }
+both!(a_stalled_committer_loses_the_commit_order_after_the_timeout);
 
-#[test]
-fn connections_beyond_the_maximum_are_refused() {
+fn connections_beyond_the_maximum_are_refused(on: Backing) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("s.redb");
-    let server = Served::start(&path, &["--max-connections", "2"]);
+    let server = Served::start_on(on, &path, &["--max-connections", "2"]);
     let a = server.client();
     let b = server.client();
     let third = ClientStorage::connect_tcp("127.0.0.1", server.port);
@@ -772,6 +819,7 @@ fn connections_beyond_the_maximum_are_refused() {
     drop(b);
     server.stop();
 }
+both!(connections_beyond_the_maximum_are_refused);
 
 #[test]
 fn unix_socket_gets_the_permissions_asked_for() {
@@ -1099,11 +1147,10 @@ fn a_load_that_meets_a_damaged_record_ends_that_connection_and_frees_its_slot() 
 /// A committer that trickles its commit data a byte every 0.3 s (each read
 /// within the timeout) still loses the commit order once --request-timeout
 /// has passed in all: another client's commit goes through soon after.
-#[test]
-fn a_trickling_committer_loses_the_commit_order_after_the_whole_request_timeout() {
+fn a_trickling_committer_loses_the_commit_order_after_the_whole_request_timeout(on: Backing) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("s.redb");
-    let (server, mut c) = serve_with_root(&path, &["--request-timeout", "1"]);
+    let (server, mut c) = serve_with_root_on(on, &path, &["--request-timeout", "1"]);
     let trickler = take_the_order(&server);
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let dripping = {
@@ -1137,16 +1184,16 @@ fn a_trickling_committer_loses_the_commit_order_after_the_whole_request_timeout(
     drop(c);
     server.stop();
 }
+both!(a_trickling_committer_loses_the_commit_order_after_the_whole_request_timeout);
 
 /// The other side of the request timeout: a commit whose data pauses but
 /// is complete within `--request-timeout` is taken, however the server
 /// divides its wait into socket timeouts (it sets them a step shorter than
 /// what is left, so as not to set one before every read).
-#[test]
-fn a_commit_that_pauses_but_is_complete_within_the_request_timeout_is_taken() {
+fn a_commit_that_pauses_but_is_complete_within_the_request_timeout_is_taken(on: Backing) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("s.redb");
-    let (server, mut c) = serve_with_root(&path, &["--request-timeout", "4"]);
+    let (server, mut c) = serve_with_root_on(on, &path, &["--request-timeout", "4"]);
     let mut slow = take_the_order(&server);
     let told = Instant::now();
     let frame = commit_frame(&[(0, rec(Oid::ROOT, b"slow but in time", &[]))]);
@@ -1164,14 +1211,14 @@ fn a_commit_that_pauses_but_is_complete_within_the_request_timeout_is_taken() {
     drop(c);
     server.stop();
 }
+both!(a_commit_that_pauses_but_is_complete_within_the_request_timeout_is_taken);
 
 /// A connection may hold only so many new oids unused (--max-oids-held):
 /// storing them frees the room; asking beyond it closes that connection.
-#[test]
-fn a_connection_holds_at_most_max_oids_held_unused_oids() {
+fn a_connection_holds_at_most_max_oids_held_unused_oids(on: Backing) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("s.redb");
-    let server = Served::start(&path, &["--max-oids-held", "100"]);
+    let server = Served::start_on(on, &path, &["--max-oids-held", "100"]);
     let mut c = server.client();
     assert_eq!(c.new_oid().unwrap(), Oid::ROOT);
     let a = c.new_oids(60).unwrap();
@@ -1194,15 +1241,15 @@ fn a_connection_holds_at_most_max_oids_held_unused_oids() {
     drop((c, d));
     server.stop();
 }
+both!(a_connection_holds_at_most_max_oids_held_unused_oids);
 
 /// A bulk load's answers come in the order asked, each written as it is
 /// read: records, `I` for an oid invalidated for this connection, `K` for a
 /// missing one.
-#[test]
-fn bulk_load_answers_records_invalid_and_missing_in_order() {
+fn bulk_load_answers_records_invalid_and_missing_in_order(on: Backing) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("s.redb");
-    let server = Served::start(&path, &[]);
+    let server = Served::start_on(on, &path, &[]);
     let mut c = server.client();
     assert_eq!(c.new_oid().unwrap(), Oid::ROOT);
     let objs = c.new_oids(3).unwrap();
@@ -1252,6 +1299,7 @@ fn bulk_load_answers_records_invalid_and_missing_in_order() {
     drop((c, raw));
     server.stop();
 }
+both!(bulk_load_answers_records_invalid_and_missing_in_order);
 
 /// A 2 KB bulk load naming one 1 MiB record 256 times does not make the
 /// server hold 256 MiB: answers are written as they are read.
@@ -1373,11 +1421,10 @@ fn parallel_loads_of_one_big_record(extra: &[&str], limit_mib: u64) {
 
 /// `durus-redb stats --port P` asks a running server for its live state
 /// (the `X` extension), which a second client sees change with its commits.
-#[test]
-fn stats_of_a_running_server_reports_its_live_state() {
+fn stats_of_a_running_server_reports_its_live_state(on: Backing) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("s.redb");
-    let server = Served::start(&path, &["--cache-size", "16"]);
+    let server = Served::start_on(on, &path, &["--cache-size", "16"]);
     let mut c = server.client();
     assert_eq!(c.new_oid().unwrap(), Oid::ROOT);
     let objs = c.new_oids(5).unwrap();
@@ -1422,6 +1469,7 @@ fn stats_of_a_running_server_reports_its_live_state() {
     drop(c);
     server.stop();
 }
+both!(stats_of_a_running_server_reports_its_live_state);
 
 /// `durus-redb backup` while 4 clients keep committing. Every commit of
 /// client i sets its own object X_i to its next counter and the shared
@@ -1582,11 +1630,10 @@ fn backup_of_a_serving_store_is_consistent_while_commits_go_on() {
 }
 
 /// `--metrics-address`: the live state as Prometheus text over HTTP.
-#[test]
-fn metrics_are_served_as_prometheus_text() {
+fn metrics_are_served_as_prometheus_text(on: Backing) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("s.redb");
-    let server = Served::start(&path, &["--metrics-address", "127.0.0.1:0"]);
+    let server = Served::start_on(on, &path, &["--metrics-address", "127.0.0.1:0"]);
     let log = server.wait_for_log("metrics on http://");
     let url = log
         .lines()
@@ -1634,6 +1681,7 @@ fn metrics_are_served_as_prometheus_text() {
     drop(c);
     server.stop();
 }
+both!(metrics_are_served_as_prometheus_text);
 
 /// Not a test: prints the server's resident memory after reading 100 MB of
 /// 1 MiB records, with the default page cache and with `--cache-size 16`
@@ -1696,12 +1744,11 @@ fn bad_flag_values_are_refused_with_a_message() {
 /// A connection alone at work polls its socket after a commit (and for
 /// the commit data) instead of sleeping: whatever the client does meanwhile
 /// (its next request soon, late, or closing) is served as when it sleeps.
-#[test]
-fn a_polling_connection_serves_the_client_as_a_sleeping_one_does() {
+fn a_polling_connection_serves_the_client_as_a_sleeping_one_does(on: Backing) {
     for poll in ["200000", "0"] {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("s.redb");
-        let server = Served::start(&path, &["--poll-us", poll]);
+        let server = Served::start_on(on, &path, &["--poll-us", poll]);
         let mut c = server.client();
         assert_eq!(c.new_oid().unwrap(), Oid::ROOT);
         let x = c.new_oid().unwrap();
@@ -1737,9 +1784,10 @@ fn a_polling_connection_serves_the_client_as_a_sleeping_one_does() {
         assert_eq!(other.load(x).unwrap().data(), b"last");
         drop(other);
         server.stop();
-        check_clean(&path);
+        on.check_clean(&path);
     }
 }
+both!(a_polling_connection_serves_the_client_as_a_sleeping_one_does);
 
 /// The live state's value for `key`.
 fn state_value(c: &mut ClientStorage, key: &str) -> u64 {
@@ -1757,11 +1805,10 @@ fn state_value(c: &mut ClientStorage, key: &str) -> u64 {
 /// Its invalidations are the same, so a write based on the old state is
 /// still refused as a conflict; and before its first sync a connection
 /// behaves as Durus's.
-#[test]
-fn snapshot_reads_load_the_state_of_the_last_sync_and_keep_write_conflicts() {
+fn snapshot_reads_load_the_state_of_the_last_sync_and_keep_write_conflicts(on: Backing) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("s.redb");
-    let server = Served::start(&path, &["--snapshot-reads"]);
+    let server = Served::start_on(on, &path, &["--snapshot-reads"]);
     let mut a = server.client();
     let mut b = server.client();
     assert_eq!(a.new_oid().unwrap(), Oid::ROOT);
@@ -1818,8 +1865,9 @@ fn snapshot_reads_load_the_state_of_the_last_sync_and_keep_write_conflicts() {
     assert_eq!(a.load(z).unwrap().data(), b"z");
     drop((a, b));
     server.stop();
-    check_clean(&path);
+    on.check_clean(&path);
 }
+both!(snapshot_reads_load_the_state_of_the_last_sync_and_keep_write_conflicts);
 
 /// An idle connection gives up its snapshot after `--snapshot-idle`: its
 /// loads fall back to Durus's `I`, and the file, which grows while the
@@ -1937,11 +1985,10 @@ fn an_idle_connection_gives_up_its_snapshot_and_the_file_stops_growing() {
 /// one reader sums 40 balances while 4 writers move amounts between them.
 /// With `--snapshot-reads` the reader meets no ReadConflictError and every
 /// sum is exact.
-#[test]
-fn python_readers_never_meet_read_conflicts_with_snapshot_reads() {
+fn python_readers_never_meet_read_conflicts_with_snapshot_reads(on: Backing) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("s.redb");
-    let server = Served::start(&path, &["--snapshot-reads"]);
+    let server = Served::start_on(on, &path, &["--snapshot-reads"]);
     let out = Command::new(common::python())
         .arg(common::script("balance.py"))
         .args(["--port", &server.port.to_string(), "--seconds", "3"])
@@ -1969,8 +2016,9 @@ fn python_readers_never_meet_read_conflicts_with_snapshot_reads() {
     assert_eq!(field("sums"), field("exact"), "{text}");
     assert!(field("writer_commits") > 100, "{text}");
     server.stop();
-    check_clean(&path);
+    on.check_clean(&path);
 }
+both!(python_readers_never_meet_read_conflicts_with_snapshot_reads);
 
 /// A server whose process may open only 64 files serves as many
 /// connections as fit (and says so), refuses the rest, and keeps serving:
@@ -2294,8 +2342,8 @@ fn after_a_crash_check_reports_and_check_repair_applies_the_log() {
 }
 
 /// A server on a new store at `path` holding a root, and a client of it.
-fn serve_with_root(path: &Path, extra: &[&str]) -> (Served, ClientStorage) {
-    let server = Served::start(path, extra);
+fn serve_with_root_on(on: Backing, path: &Path, extra: &[&str]) -> (Served, ClientStorage) {
+    let server = Served::start_on(on, path, extra);
     let mut c = server.client();
     assert_eq!(c.new_oid().unwrap(), Oid::ROOT);
     make_root(&mut c, &[]);
@@ -2329,11 +2377,10 @@ fn read_invalidations(s: &mut TcpStream) -> Vec<u64> {
 /// leaves while queued and one that stalls after its invalidations (for
 /// `--request-timeout`) hold nobody up for longer than that, and commit
 /// data a client sends before its invalidations waits for its own turn.
-#[test]
-fn committers_queued_for_the_commit_order_are_served_in_turn() {
+fn committers_queued_for_the_commit_order_are_served_in_turn(on: Backing) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("s.redb");
-    let (server, mut c) = serve_with_root(&path, &["--request-timeout", "1"]);
+    let (server, mut c) = serve_with_root_on(on, &path, &["--request-timeout", "1"]);
     let mut holder = take_the_order(&server);
     // Queued behind the holder: one that leaves, one that will stall, and
     // one that sends its commit of the root at once, without waiting for
@@ -2383,8 +2430,9 @@ fn committers_queued_for_the_commit_order_are_served_in_turn() {
     assert!(started.elapsed() < Duration::from_secs(2));
     drop(c);
     server.stop();
-    check_clean(&path);
+    on.check_clean(&path);
 }
+both!(committers_queued_for_the_commit_order_are_served_in_turn);
 
 /// Commits `data` as the root through `c`.
 fn commit_root(c: &mut ClientStorage, data: &[u8]) -> durus_redb::Result<()> {

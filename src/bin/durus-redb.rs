@@ -192,8 +192,13 @@ impl ConnectArgs {
 #[derive(Args, Debug)]
 struct ServeArgs {
     /// The store file (created if absent).
-    #[arg(long)]
-    file: PathBuf,
+    #[arg(long, required_unless_present = "memory")]
+    file: Option<PathBuf>,
+    /// Serve a new, empty store kept in memory instead of a file: lost when
+    /// the server stops, nothing written to disk. For tests and trials; it
+    /// keeps Durus's semantics (invalidations, conflicts, oids, pack).
+    #[arg(long, conflicts_with_all = ["file", "readonly"])]
+    memory: bool,
     /// Host to listen on.
     #[arg(long, default_value = "127.0.0.1")]
     host: String,
@@ -534,13 +539,16 @@ fn serve(args: ServeArgs) -> ExitCode {
         }
         GcChoice::Manual => std::sync::Arc::new(ManualGc),
     };
+    let Some(file) = args.file.clone() else {
+        return serve_on(None, config_of(&args));
+    };
     // A store this command creates is removed again if it cannot serve it.
-    let created = !args.file.exists();
+    let created = !file.exists();
     let opened = if args.readonly {
-        RedbStorage::open_read_only(&args.file)
+        RedbStorage::open_read_only(&file)
     } else {
         RedbStorage::open(
-            &args.file,
+            &file,
             Options::new()
                 .durability(durability)
                 .checkpoint(Periodic::default())
@@ -550,22 +558,27 @@ fn serve(args: ServeArgs) -> ExitCode {
     };
     let store = match opened {
         Ok(s) => s,
-        Err(e) => return fail(store_error(&args.file, &e)),
+        Err(e) => return fail(store_error(&file, &e)),
     };
     if created {
-        tracing::info!("created a new store: {}", args.file.display());
+        tracing::info!("created a new store: {}", file.display());
     }
-    let address = match args.address {
+    serve_on(Some((store, file, created)), config_of(&args))
+}
+
+/// The server's configuration from the command line.
+fn config_of(args: &ServeArgs) -> ServerConfig {
+    let address = match args.address.clone() {
         Some(path) => Address::Unix {
             path,
             owner: args.owner,
             group: args.group,
             umask: args.umask,
         },
-        None => Address::tcp(args.host, args.port),
+        None => Address::tcp(args.host.clone(), args.port),
     };
     let mut config = ServerConfig::default();
-    config.address = address.clone();
+    config.address = address;
     config.max_connections = args.max_connections.max(1);
     config.max_frame_bytes = args.max_frame_bytes;
     config.request_timeout = std::time::Duration::from_secs_f64(args.request_timeout);
@@ -578,23 +591,43 @@ fn serve(args: ServeArgs) -> ExitCode {
     config.backup_max_age = std::time::Duration::from_secs_f64(args.backup_max_age);
     config.poll = std::time::Duration::from_micros(args.poll_us);
     config.stop_when_poisoned = matches!(args.on_poison, OnPoison::Stop);
-    let server = match Server::bind(&store, config) {
+    config
+}
+
+/// Serves `store` (a file opened, its path, and whether this command
+/// created it), or a new in-memory store, until shut down.
+fn serve_on(store: Option<(RedbStorage, PathBuf, bool)>, config: ServerConfig) -> ExitCode {
+    let bound = match &store {
+        Some((store, _, _)) => Server::bind(store, config),
+        None => Server::bind_memory(config),
+    };
+    let server = match bound {
         Ok(s) => s,
         Err(e) => {
-            drop(store); // closes the store
-            if created {
-                let _ = std::fs::remove_file(&args.file);
+            if let Some((store, file, created)) = store {
+                drop(store); // closes the store
+                if created {
+                    let _ = std::fs::remove_file(&file);
+                }
             }
             return fail(e);
         }
     };
-    // The server holds the store open from here on.
-    drop(store);
-    tracing::info!(
-        "Storage file={} address={}",
-        args.file.display(),
-        server.address()
-    );
+    match store {
+        Some((store, file, _)) => {
+            // The server holds the store open from here on.
+            drop(store);
+            tracing::info!(
+                "Storage file={} address={}",
+                file.display(),
+                server.address()
+            );
+        }
+        None => tracing::info!(
+            "Storage in memory (lost when the server stops) address={}",
+            server.address()
+        ),
+    }
     let handle = server.shutdown_handle();
     match signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGINT,

@@ -14,7 +14,7 @@ use super::order::{Entry, Grant, Held, Place, Standing};
 use super::refcount::{Deleted, apply_ref_deltas, corrupt};
 use super::{Engine, SessionId};
 use crate::checkpoint::{CheckpointFacts, Durability as Mode};
-use crate::error::{Conflict, InvalidInput, Result, StorageError};
+use crate::error::{Conflict, Result, StorageError};
 use crate::record::{Oid, Record, refs_of_validated};
 
 /// State guarded by the commit lock: everything a commit reads or changes
@@ -66,12 +66,13 @@ impl Allocations {
     /// handed it (as Durus's server, which drops a client that stores an
     /// oid another client holds).
     pub(super) fn may_create(&self, session: SessionId, oid: Oid) -> Result<()> {
-        match self.by_oid.get(&oid) {
-            Some(&s) if s == session => Ok(()),
-            Some(_) => Err(InvalidInput::OidOfAnotherSession { oid }.into()),
-            None if oid == Oid::ROOT => Ok(()),
-            None => Err(Conflict::UnknownOid { oid }.into()),
-        }
+        use crate::storage::Holder;
+        let holder = match self.by_oid.get(&oid) {
+            Some(&s) if s == session => Holder::ThisSession,
+            Some(_) => Holder::AnotherSession,
+            None => Holder::Nobody,
+        };
+        crate::storage::may_create(oid, holder)
     }
 }
 

@@ -5,10 +5,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::Shared;
-use crate::engine::{
-    Engine, Found, Grant, OrderEntry, Placed, QueuedOrder, SessionId, SessionRef, Snapshot,
-    Standing, Walk,
-};
+use crate::backend::{Entry, Found, Grant, Queued, Session, Snapshot, Standing, Walk};
 use crate::error::StorageError;
 use crate::protocol::{
     LoadAnswer, PROTOCOL, ReadError, Request, STATUS_INVALID, STATUS_OKAY, encode_oids,
@@ -58,35 +55,34 @@ impl From<StorageError> for End {
     }
 }
 
-/// The session of one connection; unregistered when dropped.
-struct Session<'a> {
-    engine: &'a Engine,
-    id: SessionId,
-    state: SessionRef,
-}
-
-impl Drop for Session<'_> {
-    fn drop(&mut self) {
-        self.engine.unregister_session(self.id);
+/// In a backend's walk: whether to go on after one item's `r`; a failure
+/// stops the walk and is kept in `failed`.
+fn keep(failed: &mut Option<End>, r: Result<(), End>) -> bool {
+    match r {
+        Ok(()) => true,
+        Err(e) => {
+            *failed = Some(e);
+            false
+        }
     }
 }
 
-impl Session<'_> {
-    fn take_invalid(&self) -> Vec<Oid> {
-        self.engine.take_invalid(self.id, &self.state, None)
+/// The result of a walk made with [`keep`]: its callback's failure first.
+fn walked(failed: Option<End>, r: crate::Result<()>) -> Result<(), End> {
+    match failed {
+        Some(e) => Err(e),
+        None => Ok(r?),
     }
 }
 
 /// Serves one connection until it ends, and logs why it ended.
 pub(super) fn serve(shared: &Arc<Shared>, stream: Stream, peer: &str) {
-    let engine = &*shared.engine;
-    let (id, state) = engine.register_session();
-    let session = Session { engine, id, state };
+    let session = shared.backend.open_session();
     let end = match (stream.try_clone(), stream.try_clone(), stream.try_clone()) {
         (Ok(read_half), Ok(write_half), Ok(grant_half)) => {
             let mut conn = Conn {
                 shared,
-                session: &session,
+                session: &*session,
                 control: &stream,
                 r: BufReader::new(read_half),
                 w: BufWriter::new(write_half),
@@ -135,7 +131,7 @@ impl Drop for Busy<'_> {
 
 struct Conn<'a> {
     shared: &'a Arc<Shared>,
-    session: &'a Session<'a>,
+    session: &'a dyn Session,
     control: &'a Stream,
     r: BufReader<Stream>,
     w: BufWriter<Stream>,
@@ -148,7 +144,7 @@ struct Conn<'a> {
     timeout: ReadTimeout,
     /// With `--snapshot-reads`: the state of the last sync or commit, which
     /// loads read; `None` before the first and after `--snapshot-idle`.
-    snapshot: Option<Snapshot>,
+    snapshot: Option<Box<dyn Snapshot>>,
 }
 
 /// A request not complete within `--request-timeout`.
@@ -281,10 +277,6 @@ impl Conn<'_> {
         }
     }
 
-    fn engine(&self) -> &Engine {
-        &self.shared.engine
-    }
-
     fn run(&mut self) -> End {
         let _ = self
             .control
@@ -353,7 +345,7 @@ impl Conn<'_> {
     /// to becomes what its loads read.
     fn renew_snapshot(
         &mut self,
-        snapshot: impl FnOnce() -> crate::Result<Snapshot>,
+        snapshot: impl FnOnce() -> crate::Result<Box<dyn Snapshot>>,
     ) -> Result<(), End> {
         if self.shared.config.snapshot_reads {
             self.snapshot = None;
@@ -382,39 +374,41 @@ impl Conn<'_> {
             Request::Sync => {
                 let oids = if self.shared.config.snapshot_reads {
                     self.snapshot = None;
-                    let (oids, snapshot) = self
-                        .engine()
-                        .sync_to_snapshot(self.session.id, &self.session.state)?;
+                    let (oids, snapshot) = self.session.sync_to_snapshot()?;
                     self.snapshot = Some(snapshot);
                     oids
                 } else {
-                    self.session.take_invalid()
+                    self.session.sync()
                 };
                 self.w.write_all(&encode_oids(&oids))?;
             }
             Request::Commit => self.commit()?,
             Request::Snapshot => {
-                self.shared.engine.await_session(&self.session.state);
                 let w = &mut self.w;
                 let (started, limit) = (Instant::now(), self.shared.config.backup_max_age);
-                self.shared.engine.each_record(|item| -> Result<(), End> {
-                    if started.elapsed() > limit {
-                        tracing::warn!(
-                            "a backup still copying after --backup-max-age ({} s) was stopped: \
+                let mut failed = None;
+                let r = self.session.backup(&mut |item| {
+                    let r = (|| {
+                        if started.elapsed() > limit {
+                            tracing::warn!(
+                                "a backup still copying after --backup-max-age ({} s) was stopped: \
                              its snapshot kept freed pages from reuse",
-                            limit.as_secs_f64()
-                        );
-                        return Err(End::Closed("the backup took too long".into()));
-                    }
-                    match item {
-                        Walk::Count(n) => w.write_all(&n.to_be_bytes())?,
-                        Walk::Record(bytes) => {
-                            w.write_all(&(bytes.len() as u32).to_be_bytes())?;
-                            w.write_all(bytes)?;
+                                limit.as_secs_f64()
+                            );
+                            return Err(End::Closed("the backup took too long".into()));
                         }
-                    }
-                    Ok(())
-                })?;
+                        match item {
+                            Walk::Count(n) => w.write_all(&n.to_be_bytes())?,
+                            Walk::Record(bytes) => {
+                                w.write_all(&(bytes.len() as u32).to_be_bytes())?;
+                                w.write_all(bytes)?;
+                            }
+                        }
+                        Ok(())
+                    })();
+                    keep(&mut failed, r)
+                });
+                walked(failed, r)?;
                 self.w.write_all(&0u32.to_be_bytes())?;
             }
             Request::Stats => {
@@ -445,7 +439,7 @@ impl Conn<'_> {
         self.shared
             .loads
             .fetch_add(oids.len() as u64, std::sync::atomic::Ordering::Relaxed);
-        let (engine, id, state) = (&*self.shared.engine, self.session.id, &self.session.state);
+        let session = self.session;
         if self
             .snapshot
             .as_ref()
@@ -462,36 +456,38 @@ impl Conn<'_> {
             // Every answer from the snapshot: the state the client was last
             // synced to. An oid it lacks is "invalid" if it was made since
             // (the client must sync to see it), else absent.
-            let mut flags = engine.invalid_flags(id, state, oids).into_iter();
-            return snapshot.load_each(oids, |_, bytes| -> Result<(), End> {
+            let mut flags = session.invalid_flags(oids).into_iter();
+            let mut failed = None;
+            let r = snapshot.load_each(oids, &mut |_, bytes| {
                 let changed = flags.next().unwrap_or(false);
-                match bytes {
-                    Some(b) => write_record_bytes(w, b)?,
-                    None if changed => LoadAnswer::Invalid.write(w)?,
-                    None => LoadAnswer::KeyError.write(w)?,
-                }
-                Ok(())
+                let r = match bytes {
+                    Some(b) => write_record_bytes(w, b),
+                    None if changed => LoadAnswer::Invalid.write(w),
+                    None => LoadAnswer::KeyError.write(w),
+                };
+                keep(&mut failed, r.map_err(End::from))
             });
+            return walked(failed, r);
         }
         // Each answer is written as its record is read: one record in
         // memory at a time.
-        engine.load_for(id, state, oids, |found| -> Result<(), End> {
-            match found {
-                Found::Invalid => LoadAnswer::Invalid.write(w)?,
-                Found::Record(b) => write_record_bytes(w, b)?,
-                Found::Missing => LoadAnswer::KeyError.write(w)?,
-            }
-            Ok(())
-        })
+        let mut failed = None;
+        let r = session.load(oids, &mut |found| {
+            let r = match found {
+                Found::Invalid => LoadAnswer::Invalid.write(w),
+                Found::Record(b) => write_record_bytes(w, b),
+                Found::Missing => LoadAnswer::KeyError.write(w),
+            };
+            keep(&mut failed, r.map_err(End::from))
+        });
+        walked(failed, r)
     }
 
     fn new_oids(&mut self, n: usize) -> Result<(), End> {
         if n == 0 {
             return Ok(());
         }
-        let oids =
-            self.engine()
-                .allocate_capped(self.session.id, n, self.shared.config.max_oids_held)?;
+        let oids = self.session.new_oids(n, self.shared.config.max_oids_held)?;
         let mut buf = Vec::with_capacity(8 * n);
         for o in oids {
             buf.extend_from_slice(&o.to_bytes());
@@ -539,25 +535,23 @@ impl Conn<'_> {
 
     /// What the holder of the commit order runs for this connection as it
     /// hands the order over: this client's invalidations, sent.
-    fn grant(&self) -> Grant {
-        let (id, state) = (self.session.id, self.session.state.clone());
-        let stream = self.grant_half.clone();
-        Box::new(move |engine: &Engine| {
-            let invalid = engine.take_invalid(id, &state, None);
-            match (&*stream).write_all(&encode_oids(&invalid)) {
+    fn grant_to(grant_half: &Arc<Stream>) -> Grant {
+        let stream = grant_half.clone();
+        Box::new(
+            move |invalid: &[Oid]| match (&*stream).write_all(&encode_oids(invalid)) {
                 Ok(()) => true,
                 Err(e) => {
                     tracing::debug!("could not send a waiting client its invalidations: {e}");
                     false
                 }
-            }
-        })
+            },
+        )
     }
 
     /// Waits, queued for the commit order, until the client's first bytes
     /// after `C` arrive. Until the order is granted the wait has no limit
     /// (it is not the client's time); from then on it has the request's.
-    fn await_commit_data(&mut self, place: &QueuedOrder<'_>) -> Result<(), End> {
+    fn await_commit_data(&mut self, place: &dyn Queued<'_>) -> Result<(), End> {
         use std::io::BufRead;
         let timeout = self.shared.config.request_timeout;
         loop {
@@ -588,19 +582,16 @@ impl Conn<'_> {
     }
 
     /// `C`: send the invalidations and read the commit under one hold of
-    /// the commit order, then apply it; answer once it is durable enough.
-    ///
-    /// Without snapshot reads the order is released as soon as the commit
-    /// has its turn, so the next client's round trip overlaps this apply.
-    /// With them, the apply and the snapshot of the state just after it
-    /// happen under the order, so that snapshot is exact.
+    /// the commit order, then commit it (the backend releases the order as
+    /// early as it can); answer once it is durable enough.
     fn commit(&mut self) -> Result<(), End> {
         let shared = self.shared.clone();
-        let engine = &*shared.engine;
+        let session = self.session;
         let timeout = shared.config.request_timeout;
-        let mut order = match engine.enter_order(|| self.grant()) {
-            OrderEntry::Now(order) => {
-                let invalid = self.session.take_invalid();
+        let grant_half = self.grant_half.clone();
+        let order = match session.enter_order(&mut || Self::grant_to(&grant_half)) {
+            Entry::Now(order) => {
+                let invalid = session.sync();
                 self.w.write_all(&encode_oids(&invalid))?;
                 self.w.flush()?;
                 // Waiting for the commit order is not the client's time.
@@ -610,10 +601,10 @@ impl Conn<'_> {
                 self.poll(1);
                 order
             }
-            OrderEntry::Queued(place) => {
+            Entry::Queued(place) => {
                 // Whoever hands the order over sends the invalidations:
                 // sleep until the client answers them.
-                self.await_commit_data(&place)?;
+                self.await_commit_data(&*place)?;
                 // Data sent before the invalidations (by a client that does
                 // not wait for them) waits here for the order.
                 let Some((order, granted)) = place.wait() else {
@@ -627,40 +618,22 @@ impl Conn<'_> {
         else {
             // The client found a conflict in the invalidations and gave up:
             // it is synced to the state they bring it to.
-            self.renew_snapshot(|| engine.snapshot())?;
+            drop(order);
+            self.renew_snapshot(|| session.snapshot())?;
             return Ok(());
         };
         let bytes: u64 = records.values().map(|r| r.len() as u64 + 12).sum();
         let objects = records.len();
-        let applied = if shared.config.snapshot_reads {
+        let snapshot_reads = shared.config.snapshot_reads;
+        if snapshot_reads {
             self.snapshot = None;
-            let (applied, snapshot) = order.apply_then(self.session.id, &records, |r| {
-                // The state just after this commit (or the one its
-                // invalidations brought the client to, if refused).
-                (r.is_ok() || r.as_ref().is_err_and(|e| e.is_conflict())).then(|| engine.snapshot())
-            });
-            drop(order);
-            if let Some(s) = snapshot {
-                self.snapshot = Some(s?);
-            }
-            applied
-        } else {
-            match order.place(self.session.id, records) {
-                Placed::Turn(turn) => {
-                    drop(order);
-                    turn.apply()
-                }
-                Placed::Applied(applied) => {
-                    // Applied (or refused) under the order: the next
-                    // committer need not wait for this one's sync.
-                    drop(order);
-                    applied
-                }
-            }
-        };
-        match applied {
-            Ok(ticket) => {
-                engine.finish(ticket)?;
+        }
+        let (committed, snapshot) = order.commit(records, snapshot_reads);
+        if let Some(s) = snapshot {
+            self.snapshot = Some(s?);
+        }
+        match committed {
+            Ok(()) => {
                 self.w.write_all(&[STATUS_OKAY])?;
                 shared
                     .commits

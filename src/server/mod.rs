@@ -25,7 +25,7 @@ use std::time::Duration;
 
 use parking_lot::Mutex;
 
-use crate::engine::Engine;
+use crate::backend::{Backend, LiveState};
 use crate::store::RedbStorage;
 use crate::transport::{Address, Listener, Stream};
 
@@ -138,10 +138,8 @@ impl ServerConfig {
 }
 
 pub(crate) struct Shared {
-    engine: Arc<Engine>,
-    /// A session that keeps the store open while the server lives; the
-    /// pack thread's sessions come from it.
-    store: RedbStorage,
+    /// The store served; kept open while the server lives.
+    backend: Arc<dyn Backend>,
     config: ServerConfig,
     address: Address,
     stopping: AtomicBool,
@@ -161,12 +159,7 @@ pub(crate) struct Shared {
     started: std::time::Instant,
     /// Pack threads, joined at shutdown.
     workers: Mutex<Vec<JoinHandle<()>>>,
-    /// The last count of `gc_waiting`, and when it was made.
-    waiting_count: Mutex<Option<(std::time::Instant, u64)>>,
 }
-
-/// How old a count of `gc_waiting` the live state may report.
-const WAITING_RECOUNT: Duration = Duration::from_secs(5);
 
 impl Shared {
     /// Starts a full collection in the background unless one runs.
@@ -181,17 +174,10 @@ impl Shared {
         let spawned = std::thread::Builder::new()
             .name("durus-pack".into())
             .spawn(move || {
-                let session = shared.store.new_session();
                 // A shutdown stops the pack between chunks of work (the
                 // background collector finishes it after the next open).
-                let stop = |_: &crate::gc::FullProgress| {
-                    if shared.stopping.load(Ordering::Acquire) {
-                        std::ops::ControlFlow::Break(())
-                    } else {
-                        std::ops::ControlFlow::Continue(())
-                    }
-                };
-                match session.full_collection(&mut { stop }) {
+                let mut stop = || shared.stopping.load(Ordering::Acquire);
+                match shared.backend.full_collection(&mut stop) {
                     Ok(r) if r.completed => tracing::info!(
                         removed = r.removed_objects,
                         bytes = r.removed_bytes,
@@ -218,42 +204,30 @@ impl Shared {
         }
     }
 
-    /// How much of the collector's queue waits out the grace window. Counting
-    /// walks the waiting part of the queue, so a scrape reuses a count up to
-    /// [`WAITING_RECOUNT`] old: scrapes stay cheap however long the queue.
-    fn gc_waiting(&self) -> crate::Result<u64> {
-        let mut cached = self.waiting_count.lock();
-        if let Some((at, n)) = *cached
-            && at.elapsed() < WAITING_RECOUNT
-        {
-            return Ok(n);
-        }
-        let n = self.store.gc_waiting(self.store.gc_policy_grace())?;
-        *cached = Some((std::time::Instant::now(), n));
-        Ok(n)
-    }
-
     /// The live state for `X`: one `name value` pair a line.
     pub(crate) fn live_state(&self) -> crate::Result<String> {
         use std::fmt::Write as _;
-        // Cheap figures only: a scrape must not walk the store (redb's table
-        // stats visit every page; the count is in the table's header).
-        let objects = self.engine.object_count()?;
-        let file_bytes = std::fs::metadata(self.engine.path())
-            .map(|m| m.len())
-            .unwrap_or(0);
-        let gc = self.store.gc_state_uncounted()?;
-        let waiting = self.gc_waiting()?;
-        let gcs = self.store.gc_stats();
-        let (not_durable, since_checkpoint) = self.engine.durability_lag();
+        let LiveState {
+            healthy,
+            objects,
+            file_bytes,
+            snapshots_held,
+            snapshot_oldest,
+            commits_not_durable,
+            since_checkpoint,
+            gc_queue,
+            gc_waiting,
+            gc_oldest,
+            gc_full_running,
+            gc_removed_incremental,
+            gc_removed_full,
+            gc_full_collections,
+        } = self.backend.live_state()?;
         let mut out = String::new();
         let mut line = |name: &str, value: String| {
             let _ = writeln!(out, "{name} {value}");
         };
-        line(
-            "healthy",
-            u8::from(self.engine.poisoned_reason().is_none()).to_string(),
-        );
+        line("healthy", u8::from(healthy).to_string());
         line("objects", objects.to_string());
         line("file_bytes", file_bytes.to_string());
         line("connections", self.connections.lock().len().to_string());
@@ -269,35 +243,30 @@ impl Shared {
             "uptime_seconds",
             format!("{:.3}", self.started.elapsed().as_secs_f64()),
         );
-        let (held, oldest) = self.engine.snapshots_held();
-        line("snapshots_held", held.to_string());
+        line("snapshots_held", snapshots_held.to_string());
         line(
             "snapshot_oldest_seconds",
-            oldest.map_or("-".into(), |d| format!("{:.1}", d.as_secs_f64())),
+            snapshot_oldest.map_or("-".into(), |d| format!("{:.1}", d.as_secs_f64())),
         );
         line(
             "connection_panics",
             self.panics.load(Ordering::Relaxed).to_string(),
         );
-        line("commits_not_durable", not_durable.to_string());
+        line("commits_not_durable", commits_not_durable.to_string());
         line(
             "seconds_since_checkpoint",
             format!("{:.3}", since_checkpoint.as_secs_f64()),
         );
-        line("gc_queue", gc.queue_len.to_string());
-        line("gc_waiting", waiting.to_string());
+        line("gc_queue", gc_queue.to_string());
+        line("gc_waiting", gc_waiting.to_string());
         line(
             "gc_oldest_seconds",
-            gc.oldest_queued
-                .map_or("-".into(), |d| format!("{:.1}", d.as_secs_f64())),
+            gc_oldest.map_or("-".into(), |d| format!("{:.1}", d.as_secs_f64())),
         );
-        line("gc_full_running", u8::from(gc.full_pending).to_string());
-        line(
-            "gc_removed_incremental",
-            gcs.incremental_removed.to_string(),
-        );
-        line("gc_removed_full", gcs.full_removed.to_string());
-        line("gc_full_collections", gcs.full_collections.to_string());
+        line("gc_full_running", u8::from(gc_full_running).to_string());
+        line("gc_removed_incremental", gc_removed_incremental.to_string());
+        line("gc_removed_full", gc_removed_full.to_string());
+        line("gc_full_collections", gc_full_collections.to_string());
         Ok(out)
     }
 
@@ -387,7 +356,26 @@ impl Server {
     /// Binds the address of `config` to serve the open store `store`. The
     /// server keeps the store open until [`run`](Server::run) ends, and
     /// closes it then.
-    pub fn bind(store: &RedbStorage, mut config: ServerConfig) -> io::Result<Server> {
+    pub fn bind(store: &RedbStorage, config: ServerConfig) -> io::Result<Server> {
+        Server::bind_backend(
+            Arc::new(crate::store::backend::RedbBackend::new(store)),
+            config,
+        )
+    }
+
+    /// Binds the address of `config` to serve a new, empty in-memory store,
+    /// lost when the server stops (nothing is ever written to disk): for
+    /// tests and trials. It keeps Durus's semantics (invalidations,
+    /// conflicts, oids, pack) with none of the redb store's background
+    /// work: a pack removes at once what the root does not reach.
+    pub fn bind_memory(config: ServerConfig) -> io::Result<Server> {
+        Server::bind_backend(
+            Arc::new(crate::backend::memory::MemoryBackend::new()),
+            config,
+        )
+    }
+
+    fn bind_backend(backend: Arc<dyn Backend>, mut config: ServerConfig) -> io::Result<Server> {
         if let Some(soft) = open_files_limit() {
             let fit = connections_within(soft);
             if config.max_connections > fit {
@@ -423,8 +411,7 @@ impl Server {
         };
         let server = Server {
             shared: Arc::new(Shared {
-                engine: store.engine().clone(),
-                store: store.session_maker(),
+                backend,
                 config,
                 address,
                 stopping: AtomicBool::new(false),
@@ -437,7 +424,6 @@ impl Server {
                 busy: std::sync::atomic::AtomicUsize::new(0),
                 polling: AtomicBool::new(false),
                 workers: Mutex::new(Vec::new()),
-                waiting_count: Mutex::new(None),
                 started: std::time::Instant::now(),
             }),
             listener,
@@ -447,7 +433,7 @@ impl Server {
             let shared = Arc::downgrade(&server.shared);
             server
                 .shared
-                .engine
+                .backend
                 .watch_poison(Arc::new(move |why: &str| {
                     if let Some(shared) = shared.upgrade() {
                         tracing::error!(
@@ -585,8 +571,7 @@ impl Server {
             // A client between its invalidations and its commit holds the
             // order: wait for it and for every commit in line to be
             // applied, then close every connection so none starts another.
-            let _order = shared.engine.lock_order();
-            shared.engine.await_turns(shared.engine.turns_ordered());
+            let _held = shared.backend.hold_commits();
             for s in shared.connections.lock().values() {
                 s.shutdown();
             }
@@ -599,32 +584,8 @@ impl Server {
         for t in workers {
             let _ = t.join();
         }
-        shared.engine.close()?;
+        shared.backend.close()?;
         tracing::info!("store closed");
         Ok(())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::{Options, RedbStorage};
-
-    /// The server's own handle is not a session: the invalidations of every
-    /// commit and collection would otherwise pile up in it for the life of
-    /// the server (nothing ever syncs it).
-    #[test]
-    fn the_server_keeps_no_session_of_its_own() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = RedbStorage::open(dir.path().join("s.redb"), Options::new()).unwrap();
-        let engine = store.engine().clone();
-        assert_eq!(engine.session_count(), 1, "the store's own handle");
-        let server = Server::bind(&store, ServerConfig::new(Address::tcp("127.0.0.1", 0))).unwrap();
-        assert_eq!(engine.session_count(), 1, "bind registered a session");
-        let maker = server.shared.store.new_session();
-        assert_eq!(engine.session_count(), 2);
-        drop(maker);
-        assert_eq!(engine.session_count(), 1);
-        drop(server);
     }
 }

@@ -2,6 +2,7 @@
 //! engine, installs the collector beside it, and keeps one session per
 //! handle.
 
+pub(crate) mod backend;
 mod gc;
 mod options;
 
