@@ -34,6 +34,7 @@ pub(crate) mod log;
 mod open;
 pub(crate) mod order;
 mod overlay;
+mod pins;
 #[cfg(test)]
 mod powercut;
 mod readgate;
@@ -50,8 +51,9 @@ use redb::{Database, ReadOnlyDatabase, ReadTransaction, ReadableDatabase, WriteT
 pub use check::{CheckReport, FullCheck, StoreStats, check_store, repair_store};
 pub(crate) use check::{check_references, stats};
 use commit::{CommitState, CommitTicket};
-pub(crate) use commit::{OrderEntry, OrderGuard, Pins, Placed, QueuedOrder, Undoom};
+pub(crate) use commit::{OrderEntry, OrderGuard, Placed, QueuedOrder};
 pub(crate) use order::{Grant, Standing};
+pub(crate) use pins::{Pins, Undoom};
 pub(crate) use refcount::{
     Deleted, apply_ref_deltas, corrupt, delete_queued, forget, queue_summary, queued_since,
 };

@@ -5,8 +5,8 @@ use std::collections::HashMap;
 
 use redb::{ReadableTable, ReadableTableMetadata, WriteTransaction};
 
-use super::commit::{Pins, Undoom};
 use super::layout::{GC_DROPPED, GC_DUE, GC_QUEUE_V2, RECORDS, REFCOUNTS};
+use super::pins::{Pins, Undoom};
 use crate::error::{Result, StorageError};
 use crate::record::{Oid, Record, RecordError, refs_of};
 

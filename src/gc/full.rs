@@ -38,7 +38,7 @@ use std::time::{Duration, Instant};
 
 use redb::{Durability, ReadableTable, ReadableTableMetadata};
 
-use super::collector::GcShared;
+use super::shared::GcShared;
 use super::state::{GcMeta, meta_in, now_unix_ms, write_meta};
 use crate::engine::layout::{RECORDS, REFCOUNTS};
 use crate::engine::{Engine, Undoom, apply_ref_deltas, corrupt, forget};

@@ -22,15 +22,17 @@ mod collector;
 mod full;
 mod incremental;
 mod policy;
+mod shared;
 mod state;
 
-pub use collector::GcStats;
-pub(crate) use collector::{GcShared, start};
+pub(crate) use collector::start;
 pub(crate) use full::run as run_full;
 pub use full::{FullPhase, FullProgress, FullReport};
 pub(crate) use incremental::step;
 pub use policy::{
     FullTriggers, GcAction, GcFacts, GcPolicy, IdleGc, IncrementalGc, ManualGc, Pace,
 };
+pub(crate) use shared::GcShared;
+pub use shared::GcStats;
 pub use state::GcState;
 pub(crate) use state::read_state;
