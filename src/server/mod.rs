@@ -14,6 +14,7 @@
 //! durability mode promises.
 
 mod connection;
+mod deadline;
 mod metrics;
 
 use std::collections::HashMap;
