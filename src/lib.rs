@@ -67,6 +67,7 @@ mod gc;
 mod memory;
 mod migrate;
 mod protocol;
+mod ranked;
 mod record;
 mod server;
 mod storage;

@@ -215,7 +215,11 @@ fn a_migration_killed_at_random_moments_resumes_to_the_same_store() {
             seed ^= seed << 13;
             seed ^= seed >> 7;
             seed ^= seed << 17;
-            let wait = Duration::from_millis(5 + seed % 120);
+            // Each kill of a round comes a little later than the last, so
+            // that a round ends however slow the machine (the last phase,
+            // the repack, runs whole in one run); the first ones fall at
+            // random within the import.
+            let wait = Duration::from_millis(5 + seed % 120 + 20 * runs);
             let deadline = Instant::now() + wait;
             let mut finished = None;
             while Instant::now() < deadline {

@@ -231,8 +231,13 @@ impl Engine {
     }
 
     /// A checkpoint: makes the file durable with every commit applied so far
-    /// (one fsync of the file) and trims the log. Commits go on meanwhile;
-    /// the commit lock is held only to start a new log segment.
+    /// (one fsync of the file) and trims the log. The commit lock is held
+    /// only to start a new log segment (no fsync under it: the old segment
+    /// is synced by the next group sync). But redb has one writer and its
+    /// durable commit holds it through the fsync, so a commit that comes
+    /// meanwhile waits in `begin_write` (holding the commit lock) until the
+    /// fsync ends: what that costs at p99 is measured in
+    /// docs/benchmarks.md (`--checkpoint-interval`).
     pub(crate) fn checkpoint(&self) -> Result<()> {
         if self.read_only {
             return Ok(());

@@ -114,8 +114,11 @@ pub(crate) struct OidMeta {
     pub(crate) reserved: u64,
 }
 
-/// How many oids are reserved at a time ahead of use.
+/// How many oids are reserved at least, at a time, ahead of use.
 pub(crate) const OID_BLOCK: u64 = 4096;
+
+/// The most oids reserved at a time ahead of use (what a crash may skip).
+pub(crate) const OID_BLOCK_MAX: u64 = 1 << 24;
 
 /// Encodes a metadata value (rmp-serde, named fields).
 pub(crate) fn encode<T: Serialize>(value: &T) -> Vec<u8> {

@@ -16,14 +16,35 @@
 //! - `check`: `check` and `stats`.
 //!
 //! # Lock order
-//! `order` is taken before `commit` and never under it. `db` (read) may be
-//! taken while holding `commit`; `commit` is never taken
-//! while holding `sessions` or a session's state; `close` takes `commit` first,
-//! then `db` (write), as the commit paths do. The log's own writer lock is
-//! taken under `commit` (appends, rotation) or alone (the flushes);
-//! `checkpoint_lock` is taken before `commit`. `allocs` and `line` are
-//! taken under `commit` or alone, and nothing is taken under them. `publish` is taken under
-//! `commit` or alone, then `changes`, then `sessions`, then a session's state.
+//! One order for every lock of the engine and the collector, written in
+//! their types as ranks (`crate::ranked::rank`, lowest taken first): the
+//! collector's `full_lock`, `checkpoint_lock`, the commit order, `commit`,
+//! `db`, `syncing`, the log's writer, its segment list, `publish`,
+//! `changes`, `sessions`, a session's state, `allocs`, `pins`, `line`, and
+//! the leaves (nothing taken under them). A thread takes a lock only while
+//! every lock it holds ranks lower; debug builds check every acquisition
+//! and panic naming both locks, so the whole test suite runs with the
+//! check on and this paragraph cannot drift from the code.
+//!
+//! # Terms
+//! - **commit order**: the global order of commits (the server holds it
+//!   from a client's invalidations to its commit's turn), a sequencer with
+//!   a first-come queue (`order`).
+//! - **turn**: a commit's number in that order; commits are applied in
+//!   turn order.
+//! - **line**: the commits placed in the order and waiting to be applied;
+//!   whichever committer in line gets there first applies several of them
+//!   in one redb transaction (a batch, by flat combining).
+//! - **group sync**: one `fdatasync` of the commit log covers every commit
+//!   appended before it (group commit).
+//! - **checkpoint**: a durable redb commit, after which the log before it
+//!   is dropped.
+//! - **pins / doomed**: what placed commits need, and what a collector
+//!   transaction not yet committed deletes (pending deletions).
+//! - **parked deletion**: a collector transaction cut short for a waiting
+//!   committer and committed with that committer's commit.
+//! - **publication**: a commit's changed oids in the shared change log,
+//!   from which each session drains its invalidations.
 
 mod check;
 mod commit;
@@ -45,7 +66,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize};
 use std::sync::{Arc, OnceLock};
 
-use parking_lot::{Mutex, RwLock, RwLockReadGuard};
+use crate::ranked::{Condvar, MappedReadGuard, Mutex, ReadGuard, RwLock, rank};
 use redb::{Database, ReadOnlyDatabase, ReadTransaction, ReadableDatabase, WriteTransaction};
 
 pub use check::{CheckReport, FullCheck, StoreStats, check_store, repair_store};
@@ -167,26 +188,26 @@ impl Db {
 /// The shared engine of one open store.
 pub(crate) struct Engine {
     path: PathBuf,
-    db: RwLock<Option<Db>>,
+    db: RwLock<Option<Db>, { rank::DB }>,
     read_only: bool,
     quick_repair: bool,
     policy: Arc<dyn CheckpointPolicy>,
     durability: Durability,
-    commit: Mutex<CommitState>,
+    commit: Mutex<CommitState, { rank::COMMIT }>,
     /// Oids handed out and not yet stored.
-    allocs: Mutex<commit::Allocations>,
+    allocs: Mutex<commit::Allocations, { rank::ALLOCS }>,
     /// The commit order: held by the server from sending a client its
     /// invalidations until that client's commit has its place in the order
     /// (a turn); by the library through the whole apply. Handed to waiters
     /// first come, first served (see [`order`]).
     order: order::Order,
     /// Commits placed in the commit order and waiting to be applied.
-    line: Mutex<commit::Line>,
+    line: Mutex<commit::Line, { rank::LINE }>,
     /// What placed commits need and what the collector is deleting.
     pub(crate) pins: Pins,
     /// Signalled (with `line`) when the commit of turn `n` is applied, or
     /// its committer should apply the line: at `n % TURN_SLOTS`.
-    line_cv: [parking_lot::Condvar; commit::TURN_SLOTS],
+    line_cv: [Condvar; commit::TURN_SLOTS],
     /// Turns handed out (under `order`).
     ordered: AtomicU64,
     /// Turns finished, applied or given up (`CommitState::turns_done`,
@@ -194,7 +215,7 @@ pub(crate) struct Engine {
     turns_done: AtomicU64,
     /// Signalled (with `commit`) when a turn finishes: the one for turn
     /// `n` at `n % TURN_SLOTS`.
-    turn: [parking_lot::Condvar; commit::TURN_SLOTS],
+    turn: [Condvar; commit::TURN_SLOTS],
     committers_waiting: AtomicUsize,
     /// redb transactions (counted by `CommitState::applied_seq`) that are durable.
     durable_seq: AtomicU64,
@@ -204,20 +225,20 @@ pub(crate) struct Engine {
     /// disk or in the file by a checkpoint.
     log_durable: AtomicU64,
     /// Whether a committer is syncing the log for a group right now.
-    syncing: Mutex<bool>,
+    syncing: Mutex<bool, { rank::SYNCING }>,
     /// The same, read without the lock by a committer that waits for it
     /// (see [`FLUSH_SPIN`](durability::FLUSH_SPIN)).
     flushing: std::sync::atomic::AtomicBool,
     /// Signalled after every sync of the log.
-    synced: parking_lot::Condvar,
-    checkpoint_lock: Mutex<()>,
-    sessions: Mutex<std::collections::HashMap<SessionId, SessionRef>>,
+    synced: Condvar,
+    checkpoint_lock: Mutex<(), { rank::CHECKPOINT }>,
+    sessions: Mutex<std::collections::HashMap<SessionId, SessionRef>, { rank::SESSIONS }>,
     /// Every change published since the oldest point a session needs.
-    changes: RwLock<ChangeLog>,
+    changes: RwLock<ChangeLog, { rank::CHANGES }>,
     /// Held by a writer across publishing a change and making it visible in
     /// redb, and while a snapshot is taken: snapshots fall between
     /// publications.
-    publish: Mutex<()>,
+    publish: Mutex<(), { rank::PUBLISH }>,
     /// Snapshots held by sessions and backups.
     snapshots: Arc<sessions::SnapshotsHeld>,
     /// Every oid handed out so far is below this (`CommitState::next_oid`,
@@ -226,8 +247,8 @@ pub(crate) struct Engine {
     next_session: AtomicU64,
     /// Live `RedbStorage` handles; the last one dropped closes the store.
     pub(crate) handles: AtomicUsize,
-    poisoned: Mutex<Option<String>>,
-    checkpointer: Mutex<Option<Checkpointer>>,
+    poisoned: Mutex<Option<String>, { rank::LEAF }>,
+    checkpointer: Mutex<Option<Checkpointer>, { rank::LEAF }>,
     hook: OnceLock<Arc<dyn CommitHook>>,
     /// Told, once, when the store is poisoned (the server stops on it).
     poison_watch: OnceLock<PoisonWatch>,
@@ -270,8 +291,8 @@ impl Engine {
         let _ = self.hook.set(hook);
     }
 
-    pub(crate) fn db(&self) -> Result<parking_lot::MappedRwLockReadGuard<'_, Db>> {
-        RwLockReadGuard::try_map(self.db.read(), |d| d.as_ref()).map_err(|_| StorageError::Closed)
+    pub(crate) fn db(&self) -> Result<MappedReadGuard<'_, Db, { rank::DB }>> {
+        ReadGuard::try_map(self.db.read(), |d| d.as_ref()).map_err(|_| StorageError::Closed)
     }
 
     fn check_writable(&self) -> Result<()> {

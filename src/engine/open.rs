@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize};
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
-use parking_lot::{Mutex, RwLock};
+use crate::ranked::{Condvar, Mutex, RwLock};
 use redb::ReadableTable;
 
 use super::commit::write_commit;
@@ -112,6 +112,8 @@ impl Engine {
             commit: Mutex::new(CommitState {
                 next_oid,
                 reserved,
+                oid_block: OID_BLOCK,
+                reserved_at: None,
                 commits_since: 0,
                 bytes_since: 0,
                 last_checkpoint: Instant::now(),
@@ -124,17 +126,17 @@ impl Engine {
             order: Default::default(),
             line: Mutex::new(Default::default()),
             pins: Default::default(),
-            line_cv: std::array::from_fn(|_| parking_lot::Condvar::new()),
+            line_cv: std::array::from_fn(|_| Condvar::new()),
             ordered: AtomicU64::new(0),
             turns_done: AtomicU64::new(0),
-            turn: std::array::from_fn(|_| parking_lot::Condvar::new()),
+            turn: std::array::from_fn(|_| Condvar::new()),
             committers_waiting: AtomicUsize::new(0),
             durable_seq: AtomicU64::new(0),
             log,
             log_durable: AtomicU64::new(log_seq),
             syncing: Mutex::new(false),
             flushing: std::sync::atomic::AtomicBool::new(false),
-            synced: parking_lot::Condvar::new(),
+            synced: Condvar::new(),
             checkpoint_lock: Mutex::new(()),
             sessions: Mutex::new(HashMap::new()),
             changes: RwLock::new(super::sessions::ChangeLog::new()),

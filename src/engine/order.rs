@@ -20,6 +20,8 @@ use std::time::Instant;
 
 use parking_lot::{Condvar, Mutex};
 
+use crate::ranked::{Token, rank};
+
 use super::Engine;
 
 /// What the holder runs for the next waiter as it hands the order over;
@@ -72,11 +74,15 @@ pub(crate) enum Standing {
 }
 
 /// The order, held: released (handed to the next waiter) when dropped.
-pub(crate) struct Held<'a>(&'a Engine);
+/// Its rank ([`rank::ORDER`]) is counted while it lives.
+pub(crate) struct Held<'a> {
+    engine: &'a Engine,
+    _rank: Token,
+}
 
 impl Drop for Held<'_> {
     fn drop(&mut self) {
-        self.0.order.release(self.0);
+        self.engine.order.release(self.engine);
     }
 }
 
@@ -103,7 +109,11 @@ impl Order {
         let mut q = self.queue.lock();
         if !q.held {
             q.held = true;
-            return Entry::Now(Held(engine));
+            drop(q);
+            return Entry::Now(Held {
+                engine,
+                _rank: Token::take(rank::ORDER),
+            });
         }
         let waiter = Arc::new(Waiter {
             state: Mutex::new(State::Waiting(grant())),
@@ -189,6 +199,8 @@ impl<'a> Place<'a> {
     /// Waits until the waiter is served: the order, held, and when its
     /// grant ended; `None` if the grant failed.
     pub(crate) fn wait(mut self) -> Option<(Held<'a>, Instant)> {
+        // Checked before it blocks.
+        drop(Token::take(rank::ORDER));
         let waiter = self.waiter.take().expect("a queued place has its waiter");
         let mut st = waiter.state.lock();
         loop {
@@ -197,7 +209,13 @@ impl<'a> Place<'a> {
                 State::Granted(at) => {
                     let at = *at;
                     *st = State::Taken;
-                    return Some((Held(self.engine), at));
+                    return Some((
+                        Held {
+                            engine: self.engine,
+                            _rank: Token::take(rank::ORDER),
+                        },
+                        at,
+                    ));
                 }
                 State::Failed | State::Cancelled | State::Taken => return None,
             }
@@ -223,7 +241,10 @@ impl Drop for Place<'_> {
                     *st = State::Taken;
                     drop(st);
                     // Given back: the next waiter is served.
-                    drop(Held(self.engine));
+                    drop(Held {
+                        engine: self.engine,
+                        _rank: Token::taken_unchecked(rank::ORDER),
+                    });
                     return;
                 }
                 State::Failed | State::Cancelled | State::Taken => return,

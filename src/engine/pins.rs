@@ -17,7 +17,7 @@ use crate::record::{Oid, Record};
 /// turn.
 #[derive(Default)]
 pub(crate) struct Pins {
-    sets: parking_lot::Mutex<PinSets>,
+    sets: crate::ranked::Mutex<PinSets, { crate::ranked::rank::PINS }>,
 }
 
 /// The sets of [`Pins`], under its lock.
@@ -43,7 +43,9 @@ impl PinSets {
 
 impl Pins {
     /// Takes the lock, for a collector's choice of what it deletes.
-    pub(crate) fn lock(&self) -> parking_lot::MutexGuard<'_, PinSets> {
+    pub(crate) fn lock(
+        &self,
+    ) -> crate::ranked::MutexGuard<'_, PinSets, { crate::ranked::rank::PINS }> {
         self.sets.lock()
     }
 

@@ -12,7 +12,7 @@
 //! `(GET_SLOTS + BIG_SLOTS)` times the largest record, whatever the cache
 //! holds. Small records pass with one uncontended lock each.
 
-use parking_lot::{Condvar, Mutex};
+use crate::ranked::{Condvar, Mutex, rank};
 
 /// Records of this many bytes or more pass only with a big slot.
 pub(crate) const BIG_RECORD: usize = 1 << 20;
@@ -23,7 +23,7 @@ pub(crate) const BIG_SLOTS: usize = 2;
 
 /// A counting semaphore.
 struct Slots {
-    free: Mutex<usize>,
+    free: Mutex<usize, { rank::LEAF }>,
     freed: Condvar,
 }
 

@@ -6,8 +6,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use crate::ranked::{Mutex, rank};
 use crossbeam_channel::Sender;
-use parking_lot::Mutex;
 
 use super::policy::{GcFacts, GcPolicy};
 use super::state::read_state;
@@ -48,7 +48,7 @@ pub(crate) struct GcShared {
     pub(super) removed_bytes: AtomicU64,
     pub(super) full_collections: AtomicU64,
     pub(super) background_rounds: AtomicU64,
-    pub(super) nudge: Mutex<Option<Sender<()>>>,
+    pub(super) nudge: Mutex<Option<Sender<()>>, { rank::LEAF }>,
     /// The earliest drop time (ms since the Unix epoch) in the queue as far
     /// as known: `u64::MAX` once a deletion found the queue empty and nothing
     /// was queued since, 0 when unknown. Commits skip their share without
@@ -63,15 +63,15 @@ pub(crate) struct GcShared {
     /// checkpoint is taken at the start of the next round instead.
     pub(super) checkpoint_owed: AtomicBool,
     /// Held by whoever runs a full collection.
-    pub(crate) full_lock: Mutex<()>,
+    pub(crate) full_lock: Mutex<(), { rank::GC_FULL }>,
     /// An explicit full collection (a pack) waits for `full_lock`: a
     /// background one gives way (it restarts later).
     pub(crate) explicit_waiting: AtomicBool,
     /// While a full collection runs: every oid stored or referenced by a
     /// commit since its start (recorded by the commit hook, under the commit
     /// lock). The sweep keeps them and what they reach.
-    pub(crate) extra: Mutex<Option<std::collections::HashSet<Oid>>>,
-    pub(super) thread: Mutex<Option<CollectorGuard>>,
+    pub(crate) extra: Mutex<Option<std::collections::HashSet<Oid>>, { rank::LEAF }>,
+    pub(super) thread: Mutex<Option<CollectorGuard>, { rank::LEAF }>,
 }
 
 impl std::fmt::Debug for GcShared {

@@ -26,7 +26,7 @@ use crate::engine::pins::Undoom;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
-use parking_lot::MutexGuard;
+use crate::ranked::{MutexGuard, rank};
 use redb::{Durability, WriteTransaction};
 
 use crate::checkpoint::CheckpointFacts;
@@ -39,7 +39,12 @@ use crate::record::Oid;
 /// outside redb.
 pub(crate) struct CommitState {
     pub(super) next_oid: u64,
+    /// The durable reservation mark: no oid at or above it was handed out.
     pub(super) reserved: u64,
+    /// How far the next reservation reaches past what is asked, and when
+    /// the last one was made (see `Engine::allocate_capped`).
+    pub(super) oid_block: u64,
+    pub(super) reserved_at: Option<Instant>,
     /// Commits and record bytes since the last checkpoint began.
     pub(super) commits_since: u64,
     pub(super) bytes_since: u64,
@@ -134,7 +139,7 @@ impl Engine {
 
     /// Takes the commit lock (the state every apply changes), counting the
     /// wait so that the collector makes way.
-    fn lock_state(&self) -> MutexGuard<'_, CommitState> {
+    fn lock_state(&self) -> MutexGuard<'_, CommitState, { rank::COMMIT }> {
         self.committers_waiting.fetch_add(1, Ordering::AcqRel);
         let state = self.commit.lock();
         self.committers_waiting.fetch_sub(1, Ordering::AcqRel);

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
-use parking_lot::MutexGuard;
+use crate::ranked::{MutexGuard, rank};
 
 use super::apply::{Carry, apply, apply_all, pin_and_pass};
 use super::{CommitState, CommitTicket};
@@ -465,7 +465,7 @@ impl Engine {
     /// Each wait is on the slot of the turn it waits for, so finishing a
     /// turn wakes only whoever waits for that one (its successor), not
     /// every committer in line.
-    fn wait_turns(&self, st: &mut MutexGuard<'_, CommitState>, n: u64) {
+    fn wait_turns(&self, st: &mut MutexGuard<'_, CommitState, { rank::COMMIT }>, n: u64) {
         while st.turns_done < n {
             self.turn[n as usize % TURN_SLOTS].wait(st);
         }

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use parking_lot::Mutex;
+use crate::ranked::{Mutex, rank};
 
 use super::{
     ENTRY_OVERHEAD, FIRST_SEQ_AT, HEADER_LEN, MAGIC, PREALLOC, VERSION, encode_entry, remove_log,
@@ -33,7 +33,7 @@ const VERIFY_EVERY: Duration = Duration::from_millis(10);
 pub(super) struct SegFile {
     file: File,
     #[cfg(test)]
-    disk: Mutex<SimulatedDurability>,
+    disk: Mutex<SimulatedDurability, { rank::LEAF }>,
 }
 
 /// What a power cut would leave of a segment file: the bytes a sync
@@ -55,6 +55,8 @@ impl SegFile {
     }
 
     fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        #[cfg(test)]
+        let _instant = crate::engine::powercut::INSTANT.read();
         self.file.write_all_at(buf, offset)?;
         #[cfg(test)]
         self.disk.lock().pending.push((offset, buf.to_vec()));
@@ -64,10 +66,14 @@ impl SegFile {
     /// `fdatasync`: every write issued before it is durable after it.
     fn sync_data(&self) -> io::Result<()> {
         #[cfg(test)]
-        let covered = std::mem::take(&mut self.disk.lock().pending);
+        let covered = {
+            let _instant = crate::engine::powercut::INSTANT.read();
+            std::mem::take(&mut self.disk.lock().pending)
+        };
         self.file.sync_data()?;
         #[cfg(test)]
         {
+            let _instant = crate::engine::powercut::INSTANT.read();
             let mut disk = self.disk.lock();
             for (at, bytes) in covered {
                 let (at, end) = (at as usize, at as usize + bytes.len());
@@ -111,12 +117,12 @@ struct Writer {
 /// The open commit log of a store (appends under the commit lock).
 pub(crate) struct CommitLog {
     dir: PathBuf,
-    writer: Mutex<Writer>,
+    writer: Mutex<Writer, { rank::LOG }>,
     /// When a sync last checked the segment's file (see [`VERIFY_EVERY`]).
-    verified_at: Mutex<Instant>,
+    verified_at: Mutex<Instant, { rank::LEAF }>,
     /// Tests: every segment this log created, by number.
     #[cfg(test)]
-    created: Mutex<Vec<(u64, Arc<SegFile>)>>,
+    created: Mutex<Vec<(u64, Arc<SegFile>)>, { rank::LOG_FILES }>,
 }
 
 impl std::fmt::Debug for CommitLog {

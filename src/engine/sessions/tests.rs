@@ -40,7 +40,7 @@ proptest! {
     /// oids however far a session lags.
     #[test]
     fn shared_log_matches_a_set_per_session(ops in proptest::collection::vec(op(), 1..120)) {
-        let sessions: Mutex<HashMap<SessionId, SessionRef>> = Mutex::new(HashMap::new());
+        let sessions: Mutex<HashMap<SessionId, SessionRef>, { rank::SESSIONS }> = Mutex::new(HashMap::new());
         let mut log = small_log();
         // The model: each live session's own set, and who changed each
         // oid last.
@@ -109,7 +109,8 @@ proptest! {
 /// its cap.
 #[test]
 fn a_lagging_session_pins_only_oids_it_could_hold() {
-    let sessions: Mutex<HashMap<SessionId, SessionRef>> = Mutex::new(HashMap::new());
+    let sessions: Mutex<HashMap<SessionId, SessionRef>, { rank::SESSIONS }> =
+        Mutex::new(HashMap::new());
     let mut log = small_log();
     let idle: SessionRef = Arc::new(Mutex::new(SessionState {
         oid_mark: 200,
@@ -155,7 +156,8 @@ fn a_lagging_session_pins_only_oids_it_could_hold() {
 /// commits (an embedded store) cost the log nothing.
 #[test]
 fn a_lone_session_publishes_nothing() {
-    let sessions: Mutex<HashMap<SessionId, SessionRef>> = Mutex::new(HashMap::new());
+    let sessions: Mutex<HashMap<SessionId, SessionRef>, { rank::SESSIONS }> =
+        Mutex::new(HashMap::new());
     let mut log = ChangeLog::new();
     log.publish(None, &[Oid(1)], &sessions);
     sessions
@@ -173,7 +175,8 @@ fn a_lone_session_publishes_nothing() {
 /// and keeps the later ones for the next drain (a snapshot's sync).
 #[test]
 fn drain_up_to_a_publication_keeps_the_later_ones() {
-    let sessions: Mutex<HashMap<SessionId, SessionRef>> = Mutex::new(HashMap::new());
+    let sessions: Mutex<HashMap<SessionId, SessionRef>, { rank::SESSIONS }> =
+        Mutex::new(HashMap::new());
     let mut log = ChangeLog::new();
     let st: SessionRef = Arc::new(Mutex::new(SessionState::default()));
     sessions.lock().insert(1, st.clone());
@@ -191,4 +194,53 @@ fn drain_up_to_a_publication_keeps_the_later_ones() {
     );
     assert_eq!(log.drain(1, &mut st.lock(), None), vec![Oid(6), Oid(7)]);
     assert_eq!(log.drain(1, &mut st.lock(), None), Vec::<Oid>::new());
+}
+
+/// Reserving oids is a durable commit under the commit lock: a store that
+/// hands out oids fast reserves further ahead each time (so about once a
+/// second), one that does it rarely goes back to the smallest block, and
+/// a reopen never hands out an oid below what was reserved.
+#[test]
+fn oid_reservations_close_together_reach_further_ahead() {
+    let (dir, engine) = crate::engine::open_temp();
+    let (s, _) = engine.register_session();
+    let mut blocks = Vec::new();
+    let mut highest = 0;
+    for _ in 0..4 {
+        let asked = {
+            let st = engine.commit.lock();
+            (st.reserved - st.next_oid + 1) as usize
+        };
+        let oids = engine.allocate(s, asked).unwrap();
+        highest = highest.max(oids.last().unwrap().0);
+        let st = engine.commit.lock();
+        assert!(st.reserved > highest);
+        blocks.push(st.oid_block);
+    }
+    assert_eq!(
+        blocks,
+        [OID_BLOCK, OID_BLOCK * 2, OID_BLOCK * 4, OID_BLOCK * 8],
+        "each reservation within a second of the last doubles the block"
+    );
+    // The last reservation long ago: back to the smallest block.
+    {
+        let mut st = engine.commit.lock();
+        st.reserved_at = Some(Instant::now() - RESERVE_EVERY * 2);
+        st.next_oid = st.reserved;
+    }
+    highest = highest.max(engine.allocate(s, 1).unwrap()[0].0);
+    assert_eq!(engine.commit.lock().oid_block, OID_BLOCK);
+    let path = engine.path().to_path_buf();
+    engine.unregister_session(s);
+    engine.close().unwrap();
+    drop(engine);
+    let config = crate::store::Options::new().engine_config(false);
+    let engine = crate::engine::Engine::open(&path, &config).unwrap();
+    let (s, _) = engine.register_session();
+    let next = engine.allocate(s, 1).unwrap()[0].0;
+    assert!(
+        next > highest,
+        "after a reopen {next} is not above {highest}"
+    );
+    drop(dir);
 }

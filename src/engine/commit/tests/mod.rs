@@ -289,17 +289,23 @@ fn a_load_that_sees_a_commit_finds_it_flagged_for_a_session_not_told_of_it() {
     let (_dir, engine, a, b, b_state, oids) = two_sessions(3);
     let seen: Arc<parking_lot::Mutex<Vec<&'static str>>> = Arc::default();
     let (log, watched, state) = (seen.clone(), oids[1], b_state.clone());
+    // The load runs on a thread of its own, as a reader beside the writer
+    // does (the writer holds `publish` here, which a load never takes).
     let hook: crate::engine::TestHook = Box::new(move |e: &Engine| {
-        let mut log = log.lock();
-        e.load_for(b, &state, &[watched], |found| -> crate::Result<()> {
-            log.push(match found {
-                crate::engine::Found::Invalid => "invalid",
-                crate::engine::Found::Record(_) => "record",
-                crate::engine::Found::Missing => "missing",
+        std::thread::scope(|scope| {
+            scope.spawn(|| {
+                let mut log = log.lock();
+                e.load_for(b, &state, &[watched], |found| -> crate::Result<()> {
+                    log.push(match found {
+                        crate::engine::Found::Invalid => "invalid",
+                        crate::engine::Found::Record(_) => "record",
+                        crate::engine::Found::Missing => "missing",
+                    });
+                    Ok(())
+                })
+                .unwrap();
             });
-            Ok(())
-        })
-        .unwrap();
+        });
     });
     assert!(engine.on_visible.set(hook).is_ok());
     // Applied in its turn, under the order.
