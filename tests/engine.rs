@@ -551,3 +551,47 @@ fn snapshot_reads_keep_a_session_on_the_state_of_its_last_sync() {
     b.sync().unwrap();
     assert!(!b.holds_snapshot(), "snapshot reads are off for b");
 }
+
+/// `Storage::close` ends one session: the others go on, and the store
+/// closes (and can be opened again) when the last session ends.
+/// `close_store` closes it at once for every session.
+#[test]
+fn close_ends_one_session_and_the_last_one_closes_the_store() {
+    let (_dir, path) = temp_store();
+    let mut a = RedbStorage::open(&path, Options::new()).unwrap();
+    let (_, child) = commit_root_and_child(&mut a);
+    let mut b = a.new_session();
+    let held = a.new_oid().unwrap();
+    a.close().unwrap();
+    // The closed session refuses every call; closing again is harmless.
+    assert!(matches!(a.load(child), Err(StorageError::Closed)));
+    assert!(matches!(a.new_oid(), Err(StorageError::Closed)));
+    a.begin();
+    assert!(matches!(
+        a.store(held, rec(held, b"late", &[])),
+        Err(StorageError::Closed)
+    ));
+    a.close().unwrap();
+    // The other session goes on: reads, and commits.
+    assert_eq!(b.load(child).unwrap().data(), b"child");
+    b.begin();
+    b.store(child, rec(child, b"child 2", &[])).unwrap();
+    b.end().unwrap();
+    // The store is still open: a second open is refused.
+    assert!(matches!(
+        RedbStorage::open(&path, Options::new()),
+        Err(StorageError::AlreadyOpen { .. })
+    ));
+    // The last session's close closes it.
+    b.close().unwrap();
+    drop((a, b));
+    let mut again = RedbStorage::open(&path, Options::new()).unwrap();
+    assert_eq!(again.load(child).unwrap().data(), b"child 2");
+    // close_store closes the store for every session at once.
+    let mut other = again.new_session();
+    again.close_store().unwrap();
+    assert!(matches!(other.load(child), Err(StorageError::Closed)));
+    drop((again, other));
+    let mut last = RedbStorage::open(&path, Options::new()).unwrap();
+    assert_eq!(last.load(child).unwrap().data(), b"child 2");
+}

@@ -952,6 +952,15 @@ fn commit_capacity(
             "durus-redb --durability os".into(),
             Target::Process(Server::DurusRedb, vec!["--durability", "os"]),
         ));
+        // The checkpoint's fsync holds redb's one writer: commits wait for
+        // it. This row shows what that costs (p99 above all).
+        runs.push((
+            "durus-redb --durability fsync --checkpoint-interval 3600".into(),
+            Target::Process(
+                Server::DurusRedb,
+                vec!["--durability", "fsync", "--checkpoint-interval", "3600"],
+            ),
+        ));
     }
     let counts = [1usize, 4, 16];
     // Per server: (commits/s, p50 ms, p99 ms) at each connection count.

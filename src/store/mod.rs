@@ -30,8 +30,9 @@ use crate::storage::{PackReport, PendingCommit, Storage};
 ///
 /// The first handle comes from [`RedbStorage::open`]; more sessions on the same
 /// open store come from [`RedbStorage::new_session`] and may be moved to other
-/// threads. The store stays open until [`Storage::close`] is called on any
-/// session or every session is dropped; either way it is checkpointed.
+/// threads. [`Storage::close`] (or dropping it) ends one session; the store
+/// stays open until its last session ends, and is checkpointed and closed
+/// then. [`RedbStorage::close_store`] closes it at once for every session.
 #[derive(Debug)]
 pub struct RedbStorage {
     engine: Arc<Engine>,
@@ -43,6 +44,9 @@ pub struct RedbStorage {
     /// With snapshot reads: the state loads read (`None` until the first
     /// sync or commit, and after `release_snapshot`).
     snapshot: Option<Snapshot>,
+    /// [`Storage::close`] ended this session: it is not counted among the
+    /// store's handles any more, and its calls fail with `Closed`.
+    closed: bool,
 }
 
 impl RedbStorage {
@@ -88,6 +92,7 @@ impl RedbStorage {
             pending: PendingCommit::default(),
             snapshot_reads,
             snapshot: None,
+            closed: false,
         }
     }
 
@@ -281,12 +286,46 @@ impl RedbStorage {
     }
 }
 
+impl RedbStorage {
+    /// Ends this session (once): forgets it and the oids it holds; the
+    /// last session of the store closes the store. Returns whether it was
+    /// the last.
+    fn end_session(&mut self) -> bool {
+        if self.closed {
+            return false;
+        }
+        self.closed = true;
+        self.pending.clear();
+        self.snapshot = None;
+        self.engine.unregister_session(self.session);
+        self.engine.handles.fetch_sub(1, Ordering::AcqRel) == 1
+    }
+
+    /// Fails with [`StorageError::Closed`] once [`Storage::close`] ended
+    /// this session.
+    fn live(&self) -> Result<()> {
+        if self.closed {
+            Err(StorageError::Closed)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Closes the store now, for every session: everything committed is
+    /// made durable (a checkpoint), the commit log removed and the file
+    /// released; every session's calls fail with [`StorageError::Closed`]
+    /// from then on. ([`Storage::close`] ends one session only.)
+    pub fn close_store(&mut self) -> Result<()> {
+        self.end_session();
+        self.engine.close()
+    }
+}
+
 impl Drop for RedbStorage {
     fn drop(&mut self) {
-        self.engine.unregister_session(self.session);
         // The last handle closes the store now, even if a background thread
         // still holds the engine for a moment.
-        if self.engine.handles.fetch_sub(1, Ordering::AcqRel) == 1
+        if self.end_session()
             && let Err(e) = self.engine.close()
         {
             tracing::error!(error = %e, "closing the store failed");
@@ -296,6 +335,7 @@ impl Drop for RedbStorage {
 
 impl Storage for RedbStorage {
     fn load(&mut self, oid: Oid) -> Result<Record> {
+        self.live()?;
         match &self.snapshot {
             Some(_) => self
                 .bulk_load(&[oid])?
@@ -311,6 +351,7 @@ impl Storage for RedbStorage {
     }
 
     fn bulk_load(&mut self, oids: &[Oid]) -> Result<Vec<Record>> {
+        self.live()?;
         let found = match &self.snapshot {
             Some(snapshot) => {
                 let mut out = Vec::with_capacity(oids.len());
@@ -344,10 +385,12 @@ impl Storage for RedbStorage {
     }
 
     fn store(&mut self, oid: Oid, record: Vec<u8>) -> Result<()> {
+        self.live()?;
         self.pending.store(oid, record)
     }
 
     fn end(&mut self) -> Result<()> {
+        self.live()?;
         let records = self.pending.take();
         if self.snapshot_reads {
             self.snapshot = None;
@@ -363,6 +406,7 @@ impl Storage for RedbStorage {
     }
 
     fn sync(&mut self) -> Result<Vec<Oid>> {
+        self.live()?;
         if self.snapshot_reads {
             self.snapshot = None;
             let (oids, snapshot) = self.engine.sync_to_snapshot(self.session, &self.state)?;
@@ -374,14 +418,17 @@ impl Storage for RedbStorage {
     }
 
     fn new_oid(&mut self) -> Result<Oid> {
+        self.live()?;
         Ok(self.engine.allocate(self.session, 1)?[0])
     }
 
     fn new_oids(&mut self, n: usize) -> Result<Vec<Oid>> {
+        self.live()?;
         self.engine.allocate(self.session, n)
     }
 
     fn iter_records(&mut self) -> Result<Box<dyn Iterator<Item = Result<Record>> + '_>> {
+        self.live()?;
         Ok(Box::new(RecordStream {
             engine: &self.engine,
             after: None,
@@ -391,6 +438,7 @@ impl Storage for RedbStorage {
     }
 
     fn pack(&mut self) -> Result<PackReport> {
+        self.live()?;
         let r = self.run_full(&mut |_| std::ops::ControlFlow::Continue(()))?;
         Ok(PackReport {
             removed_objects: r.removed_objects,
@@ -399,10 +447,20 @@ impl Storage for RedbStorage {
         })
     }
 
+    /// Ends this session: its pending commit and the oids it holds are
+    /// forgotten, and its calls fail with [`StorageError::Closed`] from
+    /// now on. Everything committed is made durable (a checkpoint); the
+    /// last session of the store also closes the store. Other sessions go
+    /// on. ([`RedbStorage::close_store`] closes the store for all.)
     fn close(&mut self) -> Result<()> {
-        self.pending.clear();
-        self.snapshot = None;
-        self.engine.close()
+        if self.closed {
+            return Ok(());
+        }
+        if self.end_session() {
+            self.engine.close()
+        } else {
+            self.engine.checkpoint()
+        }
     }
 }
 

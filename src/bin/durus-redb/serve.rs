@@ -146,6 +146,13 @@ pub(crate) struct ServeArgs {
     /// Seconds between fsyncs of the commit log with --durability os.
     #[arg(long, default_value_t = 1.0)]
     fsync_interval: f64,
+    /// Longest time, in seconds, between checkpoints while commits come in
+    /// (also after 100,000 commits or 64 MiB of records, whichever comes
+    /// first). A checkpoint makes the store file durable and trims the
+    /// commit log; while its fsync runs, commits wait (redb has one writer).
+    /// Longer: fewer such waits, a longer log to replay after a crash.
+    #[arg(long, default_value_t = 1.0)]
+    checkpoint_interval: f64,
     /// How garbage is collected in the background.
     #[arg(long, value_enum, default_value = "incremental")]
     gc: GcChoice,
@@ -189,6 +196,9 @@ pub(crate) fn serve(args: ServeArgs) -> ExitCode {
     if args.poll_us > 1_000_000 {
         return fail("--poll-us must be at most 1000000 (one second)");
     }
+    if !(args.checkpoint_interval > 0.0 && args.checkpoint_interval.is_finite()) {
+        return fail("--checkpoint-interval must be a positive number of seconds");
+    }
     if !(args.fsync_interval > 0.0 && args.fsync_interval.is_finite()) {
         return fail("--fsync-interval must be a positive number of seconds");
     }
@@ -228,7 +238,11 @@ pub(crate) fn serve(args: ServeArgs) -> ExitCode {
             &file,
             Options::new()
                 .durability(durability)
-                .checkpoint(Periodic::default())
+                .checkpoint({
+                    let mut p = Periodic::default();
+                    p.max_interval = std::time::Duration::from_secs_f64(args.checkpoint_interval);
+                    p
+                })
                 .cache_bytes(args.cache_size.max(1) << 20)
                 .gc_shared(gc),
         )
