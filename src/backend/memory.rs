@@ -30,6 +30,8 @@ pub(crate) struct MemoryBackend {
     /// The snapshots held, each with when it was taken.
     snapshots: Arc<Mutex<HashMap<u64, Instant>>>,
     next_snapshot: AtomicU64,
+    /// Committers blocked waiting for `order`.
+    order_waiting: AtomicU64,
 }
 
 #[derive(Default)]
@@ -139,6 +141,7 @@ impl Backend for MemoryBackend {
             objects: st.records.len() as u64,
             snapshots_held: snapshots.len(),
             snapshot_oldest: snapshots.values().min().map(|t| t.elapsed()),
+            order_waiting: self.order_waiting.load(Ordering::Acquire),
             gc_removed_full: st.removed_full,
             gc_full_collections: st.full_collections,
             ..LiveState::default()
@@ -321,9 +324,16 @@ impl super::Session for MemSession<'_> {
 
     /// Blocks until the order is free: no queue, no grant.
     fn enter_order(&self, _grant: &mut dyn FnMut() -> Grant) -> Entry<'_> {
+        let order = self.backend.order.try_lock().unwrap_or_else(|| {
+            let waiting = &self.backend.order_waiting;
+            waiting.fetch_add(1, Ordering::AcqRel);
+            let order = self.backend.order.lock();
+            waiting.fetch_sub(1, Ordering::AcqRel);
+            order
+        });
         Entry::Now(Box::new(MemOrder {
             session: self,
-            _order: self.backend.order.lock(),
+            _order: order,
         }))
     }
 }

@@ -200,6 +200,8 @@ pub(crate) struct LiveState {
     /// Snapshots held, and the oldest one's age.
     pub(crate) snapshots_held: usize,
     pub(crate) snapshot_oldest: Option<Duration>,
+    /// Committers waiting for the commit order now.
+    pub(crate) order_waiting: u64,
     /// Acknowledged commits not yet durable in the store itself, and the
     /// time since it last was.
     pub(crate) commits_not_durable: u64,

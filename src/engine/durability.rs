@@ -12,6 +12,7 @@ use super::layout::{KEY_LOG_OPEN, KEY_OIDS, LOG_STATE, META, OidMeta, encode};
 use super::{CommitTicket, Db, Engine};
 use crate::checkpoint::{CompactionFacts, Durability as Mode};
 use crate::error::{Result, StorageError};
+use crate::ranked::{Condvar, Mutex, rank};
 
 enum Control {
     Stop,
@@ -37,6 +38,63 @@ impl Drop for Checkpointer {
     }
 }
 
+/// The commit log with its group syncs and the checkpoints: what is
+/// durable, who syncs now, the checkpoint thread. Owned here; the rest of
+/// the engine goes through its methods.
+pub(crate) struct Syncer {
+    /// The commit log (none for `Durability::Manual` and read-only opens).
+    log: Option<Arc<super::log::CommitLog>>,
+    /// redb transactions (counted by `CommitState::applied_seq`) that are durable.
+    durable_seq: std::sync::atomic::AtomicU64,
+    /// Logged commits (by sequence number) that are durable: in the log on
+    /// disk or in the file by a checkpoint.
+    log_durable: std::sync::atomic::AtomicU64,
+    /// Whether a committer is syncing the log for a group right now.
+    syncing: Mutex<bool, { rank::SYNCING }>,
+    /// The same, read without the lock by a committer that waits for it
+    /// (see [`FLUSH_SPIN`]): a spinning waiter must not take the lock.
+    flushing: std::sync::atomic::AtomicBool,
+    /// Signalled after every sync of the log.
+    synced: Condvar,
+    /// One checkpoint at a time.
+    checkpoint_lock: Mutex<(), { rank::CHECKPOINT }>,
+    checkpointer: Mutex<Option<Checkpointer>, { rank::LEAF }>,
+}
+
+impl Syncer {
+    /// `log_seq`: the last commit already durable (replayed or checkpointed).
+    pub(crate) fn new(log: Option<Arc<super::log::CommitLog>>, log_seq: u64) -> Syncer {
+        Syncer {
+            log,
+            durable_seq: std::sync::atomic::AtomicU64::new(0),
+            log_durable: std::sync::atomic::AtomicU64::new(log_seq),
+            syncing: Mutex::new(false),
+            flushing: std::sync::atomic::AtomicBool::new(false),
+            synced: Condvar::new(),
+            checkpoint_lock: Mutex::new(()),
+            checkpointer: Mutex::new(None),
+        }
+    }
+
+    /// The commit log, if the store keeps one.
+    pub(crate) fn log(&self) -> Option<&Arc<super::log::CommitLog>> {
+        self.log.as_ref()
+    }
+
+    /// Logged commits up to this one are durable.
+    #[cfg(test)]
+    pub(crate) fn log_durable(&self) -> u64 {
+        self.log_durable.load(Ordering::Acquire)
+    }
+
+    /// A durable redb commit made every transaction up to `applied_seq`
+    /// and every logged commit up to `log_seq` durable.
+    pub(crate) fn made_durable(&self, applied_seq: u64, log_seq: u64) {
+        self.durable_seq.fetch_max(applied_seq, Ordering::AcqRel);
+        self.log_durable.fetch_max(log_seq, Ordering::AcqRel);
+    }
+}
+
 /// How long a committer whose commit waits for a group sync that is
 /// running waits for it without sleeping (yielding its core to any other
 /// thread that can run) before it sleeps: about one `fdatasync` of the
@@ -49,7 +107,7 @@ impl Engine {
     /// in `Durability::Os`, syncs the log every interval, if either is wanted.
     pub(super) fn start_checkpointer(self: &Arc<Self>) -> Result<()> {
         let sync_every = match self.durability {
-            Mode::Os { fsync_interval } if self.log.is_some() => {
+            Mode::Os { fsync_interval } if self.sync.log.is_some() => {
                 Some(fsync_interval.max(Duration::from_millis(1)))
             }
             _ => None,
@@ -92,7 +150,7 @@ impl Engine {
                     }
                 }
             })?;
-        *self.checkpointer.lock() = Some(Checkpointer {
+        *self.sync.checkpointer.lock() = Some(Checkpointer {
             tx,
             handle: Some(handle),
         });
@@ -102,7 +160,7 @@ impl Engine {
     /// Asks the background thread for a checkpoint (without waiting);
     /// false if there is no thread to ask.
     fn wake_checkpointer(&self) -> bool {
-        match self.checkpointer.lock().as_ref() {
+        match self.sync.checkpointer.lock().as_ref() {
             Some(c) => match c.tx.try_send(Control::Wake) {
                 Ok(()) | Err(TrySendError::Full(_)) => true,
                 Err(TrySendError::Disconnected(_)) => false,
@@ -115,7 +173,7 @@ impl Engine {
     /// checkpoint began (for the server's live state).
     pub(crate) fn durability_lag(&self) -> (u64, Duration) {
         let st = self.commit.lock();
-        let durable = self.log_durable.load(Ordering::Acquire);
+        let durable = self.sync.log_durable.load(Ordering::Acquire);
         (
             st.log_seq.saturating_sub(durable),
             st.last_checkpoint.elapsed(),
@@ -130,11 +188,11 @@ impl Engine {
             // checkpoint is what makes the commit durable, so the policy's
             // bounds are exact; and without a thread (a policy with no
             // background interval) nobody else would take it.
-            if !(self.log.is_some() && self.wake_checkpointer()) {
+            if !(self.sync.log.is_some() && self.wake_checkpointer()) {
                 self.checkpoint()?;
             }
         }
-        let covered = || self.log_durable.load(Ordering::Acquire) >= ticket.seq;
+        let covered = || self.sync.log_durable.load(Ordering::Acquire) >= ticket.seq;
         if !ticket.wait || covered() {
             return Ok(());
         }
@@ -148,41 +206,43 @@ impl Engine {
         // thread that can run: sleeping on the condition variable and being
         // woken costs two thread switches, 20-30 us each on a virtual
         // machine, for a wait of about one sync.
-        if self.flushing.load(Ordering::Acquire) {
+        if self.sync.flushing.load(Ordering::Acquire) {
             super::spin_while(FLUSH_SPIN, || {
-                self.flushing.load(Ordering::Acquire) && !covered()
+                self.sync.flushing.load(Ordering::Acquire) && !covered()
             });
         }
-        let mut syncing = self.syncing.lock();
+        let mut syncing = self.sync.syncing.lock();
         loop {
             if covered() {
                 return Ok(());
             }
             if !*syncing {
                 *syncing = true;
-                self.flushing.store(true, Ordering::Release);
+                self.sync.flushing.store(true, Ordering::Release);
                 drop(syncing);
                 let r = self.sync_log();
-                syncing = self.syncing.lock();
+                syncing = self.sync.syncing.lock();
                 *syncing = false;
-                self.flushing.store(false, Ordering::Release);
-                self.synced.notify_all();
+                self.sync.flushing.store(false, Ordering::Release);
+                self.sync.synced.notify_all();
                 r?;
                 continue;
             }
-            self.synced.wait(&mut syncing);
+            self.sync.synced.wait(&mut syncing);
         }
     }
 
     /// Makes every logged commit written so far durable (one `fdatasync`).
     fn sync_log(&self) -> Result<()> {
-        let Some(log) = &self.log else { return Ok(()) };
+        let Some(log) = &self.sync.log else {
+            return Ok(());
+        };
         // After a failed sync the OS may have dropped the unwritten pages and
         // report success on the next one: nothing counts as durable any more.
         self.check_writable()?;
         let r = log.sync();
         let covered = self.log_failed(r)?;
-        self.log_durable.fetch_max(covered, Ordering::AcqRel);
+        self.sync.log_durable.fetch_max(covered, Ordering::AcqRel);
         Ok(())
     }
 
@@ -242,13 +302,13 @@ impl Engine {
         if self.read_only {
             return Ok(());
         }
-        let _one = self.checkpoint_lock.lock();
+        let _one = self.sync.checkpoint_lock.lock();
         let started = Instant::now();
-        if self.commit.lock().applied_seq == self.durable_seq.load(Ordering::Acquire) {
+        if self.commit.lock().applied_seq == self.sync.durable_seq.load(Ordering::Acquire) {
             return Ok(());
         }
         // The next segment is made before the commit lock is taken.
-        let next = match &self.log {
+        let next = match &self.sync.log {
             Some(log) => {
                 let r = log.prepare();
                 Some(self.log_failed(r)?)
@@ -257,7 +317,7 @@ impl Engine {
         };
         let (switched, log_seq, applied, commits, bytes) = {
             let st = self.commit.lock();
-            let switched = match (&self.log, next) {
+            let switched = match (&self.sync.log, next) {
                 (Some(log), Some(next)) => log.switch(next),
                 _ => Ok(()),
             };
@@ -272,9 +332,9 @@ impl Engine {
         };
         self.log_failed(switched)?;
         self.durable_flush(false)?;
-        self.durable_seq.fetch_max(applied, Ordering::AcqRel);
-        self.log_durable.fetch_max(log_seq, Ordering::AcqRel);
-        if let Some(log) = &self.log
+        self.sync.durable_seq.fetch_max(applied, Ordering::AcqRel);
+        self.sync.log_durable.fetch_max(log_seq, Ordering::AcqRel);
+        if let Some(log) = &self.sync.log
             && let Err(e) = log.remove_old()
         {
             // Harmless: a replay skips what the file already holds.
@@ -294,7 +354,7 @@ impl Engine {
         if let Some(hook) = self.hook.get() {
             hook.on_close();
         }
-        drop(self.checkpointer.lock().take());
+        drop(self.sync.checkpointer.lock().take());
         // The commit lock first, then the database: the order of every
         // commit path, so a close racing a commit cannot deadlock.
         let mut st = self.commit.lock();
@@ -318,11 +378,11 @@ impl Engine {
         // unless both already are.
         // With a log, the same durable commit says the store was closed
         // cleanly, before the log goes.
-        let pending = st.applied_seq != self.durable_seq.load(Ordering::Acquire);
-        if pending || st.next_oid != st.reserved || self.log.is_some() {
+        let pending = st.applied_seq != self.sync.durable_seq.load(Ordering::Acquire);
+        if pending || st.next_oid != st.reserved || self.sync.log.is_some() {
             let mut w = db.begin_write()?;
             w.set_quick_repair(self.quick_repair);
-            if self.log.is_some() {
+            if self.sync.log.is_some() {
                 w.open_table(LOG_STATE)?.insert(KEY_LOG_OPEN, 0)?;
             }
             {
@@ -341,7 +401,7 @@ impl Engine {
             st.bytes_since = 0;
         }
         // Everything logged is in the durable file now.
-        if let Some(log) = &self.log {
+        if let Some(log) = &self.sync.log {
             log.remove()?;
         }
         let file_bytes = std::fs::metadata(&self.path).map(|m| m.len()).unwrap_or(0);

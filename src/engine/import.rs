@@ -51,8 +51,7 @@ impl Engine {
         if next > st.next_oid {
             self.write_oid_meta(next.max(st.reserved), &mut st)?;
             st.next_oid = next;
-            self.oids_out
-                .fetch_max(next, std::sync::atomic::Ordering::AcqRel);
+            self.alloc.raise(next);
             st.reserved = st.reserved.max(next);
         }
         Ok(())
@@ -108,8 +107,7 @@ impl Engine {
                 // is left to hand out, and allocation says so.
                 let next = max.saturating_add(1);
                 st.next_oid = next;
-                self.oids_out
-                    .fetch_max(next, std::sync::atomic::Ordering::AcqRel);
+                self.alloc.raise(next);
                 st.reserved = st.reserved.max(next);
                 meta.insert(
                     KEY_OIDS,

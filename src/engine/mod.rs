@@ -63,10 +63,10 @@ mod refcount;
 mod sessions;
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, AtomicUsize};
+use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, OnceLock};
 
-use crate::ranked::{Condvar, MappedReadGuard, Mutex, ReadGuard, RwLock, rank};
+use crate::ranked::{MappedReadGuard, Mutex, ReadGuard, RwLock, rank};
 use redb::{Database, ReadOnlyDatabase, ReadTransaction, ReadableDatabase, WriteTransaction};
 
 pub use check::{CheckReport, FullCheck, StoreStats, check_store, repair_store};
@@ -78,13 +78,11 @@ pub(crate) use pins::{Pins, Undoom};
 pub(crate) use refcount::{
     Deleted, apply_ref_deltas, corrupt, delete_queued, forget, queue_summary, queued_since,
 };
-use sessions::ChangeLog;
 pub(crate) use sessions::{Found, SessionId, SessionRef, Snapshot};
 
 use crate::checkpoint::{CheckpointPolicy, Durability};
 use crate::error::{Result, StorageError};
 use crate::record::{Oid, Record};
-use durability::Checkpointer;
 use layout::RECORDS;
 use refcount::load_from;
 
@@ -194,61 +192,22 @@ pub(crate) struct Engine {
     policy: Arc<dyn CheckpointPolicy>,
     durability: Durability,
     commit: Mutex<CommitState, { rank::COMMIT }>,
-    /// Oids handed out and not yet stored.
-    allocs: Mutex<commit::Allocations, { rank::ALLOCS }>,
-    /// The commit order: held by the server from sending a client its
-    /// invalidations until that client's commit has its place in the order
-    /// (a turn); by the library through the whole apply. Handed to waiters
-    /// first come, first served (see [`order`]).
-    order: order::Order,
-    /// Commits placed in the commit order and waiting to be applied.
-    line: Mutex<commit::Line, { rank::LINE }>,
+    /// The sequencer: the commit order, the turns, the line of commits
+    /// waiting to be applied (owned by `commit/`).
+    seq: commit::Sequencer,
     /// What placed commits need and what the collector is deleting.
     pub(crate) pins: Pins,
-    /// Signalled (with `line`) when the commit of turn `n` is applied, or
-    /// its committer should apply the line: at `n % TURN_SLOTS`.
-    line_cv: [Condvar; commit::TURN_SLOTS],
-    /// Turns handed out (under `order`).
-    ordered: AtomicU64,
-    /// Turns finished, applied or given up (`CommitState::turns_done`,
-    /// readable without the commit lock).
-    turns_done: AtomicU64,
-    /// Signalled (with `commit`) when a turn finishes: the one for turn
-    /// `n` at `n % TURN_SLOTS`.
-    turn: [Condvar; commit::TURN_SLOTS],
-    committers_waiting: AtomicUsize,
-    /// redb transactions (counted by `CommitState::applied_seq`) that are durable.
-    durable_seq: AtomicU64,
-    /// The commit log (none for `Durability::Manual` and read-only opens).
-    log: Option<Arc<log::CommitLog>>,
-    /// Logged commits (by sequence number) that are durable: in the log on
-    /// disk or in the file by a checkpoint.
-    log_durable: AtomicU64,
-    /// Whether a committer is syncing the log for a group right now.
-    syncing: Mutex<bool, { rank::SYNCING }>,
-    /// The same, read without the lock by a committer that waits for it
-    /// (see [`FLUSH_SPIN`](durability::FLUSH_SPIN)).
-    flushing: std::sync::atomic::AtomicBool,
-    /// Signalled after every sync of the log.
-    synced: Condvar,
-    checkpoint_lock: Mutex<(), { rank::CHECKPOINT }>,
-    sessions: Mutex<std::collections::HashMap<SessionId, SessionRef>, { rank::SESSIONS }>,
-    /// Every change published since the oldest point a session needs.
-    changes: RwLock<ChangeLog, { rank::CHANGES }>,
-    /// Held by a writer across publishing a change and making it visible in
-    /// redb, and while a snapshot is taken: snapshots fall between
-    /// publications.
-    publish: Mutex<(), { rank::PUBLISH }>,
-    /// Snapshots held by sessions and backups.
-    snapshots: Arc<sessions::SnapshotsHeld>,
-    /// Every oid handed out so far is below this (`CommitState::next_oid`,
-    /// readable without the commit lock).
-    oids_out: AtomicU64,
-    next_session: AtomicU64,
+    /// The oid allocator's handed-out oids (owned by `sessions/`).
+    alloc: sessions::Allocator,
+    /// Invalidations: the sessions, the shared change log, publication,
+    /// snapshots (owned by `sessions/`).
+    inv: sessions::Invalidations,
+    /// The commit log, its group syncs and the checkpoints (owned by
+    /// `durability.rs`).
+    sync: durability::Syncer,
     /// Live `RedbStorage` handles; the last one dropped closes the store.
     pub(crate) handles: AtomicUsize,
     poisoned: Mutex<Option<String>, { rank::LEAF }>,
-    checkpointer: Mutex<Option<Checkpointer>, { rank::LEAF }>,
     hook: OnceLock<Arc<dyn CommitHook>>,
     /// Told, once, when the store is poisoned (the server stops on it).
     poison_watch: OnceLock<PoisonWatch>,
@@ -407,7 +366,7 @@ impl Engine {
         use redb::{ReadableTable, ReadableTableMetadata};
         let db = self.db()?;
         let txn = db.begin_read().map_err(E::from)?;
-        let _held = self.snapshots.hold();
+        let _held = self.inv.hold_snapshot();
         let table = txn.open_table(RECORDS).map_err(StorageError::from)?;
         each(Walk::Count(table.len().map_err(StorageError::from)?))?;
         for item in table.iter().map_err(StorageError::from)? {

@@ -1,13 +1,12 @@
 //! Opening a store: creating a new one whole, checking the format of an
 //! existing one, refusing a writable open of an unfinished import.
 
-use std::collections::HashMap;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, AtomicUsize};
+use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
-use crate::ranked::{Condvar, Mutex, RwLock};
+use crate::ranked::{Mutex, RwLock};
 use redb::ReadableTable;
 
 use super::commit::write_commit;
@@ -122,31 +121,13 @@ impl Engine {
                 turns_done: 0,
                 parked: None,
             }),
-            allocs: Mutex::new(Default::default()),
-            order: Default::default(),
-            line: Mutex::new(Default::default()),
+            seq: super::commit::Sequencer::new(),
             pins: Default::default(),
-            line_cv: std::array::from_fn(|_| Condvar::new()),
-            ordered: AtomicU64::new(0),
-            turns_done: AtomicU64::new(0),
-            turn: std::array::from_fn(|_| Condvar::new()),
-            committers_waiting: AtomicUsize::new(0),
-            durable_seq: AtomicU64::new(0),
-            log,
-            log_durable: AtomicU64::new(log_seq),
-            syncing: Mutex::new(false),
-            flushing: std::sync::atomic::AtomicBool::new(false),
-            synced: Condvar::new(),
-            checkpoint_lock: Mutex::new(()),
-            sessions: Mutex::new(HashMap::new()),
-            changes: RwLock::new(super::sessions::ChangeLog::new()),
-            publish: Mutex::new(()),
-            snapshots: Default::default(),
-            oids_out: AtomicU64::new(next_oid),
-            next_session: AtomicU64::new(1),
+            alloc: super::sessions::Allocator::new(next_oid),
+            inv: super::sessions::Invalidations::new(),
+            sync: super::durability::Syncer::new(log, log_seq),
             handles: AtomicUsize::new(0),
             poisoned: Mutex::new(None),
-            checkpointer: Mutex::new(None),
             hook: OnceLock::new(),
             poison_watch: OnceLock::new(),
             #[cfg(test)]

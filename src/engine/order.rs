@@ -82,7 +82,7 @@ pub(crate) struct Held<'a> {
 
 impl Drop for Held<'_> {
     fn drop(&mut self) {
-        self.engine.order.release(self.engine);
+        self.engine.seq.order().release(self.engine);
     }
 }
 
@@ -124,6 +124,15 @@ impl Order {
             engine,
             waiter: Some(waiter),
         })
+    }
+
+    /// How many wait for the order now (queued, not given up).
+    pub(crate) fn waiting(&self) -> usize {
+        let q = self.queue.lock();
+        q.waiting
+            .iter()
+            .filter(|w| matches!(*w.state.lock(), State::Waiting(_) | State::Granting))
+            .count()
     }
 
     /// Takes the order, waiting for it as long as it takes.
@@ -288,7 +297,7 @@ mod tests {
     #[test]
     fn the_order_goes_to_the_waiters_in_turn_and_runs_their_grants() {
         let (_dir, engine) = open();
-        let order = &engine.order;
+        let order = &engine.seq.order();
         let log = Arc::new(Mutex::new(Vec::new()));
         let Entry::Now(held) = order.enter(&engine, || grant(&log, "first", true)) else {
             panic!("the order was not free");
@@ -355,7 +364,7 @@ mod tests {
                             inside.store(false, Ordering::Release);
                         };
                         if t % 2 == 0 {
-                            let _h = engine.order.lock(&engine);
+                            let _h = engine.seq.order().lock(&engine);
                             hold();
                             continue;
                         }
@@ -364,7 +373,7 @@ mod tests {
                             counted.fetch_add(1, Ordering::Relaxed);
                             true
                         });
-                        match engine.order.enter(&engine, || g) {
+                        match engine.seq.order().enter(&engine, || g) {
                             Entry::Now(_h) => hold(),
                             // Every fifth place is given up unserved, or
                             // given back if served meanwhile.
@@ -386,7 +395,7 @@ mod tests {
         // Free at the end.
         let log = Arc::new(Mutex::new(Vec::new()));
         assert!(matches!(
-            engine.order.enter(&engine, || grant(&log, "x", true)),
+            engine.seq.order().enter(&engine, || grant(&log, "x", true)),
             Entry::Now(_)
         ));
     }

@@ -141,10 +141,10 @@ fn run(durability: Durability, commits: u64, every: u64) -> Vec<(u64, u64, u64)>
             // are doing. What the engine counted durable is read first, then
             // the log's image, then the file's: each only grows, so each
             // holds at least what was durable when the one before was read.
-            let durable = engine.log_durable.load(Ordering::Acquire);
+            let durable = engine.sync.log_durable();
             let (log, file) = {
                 let _instant = INSTANT.write();
-                let log = engine.log.as_ref().unwrap().power_cut_image();
+                let log = engine.sync.log().unwrap().power_cut_image();
                 (log, disk.durable.lock().clone())
             };
             cuts.push(Cut {
@@ -303,7 +303,7 @@ fn concurrent_committers_in_a_power_cut(through_line: bool) {
         let acked = acked.lock().clone();
         let (log, file) = {
             let _instant = INSTANT.write();
-            let log = engine.log.as_ref().unwrap().power_cut_image();
+            let log = engine.sync.log().unwrap().power_cut_image();
             (log, disk.durable.lock().clone())
         };
         cuts.push((acked, file, log));

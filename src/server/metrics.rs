@@ -38,6 +38,10 @@ const HELP: &[(&str, &str)] = &[
         "connection_panics",
         "Connections closed by a panic in their handler",
     ),
+    (
+        "commits_waiting_for_order",
+        "Commits queued for the commit order right now",
+    ),
     ("commits_not_durable", "Commits applied but not yet durable"),
     (
         "seconds_since_checkpoint",

@@ -214,6 +214,7 @@ impl Shared {
             file_bytes,
             snapshots_held,
             snapshot_oldest,
+            order_waiting,
             commits_not_durable,
             since_checkpoint,
             gc_queue,
@@ -253,6 +254,7 @@ impl Shared {
             "connection_panics",
             self.panics.load(Ordering::Relaxed).to_string(),
         );
+        line("commits_waiting_for_order", order_waiting.to_string());
         line("commits_not_durable", commits_not_durable.to_string());
         line(
             "seconds_since_checkpoint",

@@ -97,6 +97,7 @@ impl backend::Backend for RedbBackend {
             file_bytes: std::fs::metadata(engine.path()).map_or(0, |m| m.len()),
             snapshots_held: held,
             snapshot_oldest: oldest,
+            order_waiting: engine.order_waiting() as u64,
             commits_not_durable: not_durable,
             since_checkpoint,
             gc_queue: gc.queue_len,

@@ -532,11 +532,20 @@ mod tests {
         let Placed::Turn(turn) = placed else {
             panic!("a valid commit gets a turn")
         };
+        let waits = engine.turn_waits();
         let read = std::thread::spawn(move || {
             let told = reader.sync().unwrap();
             (told, reader.load(root).unwrap())
         });
-        std::thread::sleep(Duration::from_millis(50));
+        // Until the reader, told of the commit, waits for it to be applied.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while engine.turn_waits() == waits {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the load never waited"
+            );
+            std::thread::yield_now();
+        }
         engine.finish(turn.apply().unwrap()).unwrap();
         let (told, record) = read.join().unwrap();
         assert_eq!(told, [root]);

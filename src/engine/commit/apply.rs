@@ -57,7 +57,7 @@ fn passes(engine: &Engine, session: SessionId, records: &BTreeMap<Oid, Record>) 
                 }
             }
             None => {
-                if engine.allocs.lock().may_create(session, *oid).is_err() {
+                if engine.alloc.may_create(session, *oid).is_err() {
                     return Ok(false);
                 }
             }
@@ -170,7 +170,7 @@ pub(super) fn apply_all(
     };
     let mut counted = Vec::with_capacity(commits.len());
     for &(session, records) in commits {
-        let may_create = |oid| engine.allocs.lock().may_create(session, oid);
+        let may_create = |oid| engine.alloc.may_create(session, oid);
         counted.push(write_commit(&w, Some(&may_create), records)?);
     }
     // The commits' share of the collector's work, in their transaction
@@ -184,7 +184,7 @@ pub(super) fn apply_all(
     let first = st.log_seq + 1;
     let last = st.log_seq + commits.len() as u64;
     let mut logged_at = None;
-    if let Some(log) = &engine.log {
+    if let Some(log) = engine.sync.log() {
         w.open_table(LOG_STATE)?.insert(KEY_APPLIED, last)?;
         let at = log.position();
         if let Err(e) = log.append_all(first, commits.iter().map(|(_, r)| r.values())) {
@@ -199,7 +199,7 @@ pub(super) fn apply_all(
         // `publish` lock) finds it published, so flagged for a session not
         // yet told of it. (A failed redb commit poisons the store: what was
         // published for it no longer matters.)
-        let _published = engine.publish.lock();
+        let _published = engine.inv.publishing();
         if publish {
             for &(session, records) in commits {
                 let oids: Vec<Oid> = records.keys().copied().collect();
@@ -235,16 +235,9 @@ pub(super) fn apply_all(
     st.commits_since += commits.len() as u64;
     st.bytes_since += bytes.iter().sum::<u64>();
     let checkpoint = engine.policy.checkpoint_due(&st.facts());
-    {
-        let mut allocs = engine.allocs.lock();
-        for oid in commits.iter().flat_map(|(_, r)| r.keys()) {
-            if let Some(s) = allocs.by_oid.remove(oid)
-                && let Some(n) = allocs.by_session.get_mut(&s)
-            {
-                *n = n.saturating_sub(1);
-            }
-        }
-    }
+    engine
+        .alloc
+        .stored(commits.iter().flat_map(|(_, r)| r.keys().copied()));
     if let Some(h) = hook {
         for (&(_, records), ((queued, released), bytes)) in
             commits.iter().zip(counted.iter().zip(&bytes))
@@ -252,7 +245,7 @@ pub(super) fn apply_all(
             h.after_commit(records, released, *bytes, *queued);
         }
     }
-    let wait = engine.log.is_some() && engine.durability == Mode::Fsync;
+    let wait = engine.sync.log().is_some() && engine.durability == Mode::Fsync;
     Ok((first..=last)
         .map(|seq| CommitTicket {
             seq,

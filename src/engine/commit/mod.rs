@@ -17,8 +17,7 @@ mod sequencer;
 mod tests;
 
 pub(in crate::engine) use apply::write_commit;
-pub(in crate::engine) use sequencer::TURN_SLOTS;
-pub(crate) use sequencer::{Line, OrderEntry, OrderGuard, Placed, QueuedOrder};
+pub(crate) use sequencer::{OrderEntry, OrderGuard, Placed, QueuedOrder, Sequencer};
 
 use std::collections::HashMap;
 
@@ -125,7 +124,7 @@ impl Engine {
     /// Whether a committer is waiting for the commit lock (the collector
     /// then cuts its step short).
     pub(crate) fn committers_waiting(&self) -> bool {
-        self.committers_waiting.load(Ordering::Acquire) > 0
+        self.seq.committers_waiting.load(Ordering::Acquire) > 0
     }
 
     /// Lets committers waiting for the writer go first (for a few
@@ -140,9 +139,9 @@ impl Engine {
     /// Takes the commit lock (the state every apply changes), counting the
     /// wait so that the collector makes way.
     fn lock_state(&self) -> MutexGuard<'_, CommitState, { rank::COMMIT }> {
-        self.committers_waiting.fetch_add(1, Ordering::AcqRel);
+        self.seq.committers_waiting.fetch_add(1, Ordering::AcqRel);
         let state = self.commit.lock();
-        self.committers_waiting.fetch_sub(1, Ordering::AcqRel);
+        self.seq.committers_waiting.fetch_sub(1, Ordering::AcqRel);
         state
     }
 
@@ -177,8 +176,7 @@ impl Engine {
         self.commit_locked(st, w)?;
         if matches!(durability, Durability::Immediate) {
             // Every commit before it is durable in the file with it.
-            self.durable_seq.fetch_max(st.applied_seq, Ordering::AcqRel);
-            self.log_durable.fetch_max(st.log_seq, Ordering::AcqRel);
+            self.sync.made_durable(st.applied_seq, st.log_seq);
         }
         Ok(value)
     }

@@ -20,6 +20,56 @@ use crate::record::{Oid, Record};
 /// Condition variables the turns' waits are spread over.
 pub(in crate::engine) const TURN_SLOTS: usize = 64;
 
+/// The sequencer: the commit order, the turns it hands out, and the line
+/// of placed commits waiting to be applied. Owned by `commit/`.
+pub(crate) struct Sequencer {
+    /// The commit order: held by the server from sending a client its
+    /// invalidations until that client's commit has its place in the order
+    /// (a turn); by the library through the whole apply. Handed to waiters
+    /// first come, first served (see `engine::order`).
+    pub(super) order: crate::engine::order::Order,
+    /// Commits placed in the commit order and waiting to be applied.
+    pub(super) line: crate::ranked::Mutex<Line, { rank::LINE }>,
+    /// Signalled (with `line`) when the commit of turn `n` is applied, or
+    /// its committer should apply the line: at `n % TURN_SLOTS`.
+    pub(super) line_cv: [crate::ranked::Condvar; TURN_SLOTS],
+    /// Turns handed out (under `order`).
+    pub(super) ordered: std::sync::atomic::AtomicU64,
+    /// Turns finished, applied or given up: `CommitState::turns_done`,
+    /// mirrored here to be read without the commit lock.
+    pub(super) turns_done: std::sync::atomic::AtomicU64,
+    /// Signalled (with `commit`) when a turn finishes: the one for turn
+    /// `n` at `n % TURN_SLOTS`.
+    pub(super) turn: [crate::ranked::Condvar; TURN_SLOTS],
+    /// Committers waiting for the commit lock (the collector makes way).
+    pub(super) committers_waiting: std::sync::atomic::AtomicUsize,
+    /// Tests: how many times a thread went to sleep waiting for an earlier
+    /// turn to finish (what tests wait for instead of sleeping).
+    #[cfg(test)]
+    pub(crate) turn_waits: std::sync::atomic::AtomicU64,
+}
+
+impl Sequencer {
+    pub(crate) fn new() -> Sequencer {
+        Sequencer {
+            order: Default::default(),
+            line: crate::ranked::Mutex::new(Default::default()),
+            line_cv: std::array::from_fn(|_| crate::ranked::Condvar::new()),
+            ordered: std::sync::atomic::AtomicU64::new(0),
+            turns_done: std::sync::atomic::AtomicU64::new(0),
+            turn: std::array::from_fn(|_| crate::ranked::Condvar::new()),
+            committers_waiting: std::sync::atomic::AtomicUsize::new(0),
+            #[cfg(test)]
+            turn_waits: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// The commit order (for its guards in `engine::order`).
+    pub(crate) fn order(&self) -> &crate::engine::order::Order {
+        &self.order
+    }
+}
+
 /// The commit order, held (see [`Engine::lock_order`]).
 pub(crate) struct OrderGuard<'a> {
     engine: &'a Engine,
@@ -72,8 +122,8 @@ pub(crate) struct Turn<'a> {
 
 impl<'a> OrderGuard<'a> {
     fn take_turn(&mut self) -> Turn<'a> {
-        let n = self.engine.ordered.load(Ordering::Acquire) + 1;
-        self.engine.ordered.store(n, Ordering::Release);
+        let n = self.engine.seq.ordered.load(Ordering::Acquire) + 1;
+        self.engine.seq.ordered.store(n, Ordering::Release);
         Turn {
             engine: self.engine,
             n,
@@ -128,7 +178,7 @@ impl<'a> OrderGuard<'a> {
         // Published before it is in the line: from there another committer
         // may apply it at once, and a load must never see it unpublished.
         self.engine.publish_changes(Some(session), &oids);
-        self.engine.line.lock().queue.push_back(Queued {
+        self.engine.seq.line.lock().queue.push_back(Queued {
             n: turn.n,
             session,
             records,
@@ -205,11 +255,11 @@ impl Turn<'_> {
     fn collect(&mut self) -> Result<CommitTicket> {
         let engine = self.engine;
         self.done = true;
-        let mut line = engine.line.lock();
+        let mut line = engine.seq.line.lock();
         // Only where commits do not then wait for a sync of the log: with
         // `Fsync` the waits for the syncs spin already (FLUSH_SPIN), and the
         // two together ran slower than either.
-        let mut spun = engine.log.is_some() && engine.durability == Mode::Fsync;
+        let mut spun = engine.sync.log().is_some() && engine.durability == Mode::Fsync;
         loop {
             if let Some(r) = line.results.remove(&self.n) {
                 return r;
@@ -218,12 +268,12 @@ impl Turn<'_> {
             // a turn not in the line comes first, its thread wakes the line
             // when done (after updating `turns_done`, so this check and
             // that wake-up cannot both miss).
-            let done = engine.turns_done.load(Ordering::Acquire);
+            let done = engine.seq.turns_done.load(Ordering::Acquire);
             if !line.combining && line.queue.front().is_some_and(|q| q.n == done + 1) {
                 line.combining = true;
                 drop(line);
                 engine.combine(self.n);
-                line = engine.line.lock();
+                line = engine.seq.line.lock();
                 continue;
             }
             if !spun {
@@ -233,15 +283,15 @@ impl Turn<'_> {
                 spun = true;
                 drop(line);
                 crate::engine::spin_while(LINE_SPIN, || {
-                    let l = engine.line.lock();
-                    let done = engine.turns_done.load(Ordering::Acquire);
+                    let l = engine.seq.line.lock();
+                    let done = engine.seq.turns_done.load(Ordering::Acquire);
                     !(l.results.contains_key(&self.n)
                         || (!l.combining && l.queue.front().is_some_and(|q| q.n == done + 1)))
                 });
-                line = engine.line.lock();
+                line = engine.seq.line.lock();
                 continue;
             }
-            engine.line_cv[self.n as usize % TURN_SLOTS].wait(&mut line);
+            engine.seq.line_cv[self.n as usize % TURN_SLOTS].wait(&mut line);
         }
     }
 
@@ -298,7 +348,7 @@ impl Engine {
         let mut more = 0;
         loop {
             let batch: Vec<Queued> = {
-                let mut line = self.line.lock();
+                let mut line = self.seq.line.lock();
                 let mut batch = Vec::new();
                 while batch.len() < APPLY_TOGETHER {
                     let at = st.turns_done + 1 + batch.len() as u64;
@@ -317,7 +367,7 @@ impl Engine {
                     if let Some(q) = line.queue.front()
                         && q.n == st.turns_done + 1
                     {
-                        self.line_cv[q.n as usize % TURN_SLOTS].notify_all();
+                        self.seq.line_cv[q.n as usize % TURN_SLOTS].notify_all();
                     }
                 }
                 batch
@@ -337,11 +387,11 @@ impl Engine {
             for (q, r) in batch.iter().zip(results) {
                 self.pins.unpin(&q.pinned);
                 self.end_turn(&mut st, q.n);
-                self.line.lock().results.insert(q.n, r);
-                self.line_cv[q.n as usize % TURN_SLOTS].notify_all();
+                self.seq.line.lock().results.insert(q.n, r);
+                self.seq.line_cv[q.n as usize % TURN_SLOTS].notify_all();
             }
             if let Some(p) = panicked {
-                self.line.lock().combining = false;
+                self.seq.line.lock().combining = false;
                 self.wake_line();
                 drop(st);
                 std::panic::resume_unwind(p);
@@ -383,11 +433,11 @@ impl Engine {
     /// Wakes the owner of the first commit in line if nobody applies the
     /// line.
     fn wake_line(&self) {
-        let line = self.line.lock();
+        let line = self.seq.line.lock();
         if !line.combining
             && let Some(q) = line.queue.front()
         {
-            self.line_cv[q.n as usize % TURN_SLOTS].notify_all();
+            self.seq.line_cv[q.n as usize % TURN_SLOTS].notify_all();
         }
     }
 }
@@ -399,7 +449,7 @@ impl Engine {
     pub(crate) fn lock_order(&self) -> OrderGuard<'_> {
         OrderGuard {
             engine: self,
-            _order: self.order.lock(self),
+            _order: self.seq.order.lock(self),
         }
     }
 
@@ -409,7 +459,7 @@ impl Engine {
     /// (the server sends the waiting client its invalidations there, so
     /// the waiting thread is woken once, by its client's answer).
     pub(crate) fn enter_order(&self, grant: impl FnOnce() -> Grant) -> OrderEntry<'_> {
-        match self.order.enter(self, grant) {
+        match self.seq.order.enter(self, grant) {
             Entry::Now(held) => OrderEntry::Now(OrderGuard {
                 engine: self,
                 _order: held,
@@ -418,15 +468,27 @@ impl Engine {
         }
     }
 
+    /// Tests: how many times a thread went to sleep waiting for an
+    /// earlier turn.
+    #[cfg(test)]
+    pub(crate) fn turn_waits(&self) -> u64 {
+        self.seq.turn_waits.load(Ordering::Acquire)
+    }
+
+    /// How many committers wait for the commit order now.
+    pub(crate) fn order_waiting(&self) -> usize {
+        self.seq.order.waiting()
+    }
+
     /// Turns handed out so far.
     pub(crate) fn turns_ordered(&self) -> u64 {
-        self.ordered.load(Ordering::Acquire)
+        self.seq.ordered.load(Ordering::Acquire)
     }
 
     /// Waits until every turn up to `n` has finished: a session told of a
     /// commit's changes reads nothing older than that commit.
     pub(crate) fn await_turns(&self, n: u64) {
-        if self.turns_done.load(Ordering::Acquire) >= n {
+        if self.seq.turns_done.load(Ordering::Acquire) >= n {
             return;
         }
         let mut st = self.commit.lock();
@@ -457,8 +519,8 @@ impl Engine {
     /// Marks turn `n` finished and wakes whoever waits for it.
     fn end_turn(&self, st: &mut CommitState, n: u64) {
         st.turns_done = n;
-        self.turns_done.store(n, Ordering::Release);
-        self.turn[n as usize % TURN_SLOTS].notify_all();
+        self.seq.turns_done.store(n, Ordering::Release);
+        self.seq.turn[n as usize % TURN_SLOTS].notify_all();
     }
 
     /// Waits (on the commit lock) until every turn up to `n` has finished.
@@ -467,7 +529,9 @@ impl Engine {
     /// every committer in line.
     fn wait_turns(&self, st: &mut MutexGuard<'_, CommitState, { rank::COMMIT }>, n: u64) {
         while st.turns_done < n {
-            self.turn[n as usize % TURN_SLOTS].wait(st);
+            #[cfg(test)]
+            self.seq.turn_waits.fetch_add(1, Ordering::AcqRel);
+            self.seq.turn[n as usize % TURN_SLOTS].wait(st);
         }
     }
 }

@@ -155,6 +155,86 @@ pub(crate) enum Found<'a> {
 /// A session's state, shared with the engine (which may fill `overflow`).
 pub(crate) type SessionRef = Arc<Mutex<SessionState, { rank::SESSION }>>;
 
+/// Invalidations: the sessions, the change log they drain, the lock that
+/// keeps publication and visibility together, and the snapshots held.
+/// Owned here; the rest of the engine goes through its methods.
+pub(crate) struct Invalidations {
+    sessions: Mutex<HashMap<SessionId, SessionRef>, { rank::SESSIONS }>,
+    /// Every change published since the oldest point a session needs.
+    changes: crate::ranked::RwLock<ChangeLog, { rank::CHANGES }>,
+    /// Held by a writer across publishing a change and making it visible in
+    /// redb, and while a snapshot is taken: snapshots fall between
+    /// publications.
+    publish: Mutex<(), { rank::PUBLISH }>,
+    /// Snapshots held by sessions and backups.
+    snapshots: Arc<SnapshotsHeld>,
+    next_session: std::sync::atomic::AtomicU64,
+}
+
+impl Invalidations {
+    pub(crate) fn new() -> Invalidations {
+        Invalidations {
+            sessions: Mutex::new(HashMap::new()),
+            changes: crate::ranked::RwLock::new(ChangeLog::new()),
+            publish: Mutex::new(()),
+            snapshots: Arc::default(),
+            next_session: std::sync::atomic::AtomicU64::new(1),
+        }
+    }
+
+    /// Held by a writer from publishing a change until it is visible.
+    pub(crate) fn publishing(&self) -> MutexGuard<'_, (), { rank::PUBLISH }> {
+        self.publish.lock()
+    }
+
+    /// Counts a snapshot (a backup's) while the result lives.
+    pub(crate) fn hold_snapshot(&self) -> HeldSnapshot {
+        self.snapshots.hold()
+    }
+}
+
+/// The oid allocator's record of oids handed out and not yet stored (the
+/// mark itself is in the commit state, under the commit lock).
+pub(crate) struct Allocator {
+    /// Oids handed out and not yet stored.
+    allocs: Mutex<super::commit::Allocations, { rank::ALLOCS }>,
+    /// Every oid handed out so far is below this (`CommitState::next_oid`,
+    /// readable without the commit lock).
+    oids_out: std::sync::atomic::AtomicU64,
+}
+
+impl Allocator {
+    pub(crate) fn new(next_oid: u64) -> Allocator {
+        Allocator {
+            allocs: Mutex::new(Default::default()),
+            oids_out: std::sync::atomic::AtomicU64::new(next_oid),
+        }
+    }
+
+    /// Raises the mark (an import stored oids up to `end`).
+    pub(crate) fn raise(&self, end: u64) {
+        self.oids_out.fetch_max(end, Ordering::AcqRel);
+    }
+
+    /// Whether `session` may store `oid`, which is not stored yet (the
+    /// rule of `storage::may_create`).
+    pub(crate) fn may_create(&self, session: SessionId, oid: Oid) -> Result<()> {
+        self.allocs.lock().may_create(session, oid)
+    }
+
+    /// Forgets `oids` as handed out: they are stored now.
+    pub(crate) fn stored(&self, oids: impl IntoIterator<Item = Oid>) {
+        let mut allocs = self.allocs.lock();
+        for oid in oids {
+            if let Some(s) = allocs.by_oid.remove(&oid)
+                && let Some(n) = allocs.by_session.get_mut(&s)
+            {
+                *n = n.saturating_sub(1);
+            }
+        }
+    }
+}
+
 /// A consistent read-only view of the records as of one publication: the
 /// state a session was last synced to.
 pub(crate) struct Snapshot {
@@ -379,20 +459,20 @@ impl ChangeLog {
 impl Engine {
     /// Registers a session, up to date with every change published so far.
     pub(crate) fn register_session(&self) -> (SessionId, SessionRef) {
-        let id = self.next_session.fetch_add(1, Ordering::Relaxed);
+        let id = self.inv.next_session.fetch_add(1, Ordering::Relaxed);
         // Not between a change's publication (which may be skipped while no
         // other session exists) and its becoming visible.
-        let _p = self.publish.lock();
-        let changes = self.changes.read();
+        let _p = self.inv.publish.lock();
+        let changes = self.inv.changes.read();
         let state: SessionRef = Arc::new(Mutex::new(SessionState {
             seen: changes.last,
-            oid_mark: self.oids_out.load(Ordering::Acquire),
+            oid_mark: self.alloc.oids_out.load(Ordering::Acquire),
             ..SessionState::default()
         }));
-        self.sessions.lock().insert(id, state.clone());
+        self.inv.sessions.lock().insert(id, state.clone());
         // Read after the session is registered: a commit that skipped
         // publishing for want of another session has its turn by then.
-        state.lock().needs = self.ordered.load(Ordering::Acquire);
+        state.lock().needs = self.turns_ordered();
         (id, state)
     }
 
@@ -400,19 +480,19 @@ impl Engine {
     /// How many snapshots are held (connections' and backups'), and how
     /// long ago the oldest was taken.
     pub(crate) fn snapshots_held(&self) -> (usize, Option<std::time::Duration>) {
-        self.snapshots.census()
+        self.inv.snapshots.census()
     }
 
     /// How many sessions receive invalidations.
     #[cfg(test)]
     pub(crate) fn session_count(&self) -> usize {
-        self.sessions.lock().len()
+        self.inv.sessions.lock().len()
     }
 
     /// Forgets a session and the oids it held allocated but unused.
     pub(crate) fn unregister_session(&self, id: SessionId) {
-        self.sessions.lock().remove(&id);
-        let mut allocs = self.allocs.lock();
+        self.inv.sessions.lock().remove(&id);
+        let mut allocs = self.alloc.allocs.lock();
         if allocs.by_session.remove(&id).is_some_and(|n| n > 0) {
             allocs.by_oid.retain(|_, s| *s != id);
         }
@@ -424,7 +504,10 @@ impl Engine {
     /// exactly the published changes.
     pub(crate) fn publish_changes(&self, by: Option<SessionId>, oids: &[Oid]) {
         if !oids.is_empty() {
-            self.changes.write().publish(by, oids, &self.sessions);
+            self.inv
+                .changes
+                .write()
+                .publish(by, oids, &self.inv.sessions);
         }
     }
 
@@ -437,7 +520,7 @@ impl Engine {
         session: &SessionRef,
         oids: &[Oid],
     ) -> Vec<bool> {
-        let log = self.changes.read();
+        let log = self.inv.changes.read();
         let st = session.lock();
         log.flags(id, &st, oids)
     }
@@ -492,14 +575,14 @@ impl Engine {
         session: &SessionRef,
         upto: Option<u64>,
     ) -> Vec<Oid> {
-        let log = self.changes.read();
+        let log = self.inv.changes.read();
         let mut st = session.lock();
         // Read after any snapshot this sync takes: above every oid in it.
-        st.oid_mark = self.oids_out.load(Ordering::Acquire);
+        st.oid_mark = self.alloc.oids_out.load(Ordering::Acquire);
         let oids = log.drain(id, &mut st, upto);
         // Read after the drain: a turn's number is handed out before its
         // changes are published, so this covers every change handed out.
-        st.needs = self.ordered.load(Ordering::Acquire);
+        st.needs = self.turns_ordered();
         oids
     }
 
@@ -508,16 +591,16 @@ impl Engine {
     /// making a change visible without its log entry.
     pub(crate) fn snapshot(&self) -> Result<Snapshot> {
         let db = self.db()?;
-        let _p = self.publish.lock();
+        let _p = self.inv.publish.lock();
         let txn = db.begin_read()?;
-        let seq = self.changes.read().last;
+        let seq = self.inv.changes.read().last;
         drop(_p);
         let table = txn.open_table(RECORDS)?;
         Ok(Snapshot {
             table,
             _txn: txn,
             seq,
-            held: self.snapshots.hold(),
+            held: self.inv.snapshots.hold(),
         })
     }
 
@@ -558,7 +641,7 @@ impl Engine {
         // commits a parked collector deletion first, which publishes (and
         // nothing is taken under `allocs`). Under the commit lock nothing
         // else raises this session's count meanwhile.
-        let held = (self.allocs.lock().by_session.get(&session).copied()).unwrap_or(0);
+        let held = (self.alloc.allocs.lock().by_session.get(&session).copied()).unwrap_or(0);
         if held.saturating_add(n) > cap {
             return Err(InvalidInput::TooManyOidsHeld {
                 held,
@@ -604,9 +687,9 @@ impl Engine {
         }
         let start = st.next_oid;
         st.next_oid = end;
-        self.oids_out.fetch_max(end, Ordering::AcqRel);
+        self.alloc.oids_out.fetch_max(end, Ordering::AcqRel);
         let oids: Vec<Oid> = (start..end).map(Oid).collect();
-        let mut allocs = self.allocs.lock();
+        let mut allocs = self.alloc.allocs.lock();
         for &oid in &oids {
             allocs.by_oid.insert(oid, session);
         }
@@ -626,8 +709,7 @@ impl Engine {
             m.insert(KEY_OIDS, encode(&OidMeta { reserved }).as_slice())?;
         }
         w.commit()?;
-        self.durable_seq.fetch_max(st.applied_seq, Ordering::AcqRel);
-        self.log_durable.fetch_max(st.log_seq, Ordering::AcqRel);
+        self.sync.made_durable(st.applied_seq, st.log_seq);
         Ok(())
     }
 }

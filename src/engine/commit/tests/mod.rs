@@ -60,8 +60,19 @@ fn a_placed_commit_is_applied_in_turn_even_if_its_turn_is_dropped() {
     // Another committer queues behind it (not in the line: the
     // library applies under the order).
     let (e, third) = (engine.clone(), oids[2]);
+    let waits = engine
+        .seq
+        .turn_waits
+        .load(std::sync::atomic::Ordering::Acquire);
     let later = std::thread::spawn(move || e.commit(a, &one(third, b"y", &[])));
-    std::thread::sleep(Duration::from_millis(50));
+    // Until the later committer waits for the placed commit's turn.
+    wait_until("the later committer never waited for its turn", || {
+        engine
+            .seq
+            .turn_waits
+            .load(std::sync::atomic::Ordering::Acquire)
+            > waits
+    });
     assert!(!later.is_finished(), "a later turn went first");
     assert!(matches!(
         engine.load(oids[1]),
@@ -228,7 +239,7 @@ fn commits_in_line(engine: Arc<Engine>) {
     // per placement.
     assert_eq!(st.log_seq, 2 + THREADS * EACH);
     drop(st);
-    let line = engine.line.lock();
+    let line = engine.seq.line.lock();
     assert!(line.queue.is_empty() && line.results.is_empty() && !line.combining);
 }
 
@@ -324,7 +335,7 @@ fn a_load_that_sees_a_commit_finds_it_flagged_for_a_session_not_told_of_it() {
     let armed = Arc::new(std::sync::atomic::AtomicBool::new(true));
     let on_lined: crate::engine::TestHook = Box::new(move |e: &Engine| {
         if armed.swap(false, std::sync::atomic::Ordering::AcqRel) {
-            e.line.lock().combining = true;
+            e.seq.line.lock().combining = true;
             e.combine(ahead);
         }
     });
