@@ -102,8 +102,17 @@ fn survivors(path: &Path) -> Vec<u64> {
 }
 
 /// Runs the child, kills it after `after`, returns the acknowledged numbers.
+/// Held while a child is spawned, and while a test closes a store and
+/// opens it again: the tests of this file run in threads of one process,
+/// and a child spawned by one of them holds a copy of every open file of
+/// the process until it execs, with the locks of those files. A store
+/// closed by another thread in that instant stays locked, and opening it
+/// again fails with `AlreadyOpen`.
+static STORE_HANDOVER: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn run_and_kill(path: &Path, policy: &str, after: Duration) -> Vec<u64> {
     let exe = std::env::current_exe().unwrap();
+    let spawning = STORE_HANDOVER.lock().unwrap_or_else(|e| e.into_inner());
     let mut child = Command::new(exe)
         .args([
             "--ignored",
@@ -118,6 +127,7 @@ fn run_and_kill(path: &Path, policy: &str, after: Duration) -> Vec<u64> {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
+    drop(spawning);
     let stdout = child.stdout.take().unwrap();
     let (tx, rx) = mpsc::channel();
     let reader = std::thread::spawn(move || {
@@ -196,6 +206,7 @@ fn no_acknowledged_commit_lost(mode: &str) {
     let mut last_acked = None;
     for (round, after) in kill_times(seed, 20).into_iter().enumerate() {
         let acked = run_and_kill(&path, mode, after);
+        let _handover = STORE_HANDOVER.lock().unwrap_or_else(|e| e.into_inner());
         // A check after the crash reads only: the file and the log are
         // exactly as the crash left them.
         let before = common::store_files(&path);
@@ -243,6 +254,7 @@ fn manual_durability_loses_at_most_its_checkpoint_window_on_sigkill() {
     let mut lost_any = false;
     for (round, after) in kill_times(seed, 10).into_iter().enumerate() {
         let acked = run_and_kill(&path, "manual", after);
+        let _handover = STORE_HANDOVER.lock().unwrap_or_else(|e| e.into_inner());
         let check = repair_store(&path).unwrap();
         assert!(
             check.integrity_ok && check.references.is_clean(),

@@ -215,6 +215,9 @@ pub(crate) struct Engine {
     /// still held.
     #[cfg(test)]
     pub(crate) on_visible: OnceLock<TestHook>,
+    /// Tests: runs while a commit is placed, before it joins the line.
+    #[cfg(test)]
+    pub(crate) on_placing: OnceLock<TestHook>,
     /// Tests: runs when a placed commit has joined the line.
     #[cfg(test)]
     pub(crate) on_lined: OnceLock<TestHook>,

@@ -134,6 +134,8 @@ impl Engine {
             on_visible: OnceLock::new(),
             #[cfg(test)]
             on_lined: OnceLock::new(),
+            #[cfg(test)]
+            on_placing: OnceLock::new(),
         });
         if !engine.read_only {
             engine.start_checkpointer()?;

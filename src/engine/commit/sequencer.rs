@@ -113,11 +113,18 @@ impl<'a> QueuedOrder<'a> {
 /// A commit's place in the commit order. [`Turn::apply`] applies it once
 /// every earlier turn has finished; a turn dropped unapplied is applied
 /// all the same (its oids were published), so the turns after it go on.
+/// One dropped before it joined the line (a panic while it was placed) is
+/// ended as given up, once the turns before it are: never left open.
 #[must_use = "a turn holds up every later commit until it is applied or dropped"]
 pub(crate) struct Turn<'a> {
     engine: &'a Engine,
     pub(super) n: u64,
     done: bool,
+    /// Its commit joined the line.
+    lined: bool,
+    /// What its commit pins while it is being placed (handed to the line
+    /// with it; unpinned if it never gets there).
+    pinning: Vec<u64>,
 }
 
 impl<'a> OrderGuard<'a> {
@@ -128,6 +135,8 @@ impl<'a> OrderGuard<'a> {
             engine: self.engine,
             n,
             done: false,
+            lined: false,
+            pinning: Vec::new(),
         }
     }
 
@@ -173,11 +182,18 @@ impl<'a> OrderGuard<'a> {
             let turn = self.take_turn();
             return Placed::Applied(turn.run(session, &records, Carry::No, |_| ()).0);
         }
-        let turn = self.take_turn();
+        let mut turn = self.take_turn();
+        turn.pinning = pinned;
         let oids: Vec<Oid> = records.keys().copied().collect();
         // Published before it is in the line: from there another committer
         // may apply it at once, and a load must never see it unpublished.
         self.engine.publish_changes(Some(session), &oids);
+        #[cfg(test)]
+        if let Some(f) = self.engine.on_placing.get() {
+            f(self.engine);
+        }
+        turn.lined = true;
+        let pinned = std::mem::take(&mut turn.pinning);
         self.engine.seq.line.lock().queue.push_back(Queued {
             n: turn.n,
             session,
@@ -323,9 +339,25 @@ impl Turn<'_> {
 
 impl Drop for Turn<'_> {
     fn drop(&mut self) {
-        if !self.done {
+        if self.done {
+            return;
+        }
+        if self.lined {
             // A placed commit was published: it is applied all the same.
             let _ = self.collect();
+        } else {
+            // Never in the line (a panic while it was placed): nothing to
+            // apply; the turn ends once the ones before it have, and the
+            // later ones go on. (Its oids, if published, are invalidations
+            // of records that did not change: harmless.)
+            self.done = true;
+            let engine = self.engine;
+            engine.pins.unpin(&self.pinning);
+            let mut st = engine.lock_state();
+            engine.wait_turns(&mut st, self.n - 1);
+            engine.end_turn(&mut st, self.n);
+            drop(st);
+            engine.wake_line();
         }
     }
 }

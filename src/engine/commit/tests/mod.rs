@@ -408,3 +408,42 @@ fn a_commit_that_would_be_refused_publishes_nothing() {
 }
 
 mod collector;
+
+/// A panic while a commit is placed, after it took its turn and before it
+/// joined the line, ends that turn: the commits after it go on (the turn
+/// is not left open for ever).
+#[test]
+fn a_panic_while_placing_ends_the_turn_and_later_commits_go_on() {
+    let (_dir, engine, a, _b, _b_state, oids) = two_sessions(3);
+    let armed = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let hook: crate::engine::TestHook = Box::new(move |_: &Engine| {
+        if armed.swap(false, std::sync::atomic::Ordering::AcqRel) {
+            panic!("a panic while placing");
+        }
+    });
+    assert!(engine.on_placing.set(hook).is_ok());
+    let (e, first) = (engine.clone(), oids[1]);
+    let placing = std::thread::spawn(move || {
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let _ = e.lock_order().place(a, one(first, b"x", &[]));
+        }))
+        .is_err()
+    });
+    wait_until("the panicking placer never returned", || {
+        placing.is_finished()
+    });
+    assert!(placing.join().unwrap(), "the hook panics");
+    // The next commit, in a thread of its own: it must not wait for ever.
+    let (e, third) = (engine.clone(), oids[2]);
+    let later = std::thread::spawn(move || e.commit(a, &one(third, b"y", &[])));
+    wait_until("a commit after the panic never finished", || {
+        later.is_finished()
+    });
+    later.join().unwrap().unwrap();
+    assert_eq!(engine.load(oids[2]).unwrap().data(), b"y");
+    // The panicked commit was not applied.
+    assert!(matches!(
+        engine.load(oids[1]),
+        Err(crate::StorageError::NotFound(_))
+    ));
+}
