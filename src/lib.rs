@@ -96,8 +96,8 @@ pub use migrate::{
 };
 pub use record::{Oid, Record, RecordError};
 pub use server::{
-    DEFAULT_BACKUP_MAX_AGE, DEFAULT_SNAPSHOT_IDLE, DEFAULT_SNAPSHOT_MAX_AGE, Server, ServerConfig,
-    ShutdownHandle,
+    AdminFrom, DEFAULT_BACKUP_MAX_AGE, DEFAULT_SNAPSHOT_IDLE, DEFAULT_SNAPSHOT_MAX_AGE, Server,
+    ServerConfig, ShutdownHandle,
 };
 pub use storage::{PackReport, Storage, Traversal};
 pub use store::{GcReport, Options, RedbStorage};

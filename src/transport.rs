@@ -125,6 +125,15 @@ impl Stream {
     }
 
     /// The peer, for log lines.
+    /// Whether the peer is on this machine: a Unix socket, or TCP from a
+    /// loopback address.
+    pub(crate) fn is_local(&self) -> bool {
+        match self {
+            Stream::Tcp(s) => s.peer_addr().is_ok_and(|a| is_loopback(a.ip())),
+            Stream::Unix(_) => true,
+        }
+    }
+
     pub(crate) fn peer(&self) -> String {
         match self {
             Stream::Tcp(s) => s
@@ -240,6 +249,38 @@ impl Drop for Listener {
     fn drop(&mut self) {
         if let Listener::Unix(_, path) = self {
             let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+/// A loopback address, IPv4, IPv6, or IPv4 mapped into IPv6.
+pub(crate) fn is_loopback(ip: std::net::IpAddr) -> bool {
+    match ip {
+        std::net::IpAddr::V4(v4) => v4.is_loopback(),
+        std::net::IpAddr::V6(v6) => {
+            v6.is_loopback() || v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_loopback;
+
+    #[test]
+    fn loopback_addresses_of_every_kind_are_local_and_no_other() {
+        for local in ["127.0.0.1", "127.1.2.3", "::1", "::ffff:127.0.0.1"] {
+            assert!(is_loopback(local.parse().unwrap()), "{local}");
+        }
+        for remote in [
+            "192.0.2.2",
+            "10.0.0.1",
+            "0.0.0.0",
+            "::",
+            "fd00::2",
+            "::ffff:10.0.0.1",
+        ] {
+            assert!(!is_loopback(remote.parse().unwrap()), "{remote}");
         }
     }
 }

@@ -822,6 +822,84 @@ fn connections_beyond_the_maximum_are_refused(on: Backing) {
 }
 both!(connections_beyond_the_maximum_are_refused);
 
+/// This machine's address on its default route (not loopback): what a
+/// client elsewhere would see. The machines this runs on have one; a
+/// machine without a route cannot run this test, and says so.
+fn non_loopback_address() -> std::net::IpAddr {
+    let probe = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+    probe
+        .connect("198.51.100.1:9")
+        .expect("this test needs a non-loopback route (a default route on an interface)");
+    let ip = probe.local_addr().unwrap().ip();
+    assert!(!ip.is_loopback(), "{ip}");
+    ip
+}
+
+/// `Q` and `X` are administrative: by default answered only from this
+/// machine (loopback or the Unix socket). From another address they are
+/// refused, logged with the peer, and only that connection is closed;
+/// `--admin-from any` answers them from anyone, `--admin-from none` from
+/// nobody.
+#[test]
+fn administrative_requests_are_answered_only_from_where_admin_from_allows() {
+    let dir = tempfile::tempdir().unwrap();
+    let ip = non_loopback_address();
+    let remote = |server: &Served| {
+        ClientStorage::connect_tcp(&ip.to_string(), server.port)
+            .expect("connect over the interface")
+    };
+    // The default, local: a remote X and Q are refused, a loopback X and Q
+    // answered, and a remote client's commits go on.
+    let path = dir.path().join("local.redb");
+    let server = Served::start(&path, &["--host", "0.0.0.0"]);
+    let mut worker = remote(&server);
+    assert_eq!(worker.new_oid().unwrap(), Oid::ROOT);
+    make_root(&mut worker, &[]);
+    assert!(remote(&server).server_state().is_err(), "remote X answered");
+    let line = server.wait_for_log("refusing an administrative request, live state (X)");
+    assert!(line.contains(&ip.to_string()), "{line}");
+    // Q has no answer: the refusal shows in the log, and in the server
+    // going on.
+    let _ = remote(&server).stop_server();
+    let line = server.wait_for_log("refusing an administrative request, stop (Q)");
+    assert!(line.contains(&ip.to_string()), "{line}");
+    // Still serving: the worker commits, and loopback may ask.
+    worker.begin();
+    worker
+        .store(Oid::ROOT, rec(Oid::ROOT, b"after the refusals", &[]))
+        .unwrap();
+    worker.end().unwrap();
+    assert!(state_value(&mut server.client(), "commits_total") >= 2);
+    drop(worker);
+    server.stop();
+
+    // any: a remote X is answered, a remote Q stops the server.
+    let path = dir.path().join("any.redb");
+    let mut server = Served::start(&path, &["--host", "0.0.0.0", "--admin-from", "any"]);
+    assert!(remote(&server).server_state().unwrap().contains("objects"));
+    remote(&server).stop_server().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while server.child.try_wait().unwrap().is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "a remote Q did not stop the server"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+
+    // none: not even loopback; SIGTERM stops it.
+    let path = dir.path().join("none.redb");
+    let mut server = Served::start(&path, &["--admin-from", "none"]);
+    assert!(server.client().server_state().is_err());
+    let line = server.wait_for_log("refusing an administrative request, live state (X)");
+    assert!(line.contains("127.0.0.1"), "{line}");
+    let _ = server.client().stop_server();
+    let line = server.wait_for_log("refusing an administrative request, stop (Q)");
+    assert!(line.contains("refusing"), "{line}");
+    assert!(server.client().new_oid().is_ok(), "Q stopped it");
+    server.terminate(Duration::from_secs(30), "--admin-from none");
+}
+
 #[test]
 fn unix_socket_gets_the_permissions_asked_for() {
     use std::os::unix::fs::PermissionsExt;

@@ -83,6 +83,8 @@ pub(super) fn serve(shared: &Arc<Shared>, stream: Stream, peer: &str) {
         (Ok(read_half), Ok(write_half), Ok(grant_half)) => {
             let mut conn = Conn {
                 shared,
+                peer,
+                local: stream.is_local(),
                 session: &*session,
                 control: &stream,
                 r: BufReader::new(read_half),
@@ -132,6 +134,10 @@ impl Drop for Busy<'_> {
 
 struct Conn<'a> {
     shared: &'a Arc<Shared>,
+    /// The peer's address, for the log.
+    peer: &'a str,
+    /// The peer is on this machine (a Unix socket, or loopback).
+    local: bool,
     session: &'a dyn Session,
     control: &'a Stream,
     r: BufReader<Stream>,
@@ -162,6 +168,15 @@ impl Conn<'_> {
             control: self.control,
             timeout: &self.timeout,
             deadline: self.deadline,
+        }
+    }
+
+    /// Whether this connection may send `Q` and `X` (`--admin-from`).
+    fn admin_allowed(&self) -> bool {
+        match self.shared.config.admin_from {
+            super::AdminFrom::Any => true,
+            super::AdminFrom::Local => self.local,
+            super::AdminFrom::Nobody => false,
         }
     }
 
@@ -298,6 +313,19 @@ impl Conn<'_> {
                 });
                 walked(failed, r)?;
                 self.w.write_all(&0u32.to_be_bytes())?;
+            }
+            Request::Stats | Request::Quit if !self.admin_allowed() => {
+                let what = if code == b'Q' {
+                    "stop (Q)"
+                } else {
+                    "live state (X)"
+                };
+                tracing::warn!(
+                    "refusing an administrative request, {what}, from {}: not allowed from there \
+                     (--admin-from); closing that connection",
+                    self.peer
+                );
+                return Ok(false);
             }
             Request::Stats => {
                 let text = self.shared.live_state()?;

@@ -41,6 +41,22 @@ pub const DEFAULT_SNAPSHOT_MAX_AGE: Duration = Duration::from_secs(300);
 /// [`ServerConfig::backup_max_age`]'s default: one hour.
 pub const DEFAULT_BACKUP_MAX_AGE: Duration = Duration::from_secs(3600);
 
+/// Who may send a server its administrative requests, `Q` (stop) and `X`
+/// (live state). Durus's server answers them from anyone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum AdminFrom {
+    /// Every client, as Durus's server.
+    Any,
+    /// Clients on this machine: a Unix socket, or TCP from a loopback
+    /// address (the default).
+    #[default]
+    Local,
+    /// Nobody: stop the server with a signal; read its live state from
+    /// the metrics page.
+    Nobody,
+}
+
 /// How a server behaves. Start from `ServerConfig::default()` and set the
 /// fields that differ.
 #[derive(Debug, Clone)]
@@ -91,6 +107,11 @@ pub struct ServerConfig {
     /// Whether a client's `Q` stops the server, as in Durus (default true);
     /// when false, `Q` ends that client's connection only.
     pub allow_quit: bool,
+    /// Who may send the administrative requests `Q` (stop) and `X` (live
+    /// state): by default only clients on this machine (a Unix socket, or
+    /// TCP from a loopback address). A refused request is logged with the
+    /// peer's address and closes that connection only.
+    pub admin_from: AdminFrom,
     /// How long a connection that is the only one at work polls its socket
     /// for the client's next bytes before it sleeps (after answering a
     /// commit, and for the commit data while it holds the commit order).
@@ -122,6 +143,7 @@ impl Default for ServerConfig {
             snapshot_max_age: DEFAULT_SNAPSHOT_MAX_AGE,
             backup_max_age: DEFAULT_BACKUP_MAX_AGE,
             allow_quit: true,
+            admin_from: AdminFrom::Local,
             poll: Duration::from_micros(50),
             stop_when_poisoned: true,
         }

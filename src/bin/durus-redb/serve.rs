@@ -5,11 +5,24 @@ use std::process::ExitCode;
 
 use clap::{Args, ValueEnum};
 use durus_redb::{
-    Address, Durability, ManualGc, Options, Periodic, RedbStorage, Server, ServerConfig,
+    Address, AdminFrom, Durability, ManualGc, Options, Periodic, RedbStorage, Server, ServerConfig,
     StorageError,
 };
 
 use crate::common::*;
+
+/// Who may send `Q` (stop) and `X` (live state).
+#[derive(ValueEnum, Clone, Copy, Debug)]
+pub(crate) enum AdminChoice {
+    /// Every client, as Durus's server.
+    Any,
+    /// Clients on this machine: the Unix socket, or TCP from a loopback
+    /// address.
+    Local,
+    /// Nobody: stop the server with SIGTERM, read its state from
+    /// --metrics-address.
+    None,
+}
 
 /// What `serve` does once the store is poisoned.
 #[derive(ValueEnum, Clone, Copy, Debug)]
@@ -143,6 +156,12 @@ pub(crate) struct ServeArgs {
     /// reports `healthy 0` in `stats` and the metrics.
     #[arg(long, value_enum, default_value_t = OnPoison::Stop)]
     on_poison: OnPoison,
+    /// Who may send the administrative requests `Q` (stop the server, as
+    /// `durus-redb stop` does) and `X` (its live state, as `durus-redb
+    /// stats --port` reads it). A refused request is logged with the
+    /// client's address and closes that client's connection only.
+    #[arg(long, value_enum, default_value_t = AdminChoice::Local)]
+    admin_from: AdminChoice,
     /// Seconds between fsyncs of the commit log with --durability os.
     #[arg(long, default_value_t = 1.0)]
     fsync_interval: f64,
@@ -282,6 +301,11 @@ pub(crate) fn config_of(args: &ServeArgs) -> ServerConfig {
     config.backup_max_age = std::time::Duration::from_secs_f64(args.backup_max_age);
     config.poll = std::time::Duration::from_micros(args.poll_us);
     config.stop_when_poisoned = matches!(args.on_poison, OnPoison::Stop);
+    config.admin_from = match args.admin_from {
+        AdminChoice::Any => AdminFrom::Any,
+        AdminChoice::Local => AdminFrom::Local,
+        AdminChoice::None => AdminFrom::Nobody,
+    };
     config
 }
 
