@@ -1754,6 +1754,40 @@ fn metrics_are_served_as_prometheus_text(on: Backing) {
         );
     }
     assert!(get("/other").starts_with("HTTP/1.0 404"));
+    // A scraper that trickles its request a byte at a time is dropped once
+    // its request has taken 2 s in all (not 2 s a byte), and the page is
+    // served again after it.
+    let mut trickler = TcpStream::connect(addr.as_str()).unwrap();
+    trickler
+        .set_read_timeout(Some(Duration::from_millis(50)))
+        .unwrap();
+    let mut dropped = false;
+    for byte in b"GET /metrics HTTP/1.0\r\nHost: a-long-host-name\r\n"
+        .iter()
+        .cycle()
+        .take(400)
+    {
+        if trickler.write_all(&[*byte]).is_err() {
+            dropped = true;
+            break;
+        }
+        // Waits 50 ms for an answer: EOF once the server dropped it.
+        match trickler.read(&mut [0u8; 64]) {
+            Ok(0) => {
+                dropped = true;
+                break;
+            }
+            Ok(_) => panic!("an incomplete request was answered"),
+            Err(_) => {}
+        }
+    }
+    assert!(
+        dropped,
+        "a trickling scraper held the metrics page for 20 s"
+    );
+    let line = server.wait_for_log("metrics: a request not complete within");
+    assert!(line.contains("2s"), "{line}");
+    assert!(get("/metrics").starts_with("HTTP/1.0 200 OK"));
     drop(c);
     server.stop();
 }

@@ -111,17 +111,45 @@ pub(super) fn serve(shared: Arc<Shared>, listener: TcpListener) {
     }
 }
 
+/// How long one scrape may take to send its request, in all: the page is
+/// served one connection at a time, so a client that trickles its request
+/// holds up the others for at most this long.
+const REQUEST_TIME: Duration = Duration::from_secs(2);
+
+/// The largest request head read.
+const MAX_HEAD: usize = 8192;
+
 fn answer(shared: &Shared, mut stream: TcpStream) {
     let _ = stream.set_nonblocking(false);
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
-    let _ = stream.set_write_timeout(Some(Duration::from_secs(2)));
-    // The request head, at most 8 KiB.
+    let _ = stream.set_write_timeout(Some(REQUEST_TIME));
+    let deadline = std::time::Instant::now() + REQUEST_TIME;
+    // The request head, at most MAX_HEAD bytes, within REQUEST_TIME.
     let mut head = Vec::new();
     let mut buf = [0u8; 1024];
-    while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 8192 {
-        match stream.read(&mut buf) {
-            Ok(0) | Err(_) => break,
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < MAX_HEAD {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let read = if left.is_zero() {
+            Err(std::io::ErrorKind::TimedOut.into())
+        } else {
+            stream
+                .set_read_timeout(Some(left))
+                .and_then(|()| stream.read(&mut buf))
+        };
+        match read {
+            Ok(0) => break,
             Ok(n) => head.extend_from_slice(&buf[..n]),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                tracing::warn!(
+                    "metrics: a request not complete within {REQUEST_TIME:?} was dropped"
+                );
+                return;
+            }
+            Err(_) => return,
         }
     }
     let line = String::from_utf8_lossy(&head);
