@@ -1,0 +1,1 @@
+UPDATE flush SET n = n + 1 WHERE fe = 1;
