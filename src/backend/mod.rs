@@ -28,6 +28,8 @@
 //!   told of.
 
 pub(crate) mod memory;
+#[cfg(test)]
+mod tests;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
