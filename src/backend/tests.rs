@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use proptest::prelude::*;
 
 use super::memory::MemoryBackend;
-use super::{Backend, Entry, Found, Session};
+use super::{Backend, Entry, Found, Session, Snapshot};
 use crate::record::{Oid, Record};
 use crate::store::backend::RedbBackend;
 use crate::{ManualGc, Options, RedbStorage};
@@ -20,8 +20,16 @@ enum Op {
     /// Session `s` asks for `n` new oids.
     NewOids(usize, usize),
     /// Session `s` commits records of the picked oids, each referencing
-    /// picked oids (a pick past the known oids names one never handed out).
-    Commit(usize, Vec<(usize, Vec<usize>)>),
+    /// picked oids (a pick past the known oids names one never handed out);
+    /// with `true`, it takes the snapshot of the state after it (snapshot
+    /// reads).
+    Commit(usize, Vec<(usize, Vec<usize>)>, bool),
+    /// A sync in snapshot mode: the invalidations, and the session's
+    /// snapshot from then on.
+    SnapshotSync(usize),
+    /// Loads from the session's snapshot (with the invalid flags the
+    /// server answers absent oids by).
+    SnapshotLoad(usize, Vec<usize>),
     Sync(usize),
     Load(usize, Vec<usize>),
     Pack,
@@ -36,9 +44,13 @@ fn op() -> impl Strategy<Value = Op> {
             proptest::collection::vec(
                 (pick.clone(), proptest::collection::vec(pick.clone(), 0..3)),
                 1..4
-            )
+            ),
+            any::<bool>()
         )
-            .prop_map(|(s, w)| Op::Commit(s, w)),
+            .prop_map(|(s, w, snap)| Op::Commit(s, w, snap)),
+        1 => (0..SESSIONS).prop_map(Op::SnapshotSync),
+        2 => (0..SESSIONS, proptest::collection::vec(0..12usize, 1..5))
+            .prop_map(|(s, p)| Op::SnapshotLoad(s, p)),
         2 => (0..SESSIONS).prop_map(Op::Sync),
         3 => (0..SESSIONS, proptest::collection::vec(pick, 1..5))
             .prop_map(|(s, p)| Op::Load(s, p)),
@@ -69,14 +81,46 @@ fn oid_of(known: &[Oid], pick: usize) -> Oid {
     known.get(pick).copied().unwrap_or(Oid(900 + pick as u64))
 }
 
+/// Each session's snapshot, if it took one.
+type Snapshots = Vec<Option<Box<dyn Snapshot>>>;
+
 fn apply(
     sessions: &[Box<dyn Session + '_>],
+    snapshots: &mut Snapshots,
     backend: &dyn Backend,
     known: &[Oid],
     op: &Op,
     n: u64,
 ) -> Answer {
     match op {
+        Op::SnapshotSync(s) => match sessions[*s].sync_to_snapshot() {
+            Ok((oids, snapshot)) => {
+                snapshots[*s] = Some(snapshot);
+                Answer::Oids(oids)
+            }
+            Err(e) => Answer::Failed(e.to_string()),
+        },
+        Op::SnapshotLoad(s, picks) => {
+            let Some(snapshot) = &snapshots[*s] else {
+                return Answer::Failed("no snapshot".into());
+            };
+            let oids: Vec<Oid> = picks.iter().map(|p| oid_of(known, *p)).collect();
+            let mut flags = sessions[*s].invalid_flags(&oids).into_iter();
+            let mut out = Vec::new();
+            let r = snapshot.load_each(&oids, &mut |_, bytes| {
+                let changed = flags.next().unwrap_or(false);
+                out.push(match bytes {
+                    Some(b) => Some(Some(b.to_vec())),
+                    None if changed => None,
+                    None => Some(None),
+                });
+                true
+            });
+            match r {
+                Ok(()) => Answer::Loads(out),
+                Err(e) => Answer::Failed(e.to_string()),
+            }
+        }
         Op::NewOids(s, k) => match sessions[*s].new_oids(*k, 1 << 20) {
             Ok(oids) => Answer::Oids(oids),
             Err(e) => Answer::Failed(e.to_string()),
@@ -98,7 +142,7 @@ fn apply(
                 Err(e) => Answer::Failed(e.to_string()),
             }
         }
-        Op::Commit(s, writes) => {
+        Op::Commit(s, writes, snap) => {
             let session = &sessions[*s];
             let Entry::Now(order) = session.enter_order(&mut || unreachable!("no other committer"))
             else {
@@ -111,7 +155,13 @@ fn apply(
                 let refs: Vec<Oid> = refs.iter().map(|p| oid_of(known, *p)).collect();
                 records.insert(oid, Record::new(oid, &n.to_be_bytes(), &refs));
             }
-            let (r, _) = order.commit(records, false);
+            let (r, snapshot) = order.commit(records, *snap);
+            match snapshot {
+                Some(Ok(taken)) => snapshots[*s] = Some(taken),
+                Some(Err(e)) => return Answer::Failed(e.to_string()),
+                None if *snap => snapshots[*s] = None,
+                None => {}
+            }
             let outcome = match r {
                 Ok(()) => Outcome::Ok,
                 Err(e) if e.is_conflict() => Outcome::Conflict,
@@ -142,10 +192,12 @@ proptest! {
         let memory = MemoryBackend::new();
         let on_redb: Vec<_> = (0..SESSIONS).map(|_| redb.open_session()).collect();
         let on_memory: Vec<_> = (0..SESSIONS).map(|_| memory.open_session()).collect();
+        let mut redb_snaps: Snapshots = (0..SESSIONS).map(|_| None).collect();
+        let mut memory_snaps: Snapshots = (0..SESSIONS).map(|_| None).collect();
         let mut known: Vec<Oid> = Vec::new();
         for (n, op) in ops.iter().enumerate() {
-            let a = apply(&on_redb, &redb, &known, op, n as u64);
-            let b = apply(&on_memory, &memory, &known, op, n as u64);
+            let a = apply(&on_redb, &mut redb_snaps, &redb, &known, op, n as u64);
+            let b = apply(&on_memory, &mut memory_snaps, &memory, &known, op, n as u64);
             prop_assert_eq!(&a, &b, "step {}: {:?}", n, op);
             if let Answer::Oids(oids) = &a
                 && matches!(op, Op::NewOids(..))
@@ -153,7 +205,7 @@ proptest! {
                 known.extend(oids);
             }
         }
-        drop((on_redb, on_memory));
+        drop((redb_snaps, memory_snaps, on_redb, on_memory));
         redb.close().unwrap();
     }
 }
@@ -170,7 +222,7 @@ fn a_pack_removes_what_the_root_does_not_reach_on_both_stores() {
     let memory = MemoryBackend::new();
     let script = [
         Op::NewOids(0, 2),
-        Op::Commit(0, vec![(0, vec![]), (1, vec![])]),
+        Op::Commit(0, vec![(0, vec![]), (1, vec![])], false),
         Op::Sync(1),
         Op::Pack,
         Op::Sync(1),
@@ -178,12 +230,13 @@ fn a_pack_removes_what_the_root_does_not_reach_on_both_stores() {
     ];
     for backend in [&redb as &dyn Backend, &memory] {
         let sessions: Vec<_> = (0..SESSIONS).map(|_| backend.open_session()).collect();
+        let mut snapshots: Snapshots = (0..SESSIONS).map(|_| None).collect();
         let mut known = Vec::new();
         let answers: Vec<Answer> = script
             .iter()
             .enumerate()
             .map(|(n, op)| {
-                let a = apply(&sessions, backend, &known, op, n as u64);
+                let a = apply(&sessions, &mut snapshots, backend, &known, op, n as u64);
                 if let Answer::Oids(oids) = &a {
                     known.extend(oids);
                 }
