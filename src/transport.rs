@@ -124,7 +124,6 @@ impl Stream {
         };
     }
 
-    /// The peer, for log lines.
     /// Whether the peer is on this machine: a Unix socket, or TCP from a
     /// loopback address.
     pub(crate) fn is_local(&self) -> bool {
@@ -134,6 +133,7 @@ impl Stream {
         }
     }
 
+    /// The peer, for log lines.
     pub(crate) fn peer(&self) -> String {
         match self {
             Stream::Tcp(s) => s

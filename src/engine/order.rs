@@ -108,11 +108,14 @@ impl Order {
     pub(crate) fn enter<'a>(&self, engine: &'a Engine, grant: impl FnOnce() -> Grant) -> Entry<'a> {
         let mut q = self.queue.lock();
         if !q.held {
+            // Checked before the order is marked held: a violation panics
+            // with the order still free.
+            let rank = Token::take(rank::ORDER);
             q.held = true;
             drop(q);
             return Entry::Now(Held {
                 engine,
-                _rank: Token::take(rank::ORDER),
+                _rank: rank,
             });
         }
         let waiter = Arc::new(Waiter {

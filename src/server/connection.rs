@@ -533,9 +533,11 @@ impl Conn<'_> {
         let Some(records) = read_commit_data(&mut self.reader(), shared.config.max_frame_bytes)?
         else {
             // The client found a conflict in the invalidations and gave up:
-            // it is synced to the state they bring it to.
+            // it is synced to the state they bring it to, which the
+            // snapshot, taken before the order is given back, is exactly.
+            let renewed = self.renew_snapshot(|| session.snapshot());
             drop(order);
-            self.renew_snapshot(|| session.snapshot())?;
+            renewed?;
             return Ok(());
         };
         let bytes: u64 = records.values().map(|r| r.len() as u64 + 12).sum();

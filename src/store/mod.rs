@@ -456,10 +456,17 @@ impl Storage for RedbStorage {
         if self.closed {
             return Ok(());
         }
+        // Made durable while this session still counts, so that the store
+        // cannot be closed by another session's end meanwhile.
+        let checkpointed = if self.engine.handles.load(Ordering::Acquire) > 1 {
+            self.engine.checkpoint()
+        } else {
+            Ok(())
+        };
         if self.end_session() {
             self.engine.close()
         } else {
-            self.engine.checkpoint()
+            checkpointed
         }
     }
 }
