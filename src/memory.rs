@@ -4,7 +4,9 @@ use std::collections::{BTreeMap, BTreeSet, HashSet};
 
 use crate::error::{InvalidInput, Result, StorageError};
 use crate::record::{Oid, Record};
-use crate::storage::{Holder, PackReport, PendingCommit, Storage, may_create, validate_commit};
+use crate::storage::{
+    Holder, PackReport, PendingCommit, Storage, may_create, next_free_oid, validate_commit,
+};
 
 /// A storage that keeps everything in memory, with the same semantics as
 /// [`RedbStorage`](crate::RedbStorage): the same validation, the same oid
@@ -117,10 +119,8 @@ impl Storage for MemoryStorage {
     }
 
     fn new_oid(&mut self) -> Result<Oid> {
-        // Never a stored oid: a root committed directly is passed over.
-        if self.next_oid == 0 && self.records.contains_key(&Oid::ROOT) {
-            self.next_oid = 1;
-        }
+        let records = &self.records;
+        self.next_oid = next_free_oid(self.next_oid, || Ok(records.contains_key(&Oid::ROOT)))?;
         let oid = Oid(self.next_oid);
         self.next_oid += 1;
         self.allocated.insert(oid);

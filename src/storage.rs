@@ -198,6 +198,19 @@ pub(crate) fn validate_commit(
     }
 }
 
+/// Where a store's oid sequence goes on from `next`: never a stored oid.
+/// The first oid of a store is the root (0), handed out only while no
+/// root is stored; a root committed directly (without `new_oid`) is passed
+/// over. Every other oid is above every oid stored or handed out. The rule
+/// of every store.
+pub(crate) fn next_free_oid(next: u64, root_stored: impl FnOnce() -> Result<bool>) -> Result<u64> {
+    if next == 0 && root_stored()? {
+        Ok(1)
+    } else {
+        Ok(next)
+    }
+}
+
 /// Who holds an oid handed out by `new_oid` and not yet stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Holder {

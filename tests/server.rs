@@ -1836,6 +1836,9 @@ fn bad_flag_values_are_refused_with_a_message() {
         &["--request-timeout", "-3"][..],
         &["--poll-us", "-5"][..],
         &["--poll-us", "2000000"][..],
+        &["--checkpoint-interval", "0"][..],
+        &["--checkpoint-interval", "soon"][..],
+        &["--admin-from", "everyone"][..],
     ] {
         let out = Command::new(bin())
             .arg("serve")

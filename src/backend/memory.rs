@@ -17,7 +17,7 @@ use super::{Backend, Entry, Found, Grant, Hold, LiveState, PoisonWatch, Walk};
 use crate::error::{InvalidInput, Result};
 use crate::gc::FullReport;
 use crate::record::{Oid, Record, refs_of};
-use crate::storage::{Holder, may_create, validate_commit};
+use crate::storage::{Holder, may_create, next_free_oid, validate_commit};
 
 type Records = BTreeMap<Oid, Arc<[u8]>>;
 
@@ -294,10 +294,8 @@ impl super::Session for MemSession<'_> {
         }
         let mut oids = Vec::with_capacity(n);
         for _ in 0..n {
-            // Never a stored oid: a root committed directly is passed over.
-            if st.next_oid == 0 && st.records.contains_key(&Oid::ROOT) {
-                st.next_oid = 1;
-            }
+            let records = &st.records;
+            st.next_oid = next_free_oid(st.next_oid, || Ok(records.contains_key(&Oid::ROOT)))?;
             let oid = Oid(st.next_oid);
             st.next_oid += 1;
             st.held.insert(oid, self.id);

@@ -650,16 +650,14 @@ impl Engine {
             }
             .into());
         }
-        if st.next_oid == 0
-            && self
+        st.next_oid = crate::storage::next_free_oid(st.next_oid, || {
+            Ok(self
                 .db()?
                 .begin_read()?
                 .open_table(RECORDS)?
                 .get(0)?
-                .is_some()
-        {
-            st.next_oid = 1;
-        }
+                .is_some())
+        })?;
         let end = st
             .next_oid
             .checked_add(n)
