@@ -1,6 +1,8 @@
 //! The sessions' unit tests: the change log against a model, snapshots.
 
+use super::alloc::RESERVE_EVERY;
 use super::*;
+use crate::engine::layout::OID_BLOCK;
 use proptest::prelude::*;
 
 #[derive(Debug, Clone)]
@@ -225,7 +227,7 @@ fn oid_reservations_close_together_reach_further_ahead() {
     // The last reservation long ago: back to the smallest block.
     {
         let mut st = engine.commit.lock();
-        st.reserved_at = Some(Instant::now() - RESERVE_EVERY * 2);
+        st.reserved_at = Some(std::time::Instant::now() - RESERVE_EVERY * 2);
         st.next_oid = st.reserved;
     }
     highest = highest.max(engine.allocate(s, 1).unwrap()[0].0);
