@@ -893,7 +893,14 @@ fn administrative_requests_are_answered_only_from_where_admin_from_allows() {
     assert!(server.client().server_state().is_err());
     let line = server.wait_for_log("refusing an administrative request, live state (X)");
     assert!(line.contains("127.0.0.1"), "{line}");
-    let _ = server.client().stop_server();
+    // `durus-redb stop` sees that the server goes on, and says so.
+    let out = Command::new(bin())
+        .args(["stop", "--port", &server.port.to_string(), "--wait", "1"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("still accepts connections"), "{err}");
     let line = server.wait_for_log("refusing an administrative request, stop (Q)");
     assert!(line.contains("refusing"), "{line}");
     assert!(server.client().new_oid().is_ok(), "Q stopped it");

@@ -105,10 +105,19 @@ pub(crate) enum Command {
         #[arg(long)]
         full: bool,
     },
-    /// Stop a running server (sends the protocol's `Q`).
+    /// Stop a running server (sends the protocol's `Q`), and wait until it
+    /// no longer accepts connections.
+    ///
+    /// `Q` has no answer in Durus's protocol: a server that refuses it
+    /// (durus-redb answers it only from this machine by default, see `serve
+    /// --admin-from`) is told from one that stops only by still accepting
+    /// connections after `--wait` seconds; `stop` then fails.
     Stop {
         #[command(flatten)]
         at: ConnectArgs,
+        /// How long to wait for the server to stop, in seconds.
+        #[arg(long, default_value_t = 30.0)]
+        wait: f64,
     },
     /// Print the object count, size on disk and format version of a store
     /// file; or, without a file, ask a running durus-redb server for its
@@ -183,7 +192,7 @@ fn run(cli: Cli) -> ExitCode {
     prepare_process();
     match cli.command {
         Command::Serve(_) => unreachable!("handled above"),
-        Command::Stop { at } => stop(at),
+        Command::Stop { at, wait } => stop(at, wait),
         Command::Gc { path, full } => gc_cmd(&path, full),
         Command::Migrate {
             source,
