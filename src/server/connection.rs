@@ -504,8 +504,8 @@ impl Conn<'_> {
         let shared = self.shared.clone();
         let session = self.session;
         let timeout = shared.config.request_timeout;
-        let grant_half = self.grant_half.clone();
-        let order = match session.enter_order(&mut || Self::grant_to(&grant_half)) {
+        let grant_half = &self.grant_half;
+        let order = match session.enter_order(&mut || Self::grant_to(grant_half)) {
             Entry::Now(order) => {
                 let invalid = session.sync();
                 self.w.write_all(&encode_oids(&invalid))?;
