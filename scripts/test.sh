@@ -6,7 +6,9 @@
 #
 # Needs: cargo (with rustfmt and clippy), python3 with venv, network access
 # to PyPI the first time (scripts/setup-python.sh installs durus==4.3 into
-# .venv).  DURUS_PYTHON and DURUS_BIN are exported for the Rust tests.
+# .venv), and a PostgreSQL server installed (scripts/pg.sh runs a throwaway
+# cluster).  DURUS_PYTHON, DURUS_BIN and DURUS_TEST_POSTGRES are exported
+# for the Rust tests.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -21,6 +23,21 @@ for f in "$DURUS_PYTHON" "$DURUS_BIN"; do
 done
 echo "DURUS_PYTHON=$DURUS_PYTHON"
 echo "DURUS_BIN=$DURUS_BIN"
+
+# A throwaway PostgreSQL cluster for the tests of `serve --database` (the
+# tests fail without one: they are never skipped). DURUS_TEST_POSTGRES may
+# name a running one instead.
+if [ -z "${DURUS_TEST_POSTGRES:-}" ]; then
+    PG_DIR="$(mktemp -d /tmp/durus-redb-pg.XXXXXX)"
+    trap 'bash "$ROOT/scripts/pg.sh" stop "$PG_DIR" >/dev/null 2>&1 || true' EXIT
+    DURUS_TEST_POSTGRES="$(bash "$ROOT/scripts/pg.sh" start "$PG_DIR")" || {
+        echo "test.sh: could not start PostgreSQL (scripts/pg.sh); install the" \
+             "postgresql package" >&2
+        exit 1
+    }
+fi
+export DURUS_TEST_POSTGRES
+echo "DURUS_TEST_POSTGRES=$DURUS_TEST_POSTGRES"
 
 TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
 SERVER_BIN="$TARGET_DIR/debug/durus-redb"
@@ -85,6 +102,13 @@ memory_interop() {
         --compare-cmd "$DURUS_BIN -s --file {file} --port {port}" --quiet
 }
 
+database_interop() {  # a new database of the test cluster for each scenario
+    have_server || return 1
+    "${RUN_AGAINST[@]}" \
+        --server-cmd "bash $ROOT/tests/python/serve_database.sh $SERVER_BIN {dir} --port {port}" \
+        --compare-cmd "$DURUS_BIN -s --file {file} --port {port}" --quiet
+}
+
 step "python harness compiles" "$DURUS_PYTHON" -m py_compile \
     tests/python/interop.py tests/python/run_against.py
 step "cargo fmt --check" cargo fmt --all -- --check
@@ -113,6 +137,9 @@ step "interop: durus-redb serve --memory --snapshot-reads" \
     "${RUN_AGAINST[@]}" \
     --server-cmd "$SERVER_BIN serve --memory --port {port} --snapshot-reads" \
     --interop-arg=--snapshot-reads --quiet
+# And against a PostgreSQL database (serve --database).
+step "interop: durus-redb serve --database (PostgreSQL) vs durus -s over TCP" \
+    database_interop
 step "wheel: built, installed into a fresh venv, the demo run with the installed command" \
     bash scripts/wheel.sh
 

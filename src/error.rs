@@ -220,6 +220,13 @@ pub enum StorageError {
     /// The underlying database (redb) failed.
     #[error("storage failure: {0}")]
     Backend(#[from] BackendError),
+    /// The PostgreSQL database behind `serve --database` failed, refused a
+    /// statement, or holds something this build cannot serve.
+    #[error("database: {detail}")]
+    Database {
+        /// What failed, with the database's own message.
+        detail: String,
+    },
     /// An I/O error outside the database (a socket, a file).
     #[error("I/O error: {0}")]
     Io(#[from] std::io::Error),

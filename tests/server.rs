@@ -33,6 +33,22 @@ struct Served {
 enum Backing {
     Redb,
     Memory,
+    Postgres,
+}
+
+/// The test database of the store path `path` (one per test's folder),
+/// created on the first call.
+fn database_for(path: &Path) -> String {
+    static MADE: std::sync::Mutex<Vec<(PathBuf, String)>> = std::sync::Mutex::new(Vec::new());
+    let mut made = MADE.lock().unwrap();
+    let dir = path.parent().unwrap_or(path).to_path_buf();
+    if let Some((_, url)) = made.iter().find(|(d, _)| *d == dir) {
+        return url.clone();
+    }
+    let tag = dir.file_name().unwrap().to_string_lossy().into_owned();
+    let url = common::fresh_database(&tag);
+    made.push((dir, url.clone()));
+    url
 }
 
 impl Backing {
@@ -45,7 +61,31 @@ impl Backing {
     }
 }
 
-/// A protocol test, run against both stores: `NAME::redb` and `NAME::memory`.
+/// A protocol test, run against every store: `NAME::redb`, `NAME::memory`
+/// and `NAME::postgres`.
+macro_rules! all {
+    ($name:ident) => {
+        mod $name {
+            #[test]
+            fn redb() {
+                super::$name(super::Backing::Redb)
+            }
+
+            #[test]
+            fn memory() {
+                super::$name(super::Backing::Memory)
+            }
+
+            #[test]
+            fn postgres() {
+                super::$name(super::Backing::Postgres)
+            }
+        }
+    };
+}
+
+/// A protocol test of snapshot reads, run against the stores that serve
+/// them: `NAME::redb` and `NAME::memory`.
 macro_rules! both {
     ($name:ident) => {
         mod $name {
@@ -69,11 +109,16 @@ impl Served {
         Served::start_under(&[], path, extra)
     }
 
-    /// [`start`](Self::start) on `on`; the in-memory store ignores `path`.
+    /// [`start`](Self::start) on `on`; the in-memory store ignores `path`,
+    /// PostgreSQL takes a new database named after `path`'s folder.
     fn start_on(on: Backing, path: &Path, extra: &[&str]) -> Served {
         match on {
             Backing::Redb => Served::start(path, extra),
             Backing::Memory => Served::spawn(&[], &["--memory"], extra),
+            Backing::Postgres => {
+                let url = database_for(path);
+                Served::spawn(&[], &["--database", &url], extra)
+            }
         }
     }
 
@@ -327,7 +372,7 @@ fn commits_invalidate_other_clients_and_conflicts_are_reported(on: Backing) {
     server.stop();
     on.check_clean(&path);
 }
-both!(commits_invalidate_other_clients_and_conflicts_are_reported);
+all!(commits_invalidate_other_clients_and_conflicts_are_reported);
 
 fn many_clients_commit_at_once_and_oids_never_repeat(on: Backing) {
     let dir = tempfile::tempdir().unwrap();
@@ -380,7 +425,7 @@ fn many_clients_commit_at_once_and_oids_never_repeat(on: Backing) {
     server.stop();
     on.check_clean(&path);
 }
-both!(many_clients_commit_at_once_and_oids_never_repeat);
+all!(many_clients_commit_at_once_and_oids_never_repeat);
 
 /// Commits are applied after the next client has been told of them (the
 /// commit order is released once a commit has its turn): a client told of
@@ -484,7 +529,7 @@ fn a_client_told_of_a_change_never_loads_what_came_before_it(on: Backing) {
     server.stop();
     on.check_clean(&path);
 }
-both!(a_client_told_of_a_change_never_loads_what_came_before_it);
+all!(a_client_told_of_a_change_never_loads_what_came_before_it);
 
 fn pack_removes_garbage_and_invalidates_it_for_every_client(on: Backing) {
     let dir = tempfile::tempdir().unwrap();
@@ -526,7 +571,7 @@ fn pack_removes_garbage_and_invalidates_it_for_every_client(on: Backing) {
     server.stop();
     on.check_clean(&path);
 }
-both!(pack_removes_garbage_and_invalidates_it_for_every_client);
+all!(pack_removes_garbage_and_invalidates_it_for_every_client);
 
 #[test]
 fn graceful_shutdown_keeps_every_acknowledged_commit() {
@@ -768,7 +813,7 @@ fn hostile_input_never_disturbs_a_well_behaved_client(on: Backing) {
     server.stop();
     on.check_clean(&path);
 }
-both!(hostile_input_never_disturbs_a_well_behaved_client);
+all!(hostile_input_never_disturbs_a_well_behaved_client);
 
 fn a_stalled_committer_loses_the_commit_order_after_the_timeout(on: Backing) {
     let dir = tempfile::tempdir().unwrap();
@@ -797,7 +842,7 @@ fn a_stalled_committer_loses_the_commit_order_after_the_timeout(on: Backing) {
     drop(c);
     server.stop();
 }
-both!(a_stalled_committer_loses_the_commit_order_after_the_timeout);
+all!(a_stalled_committer_loses_the_commit_order_after_the_timeout);
 
 fn connections_beyond_the_maximum_are_refused(on: Backing) {
     let dir = tempfile::tempdir().unwrap();
@@ -820,7 +865,7 @@ fn connections_beyond_the_maximum_are_refused(on: Backing) {
     drop(b);
     server.stop();
 }
-both!(connections_beyond_the_maximum_are_refused);
+all!(connections_beyond_the_maximum_are_refused);
 
 /// This machine's address on its default route (not loopback): what a
 /// client elsewhere would see. The machines this runs on have one; a
@@ -1267,7 +1312,7 @@ fn a_trickling_committer_loses_the_commit_order_after_the_whole_request_timeout(
     drop(c);
     server.stop();
 }
-both!(a_trickling_committer_loses_the_commit_order_after_the_whole_request_timeout);
+all!(a_trickling_committer_loses_the_commit_order_after_the_whole_request_timeout);
 
 /// The other side of the request timeout: a commit whose data pauses but
 /// is complete within `--request-timeout` is taken, however the server
@@ -1294,7 +1339,7 @@ fn a_commit_that_pauses_but_is_complete_within_the_request_timeout_is_taken(on: 
     drop(c);
     server.stop();
 }
-both!(a_commit_that_pauses_but_is_complete_within_the_request_timeout_is_taken);
+all!(a_commit_that_pauses_but_is_complete_within_the_request_timeout_is_taken);
 
 /// A connection may hold only so many new oids unused (--max-oids-held):
 /// storing them frees the room; asking beyond it closes that connection.
@@ -1324,7 +1369,7 @@ fn a_connection_holds_at_most_max_oids_held_unused_oids(on: Backing) {
     drop((c, d));
     server.stop();
 }
-both!(a_connection_holds_at_most_max_oids_held_unused_oids);
+all!(a_connection_holds_at_most_max_oids_held_unused_oids);
 
 /// A bulk load's answers come in the order asked, each written as it is
 /// read: records, `I` for an oid invalidated for this connection, `K` for a
@@ -1382,7 +1427,7 @@ fn bulk_load_answers_records_invalid_and_missing_in_order(on: Backing) {
     drop((c, raw));
     server.stop();
 }
-both!(bulk_load_answers_records_invalid_and_missing_in_order);
+all!(bulk_load_answers_records_invalid_and_missing_in_order);
 
 /// A 2 KB bulk load naming one 1 MiB record 256 times does not make the
 /// server hold 256 MiB: answers are written as they are read.
@@ -1552,7 +1597,7 @@ fn stats_of_a_running_server_reports_its_live_state(on: Backing) {
     drop(c);
     server.stop();
 }
-both!(stats_of_a_running_server_reports_its_live_state);
+all!(stats_of_a_running_server_reports_its_live_state);
 
 /// `durus-redb backup` while 4 clients keep committing. Every commit of
 /// client i sets its own object X_i to its next counter and the shared
@@ -1798,7 +1843,7 @@ fn metrics_are_served_as_prometheus_text(on: Backing) {
     drop(c);
     server.stop();
 }
-both!(metrics_are_served_as_prometheus_text);
+all!(metrics_are_served_as_prometheus_text);
 
 /// Not a test: prints the server's resident memory after reading 100 MB of
 /// 1 MiB records, with the default page cache and with `--cache-size 16`
@@ -1907,7 +1952,7 @@ fn a_polling_connection_serves_the_client_as_a_sleeping_one_does(on: Backing) {
         on.check_clean(&path);
     }
 }
-both!(a_polling_connection_serves_the_client_as_a_sleeping_one_does);
+all!(a_polling_connection_serves_the_client_as_a_sleeping_one_does);
 
 /// The live state's value for `key`.
 fn state_value(c: &mut ClientStorage, key: &str) -> u64 {
@@ -2558,7 +2603,7 @@ fn committers_queued_for_the_commit_order_are_served_in_turn(on: Backing) {
     server.stop();
     on.check_clean(&path);
 }
-both!(committers_queued_for_the_commit_order_are_served_in_turn);
+all!(committers_queued_for_the_commit_order_are_served_in_turn);
 
 /// Commits `data` as the root through `c`.
 fn commit_root(c: &mut ClientStorage, data: &[u8]) -> durus_redb::Result<()> {
@@ -2878,4 +2923,124 @@ fn a_backup_past_its_max_age_is_stopped_and_leaves_nothing() {
     assert_eq!(c.load(Oid::ROOT).unwrap().data(), b"root");
     drop(c);
     server.stop();
+}
+
+/// Two servers over one PostgreSQL database are one store to their
+/// clients: a commit through one invalidates the clients of the other, a
+/// client that did not sync loses its commit to one made through the other
+/// (Durus's write conflict), increments of one counter through both never
+/// lose an update, and oids are never handed out twice, across the front
+/// ends and across a kill -9 of one of them.
+#[test]
+fn two_front_ends_over_one_database_serve_one_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = database_for(&dir.path().join("db"));
+    let one = Served::spawn(&[], &["--database", &url], &[]);
+    let two = Served::spawn(&[], &["--database", &url], &[]);
+    let mut a = one.client();
+    let mut b = two.client();
+    assert_eq!(a.new_oid().unwrap(), Oid::ROOT);
+    let x = a.new_oid().unwrap();
+    a.begin();
+    a.store(x, rec(x, b"x1", &[])).unwrap();
+    a.store(Oid::ROOT, rec(Oid::ROOT, b"root", &[x])).unwrap();
+    a.end().unwrap();
+    // b's front end was not told yet; b was connected before the commit.
+    assert!(matches!(b.load(x), Err(StorageError::ReadConflict(o)) if o == x));
+    assert_eq!(b.sync().unwrap(), vec![Oid::ROOT, x]);
+    assert_eq!(b.load(x).unwrap().data(), b"x1");
+    // A change through one front end, a commit without a sync through the
+    // other: the second is refused, naming x.
+    a.begin();
+    a.store(x, rec(x, b"x2", &[])).unwrap();
+    a.end().unwrap();
+    b.begin();
+    b.store(x, rec(x, b"from b", &[])).unwrap();
+    let err = b.end().unwrap_err();
+    assert!(
+        matches!(&err, StorageError::Conflict(Conflict::Invalidated { oids }) if oids == &[x]),
+        "{err}"
+    );
+    assert_eq!(b.load(x).unwrap().data(), b"x2");
+    assert_eq!(a.sync().unwrap(), Vec::<Oid>::new());
+
+    // A counter incremented by four clients, two on each front end, each
+    // retrying after a conflict: no increment is lost.
+    const EACH: u64 = 25;
+    let counter = a.new_oid().unwrap();
+    a.begin();
+    a.store(counter, rec(counter, &0u64.to_be_bytes(), &[]))
+        .unwrap();
+    a.store(Oid::ROOT, rec(Oid::ROOT, b"root", &[x, counter]))
+        .unwrap();
+    a.end().unwrap();
+    let ports = [one.port, two.port, one.port, two.port];
+    let handles: Vec<_> = ports
+        .into_iter()
+        .map(|port| {
+            std::thread::spawn(move || {
+                let mut c = ClientStorage::connect_tcp("127.0.0.1", port).unwrap();
+                let mut oids = Vec::new();
+                let mut conflicts = 0;
+                for _ in 0..EACH {
+                    oids.push(c.new_oid().unwrap());
+                    loop {
+                        c.sync().unwrap();
+                        let v = match c.load(counter) {
+                            Ok(r) => u64::from_be_bytes(r.data().try_into().unwrap()),
+                            Err(StorageError::ReadConflict(_)) => continue,
+                            Err(e) => panic!("{e}"),
+                        };
+                        c.begin();
+                        c.store(counter, rec(counter, &(v + 1).to_be_bytes(), &[]))
+                            .unwrap();
+                        match c.end() {
+                            Ok(()) => break,
+                            Err(e) if e.is_conflict() => conflicts += 1,
+                            Err(e) => panic!("{e}"),
+                        }
+                    }
+                }
+                (oids, conflicts)
+            })
+        })
+        .collect();
+    let mut handed: Vec<Oid> = vec![Oid::ROOT, x, counter];
+    let mut conflicts = 0;
+    for h in handles {
+        let (oids, c) = h.join().unwrap();
+        handed.extend(oids);
+        conflicts += c;
+    }
+    b.sync().unwrap();
+    let value = u64::from_be_bytes(b.load(counter).unwrap().data().try_into().unwrap());
+    assert_eq!(
+        value,
+        4 * EACH,
+        "increments lost ({conflicts} conflicts retried)"
+    );
+
+    // One front end is killed; the other goes on; the first comes back.
+    // No oid is handed out twice through all of it.
+    drop(a);
+    let mut one = one;
+    one.child.kill().unwrap();
+    one.child.wait().unwrap();
+    for _ in 0..10 {
+        handed.push(b.new_oid().unwrap());
+    }
+    let again = Served::spawn(&[], &["--database", &url], &[]);
+    let mut c = again.client();
+    for _ in 0..10 {
+        handed.push(c.new_oid().unwrap());
+    }
+    // The restarted front end reads the store as it is.
+    assert_eq!(c.load(x).unwrap().data(), b"x2");
+    let n = handed.len();
+    handed.sort_unstable();
+    handed.dedup();
+    assert_eq!(handed.len(), n, "an oid was handed out twice");
+    drop((b, c));
+    two.stop();
+    again.stop();
 }

@@ -28,6 +28,8 @@
 //!   told of.
 
 pub(crate) mod memory;
+#[cfg(feature = "postgres")]
+pub(crate) mod postgres;
 #[cfg(test)]
 mod tests;
 

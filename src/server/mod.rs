@@ -400,6 +400,24 @@ impl Server {
         )
     }
 
+    /// Binds the address of `config` to serve the PostgreSQL database at
+    /// `url` (a libpq-style URL or `key=value` string), creating the
+    /// durus-redb tables in an empty database. Several servers over one
+    /// database are interchangeable front ends: a client may connect to
+    /// any of them and sees every commit made through any other.
+    #[cfg(feature = "postgres")]
+    pub fn bind_database(url: &str, config: ServerConfig) -> crate::Result<Server> {
+        if config.snapshot_reads {
+            return Err(crate::StorageError::Database {
+                detail: "snapshot reads (--snapshot-reads) are not served from a PostgreSQL \
+                         database yet"
+                    .into(),
+            });
+        }
+        let backend = crate::backend::postgres::PgBackend::open(url)?;
+        Ok(Server::bind_backend(Arc::new(backend), config)?)
+    }
+
     fn bind_backend(backend: Arc<dyn Backend>, mut config: ServerConfig) -> io::Result<Server> {
         if let Some(soft) = open_files_limit() {
             let fit = connections_within(soft);

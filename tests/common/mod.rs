@@ -65,3 +65,40 @@ pub fn store_files(path: &Path) -> Vec<(PathBuf, Vec<u8>)> {
     out.sort();
     out
 }
+
+/// A new empty PostgreSQL database named after `tag` (dropped first if a
+/// run before left it) in the cluster of `DURUS_TEST_POSTGRES`, and its
+/// URL. Without that variable the calling test fails, it never skips:
+/// `scripts/pg.sh start DIR` starts a cluster and prints its URL, and
+/// scripts/test.sh does so.
+pub fn fresh_database(tag: &str) -> String {
+    let admin = std::env::var("DURUS_TEST_POSTGRES").unwrap_or_else(|_| {
+        panic!(
+            "DURUS_TEST_POSTGRES is not set: the PostgreSQL tests need a cluster. \
+             `scripts/pg.sh start DIR` starts one and prints its URL; scripts/test.sh does this"
+        )
+    });
+    let name: String = tag
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    let name = format!("durus_{name}_{}", std::process::id());
+    let mut client =
+        postgres::Client::connect(&admin, postgres::NoTls).expect("connect to DURUS_TEST_POSTGRES");
+    client
+        .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        .unwrap();
+    client
+        .batch_execute(&format!("CREATE DATABASE {name}"))
+        .unwrap();
+    let (base, _) = admin
+        .rsplit_once('/')
+        .expect("DURUS_TEST_POSTGRES is a URL ending in /DBNAME");
+    format!("{base}/{name}")
+}

@@ -53,8 +53,15 @@ pub(crate) enum DurabilityChoice {
 #[derive(Args, Debug)]
 pub(crate) struct ServeArgs {
     /// The store file (created if absent).
-    #[arg(long, required_unless_present = "memory")]
+    #[arg(long, required_unless_present_any = ["memory", "database"])]
     file: Option<PathBuf>,
+    /// Serve a PostgreSQL database instead of a file: a libpq-style URL
+    /// (`postgresql://user@host:port/dbname`, several hosts with
+    /// `target_session_attrs=read-write` for failover) or `key=value`
+    /// string. The tables are created in an empty database. Several
+    /// servers over one database are interchangeable front ends.
+    #[arg(long, value_name = "URL", conflicts_with_all = ["file", "memory", "readonly", "snapshot_reads"])]
+    database: Option<String>,
     /// Serve a new, empty store kept in memory instead of a file: lost when
     /// the server stops, nothing written to disk. For tests and trials; it
     /// keeps Durus's semantics (invalidations, conflicts, oids, pack).
@@ -245,8 +252,11 @@ pub(crate) fn serve(args: ServeArgs) -> ExitCode {
         }
         GcChoice::Manual => std::sync::Arc::new(ManualGc),
     };
+    if let Some(url) = &args.database {
+        return serve_on(Source::Database(url), config_of(&args));
+    }
     let Some(file) = args.file.clone() else {
-        return serve_on(None, config_of(&args));
+        return serve_on(Source::Memory, config_of(&args));
     };
     // A store this command creates is removed again if it cannot serve it.
     let created = !file.exists();
@@ -273,7 +283,10 @@ pub(crate) fn serve(args: ServeArgs) -> ExitCode {
     if created {
         tracing::info!("created a new store: {}", file.display());
     }
-    serve_on(Some((store, file, created)), config_of(&args))
+    serve_on(
+        Source::File(Box::new(store), file, created),
+        config_of(&args),
+    )
 }
 
 /// The server's configuration from the command line.
@@ -309,20 +322,29 @@ pub(crate) fn config_of(args: &ServeArgs) -> ServerConfig {
     config
 }
 
-/// Serves `store` (a file opened, its path, and whether this command
-/// created it), or a new in-memory store, until shut down.
-pub(crate) fn serve_on(
-    store: Option<(RedbStorage, PathBuf, bool)>,
-    config: ServerConfig,
-) -> ExitCode {
-    let bound = match &store {
-        Some((store, _, _)) => Server::bind(store, config),
-        None => Server::bind_memory(config),
+/// What `serve` serves.
+pub(crate) enum Source<'a> {
+    /// A store file opened, its path, and whether this command created it.
+    File(Box<RedbStorage>, PathBuf, bool),
+    /// A new in-memory store.
+    Memory,
+    /// The PostgreSQL database at this URL.
+    Database(&'a str),
+}
+
+/// Serves `source` until shut down.
+pub(crate) fn serve_on(source: Source<'_>, config: ServerConfig) -> ExitCode {
+    let bound = match &source {
+        Source::File(store, _, _) => {
+            Server::bind(store.as_ref(), config).map_err(|e| e.to_string())
+        }
+        Source::Memory => Server::bind_memory(config).map_err(|e| e.to_string()),
+        Source::Database(url) => Server::bind_database(url, config).map_err(|e| e.to_string()),
     };
     let server = match bound {
         Ok(s) => s,
         Err(e) => {
-            if let Some((store, file, created)) = store {
+            if let Source::File(store, file, created) = source {
                 drop(store); // closes the store
                 if created {
                     let _ = std::fs::remove_file(&file);
@@ -331,8 +353,8 @@ pub(crate) fn serve_on(
             return fail(e);
         }
     };
-    match store {
-        Some((store, file, _)) => {
+    match source {
+        Source::File(store, file, _) => {
             // The server holds the store open from here on.
             drop(store);
             tracing::info!(
@@ -341,8 +363,13 @@ pub(crate) fn serve_on(
                 server.address()
             );
         }
-        None => tracing::info!(
+        Source::Memory => tracing::info!(
             "Storage in memory (lost when the server stops) address={}",
+            server.address()
+        ),
+        Source::Database(url) => tracing::info!(
+            "Storage database={} address={}",
+            without_password(url),
             server.address()
         ),
     }
@@ -427,9 +454,49 @@ pub(crate) fn parse_id(
     }
 }
 
+/// A database URL fit for a log line: its password, if any, replaced.
+fn without_password(url: &str) -> String {
+    if let Some((scheme, rest)) = url.split_once("://")
+        && let Some((userinfo, host)) = rest.split_once('@')
+        && let Some((user, _)) = userinfo.split_once(':')
+    {
+        return format!("{scheme}://{user}:***@{host}");
+    }
+    if url.contains("password=") {
+        return url
+            .split_whitespace()
+            .map(|kv| {
+                if kv.starts_with("password=") {
+                    "password=***"
+                } else {
+                    kv
+                }
+            })
+            .collect::<Vec<_>>()
+            .join(" ");
+    }
+    url.to_string()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn database_urls_are_logged_without_their_password() {
+        assert_eq!(
+            without_password("postgresql://app:s3cret@db1:5432/store"),
+            "postgresql://app:***@db1:5432/store"
+        );
+        assert_eq!(
+            without_password("postgresql://app@db1/store"),
+            "postgresql://app@db1/store"
+        );
+        assert_eq!(
+            without_password("host=db1 user=app password=s3cret dbname=store"),
+            "host=db1 user=app password=*** dbname=store"
+        );
+    }
 
     #[test]
     fn umasks_parse_as_durus_reads_them() {

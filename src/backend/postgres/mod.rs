@@ -1,0 +1,819 @@
+//! A PostgreSQL database behind the server's seam: `durus-redb serve
+//! --database postgresql://...`. Several servers over one database are
+//! interchangeable front ends; the database holds everything that must
+//! outlive one of them.
+//!
+//! The tables (format [`FORMAT`], in `durus_meta`):
+//! - `durus_records (oid, chunk, tid, data)`: each record in chunks of at
+//!   most 1 MiB, with the tid of the commit that wrote it.
+//! - `durus_order (id = 1, tid, objects)`: the commit order. A commit locks
+//!   this one row (`SELECT ... FOR UPDATE`) from choosing the invalidations
+//!   its client is sent until it is applied, so commits through any front
+//!   end fall in one order, as with one Durus server; `tid` is the last
+//!   commit's number, `objects` how many records there are.
+//! - `durus_log (tid, oids)`: what each commit changed. A front end reads
+//!   it from its own position, under the order when it commits and on a
+//!   client's sync otherwise, and tells its sessions.
+//! - `durus_oids (id = 1, next)`: oids are taken from it in blocks, each
+//!   block durable before one oid of it is handed out: never twice, across
+//!   front ends, restarts and failovers.
+//! - `durus_flush (id, n)`: one row per front end, for the flush barrier.
+//!
+//! Durability: a commit is applied with `synchronous_commit = off`, so the
+//! order row is not held through the WAL flush; it is acknowledged only
+//! after a barrier, a one-row update committed synchronously on another
+//! connection after it, which returns only once the WAL is flushed (and,
+//! with a synchronous standby, replicated) past the commit. Commits that
+//! finish together share one barrier.
+//!
+//! Loads read the record with its tid: one written after the session's last
+//! sync is answered `Invalid`, as one invalidated is, so a session never
+//! reads a state newer than what it was told of, even when the commit came
+//! through another front end that this one has not heard of yet.
+//!
+//! Only what PostgreSQL, CockroachDB and YugabyteDB all have is used: plain
+//! tables with bigint keys and bytea values, `INSERT ... ON CONFLICT`,
+//! `SELECT ... FOR UPDATE` on one row, prepared statements, explicit
+//! transactions.
+//!
+//! Lock order (this module's own locks, plain `parking_lot`): `order` (the
+//! local side of the commit order, with its connection), `catch_up`,
+//! `alloc`, `state`; the barrier's locks are taken with none of these held.
+
+mod session;
+#[cfg(test)]
+pub(crate) mod testdb;
+
+use std::collections::{BTreeSet, HashMap};
+use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use parking_lot::{Condvar, Mutex};
+use postgres::{Client, NoTls, Statement};
+
+use super::{Backend, Hold, LiveState, PoisonWatch};
+use crate::error::{InvalidInput, Result, StorageError};
+use crate::gc::FullReport;
+use crate::record::{Oid, refs_of};
+
+/// The version of the tables this build writes and reads.
+pub(crate) const FORMAT: i64 = 1;
+
+/// The largest piece of a record in one row (CockroachDB advises against
+/// larger values).
+const CHUNK: usize = 1 << 20;
+
+/// Oids taken from `durus_oids` at a time.
+const OID_BLOCK: u64 = 1024;
+
+/// Idle connections kept for loads and syncs.
+const IDLE_CONNECTIONS: usize = 16;
+
+/// Oids loaded in one statement during a pack's walk.
+const WALK_BATCH: usize = 1000;
+
+/// Tries of the order's first statements when the database asks for a
+/// retry (serialization failure, deadlock): nothing was sent to a client.
+const ENTRY_TRIES: u32 = 5;
+
+/// A database error as this crate's error, with the database's message.
+pub(crate) fn db_error(e: postgres::Error) -> StorageError {
+    let detail = match e.as_db_error() {
+        Some(db) => format!("{} ({}): {}", db.message(), db.code().code(), db.severity()),
+        None => {
+            let mut text = e.to_string();
+            let mut source = std::error::Error::source(&e);
+            while let Some(s) = source {
+                text.push_str(": ");
+                text.push_str(&s.to_string());
+                source = s.source();
+            }
+            text
+        }
+    };
+    StorageError::Database { detail }
+}
+
+fn database(detail: impl Into<String>) -> StorageError {
+    StorageError::Database {
+        detail: detail.into(),
+    }
+}
+
+/// True if the database asked for the transaction to be tried again (a
+/// serialization failure or a deadlock; see [`db_error`]'s format).
+fn is_retry(e: &StorageError) -> bool {
+    matches!(e, StorageError::Database { detail }
+        if detail.contains("(40001)") || detail.contains("(40P01)"))
+}
+
+/// An oid as the database's bigint (the same 64 bits).
+fn key(oid: Oid) -> i64 {
+    oid.0 as i64
+}
+
+fn oid_of(key: i64) -> Oid {
+    Oid(key as u64)
+}
+
+/// Oids as a commit log entry: 8 bytes each, big-endian.
+fn oids_bytes(oids: &[Oid]) -> Vec<u8> {
+    oids.iter().flat_map(|o| o.to_bytes()).collect()
+}
+
+fn oids_from(bytes: &[u8]) -> Result<Vec<Oid>> {
+    if !bytes.len().is_multiple_of(8) {
+        return Err(StorageError::damaged(format!(
+            "a commit log entry of {} bytes (not a list of oids)",
+            bytes.len()
+        )));
+    }
+    Ok(bytes
+        .chunks_exact(8)
+        .map(|c| Oid::from_bytes(c.try_into().expect("8 bytes")))
+        .collect())
+}
+
+/// A connection with its prepared statements.
+pub(crate) struct Conn {
+    client: Client,
+    prepared: HashMap<&'static str, Statement>,
+}
+
+impl Conn {
+    fn connect(config: &postgres::Config) -> Result<Conn> {
+        let client = config.connect(NoTls).map_err(db_error)?;
+        Ok(Conn {
+            client,
+            prepared: HashMap::new(),
+        })
+    }
+
+    /// The statement `sql`, prepared once per connection.
+    fn statement(&mut self, sql: &'static str) -> Result<Statement> {
+        if let Some(s) = self.prepared.get(sql) {
+            return Ok(s.clone());
+        }
+        let s = self.client.prepare(sql).map_err(db_error)?;
+        self.prepared.insert(sql, s.clone());
+        Ok(s)
+    }
+
+    fn query(
+        &mut self,
+        sql: &'static str,
+        params: &[&(dyn postgres::types::ToSql + Sync)],
+    ) -> Result<Vec<postgres::Row>> {
+        let s = self.statement(sql)?;
+        self.client.query(&s, params).map_err(db_error)
+    }
+
+    fn execute(
+        &mut self,
+        sql: &'static str,
+        params: &[&(dyn postgres::types::ToSql + Sync)],
+    ) -> Result<u64> {
+        let s = self.statement(sql)?;
+        self.client.execute(&s, params).map_err(db_error)
+    }
+
+    fn batch(&mut self, sql: &str) -> Result<()> {
+        self.client.batch_execute(sql).map_err(db_error)
+    }
+}
+
+/// Connections for loads, syncs and oid blocks, opened as needed.
+struct Pool {
+    config: postgres::Config,
+    idle: Mutex<Vec<Conn>>,
+}
+
+/// A connection of the pool, given back when dropped (unless broken).
+struct Pooled<'a> {
+    pool: &'a Pool,
+    conn: Option<Conn>,
+}
+
+impl Pool {
+    fn get(&self) -> Result<Pooled<'_>> {
+        let idle = self.idle.lock().pop();
+        let conn = match idle {
+            Some(c) if !c.client.is_closed() => c,
+            _ => Conn::connect(&self.config)?,
+        };
+        Ok(Pooled {
+            pool: self,
+            conn: Some(conn),
+        })
+    }
+}
+
+impl std::ops::Deref for Pooled<'_> {
+    type Target = Conn;
+    fn deref(&self) -> &Conn {
+        self.conn.as_ref().expect("held until dropped")
+    }
+}
+
+impl std::ops::DerefMut for Pooled<'_> {
+    fn deref_mut(&mut self) -> &mut Conn {
+        self.conn.as_mut().expect("held until dropped")
+    }
+}
+
+impl Drop for Pooled<'_> {
+    fn drop(&mut self) {
+        if let Some(conn) = self.conn.take()
+            && !conn.client.is_closed()
+        {
+            let mut idle = self.pool.idle.lock();
+            if idle.len() < IDLE_CONNECTIONS {
+                idle.push(conn);
+            }
+        }
+    }
+}
+
+/// What this front end knows of the commit log and its sessions.
+#[derive(Default)]
+struct State {
+    /// Every commit up to this tid has been told to the sessions.
+    known: u64,
+    /// Oids handed out and not yet stored, with the session holding each.
+    held: HashMap<Oid, u64>,
+    sessions: HashMap<u64, SessionData>,
+    next_session: u64,
+    full_collections: u64,
+    removed_full: u64,
+}
+
+#[derive(Default)]
+struct SessionData {
+    /// Changed by others (or collected) since the session's last sync.
+    invalid: BTreeSet<Oid>,
+    /// Every commit up to this tid is in `invalid` or the session's own.
+    seen: u64,
+    /// How many oids of `held` are this session's.
+    held: u64,
+    /// The front end lost track of the commit log while this session was
+    /// open (its entries were trimmed before it read them): what the
+    /// session's client holds can no longer be checked.
+    lost: bool,
+}
+
+impl State {
+    /// Tells every session but `by` (all of them for `None`) that `oids`
+    /// changed.
+    fn publish(&mut self, by: Option<u64>, oids: &[Oid]) {
+        for (id, s) in &mut self.sessions {
+            if Some(*id) != by {
+                s.invalid.extend(oids.iter().copied());
+            }
+        }
+    }
+
+    /// Takes in commit log entries read from the database, in tid order.
+    fn take_log(&mut self, entries: &[(u64, Vec<Oid>)]) {
+        for (tid, oids) in entries {
+            if *tid <= self.known {
+                continue;
+            }
+            if *tid != self.known + 1 {
+                tracing::error!(
+                    "the commit log's entries {} to {} are gone (trimmed before this front end \
+                     read them): its {} sessions are closed",
+                    self.known + 1,
+                    tid - 1,
+                    self.sessions.len()
+                );
+                for s in self.sessions.values_mut() {
+                    s.lost = true;
+                }
+            }
+            self.publish(None, oids);
+            self.known = *tid;
+        }
+    }
+}
+
+/// The oid block this front end hands out from.
+#[derive(Default)]
+struct Alloc {
+    next: u64,
+    end: u64,
+}
+
+/// The flush barrier's shared state: runs are numbered from 1.
+#[derive(Default)]
+struct BarrierState {
+    started: u64,
+    finished: u64,
+    running: bool,
+    last_ok: u64,
+    last_error: Option<String>,
+}
+
+/// The database-backed store of one front end.
+pub(crate) struct PgBackend {
+    /// The local side of the commit order, and the connection that holds
+    /// the database's side (`None` until connected, or after it broke).
+    order: Mutex<Option<Conn>>,
+    /// Held while reading the commit log and while a commit becomes
+    /// visible and is told: the log is taken in order, once.
+    catch_up: Mutex<()>,
+    alloc: Mutex<Alloc>,
+    state: Mutex<State>,
+    pool: Pool,
+    /// This front end's row in `durus_flush`.
+    front_end: i64,
+    /// Oids taken from `durus_oids` at a time.
+    oid_block: u64,
+    barrier: Mutex<BarrierState>,
+    barrier_done: Condvar,
+    barrier_conn: Mutex<Option<Conn>>,
+    /// Whether the order's connection may defer its WAL flush (false where
+    /// the database refused `synchronous_commit = off`: every commit is
+    /// then flushed before the order is released).
+    deferred_flush: std::sync::atomic::AtomicBool,
+    order_waiting: AtomicU64,
+}
+
+impl PgBackend {
+    /// Connects to the database at `url` (a libpq-style URL or key=value
+    /// string), creating the tables if the database has none, refusing one
+    /// of another format.
+    pub(crate) fn open(url: &str) -> Result<PgBackend> {
+        let config = postgres::Config::from_str(url)
+            .map_err(|e| database(format!("invalid database URL: {e}")))?;
+        PgBackend::open_with(config, OID_BLOCK)
+    }
+
+    /// [`open`](Self::open) with the database's configuration, taking
+    /// `oid_block` oids from `durus_oids` at a time.
+    pub(crate) fn open_with(mut config: postgres::Config, oid_block: u64) -> Result<PgBackend> {
+        if config.get_application_name().is_none() {
+            config.application_name("durus-redb");
+        }
+        let mut conn = Conn::connect(&config)?;
+        ensure_schema(&mut conn)?;
+        let row = conn.query(
+            "UPDATE durus_meta SET value = value + 1 WHERE name = 'front_ends' RETURNING value",
+            &[],
+        )?;
+        let front_end: i64 = row[0].get(0);
+        conn.execute(
+            "INSERT INTO durus_flush (id, n) VALUES ($1, 0) ON CONFLICT (id) DO NOTHING",
+            &[&front_end],
+        )?;
+        let known: i64 = conn.query("SELECT tid FROM durus_order WHERE id = 1", &[])?[0].get(0);
+        let backend = PgBackend {
+            order: Mutex::new(None),
+            catch_up: Mutex::new(()),
+            alloc: Mutex::new(Alloc::default()),
+            state: Mutex::new(State {
+                known: known as u64,
+                ..State::default()
+            }),
+            pool: Pool {
+                config,
+                idle: Mutex::new(vec![conn]),
+            },
+            front_end,
+            oid_block: oid_block.max(1),
+            barrier: Mutex::new(BarrierState::default()),
+            barrier_done: Condvar::new(),
+            barrier_conn: Mutex::new(None),
+            deferred_flush: std::sync::atomic::AtomicBool::new(true),
+            order_waiting: AtomicU64::new(0),
+        };
+        Ok(backend)
+    }
+
+    /// A connection for the commit order, with the WAL flush deferred.
+    fn order_conn(&self) -> Result<Conn> {
+        let mut conn = Conn::connect(&self.pool.config)?;
+        if let Err(e) = conn.batch("SET synchronous_commit = off") {
+            tracing::warn!(
+                "the database refused synchronous_commit = off ({e}): each commit is flushed \
+                 while it holds the commit order"
+            );
+            self.deferred_flush.store(false, Ordering::Relaxed);
+        }
+        Ok(conn)
+    }
+
+    /// Reads the commit log past what this front end knows, on `conn`, and
+    /// tells the sessions. The caller holds `catch_up`.
+    fn read_log(&self, conn: &mut Conn) -> Result<()> {
+        let known = self.state.lock().known;
+        let rows = conn.query(
+            "SELECT tid, oids FROM durus_log WHERE tid > $1 ORDER BY tid",
+            &[&(known as i64)],
+        )?;
+        let mut entries = Vec::with_capacity(rows.len());
+        for row in rows {
+            let tid: i64 = row.get(0);
+            let oids: &[u8] = row.get(1);
+            entries.push((tid as u64, oids_from(oids)?));
+        }
+        self.state.lock().take_log(&entries);
+        Ok(())
+    }
+
+    /// Brings this front end up to the database's latest commit (a
+    /// client's sync, a new session).
+    fn catch_up(&self) -> Result<()> {
+        let _log = self.catch_up.lock();
+        let mut conn = self.pool.get()?;
+        self.read_log(&mut conn)
+    }
+
+    /// Returns once everything committed before the call is flushed to the
+    /// database's WAL (and its synchronous standbys): one synchronous
+    /// commit of this front end's `durus_flush` row, shared by the callers
+    /// that arrive while one runs.
+    fn flush_barrier(&self) -> Result<()> {
+        if !self.deferred_flush.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let mut st = self.barrier.lock();
+        let target = st.started + 1;
+        loop {
+            if st.finished >= target {
+                return if st.last_ok >= target {
+                    Ok(())
+                } else {
+                    Err(database(format!(
+                        "the commit was applied but its flush to the database's WAL was not \
+                         confirmed: {}",
+                        st.last_error.as_deref().unwrap_or("unknown failure")
+                    )))
+                };
+            }
+            if st.running {
+                self.barrier_done.wait(&mut st);
+                continue;
+            }
+            st.running = true;
+            st.started += 1;
+            let run = st.started;
+            drop(st);
+            let result = self.run_barrier();
+            st = self.barrier.lock();
+            st.running = false;
+            st.finished = run;
+            match result {
+                Ok(()) => st.last_ok = run,
+                Err(e) => st.last_error = Some(e.to_string()),
+            }
+            self.barrier_done.notify_all();
+        }
+    }
+
+    fn run_barrier(&self) -> Result<()> {
+        let mut slot = self.barrier_conn.lock();
+        if slot.as_ref().is_none_or(|c| c.client.is_closed()) {
+            *slot = Some(Conn::connect(&self.pool.config)?);
+        }
+        let conn = slot.as_mut().expect("just connected");
+        let result = conn.execute(
+            "UPDATE durus_flush SET n = n + 1 WHERE id = $1",
+            &[&self.front_end],
+        );
+        if result.is_err() {
+            *slot = None;
+        }
+        result.map(|_| ())
+    }
+
+    /// Takes the database's side of the commit order on `conn` (a
+    /// transaction holding the order row) and reads the log up to it.
+    /// Returns the last commit's tid.
+    fn take_order(&self, conn: &mut Conn) -> Result<u64> {
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            let result = (|| {
+                conn.batch("BEGIN")?;
+                let tid: i64 = conn
+                    .query("SELECT tid FROM durus_order WHERE id = 1 FOR UPDATE", &[])?[0]
+                    .get(0);
+                let _log = self.catch_up.lock();
+                self.read_log(conn)?;
+                let known = self.state.lock().known;
+                if known != tid as u64 {
+                    return Err(database(format!(
+                        "the commit log ends at {known}, the commit order at {tid}: \
+                         the database is not a consistent durus-redb store"
+                    )));
+                }
+                Ok(tid as u64)
+            })();
+            match result {
+                Ok(tid) => return Ok(tid),
+                Err(e) => {
+                    let _ = conn.batch("ROLLBACK");
+                    if !is_retry(&e) || tries >= ENTRY_TRIES {
+                        return Err(e);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Hands out `n` oids (the root first, while no root is stored).
+    fn allocate(&self, n: usize) -> Result<Vec<Oid>> {
+        let mut alloc = self.alloc.lock();
+        let mut oids = Vec::with_capacity(n);
+        while oids.len() < n {
+            if alloc.next == 0 && alloc.end > 0 {
+                let mut conn = self.pool.get()?;
+                let root = conn.query(
+                    "SELECT 1 FROM durus_records WHERE oid = 0 AND chunk = 0",
+                    &[],
+                )?;
+                alloc.next = crate::storage::next_free_oid(0, || Ok(!root.is_empty()))?;
+            }
+            if alloc.next >= alloc.end {
+                let mut conn = self.pool.get()?;
+                let rows = conn.query(
+                    "UPDATE durus_oids SET next = next + $1 WHERE id = 1 RETURNING next",
+                    &[&(self.oid_block as i64)],
+                )?;
+                let end: i64 = rows[0].get(0);
+                alloc.end = end as u64;
+                alloc.next = alloc.end - self.oid_block;
+                continue;
+            }
+            oids.push(Oid(alloc.next));
+            alloc.next += 1;
+        }
+        Ok(oids)
+    }
+
+    /// Loads the records of `oids` (each once) with their tids.
+    fn fetch(&self, conn: &mut Conn, oids: &[Oid]) -> Result<HashMap<Oid, (u64, Vec<u8>)>> {
+        let keys: Vec<i64> = oids.iter().map(|o| key(*o)).collect();
+        let rows = conn.query(
+            "SELECT oid, chunk, tid, data FROM durus_records WHERE oid = ANY($1) \
+             ORDER BY oid, chunk",
+            &[&keys],
+        )?;
+        let mut found: HashMap<Oid, (u64, Vec<u8>)> = HashMap::with_capacity(rows.len());
+        for row in &rows {
+            let oid = oid_of(row.get(0));
+            let chunk: i32 = row.get(1);
+            let tid: i64 = row.get(2);
+            let data: &[u8] = row.get(3);
+            let entry = found.entry(oid).or_insert_with(|| (tid as u64, Vec::new()));
+            if chunk == 0 {
+                entry.1.clear();
+            }
+            entry.1.extend_from_slice(data);
+        }
+        Ok(found)
+    }
+}
+
+/// Creates the tables in an empty database, or checks their format.
+fn ensure_schema(conn: &mut Conn) -> Result<()> {
+    for attempt in 0..2 {
+        match conn
+            .client
+            .query_opt("SELECT value FROM durus_meta WHERE name = 'format'", &[])
+        {
+            Ok(Some(row)) => {
+                let found: i64 = row.get(0);
+                if found != FORMAT {
+                    return Err(database(format!(
+                        "the database holds durus-redb tables of format {found}; this build \
+                         serves format {FORMAT} (see UPGRADING.md)"
+                    )));
+                }
+                return Ok(());
+            }
+            Ok(None) => {
+                return Err(database(
+                    "the database has a durus_meta table without a format row: \
+                     not a durus-redb store (or one whose creation was interrupted)",
+                ));
+            }
+            Err(e) if e.code() == Some(&postgres::error::SqlState::UNDEFINED_TABLE) => {
+                match create_schema(conn) {
+                    Ok(()) => {
+                        tracing::info!("created the durus-redb tables (format {FORMAT})");
+                        return Ok(());
+                    }
+                    // Another front end created them at the same moment.
+                    Err(e) if attempt == 0 => {
+                        tracing::debug!("creating the tables failed ({e}); looking again")
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            Err(e) => return Err(db_error(e)),
+        }
+    }
+    unreachable!("the second attempt returns")
+}
+
+fn create_schema(conn: &mut Conn) -> Result<()> {
+    let result = conn.batch(&format!(
+        "BEGIN;
+         CREATE TABLE durus_meta (name text PRIMARY KEY, value bigint NOT NULL);
+         CREATE TABLE durus_order (id int PRIMARY KEY, tid bigint NOT NULL,
+                                   objects bigint NOT NULL);
+         CREATE TABLE durus_oids (id int PRIMARY KEY, next bigint NOT NULL);
+         CREATE TABLE durus_records (oid bigint NOT NULL, chunk int NOT NULL,
+                                     tid bigint NOT NULL, data bytea NOT NULL,
+                                     PRIMARY KEY (oid, chunk));
+         CREATE TABLE durus_log (tid bigint PRIMARY KEY, oids bytea NOT NULL);
+         CREATE TABLE durus_flush (id bigint PRIMARY KEY, n bigint NOT NULL);
+         INSERT INTO durus_meta (name, value) VALUES ('format', {FORMAT}), ('front_ends', 0);
+         INSERT INTO durus_order (id, tid, objects) VALUES (1, 0, 0);
+         INSERT INTO durus_oids (id, next) VALUES (1, 0);
+         COMMIT;"
+    ));
+    if result.is_err() {
+        let _ = conn.batch("ROLLBACK");
+    }
+    result
+}
+
+impl Backend for PgBackend {
+    fn open_session(&self) -> Box<dyn super::Session + '_> {
+        if let Err(e) = self.catch_up() {
+            tracing::warn!("a new session could not read the commit log: {e}");
+        }
+        let mut st = self.state.lock();
+        st.next_session += 1;
+        let id = st.next_session;
+        let seen = st.known;
+        st.sessions.insert(
+            id,
+            SessionData {
+                seen,
+                ..SessionData::default()
+            },
+        );
+        Box::new(session::PgSession {
+            backend: self,
+            id,
+            just_ordered: std::cell::Cell::new(false),
+        })
+    }
+
+    fn live_state(&self) -> Result<LiveState> {
+        let objects: i64 = {
+            let mut conn = self.pool.get()?;
+            conn.query("SELECT objects FROM durus_order WHERE id = 1", &[])?[0].get(0)
+        };
+        let st = self.state.lock();
+        Ok(LiveState {
+            healthy: true,
+            objects: objects as u64,
+            order_waiting: self.order_waiting.load(Ordering::Acquire),
+            gc_removed_full: st.removed_full,
+            gc_full_collections: st.full_collections,
+            ..LiveState::default()
+        })
+    }
+
+    /// A pack as Durus's: everything the root does not reach is removed at
+    /// once. It holds the commit order throughout (commits wait).
+    fn full_collection(&self, stop: &mut dyn FnMut() -> bool) -> Result<FullReport> {
+        let started = Instant::now();
+        let mut order = self.order.lock();
+        if order.as_ref().is_none_or(|c| c.client.is_closed()) {
+            *order = Some(self.order_conn()?);
+        }
+        let conn = order.as_mut().expect("just connected");
+        let tid = self.take_order(conn)?;
+        let result = self.pack_in_order(conn, tid, stop, started);
+        if result.as_ref().map_or(true, |(r, _)| !r.completed) {
+            if conn.batch("ROLLBACK").is_err() {
+                *order = None;
+            }
+            return result.map(|(r, _)| r);
+        }
+        let (mut report, dead) = result.expect("checked above");
+        let _log = self.catch_up.lock();
+        if let Err(e) = conn.batch("COMMIT") {
+            *order = None;
+            return Err(e);
+        }
+        {
+            let mut st = self.state.lock();
+            if !dead.is_empty() {
+                st.publish(None, &dead);
+                st.known = tid + 1;
+            }
+            st.full_collections += 1;
+            st.removed_full += report.removed_objects;
+        }
+        drop(_log);
+        drop(order);
+        self.flush_barrier()?;
+        report.elapsed = started.elapsed();
+        Ok(report)
+    }
+
+    /// Never called: a database failure fails the commits it touches, and
+    /// the next ones connect again.
+    fn watch_poison(&self, _watch: PoisonWatch) {}
+
+    fn hold_commits(&self) -> Box<dyn Hold + '_> {
+        Box::new(self.order.lock())
+    }
+
+    fn close(&self) -> Result<()> {
+        *self.order.lock() = None;
+        *self.barrier_conn.lock() = None;
+        self.pool.idle.lock().clear();
+        Ok(())
+    }
+}
+
+impl PgBackend {
+    /// The mark and sweep of a pack, in the transaction holding the order
+    /// at `tid`. Returns the report (not completed if stopped) and the
+    /// oids removed.
+    fn pack_in_order(
+        &self,
+        conn: &mut Conn,
+        tid: u64,
+        stop: &mut dyn FnMut() -> bool,
+        started: Instant,
+    ) -> Result<(FullReport, Vec<Oid>)> {
+        let mut report = FullReport {
+            completed: true,
+            passes: 1,
+            ..FullReport::default()
+        };
+        let any: Vec<postgres::Row> =
+            conn.query("SELECT oid FROM durus_records WHERE chunk = 0 LIMIT 1", &[])?;
+        if any.is_empty() {
+            report.elapsed = started.elapsed();
+            return Ok((report, Vec::new()));
+        }
+        let mut live: std::collections::HashSet<Oid> = std::collections::HashSet::new();
+        let mut todo = vec![Oid::ROOT];
+        let mut root_seen = false;
+        while !todo.is_empty() {
+            if stop() {
+                report.completed = false;
+                return Ok((report, Vec::new()));
+            }
+            let batch: Vec<Oid> = todo
+                .drain(todo.len().saturating_sub(WALK_BATCH)..)
+                .filter(|o| live.insert(*o))
+                .collect();
+            let found = self.fetch(conn, &batch)?;
+            for (oid, (_, bytes)) in &found {
+                if *oid == Oid::ROOT {
+                    root_seen = true;
+                }
+                let refs = refs_of(bytes).map_err(|e| {
+                    StorageError::damaged(format!("the record of oid {oid} does not decode: {e}"))
+                })?;
+                todo.extend(refs.filter(|r| !live.contains(r)));
+            }
+        }
+        if !root_seen {
+            return Err(InvalidInput::NoRoot.into());
+        }
+        let rows = conn.query(
+            "SELECT oid, sum(length(data))::bigint FROM durus_records GROUP BY oid",
+            &[],
+        )?;
+        let mut dead = Vec::new();
+        for row in &rows {
+            let oid = oid_of(row.get(0));
+            if !live.contains(&oid) {
+                dead.push(oid);
+                let bytes: i64 = row.get(1);
+                report.removed_bytes += bytes as u64;
+            }
+        }
+        dead.sort();
+        report.live_objects = (rows.len() - dead.len()) as u64;
+        report.removed_objects = dead.len() as u64;
+        if !dead.is_empty() {
+            for part in dead.chunks(WALK_BATCH) {
+                let keys: Vec<i64> = part.iter().map(|o| key(*o)).collect();
+                conn.execute("DELETE FROM durus_records WHERE oid = ANY($1)", &[&keys])?;
+            }
+            let next = (tid + 1) as i64;
+            conn.execute(
+                "INSERT INTO durus_log (tid, oids) VALUES ($1, $2)",
+                &[&next, &oids_bytes(&dead)],
+            )?;
+            conn.execute(
+                "UPDATE durus_order SET tid = $1, objects = objects - $2 WHERE id = 1",
+                &[&next, &(dead.len() as i64)],
+            )?;
+        }
+        Ok((report, dead))
+    }
+}

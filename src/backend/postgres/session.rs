@@ -1,0 +1,398 @@
+//! A client's session on a PostgreSQL front end, and its commits.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::Ordering;
+
+use parking_lot::MutexGuard;
+
+use super::{CHUNK, Conn, PgBackend, database, key, oid_of, oids_bytes};
+use crate::backend::{Entry, Found, Grant, Order, Session, Snapshot, Walk};
+use crate::error::{InvalidInput, Result, StorageError};
+use crate::record::{Oid, Record};
+use crate::storage::{Holder, may_create, validate_commit};
+
+/// One client's session.
+pub(super) struct PgSession<'a> {
+    pub(super) backend: &'a PgBackend,
+    pub(super) id: u64,
+    /// Set when the session takes the commit order, cleared by its sync.
+    pub(super) just_ordered: std::cell::Cell<bool>,
+}
+
+impl Drop for PgSession<'_> {
+    fn drop(&mut self) {
+        let mut st = self.backend.state.lock();
+        if st.sessions.remove(&self.id).is_some_and(|s| s.held > 0) {
+            st.held.retain(|_, s| *s != self.id);
+        }
+    }
+}
+
+fn no_snapshots() -> StorageError {
+    database("snapshot reads are not served from a PostgreSQL database yet")
+}
+
+impl PgSession<'_> {
+    /// Fails if the front end lost track of the log while this session
+    /// was open.
+    fn check_lost(&self) -> Result<()> {
+        let st = self.backend.state.lock();
+        if st.sessions.get(&self.id).is_some_and(|s| s.lost) {
+            return Err(database(
+                "this front end lost track of the commit log (its entries were trimmed before \
+                 it read them): reconnect",
+            ));
+        }
+        Ok(())
+    }
+
+    fn take_invalid(&self) -> Vec<Oid> {
+        let mut st = self.backend.state.lock();
+        let known = st.known;
+        st.sessions
+            .get_mut(&self.id)
+            .map(|s| {
+                s.seen = known;
+                std::mem::take(&mut s.invalid).into_iter().collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+impl Session for PgSession<'_> {
+    fn sync(&self) -> Vec<Oid> {
+        // Just after taking the order (a commit's invalidations) the log
+        // was read up to its end, and nothing commits meanwhile.
+        if !self.just_ordered.replace(false)
+            && let Err(e) = self.backend.catch_up()
+        {
+            tracing::warn!("a sync could not read the commit log: {e}");
+        }
+        self.take_invalid()
+    }
+
+    fn sync_to_snapshot(&self) -> Result<(Vec<Oid>, Box<dyn Snapshot>)> {
+        Err(no_snapshots())
+    }
+
+    fn snapshot(&self) -> Result<Box<dyn Snapshot>> {
+        Err(no_snapshots())
+    }
+
+    fn invalid_flags(&self, oids: &[Oid]) -> Vec<bool> {
+        let st = self.backend.state.lock();
+        let invalid = st.sessions.get(&self.id).map(|s| &s.invalid);
+        oids.iter()
+            .map(|o| invalid.is_some_and(|i| i.contains(o)))
+            .collect()
+    }
+
+    fn load(&self, oids: &[Oid], each: &mut dyn FnMut(Found<'_>) -> bool) -> Result<()> {
+        self.check_lost()?;
+        let found = {
+            let mut conn = self.backend.pool.get()?;
+            self.backend.fetch(&mut conn, oids)?
+        };
+        let flags = || -> (Vec<bool>, u64) {
+            let st = self.backend.state.lock();
+            let data = st.sessions.get(&self.id);
+            (
+                oids.iter()
+                    .map(|o| data.is_some_and(|s| s.invalid.contains(o)))
+                    .collect(),
+                data.map_or(0, |s| s.seen),
+            )
+        };
+        let (mut invalid, seen) = flags();
+        // A record missing may have been removed by a pack through another
+        // front end, which this one has not read of yet: it is invalid to
+        // the session then, not missing (as with one server).
+        if oids
+            .iter()
+            .zip(&invalid)
+            .any(|(o, i)| !i && !found.contains_key(o))
+        {
+            self.backend.catch_up()?;
+            invalid = flags().0;
+        }
+        for (oid, invalid) in oids.iter().zip(invalid) {
+            let answer = match found.get(oid) {
+                _ if invalid => Found::Invalid,
+                // Written by a commit this session was not told of yet.
+                Some((tid, _)) if *tid > seen => Found::Invalid,
+                Some((_, bytes)) => Found::Record(bytes),
+                None => Found::Missing,
+            };
+            if !each(answer) {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    fn new_oids(&self, n: usize, cap: u64) -> Result<Vec<Oid>> {
+        let held = {
+            let st = self.backend.state.lock();
+            st.sessions.get(&self.id).map_or(0, |s| s.held)
+        };
+        let asked = n as u64;
+        if held.saturating_add(asked) > cap {
+            return Err(InvalidInput::TooManyOidsHeld { held, asked, cap }.into());
+        }
+        let oids = self.backend.allocate(n)?;
+        let mut st = self.backend.state.lock();
+        for oid in &oids {
+            st.held.insert(*oid, self.id);
+        }
+        if let Some(s) = st.sessions.get_mut(&self.id) {
+            s.held += asked;
+        }
+        Ok(oids)
+    }
+
+    fn backup(&self, each: &mut dyn FnMut(Walk<'_>) -> bool) -> Result<()> {
+        let mut conn = self.backend.pool.get()?;
+        let client = &mut conn.client;
+        let mut tx = client
+            .build_transaction()
+            .isolation_level(postgres::IsolationLevel::RepeatableRead)
+            .read_only(true)
+            .start()
+            .map_err(super::db_error)?;
+        let count: i64 = tx
+            .query_one("SELECT count(*) FROM durus_records WHERE chunk = 0", &[])
+            .map_err(super::db_error)?
+            .get(0);
+        if !each(Walk::Count(count as u64)) {
+            return Ok(());
+        }
+        let mut rows = tx
+            .query_raw(
+                "SELECT oid, chunk, data FROM durus_records ORDER BY oid, chunk",
+                std::iter::empty::<i64>(),
+            )
+            .map_err(super::db_error)?;
+        let mut current: Option<(i64, Vec<u8>)> = None;
+        use postgres::fallible_iterator::FallibleIterator;
+        while let Some(row) = rows.next().map_err(super::db_error)? {
+            let oid: i64 = row.get(0);
+            let data: &[u8] = row.get(2);
+            match &mut current {
+                Some((o, bytes)) if *o == oid => bytes.extend_from_slice(data),
+                _ => {
+                    if let Some((_, bytes)) = current.take()
+                        && !each(Walk::Record(&bytes))
+                    {
+                        return Ok(());
+                    }
+                    current = Some((oid, data.to_vec()));
+                }
+            }
+        }
+        if let Some((_, bytes)) = current {
+            each(Walk::Record(&bytes));
+        }
+        Ok(())
+    }
+
+    /// Blocks until this front end's turn and the database's order row
+    /// are both had: no queue, no grant.
+    fn enter_order(&self, _grant: &mut dyn FnMut() -> Grant) -> Entry<'_> {
+        let backend = self.backend;
+        let mut order = backend.order.try_lock().unwrap_or_else(|| {
+            backend.order_waiting.fetch_add(1, Ordering::AcqRel);
+            let order = backend.order.lock();
+            backend.order_waiting.fetch_sub(1, Ordering::AcqRel);
+            order
+        });
+        let taken = (|| {
+            if order.as_ref().is_none_or(|c| c.client.is_closed()) {
+                *order = Some(backend.order_conn()?);
+            }
+            backend.take_order(order.as_mut().expect("just connected"))
+        })();
+        let (tid, failed) = match taken {
+            Ok(tid) => {
+                self.just_ordered.set(true);
+                (tid, None)
+            }
+            Err(e) => {
+                tracing::warn!("the commit order could not be taken: {e}");
+                *order = None;
+                (0, Some(e))
+            }
+        };
+        Entry::Now(Box::new(PgOrder {
+            session: self,
+            order: Some(order),
+            tid,
+            failed,
+        }))
+    }
+}
+
+/// The commit order, held: this front end's turn and, in the open
+/// transaction of its connection, the database's order row.
+struct PgOrder<'a> {
+    session: &'a PgSession<'a>,
+    order: Option<MutexGuard<'a, Option<Conn>>>,
+    /// The last commit's tid when the order was taken.
+    tid: u64,
+    /// Why the order could not be taken (the commit then fails with it).
+    failed: Option<StorageError>,
+}
+
+impl Drop for PgOrder<'_> {
+    /// Given back without a commit: the transaction is rolled back.
+    fn drop(&mut self) {
+        if let Some(mut order) = self.order.take()
+            && let Some(conn) = order.as_mut()
+            && conn.batch("ROLLBACK").is_err()
+        {
+            *order = None;
+        }
+    }
+}
+
+impl PgOrder<'_> {
+    /// Validates and writes the commit in the open transaction; returns
+    /// the oids it wrote.
+    fn write(&mut self, conn: &mut Conn, records: BTreeMap<Oid, Record>) -> Result<Vec<Oid>> {
+        let backend = self.session.backend;
+        let mut asked: Vec<Oid> = records.keys().copied().collect();
+        for record in records.values() {
+            asked.extend(record.refs());
+        }
+        asked.sort();
+        asked.dedup();
+        let keys: Vec<i64> = asked.iter().map(|o| key(*o)).collect();
+        let stored: HashMap<Oid, i32> = conn
+            .query(
+                "SELECT oid, max(chunk) FROM durus_records WHERE oid = ANY($1) GROUP BY oid",
+                &[&keys],
+            )?
+            .iter()
+            .map(|row| (oid_of(row.get(0)), row.get::<_, i32>(1)))
+            .collect();
+        {
+            let st = backend.state.lock();
+            let holder = |oid: Oid| match st.held.get(&oid) {
+                Some(&s) if s == self.session.id => Holder::ThisSession,
+                Some(_) => Holder::AnotherSession,
+                None => Holder::Nobody,
+            };
+            validate_commit(
+                &records,
+                |oid| Ok(stored.contains_key(&oid)),
+                |oid, present| {
+                    if present {
+                        Ok(())
+                    } else {
+                        may_create(oid, holder(oid))
+                    }
+                },
+            )?;
+        }
+        let tid = self.tid + 1;
+        let oids: Vec<Oid> = records.keys().copied().collect();
+        let created = oids.iter().filter(|o| !stored.contains_key(o)).count() as i64;
+        let mut row_oids: Vec<i64> = Vec::with_capacity(records.len());
+        let mut row_chunks: Vec<i32> = Vec::with_capacity(records.len());
+        let mut row_data: Vec<&[u8]> = Vec::with_capacity(records.len());
+        let mut shrunk: Vec<(i64, i32)> = Vec::new();
+        for (oid, record) in &records {
+            let bytes = record.as_bytes();
+            let mut n = 0i32;
+            for piece in bytes.chunks(CHUNK) {
+                row_oids.push(key(*oid));
+                row_chunks.push(n);
+                row_data.push(piece);
+                n += 1;
+            }
+            if stored.get(oid).is_some_and(|&last| last >= n) {
+                shrunk.push((key(*oid), n));
+            }
+        }
+        let tid_key = tid as i64;
+        conn.execute(
+            "INSERT INTO durus_records (oid, chunk, tid, data) \
+             SELECT o, c, $3, d FROM unnest($1::bigint[], $2::int[], $4::bytea[]) AS t(o, c, d) \
+             ON CONFLICT (oid, chunk) DO UPDATE SET tid = excluded.tid, data = excluded.data",
+            &[&row_oids, &row_chunks, &tid_key, &row_data],
+        )?;
+        for (oid, n) in shrunk {
+            conn.execute(
+                "DELETE FROM durus_records WHERE oid = $1 AND chunk >= $2",
+                &[&oid, &n],
+            )?;
+        }
+        conn.execute(
+            "INSERT INTO durus_log (tid, oids) VALUES ($1, $2)",
+            &[&tid_key, &oids_bytes(&oids)],
+        )?;
+        conn.execute(
+            "UPDATE durus_order SET tid = $1, objects = objects + $2 WHERE id = 1",
+            &[&tid_key, &created],
+        )?;
+        Ok(oids)
+    }
+}
+
+impl Order for PgOrder<'_> {
+    fn commit(
+        mut self: Box<Self>,
+        records: BTreeMap<Oid, Record>,
+        snapshot: bool,
+    ) -> (Result<()>, Option<Result<Box<dyn Snapshot>>>) {
+        let snapshot = snapshot.then(|| Err(no_snapshots()));
+        if let Some(e) = self.failed.take() {
+            return (Err(e), snapshot);
+        }
+        let backend = self.session.backend;
+        let mut order = self.order.take().expect("held until the commit");
+        let conn = order.as_mut().expect("connected when taken");
+        let written = match self.write(conn, records) {
+            Ok(oids) => oids,
+            Err(e) => {
+                if conn.batch("ROLLBACK").is_err() {
+                    *order = None;
+                }
+                return (Err(e), snapshot);
+            }
+        };
+        // The commit becomes visible and is told under `catch_up`, so that
+        // a sync reading the log meanwhile cannot tell it to its own
+        // session.
+        let told = {
+            let _log = backend.catch_up.lock();
+            match conn.batch("COMMIT") {
+                Ok(()) => {
+                    let tid = self.tid + 1;
+                    let mut st = backend.state.lock();
+                    st.publish(Some(self.session.id), &written);
+                    st.known = tid;
+                    for oid in &written {
+                        if let Some(s) = st.held.remove(oid)
+                            && let Some(data) = st.sessions.get_mut(&s)
+                        {
+                            data.held -= 1;
+                        }
+                    }
+                    if let Some(s) = st.sessions.get_mut(&self.session.id) {
+                        s.seen = tid;
+                    }
+                    Ok(())
+                }
+                Err(e) => {
+                    // Whether it was applied is unknown: the log says, to
+                    // whoever reads it next (this front end included).
+                    *order = None;
+                    Err(e)
+                }
+            }
+        };
+        drop(order);
+        let result = told.and_then(|()| backend.flush_barrier());
+        (result, snapshot)
+    }
+}
