@@ -43,6 +43,8 @@
 mod session;
 #[cfg(test)]
 pub(crate) mod testdb;
+#[cfg(test)]
+mod tests;
 
 use std::collections::{BTreeSet, HashMap};
 use std::str::FromStr;

@@ -1,0 +1,138 @@
+//! The PostgreSQL backend's own promises, beside the contract test that it
+//! answers as the model does (backend/tests.rs).
+
+use std::collections::BTreeMap;
+use std::sync::mpsc;
+use std::time::Duration;
+
+use postgres::NoTls;
+
+use super::{PgBackend, testdb};
+use crate::backend::{Backend, Entry, Session};
+use crate::record::{Oid, Record};
+
+/// Commits `data` as the root through `session`.
+fn commit_root(session: &dyn Session, data: &[u8]) -> crate::Result<()> {
+    let Entry::Now(order) = session.enter_order(&mut || unreachable!("blocks, never queues"))
+    else {
+        panic!("enter_order blocks until the order is had");
+    };
+    session.sync();
+    let mut records = BTreeMap::new();
+    records.insert(Oid::ROOT, Record::new(Oid::ROOT, data, &[]));
+    order.commit(records, false).0
+}
+
+/// A commit is acknowledged only after its flush barrier, and it does not
+/// hold the commit order while it waits: with the barrier's row locked by
+/// another transaction, a commit through one front end stays unanswered
+/// while a commit through another front end goes through; once the row is
+/// free, the first is answered.
+#[test]
+fn a_commit_waits_for_its_flush_barrier_without_holding_the_order() {
+    let config = testdb::fresh("barrier");
+    let a = PgBackend::open_with(config.clone(), 16).unwrap();
+    let b = PgBackend::open_with(config.clone(), 16).unwrap();
+    commit_root(a.open_session().as_ref(), b"first").unwrap();
+
+    let mut blocker = config.connect(NoTls).unwrap();
+    blocker
+        .batch_execute(&format!(
+            "BEGIN; SELECT n FROM durus_flush WHERE id = {} FOR UPDATE",
+            a.front_end
+        ))
+        .unwrap();
+    std::thread::scope(|scope| {
+        let (done, answered) = mpsc::channel();
+        let a = &a;
+        scope.spawn(move || {
+            let on_a = a.open_session();
+            let r = commit_root(on_a.as_ref(), b"second");
+            done.send(r.is_ok()).unwrap();
+        });
+        assert!(
+            answered.recv_timeout(Duration::from_millis(700)).is_err(),
+            "the commit was answered before its flush barrier"
+        );
+        // The order is free meanwhile: another front end commits.
+        let on_b = b.open_session();
+        on_b.sync();
+        commit_root(on_b.as_ref(), b"third").unwrap();
+        blocker.batch_execute("COMMIT").unwrap();
+        assert_eq!(
+            answered.recv_timeout(Duration::from_secs(10)),
+            Ok(true),
+            "the commit is answered once its barrier is through"
+        );
+    });
+}
+
+/// A front end's oids come from durable blocks: a new front end over the
+/// same database (a restart, a failover) never hands out one of them, even
+/// though the first never stored them.
+#[test]
+fn oids_are_never_handed_out_twice_across_front_ends_and_restarts() {
+    let config = testdb::fresh("oids");
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..3 {
+        let fe = PgBackend::open_with(config.clone(), 8).unwrap();
+        let s = fe.open_session();
+        for oid in s.new_oids(5, 1 << 20).unwrap() {
+            assert!(seen.insert(oid), "{oid} handed out twice");
+        }
+        drop(s);
+        fe.close().unwrap();
+    }
+    assert_eq!(seen.first(), Some(&Oid::ROOT));
+}
+
+/// A database holding tables of another format is refused, naming both
+/// formats; one with a `durus_meta` table but no format row is refused as
+/// not a store.
+#[test]
+fn a_database_of_another_format_is_refused() {
+    let config = testdb::fresh("format");
+    drop(PgBackend::open_with(config.clone(), 8).unwrap());
+    let mut c = config.connect(NoTls).unwrap();
+    c.batch_execute("UPDATE durus_meta SET value = 99 WHERE name = 'format'")
+        .unwrap();
+    let err = PgBackend::open_with(config.clone(), 8).err().unwrap();
+    let text = err.to_string();
+    assert!(
+        text.contains("format 99") && text.contains("format 1"),
+        "{text}"
+    );
+    c.batch_execute("DELETE FROM durus_meta WHERE name = 'format'")
+        .unwrap();
+    let text = PgBackend::open_with(config, 8).err().unwrap().to_string();
+    assert!(text.contains("not a durus-redb store"), "{text}");
+}
+
+/// Records over the chunk size are split over rows and read back whole,
+/// and a record that shrinks leaves no stale chunk behind.
+#[test]
+fn large_records_are_chunked_and_shrink_cleanly() {
+    let config = testdb::fresh("chunks");
+    let fe = PgBackend::open_with(config.clone(), 8).unwrap();
+    let s = fe.open_session();
+    let big: Vec<u8> = (0..(super::CHUNK * 2 + 123))
+        .map(|i| (i % 251) as u8)
+        .collect();
+    commit_root(s.as_ref(), &big).unwrap();
+    let mut loaded = Vec::new();
+    s.load(&[Oid::ROOT], &mut |f| {
+        if let crate::backend::Found::Record(b) = f {
+            loaded = b.to_vec();
+        }
+        true
+    })
+    .unwrap();
+    assert_eq!(loaded, Record::new(Oid::ROOT, &big, &[]).into_bytes());
+    commit_root(s.as_ref(), b"small").unwrap();
+    let mut c = config.connect(NoTls).unwrap();
+    let rows: i64 = c
+        .query_one("SELECT count(*) FROM durus_records WHERE oid = 0", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(rows, 1, "stale chunks of the larger record remain");
+}

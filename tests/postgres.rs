@@ -1,0 +1,340 @@
+//! `serve --database` against crashes: a PostgreSQL cluster of the test's
+//! own (its postmaster a child of this process, so that a kill -9 can take
+//! it and its backends at once, as a crash of its machine would), and
+//! front ends killed with -9. No acknowledged commit may be lost.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::{Duration, Instant};
+
+use durus_redb::{ClientStorage, Oid, Record, Storage};
+
+fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_durus-redb"))
+}
+
+/// The PostgreSQL server programs (the Debian layout, or pg_config's).
+fn pg_bin(name: &str) -> PathBuf {
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .map(|d| d.flatten().map(|e| e.path().join("bin")).collect())
+        .unwrap_or_default();
+    dirs.sort();
+    if let Some(d) = dirs.iter().rev().find(|d| d.join(name).exists()) {
+        return d.join(name);
+    }
+    let out = Command::new("pg_config").arg("--bindir").output();
+    match out {
+        Ok(o) if o.status.success() => {
+            PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()).join(name)
+        }
+        _ => panic!("no PostgreSQL server installed ({name} not found): install postgresql"),
+    }
+}
+
+/// The uid and gid the cluster runs as: `postgres` when this is root
+/// (initdb refuses root), else this user.
+fn cluster_user() -> Option<(u32, u32)> {
+    let me = Command::new("id").arg("-u").output().unwrap();
+    if String::from_utf8_lossy(&me.stdout).trim() != "0" {
+        return None;
+    }
+    let id = |flag: &str| -> u32 {
+        let o = Command::new("id")
+            .args([flag, "postgres"])
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "running as root needs a `postgres` user"
+        );
+        String::from_utf8_lossy(&o.stdout).trim().parse().unwrap()
+    };
+    Some((id("-u"), id("-g")))
+}
+
+fn as_cluster_user(cmd: &mut Command) -> &mut Command {
+    if let Some((uid, gid)) = cluster_user() {
+        cmd.uid(uid).gid(gid);
+    }
+    cmd
+}
+
+/// A cluster whose postmaster is this process's child, in a process group
+/// of its own (with its backends).
+struct Cluster {
+    dir: PathBuf,
+    port: u16,
+    postmaster: Option<Child>,
+}
+
+impl Cluster {
+    fn create(dir: &Path) -> Cluster {
+        let dir = dir.join("pg");
+        std::fs::create_dir_all(&dir).unwrap();
+        if let Some((uid, gid)) = cluster_user() {
+            std::os::unix::fs::chown(&dir, Some(uid), Some(gid)).unwrap();
+            std::os::unix::fs::chown(dir.parent().unwrap(), Some(uid), Some(gid)).unwrap();
+        }
+        let out = as_cluster_user(
+            Command::new(pg_bin("initdb"))
+                .arg("-D")
+                .arg(dir.join("data"))
+                .args([
+                    "-U",
+                    "postgres",
+                    "-E",
+                    "UTF8",
+                    "--no-locale",
+                    "--auth=trust",
+                ]),
+        )
+        .output()
+        .unwrap();
+        assert!(
+            out.status.success(),
+            "initdb: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let mut c = Cluster {
+            dir,
+            port,
+            postmaster: None,
+        };
+        c.start();
+        c
+    }
+
+    fn start(&mut self) {
+        let child = as_cluster_user(
+            Command::new(pg_bin("postgres"))
+                .arg("-D")
+                .arg(self.dir.join("data"))
+                .args(["-c", "listen_addresses=127.0.0.1"])
+                .args(["-p", &self.port.to_string()])
+                .arg("-k")
+                .arg(&self.dir)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .process_group(0),
+        )
+        .spawn()
+        .expect("start postgres");
+        self.postmaster = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while postgres::Client::connect(&self.url("postgres"), postgres::NoTls).is_err() {
+            assert!(Instant::now() < deadline, "postgres did not start in 60 s");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn url(&self, db: &str) -> String {
+        format!("postgresql://postgres@127.0.0.1:{}/{db}", self.port)
+    }
+
+    /// kill -9 of the postmaster and every backend, then waits for them.
+    fn crash(&mut self) {
+        let mut child = self.postmaster.take().expect("running");
+        let group = child.id() as i32;
+        let status = Command::new("kill")
+            .args(["-9", "--", &format!("-{group}")])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        child.wait().unwrap();
+        // The backends are gone once the port no longer answers.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+            assert!(
+                Instant::now() < deadline,
+                "postgres still answers after kill -9"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if self.postmaster.is_some() {
+            self.crash();
+        }
+    }
+}
+
+/// A front end (`durus-redb serve --database`), killed on drop.
+struct FrontEnd {
+    child: Child,
+    port: u16,
+}
+
+impl FrontEnd {
+    fn start(url: &str) -> FrontEnd {
+        let mut child = Command::new(bin())
+            .args(["serve", "--database", url, "--port", "0"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut sent = false;
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if !sent && let Some(at) = line.find("Ready on ") {
+                    let port = line[at + 9..]
+                        .trim()
+                        .rsplit(':')
+                        .next()
+                        .unwrap()
+                        .to_string();
+                    let _ = tx.send(port.parse::<u16>().unwrap());
+                    sent = true;
+                }
+            }
+        });
+        let port = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("the front end is ready within 30 s");
+        FrontEnd { child, port }
+    }
+
+    fn kill(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+}
+
+impl Drop for FrontEnd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Commits one new object after another through `port` until `stop`, each
+/// holding its sequence number; records every commit acknowledged. Errors
+/// (the database or the front end down) are retried on a new connection.
+fn committer(port: Arc<Mutex<u16>>, stop: Arc<AtomicBool>, acked: Arc<Mutex<Vec<(Oid, u64)>>>) {
+    let mut n = 0u64;
+    let mut client: Option<ClientStorage> = None;
+    while !stop.load(Ordering::Relaxed) {
+        let c = match &mut client {
+            Some(c) => c,
+            None => {
+                let p = *port.lock().unwrap();
+                match ClientStorage::connect_tcp("127.0.0.1", p) {
+                    Ok(c) => client.insert(c),
+                    Err(_) => {
+                        std::thread::sleep(Duration::from_millis(50));
+                        continue;
+                    }
+                }
+            }
+        };
+        n += 1;
+        let result = (|| {
+            let oid = c.new_oid()?;
+            c.begin();
+            c.store(oid, Record::new(oid, &n.to_be_bytes(), &[]).into_bytes())?;
+            c.end()?;
+            Ok::<Oid, durus_redb::StorageError>(oid)
+        })();
+        match result {
+            Ok(oid) => acked.lock().unwrap().push((oid, n)),
+            Err(_) => {
+                client = None;
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+}
+
+/// Every acknowledged commit loads, with its own sequence number.
+fn assert_all_there(port: u16, acked: &[(Oid, u64)]) {
+    let mut c = ClientStorage::connect_tcp("127.0.0.1", port).unwrap();
+    for (oid, n) in acked {
+        let record = c
+            .load(*oid)
+            .unwrap_or_else(|e| panic!("acknowledged commit {n} (oid {oid}) is lost: {e}"));
+        assert_eq!(record.data(), n.to_be_bytes(), "oid {oid}");
+    }
+}
+
+#[test]
+fn acknowledged_commits_survive_kill_9_of_postgres_and_of_the_front_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cluster = Cluster::create(dir.path());
+    let url = cluster.url("postgres");
+    let front = FrontEnd::start(&url);
+    let port = Arc::new(Mutex::new(front.port));
+    let stop = Arc::new(AtomicBool::new(false));
+    let acked = Arc::new(Mutex::new(Vec::new()));
+    let workers: Vec<_> = (0..3)
+        .map(|_| {
+            let (port, stop, acked) = (port.clone(), stop.clone(), acked.clone());
+            std::thread::spawn(move || committer(port, stop, acked))
+        })
+        .collect();
+    let wait_for_more = |than: usize| {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while acked.lock().unwrap().len() < than + 50 {
+            assert!(
+                Instant::now() < deadline,
+                "commits stopped being acknowledged"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+
+    // kill -9 of PostgreSQL (postmaster and backends) while commits run,
+    // then a restart: the same front end goes on.
+    wait_for_more(0);
+    cluster.crash();
+    let at_crash = acked.lock().unwrap().len();
+    std::thread::sleep(Duration::from_millis(300));
+    cluster.start();
+    wait_for_more(at_crash);
+    assert_all_there(front.port, &acked.lock().unwrap());
+
+    // kill -9 of the front end while commits run, then a new one.
+    let before = acked.lock().unwrap().len();
+    front.kill();
+    let front = FrontEnd::start(&url);
+    *port.lock().unwrap() = front.port;
+    wait_for_more(before);
+
+    // Both at once.
+    let before = acked.lock().unwrap().len();
+    front.kill();
+    cluster.crash();
+    cluster.start();
+    let front = FrontEnd::start(&url);
+    *port.lock().unwrap() = front.port;
+    wait_for_more(before);
+
+    stop.store(true, Ordering::Relaxed);
+    for w in workers {
+        w.join().unwrap();
+    }
+    let acked = acked.lock().unwrap();
+    assert!(acked.len() > 200, "{} commits acknowledged", acked.len());
+    assert_all_there(front.port, &acked);
+    // And no oid was handed out twice.
+    let mut oids: Vec<Oid> = acked.iter().map(|(o, _)| *o).collect();
+    oids.sort_unstable();
+    oids.dedup();
+    assert_eq!(oids.len(), acked.len(), "an oid was handed out twice");
+}
