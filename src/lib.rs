@@ -74,6 +74,8 @@ mod storage;
 mod store;
 mod transport;
 
+#[cfg(feature = "postgres")]
+pub use backend::postgres::{import::migrate_to_database, redact_database_url};
 pub use checkpoint::{
     CheckpointFacts, CheckpointPolicy, CompactionFacts, Durability, Manual, Periodic,
     default_compaction,

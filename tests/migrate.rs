@@ -107,11 +107,16 @@ impl Drop for KillOnDrop {
 
 /// Serves `store` with the real server and runs `f(port)`; stops it with Q.
 fn serving(store: &Path, f: impl FnOnce(u16)) {
+    serving_args(&["--file", store.to_str().unwrap()], f)
+}
+
+/// Serves what `what` names (`--file PATH`, `--database URL`) and runs
+/// `f(port)`; stops it with Q.
+fn serving_args(what: &[&str], f: impl FnOnce(u16)) {
     let mut child = KillOnDrop(
         bin()
             .arg("serve")
-            .arg("--file")
-            .arg(store)
+            .args(what)
             .args(["--port", "0"])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -603,4 +608,118 @@ fn a_store_migrated_from_records_out_of_oid_order_is_as_small_as_one_in_order() 
     );
     let raw: usize = records.iter().map(|r| r.len()).sum();
     eprintln!("raw record bytes {raw}, store in order {ordered}, out of order {shuffled}");
+}
+
+/// Every record in a PostgreSQL database of `serve --database`.
+fn database_contents(url: &str) -> BTreeMap<u64, Vec<u8>> {
+    let mut c = postgres::Client::connect(url, postgres::NoTls).unwrap();
+    let mut m: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
+    for row in c
+        .query(
+            "SELECT oid, data FROM durus_records ORDER BY oid, chunk",
+            &[],
+        )
+        .unwrap()
+    {
+        let oid: i64 = row.get(0);
+        let data: &[u8] = row.get(1);
+        m.entry(oid as u64).or_default().extend_from_slice(data);
+    }
+    m
+}
+
+/// Durus's files, and a durus-redb store, migrate into PostgreSQL: every
+/// record Durus holds and nothing else, new oids above them, the real
+/// Durus client reads them through `serve --database` exactly as Durus
+/// reads the original, and a migration killed part way resumes to the
+/// same records.
+#[test]
+fn durus_stores_and_a_store_migrate_into_postgresql() {
+    for name in ["shelf", "dfs20", "sqlite"] {
+        let source = durus_store(name);
+        let want = read_dump(&durus_files().join(format!("{name}.durus.dump")));
+        let url = common::fresh_database(&format!("migrate_{name}"));
+        let out = run(bin()
+            .arg("migrate")
+            .arg(&source)
+            .arg(&url)
+            .args(["--batch-records", "700"]));
+        assert!(out.status.success(), "{name}: {}", text(&out));
+        assert!(
+            text(&out).contains("every reference checked"),
+            "{}",
+            text(&out)
+        );
+        assert_eq!(database_contents(&url), want, "{name}: records differ");
+        // A second run finds the database full and refuses it.
+        let out = run(bin().arg("migrate").arg(&source).arg(&url));
+        assert!(!out.status.success());
+        assert!(
+            text(&out).contains("already holds records"),
+            "{}",
+            text(&out)
+        );
+        let max = *want.keys().max().unwrap();
+        serving_args(&["--database", &url], |port| {
+            compare(&source, &["--port", &port.to_string()]);
+            let mut c = durus_redb::ClientStorage::connect_tcp("127.0.0.1", port).unwrap();
+            assert!(
+                c.new_oid().unwrap().0 > max,
+                "a new oid at or below an imported one"
+            );
+        });
+    }
+
+    // A durus-redb store into a database.
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("s.redb");
+    let source = durus_store("dfs20");
+    assert!(
+        run(bin().arg("migrate").arg(&source).arg(&store))
+            .status
+            .success()
+    );
+    let url = common::fresh_database("migrate_store");
+    let out = run(bin().arg("migrate").arg(&store).arg(&url));
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(database_contents(&url), contents(&store));
+
+    // Killed part way (batches of 5 records, each its own transaction),
+    // refused by serve meanwhile, then resumed to the same records.
+    let url = common::fresh_database("migrate_killed");
+    let want = read_dump(&durus_files().join("dfs20.durus.dump"));
+    let mut killed = false;
+    for delay_ms in [30u64, 60, 120, 240] {
+        let mut child = bin()
+            .arg("migrate")
+            .arg(&source)
+            .arg(&url)
+            .args(["--batch-records", "5"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(delay_ms));
+        if child.try_wait().unwrap().is_none() {
+            child.kill().unwrap();
+            child.wait().unwrap();
+            killed = true;
+            let out = run(bin().args(["serve", "--database", &url, "--port", "0"]));
+            assert!(!out.status.success());
+            assert!(text(&out).contains("unfinished import"), "{}", text(&out));
+            break;
+        }
+        child.wait().unwrap();
+        // Finished before the kill: start again on a new database.
+        let mut c = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+        c.batch_execute(
+            "DROP TABLE durus_meta, durus_order, durus_oids, durus_records, durus_log, durus_flush",
+        )
+        .unwrap();
+    }
+    assert!(killed, "the migration was never caught running");
+    let out = run(bin().arg("migrate").arg(&source).arg(&url));
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("resumed"), "{}", text(&out));
+    assert_eq!(database_contents(&url), want);
 }

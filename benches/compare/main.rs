@@ -205,14 +205,17 @@ enum Server {
     DurusRedb,
     DurusFile,
     DurusSqlite,
+    /// `durus-redb serve --database` on a PostgreSQL cluster (capacity only).
+    DurusPostgres,
 }
 
 impl Server {
-    const ALL: [Server; 4] = [
+    const ALL: [Server; 5] = [
         Server::Null,
         Server::DurusRedb,
         Server::DurusFile,
         Server::DurusSqlite,
+        Server::DurusPostgres,
     ];
 
     fn key(self) -> &'static str {
@@ -221,6 +224,7 @@ impl Server {
             Server::DurusRedb => "redb",
             Server::DurusFile => "file",
             Server::DurusSqlite => "sqlite",
+            Server::DurusPostgres => "pg",
         }
     }
 
@@ -230,6 +234,7 @@ impl Server {
             Server::DurusRedb => "durus-redb serve",
             Server::DurusFile => "durus -s FileStorage",
             Server::DurusSqlite => "durus -s SqliteStorage",
+            Server::DurusPostgres => "durus-redb serve --database",
         }
     }
 }
@@ -252,6 +257,71 @@ impl Running {
 struct Stores {
     dir: PathBuf,
     durus: PathBuf,
+    /// The PostgreSQL cluster of `--servers pg`.
+    postgres: Option<Postgres>,
+}
+
+/// A PostgreSQL cluster: `DURUS_BENCH_POSTGRES` (a URL ending in
+/// `/DBNAME`), else a throwaway one from scripts/pg.sh, stopped on drop.
+struct Postgres {
+    url: String,
+    started: Option<PathBuf>,
+}
+
+impl Postgres {
+    fn new(dir: &Path) -> Postgres {
+        if let Ok(url) = std::env::var("DURUS_BENCH_POSTGRES") {
+            return Postgres { url, started: None };
+        }
+        let at = dir.join("pg");
+        let out = Command::new("bash")
+            .arg(root().join("scripts/pg.sh"))
+            .arg("start")
+            .arg(&at)
+            .output()
+            .expect("run scripts/pg.sh");
+        assert!(
+            out.status.success(),
+            "scripts/pg.sh start: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Postgres {
+            url: String::from_utf8_lossy(&out.stdout).trim().to_string(),
+            started: Some(at),
+        }
+    }
+
+    /// A new empty database, and its URL.
+    fn database(&self, tag: &str) -> String {
+        let name: String = tag
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() {
+                    c.to_ascii_lowercase()
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        let mut c = postgres::Client::connect(&self.url, postgres::NoTls).expect("connect");
+        c.batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+            .unwrap();
+        c.batch_execute(&format!("CREATE DATABASE {name}")).unwrap();
+        let (base, _) = self.url.rsplit_once('/').expect("a URL ending in /DBNAME");
+        format!("{base}/{name}")
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        if let Some(at) = &self.started {
+            let _ = Command::new("bash")
+                .arg(root().join("scripts/pg.sh"))
+                .arg("stop")
+                .arg(at)
+                .output();
+        }
+    }
 }
 
 impl Stores {
@@ -273,6 +343,22 @@ impl Stores {
                 cmd.arg("serve")
                     .arg("--file")
                     .arg(&file)
+                    .arg("--port")
+                    .arg(port.to_string())
+                    .arg("--logginglevel")
+                    .arg("30")
+                    .args(extra);
+                Running::Process(ServerProcess::start(server.label(), cmd, port, &log))
+            }
+            Server::DurusPostgres => {
+                let pg = self
+                    .postgres
+                    .as_ref()
+                    .expect("--servers pg starts a cluster");
+                let mut cmd = Command::new(durus_redb_bin());
+                cmd.arg("serve")
+                    .arg("--database")
+                    .arg(pg.database(tag))
                     .arg("--port")
                     .arg(port.to_string())
                     .arg("--logginglevel")
@@ -565,12 +651,16 @@ fn main() {
     let stores = Stores {
         dir: dir.clone(),
         durus,
+        postgres: servers
+            .contains(&Server::DurusPostgres)
+            .then(|| Postgres::new(&dir)),
     };
 
     // 2. Python clients.
     if want("python") {
         let mut cells: HashMap<(usize, usize, Server), Cell> = HashMap::new();
-        for &server in &servers {
+        // PostgreSQL serves an empty database: the capacity rows only.
+        for &server in servers.iter().filter(|s| **s != Server::DurusPostgres) {
             eprintln!("compare: Python clients against {}", server.label());
             let running = stores.start(server, &durus_bin, &format!("py-{server:?}"));
             for (wi, w) in WORKLOADS.iter().enumerate() {
@@ -659,7 +749,8 @@ fn main() {
             ("90% loads, 10% commits of 10", 0.10, 10usize),
             ("commits of 10 only", 1.0, 10usize),
         ];
-        for &server in &servers {
+        // PostgreSQL serves an empty database: the capacity rows only.
+        for &server in servers.iter().filter(|s| **s != Server::DurusPostgres) {
             eprintln!("compare: load generator against {}", server.label());
             let running = stores.start(server, &durus_bin, &format!("lg-{server:?}"));
             for (name, fraction, per_commit) in mixes {
@@ -960,6 +1051,12 @@ fn commit_capacity(
                 Server::DurusRedb,
                 vec!["--durability", "fsync", "--checkpoint-interval", "3600"],
             ),
+        ));
+    }
+    if servers.contains(&Server::DurusPostgres) {
+        runs.push((
+            "durus-redb --database (PostgreSQL, one front end)".into(),
+            Target::Process(Server::DurusPostgres, vec![]),
         ));
     }
     let counts = [1usize, 4, 16];

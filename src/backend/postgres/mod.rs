@@ -40,6 +40,7 @@
 //! local side of the commit order, with its connection), `catch_up`,
 //! `alloc`, `state`; the barrier's locks are taken with none of these held.
 
+pub(crate) mod import;
 mod session;
 #[cfg(test)]
 pub(crate) mod testdb;
@@ -78,6 +79,31 @@ const WALK_BATCH: usize = 1000;
 /// Tries of the order's first statements when the database asks for a
 /// retry (serialization failure, deadlock): nothing was sent to a client.
 const ENTRY_TRIES: u32 = 5;
+
+/// A database URL fit for a log line or a message: its password, if any,
+/// replaced by `***`.
+pub fn redact_database_url(url: &str) -> String {
+    if let Some((scheme, rest)) = url.split_once("://")
+        && let Some((userinfo, host)) = rest.split_once('@')
+        && let Some((user, _)) = userinfo.split_once(':')
+    {
+        return format!("{scheme}://{user}:***@{host}");
+    }
+    if url.contains("password=") {
+        return url
+            .split_whitespace()
+            .map(|kv| {
+                if kv.starts_with("password=") {
+                    "password=***"
+                } else {
+                    kv
+                }
+            })
+            .collect::<Vec<_>>()
+            .join(" ");
+    }
+    url.to_string()
+}
 
 /// A database error as this crate's error, with the database's message.
 pub(crate) fn db_error(e: postgres::Error) -> StorageError {
@@ -359,6 +385,18 @@ impl PgBackend {
         }
         let mut conn = Conn::connect(&config)?;
         ensure_schema(&mut conn)?;
+        if !conn
+            .query(
+                "SELECT 1 FROM durus_meta WHERE name = $1",
+                &[&import::MIGRATION],
+            )?
+            .is_empty()
+        {
+            return Err(database(
+                "the database holds an unfinished import (`durus-redb migrate`): run the same \
+                 migrate again to finish it before serving the database",
+            ));
+        }
         let row = conn.query(
             "UPDATE durus_meta SET value = value + 1 WHERE name = 'front_ends' RETURNING value",
             &[],

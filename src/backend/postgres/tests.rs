@@ -136,3 +136,19 @@ fn large_records_are_chunked_and_shrink_cleanly() {
         .get(0);
     assert_eq!(rows, 1, "stale chunks of the larger record remain");
 }
+
+#[test]
+fn database_urls_are_logged_without_their_password() {
+    assert_eq!(
+        super::redact_database_url("postgresql://app:s3cret@db1:5432/store"),
+        "postgresql://app:***@db1:5432/store"
+    );
+    assert_eq!(
+        super::redact_database_url("postgresql://app@db1/store"),
+        "postgresql://app@db1/store"
+    );
+    assert_eq!(
+        super::redact_database_url("host=db1 user=app password=s3cret dbname=store"),
+        "host=db1 user=app password=*** dbname=store"
+    );
+}

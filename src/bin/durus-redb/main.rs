@@ -43,8 +43,10 @@ pub(crate) enum Command {
     /// it down gracefully: commits being applied finish, the store is
     /// checkpointed and closed.
     Serve(ServeArgs),
-    /// Migrate a Durus store file into a new durus-redb store.
+    /// Migrate a Durus store file into a new durus-redb store, or into a
+    /// PostgreSQL database.
     ///
+    /// The source may also be a durus-redb store (into a database).
     /// Reads FileStorage (SHELF-1), FileStorage2 (DFS20) and SqliteStorage
     /// files, told by their first bytes, as a stream: memory does not grow
     /// with the file. Commits in batches; an interrupted run, rerun with the
@@ -54,7 +56,10 @@ pub(crate) enum Command {
     Migrate {
         /// The Durus file to read (it is not changed).
         source: PathBuf,
-        /// The durus-redb store to write (new, or an unfinished migration of the same source).
+        /// The durus-redb store to write (new, or an unfinished migration of
+        /// the same source), or a PostgreSQL database URL
+        /// (`postgresql://...`, an empty database or an unfinished import
+        /// of the same source) to serve with `serve --database`.
         dest: PathBuf,
         /// Largest number of records per batch.
         #[arg(long, default_value_t = 10_000)]

@@ -18,7 +18,14 @@ pub(crate) fn migrate_cmd(
     import.set_message("importing");
     let mut verify: Option<indicatif::ProgressBar> = None;
     let mut repack: Option<indicatif::ProgressBar> = None;
-    let result = durus_redb::migrate(source, dest, options, &mut |p| match p {
+    let database = dest
+        .to_str()
+        .filter(|d| d.starts_with("postgresql://") || d.starts_with("postgres://"));
+    let shown = match database {
+        Some(url) => durus_redb::redact_database_url(url),
+        None => dest.display().to_string(),
+    };
+    let mut on_progress = |p: MigrateProgress| match p {
         MigrateProgress::Import {
             position, total, ..
         } => {
@@ -53,7 +60,11 @@ pub(crate) fn migrate_cmd(
             v.set_position(scanned);
         }
         _ => {}
-    });
+    };
+    let result = match database {
+        Some(url) => durus_redb::migrate_to_database(source, url, options, &mut on_progress),
+        None => durus_redb::migrate(source, dest, options, &mut on_progress),
+    };
     import.finish();
     if let Some(v) = verify {
         v.finish();
@@ -62,7 +73,7 @@ pub(crate) fn migrate_cmd(
         Ok(r) if r.already_complete => {
             println!(
                 "nothing to do: {} already holds the verified migration of {} ({} records, checksum {:016x})",
-                dest.display(),
+                shown,
                 source.display(),
                 r.objects,
                 r.checksum
@@ -75,7 +86,7 @@ pub(crate) fn migrate_cmd(
                 println!("resumed:    from source offset {at}");
             }
             println!("source:     {}", source.display());
-            println!("store:      {}", dest.display());
+            println!("store:      {shown}");
             println!(
                 "read:       {} records, {} bytes in {:.1} s ({:.0} records/s, {:.1} MB/s)",
                 r.records_read,
@@ -84,10 +95,14 @@ pub(crate) fn migrate_cmd(
                 r.records_read as f64 / secs,
                 r.bytes_read as f64 / secs / 1e6
             );
-            println!(
-                "objects:    {} (checksum {:016x}, verified)",
-                r.objects, r.checksum
-            );
+            if database.is_some() {
+                println!("objects:    {} (every reference checked)", r.objects);
+            } else {
+                println!(
+                    "objects:    {} (checksum {:016x}, verified)",
+                    r.objects, r.checksum
+                );
+            }
             if r.resumed_from.is_none() && r.records_read > r.objects {
                 println!(
                     "            {} of the records read were older versions of objects the \

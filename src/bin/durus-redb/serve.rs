@@ -369,7 +369,7 @@ pub(crate) fn serve_on(source: Source<'_>, config: ServerConfig) -> ExitCode {
         ),
         Source::Database(url) => tracing::info!(
             "Storage database={} address={}",
-            without_password(url),
+            durus_redb::redact_database_url(url),
             server.address()
         ),
     }
@@ -454,49 +454,9 @@ pub(crate) fn parse_id(
     }
 }
 
-/// A database URL fit for a log line: its password, if any, replaced.
-fn without_password(url: &str) -> String {
-    if let Some((scheme, rest)) = url.split_once("://")
-        && let Some((userinfo, host)) = rest.split_once('@')
-        && let Some((user, _)) = userinfo.split_once(':')
-    {
-        return format!("{scheme}://{user}:***@{host}");
-    }
-    if url.contains("password=") {
-        return url
-            .split_whitespace()
-            .map(|kv| {
-                if kv.starts_with("password=") {
-                    "password=***"
-                } else {
-                    kv
-                }
-            })
-            .collect::<Vec<_>>()
-            .join(" ");
-    }
-    url.to_string()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn database_urls_are_logged_without_their_password() {
-        assert_eq!(
-            without_password("postgresql://app:s3cret@db1:5432/store"),
-            "postgresql://app:***@db1:5432/store"
-        );
-        assert_eq!(
-            without_password("postgresql://app@db1/store"),
-            "postgresql://app@db1/store"
-        );
-        assert_eq!(
-            without_password("host=db1 user=app password=s3cret dbname=store"),
-            "host=db1 user=app password=*** dbname=store"
-        );
-    }
 
     #[test]
     fn umasks_parse_as_durus_reads_them() {
