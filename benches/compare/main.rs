@@ -291,8 +291,21 @@ impl Postgres {
         }
     }
 
-    /// A new empty database, and its URL.
-    fn database(&self, tag: &str) -> String {
+    /// Migrates `items` into the database `items` once: the template of
+    /// every run's database (the same objects as the other servers').
+    fn load_items(&self, items: &Path) {
+        let url = self.database("items", None);
+        run_ok(
+            Command::new(durus_redb_bin())
+                .arg("migrate")
+                .arg(items)
+                .arg(&url),
+            "durus-redb migrate into PostgreSQL",
+        );
+    }
+
+    /// A new database, a copy of `template` (empty without one), and its URL.
+    fn database(&self, tag: &str, template: Option<&str>) -> String {
         let name: String = tag
             .chars()
             .map(|c| {
@@ -306,7 +319,9 @@ impl Postgres {
         let mut c = postgres::Client::connect(&self.url, postgres::NoTls).expect("connect");
         c.batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
             .unwrap();
-        c.batch_execute(&format!("CREATE DATABASE {name}")).unwrap();
+        let from = template.map_or(String::new(), |t| format!(" TEMPLATE {t}"));
+        c.batch_execute(&format!("CREATE DATABASE {name}{from}"))
+            .unwrap();
         let (base, _) = self.url.rsplit_once('/').expect("a URL ending in /DBNAME");
         format!("{base}/{name}")
     }
@@ -358,7 +373,7 @@ impl Stores {
                 let mut cmd = Command::new(durus_redb_bin());
                 cmd.arg("serve")
                     .arg("--database")
-                    .arg(pg.database(tag))
+                    .arg(pg.database(tag, Some("items")))
                     .arg("--port")
                     .arg(port.to_string())
                     .arg("--logginglevel")
@@ -651,9 +666,11 @@ fn main() {
     let stores = Stores {
         dir: dir.clone(),
         durus,
-        postgres: servers
-            .contains(&Server::DurusPostgres)
-            .then(|| Postgres::new(&dir)),
+        postgres: servers.contains(&Server::DurusPostgres).then(|| {
+            let pg = Postgres::new(&dir);
+            pg.load_items(&dir.join("items.durus"));
+            pg
+        }),
     };
 
     // 2. Python clients.

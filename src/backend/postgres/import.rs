@@ -212,22 +212,19 @@ fn write_batch(conn: &mut Conn, batch: &[(Oid, Vec<u8>)]) -> Result<(), StorageE
     let mut chunks = Vec::new();
     let mut data: Vec<&[u8]> = Vec::new();
     let mut counts_oid = Vec::new();
-    let mut counts = Vec::new();
     for (oid, bytes) in &last {
-        let mut n = 0i32;
-        for piece in bytes.chunks(CHUNK) {
+        for (n, piece) in bytes.chunks(CHUNK).enumerate() {
             oids.push(key(*oid));
-            chunks.push(n);
+            chunks.push(n as i32);
             data.push(piece);
-            n += 1;
         }
         counts_oid.push(key(*oid));
-        counts.push(n);
     }
+    // Every chunk of a record is written again: those past the first go
+    // first (a later version may have fewer).
     conn.execute(
-        "DELETE FROM durus_records r USING unnest($1::bigint[], $2::int[]) AS c(oid, n) \
-         WHERE r.oid = c.oid AND r.chunk >= c.n",
-        &[&counts_oid, &counts],
+        "DELETE FROM durus_records WHERE oid = ANY($1) AND chunk > 0",
+        &[&counts_oid],
     )?;
     conn.execute(
         "INSERT INTO durus_records (oid, chunk, tid, data) \

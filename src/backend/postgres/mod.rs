@@ -53,7 +53,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use parking_lot::{Condvar, Mutex};
-use postgres::{Client, NoTls, Statement};
+use postgres::{Client, NoTls, SimpleQueryMessage, Statement};
 
 use super::{Backend, Hold, LiveState, PoisonWatch};
 use crate::error::{InvalidInput, Result, StorageError};
@@ -143,6 +143,30 @@ fn key(oid: Oid) -> i64 {
 
 fn oid_of(key: i64) -> Oid {
     Oid(key as u64)
+}
+
+/// A number in a simple query's text answer.
+fn text_u64(text: Option<&str>) -> Result<u64> {
+    text.and_then(|t| t.parse::<i64>().ok())
+        .map(|n| n as u64)
+        .ok_or_else(|| database(format!("expected a number, the database sent {text:?}")))
+}
+
+/// A bytea in a simple query's text answer (the hex format, `\x...`).
+fn text_bytea(text: Option<&str>) -> Result<Vec<u8>> {
+    let bad = || {
+        database(format!(
+            "expected a bytea in hex, the database sent {text:?}"
+        ))
+    };
+    let hex = text.and_then(|t| t.strip_prefix("\\x")).ok_or_else(bad)?;
+    if !hex.len().is_multiple_of(2) {
+        return Err(bad());
+    }
+    (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).map_err(|_| bad()))
+        .collect()
 }
 
 /// Oids as a commit log entry: 8 bytes each, big-endian.
@@ -528,27 +552,55 @@ impl PgBackend {
     }
 
     /// Takes the database's side of the commit order on `conn` (a
-    /// transaction holding the order row) and reads the log up to it.
-    /// Returns the last commit's tid.
+    /// transaction holding the order row) and reads the log up to it, in
+    /// one round trip. Returns the last commit's tid.
     fn take_order(&self, conn: &mut Conn) -> Result<u64> {
         let mut tries = 0;
         loop {
             tries += 1;
             let result = (|| {
-                conn.batch("BEGIN")?;
-                let tid: i64 = conn
-                    .query("SELECT tid FROM durus_order WHERE id = 1 FOR UPDATE", &[])?[0]
-                    .get(0);
-                let _log = self.catch_up.lock();
-                self.read_log(conn)?;
                 let known = self.state.lock().known;
-                if known != tid as u64 {
+                // The log is read after the row is locked (the statements
+                // run in turn), so it ends at the order's tid.
+                let messages = conn
+                    .client
+                    .simple_query(&format!(
+                        "BEGIN; SELECT tid FROM durus_order WHERE id = 1 FOR UPDATE; \
+                         SELECT tid, oids FROM durus_log WHERE tid > {known} ORDER BY tid"
+                    ))
+                    .map_err(db_error)?;
+                let mut statement = 0;
+                let mut tid = None;
+                let mut entries = Vec::new();
+                for m in &messages {
+                    match m {
+                        SimpleQueryMessage::CommandComplete(_) => statement += 1,
+                        SimpleQueryMessage::Row(row) if statement == 1 => {
+                            tid = Some(text_u64(row.get(0))?);
+                        }
+                        SimpleQueryMessage::Row(row) if statement == 2 => {
+                            let oids = text_bytea(row.get(1))?;
+                            entries.push((text_u64(row.get(0))?, oids_from(&oids)?));
+                        }
+                        _ => {}
+                    }
+                }
+                let tid = tid.ok_or_else(|| {
+                    database("the commit order's row (durus_order, id 1) is missing")
+                })?;
+                let known = {
+                    let _log = self.catch_up.lock();
+                    let mut st = self.state.lock();
+                    st.take_log(&entries);
+                    st.known
+                };
+                if known != tid {
                     return Err(database(format!(
                         "the commit log ends at {known}, the commit order at {tid}: \
                          the database is not a consistent durus-redb store"
                     )));
                 }
-                Ok(tid as u64)
+                Ok(tid)
             })();
             match result {
                 Ok(tid) => return Ok(tid),

@@ -1,7 +1,7 @@
 //! A client's session on a PostgreSQL front end, and its commits.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::Ordering as AtomicOrdering;
 
 use parking_lot::MutexGuard;
 
@@ -200,9 +200,9 @@ impl Session for PgSession<'_> {
     fn enter_order(&self, _grant: &mut dyn FnMut() -> Grant) -> Entry<'_> {
         let backend = self.backend;
         let mut order = backend.order.try_lock().unwrap_or_else(|| {
-            backend.order_waiting.fetch_add(1, Ordering::AcqRel);
+            backend.order_waiting.fetch_add(1, AtomicOrdering::AcqRel);
             let order = backend.order.lock();
-            backend.order_waiting.fetch_sub(1, Ordering::AcqRel);
+            backend.order_waiting.fetch_sub(1, AtomicOrdering::AcqRel);
             order
         });
         let taken = (|| {
@@ -266,74 +266,83 @@ impl PgOrder<'_> {
         asked.sort();
         asked.dedup();
         let keys: Vec<i64> = asked.iter().map(|o| key(*o)).collect();
+        let tid = self.tid + 1;
+        let oids: Vec<Oid> = records.keys().copied().collect();
+        let mut chunk_oids: Vec<i64> = Vec::with_capacity(records.len());
+        let mut chunk_numbers: Vec<i32> = Vec::with_capacity(records.len());
+        let mut chunk_data: Vec<&[u8]> = Vec::with_capacity(records.len());
+        let mut record_oids: Vec<i64> = Vec::with_capacity(records.len());
+        let mut record_chunks: Vec<i32> = Vec::with_capacity(records.len());
+        for (oid, record) in &records {
+            let mut n = 0i32;
+            for piece in record.as_bytes().chunks(CHUNK) {
+                chunk_oids.push(key(*oid));
+                chunk_numbers.push(n);
+                chunk_data.push(piece);
+                n += 1;
+            }
+            record_oids.push(key(*oid));
+            record_chunks.push(n);
+        }
+        // One statement: what is stored of the oids asked (as it was before
+        // the statement), the records written, the log entry, the order
+        // row. A commit found invalid from the first part is rolled back.
         let stored: HashMap<Oid, i32> = conn
             .query(
-                "SELECT oid, max(chunk) FROM durus_records WHERE oid = ANY($1) GROUP BY oid",
-                &[&keys],
+                "WITH stored AS (SELECT oid, max(chunk) AS last FROM durus_records \
+                                 WHERE oid = ANY($5) GROUP BY oid), \
+                      written AS (INSERT INTO durus_records (oid, chunk, tid, data) \
+                                  SELECT o, c, $3, d \
+                                  FROM unnest($1::bigint[], $2::int[], $4::bytea[]) AS t(o, c, d) \
+                                  ON CONFLICT (oid, chunk) \
+                                  DO UPDATE SET tid = excluded.tid, data = excluded.data), \
+                      logged AS (INSERT INTO durus_log (tid, oids) VALUES ($3, $7)), \
+                      ordered AS (UPDATE durus_order SET tid = $3, objects = objects + $8 - \
+                                  (SELECT count(*) FROM stored WHERE oid = ANY($6)) \
+                                  WHERE id = 1) \
+                 SELECT oid, last FROM stored",
+                &[
+                    &chunk_oids,
+                    &chunk_numbers,
+                    &(tid as i64),
+                    &chunk_data,
+                    &keys,
+                    &record_oids,
+                    &oids_bytes(&oids),
+                    &(oids.len() as i64),
+                ],
             )?
             .iter()
             .map(|row| (oid_of(row.get(0)), row.get::<_, i32>(1)))
             .collect();
-        {
-            let st = backend.state.lock();
-            let holder = |oid: Oid| match st.held.get(&oid) {
-                Some(&s) if s == self.session.id => Holder::ThisSession,
-                Some(_) => Holder::AnotherSession,
-                None => Holder::Nobody,
-            };
-            validate_commit(
-                &records,
-                |oid| Ok(stored.contains_key(&oid)),
-                |oid, present| {
-                    if present {
-                        Ok(())
-                    } else {
-                        may_create(oid, holder(oid))
-                    }
-                },
-            )?;
-        }
-        let tid = self.tid + 1;
-        let oids: Vec<Oid> = records.keys().copied().collect();
-        let created = oids.iter().filter(|o| !stored.contains_key(o)).count() as i64;
-        let mut row_oids: Vec<i64> = Vec::with_capacity(records.len());
-        let mut row_chunks: Vec<i32> = Vec::with_capacity(records.len());
-        let mut row_data: Vec<&[u8]> = Vec::with_capacity(records.len());
-        let mut shrunk: Vec<(i64, i32)> = Vec::new();
-        for (oid, record) in &records {
-            let bytes = record.as_bytes();
-            let mut n = 0i32;
-            for piece in bytes.chunks(CHUNK) {
-                row_oids.push(key(*oid));
-                row_chunks.push(n);
-                row_data.push(piece);
-                n += 1;
-            }
-            if stored.get(oid).is_some_and(|&last| last >= n) {
-                shrunk.push((key(*oid), n));
+        let st = backend.state.lock();
+        let holder = |oid: Oid| match st.held.get(&oid) {
+            Some(&s) if s == self.session.id => Holder::ThisSession,
+            Some(_) => Holder::AnotherSession,
+            None => Holder::Nobody,
+        };
+        validate_commit(
+            &records,
+            |oid| Ok(stored.contains_key(&oid)),
+            |oid, present| {
+                if present {
+                    Ok(())
+                } else {
+                    may_create(oid, holder(oid))
+                }
+            },
+        )?;
+        drop(st);
+        // A record that had more chunks than it has now (rare: records over
+        // 1 MiB that shrank) loses the ones beyond its end.
+        for (oid, n) in record_oids.iter().zip(&record_chunks) {
+            if stored.get(&oid_of(*oid)).is_some_and(|last| last >= n) {
+                conn.execute(
+                    "DELETE FROM durus_records WHERE oid = $1 AND chunk >= $2",
+                    &[oid, n],
+                )?;
             }
         }
-        let tid_key = tid as i64;
-        conn.execute(
-            "INSERT INTO durus_records (oid, chunk, tid, data) \
-             SELECT o, c, $3, d FROM unnest($1::bigint[], $2::int[], $4::bytea[]) AS t(o, c, d) \
-             ON CONFLICT (oid, chunk) DO UPDATE SET tid = excluded.tid, data = excluded.data",
-            &[&row_oids, &row_chunks, &tid_key, &row_data],
-        )?;
-        for (oid, n) in shrunk {
-            conn.execute(
-                "DELETE FROM durus_records WHERE oid = $1 AND chunk >= $2",
-                &[&oid, &n],
-            )?;
-        }
-        conn.execute(
-            "INSERT INTO durus_log (tid, oids) VALUES ($1, $2)",
-            &[&tid_key, &oids_bytes(&oids)],
-        )?;
-        conn.execute(
-            "UPDATE durus_order SET tid = $1, objects = objects + $2 WHERE id = 1",
-            &[&tid_key, &created],
-        )?;
         Ok(oids)
     }
 }
@@ -363,9 +372,19 @@ impl Order for PgOrder<'_> {
         // The commit becomes visible and is told under `catch_up`, so that
         // a sync reading the log meanwhile cannot tell it to its own
         // session.
+        // With no other committer waiting here, the commit flushes the WAL
+        // itself (nobody would be released early), saving the barrier's
+        // round trip; else the order is released before the flush.
+        let flush_now = backend.deferred_flush.load(AtomicOrdering::Relaxed)
+            && backend.order_waiting.load(AtomicOrdering::Acquire) == 0;
         let told = {
             let _log = backend.catch_up.lock();
-            match conn.batch("COMMIT") {
+            let end = if flush_now {
+                "SET LOCAL synchronous_commit = on; COMMIT"
+            } else {
+                "COMMIT"
+            };
+            match conn.batch(end) {
                 Ok(()) => {
                     let tid = self.tid + 1;
                     let mut st = backend.state.lock();
@@ -392,7 +411,13 @@ impl Order for PgOrder<'_> {
             }
         };
         drop(order);
-        let result = told.and_then(|()| backend.flush_barrier());
+        let result = told.and_then(|()| {
+            if flush_now {
+                Ok(())
+            } else {
+                backend.flush_barrier()
+            }
+        });
         (result, snapshot)
     }
 }

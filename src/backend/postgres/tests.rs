@@ -23,8 +23,8 @@ fn commit_root(session: &dyn Session, data: &[u8]) -> crate::Result<()> {
     order.commit(records, false).0
 }
 
-/// A commit is acknowledged only after its flush barrier, and it does not
-/// hold the commit order while it waits: with the barrier's row locked by
+/// A commit that others wait behind is acknowledged only after its flush
+/// barrier, and it does not hold the commit order while it waits: with the barrier's row locked by
 /// another transaction, a commit through one front end stays unanswered
 /// while a commit through another front end goes through; once the row is
 /// free, the first is answered.
@@ -35,6 +35,11 @@ fn a_commit_waits_for_its_flush_barrier_without_holding_the_order() {
     let b = PgBackend::open_with(config.clone(), 16).unwrap();
     commit_root(a.open_session().as_ref(), b"first").unwrap();
 
+    // A commit with nobody waiting behind it flushes the WAL itself; with
+    // committers waiting (counted here as one), it releases the order
+    // first and waits for the barrier.
+    a.order_waiting
+        .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
     let mut blocker = config.connect(NoTls).unwrap();
     blocker
         .batch_execute(&format!(
