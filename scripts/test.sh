@@ -66,7 +66,7 @@ lib_alone() {
     cargo build --lib --no-default-features || return 1
     local heavy
     heavy=$(cargo tree --no-default-features -e normal --prefix none \
-        | grep -E '^(clap|indicatif|rusqlite|tracing-subscriber|signal-hook|nix) ' || true)
+        | grep -E '^(clap|indicatif|rusqlite|tracing-subscriber|signal-hook|nix|postgres|tokio|tokio-postgres) ' || true)
     if [ -n "$heavy" ]; then
         echo "the library alone depends on: $heavy" >&2
         return 1
@@ -116,7 +116,7 @@ step "cargo fmt --check" cargo fmt --all -- --check
 step "cargo clippy" cargo clippy --all-targets --features fuzzing -- -D warnings
 step "cargo test" cargo test --all-targets --features fuzzing
 step "doctests (the crate docs' quick start and examples)" cargo test --doc
-step "library without default features (no CLI or SQLite crates)" lib_alone
+step "library without default features (no CLI, SQLite or PostgreSQL crates)" lib_alone
 step "cargo doc, warnings denied" env RUSTDOCFLAGS="-D warnings" cargo doc --no-deps
 step "cargo build durus-redb" cargo build --bin durus-redb
 step "interop harness: durus -s vs durus -s (deterministic?)" \

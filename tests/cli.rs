@@ -624,3 +624,26 @@ fn serve_with_stderr_redirected_writes_plain_log_lines() {
         "escape codes in a redirected log: {seen:?}"
     );
 }
+
+/// The commands that work on a store file say so, with what to do
+/// instead, when given a PostgreSQL URL (exit 2, nothing touched).
+#[test]
+fn file_commands_given_a_database_url_say_what_works_instead() {
+    let url = "postgresql://app@db.invalid:5432/store";
+    for args in [
+        vec!["check", url],
+        vec!["gc", url],
+        vec!["stats", url],
+        vec!["export", url, "out.durus"],
+    ] {
+        let out = bin().args(&args).output().unwrap();
+        let text = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {text}");
+        assert!(
+            text.contains(&format!("durus-redb {}", args[0]))
+                && text.contains("PostgreSQL")
+                && text.contains("backup --port"),
+            "{args:?}: {text}"
+        );
+    }
+}

@@ -114,6 +114,40 @@ impl Cluster {
         c
     }
 
+    /// A standby of `primary`, streaming from it (pg_basebackup -R), in
+    /// `dir`, started.
+    fn standby_of(primary: &Cluster, dir: &Path) -> Cluster {
+        let dir = dir.join("standby");
+        std::fs::create_dir_all(&dir).unwrap();
+        if let Some((uid, gid)) = cluster_user() {
+            std::os::unix::fs::chown(&dir, Some(uid), Some(gid)).unwrap();
+        }
+        let out = as_cluster_user(
+            Command::new(pg_bin("pg_basebackup"))
+                .args(["-h", "127.0.0.1", "-p", &primary.port.to_string()])
+                .args(["-U", "postgres", "-X", "stream", "-R", "-D"])
+                .arg(dir.join("data")),
+        )
+        .output()
+        .unwrap();
+        assert!(
+            out.status.success(),
+            "pg_basebackup: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let mut c = Cluster {
+            dir,
+            port,
+            postmaster: None,
+        };
+        c.start();
+        c
+    }
+
     fn start(&mut self) {
         let child = as_cluster_user(
             Command::new(pg_bin("postgres"))
@@ -337,4 +371,77 @@ fn acknowledged_commits_survive_kill_9_of_postgres_and_of_the_front_end() {
     oids.sort_unstable();
     oids.dedup();
     assert_eq!(oids.len(), acked.len(), "an oid was handed out twice");
+}
+
+/// A primary with a synchronous standby; the front end is given both
+/// hosts with `target_session_attrs=read-write`. The primary is killed
+/// (-9, with its backends) while clients commit, the standby promoted: the
+/// same front end goes on through it, and every commit acknowledged before
+/// the failover is there.
+#[test]
+fn acknowledged_commits_survive_the_loss_of_the_primary_with_a_synchronous_standby() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut primary = Cluster::create(dir.path());
+    let standby = Cluster::standby_of(&primary, dir.path());
+    {
+        let mut c = postgres::Client::connect(&primary.url("postgres"), postgres::NoTls).unwrap();
+        c.batch_execute("ALTER SYSTEM SET synchronous_standby_names = '*'")
+            .unwrap();
+        c.batch_execute("SELECT pg_reload_conf()").unwrap();
+        // The standby is synchronous once the primary says so.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let row = c
+                .query_opt(
+                    "SELECT 1 FROM pg_stat_replication WHERE sync_state = 'sync'",
+                    &[],
+                )
+                .unwrap();
+            if row.is_some() {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the standby never became synchronous"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    let url = format!(
+        "postgresql://postgres@127.0.0.1:{},127.0.0.1:{}/postgres?target_session_attrs=read-write",
+        primary.port, standby.port
+    );
+    let front = FrontEnd::start(&url);
+    let port = Arc::new(Mutex::new(front.port));
+    let stop = Arc::new(AtomicBool::new(false));
+    let acked = Arc::new(Mutex::new(Vec::new()));
+    let workers: Vec<_> = (0..3)
+        .map(|_| {
+            let (port, stop, acked) = (port.clone(), stop.clone(), acked.clone());
+            std::thread::spawn(move || committer(port, stop, acked))
+        })
+        .collect();
+    let wait_for_more = |than: usize| {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while acked.lock().unwrap().len() < than + 50 {
+            assert!(
+                Instant::now() < deadline,
+                "commits stopped being acknowledged"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    wait_for_more(0);
+    primary.crash();
+    let at_failover = acked.lock().unwrap().clone();
+    let mut c = postgres::Client::connect(&standby.url("postgres"), postgres::NoTls).unwrap();
+    c.batch_execute("SELECT pg_promote()").unwrap();
+    wait_for_more(at_failover.len());
+    // Everything acknowledged before the primary died is on the standby.
+    assert_all_there(front.port, &at_failover);
+    stop.store(true, Ordering::Relaxed);
+    for w in workers {
+        w.join().unwrap();
+    }
+    assert_all_there(front.port, &acked.lock().unwrap());
 }

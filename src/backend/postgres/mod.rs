@@ -308,9 +308,10 @@ struct SessionData {
     seen: u64,
     /// How many oids of `held` are this session's.
     held: u64,
-    /// The front end lost track of the commit log while this session was
-    /// open (its entries were trimmed before it read them): what the
-    /// session's client holds can no longer be checked.
+    /// The front end lost track of the database while this session was
+    /// open (commit log entries trimmed before it read them, or commits it
+    /// had read lost in a failover): what the session's client holds can no
+    /// longer be checked.
     lost: bool,
 }
 
@@ -323,6 +324,26 @@ impl State {
                 s.invalid.extend(oids.iter().copied());
             }
         }
+    }
+
+    /// The database's last commit is older than what this front end has
+    /// read: it lost commits (a failover to a standby that had not received
+    /// them; none was acknowledged if the standby was synchronous). What
+    /// the sessions were told no longer matches the database, and the lost
+    /// tids will be given to new commits: every session is closed, and the
+    /// front end goes on from the database's state.
+    fn went_back(&mut self, tid: u64) {
+        tracing::error!(
+            "the database's last commit is {tid}, but this front end had read up to {}: it \
+             lost commits (a failover to a standby that did not have them?); closing its {} \
+             sessions, whose clients must reconnect",
+            self.known,
+            self.sessions.len()
+        );
+        for s in self.sessions.values_mut() {
+            s.lost = true;
+        }
+        self.known = tid;
     }
 
     /// Takes in commit log entries read from the database, in tid order.
@@ -467,30 +488,59 @@ impl PgBackend {
         Ok(conn)
     }
 
-    /// Reads the commit log past what this front end knows, on `conn`, and
-    /// tells the sessions. The caller holds `catch_up`.
-    fn read_log(&self, conn: &mut Conn) -> Result<()> {
+    /// Reads the order's tid and the commit log past what this front end
+    /// knows, in one round trip on `conn` (`begin`: first `BEGIN` and a
+    /// lock of the order row, whose tid is then the log's end), and takes
+    /// them in: see [`State::take_log`]. Returns the order's tid.
+    fn read_log(&self, conn: &mut Conn, begin: bool) -> Result<u64> {
         let known = self.state.lock().known;
-        let rows = conn.query(
-            "SELECT tid, oids FROM durus_log WHERE tid > $1 ORDER BY tid",
-            &[&(known as i64)],
-        )?;
-        let mut entries = Vec::with_capacity(rows.len());
-        for row in rows {
-            let tid: i64 = row.get(0);
-            let oids: &[u8] = row.get(1);
-            entries.push((tid as u64, oids_from(oids)?));
+        let sql = if begin {
+            format!(
+                "BEGIN; SELECT tid FROM durus_order WHERE id = 1 FOR UPDATE; \
+                 SELECT tid, oids FROM durus_log WHERE tid > {known} ORDER BY tid"
+            )
+        } else {
+            format!(
+                "SELECT tid FROM durus_order WHERE id = 1; \
+                 SELECT tid, oids FROM durus_log WHERE tid > {known} ORDER BY tid"
+            )
+        };
+        // The log is read after the order row (the statements run in turn;
+        // a commit moves both at once), so it reaches at least its tid.
+        let messages = conn.client.simple_query(&sql).map_err(db_error)?;
+        let (order_at, log_at) = if begin { (1, 2) } else { (0, 1) };
+        let mut statement = 0;
+        let mut tid = None;
+        let mut entries = Vec::new();
+        for m in &messages {
+            match m {
+                SimpleQueryMessage::CommandComplete(_) => statement += 1,
+                SimpleQueryMessage::Row(row) if statement == order_at => {
+                    tid = Some(text_u64(row.get(0))?);
+                }
+                SimpleQueryMessage::Row(row) if statement == log_at => {
+                    let oids = text_bytea(row.get(1))?;
+                    entries.push((text_u64(row.get(0))?, oids_from(&oids)?));
+                }
+                _ => {}
+            }
         }
-        self.state.lock().take_log(&entries);
-        Ok(())
+        let tid =
+            tid.ok_or_else(|| database("the commit order's row (durus_order, id 1) is missing"))?;
+        let _log = self.catch_up.lock();
+        let mut st = self.state.lock();
+        if tid < st.known {
+            st.went_back(tid);
+        }
+        st.take_log(&entries);
+        Ok(tid)
     }
 
     /// Brings this front end up to the database's latest commit (a
     /// client's sync, a new session).
     fn catch_up(&self) -> Result<()> {
-        let _log = self.catch_up.lock();
         let mut conn = self.pool.get()?;
-        self.read_log(&mut conn)
+        self.read_log(&mut conn, false).map(|_| ())
     }
 
     /// Returns once everything committed before the call is flushed to the
@@ -559,41 +609,8 @@ impl PgBackend {
         loop {
             tries += 1;
             let result = (|| {
+                let tid = self.read_log(conn, true)?;
                 let known = self.state.lock().known;
-                // The log is read after the row is locked (the statements
-                // run in turn), so it ends at the order's tid.
-                let messages = conn
-                    .client
-                    .simple_query(&format!(
-                        "BEGIN; SELECT tid FROM durus_order WHERE id = 1 FOR UPDATE; \
-                         SELECT tid, oids FROM durus_log WHERE tid > {known} ORDER BY tid"
-                    ))
-                    .map_err(db_error)?;
-                let mut statement = 0;
-                let mut tid = None;
-                let mut entries = Vec::new();
-                for m in &messages {
-                    match m {
-                        SimpleQueryMessage::CommandComplete(_) => statement += 1,
-                        SimpleQueryMessage::Row(row) if statement == 1 => {
-                            tid = Some(text_u64(row.get(0))?);
-                        }
-                        SimpleQueryMessage::Row(row) if statement == 2 => {
-                            let oids = text_bytea(row.get(1))?;
-                            entries.push((text_u64(row.get(0))?, oids_from(&oids)?));
-                        }
-                        _ => {}
-                    }
-                }
-                let tid = tid.ok_or_else(|| {
-                    database("the commit order's row (durus_order, id 1) is missing")
-                })?;
-                let known = {
-                    let _log = self.catch_up.lock();
-                    let mut st = self.state.lock();
-                    st.take_log(&entries);
-                    st.known
-                };
                 if known != tid {
                     return Err(database(format!(
                         "the commit log ends at {known}, the commit order at {tid}: \

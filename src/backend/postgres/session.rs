@@ -39,8 +39,8 @@ impl PgSession<'_> {
         let st = self.backend.state.lock();
         if st.sessions.get(&self.id).is_some_and(|s| s.lost) {
             return Err(database(
-                "this front end lost track of the commit log (its entries were trimmed before \
-                 it read them): reconnect",
+                "this front end can no longer tell this session what changed (the database \
+                 lost commits it had read, or commit log entries it had not): reconnect",
             ));
         }
         Ok(())
@@ -206,6 +206,7 @@ impl Session for PgSession<'_> {
             order
         });
         let taken = (|| {
+            self.check_lost()?;
             if order.as_ref().is_none_or(|c| c.client.is_closed()) {
                 *order = Some(backend.order_conn()?);
             }

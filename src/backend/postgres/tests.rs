@@ -157,3 +157,40 @@ fn database_urls_are_logged_without_their_password() {
         "host=db1 user=app password=*** dbname=store"
     );
 }
+
+/// The database goes back in time under a front end (a failover to a
+/// standby that lacked its last commits, made here by removing them): the
+/// front end's sessions were told of commits that no longer exist, and the
+/// lost tids will be given again. Its open sessions are refused (their
+/// clients reconnect), new ones are served, and commits go on from the
+/// database's state.
+#[test]
+fn a_database_that_lost_commits_closes_the_sessions_that_saw_them() {
+    let config = testdb::fresh("went_back");
+    let fe = PgBackend::open_with(config.clone(), 16).unwrap();
+    let old = fe.open_session();
+    for n in 0..4u8 {
+        commit_root(old.as_ref(), &[n]).unwrap();
+    }
+    let mut c = config.connect(NoTls).unwrap();
+    c.batch_execute(
+        "DELETE FROM durus_log WHERE tid > 2; UPDATE durus_order SET tid = 2 WHERE id = 1; \
+         UPDATE durus_records SET tid = 2, data = 'x' WHERE oid = 0",
+    )
+    .unwrap();
+    // A new session reads the database as it is and commits from there.
+    let new = fe.open_session();
+    commit_root(new.as_ref(), b"again").unwrap();
+    let tid: i64 = c
+        .query_one("SELECT tid FROM durus_order WHERE id = 1", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(tid, 3);
+    // The session that saw the lost commits is refused, loads and commits.
+    let err = old
+        .load(&[Oid::ROOT], &mut |_| true)
+        .expect_err("a session that saw lost commits must not load");
+    assert!(err.to_string().contains("reconnect"), "{err}");
+    let err = commit_root(old.as_ref(), b"stale").expect_err("nor commit");
+    assert!(err.to_string().contains("reconnect"), "{err}");
+}

@@ -198,6 +198,21 @@ fn run(cli: Cli) -> ExitCode {
     match cli.command {
         Command::Serve(_) => unreachable!("handled above"),
         Command::Stop { at, wait } => stop(at, wait),
+        Command::Gc { path, .. }
+        | Command::Export { source: path, .. }
+        | Command::Stats {
+            path: Some(path), ..
+        }
+        | Command::Check { path, .. }
+            if is_database_url(&path) =>
+        {
+            crate::common::fail(format!(
+                "{} works on a store file; on a PostgreSQL database it is not built yet. \
+                 Against a running `serve --database`, `durus-redb stats --port P` shows its \
+                 live state and `durus-redb backup --port P DEST` copies it into a store file",
+                subcommand()
+            ))
+        }
         Command::Gc { path, full } => gc_cmd(&path, full),
         Command::Migrate {
             source,
@@ -224,4 +239,17 @@ fn run(cli: Cli) -> ExitCode {
         Command::Stats { path: None, at, .. } => live_stats(at),
         Command::Check { path, repair } => check(path, repair),
     }
+}
+
+/// True if a command's path argument is a PostgreSQL URL.
+fn is_database_url(path: &std::path::Path) -> bool {
+    path.to_str()
+        .is_some_and(|p| p.starts_with("postgresql://") || p.starts_with("postgres://"))
+}
+
+/// The subcommand being run, for a message.
+fn subcommand() -> String {
+    std::env::args()
+        .nth(1)
+        .map_or_else(|| "this command".into(), |c| format!("`durus-redb {c}`"))
 }
