@@ -40,6 +40,7 @@
 //! local side of the commit order, with its connection), `catch_up`,
 //! `alloc`, `state`; the barrier's locks are taken with none of these held.
 
+mod batch;
 pub(crate) mod import;
 mod session;
 #[cfg(test)]
@@ -294,6 +295,9 @@ struct State {
     known: u64,
     /// Oids handed out and not yet stored, with the session holding each.
     held: HashMap<Oid, u64>,
+    /// Oids written by the open batch, not yet committed: loads of them
+    /// are answered `Invalid` (see `batch`).
+    pending: std::collections::HashSet<Oid>,
     sessions: HashMap<u64, SessionData>,
     next_session: u64,
     full_collections: u64,
@@ -346,6 +350,15 @@ impl State {
         self.known = tid;
     }
 
+    /// Tells every session but those of `told` that `oids` changed.
+    fn publish_except(&mut self, told: &[u64], oids: &[Oid]) {
+        for (id, s) in &mut self.sessions {
+            if !told.contains(id) {
+                s.invalid.extend(oids.iter().copied());
+            }
+        }
+    }
+
     /// Takes in commit log entries read from the database, in tid order.
     fn take_log(&mut self, entries: &[(u64, Vec<Oid>)]) {
         for (tid, oids) in entries {
@@ -389,9 +402,11 @@ struct BarrierState {
 
 /// The database-backed store of one front end.
 pub(crate) struct PgBackend {
-    /// The local side of the commit order, and the connection that holds
-    /// the database's side (`None` until connected, or after it broke).
-    order: Mutex<Option<Conn>>,
+    /// The local side of the commit order: the connection that holds the
+    /// database's side, and a batch's open transaction.
+    order: Mutex<batch::OrderSlot>,
+    /// Commits that went into a batch another commit had opened.
+    batched: AtomicU64,
     /// Held while reading the commit log and while a commit becomes
     /// visible and is told: the log is taken in order, once.
     catch_up: Mutex<()>,
@@ -453,7 +468,8 @@ impl PgBackend {
         )?;
         let known: i64 = conn.query("SELECT tid FROM durus_order WHERE id = 1", &[])?[0].get(0);
         let backend = PgBackend {
-            order: Mutex::new(None),
+            order: Mutex::new(batch::OrderSlot::default()),
+            batched: AtomicU64::new(0),
             catch_up: Mutex::new(()),
             alloc: Mutex::new(Alloc::default()),
             state: Mutex::new(State {
@@ -529,7 +545,10 @@ impl PgBackend {
             tid.ok_or_else(|| database("the commit order's row (durus_order, id 1) is missing"))?;
         let _log = self.catch_up.lock();
         let mut st = self.state.lock();
-        if tid < st.known {
+        // Compared with what was known when the query was sent (every
+        // commit known then was visible to it): a commit of this front end
+        // may have been told since.
+        if tid < known {
             st.went_back(tid);
         }
         st.take_log(&entries);
@@ -770,6 +789,7 @@ impl Backend for PgBackend {
             backend: self,
             id,
             just_ordered: std::cell::Cell::new(false),
+            told_pending: Default::default(),
         })
     }
 
@@ -794,22 +814,25 @@ impl Backend for PgBackend {
     fn full_collection(&self, stop: &mut dyn FnMut() -> bool) -> Result<FullReport> {
         let started = Instant::now();
         let mut order = self.order.lock();
-        if order.as_ref().is_none_or(|c| c.client.is_closed()) {
-            *order = Some(self.order_conn()?);
+        if self.end_batch(&mut order, None)? {
+            self.flush_barrier()?;
         }
-        let conn = order.as_mut().expect("just connected");
+        if order.conn.as_ref().is_none_or(|c| c.client.is_closed()) {
+            order.conn = Some(self.order_conn()?);
+        }
+        let conn = order.conn.as_mut().expect("just connected");
         let tid = self.take_order(conn)?;
         let result = self.pack_in_order(conn, tid, stop, started);
         if result.as_ref().map_or(true, |(r, _)| !r.completed) {
             if conn.batch("ROLLBACK").is_err() {
-                *order = None;
+                order.conn = None;
             }
             return result.map(|(r, _)| r);
         }
         let (mut report, dead) = result.expect("checked above");
         let _log = self.catch_up.lock();
         if let Err(e) = conn.batch("COMMIT") {
-            *order = None;
+            order.conn = None;
             return Err(e);
         }
         {
@@ -833,11 +856,26 @@ impl Backend for PgBackend {
     fn watch_poison(&self, _watch: PoisonWatch) {}
 
     fn hold_commits(&self) -> Box<dyn Hold + '_> {
-        Box::new(self.order.lock())
+        let mut order = self.order.lock();
+        // The commits waiting in a batch are answered first.
+        match self.end_batch(&mut order, None) {
+            Ok(true) => {
+                if let Err(e) = self.flush_barrier() {
+                    tracing::warn!("the last batch's flush was not confirmed: {e}");
+                }
+            }
+            Ok(false) => {}
+            Err(e) => tracing::warn!("the last batch was not committed: {e}"),
+        }
+        Box::new(order)
     }
 
     fn close(&self) -> Result<()> {
-        *self.order.lock() = None;
+        {
+            let mut order = self.order.lock();
+            self.end_batch(&mut order, None)?;
+            order.conn = None;
+        }
         *self.barrier_conn.lock() = None;
         self.pool.idle.lock().clear();
         Ok(())

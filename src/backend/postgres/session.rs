@@ -2,9 +2,11 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::Ordering as AtomicOrdering;
+use std::time::Instant;
 
 use parking_lot::MutexGuard;
 
+use super::batch::{Batch, OrderSlot};
 use super::{CHUNK, Conn, PgBackend, database, key, oid_of, oids_bytes};
 use crate::backend::{Entry, Found, Grant, Order, Session, Snapshot, Walk};
 use crate::error::{InvalidInput, Result, StorageError};
@@ -17,6 +19,9 @@ pub(super) struct PgSession<'a> {
     pub(super) id: u64,
     /// Set when the session takes the commit order, cleared by its sync.
     pub(super) just_ordered: std::cell::Cell<bool>,
+    /// The oids of the open batch the session's commit joins: changed
+    /// before its commit in the order, told with its invalidations.
+    pub(super) told_pending: std::cell::RefCell<Vec<Oid>>,
 }
 
 impl Drop for PgSession<'_> {
@@ -63,12 +68,18 @@ impl Session for PgSession<'_> {
     fn sync(&self) -> Vec<Oid> {
         // Just after taking the order (a commit's invalidations) the log
         // was read up to its end, and nothing commits meanwhile.
-        if !self.just_ordered.replace(false)
-            && let Err(e) = self.backend.catch_up()
-        {
+        let ordered = self.just_ordered.replace(false);
+        if !ordered && let Err(e) = self.backend.catch_up() {
             tracing::warn!("a sync could not read the commit log: {e}");
         }
-        self.take_invalid()
+        let mut oids = self.take_invalid();
+        let pending = std::mem::take(&mut *self.told_pending.borrow_mut());
+        if ordered && !pending.is_empty() {
+            oids.extend(pending);
+            oids.sort_unstable();
+            oids.dedup();
+        }
+        oids
     }
 
     fn sync_to_snapshot(&self) -> Result<(Vec<Oid>, Box<dyn Snapshot>)> {
@@ -98,7 +109,7 @@ impl Session for PgSession<'_> {
             let data = st.sessions.get(&self.id);
             (
                 oids.iter()
-                    .map(|o| data.is_some_and(|s| s.invalid.contains(o)))
+                    .map(|o| data.is_some_and(|s| s.invalid.contains(o)) || st.pending.contains(o))
                     .collect(),
                 data.map_or(0, |s| s.seen),
             )
@@ -205,12 +216,22 @@ impl Session for PgSession<'_> {
             backend.order_waiting.fetch_sub(1, AtomicOrdering::AcqRel);
             order
         });
+        let entered = Instant::now();
         let taken = (|| {
             self.check_lost()?;
-            if order.as_ref().is_none_or(|c| c.client.is_closed()) {
-                *order = Some(backend.order_conn()?);
+            // A batch left the transaction open for this commit: the order
+            // row is held; the batch's oids are this commit's to be told.
+            if let Some(batch) = &order.open {
+                let mut pending: Vec<Oid> = backend.state.lock().pending.iter().copied().collect();
+                pending.sort_unstable();
+                *self.told_pending.borrow_mut() = pending;
+                backend.batched.fetch_add(1, AtomicOrdering::Relaxed);
+                return Ok(batch.tid);
             }
-            backend.take_order(order.as_mut().expect("just connected"))
+            if order.conn.as_ref().is_none_or(|c| c.client.is_closed()) {
+                order.conn = Some(backend.order_conn()?);
+            }
+            backend.take_order(order.conn.as_mut().expect("just connected"))
         })();
         let (tid, failed) = match taken {
             Ok(tid) => {
@@ -219,7 +240,9 @@ impl Session for PgSession<'_> {
             }
             Err(e) => {
                 tracing::warn!("the commit order could not be taken: {e}");
-                *order = None;
+                if order.open.is_none() {
+                    order.conn = None;
+                }
                 (0, Some(e))
             }
         };
@@ -227,6 +250,7 @@ impl Session for PgSession<'_> {
             session: self,
             order: Some(order),
             tid,
+            entered,
             failed,
         }))
     }
@@ -236,30 +260,70 @@ impl Session for PgSession<'_> {
 /// transaction of its connection, the database's order row.
 struct PgOrder<'a> {
     session: &'a PgSession<'a>,
-    order: Option<MutexGuard<'a, Option<Conn>>>,
-    /// The last commit's tid when the order was taken.
+    order: Option<MutexGuard<'a, OrderSlot>>,
+    /// The last commit's tid when the order was taken (in the database, or
+    /// in the open batch).
     tid: u64,
+    /// When the order was taken (a batch's start, if this commit opens one).
+    entered: Instant,
     /// Why the order could not be taken (the commit then fails with it).
     failed: Option<StorageError>,
 }
 
 impl Drop for PgOrder<'_> {
-    /// Given back without a commit: the transaction is rolled back.
+    /// Given back without a commit: the transaction is rolled back, or,
+    /// if a batch holds it, left to the next committer or committed.
     fn drop(&mut self) {
-        if let Some(mut order) = self.order.take()
-            && let Some(conn) = order.as_mut()
+        let Some(mut slot) = self.order.take() else {
+            return;
+        };
+        let backend = self.session.backend;
+        if let Some(b) = &slot.open {
+            let waiting = backend.order_waiting.load(AtomicOrdering::Acquire);
+            if !Batch::may_grow(b.commits.len(), b.started, waiting)
+                && let Err(e) = backend.end_batch(&mut slot, None)
+            {
+                tracing::warn!("a batch of commits was not committed: {e}");
+            }
+        } else if let Some(conn) = slot.conn.as_mut()
             && conn.batch("ROLLBACK").is_err()
         {
-            *order = None;
+            slot.conn = None;
         }
     }
 }
 
 impl PgOrder<'_> {
+    /// The one rule for a commit, from what is stored of the oids it writes
+    /// and references.
+    fn validate(&self, records: &BTreeMap<Oid, Record>, stored: &HashMap<Oid, i32>) -> Result<()> {
+        let st = self.session.backend.state.lock();
+        let holder = |oid: Oid| match st.held.get(&oid) {
+            Some(&s) if s == self.session.id => Holder::ThisSession,
+            Some(_) => Holder::AnotherSession,
+            None => Holder::Nobody,
+        };
+        validate_commit(
+            records,
+            |oid| Ok(stored.contains_key(&oid)),
+            |oid, present| {
+                if present {
+                    Ok(())
+                } else {
+                    may_create(oid, holder(oid))
+                }
+            },
+        )
+    }
+
     /// Validates and writes the commit in the open transaction; returns
     /// the oids it wrote.
-    fn write(&mut self, conn: &mut Conn, records: BTreeMap<Oid, Record>) -> Result<Vec<Oid>> {
-        let backend = self.session.backend;
+    fn write(
+        &mut self,
+        conn: &mut Conn,
+        records: BTreeMap<Oid, Record>,
+        joined: bool,
+    ) -> Result<Vec<Oid>> {
         let mut asked: Vec<Oid> = records.keys().copied().collect();
         for record in records.values() {
             asked.extend(record.refs());
@@ -267,6 +331,20 @@ impl PgOrder<'_> {
         asked.sort();
         asked.dedup();
         let keys: Vec<i64> = asked.iter().map(|o| key(*o)).collect();
+        if joined {
+            // Earlier commits of the batch are in the transaction: a
+            // refused commit cannot roll it back, so it is checked before
+            // it writes.
+            let stored: HashMap<Oid, i32> = conn
+                .query(
+                    "SELECT oid, max(chunk) FROM durus_records WHERE oid = ANY($1) GROUP BY oid",
+                    &[&keys],
+                )?
+                .iter()
+                .map(|row| (oid_of(row.get(0)), row.get::<_, i32>(1)))
+                .collect();
+            self.validate(&records, &stored)?;
+        }
         let tid = self.tid + 1;
         let oids: Vec<Oid> = records.keys().copied().collect();
         let mut chunk_oids: Vec<i64> = Vec::with_capacity(records.len());
@@ -316,24 +394,9 @@ impl PgOrder<'_> {
             .iter()
             .map(|row| (oid_of(row.get(0)), row.get::<_, i32>(1)))
             .collect();
-        let st = backend.state.lock();
-        let holder = |oid: Oid| match st.held.get(&oid) {
-            Some(&s) if s == self.session.id => Holder::ThisSession,
-            Some(_) => Holder::AnotherSession,
-            None => Holder::Nobody,
-        };
-        validate_commit(
-            &records,
-            |oid| Ok(stored.contains_key(&oid)),
-            |oid, present| {
-                if present {
-                    Ok(())
-                } else {
-                    may_create(oid, holder(oid))
-                }
-            },
-        )?;
-        drop(st);
+        if !joined {
+            self.validate(&records, &stored)?;
+        }
         // A record that had more chunks than it has now (rare: records over
         // 1 MiB that shrank) loses the ones beyond its end.
         for (oid, n) in record_oids.iter().zip(&record_chunks) {
@@ -359,64 +422,64 @@ impl Order for PgOrder<'_> {
             return (Err(e), snapshot);
         }
         let backend = self.session.backend;
-        let mut order = self.order.take().expect("held until the commit");
-        let conn = order.as_mut().expect("connected when taken");
-        let written = match self.write(conn, records) {
+        let mut slot = self.order.take().expect("held until the commit");
+        let joined = slot.open.is_some();
+        let Some(conn) = slot.conn.as_mut() else {
+            return (Err(database("the order's connection was lost")), snapshot);
+        };
+        let written = match self.write(conn, records, joined) {
             Ok(oids) => oids,
             Err(e) => {
-                if conn.batch("ROLLBACK").is_err() {
-                    *order = None;
+                if !joined {
+                    if conn.batch("ROLLBACK").is_err() {
+                        slot.conn = None;
+                    }
+                } else if e.is_conflict() || matches!(e, StorageError::Invalid(_)) {
+                    // Refused before it wrote: the batch goes on (or ends).
+                    let b = slot.open.as_ref().expect("joined");
+                    let waiting = backend.order_waiting.load(AtomicOrdering::Acquire);
+                    if !Batch::may_grow(b.commits.len(), b.started, waiting)
+                        && let Err(end) = backend.end_batch(&mut slot, None)
+                    {
+                        tracing::warn!("a batch of commits was not committed: {end}");
+                    }
+                } else {
+                    backend.abandon_batch(&mut slot, &e);
                 }
                 return (Err(e), snapshot);
             }
         };
-        // The commit becomes visible and is told under `catch_up`, so that
-        // a sync reading the log meanwhile cannot tell it to its own
-        // session.
-        // With no other committer waiting here, the commit flushes the WAL
-        // itself (nobody would be released early), saving the barrier's
-        // round trip; else the order is released before the flush.
-        let flush_now = backend.deferred_flush.load(AtomicOrdering::Relaxed)
-            && backend.order_waiting.load(AtomicOrdering::Acquire) == 0;
-        let told = {
-            let _log = backend.catch_up.lock();
-            let end = if flush_now {
-                "SET LOCAL synchronous_commit = on; COMMIT"
-            } else {
-                "COMMIT"
-            };
-            match conn.batch(end) {
-                Ok(()) => {
-                    let tid = self.tid + 1;
-                    let mut st = backend.state.lock();
-                    st.publish(Some(self.session.id), &written);
-                    st.known = tid;
-                    for oid in &written {
-                        if let Some(s) = st.held.remove(oid)
-                            && let Some(data) = st.sessions.get_mut(&s)
-                        {
-                            data.held -= 1;
-                        }
-                    }
-                    if let Some(s) = st.sessions.get_mut(&self.session.id) {
-                        s.seen = tid;
-                    }
-                    Ok(())
-                }
-                Err(e) => {
-                    // Whether it was applied is unknown: the log says, to
-                    // whoever reads it next (this front end included).
-                    *order = None;
-                    Err(e)
-                }
-            }
+        let tid = self.tid + 1;
+        let (commits, started) = slot
+            .open
+            .as_ref()
+            .map_or((0, self.entered), |b| (b.commits.len(), b.started));
+        let waiting = backend.order_waiting.load(AtomicOrdering::Acquire);
+        let result = if Batch::may_grow(commits + 1, started, waiting) {
+            // Someone waits here: the transaction stays open for it, and
+            // this commit is answered when the batch ends.
+            let batch = slot.open.get_or_insert_with(|| Batch {
+                tid,
+                started,
+                commits: Vec::new(),
+                outcome: Default::default(),
+            });
+            batch.tid = tid;
+            batch.commits.push((self.session.id, written.clone()));
+            let outcome = batch.outcome.clone();
+            backend.state.lock().pending.extend(written);
+            drop(slot);
+            outcome.wait().map_err(database)
+        } else {
+            let ended = backend.end_batch(&mut slot, Some((tid, self.session.id, written)));
+            drop(slot);
+            ended
         };
-        drop(order);
-        let result = told.and_then(|()| {
-            if flush_now {
-                Ok(())
-            } else {
+        let result = result.and_then(|barrier| {
+            if barrier {
                 backend.flush_barrier()
+            } else {
+                Ok(())
             }
         });
         (result, snapshot)

@@ -13,11 +13,17 @@ use crate::record::{Oid, Record};
 
 /// Commits `data` as the root through `session`.
 fn commit_root(session: &dyn Session, data: &[u8]) -> crate::Result<()> {
+    commit_root_after(session, data, Duration::ZERO)
+}
+
+/// [`commit_root`], the client taking `pause` to send its commit.
+fn commit_root_after(session: &dyn Session, data: &[u8], pause: Duration) -> crate::Result<()> {
     let Entry::Now(order) = session.enter_order(&mut || unreachable!("blocks, never queues"))
     else {
         panic!("enter_order blocks until the order is had");
     };
     session.sync();
+    std::thread::sleep(pause);
     let mut records = BTreeMap::new();
     records.insert(Oid::ROOT, Record::new(Oid::ROOT, data, &[]));
     order.commit(records, false).0
@@ -36,8 +42,10 @@ fn a_commit_waits_for_its_flush_barrier_without_holding_the_order() {
     commit_root(a.open_session().as_ref(), b"first").unwrap();
 
     // A commit with nobody waiting behind it flushes the WAL itself; with
-    // committers waiting (counted here as one), it releases the order
-    // first and waits for the barrier.
+    // committers waiting (counted here as one) and a batch held too long
+    // to take another commit (its client took longer than the batch may
+    // hold the order), it releases the order first and waits for the
+    // barrier.
     a.order_waiting
         .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
     let mut blocker = config.connect(NoTls).unwrap();
@@ -52,7 +60,8 @@ fn a_commit_waits_for_its_flush_barrier_without_holding_the_order() {
         let a = &a;
         scope.spawn(move || {
             let on_a = a.open_session();
-            let r = commit_root(on_a.as_ref(), b"second");
+            let pause = super::batch::MAX_HOLD * 2;
+            let r = commit_root_after(on_a.as_ref(), b"second", pause);
             done.send(r.is_ok()).unwrap();
         });
         assert!(
@@ -193,4 +202,82 @@ fn a_database_that_lost_commits_closes_the_sessions_that_saw_them() {
     assert!(err.to_string().contains("reconnect"), "{err}");
     let err = commit_root(old.as_ref(), b"stale").expect_err("nor commit");
     assert!(err.to_string().contains("reconnect"), "{err}");
+}
+
+/// Committers of one front end that wait for each other share database
+/// transactions (batches): with 4 threads committing at once, some commits
+/// join a batch; every commit is there with its own tid, each counter
+/// reached its count, and every session was told of every commit but its
+/// own.
+#[test]
+fn concurrent_committers_share_transactions_and_lose_nothing() {
+    const THREADS: usize = 4;
+    const COMMITS: u64 = 60;
+    let config = testdb::fresh("batches");
+    let fe = PgBackend::open_with(config.clone(), 64).unwrap();
+    commit_root(fe.open_session().as_ref(), b"root").unwrap();
+    let told: Vec<Vec<Oid>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..THREADS)
+            .map(|_| {
+                let fe = &fe;
+                scope.spawn(move || {
+                    let s = fe.open_session();
+                    let oid = s.new_oids(1, 16).unwrap()[0];
+                    let mut told = Vec::new();
+                    for n in 1..=COMMITS {
+                        let Entry::Now(order) = s.enter_order(&mut || unreachable!()) else {
+                            panic!("blocks");
+                        };
+                        told.extend(s.sync());
+                        let mut records = BTreeMap::new();
+                        records.insert(oid, Record::new(oid, &n.to_be_bytes(), &[]));
+                        order.commit(records, false).0.unwrap();
+                    }
+                    told.extend(s.sync());
+                    (oid, told)
+                })
+            })
+            .collect();
+        let results: Vec<(Oid, Vec<Oid>)> =
+            handles.into_iter().map(|h| h.join().unwrap()).collect();
+        let mine: Vec<Oid> = results.iter().map(|(o, _)| *o).collect();
+        results
+            .into_iter()
+            .map(|(own, told)| {
+                // Told of every other thread's object, never of its own.
+                for other in &mine {
+                    assert_eq!(told.contains(other), *other != own, "{own} told of {other}");
+                }
+                told
+            })
+            .collect()
+    });
+    assert_eq!(told.len(), THREADS);
+    assert!(
+        fe.batched.load(std::sync::atomic::Ordering::Relaxed) > 0,
+        "no commit joined a batch"
+    );
+    let mut c = config.connect(NoTls).unwrap();
+    let tid: i64 = c
+        .query_one("SELECT tid FROM durus_order WHERE id = 1", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        tid as u64,
+        1 + THREADS as u64 * COMMITS,
+        "one tid per commit"
+    );
+    let logged: i64 = c
+        .query_one("SELECT count(*) FROM durus_log", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(logged, tid);
+    for row in c
+        .query("SELECT data FROM durus_records WHERE oid <> 0", &[])
+        .unwrap()
+    {
+        let data: &[u8] = row.get(0);
+        let record = Record::from_bytes(data.to_vec()).unwrap();
+        assert_eq!(record.data(), COMMITS.to_be_bytes());
+    }
 }
