@@ -140,6 +140,10 @@ step "interop: durus-redb serve --memory --snapshot-reads" \
 # And against a PostgreSQL database (serve --database).
 step "interop: durus-redb serve --database (PostgreSQL) vs durus -s over TCP" \
     database_interop
+step "interop: durus-redb serve --database --snapshot-reads" \
+    "${RUN_AGAINST[@]}" \
+    --server-cmd "bash $ROOT/tests/python/serve_database.sh $SERVER_BIN {dir} --port {port} --snapshot-reads" \
+    --interop-arg=--snapshot-reads --quiet
 step "wheel: built, installed into a fresh venv, the demo run with the installed command" \
     bash scripts/wheel.sh
 

@@ -84,24 +84,6 @@ macro_rules! all {
     };
 }
 
-/// A protocol test of snapshot reads, run against the stores that serve
-/// them: `NAME::redb` and `NAME::memory`.
-macro_rules! both {
-    ($name:ident) => {
-        mod $name {
-            #[test]
-            fn redb() {
-                super::$name(super::Backing::Redb)
-            }
-
-            #[test]
-            fn memory() {
-                super::$name(super::Backing::Memory)
-            }
-        }
-    };
-}
-
 impl Served {
     /// Starts `durus-redb serve --file path --port 0 EXTRA..` and waits for
     /// its `Ready on` line to learn the port.
@@ -2032,7 +2014,7 @@ fn snapshot_reads_load_the_state_of_the_last_sync_and_keep_write_conflicts(on: B
     server.stop();
     on.check_clean(&path);
 }
-both!(snapshot_reads_load_the_state_of_the_last_sync_and_keep_write_conflicts);
+all!(snapshot_reads_load_the_state_of_the_last_sync_and_keep_write_conflicts);
 
 /// An idle connection gives up its snapshot after `--snapshot-idle`: its
 /// loads fall back to Durus's `I`, and the file, which grows while the
@@ -2183,7 +2165,7 @@ fn python_readers_never_meet_read_conflicts_with_snapshot_reads(on: Backing) {
     server.stop();
     on.check_clean(&path);
 }
-both!(python_readers_never_meet_read_conflicts_with_snapshot_reads);
+all!(python_readers_never_meet_read_conflicts_with_snapshot_reads);
 
 /// A server whose process may open only 64 files serves as many
 /// connections as fit (and says so), refuses the rest, and keeps serving:

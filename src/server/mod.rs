@@ -407,14 +407,8 @@ impl Server {
     /// any of them and sees every commit made through any other.
     #[cfg(feature = "postgres")]
     pub fn bind_database(url: &str, config: ServerConfig) -> crate::Result<Server> {
-        if config.snapshot_reads {
-            return Err(crate::StorageError::Database {
-                detail: "snapshot reads (--snapshot-reads) are not served from a PostgreSQL \
-                         database yet"
-                    .into(),
-            });
-        }
         let backend = crate::backend::postgres::PgBackend::open(url)?;
+        backend.serve_snapshot_reads(config.snapshot_reads);
         Ok(Server::bind_backend(Arc::new(backend), config)?)
     }
 

@@ -83,6 +83,14 @@ impl Batch {
 }
 
 impl PgBackend {
+    /// Whether commits may share transactions: not with snapshot reads,
+    /// whose snapshot after a commit must show the state just after it.
+    pub(super) fn batching(&self) -> bool {
+        !self
+            .snapshot_reads
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Ends the open batch of `slot` (if any), with `last` (a commit just
     /// written, its session and oids) as its last: commits the transaction,
     /// tells every session, answers the commits waiting in it. Returns

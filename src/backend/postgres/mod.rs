@@ -43,6 +43,7 @@
 mod batch;
 pub(crate) mod import;
 mod session;
+mod snapshot;
 #[cfg(test)]
 pub(crate) mod testdb;
 #[cfg(test)]
@@ -50,6 +51,7 @@ mod tests;
 
 use std::collections::{BTreeSet, HashMap};
 use std::str::FromStr;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
@@ -170,6 +172,33 @@ fn text_bytea(text: Option<&str>) -> Result<Vec<u8>> {
         .collect()
 }
 
+/// A commit log entry: a tid and the oids its commit changed.
+type LogEntry = (u64, Vec<Oid>);
+
+/// The order's tid and the log entries from a simple query's answer whose
+/// statement number `at` reads the order row and the next the log.
+fn order_and_log(messages: &[SimpleQueryMessage], at: usize) -> Result<(u64, Vec<LogEntry>)> {
+    let mut statement = 0;
+    let mut tid = None;
+    let mut entries = Vec::new();
+    for m in messages {
+        match m {
+            SimpleQueryMessage::CommandComplete(_) => statement += 1,
+            SimpleQueryMessage::Row(row) if statement == at => {
+                tid = Some(text_u64(row.get(0))?);
+            }
+            SimpleQueryMessage::Row(row) if statement == at + 1 => {
+                let oids = text_bytea(row.get(1))?;
+                entries.push((text_u64(row.get(0))?, oids_from(&oids)?));
+            }
+            _ => {}
+        }
+    }
+    let tid =
+        tid.ok_or_else(|| database("the commit order's row (durus_order, id 1) is missing"))?;
+    Ok((tid, entries))
+}
+
 /// Oids as a commit log entry: 8 bytes each, big-endian.
 fn oids_bytes(oids: &[Oid]) -> Vec<u8> {
     oids.iter().flat_map(|o| o.to_bytes()).collect()
@@ -237,7 +266,7 @@ impl Conn {
 }
 
 /// Connections for loads, syncs and oid blocks, opened as needed.
-struct Pool {
+pub(super) struct Pool {
     config: postgres::Config,
     idle: Mutex<Vec<Conn>>,
 }
@@ -249,6 +278,25 @@ struct Pooled<'a> {
 }
 
 impl Pool {
+    /// A connection of its own (a snapshot's), given back with
+    /// [`give_back`](Self::give_back).
+    fn take(&self) -> Result<Conn> {
+        let idle = self.idle.lock().pop();
+        match idle {
+            Some(c) if !c.client.is_closed() => Ok(c),
+            _ => Conn::connect(&self.config),
+        }
+    }
+
+    fn give_back(&self, conn: Conn) {
+        if !conn.client.is_closed() {
+            let mut idle = self.idle.lock();
+            if idle.len() < IDLE_CONNECTIONS {
+                idle.push(conn);
+            }
+        }
+    }
+
     fn get(&self) -> Result<Pooled<'_>> {
         let idle = self.idle.lock().pop();
         let conn = match idle {
@@ -360,7 +408,7 @@ impl State {
     }
 
     /// Takes in commit log entries read from the database, in tid order.
-    fn take_log(&mut self, entries: &[(u64, Vec<Oid>)]) {
+    fn take_log(&mut self, entries: &[LogEntry]) {
         for (tid, oids) in entries {
             if *tid <= self.known {
                 continue;
@@ -407,12 +455,14 @@ pub(crate) struct PgBackend {
     order: Mutex<batch::OrderSlot>,
     /// Commits that went into a batch another commit had opened.
     batched: AtomicU64,
+    /// Snapshot reads are served (`serve --snapshot-reads`): no batches.
+    snapshot_reads: std::sync::atomic::AtomicBool,
     /// Held while reading the commit log and while a commit becomes
     /// visible and is told: the log is taken in order, once.
     catch_up: Mutex<()>,
     alloc: Mutex<Alloc>,
     state: Mutex<State>,
-    pool: Pool,
+    pool: Arc<Pool>,
     /// This front end's row in `durus_flush`.
     front_end: i64,
     /// Oids taken from `durus_oids` at a time.
@@ -470,16 +520,17 @@ impl PgBackend {
         let backend = PgBackend {
             order: Mutex::new(batch::OrderSlot::default()),
             batched: AtomicU64::new(0),
+            snapshot_reads: std::sync::atomic::AtomicBool::new(false),
             catch_up: Mutex::new(()),
             alloc: Mutex::new(Alloc::default()),
             state: Mutex::new(State {
                 known: known as u64,
                 ..State::default()
             }),
-            pool: Pool {
+            pool: Arc::new(Pool {
                 config,
                 idle: Mutex::new(vec![conn]),
-            },
+            }),
             front_end,
             oid_block: oid_block.max(1),
             barrier: Mutex::new(BarrierState::default()),
@@ -489,6 +540,11 @@ impl PgBackend {
             order_waiting: AtomicU64::new(0),
         };
         Ok(backend)
+    }
+
+    /// Serves snapshot reads (see [`batch`]'s `batching`).
+    pub(crate) fn serve_snapshot_reads(&self, on: bool) {
+        self.snapshot_reads.store(on, Ordering::Relaxed);
     }
 
     /// A connection for the commit order, with the WAL flush deferred.
@@ -524,25 +580,7 @@ impl PgBackend {
         // The log is read after the order row (the statements run in turn;
         // a commit moves both at once), so it reaches at least its tid.
         let messages = conn.client.simple_query(&sql).map_err(db_error)?;
-        let (order_at, log_at) = if begin { (1, 2) } else { (0, 1) };
-        let mut statement = 0;
-        let mut tid = None;
-        let mut entries = Vec::new();
-        for m in &messages {
-            match m {
-                SimpleQueryMessage::CommandComplete(_) => statement += 1,
-                SimpleQueryMessage::Row(row) if statement == order_at => {
-                    tid = Some(text_u64(row.get(0))?);
-                }
-                SimpleQueryMessage::Row(row) if statement == log_at => {
-                    let oids = text_bytea(row.get(1))?;
-                    entries.push((text_u64(row.get(0))?, oids_from(&oids)?));
-                }
-                _ => {}
-            }
-        }
-        let tid =
-            tid.ok_or_else(|| database("the commit order's row (durus_order, id 1) is missing"))?;
+        let (tid, entries) = order_and_log(&messages, usize::from(begin))?;
         let _log = self.catch_up.lock();
         let mut st = self.state.lock();
         // Compared with what was known when the query was sent (every
@@ -682,26 +720,31 @@ impl PgBackend {
 
     /// Loads the records of `oids` (each once) with their tids.
     fn fetch(&self, conn: &mut Conn, oids: &[Oid]) -> Result<HashMap<Oid, (u64, Vec<u8>)>> {
-        let keys: Vec<i64> = oids.iter().map(|o| key(*o)).collect();
-        let rows = conn.query(
-            "SELECT oid, chunk, tid, data FROM durus_records WHERE oid = ANY($1) \
-             ORDER BY oid, chunk",
-            &[&keys],
-        )?;
-        let mut found: HashMap<Oid, (u64, Vec<u8>)> = HashMap::with_capacity(rows.len());
-        for row in &rows {
-            let oid = oid_of(row.get(0));
-            let chunk: i32 = row.get(1);
-            let tid: i64 = row.get(2);
-            let data: &[u8] = row.get(3);
-            let entry = found.entry(oid).or_insert_with(|| (tid as u64, Vec::new()));
-            if chunk == 0 {
-                entry.1.clear();
-            }
-            entry.1.extend_from_slice(data);
-        }
-        Ok(found)
+        fetch(conn, oids)
     }
+}
+
+/// Loads the records of `oids` with their tids, in one statement.
+fn fetch(conn: &mut Conn, oids: &[Oid]) -> Result<HashMap<Oid, (u64, Vec<u8>)>> {
+    let keys: Vec<i64> = oids.iter().map(|o| key(*o)).collect();
+    let rows = conn.query(
+        "SELECT oid, chunk, tid, data FROM durus_records WHERE oid = ANY($1) \
+         ORDER BY oid, chunk",
+        &[&keys],
+    )?;
+    let mut found: HashMap<Oid, (u64, Vec<u8>)> = HashMap::with_capacity(rows.len());
+    for row in &rows {
+        let oid = oid_of(row.get(0));
+        let chunk: i32 = row.get(1);
+        let tid: i64 = row.get(2);
+        let data: &[u8] = row.get(3);
+        let entry = found.entry(oid).or_insert_with(|| (tid as u64, Vec::new()));
+        if chunk == 0 {
+            entry.1.clear();
+        }
+        entry.1.extend_from_slice(data);
+    }
+    Ok(found)
 }
 
 /// Creates the tables in an empty database, or checks their format.

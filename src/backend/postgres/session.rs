@@ -33,10 +33,6 @@ impl Drop for PgSession<'_> {
     }
 }
 
-fn no_snapshots() -> StorageError {
-    database("snapshot reads are not served from a PostgreSQL database yet")
-}
-
 impl PgSession<'_> {
     /// Fails if the front end lost track of the log while this session
     /// was open.
@@ -83,14 +79,33 @@ impl Session for PgSession<'_> {
     }
 
     fn sync_to_snapshot(&self) -> Result<(Vec<Oid>, Box<dyn Snapshot>)> {
-        Err(no_snapshots())
+        self.check_lost()?;
+        let backend = self.backend;
+        // No commit of this front end becomes visible and told meanwhile:
+        // the session is told exactly the commits the snapshot shows.
+        let _log = backend.catch_up.lock();
+        let (snapshot, tid) = backend.snapshot_at_log_end()?;
+        let oids = self.take_invalid();
+        debug_assert_eq!(backend.state.lock().known, tid);
+        Ok((oids, Box::new(snapshot)))
     }
 
+    /// The state the session was brought to when it took the order (it is
+    /// held: nothing commits meanwhile).
     fn snapshot(&self) -> Result<Box<dyn Snapshot>> {
-        Err(no_snapshots())
+        let backend = self.backend;
+        let _log = backend.catch_up.lock();
+        let (snapshot, _) = backend.snapshot_at_log_end()?;
+        Ok(Box::new(snapshot))
     }
 
+    /// Read with every snapshot load: the log is read first, so that an
+    /// oid another front end made or removed since the session's snapshot
+    /// is flagged, as one server would.
     fn invalid_flags(&self, oids: &[Oid]) -> Vec<bool> {
+        if let Err(e) = self.backend.catch_up() {
+            tracing::warn!("a snapshot load could not read the commit log: {e}");
+        }
         let st = self.backend.state.lock();
         let invalid = st.sessions.get(&self.id).map(|s| &s.invalid);
         oids.iter()
@@ -417,15 +432,15 @@ impl Order for PgOrder<'_> {
         records: BTreeMap<Oid, Record>,
         snapshot: bool,
     ) -> (Result<()>, Option<Result<Box<dyn Snapshot>>>) {
-        let snapshot = snapshot.then(|| Err(no_snapshots()));
+        let want_snapshot = snapshot;
         if let Some(e) = self.failed.take() {
-            return (Err(e), snapshot);
+            return (Err(e), None);
         }
         let backend = self.session.backend;
         let mut slot = self.order.take().expect("held until the commit");
         let joined = slot.open.is_some();
         let Some(conn) = slot.conn.as_mut() else {
-            return (Err(database("the order's connection was lost")), snapshot);
+            return (Err(database("the order's connection was lost")), None);
         };
         let written = match self.write(conn, records, joined) {
             Ok(oids) => oids,
@@ -446,16 +461,22 @@ impl Order for PgOrder<'_> {
                 } else {
                     backend.abandon_batch(&mut slot, &e);
                 }
+                // Refused as a conflict: the state before it, if nothing
+                // committed since.
+                let snapshot = (want_snapshot && e.is_conflict() && !joined)
+                    .then(|| backend.snapshot_if_at(self.tid))
+                    .flatten();
                 return (Err(e), snapshot);
             }
         };
         let tid = self.tid + 1;
+        let mut snapshot = None;
         let (commits, started) = slot
             .open
             .as_ref()
             .map_or((0, self.entered), |b| (b.commits.len(), b.started));
         let waiting = backend.order_waiting.load(AtomicOrdering::Acquire);
-        let result = if Batch::may_grow(commits + 1, started, waiting) {
+        let result = if backend.batching() && Batch::may_grow(commits + 1, started, waiting) {
             // Someone waits here: the transaction stays open for it, and
             // this commit is answered when the batch ends.
             let batch = slot.open.get_or_insert_with(|| Batch {
@@ -472,6 +493,11 @@ impl Order for PgOrder<'_> {
             outcome.wait().map_err(database)
         } else {
             let ended = backend.end_batch(&mut slot, Some((tid, self.session.id, written)));
+            // The state just after this commit, if no other front end
+            // committed since (this one's order is still held).
+            if want_snapshot && ended.is_ok() {
+                snapshot = backend.snapshot_if_at(tid);
+            }
             drop(slot);
             ended
         };

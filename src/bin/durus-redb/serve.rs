@@ -60,7 +60,7 @@ pub(crate) struct ServeArgs {
     /// `target_session_attrs=read-write` for failover) or `key=value`
     /// string. The tables are created in an empty database. Several
     /// servers over one database are interchangeable front ends.
-    #[arg(long, value_name = "URL", conflicts_with_all = ["file", "memory", "readonly", "snapshot_reads"])]
+    #[arg(long, value_name = "URL", conflicts_with_all = ["file", "memory", "readonly"])]
     database: Option<String>,
     /// Serve a new, empty store kept in memory instead of a file: lost when
     /// the server stops, nothing written to disk. For tests and trials; it
