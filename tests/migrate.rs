@@ -713,7 +713,7 @@ fn durus_stores_and_a_store_migrate_into_postgresql() {
         // Finished before the kill: start again on a new database.
         let mut c = postgres::Client::connect(&url, postgres::NoTls).unwrap();
         c.batch_execute(
-            "DROP TABLE durus_meta, durus_order, durus_oids, durus_records, durus_log, durus_flush",
+            "DROP TABLE durus_meta, durus_order, durus_oids, durus_records, durus_log, durus_front_ends",
         )
         .unwrap();
     }

@@ -407,9 +407,10 @@ impl Server {
     /// any of them and sees every commit made through any other.
     #[cfg(feature = "postgres")]
     pub fn bind_database(url: &str, config: ServerConfig) -> crate::Result<Server> {
-        let backend = crate::backend::postgres::PgBackend::open(url)?;
+        let backend = Arc::new(crate::backend::postgres::PgBackend::open(url)?);
         backend.serve_snapshot_reads(config.snapshot_reads);
-        Ok(Server::bind_backend(Arc::new(backend), config)?)
+        crate::backend::postgres::PgBackend::start_heartbeat(&backend);
+        Ok(Server::bind_backend(backend, config)?)
     }
 
     fn bind_backend(backend: Arc<dyn Backend>, mut config: ServerConfig) -> io::Result<Server> {

@@ -17,7 +17,10 @@
 //! - `durus_oids (id = 1, next)`: oids are taken from it in blocks, each
 //!   block durable before one oid of it is handed out: never twice, across
 //!   front ends, restarts and failovers.
-//! - `durus_flush (id, n)`: one row per front end, for the flush barrier.
+//! - `durus_front_ends (id, flushes, position, alive_at)`: one row per front
+//!   end: its flush barrier, how far it has read the log, when it last said
+//!   so. The log is trimmed below the lowest position of the front ends
+//!   alive in the last 10 minutes.
 //!
 //! Durability: a commit is applied with `synchronous_commit = off`, so the
 //! order row is not held through the WAL flush; it is acknowledged only
@@ -78,6 +81,14 @@ const IDLE_CONNECTIONS: usize = 16;
 
 /// Oids loaded in one statement during a pack's walk.
 const WALK_BATCH: usize = 1000;
+
+/// How often a front end reads the log, says how far it has read, and
+/// trims the log, when its clients do not make it read the log sooner.
+const HEARTBEAT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// A front end not heard of for this long no longer holds the log back
+/// (if it comes back, it finds entries gone and closes its sessions).
+const ALIVE_SECONDS: i64 = 600;
 
 /// Tries of the order's first statements when the database asks for a
 /// retry (serialization failure, deadlock): nothing was sent to a client.
@@ -463,7 +474,7 @@ pub(crate) struct PgBackend {
     alloc: Mutex<Alloc>,
     state: Mutex<State>,
     pool: Arc<Pool>,
-    /// This front end's row in `durus_flush`.
+    /// This front end's row in `durus_front_ends`.
     front_end: i64,
     /// Oids taken from `durus_oids` at a time.
     oid_block: u64,
@@ -513,7 +524,8 @@ impl PgBackend {
         )?;
         let front_end: i64 = row[0].get(0);
         conn.execute(
-            "INSERT INTO durus_flush (id, n) VALUES ($1, 0) ON CONFLICT (id) DO NOTHING",
+            "INSERT INTO durus_front_ends (id, flushes, position, alive_at) \
+             VALUES ($1, 0, (SELECT tid FROM durus_order WHERE id = 1), now())",
             &[&front_end],
         )?;
         let known: i64 = conn.query("SELECT tid FROM durus_order WHERE id = 1", &[])?[0].get(0);
@@ -540,6 +552,62 @@ impl PgBackend {
             order_waiting: AtomicU64::new(0),
         };
         Ok(backend)
+    }
+
+    /// Reads the log, records how far in `durus_front_ends`, and removes
+    /// the log entries every front end alive has read. Returns how many
+    /// entries went.
+    pub(crate) fn heartbeat(&self) -> Result<u64> {
+        self.catch_up()?;
+        let position = self.state.lock().known as i64;
+        let mut conn = self.pool.get()?;
+        conn.execute(
+            "UPDATE durus_front_ends SET position = $2, alive_at = now() WHERE id = $1",
+            &[&self.front_end, &position],
+        )?;
+        let trimmed = conn.execute(
+            "DELETE FROM durus_log WHERE tid < (SELECT min(position) FROM durus_front_ends \
+             WHERE alive_at > now() - interval '1 second' * $1)",
+            &[&(ALIVE_SECONDS as f64)],
+        )?;
+        if trimmed > 0 {
+            tracing::debug!("trimmed {trimmed} commit log entries every front end has read");
+        }
+        Ok(trimmed)
+    }
+
+    /// Runs [`heartbeat`](Self::heartbeat) every [`HEARTBEAT`] on a thread
+    /// of its own, for as long as the backend lives.
+    pub(crate) fn start_heartbeat(backend: &Arc<PgBackend>) {
+        let weak = Arc::downgrade(backend);
+        let spawned = std::thread::Builder::new()
+            .name("durus-heartbeat".into())
+            .spawn(move || {
+                let step = std::time::Duration::from_millis(200);
+                let mut waited = std::time::Duration::ZERO;
+                loop {
+                    std::thread::sleep(step);
+                    waited += step;
+                    if weak.strong_count() == 0 {
+                        return;
+                    }
+                    if waited < HEARTBEAT {
+                        continue;
+                    }
+                    waited = std::time::Duration::ZERO;
+                    let Some(backend) = weak.upgrade() else {
+                        return;
+                    };
+                    if let Err(e) = backend.heartbeat() {
+                        tracing::warn!("the front end's heartbeat failed (tried again later): {e}");
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::warn!(
+                "no heartbeat thread ({e}): the log is trimmed by other front ends only"
+            );
+        }
     }
 
     /// Serves snapshot reads (see [`batch`]'s `batching`).
@@ -602,7 +670,7 @@ impl PgBackend {
 
     /// Returns once everything committed before the call is flushed to the
     /// database's WAL (and its synchronous standbys): one synchronous
-    /// commit of this front end's `durus_flush` row, shared by the callers
+    /// commit of this front end's `durus_front_ends` row, shared by the callers
     /// that arrive while one runs.
     fn flush_barrier(&self) -> Result<()> {
         if !self.deferred_flush.load(Ordering::Relaxed) {
@@ -649,7 +717,7 @@ impl PgBackend {
         }
         let conn = slot.as_mut().expect("just connected");
         let result = conn.execute(
-            "UPDATE durus_flush SET n = n + 1 WHERE id = $1",
+            "UPDATE durus_front_ends SET flushes = flushes + 1 WHERE id = $1",
             &[&self.front_end],
         );
         if result.is_err() {
@@ -800,7 +868,9 @@ fn create_schema(conn: &mut Conn) -> Result<()> {
                                      tid bigint NOT NULL, data bytea NOT NULL,
                                      PRIMARY KEY (oid, chunk));
          CREATE TABLE durus_log (tid bigint PRIMARY KEY, oids bytea NOT NULL);
-         CREATE TABLE durus_flush (id bigint PRIMARY KEY, n bigint NOT NULL);
+         CREATE TABLE durus_front_ends (id bigint PRIMARY KEY, flushes bigint NOT NULL,
+                                        position bigint NOT NULL,
+                                        alive_at timestamptz NOT NULL);
          INSERT INTO durus_meta (name, value) VALUES ('format', {FORMAT}), ('front_ends', 0);
          INSERT INTO durus_order (id, tid, objects) VALUES (1, 0, 0);
          INSERT INTO durus_oids (id, next) VALUES (1, 0);

@@ -39,7 +39,7 @@ pub(crate) fn drop_tables(config: &Config) {
     client
         .batch_execute(
             "DROP TABLE IF EXISTS durus_meta, durus_order, durus_oids, durus_records, \
-             durus_log, durus_flush",
+             durus_log, durus_front_ends",
         )
         .unwrap();
 }

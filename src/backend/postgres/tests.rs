@@ -51,7 +51,7 @@ fn a_commit_waits_for_its_flush_barrier_without_holding_the_order() {
     let mut blocker = config.connect(NoTls).unwrap();
     blocker
         .batch_execute(&format!(
-            "BEGIN; SELECT n FROM durus_flush WHERE id = {} FOR UPDATE",
+            "BEGIN; SELECT flushes FROM durus_front_ends WHERE id = {} FOR UPDATE",
             a.front_end
         ))
         .unwrap();
@@ -280,4 +280,58 @@ fn concurrent_committers_share_transactions_and_lose_nothing() {
         let record = Record::from_bytes(data.to_vec()).unwrap();
         assert_eq!(record.data(), COMMITS.to_be_bytes());
     }
+}
+
+/// The commit log is trimmed below what every front end alive has read; a
+/// front end silent for longer than the alive window holds it back no more,
+/// and when it comes back it finds entries gone and closes the sessions
+/// that could have missed them (new sessions are served).
+#[test]
+fn the_log_is_trimmed_below_what_every_live_front_end_has_read() {
+    let config = testdb::fresh("trim");
+    let a = PgBackend::open_with(config.clone(), 16).unwrap();
+    let b = PgBackend::open_with(config.clone(), 16).unwrap();
+    let on_b = b.open_session();
+    let on_a = a.open_session();
+    for n in 0..10u8 {
+        commit_root(on_a.as_ref(), &[n]).unwrap();
+    }
+    let mut c = config.connect(NoTls).unwrap();
+    let entries = |c: &mut postgres::Client| -> i64 {
+        c.query_one("SELECT count(*) FROM durus_log", &[])
+            .unwrap()
+            .get(0)
+    };
+    // b has read nothing since it opened (position 0): nothing goes.
+    assert_eq!(a.heartbeat().unwrap(), 0);
+    assert_eq!(entries(&mut c), 10);
+    // b reads the log and says so: everything below both positions goes.
+    b.heartbeat().unwrap();
+    a.heartbeat().unwrap();
+    assert_eq!(
+        entries(&mut c),
+        1,
+        "only the entry at the lowest position stays"
+    );
+    // b falls silent past the alive window and behind: the log is trimmed
+    // past it.
+    for n in 0..5u8 {
+        commit_root(on_a.as_ref(), &[n]).unwrap();
+    }
+    c.batch_execute(&format!(
+        "UPDATE durus_front_ends SET alive_at = now() - interval '1 hour' WHERE id = {}",
+        b.front_end
+    ))
+    .unwrap();
+    a.heartbeat().unwrap();
+    assert_eq!(entries(&mut c), 1);
+    // b's session could have missed those entries: refused; a new one works.
+    let err = on_b
+        .load(&[Oid::ROOT], &mut |_| true)
+        .map(|()| on_b.sync())
+        .and_then(|_| on_b.load(&[Oid::ROOT], &mut |_| true))
+        .expect_err("a session that may have missed commits must not load");
+    assert!(err.to_string().contains("reconnect"), "{err}");
+    let fresh = b.open_session();
+    commit_root(fresh.as_ref(), b"b again").unwrap();
 }
