@@ -75,7 +75,13 @@ mod store;
 mod transport;
 
 #[cfg(feature = "postgres")]
-pub use backend::postgres::{import::migrate_to_database, redact_database_url};
+pub use backend::postgres::{
+    import::migrate_to_database,
+    redact_database_url,
+    tools::{
+        DatabaseCheck, DatabaseStats, check_database, database_stats, export_database, gc_database,
+    },
+};
 pub use checkpoint::{
     CheckpointFacts, CheckpointPolicy, CompactionFacts, Durability, Manual, Periodic,
     default_compaction,

@@ -668,7 +668,58 @@ fn durus_stores_and_a_store_migrate_into_postgresql() {
                 "a new oid at or below an imported one"
             );
         });
+        // check, stats and export read the database as they read a file.
+        let out = run(bin().arg("check").arg(&url));
+        assert!(out.status.success(), "{}", text(&out));
+        assert!(text(&out).contains("result:     clean"), "{}", text(&out));
+        let out = run(bin().arg("stats").arg(&url));
+        assert!(out.status.success(), "{}", text(&out));
+        assert!(
+            text(&out).contains(&format!("objects:           {}", want.len())),
+            "{}",
+            text(&out)
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let back = dir.path().join("back.durus");
+        let out = run(bin().arg("export").arg(&url).arg(&back));
+        assert!(out.status.success(), "{}", text(&out));
+        compare(&source, &["--file", back.to_str().unwrap()]);
+        // A pack keeps everything the root reaches (the Durus client still
+        // reads every object as in the original), and the check stays clean.
+        let out = run(bin().args(["gc", "--full"]).arg(&url));
+        assert!(out.status.success(), "{}", text(&out));
+        serving_args(&["--database", &url], |port| {
+            compare(&source, &["--port", &port.to_string()]);
+        });
+        let out = run(bin().arg("check").arg(&url));
+        assert!(text(&out).contains("result:     clean"), "{}", text(&out));
     }
+
+    // A reference to a record that is gone, and a count that is off: check
+    // names both and exits 1.
+    let url = common::fresh_database("migrate_damaged");
+    assert!(
+        run(bin().arg("migrate").arg(durus_store("dfs20")).arg(&url))
+            .status
+            .success()
+    );
+    let mut c = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+    let victim: i64 = c
+        .query_one(
+            "SELECT min(oid) FROM durus_records WHERE oid > 0 AND chunk = 0",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    c.execute("DELETE FROM durus_records WHERE oid = $1", &[&victim])
+        .unwrap();
+    let out = run(bin().arg("check").arg(&url));
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        text(&out).contains("which is not stored") && text(&out).contains("counts"),
+        "{}",
+        text(&out)
+    );
 
     // A durus-redb store into a database.
     let dir = tempfile::tempdir().unwrap();

@@ -51,6 +51,7 @@ mod snapshot;
 pub(crate) mod testdb;
 #[cfg(test)]
 mod tests;
+pub(crate) mod tools;
 
 use std::collections::{BTreeSet, HashMap};
 use std::str::FromStr;

@@ -3,6 +3,7 @@
 mod backup;
 mod check;
 mod common;
+mod database;
 mod export;
 mod gc;
 mod migrate;
@@ -19,6 +20,7 @@ use durus_redb::MigrateOptions;
 use crate::backup::{BackupChoice, backup_cmd};
 use crate::check::check;
 use crate::common::{ConnectArgs, init_logging, prepare_process};
+use crate::database::is_database_url;
 use crate::export::export_cmd;
 use crate::gc::gc_cmd;
 use crate::migrate::migrate_cmd;
@@ -198,20 +200,21 @@ fn run(cli: Cli) -> ExitCode {
     match cli.command {
         Command::Serve(_) => unreachable!("handled above"),
         Command::Stop { at, wait } => stop(at, wait),
-        Command::Gc { path, .. }
-        | Command::Export { source: path, .. }
-        | Command::Stats {
-            path: Some(path), ..
+        Command::Gc { path, full } if is_database_url(&path) => database::gc_database(&path, full),
+        Command::Export { source, dest } if is_database_url(&source) => {
+            database::export_database(&source, &dest)
         }
-        | Command::Check { path, .. }
-            if is_database_url(&path) =>
-        {
-            crate::common::fail(format!(
-                "{} works on a store file; on a PostgreSQL database it is not built yet. \
-                 Against a running `serve --database`, `durus-redb stats --port P` shows its \
-                 live state and `durus-redb backup --port P DEST` copies it into a store file",
-                subcommand()
-            ))
+        Command::Stats {
+            path: Some(path), ..
+        } if is_database_url(&path) => database::stats_database(&path),
+        Command::Check { path, repair } if is_database_url(&path) => {
+            if repair {
+                crate::common::fail(
+                    "check --repair works on a store file; a database is repaired by its own tools",
+                )
+            } else {
+                database::check_database(&path)
+            }
         }
         Command::Gc { path, full } => gc_cmd(&path, full),
         Command::Migrate {
@@ -239,17 +242,4 @@ fn run(cli: Cli) -> ExitCode {
         Command::Stats { path: None, at, .. } => live_stats(at),
         Command::Check { path, repair } => check(path, repair),
     }
-}
-
-/// True if a command's path argument is a PostgreSQL URL.
-fn is_database_url(path: &std::path::Path) -> bool {
-    path.to_str()
-        .is_some_and(|p| p.starts_with("postgresql://") || p.starts_with("postgres://"))
-}
-
-/// The subcommand being run, for a message.
-fn subcommand() -> String {
-    std::env::args()
-        .nth(1)
-        .map_or_else(|| "this command".into(), |c| format!("`durus-redb {c}`"))
 }
