@@ -140,6 +140,10 @@ step "interop: durus-redb serve --memory --snapshot-reads" \
 # And against a PostgreSQL database (serve --database).
 step "interop: durus-redb serve --database (PostgreSQL) vs durus -s over TCP" \
     database_interop
+step "interop: two front ends over one PostgreSQL database (clients alternate) vs durus -s" \
+    "${RUN_AGAINST[@]}" \
+    --server-cmd "bash $ROOT/tests/python/serve_database.sh $SERVER_BIN {dir} --also-port {port2} --port {port}" \
+    --compare-cmd "$DURUS_BIN -s --file {file} --port {port}" --quiet
 step "interop: durus-redb serve --database --snapshot-reads" \
     "${RUN_AGAINST[@]}" \
     --server-cmd "bash $ROOT/tests/python/serve_database.sh $SERVER_BIN {dir} --port {port} --snapshot-reads" \

@@ -68,9 +68,14 @@ class Target(object):
     """Where the server is; makes storages and connections."""
 
     def __init__(self, host=None, port=None, address=None,
-                 snapshot_reads=False):
+                 snapshot_reads=False, also_ports=()):
         self.host = host
         self.port = port
+        # Other servers of the same store (front ends over one database):
+        # connections alternate between all the ports, in turn, or by the
+        # index a caller gives.
+        self.ports = [port] + list(also_ports)
+        self.turn = 0
         self.address = address
         # The server serves snapshot reads (durus-redb --snapshot-reads):
         # a synced connection loads from the state of its last sync.
@@ -79,22 +84,26 @@ class Target(object):
     def describe(self):
         if self.address:
             return self.address
-        return "%s:%s" % (self.host, self.port)
+        return "%s:%s" % (self.host, ",".join(str(p) for p in self.ports))
 
-    def storage(self):
+    def storage(self, index=None):
+        if index is None:
+            index = self.turn
+            self.turn += 1
+        port = self.ports[index % len(self.ports)]
         try:
             if self.address:
                 storage = ClientStorage(address=self.address)
             else:
-                storage = ClientStorage(host=self.host, port=self.port)
+                storage = ClientStorage(host=self.host, port=port)
         except AssertionError:
             # ClientStorage asserts that the socket connected.
             raise ScenarioFailure("could not connect to %s" % self.describe())
         storage.s.settimeout(SOCKET_TIMEOUT)
         return storage
 
-    def connection(self, cache_size=100000):
-        return Connection(self.storage(), cache_size=cache_size)
+    def connection(self, cache_size=100000, index=None):
+        return Connection(self.storage(index), cache_size=cache_size)
 
 
 def close(*connections):
@@ -640,7 +649,7 @@ def retrying(connection, function, commit=True):
 
 def many_worker(target, worker, queue):
     try:
-        connection = target.connection()
+        connection = target.connection(index=worker)
         conflicts = 0
         box = connection.get_root()["many_clients"]
         mine = box["slots"][worker]
@@ -901,6 +910,10 @@ def main(argv=None):
     parser.add_argument("--port", type=int, default=None)
     parser.add_argument("--address", default=None,
                         help="path of the server's Unix domain socket")
+    parser.add_argument("--also-port", type=int, action="append", default=[],
+                        help="another server of the same store (a front end "
+                        "over the same database): connections alternate "
+                        "between --port and these (repeatable)")
     parser.add_argument("--scenario", action="append", default=None,
                         choices=SCENARIO_NAMES + ["all"],
                         help="scenario to run (repeatable; default all)")
@@ -924,7 +937,8 @@ def main(argv=None):
                          % options.host)
     target = Target(host=options.host, port=options.port,
                     address=options.address,
-                    snapshot_reads=options.snapshot_reads)
+                    snapshot_reads=options.snapshot_reads,
+                    also_ports=options.also_port)
     names = options.scenario or ["all"]
     if "all" in names:
         names = SCENARIO_NAMES

@@ -9,6 +9,8 @@ started from a command line, and optionally compare two servers.
 
 Placeholders in a command: {file} (a store file in a new temporary
 directory), {dir} (that directory), {port} (a free TCP port on 127.0.0.1),
+{port2} (a second free port, for a command that starts two servers of one
+store: the scenarios' connections then alternate between {port} and it),
 {host} (127.0.0.1), {address} (a Unix socket path in that directory; if the
 command uses it, the scenarios connect with --address instead of TCP),
 {python} (the python running interop.py).
@@ -90,7 +92,11 @@ class Server(object):
         self.address = (os.path.join(self.dir, "s.sock")
                         if self.uses_address else None)
         self.port = None if self.uses_address else free_port()
+        # {port2}: a second server of the same store (another front end);
+        # the scenarios' connections alternate between the two.
+        self.port2 = free_port() if "{port2}" in command else None
         values = {"file": self.file, "dir": self.dir, "port": self.port,
+                  "port2": self.port2,
                   "host": HOST, "address": self.address, "python": python}
         try:
             self.argv = [arg.format(**values)
@@ -114,7 +120,10 @@ class Server(object):
     def interop_args(self):
         if self.address:
             return ["--address", self.address]
-        return ["--host", HOST, "--port", str(self.port)]
+        args = ["--host", HOST, "--port", str(self.port)]
+        if self.port2 is not None:
+            args += ["--also-port", str(self.port2)]
+        return args
 
     def start(self, timeout):
         log("[%s] starting: %s", self.label, " ".join(

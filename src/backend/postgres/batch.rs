@@ -27,6 +27,9 @@ pub(super) const MAX_COMMITS: usize = 32;
 /// for it meanwhile).
 pub(super) const MAX_HOLD: Duration = Duration::from_millis(5);
 
+/// The longest a commit waits for the batch it joined to end.
+pub(super) const WAIT_LIMIT: Duration = Duration::from_secs(60);
+
 /// This front end's side of the commit order: its connection, and the
 /// transaction a batch left open.
 #[derive(Default)]
@@ -62,14 +65,27 @@ impl Outcome {
         self.ended.notify_all();
     }
 
-    /// Waits until the batch has ended.
+    /// Waits until the batch has ended, at most [`WAIT_LIMIT`]: a commit
+    /// is never left waiting for ever (its answer then says that whether
+    /// it was committed is unknown).
     pub(super) fn wait(&self) -> std::result::Result<bool, String> {
+        let deadline = Instant::now() + WAIT_LIMIT;
         let mut result = self.result.lock();
         loop {
             if let Some(r) = &*result {
                 return r.clone();
             }
-            self.ended.wait(&mut result);
+            if self.ended.wait_until(&mut result, deadline).timed_out() && result.is_none() {
+                tracing::error!(
+                    "a batch of commits was not ended within {} s: answering its commit as unknown",
+                    WAIT_LIMIT.as_secs()
+                );
+                return Err(format!(
+                    "the batch of commits this one joined was not ended within {} s: whether \
+                     it was committed is unknown (sync and look)",
+                    WAIT_LIMIT.as_secs()
+                ));
+            }
         }
     }
 }
