@@ -82,7 +82,9 @@ pub(crate) mod rank {
         }
     }
 
-    /// Whether two locks of `rank` may be held at once.
+    /// Whether two locks of `rank` may be held at once (checked in debug
+    /// builds only).
+    #[cfg_attr(not(debug_assertions), allow(dead_code))]
     pub(crate) fn nests(rank: u8) -> bool {
         rank == SESSION
     }
