@@ -90,6 +90,28 @@ impl Outcome {
     }
 }
 
+/// A batch's outcome to be set: set as failed if dropped unset (a panic
+/// while the batch was being ended), so that no commit waits for it.
+struct Answer(Option<Arc<Outcome>>);
+
+impl Answer {
+    fn set(&mut self, result: std::result::Result<bool, String>) {
+        if let Some(o) = self.0.take() {
+            o.set(result);
+        }
+    }
+}
+
+impl Drop for Answer {
+    fn drop(&mut self) {
+        self.set(Err(
+            "the front end failed while ending the batch of commits this one joined: whether \
+             it was committed is unknown (sync and look)"
+                .into(),
+        ));
+    }
+}
+
 impl Batch {
     /// Whether the commit that just wrote may leave the transaction open
     /// for the next: someone waits, and the bounds allow one more.
@@ -117,12 +139,13 @@ impl PgBackend {
         last: Option<(u64, u64, Vec<Oid>)>,
     ) -> Result<bool> {
         let (tid, mut commits, outcome) = match slot.open.take() {
-            Some(b) => (b.tid, b.commits, Some(b.outcome)),
+            Some(b) => (b.tid, b.commits, Answer(Some(b.outcome))),
             None => match &last {
-                Some((tid, _, _)) => (*tid, Vec::new(), None),
+                Some((tid, _, _)) => (*tid, Vec::new(), Answer(None)),
                 None => return Ok(false),
             },
         };
+        let mut outcome = outcome;
         let tid = match last {
             Some((t, session, oids)) => {
                 commits.push((session, oids));
@@ -133,9 +156,7 @@ impl PgBackend {
         let Some(conn) = slot.conn.as_mut() else {
             let e = "the order's connection was lost".to_string();
             self.forget_pending();
-            if let Some(o) = outcome {
-                o.set(Err(e.clone()));
-            }
+            outcome.set(Err(e.clone()));
             return Err(super::database(e));
         };
         // With no other committer waiting here, the transaction flushes the
@@ -183,9 +204,8 @@ impl PgBackend {
                     }
                 }
                 st.known = tid;
-                if let Some(o) = outcome {
-                    o.set(Ok(barrier));
-                }
+                drop(st);
+                outcome.set(Ok(barrier));
                 Ok(barrier)
             }
             Err(e) => {
@@ -193,9 +213,7 @@ impl PgBackend {
                 // whoever reads it next (this front end included).
                 slot.conn = None;
                 self.state.lock().pending.clear();
-                if let Some(o) = outcome {
-                    o.set(Err(e.to_string()));
-                }
+                outcome.set(Err(e.to_string()));
                 Err(e)
             }
         }
