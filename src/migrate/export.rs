@@ -28,41 +28,59 @@ pub fn export(
     dest: &Path,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<ExportReport, MigrateError> {
-    let started = Instant::now();
     let src_err = |e: StorageError| MigrateError::Destination {
         path: source.display().to_string(),
         source: e,
     };
+    write_shelf(dest, |write| {
+        let store = RedbStorage::open_read_only(source).map_err(src_err)?;
+        let total = store.stats().map_err(src_err)?.objects;
+        let engine = store.engine().clone();
+        let mut after = None;
+        let mut records = 0u64;
+        loop {
+            let batch = engine.records_after(after, 4096).map_err(src_err)?;
+            let Some(last) = batch.last() else { break };
+            after = Some(last.oid());
+            for r in &batch {
+                write(r.oid(), r.as_bytes())?;
+                records += 1;
+            }
+            progress(records, total);
+        }
+        Ok(())
+    })
+}
+
+/// Writes a new Durus FileStorage (`SHELF-1`) file at `dest` (refused if
+/// it exists) from the records `fill` hands to the writer it is given:
+/// under a temporary name, renamed when complete, removed if anything
+/// failed. Every export goes through it.
+pub(crate) fn write_shelf(
+    dest: &Path,
+    fill: impl FnOnce(
+        &mut dyn FnMut(crate::Oid, &[u8]) -> Result<(), MigrateError>,
+    ) -> Result<(), MigrateError>,
+) -> Result<ExportReport, MigrateError> {
+    let started = Instant::now();
     if dest.exists() {
         return Err(MigrateError::Refused(format!(
             "{} exists; export writes a new file",
             dest.display()
         )));
     }
-    let store = RedbStorage::open_read_only(source).map_err(src_err)?;
-    let total = store.stats().map_err(src_err)?.objects;
-    let engine = store.engine().clone();
     let file_err = |e: FileError| MigrateError::Source {
         path: dest.display().to_string(),
         source: e,
     };
     let tmp = dest.with_extension("export-partial");
     let mut writer = ShelfWriter::create(&tmp).map_err(file_err)?;
-    let mut after = None;
     let mut records = 0u64;
-    let result = (|| {
-        loop {
-            let batch = engine.records_after(after, 4096).map_err(src_err)?;
-            let Some(last) = batch.last() else { break };
-            after = Some(last.oid());
-            for r in &batch {
-                writer.write(r.oid(), r.as_bytes()).map_err(file_err)?;
-                records += 1;
-            }
-            progress(records, total);
-        }
-        Ok::<_, MigrateError>(())
-    })();
+    let result = fill(&mut |oid, bytes| {
+        writer.write(oid, bytes).map_err(file_err)?;
+        records += 1;
+        Ok(())
+    });
     if let Err(e) = result {
         drop(writer);
         let _ = std::fs::remove_file(&tmp);

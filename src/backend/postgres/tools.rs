@@ -5,12 +5,10 @@
 use std::collections::HashSet;
 use std::path::Path;
 use std::str::FromStr;
-use std::time::Instant;
 
 use super::{Conn, PgBackend, database, db_error, key, oid_of};
 use crate::backend::Backend;
 use crate::error::{Result, StorageError};
-use crate::filestorage::{FileError, ShelfWriter};
 use crate::gc::FullReport;
 use crate::migrate::{ExportReport, MigrateError};
 use crate::record::{Oid, Record};
@@ -253,33 +251,20 @@ pub fn export_database(
     dest: &Path,
     progress: &mut dyn FnMut(u64, u64),
 ) -> std::result::Result<ExportReport, MigrateError> {
-    let started = Instant::now();
     let db_err = |e: StorageError| MigrateError::Destination {
         path: super::redact_database_url(url),
         source: e,
     };
-    if dest.exists() {
-        return Err(MigrateError::Refused(format!(
-            "{} exists; export writes a new file",
-            dest.display()
-        )));
-    }
-    let mut conn = open_existing(url).map_err(db_err)?;
-    conn.batch("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
-        .map_err(db_err)?;
-    let total: i64 = conn
-        .query("SELECT objects FROM durus_order WHERE id = 1", &[])
-        .map_err(db_err)?
-        .first()
-        .map_or(0, |r| r.get(0));
-    let file_err = |e: FileError| MigrateError::Source {
-        path: dest.display().to_string(),
-        source: e,
-    };
-    let tmp = dest.with_extension("export-partial");
-    let mut writer = ShelfWriter::create(&tmp).map_err(file_err)?;
-    let mut records = 0u64;
-    let result = (|| {
+    crate::migrate::write_shelf(dest, |write| {
+        let mut conn = open_existing(url).map_err(db_err)?;
+        conn.batch("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            .map_err(db_err)?;
+        let total: i64 = conn
+            .query("SELECT objects FROM durus_order WHERE id = 1", &[])
+            .map_err(db_err)?
+            .first()
+            .map_or(0, |r| r.get(0));
+        let mut records = 0u64;
         let mut after = -1i64;
         let mut problems = Vec::new();
         loop {
@@ -297,23 +282,11 @@ pub fn export_database(
                         "the record of oid {oid}: {e}"
                     )))
                 })?;
-                writer.write(*oid, bytes).map_err(file_err)?;
+                write(*oid, bytes)?;
                 records += 1;
             }
             progress(records, total as u64);
         }
-        Ok::<_, MigrateError>(())
-    })();
-    if let Err(e) = result {
-        drop(writer);
-        let _ = std::fs::remove_file(&tmp);
-        return Err(e);
-    }
-    let file_bytes = writer.finish().map_err(file_err)?;
-    std::fs::rename(&tmp, dest).map_err(|e| file_err(FileError::Io(e)))?;
-    Ok(ExportReport {
-        records,
-        file_bytes,
-        elapsed: started.elapsed(),
+        Ok(())
     })
 }

@@ -100,26 +100,3 @@ pub(crate) fn gc_database(path: &std::path::Path, full: bool) -> ExitCode {
         )),
     }
 }
-
-pub(crate) fn export_database(path: &std::path::Path, dest: &std::path::Path) -> ExitCode {
-    let url = url_of(path);
-    let progress = bar(0, "exporting [{bar:40}] {percent:>3}% {pos}/{len} records");
-    let result = durus_redb::export_database(url, dest, &mut follow(&progress));
-    progress.finish();
-    match result {
-        Ok(r) => {
-            println!(
-                "exported {} records to {} ({} bytes) in {:.1} s",
-                r.records,
-                dest.display(),
-                r.file_bytes,
-                r.elapsed.as_secs_f64()
-            );
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("durus-redb: export failed: {e}");
-            ExitCode::FAILURE
-        }
-    }
-}

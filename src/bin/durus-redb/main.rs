@@ -201,9 +201,6 @@ fn run(cli: Cli) -> ExitCode {
         Command::Serve(_) => unreachable!("handled above"),
         Command::Stop { at, wait } => stop(at, wait),
         Command::Gc { path, full } if is_database_url(&path) => database::gc_database(&path, full),
-        Command::Export { source, dest } if is_database_url(&source) => {
-            database::export_database(&source, &dest)
-        }
         Command::Stats {
             path: Some(path), ..
         } if is_database_url(&path) => database::stats_database(&path),
