@@ -47,17 +47,52 @@ RUN_AGAINST=("$DURUS_PYTHON" "$ROOT/tests/python/run_against.py"
 SUMMARY=()
 FAILED=0
 
+# No step may run for ever: one that hangs is stopped after STEP_LIMIT
+# seconds (the whole test run must end well inside CI's 90 minutes) and
+# counts as failed; the steps after it still run.
+STEP_LIMIT="${STEP_LIMIT:-1800}"
+
+limited() {  # limited SECONDS COMMAND...: runs it in its own process group
+    local limit="$1"; shift
+    set -m
+    "$@" &
+    local pid=$!
+    set +m
+    # The watchdog holds none of the script's output open, and ends within
+    # a second of the step.
+    (
+        for ((i = 0; i < limit; i++)); do
+            sleep 1
+            kill -0 "$pid" 2>/dev/null || exit 0
+        done
+        kill -TERM -- "-$pid" 2>/dev/null
+        sleep 10
+        kill -KILL -- "-$pid" 2>/dev/null
+    ) </dev/null >/dev/null 2>&1 &
+    local watchdog=$!
+    local rc=0
+    wait "$pid" || rc=$?
+    kill "$watchdog" 2>/dev/null || true
+    wait "$watchdog" 2>/dev/null || true
+    return "$rc"
+}
+
 step() {  # step NAME COMMAND...
     local name="$1"; shift
     local start=$SECONDS
     echo
     echo "== $name"
     echo "+ $*"
-    if "$@"; then
+    if limited "$STEP_LIMIT" "$@"; then
         SUMMARY+=("PASS  $(printf '%4ss' $((SECONDS - start)))  $name")
     else
         local rc=$?
-        SUMMARY+=("FAIL  $(printf '%4ss' $((SECONDS - start)))  $name (exit $rc)")
+        local why="exit $rc"
+        if [ $((SECONDS - start)) -ge "$STEP_LIMIT" ]; then
+            why="stopped after ${STEP_LIMIT}s: it hung"
+            echo "test.sh: $name: still running after ${STEP_LIMIT}s, stopped" >&2
+        fi
+        SUMMARY+=("FAIL  $(printf '%4ss' $((SECONDS - start)))  $name ($why)")
         FAILED=1
     fi
 }

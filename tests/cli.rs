@@ -1,6 +1,8 @@
 //! The command line against real files: stats, check, exclusive access.
 
 use std::process::Command;
+mod common;
+use common::OutputWithin;
 
 use durus_redb::{Durability, Manual, ManualGc, Oid, Options, Record, RedbStorage, Storage};
 
@@ -28,12 +30,12 @@ fn stats_and_check_report_a_healthy_store() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("s.redb");
     small_store(&path);
-    let out = bin().arg("stats").arg(&path).output().unwrap();
+    let out = bin().arg("stats").arg(&path).output_within(common::LIMIT);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}");
     assert!(text.contains("objects:          201"), "{text}");
     assert!(text.contains("format version:   4"), "{text}");
-    let out = bin().arg("check").arg(&path).output().unwrap();
+    let out = bin().arg("check").arg(&path).output_within(common::LIMIT);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}");
     assert!(text.contains("result:     clean"), "{text}");
@@ -46,7 +48,7 @@ fn a_second_process_gets_a_clear_error_while_the_store_is_open() {
     small_store(&path);
     let held = RedbStorage::open(&path, Options::default()).unwrap();
     for cmd in ["stats", "check"] {
-        let out = bin().arg(cmd).arg(&path).output().unwrap();
+        let out = bin().arg(cmd).arg(&path).output_within(common::LIMIT);
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{cmd}: {err}");
         assert!(err.contains("already open"), "{cmd}: {err}");
@@ -56,8 +58,7 @@ fn a_second_process_gets_a_clear_error_while_the_store_is_open() {
         bin()
             .arg("check")
             .arg(&path)
-            .output()
-            .unwrap()
+            .output_within(common::LIMIT)
             .status
             .success()
     );
@@ -69,15 +70,14 @@ fn check_and_stats_refuse_foreign_and_missing_files() {
     let foreign = dir.path().join("data.durus");
     std::fs::write(&foreign, b"SHELF-1\n\0\0\0\0\0\0\0\0").unwrap();
     for cmd in ["stats", "check"] {
-        let out = bin().arg(cmd).arg(&foreign).output().unwrap();
+        let out = bin().arg(cmd).arg(&foreign).output_within(common::LIMIT);
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{cmd}: {err}");
         assert!(err.contains("not a durus-redb store"), "{cmd}: {err}");
         let out = bin()
             .arg(cmd)
             .arg(dir.path().join("missing.redb"))
-            .output()
-            .unwrap();
+            .output_within(common::LIMIT);
         assert_eq!(out.status.code(), Some(2));
         assert!(String::from_utf8_lossy(&out.stderr).contains("does not exist"));
     }
@@ -104,7 +104,7 @@ fn check_finds_a_damaged_file() {
         *b = b'y';
     }
     std::fs::write(&path, &bytes).unwrap();
-    let out = bin().arg("check").arg(&path).output().unwrap();
+    let out = bin().arg("check").arg(&path).output_within(common::LIMIT);
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
@@ -142,7 +142,7 @@ fn a_damaged_page_header_gives_a_clear_error_and_exit_2() {
         *b = 0xFF;
     }
     std::fs::write(&path, &bytes).unwrap();
-    let out = bin().arg("check").arg(&path).output().unwrap();
+    let out = bin().arg("check").arg(&path).output_within(common::LIMIT);
     assert!(!out.status.success());
     assert!(
         std::fs::read(&path).unwrap() == bytes,
@@ -154,7 +154,7 @@ fn a_damaged_page_header_gives_a_clear_error_and_exit_2() {
         if cmd == "export" {
             c.arg(dir.path().join("out.durus"));
         }
-        let out = c.output().unwrap();
+        let out = c.output_within(common::LIMIT);
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{cmd} passed a damaged file");
         assert_ne!(out.status.code(), Some(101), "{cmd} panicked: {err}");
@@ -220,7 +220,7 @@ fn check_recounts_every_reference_and_finds_wrong_counts() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("s.redb");
     small_store(&path);
-    let out = bin().arg("check").arg(&path).output().unwrap();
+    let out = bin().arg("check").arg(&path).output_within(common::LIMIT);
     assert!(out.status.success());
     {
         let db = redb::Database::open(&path).unwrap();
@@ -239,7 +239,7 @@ fn check_recounts_every_reference_and_finds_wrong_counts() {
         }
         w.commit().unwrap();
     }
-    let out = bin().arg("check").arg(&path).output().unwrap();
+    let out = bin().arg("check").arg(&path).output_within(common::LIMIT);
     let text = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(1), "{text}");
     assert!(text.contains("has count 7"), "{text}");
@@ -343,7 +343,7 @@ fn check(path: &std::path::Path, repair: bool) -> (Option<i32>, String) {
     if repair {
         cmd.arg("--repair");
     }
-    let out = cmd.arg(path).output().unwrap();
+    let out = cmd.arg(path).output_within(common::LIMIT);
     (
         out.status.code(),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -636,7 +636,7 @@ fn file_commands_given_an_unreachable_database_say_so() {
         vec!["stats", url],
         vec!["gc", "--full", url],
     ] {
-        let out = bin().args(&args).output().unwrap();
+        let out = bin().args(&args).output_within(common::LIMIT);
         let text = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{args:?}: {text}");
         assert!(
@@ -644,7 +644,7 @@ fn file_commands_given_an_unreachable_database_say_so() {
             "{args:?}: {text}"
         );
     }
-    let out = bin().args(["gc", url]).output().unwrap();
+    let out = bin().args(["gc", url]).output_within(common::LIMIT);
     let text = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{text}");
     assert!(text.contains("gc --full"), "{text}");

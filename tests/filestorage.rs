@@ -5,6 +5,7 @@
 //! installed. Without it these tests fail (they never skip).
 
 mod common;
+use common::OutputWithin;
 
 use common::{python, script};
 use std::collections::BTreeMap;
@@ -324,8 +325,7 @@ fn exported_shelf_opens_in_durus_with_every_record() {
             .arg(script("check_shelf.py"))
             .arg(&out)
             .arg(&dump_path)
-            .output()
-            .expect("run DURUS_PYTHON");
+            .output_within(common::LIMIT);
         assert!(
             check.status.success(),
             "{name}: Durus rejects the exported file: {}{}",
@@ -342,8 +342,7 @@ fn exported_shelf_opens_in_durus_with_every_record() {
         .arg(script("check_shelf.py"))
         .arg(&out)
         .arg(&empty_dump)
-        .output()
-        .unwrap();
+        .output_within(common::LIMIT);
     assert!(
         check.status.success(),
         "{}",

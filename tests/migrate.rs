@@ -4,6 +4,7 @@
 //! Needs `DURUS_PYTHON` (a Python with Durus 4.3); fails without it.
 
 mod common;
+use common::OutputWithin;
 
 use common::{python, script};
 use std::collections::BTreeMap;
@@ -64,7 +65,7 @@ fn contents(path: &Path) -> BTreeMap<u64, Vec<u8>> {
 }
 
 fn run(cmd: &mut Command) -> Output {
-    cmd.output().expect("run durus-redb")
+    cmd.output_within(common::LIMIT)
 }
 
 fn text(out: &Output) -> String {
@@ -88,8 +89,7 @@ fn compare(original: &Path, other: &[&str]) {
         .args(other)
         .arg("--classes")
         .arg(script("make_durus_files.py"))
-        .output()
-        .unwrap();
+        .output_within(common::LIMIT);
     let t = text(&out);
     assert!(out.status.success(), "compare_stores.py: {t}");
     assert!(t.contains("\"identical\": true"), "{t}");
@@ -142,7 +142,7 @@ fn serving_args(what: &[&str], f: impl FnOnce(u16)) {
     f(port);
     let out = run(bin().args(["stop", "--port", &port.to_string()]));
     assert!(out.status.success(), "{}", text(&out));
-    assert!(child.0.wait().unwrap().success());
+    assert!(common::wait_within(&mut child.0, common::LIMIT).success());
 }
 
 #[test]
@@ -736,34 +736,56 @@ fn durus_stores_and_a_store_migrate_into_postgresql() {
     assert_eq!(database_contents(&url), contents(&store));
 
     // Killed part way (batches of 5 records, each its own transaction),
-    // refused by serve meanwhile, then resumed to the same records.
+    // once a batch is in (not after a fixed delay: on a loaded machine the
+    // migration may not have begun), refused by serve meanwhile, then
+    // resumed to the same records.
     let url = common::fresh_database("migrate_killed");
     let want = read_dump(&durus_files().join("dfs20.durus.dump"));
+    let mut watch = postgres::Client::connect(&url, postgres::NoTls).unwrap();
     let mut killed = false;
-    for delay_ms in [30u64, 60, 120, 240] {
-        let mut child = bin()
-            .arg("migrate")
-            .arg(&source)
-            .arg(&url)
-            .args(["--batch-records", "5"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        std::thread::sleep(Duration::from_millis(delay_ms));
-        if child.try_wait().unwrap().is_none() {
-            child.kill().unwrap();
-            child.wait().unwrap();
+    for _ in 0..4 {
+        let mut child = KillOnDrop(
+            bin()
+                .arg("migrate")
+                .arg(&source)
+                .arg(&url)
+                .args(["--batch-records", "5"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
+        let deadline = std::time::Instant::now() + common::LIMIT;
+        let running = loop {
+            if child.0.try_wait().unwrap().is_some() {
+                break false;
+            }
+            let imported: i64 = match watch.query_one("SELECT count(*) FROM durus_records", &[]) {
+                Ok(row) => row.get(0),
+                Err(e) if e.code() == Some(&postgres::error::SqlState::UNDEFINED_TABLE) => 0,
+                Err(e) => panic!("{e}"),
+            };
+            if imported > 0 {
+                break true;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the migration wrote nothing in {:?}",
+                common::LIMIT
+            );
+            std::thread::sleep(Duration::from_millis(2));
+        };
+        if running {
+            drop(child);
             killed = true;
             let out = run(bin().args(["serve", "--database", &url, "--port", "0"]));
             assert!(!out.status.success());
             assert!(text(&out).contains("unfinished import"), "{}", text(&out));
             break;
         }
-        child.wait().unwrap();
         // Finished before the kill: start again on a new database.
-        let mut c = postgres::Client::connect(&url, postgres::NoTls).unwrap();
-        c.batch_execute(
+        watch
+            .batch_execute(
             "DROP TABLE durus_meta, durus_order, durus_oids, durus_records, durus_log, durus_front_ends",
         )
         .unwrap();

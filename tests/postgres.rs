@@ -4,6 +4,7 @@
 //! front ends killed with -9. No acknowledged commit may be lost.
 
 mod common;
+use common::OutputWithin;
 
 use std::io::{BufRead, BufReader};
 use std::os::unix::process::CommandExt;
@@ -40,15 +41,14 @@ fn pg_bin(name: &str) -> PathBuf {
 /// The uid and gid the cluster runs as: `postgres` when this is root
 /// (initdb refuses root), else this user.
 fn cluster_user() -> Option<(u32, u32)> {
-    let me = Command::new("id").arg("-u").output().unwrap();
+    let me = Command::new("id").arg("-u").output_within(common::LIMIT);
     if String::from_utf8_lossy(&me.stdout).trim() != "0" {
         return None;
     }
     let id = |flag: &str| -> u32 {
         let o = Command::new("id")
             .args([flag, "postgres"])
-            .output()
-            .unwrap();
+            .output_within(common::LIMIT);
         assert!(
             o.status.success(),
             "running as root needs a `postgres` user"
@@ -94,8 +94,7 @@ impl Cluster {
                     "--auth=trust",
                 ]),
         )
-        .output()
-        .unwrap();
+        .output_within(common::LIMIT);
         assert!(
             out.status.success(),
             "initdb: {}",
@@ -128,8 +127,7 @@ impl Cluster {
                 .args(["-U", "postgres", "-X", "stream", "-R", "-D"])
                 .arg(dir.join("data")),
         )
-        .output()
-        .unwrap();
+        .output_within(common::LIMIT);
         assert!(
             out.status.success(),
             "pg_basebackup: {}",

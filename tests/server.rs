@@ -10,6 +10,7 @@ use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
 
 mod common;
+use common::OutputWithin;
 
 use durus_redb::Address;
 use durus_redb::{ClientStorage, Conflict, Oid, Record, RedbStorage, Storage, StorageError};
@@ -283,7 +284,10 @@ fn make_root(c: &mut ClientStorage, refs: &[Oid]) {
 }
 
 fn check_clean(path: &Path) {
-    let out = Command::new(bin()).arg("check").arg(path).output().unwrap();
+    let out = Command::new(bin())
+        .arg("check")
+        .arg(path)
+        .output_within(common::LIMIT);
     assert!(
         out.status.success(),
         "check failed: {}{}",
@@ -923,8 +927,7 @@ fn administrative_requests_are_answered_only_from_where_admin_from_allows() {
     // `durus-redb stop` sees that the server goes on, and says so.
     let out = Command::new(bin())
         .args(["stop", "--port", &server.port.to_string(), "--wait", "1"])
-        .output()
-        .unwrap();
+        .output_within(common::LIMIT);
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains("still accepts connections"), "{err}");
@@ -967,10 +970,9 @@ fn unix_socket_gets_the_permissions_asked_for() {
         .arg("stop")
         .arg("--address")
         .arg(&sock)
-        .output()
-        .unwrap();
+        .output_within(common::LIMIT);
     assert!(out.status.success());
-    let status = child.wait().unwrap();
+    let status = common::wait_within(&mut child, common::LIMIT);
     assert!(status.success());
     assert!(!sock.exists(), "the socket file is removed at shutdown");
     let mut s = RedbStorage::open_read_only(&path).unwrap();
@@ -1559,8 +1561,7 @@ fn stats_of_a_running_server_reports_its_live_state(on: Backing) {
     // The command line, while the client keeps its connection.
     let out = Command::new(bin())
         .args(["stats", "--port", &server.port.to_string()])
-        .output()
-        .unwrap();
+        .output_within(common::LIMIT);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -1654,8 +1655,7 @@ fn backup_of_a_serving_store_is_consistent_while_commits_go_on() {
                 format,
             ])
             .arg(dest)
-            .output()
-            .unwrap();
+            .output_within(common::LIMIT);
         assert!(
             out.status.success(),
             "{}{}",
@@ -1879,8 +1879,7 @@ fn bad_flag_values_are_refused_with_a_message() {
             .arg("--file")
             .arg(&path)
             .args(args)
-            .output()
-            .unwrap();
+            .output_within(common::LIMIT);
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
         assert!(!err.is_empty(), "{args:?}: no message");
@@ -2139,8 +2138,7 @@ fn python_readers_never_meet_read_conflicts_with_snapshot_reads(on: Backing) {
     let out = Command::new(common::python())
         .arg(common::script("balance.py"))
         .args(["--port", &server.port.to_string(), "--seconds", "3"])
-        .output()
-        .unwrap();
+        .output_within(common::LIMIT);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -2437,8 +2435,7 @@ fn after_a_crash_check_reports_and_check_repair_applies_the_log() {
     let out = Command::new(bin())
         .arg("check")
         .arg(&path)
-        .output()
-        .unwrap();
+        .output_within(common::LIMIT);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -2453,16 +2450,14 @@ fn after_a_crash_check_reports_and_check_repair_applies_the_log() {
     let out = Command::new(bin())
         .arg("stats")
         .arg(&path)
-        .output()
-        .unwrap();
+        .output_within(common::LIMIT);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(err.contains("check --repair"), "{err}");
     let out = Command::new(bin())
         .args(["check", "--repair"])
         .arg(&path)
-        .output()
-        .unwrap();
+        .output_within(common::LIMIT);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -2473,8 +2468,7 @@ fn after_a_crash_check_reports_and_check_repair_applies_the_log() {
     let out = Command::new(bin())
         .arg("stats")
         .arg(&path)
-        .output()
-        .unwrap();
+        .output_within(common::LIMIT);
     assert!(
         out.status.success(),
         "{}",
@@ -2661,8 +2655,7 @@ fn a_poisoned_store_stops_the_server_with_the_reason_and_a_restart_loses_nothing
     let out = Command::new(bin())
         .arg("check")
         .arg(&path)
-        .output()
-        .unwrap();
+        .output_within(common::LIMIT);
     assert!(
         out.status.success(),
         "{}",
@@ -2890,8 +2883,7 @@ fn a_backup_past_its_max_age_is_stopped_and_leaves_nothing() {
     let out = Command::new(bin())
         .args(["backup", "--port", &server.port.to_string()])
         .arg(&dest)
-        .output()
-        .unwrap();
+        .output_within(common::LIMIT);
     assert!(!out.status.success());
     assert!(!dest.exists());
     let left: Vec<_> = std::fs::read_dir(dir.path())

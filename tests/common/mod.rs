@@ -41,8 +41,7 @@ pub fn make_durus_files_of(tmp: &Path, name: &str, size: usize) -> PathBuf {
         .arg(script("make_durus_files.py"))
         .arg(&dir)
         .arg(size.to_string())
-        .output()
-        .expect("run DURUS_PYTHON");
+        .output_within(LIMIT);
     assert!(
         out.status.success(),
         "make_durus_files.py failed: {}",
@@ -101,4 +100,95 @@ pub fn fresh_database(tag: &str) -> String {
         .rsplit_once('/')
         .expect("DURUS_TEST_POSTGRES is a URL ending in /DBNAME");
     format!("{base}/{name}")
+}
+
+/// How long a command of the tests may run before it counts as hung: it is
+/// then killed and the test fails with what it printed, instead of the
+/// test run waiting for ever.
+pub const LIMIT: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// `Command::output` with a time limit (see [`LIMIT`]).
+pub trait OutputWithin {
+    /// Runs the command with stdin closed and its output captured; past
+    /// `limit` it is killed and the caller panics, naming the command and
+    /// showing what it printed so far.
+    fn output_within(&mut self, limit: std::time::Duration) -> std::process::Output;
+}
+
+impl OutputWithin for Command {
+    fn output_within(&mut self, limit: std::time::Duration) -> std::process::Output {
+        use std::io::Read;
+        use std::process::Stdio;
+        use std::sync::{Arc, Mutex};
+        let mut child = self
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot run {self:?}: {e}"));
+        // Read in chunks into shared buffers: a reader blocked by a
+        // grandchild that keeps the pipe open must not hide what came.
+        let collect = |mut from: Box<dyn Read + Send>| {
+            let buf = Arc::new(Mutex::new(Vec::new()));
+            let to = buf.clone();
+            let reader = std::thread::spawn(move || {
+                let mut chunk = [0u8; 8192];
+                while let Ok(n) = from.read(&mut chunk) {
+                    if n == 0 {
+                        break;
+                    }
+                    to.lock().unwrap().extend_from_slice(&chunk[..n]);
+                }
+            });
+            (buf, reader)
+        };
+        let (out, out_reader) = collect(Box::new(child.stdout.take().unwrap()));
+        let (err, err_reader) = collect(Box::new(child.stderr.take().unwrap()));
+        let status = wait_within_or(&mut child, limit, || {
+            format!(
+                "{self:?} still running after {limit:?}: killed.\nstdout:\n{}\nstderr:\n{}",
+                String::from_utf8_lossy(&out.lock().unwrap()),
+                String::from_utf8_lossy(&err.lock().unwrap())
+            )
+        });
+        let _ = out_reader.join();
+        let _ = err_reader.join();
+        let stdout = std::mem::take(&mut *out.lock().unwrap());
+        let stderr = std::mem::take(&mut *err.lock().unwrap());
+        std::process::Output {
+            status,
+            stdout,
+            stderr,
+        }
+    }
+}
+
+/// Waits for `child` at most `limit`; past it, kills it and panics.
+pub fn wait_within(
+    child: &mut std::process::Child,
+    limit: std::time::Duration,
+) -> std::process::ExitStatus {
+    let id = child.id();
+    wait_within_or(child, limit, || {
+        format!("process {id} still running after {limit:?}: killed")
+    })
+}
+
+fn wait_within_or(
+    child: &mut std::process::Child,
+    limit: std::time::Duration,
+    why: impl FnOnce() -> String,
+) -> std::process::ExitStatus {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait().expect("wait for a child process") {
+            return status;
+        }
+        if std::time::Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{}", why());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
 }
