@@ -33,5 +33,12 @@ echo "== durus-redb --version (installed)"
 echo "== python -m durus_redb --help (installed)"
 "$VENV/bin/python" -m durus_redb --help | head -3
 
+echo "== durus_redb.client (TLSClientStorage) is in the wheel"
+"$VENV/bin/python" - "$WHEEL" <<'PY'
+import sys, zipfile
+names = zipfile.ZipFile(sys.argv[1]).namelist()
+assert "durus_redb/client.py" in names, names
+PY
+
 echo "== the demo with the installed command"
 DURUS_REDB_BIN="$VENV/bin/durus-redb" bash scripts/demo.sh

@@ -66,6 +66,29 @@ impl ClientStorage {
     /// Connects to a server and checks its protocol version.
     pub fn connect(address: Address) -> Result<ClientStorage> {
         let stream = address.connect()?;
+        ClientStorage::start(address, stream)
+    }
+
+    /// Connects to a server whose TCP port speaks TLS (`serve --tls-cert`):
+    /// its certificate is checked against the CA of `tls`, and the
+    /// client's own certificate is shown when `tls` has one.
+    #[cfg(feature = "tls")]
+    pub fn connect_tls(address: Address, tls: &crate::tls::TlsClient) -> Result<ClientStorage> {
+        let Address::Tcp { host, .. } = &address else {
+            return Err(StorageError::Io(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("TLS is spoken over TCP only, not on the Unix socket {address}"),
+            )));
+        };
+        let stream = address.connect()?;
+        let Stream::Tcp(sock) = stream else {
+            unreachable!("a TCP address connects a TCP stream")
+        };
+        let tls = tls.connect(sock, host, Duration::from_secs(30))?;
+        ClientStorage::start(address, Stream::Tls(tls))
+    }
+
+    fn start(address: Address, stream: Stream) -> Result<ClientStorage> {
         stream.set_read_timeout(Some(Duration::from_secs(120)))?;
         let mut c = ClientStorage {
             address,

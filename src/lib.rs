@@ -72,6 +72,8 @@ mod record;
 mod server;
 mod storage;
 mod store;
+#[cfg(feature = "tls")]
+mod tls;
 mod transport;
 
 #[cfg(feature = "postgres")]
@@ -109,4 +111,6 @@ pub use server::{
 };
 pub use storage::{PackReport, Storage, Traversal};
 pub use store::{GcReport, Options, RedbStorage};
+#[cfg(feature = "tls")]
+pub use tls::{TlsClient, TlsError, TlsServer};
 pub use transport::Address;

@@ -81,6 +81,9 @@ pub(crate) enum Stream {
     Tcp(TcpStream),
     /// Unix domain socket.
     Unix(UnixStream),
+    /// TLS over TCP.
+    #[cfg(feature = "tls")]
+    Tls(crate::tls::TlsStream),
 }
 
 impl Stream {
@@ -89,6 +92,8 @@ impl Stream {
         Ok(match self {
             Stream::Tcp(s) => Stream::Tcp(s.try_clone()?),
             Stream::Unix(s) => Stream::Unix(s.try_clone()?),
+            #[cfg(feature = "tls")]
+            Stream::Tls(s) => Stream::Tls(s.clone()),
         })
     }
 
@@ -97,6 +102,8 @@ impl Stream {
         match self {
             Stream::Tcp(s) => s.set_read_timeout(t),
             Stream::Unix(s) => s.set_read_timeout(t),
+            #[cfg(feature = "tls")]
+            Stream::Tls(s) => s.socket().set_read_timeout(t),
         }
     }
 
@@ -105,6 +112,8 @@ impl Stream {
         match self {
             Stream::Tcp(s) => s.set_write_timeout(t),
             Stream::Unix(s) => s.set_write_timeout(t),
+            #[cfg(feature = "tls")]
+            Stream::Tls(s) => s.socket().set_write_timeout(t),
         }
     }
 
@@ -113,6 +122,8 @@ impl Stream {
         match self {
             Stream::Tcp(s) => s.set_nonblocking(on),
             Stream::Unix(s) => s.set_nonblocking(on),
+            #[cfg(feature = "tls")]
+            Stream::Tls(s) => s.socket().set_nonblocking(on),
         }
     }
 
@@ -121,6 +132,11 @@ impl Stream {
         let _ = match self {
             Stream::Tcp(s) => s.shutdown(Shutdown::Both),
             Stream::Unix(s) => s.shutdown(Shutdown::Both),
+            #[cfg(feature = "tls")]
+            Stream::Tls(s) => {
+                s.close_notify();
+                s.socket().shutdown(Shutdown::Both)
+            }
         };
     }
 
@@ -130,6 +146,8 @@ impl Stream {
         match self {
             Stream::Tcp(s) => s.peer_addr().is_ok_and(|a| is_loopback(a.ip())),
             Stream::Unix(_) => true,
+            #[cfg(feature = "tls")]
+            Stream::Tls(s) => s.socket().peer_addr().is_ok_and(|a| is_loopback(a.ip())),
         }
     }
 
@@ -140,6 +158,11 @@ impl Stream {
                 .peer_addr()
                 .map_or_else(|_| "tcp peer".into(), |a| a.to_string()),
             Stream::Unix(_) => "unix peer".into(),
+            #[cfg(feature = "tls")]
+            Stream::Tls(s) => s
+                .socket()
+                .peer_addr()
+                .map_or_else(|_| "tls peer".into(), |a| format!("{a} (TLS)")),
         }
     }
 }
@@ -149,6 +172,8 @@ impl Read for Stream {
         match self {
             Stream::Tcp(s) => s.read(buf),
             Stream::Unix(s) => s.read(buf),
+            #[cfg(feature = "tls")]
+            Stream::Tls(s) => s.read(buf),
         }
     }
 }
@@ -160,10 +185,16 @@ impl Write for &Stream {
         match self {
             Stream::Tcp(s) => (&*s).write(buf),
             Stream::Unix(s) => (&*s).write(buf),
+            #[cfg(feature = "tls")]
+            Stream::Tls(s) => (&*s).write(buf),
         }
     }
     fn flush(&mut self) -> io::Result<()> {
-        Ok(())
+        match self {
+            #[cfg(feature = "tls")]
+            Stream::Tls(s) => (&*s).flush(),
+            _ => Ok(()),
+        }
     }
 }
 

@@ -127,12 +127,18 @@ struct ServerProcess {
     child: Child,
     port: u16,
     startup: Duration,
+    /// Its port speaks TLS: ready once it accepts, stopped with SIGTERM.
+    tls: bool,
 }
 
 impl ServerProcess {
     /// Starts `cmd` (which must listen on `port`) and waits until it answers
     /// a load of the root.
-    fn start(name: &str, mut cmd: Command, port: u16, log: &Path) -> ServerProcess {
+    fn start(name: &str, cmd: Command, port: u16, log: &Path) -> ServerProcess {
+        ServerProcess::start_as(name, cmd, port, log, false)
+    }
+
+    fn start_as(name: &str, mut cmd: Command, port: u16, log: &Path, tls: bool) -> ServerProcess {
         let log = std::fs::File::create(log).expect("server log file");
         let started = Instant::now();
         let child = cmd
@@ -146,11 +152,15 @@ impl ServerProcess {
             child,
             port,
             startup: Duration::ZERO,
+            tls,
         };
         let deadline = started + Duration::from_secs(300);
         loop {
             if let Ok(Some(status)) = server.child.try_wait() {
                 panic!("{name} exited during start-up: {status}");
+            }
+            if tls && std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                break;
             }
             if let Ok(mut c) = Client::connect(port)
                 && let Ok(Loaded::Record(_)) = c.load(0)
@@ -182,7 +192,11 @@ fn rss_mib(pid: u32) -> f64 {
 
 impl Drop for ServerProcess {
     fn drop(&mut self) {
-        if let Ok(c) = Client::connect(self.port) {
+        if self.tls {
+            let _ = Command::new("kill")
+                .args(["-TERM", &self.child.id().to_string()])
+                .status();
+        } else if let Ok(c) = Client::connect(self.port) {
             let _ = c.quit();
         }
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -363,7 +377,14 @@ impl Stores {
                     .arg("--logginglevel")
                     .arg("30")
                     .args(extra);
-                Running::Process(ServerProcess::start(server.label(), cmd, port, &log))
+                let tls = extra.contains(&"--tls-cert");
+                Running::Process(ServerProcess::start_as(
+                    server.label(),
+                    cmd,
+                    port,
+                    &log,
+                    tls,
+                ))
             }
             Server::DurusPostgres => {
                 let pg = self
@@ -400,6 +421,93 @@ impl Stores {
                 Running::Process(ServerProcess::start(server.label(), cmd, port, &log))
             }
         }
+    }
+}
+
+/// A CA and a server certificate for 127.0.0.1, in `dir`: (ca, cert, key).
+fn tls_files(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(rcgen::DnType::CommonName, "compare CA");
+    let ca_key = KeyPair::generate().unwrap();
+    let ca_pem = ca.self_signed(&ca_key).unwrap().pem();
+    let issuer = Issuer::new(ca, ca_key);
+    let key = KeyPair::generate().unwrap();
+    let mut server = CertificateParams::new(vec!["127.0.0.1".to_string()]).unwrap();
+    server
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "compare server");
+    let cert = server.signed_by(&key, &issuer).unwrap();
+    let paths = (
+        dir.join("ca.pem"),
+        dir.join("server.pem"),
+        dir.join("server.key"),
+    );
+    std::fs::write(&paths.0, ca_pem).unwrap();
+    std::fs::write(&paths.1, cert.pem()).unwrap();
+    std::fs::write(&paths.2, key.serialize_pem()).unwrap();
+    paths
+}
+
+/// Loads and commits of the Python client through `TLSClientStorage`
+/// against plain `ClientStorage`, 4 clients, one server each, alternating
+/// in two rounds.
+fn tls_against_plain(
+    md: &mut String,
+    stores: &Stores,
+    durus_bin: &Path,
+    python: &Path,
+    cfg: &Config,
+) {
+    let (ca, cert, key) = tls_files(&stores.dir);
+    let (ca, cert, key) = (
+        ca.to_str().unwrap().to_string(),
+        cert.to_str().unwrap().to_string(),
+        key.to_str().unwrap().to_string(),
+    );
+    let tls_args = ["--tls-cert", cert.as_str(), "--tls-key", key.as_str()];
+    writeln!(
+        md,
+        "\n### TLS against plain TCP (the Python client, 4 clients, durus-redb serve; ops/s, mean of 2 rounds; p50 / p99 in ms of the last)\n"
+    )
+    .unwrap();
+    writeln!(md, "| workload | plain | TLS | TLS / plain |").unwrap();
+    writeln!(md, "|---|---:|---:|---:|").unwrap();
+    for w in WORKLOADS
+        .iter()
+        .filter(|w| w.name == "read" || w.name == "write 1")
+    {
+        let (mut plain, mut tls) = (Vec::new(), Vec::new());
+        for round in 0..2 {
+            for on in [false, true] {
+                let tag = format!("tls-{}-{}-{round}", on, w.mode);
+                let extra: &[&str] = if on { &tls_args } else { &[] };
+                let running = stores.start_with(Server::DurusRedb, durus_bin, &tag, extra);
+                let client: &[&str] = if on { &["--tls-ca", ca.as_str()] } else { &[] };
+                let cell = python_cell_with(python, cfg, running.port(), *w, 4, client);
+                eprintln!(
+                    "  {:<8} tls {on:<5}: {:>8.0} ops/s p50 {:.2} ms p99 {:.2} ms",
+                    w.name, cell.ops_per_s, cell.p50, cell.p99
+                );
+                if on { &mut tls } else { &mut plain }.push(cell);
+            }
+        }
+        let mean = |c: &[Cell]| c.iter().map(|c| c.ops_per_s).sum::<f64>() / c.len() as f64;
+        let (p, t) = (mean(&plain), mean(&tls));
+        let (lp, lt) = (plain.last().unwrap(), tls.last().unwrap());
+        writeln!(
+            md,
+            "| {} | {p:.0}; {:.2} / {:.2} | {t:.0}; {:.2} / {:.2} | {:.2}x |",
+            w.name,
+            lp.p50,
+            lp.p99,
+            lt.p50,
+            lt.p99,
+            t / p
+        )
+        .unwrap();
     }
 }
 
@@ -469,6 +577,18 @@ struct Cell {
 
 /// Runs `clients` Python client processes of `workload` against `port`.
 fn python_cell(python: &Path, cfg: &Config, port: u16, w: Workload, clients: usize) -> Cell {
+    python_cell_with(python, cfg, port, w, clients, &[])
+}
+
+/// [`python_cell`] with extra arguments for each client (`--tls-ca PEM`).
+fn python_cell_with(
+    python: &Path,
+    cfg: &Config,
+    port: u16,
+    w: Workload,
+    clients: usize,
+    extra: &[&str],
+) -> Cell {
     let script = root().join("benches/compare/workload.py");
     let start_at = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -491,6 +611,7 @@ fn python_cell(python: &Path, cfg: &Config, port: u16, w: Workload, clients: usi
                 .args(["--objects", &cfg.objects.to_string()])
                 .args(["--batch", &w.batch.to_string()])
                 .args(["--start-at", &format!("{start_at:.3}")])
+                .args(extra)
                 .stdin(Stdio::null())
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped())
@@ -604,7 +725,7 @@ fn main() {
     };
     let with_redb = servers.contains(&Server::DurusRedb);
     // `-- --only capacity,engine` runs some sections only: python, loadgen,
-    // capacity, snapshot, startup, engine.
+    // tls, capacity, snapshot, startup, engine.
     let only: Option<Vec<String>> = args
         .iter()
         .position(|a| a == "--only")
@@ -745,6 +866,11 @@ fn main() {
                 md.push_str(&row);
             }
         }
+    }
+
+    // 2b. TLS against plain TCP: the Python client, 4 connections.
+    if want("tls") {
+        tls_against_plain(&mut md, &stores, &durus_bin, &python, &cfg);
     }
 
     // 3. The Rust load generator.

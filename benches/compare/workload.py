@@ -84,7 +84,16 @@ def copy(args):
 
 def run(args):
     rng = random.Random(args.client * 7919 + 17)
-    storage = ClientStorage(host="127.0.0.1", port=args.port)
+    if args.tls_ca:
+        # durus_redb.client of this source tree (python/).
+        import os
+        sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(
+            __file__)), "..", "..", "python"))
+        from durus_redb.client import TLSClientStorage
+        storage = TLSClientStorage(host="127.0.0.1", port=args.port,
+                                   cafile=args.tls_ca)
+    else:
+        storage = ClientStorage(host="127.0.0.1", port=args.port)
     storage.s.settimeout(60)
     connection = Connection(storage, cache_size=args.cache)
     tree = connection.get_root()["items"]
@@ -144,6 +153,8 @@ def main():
     p.add_argument("--objects", type=int, required=True)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--cache", type=int, default=2000)
+    p.add_argument("--tls-ca", default=None,
+                   help="connect with TLS (durus_redb.client.TLSClientStorage)")
     p.add_argument("--start-at", type=float, default=0.0,
                    help="wall-clock time (seconds since the epoch) to start at")
     args = parser.parse_args()

@@ -40,6 +40,7 @@ mod export;
 mod verify;
 
 pub use backup::{BackupFormat, BackupReport, backup};
+#[cfg(feature = "postgres")]
 pub(crate) use export::write_shelf;
 pub use export::{ExportReport, export};
 

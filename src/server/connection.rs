@@ -78,6 +78,25 @@ fn walked(failed: Option<End>, r: crate::Result<()>) -> Result<(), End> {
 
 /// Serves one connection until it ends, and logs why it ended.
 pub(super) fn serve(shared: &Arc<Shared>, stream: Stream, peer: &str) {
+    #[cfg(feature = "tls")]
+    let stream = match (stream, &shared.config.tls) {
+        (Stream::Tcp(sock), Some(tls)) => match tls.accept(sock, shared.config.request_timeout) {
+            Ok(s) => Stream::Tls(s),
+            Err(e) => {
+                let why = if timed_out(&e) {
+                    format!(
+                        "no TLS handshake within {:?} (--request-timeout)",
+                        shared.config.request_timeout
+                    )
+                } else {
+                    format!("TLS handshake failed: {e}")
+                };
+                tracing::warn!("closing the connection from {peer}: {why}");
+                return;
+            }
+        },
+        (stream, _) => stream,
+    };
     let session = shared.backend.open_session();
     let end = match (stream.try_clone(), stream.try_clone(), stream.try_clone()) {
         (Ok(read_half), Ok(write_half), Ok(grant_half)) => {
@@ -345,6 +364,15 @@ impl Conn<'_> {
                 tracing::info!("shutdown requested by a client (Q)");
                 self.shared.request_stop();
                 return Ok(false);
+            }
+            // 0x16 begins a TLS handshake record: a TLS client on a plain
+            // port is told of in the log, not closed in silence.
+            Request::Close(0x16) => {
+                return Err(End::Client(
+                    "it began a TLS handshake, and this port is plain (serve --tls-cert and \
+                     --tls-key make it speak TLS)"
+                        .into(),
+                ));
             }
             Request::Close(_) => return Ok(false),
         }

@@ -126,6 +126,11 @@ pub struct ServerConfig {
     /// When false it goes on serving loads, refuses commits, and reports
     /// `healthy 0` in its live state.
     pub stop_when_poisoned: bool,
+    /// TLS on the TCP listener (`None`: plain). A Unix socket stays
+    /// plain. A client whose handshake does not finish within
+    /// `request_timeout`, or fails, is closed with one log line.
+    #[cfg(feature = "tls")]
+    pub tls: Option<crate::tls::TlsServer>,
 }
 
 impl Default for ServerConfig {
@@ -146,6 +151,8 @@ impl Default for ServerConfig {
             admin_from: AdminFrom::Local,
             poll: Duration::from_micros(50),
             stop_when_poisoned: true,
+            #[cfg(feature = "tls")]
+            tls: None,
         }
     }
 }

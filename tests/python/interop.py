@@ -68,7 +68,10 @@ class Target(object):
     """Where the server is; makes storages and connections."""
 
     def __init__(self, host=None, port=None, address=None,
-                 snapshot_reads=False, also_ports=()):
+                 snapshot_reads=False, also_ports=(), tls=None):
+        # tls: (cafile, certfile, keyfile) to connect with
+        # durus_redb.client.TLSClientStorage, else None.
+        self.tls = tls
         self.host = host
         self.port = port
         # Other servers of the same store (front ends over one database):
@@ -94,6 +97,12 @@ class Target(object):
         try:
             if self.address:
                 storage = ClientStorage(address=self.address)
+            elif self.tls:
+                from durus_redb.client import TLSClientStorage
+                cafile, certfile, keyfile = self.tls
+                storage = TLSClientStorage(host=self.host, port=port,
+                                           cafile=cafile, certfile=certfile,
+                                           keyfile=keyfile)
             else:
                 storage = ClientStorage(host=self.host, port=port)
         except AssertionError:
@@ -914,6 +923,13 @@ def main(argv=None):
                         help="another server of the same store (a front end "
                         "over the same database): connections alternate "
                         "between --port and these (repeatable)")
+    parser.add_argument("--tls-ca", default=None,
+                        help="connect with TLS (durus_redb.client."
+                        "TLSClientStorage), trusting this CA's PEM file")
+    parser.add_argument("--tls-cert", default=None,
+                        help="the client's certificate (PEM), with --tls-ca")
+    parser.add_argument("--tls-key", default=None,
+                        help="the key of --tls-cert (PEM)")
     parser.add_argument("--scenario", action="append", default=None,
                         choices=SCENARIO_NAMES + ["all"],
                         help="scenario to run (repeatable; default all)")
@@ -935,10 +951,17 @@ def main(argv=None):
             options.address is None:
         sys.stderr.write("interop.py: warning: host %s is not local\n"
                          % options.host)
+    tls = None
+    if options.tls_ca:
+        # The durus_redb package of this source tree (python/).
+        import os
+        sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(
+            __file__)), "..", "..", "python"))
+        tls = (options.tls_ca, options.tls_cert, options.tls_key)
     target = Target(host=options.host, port=options.port,
                     address=options.address,
                     snapshot_reads=options.snapshot_reads,
-                    also_ports=options.also_port)
+                    also_ports=options.also_port, tls=tls)
     names = options.scenario or ["all"]
     if "all" in names:
         names = SCENARIO_NAMES

@@ -3,7 +3,6 @@
 use std::process::ExitCode;
 
 use clap::ValueEnum;
-use durus_redb::ClientStorage;
 
 use crate::common::*;
 
@@ -22,7 +21,7 @@ pub(crate) fn backup_cmd(
     format: BackupChoice,
 ) -> ExitCode {
     let address = at.address();
-    let mut client = match ClientStorage::connect(address.clone()) {
+    let mut client = match at.connect() {
         Ok(c) => c,
         Err(e) => return fail(format_args!("no server answers on {address}: {e}")),
     };

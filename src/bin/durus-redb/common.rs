@@ -17,15 +17,41 @@ pub(crate) struct ConnectArgs {
     /// Path of a Unix domain socket (instead of host and port).
     #[arg(long)]
     address: Option<PathBuf>,
+    /// PEM file of the CA that signed the server's certificate: connect
+    /// with TLS (to a `serve --tls-cert` port).
+    #[arg(long, conflicts_with = "address")]
+    tls_ca: Option<PathBuf>,
+    /// PEM file of this client's certificate, for a server that admits
+    /// only clients with one (`serve --tls-client-ca`).
+    #[arg(long, requires = "tls_key", requires = "tls_ca")]
+    tls_cert: Option<PathBuf>,
+    /// PEM file of the private key of --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
 }
 
 impl ConnectArgs {
     /// The server's address: the Unix socket if given, else host and port.
-    pub(crate) fn address(self) -> Address {
-        match self.address {
+    pub(crate) fn address(&self) -> Address {
+        match &self.address {
             Some(p) => Address::unix(p),
-            None => Address::tcp(self.host, self.port),
+            None => Address::tcp(self.host.clone(), self.port),
         }
+    }
+
+    /// Connects to the server, with TLS if --tls-ca is given.
+    pub(crate) fn connect(&self) -> Result<durus_redb::ClientStorage, String> {
+        let address = self.address();
+        let Some(ca) = &self.tls_ca else {
+            return durus_redb::ClientStorage::connect(address).map_err(|e| e.to_string());
+        };
+        let client = match (&self.tls_cert, &self.tls_key) {
+            (Some(c), Some(k)) => Some((c.as_path(), k.as_path())),
+            _ => None,
+        };
+        let tls =
+            durus_redb::TlsClient::from_pem_files(ca, client).map_err(|e| format!("TLS: {e}"))?;
+        durus_redb::ClientStorage::connect_tls(address, &tls).map_err(|e| e.to_string())
     }
 }
 

@@ -169,6 +169,21 @@ pub(crate) struct ServeArgs {
     /// client's address and closes that client's connection only.
     #[arg(long, value_enum, default_value_t = AdminChoice::Local)]
     admin_from: AdminChoice,
+    /// PEM file of the server's certificate (its chain): with --tls-key,
+    /// the TCP port speaks TLS, and clients connect with
+    /// `durus_redb.client.TLSClientStorage` (Python) or
+    /// `ClientStorage::connect_tls` (Rust). A Unix socket stays plain:
+    /// the owner, group and mode of its file are its access control.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM file of the private key of --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// PEM file of a CA: only clients with a certificate it signed are
+    /// admitted (mutual TLS, which is then the authentication). Needs
+    /// --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    tls_client_ca: Option<PathBuf>,
     /// Seconds between fsyncs of the commit log with --durability os.
     #[arg(long, default_value_t = 1.0)]
     fsync_interval: f64,
@@ -252,11 +267,27 @@ pub(crate) fn serve(args: ServeArgs) -> ExitCode {
         }
         GcChoice::Manual => std::sync::Arc::new(ManualGc),
     };
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => {
+            if args.address.is_some() {
+                return fail(
+                    "--tls-cert is for the TCP port; a Unix socket (--address) stays plain \
+                     (its file's owner, group and mode are its access control)",
+                );
+            }
+            match durus_redb::TlsServer::from_pem_files(cert, key, args.tls_client_ca.as_deref()) {
+                Ok(t) => Some(t),
+                Err(e) => return fail(format_args!("TLS: {e}")),
+            }
+        }
+        _ => None,
+    };
+    let config = config_of(&args, tls);
     if let Some(url) = &args.database {
-        return serve_on(Source::Database(url), config_of(&args));
+        return serve_on(Source::Database(url), config);
     }
     let Some(file) = args.file.clone() else {
-        return serve_on(Source::Memory, config_of(&args));
+        return serve_on(Source::Memory, config);
     };
     // A store this command creates is removed again if it cannot serve it.
     let created = !file.exists();
@@ -283,14 +314,11 @@ pub(crate) fn serve(args: ServeArgs) -> ExitCode {
     if created {
         tracing::info!("created a new store: {}", file.display());
     }
-    serve_on(
-        Source::File(Box::new(store), file, created),
-        config_of(&args),
-    )
+    serve_on(Source::File(Box::new(store), file, created), config)
 }
 
 /// The server's configuration from the command line.
-pub(crate) fn config_of(args: &ServeArgs) -> ServerConfig {
+pub(crate) fn config_of(args: &ServeArgs, tls: Option<durus_redb::TlsServer>) -> ServerConfig {
     let address = match args.address.clone() {
         Some(path) => Address::Unix {
             path,
@@ -319,6 +347,7 @@ pub(crate) fn config_of(args: &ServeArgs) -> ServerConfig {
         AdminChoice::Local => AdminFrom::Local,
         AdminChoice::None => AdminFrom::Nobody,
     };
+    config.tls = tls;
     config
 }
 

@@ -21,7 +21,7 @@ pub(crate) fn live_stats(at: ConnectArgs) -> ExitCode {
         c.server_state()
             .map(|t| (std::time::Instant::now(), parse(&t)))
     };
-    let mut client = match ClientStorage::connect(address.clone()) {
+    let mut client = match at.connect() {
         Ok(c) => c,
         Err(e) => return fail(format_args!("no server answers on {address}: {e}")),
     };

@@ -4,8 +4,6 @@
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use durus_redb::ClientStorage;
-
 use crate::common::*;
 
 /// Sends `Q`, then waits up to `wait` seconds (the server's commits in
@@ -17,13 +15,16 @@ pub(crate) fn stop(at: ConnectArgs, wait: f64) -> ExitCode {
     }
     let stopping = Duration::from_secs_f64(wait);
     let address = at.address();
-    if let Err(e) = ClientStorage::connect(address.clone()).and_then(|c| c.stop_server()) {
+    if let Err(e) = at
+        .connect()
+        .and_then(|c| c.stop_server().map_err(|e| e.to_string()))
+    {
         return fail(format_args!("no server answers on {address}: {e}"));
     }
     // `Q` has no answer: the server is stopped once nothing accepts there.
     let deadline = Instant::now() + stopping;
     loop {
-        if ClientStorage::connect(address.clone()).is_err() {
+        if at.connect().is_err() {
             println!("the server on {address} stopped");
             return ExitCode::SUCCESS;
         }
