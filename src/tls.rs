@@ -278,6 +278,17 @@ impl TlsStream {
         &self.sock
     }
 
+    /// The common names (CN) in the subject of the peer's certificate: a
+    /// client's, on the server (empty without one).
+    pub(crate) fn peer_common_names(&self) -> Vec<String> {
+        self.tls
+            .lock()
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .map(|c| subject_common_names(c))
+            .unwrap_or_default()
+    }
+
     fn send_pending(&self, tls: &mut rustls::Connection) -> io::Result<()> {
         let mut s = &*self.sock;
         while tls.wants_write() {
@@ -348,5 +359,125 @@ impl TlsStream {
             .sock
             .set_write_timeout(Some(Duration::from_millis(200)));
         let _ = self.send_pending(&mut tls);
+    }
+}
+
+/// One DER element: its tag, its contents and what follows it. Single-byte
+/// tags and lengths up to four bytes, which is all a certificate's
+/// subject needs; anything else is `None`.
+fn der(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+    let (&tag, rest) = input.split_first()?;
+    let (&first, rest) = rest.split_first()?;
+    let (len, rest) = if first < 0x80 {
+        (first as usize, rest)
+    } else {
+        let n = (first & 0x7f) as usize;
+        if n == 0 || n > 4 || rest.len() < n {
+            return None;
+        }
+        let len = rest[..n].iter().fold(0usize, |l, &b| (l << 8) | b as usize);
+        (len, &rest[n..])
+    };
+    if rest.len() < len {
+        return None;
+    }
+    Some((tag, &rest[..len], &rest[len..]))
+}
+
+/// The common names of a certificate's subject (RFC 5280: the subject
+/// follows the version, serial number, signature algorithm, issuer and
+/// validity in the TBSCertificate). The certificate was verified by the
+/// TLS handshake before this reads it; still, input it cannot read gives
+/// no name rather than a panic.
+pub(crate) fn subject_common_names(cert: &[u8]) -> Vec<String> {
+    const SEQUENCE: u8 = 0x30;
+    const SET: u8 = 0x31;
+    const CN: &[u8] = &[0x55, 0x04, 0x03];
+    let names = || -> Option<Vec<String>> {
+        let (SEQUENCE, cert, _) = der(cert)? else {
+            return None;
+        };
+        let (SEQUENCE, mut tbs, _) = der(cert)? else {
+            return None;
+        };
+        if let (0xa0, _, rest) = der(tbs)? {
+            tbs = rest; // the version
+        }
+        let (0x02, _, mut rest) = der(tbs)? else {
+            return None; // the serial number
+        };
+        for _ in 0..3 {
+            // the signature algorithm, the issuer, the validity
+            let (SEQUENCE, _, r) = der(rest)? else {
+                return None;
+            };
+            rest = r;
+        }
+        let (SEQUENCE, mut subject, _) = der(rest)? else {
+            return None;
+        };
+        let mut names = Vec::new();
+        while !subject.is_empty() {
+            let (SET, mut rdn, r) = der(subject)? else {
+                return None;
+            };
+            subject = r;
+            while !rdn.is_empty() {
+                let (SEQUENCE, attribute, r) = der(rdn)? else {
+                    return None;
+                };
+                rdn = r;
+                let (0x06, oid, value) = der(attribute)? else {
+                    return None;
+                };
+                if oid == CN {
+                    // UTF8String, PrintableString, TeletexString, IA5String
+                    if let (0x0c | 0x13 | 0x14 | 0x16, text, _) = der(value)?
+                        && let Ok(text) = std::str::from_utf8(text)
+                    {
+                        names.push(text.to_string());
+                    }
+                }
+            }
+        }
+        Some(names)
+    };
+    names().unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::subject_common_names;
+
+    #[test]
+    fn the_common_names_of_a_certificate_subject_are_read_and_bad_input_gives_none() {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut p = rcgen::CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+        p.distinguished_name
+            .push(rcgen::DnType::OrganizationName, "durus-redb tests");
+        p.distinguished_name
+            .push(rcgen::DnType::CommonName, "operator-1");
+        let der = p.self_signed(&key).unwrap().der().to_vec();
+        assert_eq!(subject_common_names(&der), vec!["operator-1".to_string()]);
+        // A subject without a CN.
+        let mut p = rcgen::CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+        p.distinguished_name = rcgen::DistinguishedName::new();
+        p.distinguished_name
+            .push(rcgen::DnType::OrganizationName, "no name");
+        let der = p.self_signed(&key).unwrap().der().to_vec();
+        assert!(subject_common_names(&der).is_empty());
+        // Cut anywhere, or garbage: no name, no panic.
+        let good = {
+            let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+            p.distinguished_name.push(rcgen::DnType::CommonName, "x");
+            p.self_signed(&key).unwrap().der().to_vec()
+        };
+        for cut in 0..good.len() {
+            let _ = subject_common_names(&good[..cut]);
+        }
+        for byte in 0..=255u8 {
+            let _ = subject_common_names(&[0x30, 0x84, byte, 0xff, 0xff, 0xff]);
+        }
+        assert!(subject_common_names(b"").is_empty());
     }
 }

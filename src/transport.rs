@@ -151,6 +151,16 @@ impl Stream {
         }
     }
 
+    /// The common names of the peer's TLS certificate (none without TLS or
+    /// without a certificate).
+    pub(crate) fn peer_common_names(&self) -> Vec<String> {
+        match self {
+            #[cfg(feature = "tls")]
+            Stream::Tls(s) => s.peer_common_names(),
+            _ => Vec::new(),
+        }
+    }
+
     /// The peer, for log lines.
     pub(crate) fn peer(&self) -> String {
         match self {

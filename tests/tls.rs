@@ -80,7 +80,7 @@ impl Pki {
         );
         write("server.pem", cert);
         write("server.key", key);
-        for (name, expired) in [("client", false), ("expired", true)] {
+        for (name, expired) in [("client", false), ("operator", false), ("expired", true)] {
             let (cert, key) = leaf(
                 &issuer,
                 vec![],
@@ -507,4 +507,123 @@ fn the_python_durus_client_runs_its_scenarios_through_tls_client_storage() {
         let said = attempt(cert);
         assert!(said.contains("REFUSED"), "{cert:?}: {said}");
     }
+}
+
+/// `--admin-cert-cn`: with `--admin-from none`, only a client whose
+/// certificate has that name may stop the server or read its live state;
+/// another certified client is refused, logged by its certificate's name.
+#[test]
+fn only_a_certificate_named_by_admin_cert_cn_may_stop_the_server() {
+    let pki = Pki::new();
+    let mut served = Served::start(&[
+        "--tls-cert",
+        &pki.s("server.pem"),
+        "--tls-key",
+        &pki.s("server.key"),
+        "--tls-client-ca",
+        &pki.s("ca.pem"),
+        "--admin-from",
+        "none",
+        "--admin-cert-cn",
+        "operator",
+    ]);
+    let stop_as = |who: &str| {
+        bin()
+            .args(["stop", "--wait", "2", "--port", &served.port.to_string()])
+            .args(["--tls-ca", &pki.s("ca.pem")])
+            .args(["--tls-cert", &pki.s(&format!("{who}.pem"))])
+            .args(["--tls-key", &pki.s(&format!("{who}.key"))])
+            .output_within(common::LIMIT)
+    };
+    // An ordinary client: refused, and the server goes on.
+    let out = stop_as("client");
+    assert!(!out.status.success());
+    let line = served.wait_for_log("refusing an administrative request");
+    assert!(line.contains("certificate CN client"), "{line}");
+    let mut c =
+        ClientStorage::connect_tls(address(served.port), &pki.client(Some("client"))).unwrap();
+    commit_one(&mut c, 1).unwrap();
+    let mut c2 =
+        ClientStorage::connect_tls(address(served.port), &pki.client(Some("client"))).unwrap();
+    assert!(
+        c2.server_state().is_err(),
+        "X answered to an ordinary client"
+    );
+    // The operator reads the live state and stops it.
+    let mut op =
+        ClientStorage::connect_tls(address(served.port), &pki.client(Some("operator"))).unwrap();
+    let state = op.server_state().unwrap();
+    assert!(state.contains("objects"), "{state}");
+    drop(op);
+    let out = stop_as("operator");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(common::wait_within(&mut served.child, common::LIMIT).success());
+}
+
+/// With TLS, the metrics page is HTTPS under the same client rule: a
+/// client with a certificate of the CA reads it, one without is refused,
+/// and plain HTTP gets no page.
+#[test]
+fn the_metrics_page_is_https_with_the_same_client_rule() {
+    let pki = Pki::new();
+    let served = Served::start(&[
+        "--tls-cert",
+        &pki.s("server.pem"),
+        "--tls-key",
+        &pki.s("server.key"),
+        "--tls-client-ca",
+        &pki.s("ca.pem"),
+        "--metrics-address",
+        "127.0.0.1:0",
+    ]);
+    let line = served.wait_for_log("metrics on https://");
+    let at = line
+        .split("metrics on https://")
+        .nth(1)
+        .unwrap()
+        .trim()
+        .trim_end_matches("/metrics")
+        .to_string();
+    let fetch = |cert: Option<&str>| {
+        let certs = match cert {
+            Some(n) => format!(
+                "ctx.load_cert_chain({:?}, {:?})",
+                pki.s(&format!("{n}.pem")),
+                pki.s(&format!("{n}.key"))
+            ),
+            None => "pass".into(),
+        };
+        let code = format!(
+            "import ssl, urllib.request\n\
+             ctx = ssl.create_default_context(cafile={ca:?})\n\
+             {certs}\n\
+             try:\n\
+             \x20   print(urllib.request.urlopen('https://{at}/metrics', context=ctx, timeout=10).read().decode())\n\
+             except Exception as e:\n\
+             \x20   print('REFUSED', type(e).__name__, e)\n",
+            ca = pki.s("ca.pem"),
+        );
+        let out = Command::new(common::python())
+            .args(["-c", &code])
+            .output_within(common::LIMIT);
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr)
+    };
+    let page = fetch(Some("client"));
+    assert!(page.contains("durus_redb_objects"), "{page}");
+    let refused = fetch(None);
+    assert!(refused.contains("REFUSED"), "{refused}");
+    // Plain HTTP: no page.
+    let mut s = TcpStream::connect(at.as_str()).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let _ = s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n");
+    let mut got = Vec::new();
+    let _ = s.read_to_end(&mut got);
+    assert!(
+        !String::from_utf8_lossy(&got).contains("durus_redb_objects"),
+        "plain HTTP got the page"
+    );
 }

@@ -97,6 +97,21 @@ pub(super) fn serve(shared: &Arc<Shared>, stream: Stream, peer: &str) {
         },
         (stream, _) => stream,
     };
+    // A TLS client is named in the log by its certificate too.
+    let names = stream.peer_common_names();
+    let named;
+    let peer = if names.is_empty() {
+        peer
+    } else {
+        named = format!("{peer} (certificate CN {})", names.join(", "));
+        named.as_str()
+    };
+    #[cfg(feature = "tls")]
+    let admin_by_certificate = names
+        .iter()
+        .any(|n| shared.config.admin_cert_names.contains(n));
+    #[cfg(not(feature = "tls"))]
+    let admin_by_certificate = false;
     let session = shared.backend.open_session();
     let end = match (stream.try_clone(), stream.try_clone(), stream.try_clone()) {
         (Ok(read_half), Ok(write_half), Ok(grant_half)) => {
@@ -104,6 +119,7 @@ pub(super) fn serve(shared: &Arc<Shared>, stream: Stream, peer: &str) {
                 shared,
                 peer,
                 local: stream.is_local(),
+                admin_by_certificate,
                 session: &*session,
                 control: &stream,
                 r: BufReader::new(read_half),
@@ -157,6 +173,8 @@ struct Conn<'a> {
     peer: &'a str,
     /// The peer is on this machine (a Unix socket, or loopback).
     local: bool,
+    /// The peer's certificate names an administrator (--admin-cert-cn).
+    admin_by_certificate: bool,
     session: &'a dyn Session,
     control: &'a Stream,
     r: BufReader<Stream>,
@@ -190,8 +208,12 @@ impl Conn<'_> {
         }
     }
 
-    /// Whether this connection may send `Q` and `X` (`--admin-from`).
+    /// Whether this connection may send `Q` and `X` (`--admin-from`, or a
+    /// certificate named by `--admin-cert-cn`).
     fn admin_allowed(&self) -> bool {
+        if self.admin_by_certificate {
+            return true;
+        }
         match self.shared.config.admin_from {
             super::AdminFrom::Any => true,
             super::AdminFrom::Local => self.local,

@@ -119,9 +119,25 @@ const REQUEST_TIME: Duration = Duration::from_secs(2);
 /// The largest request head read.
 const MAX_HEAD: usize = 8192;
 
-fn answer(shared: &Shared, mut stream: TcpStream) {
+fn answer(shared: &Shared, stream: TcpStream) {
     let _ = stream.set_nonblocking(false);
     let _ = stream.set_write_timeout(Some(REQUEST_TIME));
+    // With the server's TLS (--tls-cert), the page is HTTPS with the same
+    // certificate and the same client rule; its handshake counts against
+    // the request's time.
+    #[cfg(feature = "tls")]
+    let mut stream = match &shared.config.tls {
+        Some(tls) => match tls.accept(stream, REQUEST_TIME) {
+            Ok(s) => crate::transport::Stream::Tls(s),
+            Err(e) => {
+                tracing::warn!("metrics: a TLS handshake failed: {e}");
+                return;
+            }
+        },
+        None => crate::transport::Stream::Tcp(stream),
+    };
+    #[cfg(not(feature = "tls"))]
+    let mut stream = crate::transport::Stream::Tcp(stream);
     let deadline = std::time::Instant::now() + REQUEST_TIME;
     // The request head, at most MAX_HEAD bytes, within REQUEST_TIME.
     let mut head = Vec::new();
@@ -174,6 +190,8 @@ fn answer(shared: &Shared, mut stream: TcpStream) {
         "HTTP/1.0 {status}\r\nContent-Type: {kind}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     );
+    let _ = stream.flush();
+    stream.shutdown();
 }
 
 #[cfg(test)]

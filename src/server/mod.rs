@@ -131,6 +131,11 @@ pub struct ServerConfig {
     /// `request_timeout`, or fails, is closed with one log line.
     #[cfg(feature = "tls")]
     pub tls: Option<crate::tls::TlsServer>,
+    /// Clients whose TLS certificate (verified against the client CA) has
+    /// one of these common names may also send `Q` and `X`, wherever
+    /// they connect from.
+    #[cfg(feature = "tls")]
+    pub admin_cert_names: Vec<String>,
 }
 
 impl Default for ServerConfig {
@@ -153,6 +158,8 @@ impl Default for ServerConfig {
             stop_when_poisoned: true,
             #[cfg(feature = "tls")]
             tls: None,
+            #[cfg(feature = "tls")]
+            admin_cert_names: Vec::new(),
         }
     }
 }
@@ -516,7 +523,15 @@ impl Server {
         tracing::info!("Ready on {}", shared.address);
         if let Some(m) = self.metrics.as_ref().and_then(|m| m.try_clone().ok()) {
             if let Ok(a) = m.local_addr() {
-                tracing::info!("metrics on http://{a}/metrics");
+                #[cfg(feature = "tls")]
+                let scheme = if shared.config.tls.is_some() {
+                    "https"
+                } else {
+                    "http"
+                };
+                #[cfg(not(feature = "tls"))]
+                let scheme = "http";
+                tracing::info!("metrics on {scheme}://{a}/metrics");
             }
             let sh = shared.clone();
             match std::thread::Builder::new()

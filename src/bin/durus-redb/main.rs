@@ -44,7 +44,7 @@ pub(crate) enum Command {
     /// listening. SIGINT, SIGTERM and a client's `Q` (`durus-redb stop`) shut
     /// it down gracefully: commits being applied finish, the store is
     /// checkpointed and closed.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Migrate a Durus store file into a new durus-redb store, or into a
     /// PostgreSQL database.
     ///
@@ -193,7 +193,7 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> ExitCode {
     if let Command::Serve(args) = cli.command {
-        return serve(args);
+        return serve(*args);
     }
     init_logging(None, 20);
     prepare_process();

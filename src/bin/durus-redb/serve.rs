@@ -184,6 +184,15 @@ pub(crate) struct ServeArgs {
     /// --tls-cert.
     #[arg(long, requires = "tls_cert")]
     tls_client_ca: Option<PathBuf>,
+    /// A client whose certificate (signed by --tls-client-ca) has this
+    /// common name may also send `Q` and `X`, from wherever it connects
+    /// (beside --admin-from). Repeatable.
+    #[arg(
+        long = "admin-cert-cn",
+        value_name = "NAME",
+        requires = "tls_client_ca"
+    )]
+    admin_cert_cn: Vec<String>,
     /// Seconds between fsyncs of the commit log with --durability os.
     #[arg(long, default_value_t = 1.0)]
     fsync_interval: f64,
@@ -348,6 +357,7 @@ pub(crate) fn config_of(args: &ServeArgs, tls: Option<durus_redb::TlsServer>) ->
         AdminChoice::None => AdminFrom::Nobody,
     };
     config.tls = tls;
+    config.admin_cert_names = args.admin_cert_cn.clone();
     config
 }
 
