@@ -187,6 +187,12 @@ impl TlsClient {
         self
     }
 
+    /// The rustls settings (for the database's connections).
+    #[cfg(feature = "postgres")]
+    pub(crate) fn rustls_config(&self) -> rustls::ClientConfig {
+        (*self.config).clone()
+    }
+
     /// The handshake with the server at `host`, within `timeout`.
     pub(crate) fn connect(
         &self,

@@ -75,6 +75,12 @@ struct Cluster {
 
 impl Cluster {
     fn create(dir: &Path) -> Cluster {
+        Cluster::create_with(dir, |_| {})
+    }
+
+    /// [`create`](Self::create), with `setup` given the data directory
+    /// before the first start.
+    fn create_with(dir: &Path, setup: impl FnOnce(&Path)) -> Cluster {
         let dir = dir.join("pg");
         std::fs::create_dir_all(&dir).unwrap();
         if let Some((uid, gid)) = cluster_user() {
@@ -109,6 +115,7 @@ impl Cluster {
             port,
             postmaster: None,
         };
+        setup(&c.dir.join("data"));
         c.start();
         c
     }
@@ -442,4 +449,153 @@ fn acknowledged_commits_survive_the_loss_of_the_primary_with_a_synchronous_stand
         w.join().unwrap();
     }
     assert_all_there(front.port, &acked.lock().unwrap());
+}
+
+/// A file of the cluster: owned by its user, readable by it alone.
+fn cluster_file(path: &Path, text: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, text).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    if let Some((uid, gid)) = cluster_user() {
+        std::os::unix::fs::chown(path, Some(uid), Some(gid)).unwrap();
+    }
+}
+
+/// TLS to the database: a cluster that admits the user `durus` only over
+/// TLS with a client certificate of its CA (pg_hba `hostssl ... cert`).
+/// `serve`, `check` and `migrate` reach it with libpq's parameters
+/// (`sslmode=verify-full`, `sslrootcert`, `sslcert`, `sslkey`); every
+/// connection of the front end is encrypted (pg_stat_ssl); without TLS, or
+/// trusting another CA, they are refused with the reason.
+#[test]
+fn the_database_is_reached_over_tls_with_a_client_certificate() {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+    let dir = tempfile::tempdir().unwrap();
+    let ca = |name: &str| {
+        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        p.distinguished_name.push(DnType::CommonName, name);
+        let key = KeyPair::generate().unwrap();
+        let pem = p.self_signed(&key).unwrap().pem();
+        (pem, Issuer::new(p, key))
+    };
+    let leaf = |issuer: &Issuer<'static, KeyPair>, names: Vec<String>, cn: &str| {
+        let mut p = CertificateParams::new(names).unwrap();
+        p.distinguished_name.push(DnType::CommonName, cn);
+        let key = KeyPair::generate().unwrap();
+        (
+            p.signed_by(&key, issuer).unwrap().pem(),
+            key.serialize_pem(),
+        )
+    };
+    let (ca_pem, issuer) = ca("database CA");
+    let (server_pem, server_key) = leaf(
+        &issuer,
+        vec!["localhost".into(), "127.0.0.1".into()],
+        "database",
+    );
+    let (client_pem, client_key) = leaf(&issuer, vec![], "durus");
+    let (other_ca, _) = ca("another CA");
+    let files = dir.path().join("client");
+    std::fs::create_dir_all(&files).unwrap();
+    for (name, text) in [
+        ("ca.pem", &ca_pem),
+        ("other-ca.pem", &other_ca),
+        ("durus.pem", &client_pem),
+        ("durus.key", &client_key),
+    ] {
+        std::fs::write(files.join(name), text).unwrap();
+    }
+    let cluster = Cluster::create_with(dir.path(), |data| {
+        cluster_file(&data.join("server.crt"), &server_pem);
+        cluster_file(&data.join("server.key"), &server_key);
+        cluster_file(&data.join("root.crt"), &ca_pem);
+        let mut conf = std::fs::read_to_string(data.join("postgresql.conf")).unwrap();
+        conf.push_str(
+            "\nssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n\
+             ssl_ca_file = 'root.crt'\n",
+        );
+        cluster_file(&data.join("postgresql.conf"), &conf);
+        cluster_file(
+            &data.join("pg_hba.conf"),
+            "local all all trust\n\
+             hostssl all durus 127.0.0.1/32 cert\n\
+             hostnossl all durus 127.0.0.1/32 reject\n\
+             host all postgres 127.0.0.1/32 trust\n",
+        );
+    });
+    let mut admin = postgres::Client::connect(&cluster.url("postgres"), postgres::NoTls).unwrap();
+    admin.batch_execute("CREATE ROLE durus LOGIN").unwrap();
+    admin
+        .batch_execute("CREATE DATABASE durus_tls OWNER durus")
+        .unwrap();
+    let f = |name: &str| files.join(name).to_str().unwrap().to_string();
+    let base = format!("postgresql://durus@localhost:{}/durus_tls", cluster.port);
+    let tls_url = format!(
+        "{base}?sslmode=verify-full&sslrootcert={}&sslcert={}&sslkey={}",
+        f("ca.pem"),
+        f("durus.pem"),
+        f("durus.key")
+    );
+
+    // Served over TLS: a commit and its load; every backend of the front
+    // end is encrypted.
+    let fe = FrontEnd::start(&tls_url);
+    let mut c = ClientStorage::connect_tcp("127.0.0.1", fe.port).unwrap();
+    let root = c.new_oid().unwrap();
+    assert_eq!(root, Oid::ROOT);
+    let oid = c.new_oid().unwrap();
+    c.begin();
+    c.store(oid, Record::new(oid, b"over TLS", &[]).into_bytes())
+        .unwrap();
+    c.store(
+        Oid::ROOT,
+        Record::new(Oid::ROOT, b"root", &[oid]).into_bytes(),
+    )
+    .unwrap();
+    c.end().unwrap();
+    assert_eq!(c.load(oid).unwrap().data(), b"over TLS");
+    let rows = admin
+        .query(
+            "SELECT s.ssl FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) \
+             WHERE a.datname = 'durus_tls' AND a.usename = 'durus'",
+            &[],
+        )
+        .unwrap();
+    assert!(!rows.is_empty(), "no connection of the front end seen");
+    assert!(
+        rows.iter().all(|r| r.get::<_, bool>(0)),
+        "a connection of the front end is not encrypted"
+    );
+    drop(c);
+    drop(fe);
+
+    // check and stats over TLS too.
+    let out = Command::new(bin())
+        .arg("check")
+        .arg(&tls_url)
+        .output_within(common::LIMIT);
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && text.contains("clean"), "{text}");
+
+    // Without TLS, and trusting another CA: refused, saying why.
+    let refused = |url: &str| {
+        let out = Command::new(bin())
+            .args(["serve", "--database", url, "--port", "0"])
+            .output_within(common::LIMIT);
+        assert!(!out.status.success(), "{url}: served");
+        String::from_utf8_lossy(&out.stderr).to_string()
+    };
+    let said = refused(&base);
+    assert!(said.contains("pg_hba.conf"), "{said}");
+    let said = refused(&format!(
+        "{base}?sslmode=verify-full&sslrootcert={}&sslcert={}&sslkey={}",
+        f("other-ca.pem"),
+        f("durus.pem"),
+        f("durus.key")
+    ));
+    assert!(said.to_lowercase().contains("certificate"), "{said}");
+    let said = refused(&format!("{base}?sslmode=require"));
+    assert!(said.contains("sslrootcert"), "{said}");
 }

@@ -340,8 +340,8 @@ mod on_postgres {
             testdb::drop_tables(&config);
             // One oid at a time from the database, so that the two front
             // ends hand out the model's sequence between them.
-            let a = PgBackend::open_with(config.clone(), 1).unwrap();
-            let b = PgBackend::open_with(config.clone(), 1).unwrap();
+            let a = PgBackend::open_with(config.clone().into(), 1).unwrap();
+            let b = PgBackend::open_with(config.clone().into(), 1).unwrap();
             a.serve_snapshot_reads(true);
             b.serve_snapshot_reads(true);
             let memory = MemoryBackend::new();

@@ -11,10 +11,9 @@
 
 use std::collections::HashSet;
 use std::path::Path;
-use std::str::FromStr;
 use std::time::Instant;
 
-use super::{CHUNK, Conn, database, db_error, ensure_schema, key, oid_of};
+use super::{CHUNK, Conn, db_error, ensure_schema, key, oid_of};
 use crate::error::StorageError;
 use crate::filestorage::{ReadOptions, SourceEvent, open_source};
 use crate::migrate::{MigrateError, MigrateOptions, MigrateProgress, MigrateReport};
@@ -44,8 +43,7 @@ pub fn migrate_to_database(
         path: super::redact_database_url(url),
         source: e,
     };
-    let config = postgres::Config::from_str(url)
-        .map_err(|e| dest_err(database(format!("invalid database URL: {e}"))))?;
+    let config = super::url::Database::parse(url).map_err(dest_err)?;
     let mut conn = Conn::connect(&config).map_err(dest_err)?;
     ensure_schema(&mut conn).map_err(dest_err)?;
     let meta = |conn: &mut Conn, name: &str| -> Result<Option<i64>, StorageError> {

@@ -52,15 +52,15 @@ pub(crate) mod testdb;
 #[cfg(test)]
 mod tests;
 pub(crate) mod tools;
+pub(crate) mod url;
 
 use std::collections::{BTreeSet, HashMap};
-use std::str::FromStr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use parking_lot::{Condvar, Mutex};
-use postgres::{Client, NoTls, SimpleQueryMessage, Statement};
+use postgres::{Client, SimpleQueryMessage, Statement};
 
 use super::{Backend, Hold, LiveState, PoisonWatch};
 use crate::error::{InvalidInput, Result, StorageError};
@@ -236,8 +236,8 @@ pub(crate) struct Conn {
 }
 
 impl Conn {
-    fn connect(config: &postgres::Config) -> Result<Conn> {
-        let client = config.connect(NoTls).map_err(db_error)?;
+    fn connect(db: &url::Database) -> Result<Conn> {
+        let client = db.connect().map_err(db_error)?;
         Ok(Conn {
             client,
             prepared: HashMap::new(),
@@ -279,7 +279,7 @@ impl Conn {
 
 /// Connections for loads, syncs and oid blocks, opened as needed.
 pub(super) struct Pool {
-    config: postgres::Config,
+    config: url::Database,
     idle: Mutex<Vec<Conn>>,
 }
 
@@ -494,18 +494,24 @@ impl PgBackend {
     /// string), creating the tables if the database has none, refusing one
     /// of another format.
     pub(crate) fn open(url: &str) -> Result<PgBackend> {
-        let config = postgres::Config::from_str(url)
-            .map_err(|e| database(format!("invalid database URL: {e}")))?;
-        PgBackend::open_with(config, OID_BLOCK)
+        PgBackend::open_with(url::Database::parse(url)?, OID_BLOCK)
     }
 
     /// [`open`](Self::open) with the database's configuration, taking
     /// `oid_block` oids from `durus_oids` at a time.
-    pub(crate) fn open_with(mut config: postgres::Config, oid_block: u64) -> Result<PgBackend> {
-        if config.get_application_name().is_none() {
-            config.application_name("durus-redb");
+    pub(crate) fn open_with(mut config: url::Database, oid_block: u64) -> Result<PgBackend> {
+        if config.config.get_application_name().is_none() {
+            config.config.application_name("durus-redb");
         }
         let mut conn = Conn::connect(&config)?;
+        tracing::info!(
+            "database reached {}",
+            if config.uses_tls() {
+                "over TLS, its certificate verified"
+            } else {
+                "without TLS (sslmode=verify-full and sslrootcert=PATH ask for it)"
+            }
+        );
         ensure_schema(&mut conn)?;
         if !conn
             .query(

@@ -37,8 +37,8 @@ fn commit_root_after(session: &dyn Session, data: &[u8], pause: Duration) -> cra
 #[test]
 fn a_commit_waits_for_its_flush_barrier_without_holding_the_order() {
     let config = testdb::fresh("barrier");
-    let a = PgBackend::open_with(config.clone(), 16).unwrap();
-    let b = PgBackend::open_with(config.clone(), 16).unwrap();
+    let a = PgBackend::open_with(config.clone().into(), 16).unwrap();
+    let b = PgBackend::open_with(config.clone().into(), 16).unwrap();
     commit_root(a.open_session().as_ref(), b"first").unwrap();
 
     // A commit with nobody waiting behind it flushes the WAL itself; with
@@ -89,7 +89,7 @@ fn oids_are_never_handed_out_twice_across_front_ends_and_restarts() {
     let config = testdb::fresh("oids");
     let mut seen = std::collections::BTreeSet::new();
     for _ in 0..3 {
-        let fe = PgBackend::open_with(config.clone(), 8).unwrap();
+        let fe = PgBackend::open_with(config.clone().into(), 8).unwrap();
         let s = fe.open_session();
         for oid in s.new_oids(5, 1 << 20).unwrap() {
             assert!(seen.insert(oid), "{oid} handed out twice");
@@ -106,11 +106,13 @@ fn oids_are_never_handed_out_twice_across_front_ends_and_restarts() {
 #[test]
 fn a_database_of_another_format_is_refused() {
     let config = testdb::fresh("format");
-    drop(PgBackend::open_with(config.clone(), 8).unwrap());
+    drop(PgBackend::open_with(config.clone().into(), 8).unwrap());
     let mut c = config.connect(NoTls).unwrap();
     c.batch_execute("UPDATE durus_meta SET value = 99 WHERE name = 'format'")
         .unwrap();
-    let err = PgBackend::open_with(config.clone(), 8).err().unwrap();
+    let err = PgBackend::open_with(config.clone().into(), 8)
+        .err()
+        .unwrap();
     let text = err.to_string();
     assert!(
         text.contains("format 99") && text.contains("format 1"),
@@ -118,7 +120,10 @@ fn a_database_of_another_format_is_refused() {
     );
     c.batch_execute("DELETE FROM durus_meta WHERE name = 'format'")
         .unwrap();
-    let text = PgBackend::open_with(config, 8).err().unwrap().to_string();
+    let text = PgBackend::open_with(config.into(), 8)
+        .err()
+        .unwrap()
+        .to_string();
     assert!(text.contains("not a durus-redb store"), "{text}");
 }
 
@@ -127,7 +132,7 @@ fn a_database_of_another_format_is_refused() {
 #[test]
 fn large_records_are_chunked_and_shrink_cleanly() {
     let config = testdb::fresh("chunks");
-    let fe = PgBackend::open_with(config.clone(), 8).unwrap();
+    let fe = PgBackend::open_with(config.clone().into(), 8).unwrap();
     let s = fe.open_session();
     let big: Vec<u8> = (0..(super::CHUNK * 2 + 123))
         .map(|i| (i % 251) as u8)
@@ -176,7 +181,7 @@ fn database_urls_are_logged_without_their_password() {
 #[test]
 fn a_database_that_lost_commits_closes_the_sessions_that_saw_them() {
     let config = testdb::fresh("went_back");
-    let fe = PgBackend::open_with(config.clone(), 16).unwrap();
+    let fe = PgBackend::open_with(config.clone().into(), 16).unwrap();
     let old = fe.open_session();
     for n in 0..4u8 {
         commit_root(old.as_ref(), &[n]).unwrap();
@@ -214,7 +219,7 @@ fn concurrent_committers_share_transactions_and_lose_nothing() {
     const THREADS: usize = 4;
     const COMMITS: u64 = 60;
     let config = testdb::fresh("batches");
-    let fe = PgBackend::open_with(config.clone(), 64).unwrap();
+    let fe = PgBackend::open_with(config.clone().into(), 64).unwrap();
     commit_root(fe.open_session().as_ref(), b"root").unwrap();
     let told: Vec<Vec<Oid>> = std::thread::scope(|scope| {
         let handles: Vec<_> = (0..THREADS)
@@ -289,8 +294,8 @@ fn concurrent_committers_share_transactions_and_lose_nothing() {
 #[test]
 fn the_log_is_trimmed_below_what_every_live_front_end_has_read() {
     let config = testdb::fresh("trim");
-    let a = PgBackend::open_with(config.clone(), 16).unwrap();
-    let b = PgBackend::open_with(config.clone(), 16).unwrap();
+    let a = PgBackend::open_with(config.clone().into(), 16).unwrap();
+    let b = PgBackend::open_with(config.clone().into(), 16).unwrap();
     let on_b = b.open_session();
     let on_a = a.open_session();
     for n in 0..10u8 {

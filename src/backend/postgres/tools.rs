@@ -4,7 +4,6 @@
 
 use std::collections::HashSet;
 use std::path::Path;
-use std::str::FromStr;
 
 use super::{Conn, PgBackend, database, db_error, key, oid_of};
 use crate::backend::Backend;
@@ -51,8 +50,7 @@ pub struct DatabaseCheck {
 /// Connects to the durus-redb database at `url`, refusing one without the
 /// tables or of another format.
 fn open_existing(url: &str) -> Result<Conn> {
-    let config = postgres::Config::from_str(url)
-        .map_err(|e| database(format!("invalid database URL: {e}")))?;
+    let config = super::url::Database::parse(url)?;
     let mut conn = Conn::connect(&config)?;
     match conn
         .client
