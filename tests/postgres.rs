@@ -121,9 +121,10 @@ impl Cluster {
     }
 
     /// A standby of `primary`, streaming from it (pg_basebackup -R), in
-    /// `dir`, started.
-    fn standby_of(primary: &Cluster, dir: &Path) -> Cluster {
-        let dir = dir.join("standby");
+    /// `dir`, started on `port` (a free one if `None`).
+    fn standby_of(primary: &Cluster, dir: &Path, name: &str, port: Option<u16>) -> Cluster {
+        let dir = dir.join(name);
+        let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         if let Some((uid, gid)) = cluster_user() {
             std::os::unix::fs::chown(&dir, Some(uid), Some(gid)).unwrap();
@@ -131,7 +132,7 @@ impl Cluster {
         let out = as_cluster_user(
             Command::new(pg_bin("pg_basebackup"))
                 .args(["-h", "127.0.0.1", "-p", &primary.port.to_string()])
-                .args(["-U", "postgres", "-X", "stream", "-R", "-D"])
+                .args(["-U", "postgres", "-X", "stream", "-c", "fast", "-R", "-D"])
                 .arg(dir.join("data")),
         )
         .output_within(common::LIMIT);
@@ -140,10 +141,10 @@ impl Cluster {
             "pg_basebackup: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let port = {
+        let port = port.unwrap_or_else(|| {
             let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             l.local_addr().unwrap().port()
-        };
+        });
         let mut c = Cluster {
             dir,
             port,
@@ -174,6 +175,32 @@ impl Cluster {
         while postgres::Client::connect(&self.url("postgres"), postgres::NoTls).is_err() {
             assert!(Instant::now() < deadline, "postgres did not start in 60 s");
             std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Makes this primary wait for a synchronous standby, and waits until
+    /// one is.
+    fn synchronous(&self) {
+        let mut c = postgres::Client::connect(&self.url("postgres"), postgres::NoTls).unwrap();
+        c.batch_execute("ALTER SYSTEM SET synchronous_standby_names = '*'")
+            .unwrap();
+        c.batch_execute("SELECT pg_reload_conf()").unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let row = c
+                .query_opt(
+                    "SELECT 1 FROM pg_stat_replication WHERE sync_state = 'sync'",
+                    &[],
+                )
+                .unwrap();
+            if row.is_some() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the standby never became synchronous"
+            );
+            std::thread::sleep(Duration::from_millis(50));
         }
     }
 
@@ -215,6 +242,8 @@ impl Drop for Cluster {
 struct FrontEnd {
     child: Child,
     port: u16,
+    /// What it logged (after "Ready"), for a failure's message.
+    log: Arc<Mutex<Vec<String>>>,
 }
 
 impl FrontEnd {
@@ -228,11 +257,17 @@ impl FrontEnd {
             .unwrap();
         let stderr = child.stderr.take().unwrap();
         let (tx, rx) = mpsc::channel();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let into = log.clone();
         std::thread::spawn(move || {
             let mut sent = false;
             for line in BufReader::new(stderr).lines() {
                 let Ok(line) = line else { break };
-                if !sent && let Some(at) = line.find("Ready on ") {
+                if sent {
+                    into.lock().unwrap().push(line);
+                    continue;
+                }
+                if let Some(at) = line.find("Ready on ") {
                     let port = line[at + 9..]
                         .trim()
                         .rsplit(':')
@@ -247,7 +282,19 @@ impl FrontEnd {
         let port = rx
             .recv_timeout(Duration::from_secs(30))
             .expect("the front end is ready within 30 s");
-        FrontEnd { child, port }
+        FrontEnd { child, port, log }
+    }
+
+    /// Its warnings and errors so far.
+    fn complaints(&self) -> String {
+        self.log
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+            .cloned()
+            .collect::<Vec<_>>()
+            .join("\n")
     }
 
     fn kill(mut self) {
@@ -302,153 +349,198 @@ fn committer(port: Arc<Mutex<u16>>, stop: Arc<AtomicBool>, acked: Arc<Mutex<Vec<
 }
 
 /// Every acknowledged commit loads, with its own sequence number.
-fn assert_all_there(port: u16, acked: &[(Oid, u64)]) {
-    let mut c = ClientStorage::connect_tcp("127.0.0.1", port).unwrap();
+fn assert_all_there(front: &FrontEnd, acked: &[(Oid, u64)]) {
+    let mut c = ClientStorage::connect_tcp("127.0.0.1", front.port).unwrap();
     for (oid, n) in acked {
-        let record = c
-            .load(*oid)
-            .unwrap_or_else(|e| panic!("acknowledged commit {n} (oid {oid}) is lost: {e}"));
+        let record = c.load(*oid).unwrap_or_else(|e| {
+            panic!(
+                "acknowledged commit {n} (oid {oid}) is lost: {e}; the front end said:\n{}",
+                front.complaints()
+            )
+        });
         assert_eq!(record.data(), n.to_be_bytes(), "oid {oid}");
     }
 }
 
+/// Rounds of a crash test: `DURUS_PG_CRASH_ROUNDS` (for a longer run),
+/// else `default`.
+fn rounds(default: usize) -> usize {
+    std::env::var("DURUS_PG_CRASH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Committers running against a front end whose port may change.
+struct Load {
+    port: Arc<Mutex<u16>>,
+    stop: Arc<AtomicBool>,
+    acked: Arc<Mutex<Vec<(Oid, u64)>>>,
+    workers: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Load {
+    fn start(port: u16, committers: usize) -> Load {
+        let port = Arc::new(Mutex::new(port));
+        let stop = Arc::new(AtomicBool::new(false));
+        let acked = Arc::new(Mutex::new(Vec::new()));
+        let workers = (0..committers)
+            .map(|_| {
+                let (port, stop, acked) = (port.clone(), stop.clone(), acked.clone());
+                std::thread::spawn(move || committer(port, stop, acked))
+            })
+            .collect();
+        Load {
+            port,
+            stop,
+            acked,
+            workers,
+        }
+    }
+
+    fn count(&self) -> usize {
+        self.acked.lock().unwrap().len()
+    }
+
+    /// Waits for 50 more commits than `than` (at most 90 s: longer than
+    /// a commit can wait for a batch, 60 s), showing the front end's
+    /// complaints if they do not come.
+    fn wait_for_more(&self, than: usize, front: &FrontEnd, what: &str) {
+        let deadline = Instant::now() + Duration::from_secs(90);
+        while self.count() < than + 50 {
+            assert!(
+                Instant::now() < deadline,
+                "{what}: commits stopped being acknowledged ({} since); the front end said:\n{}",
+                self.count() - than,
+                front.complaints()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn stop(self) -> Vec<(Oid, u64)> {
+        self.stop.store(true, Ordering::Relaxed);
+        for w in self.workers {
+            w.join().unwrap();
+        }
+        std::mem::take(&mut *self.acked.lock().unwrap())
+    }
+}
+
+/// `durus-redb check URL` is clean.
+fn check_clean(url: &str) {
+    let out = Command::new(bin())
+        .arg("check")
+        .arg(url)
+        .output_within(common::LIMIT);
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && text.contains("result:     clean"),
+        "{text}"
+    );
+}
+
+/// 16 connections commit throughout. kill -9 of PostgreSQL (postmaster and
+/// backends) and a restart, 10 rounds: the same front end goes on. kill -9
+/// of the front end and a new one, 20 rounds. Both at once, once. Nothing
+/// acknowledged is lost, no oid is handed out twice, `check` is clean.
 #[test]
 fn acknowledged_commits_survive_kill_9_of_postgres_and_of_the_front_end() {
     let dir = tempfile::tempdir().unwrap();
     let mut cluster = Cluster::create(dir.path());
     let url = cluster.url("postgres");
-    let front = FrontEnd::start(&url);
-    let port = Arc::new(Mutex::new(front.port));
-    let stop = Arc::new(AtomicBool::new(false));
-    let acked = Arc::new(Mutex::new(Vec::new()));
-    let workers: Vec<_> = (0..3)
-        .map(|_| {
-            let (port, stop, acked) = (port.clone(), stop.clone(), acked.clone());
-            std::thread::spawn(move || committer(port, stop, acked))
-        })
-        .collect();
-    let wait_for_more = |than: usize| {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while acked.lock().unwrap().len() < than + 50 {
-            assert!(
-                Instant::now() < deadline,
-                "commits stopped being acknowledged"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    };
+    let mut front = FrontEnd::start(&url);
+    let load = Load::start(front.port, 16);
+    load.wait_for_more(0, &front, "at the start");
 
-    // kill -9 of PostgreSQL (postmaster and backends) while commits run,
-    // then a restart: the same front end goes on.
-    wait_for_more(0);
-    cluster.crash();
-    let at_crash = acked.lock().unwrap().len();
-    std::thread::sleep(Duration::from_millis(300));
-    cluster.start();
-    wait_for_more(at_crash);
-    assert_all_there(front.port, &acked.lock().unwrap());
+    for round in 0..rounds(10) {
+        cluster.crash();
+        let at_crash = load.count();
+        std::thread::sleep(Duration::from_millis(100 + 37 * (round as u64 % 7)));
+        cluster.start();
+        load.wait_for_more(at_crash, &front, &format!("PostgreSQL round {round}"));
+    }
+    assert_all_there(&front, &load.acked.lock().unwrap());
 
-    // kill -9 of the front end while commits run, then a new one.
-    let before = acked.lock().unwrap().len();
-    front.kill();
-    let front = FrontEnd::start(&url);
-    *port.lock().unwrap() = front.port;
-    wait_for_more(before);
+    for round in 0..rounds(20) {
+        let before = load.count();
+        front.kill();
+        front = FrontEnd::start(&url);
+        *load.port.lock().unwrap() = front.port;
+        load.wait_for_more(before, &front, &format!("front end round {round}"));
+    }
 
     // Both at once.
-    let before = acked.lock().unwrap().len();
+    let before = load.count();
     front.kill();
     cluster.crash();
     cluster.start();
     let front = FrontEnd::start(&url);
-    *port.lock().unwrap() = front.port;
-    wait_for_more(before);
+    *load.port.lock().unwrap() = front.port;
+    load.wait_for_more(before, &front, "both");
 
-    stop.store(true, Ordering::Relaxed);
-    for w in workers {
-        w.join().unwrap();
-    }
-    let acked = acked.lock().unwrap();
-    assert!(acked.len() > 200, "{} commits acknowledged", acked.len());
-    assert_all_there(front.port, &acked);
+    let acked = load.stop();
+    assert!(acked.len() > 1000, "{} commits acknowledged", acked.len());
+    assert_all_there(&front, &acked);
     // And no oid was handed out twice.
     let mut oids: Vec<Oid> = acked.iter().map(|(o, _)| *o).collect();
     oids.sort_unstable();
     oids.dedup();
     assert_eq!(oids.len(), acked.len(), "an oid was handed out twice");
+    drop(front);
+    check_clean(&url);
 }
 
 /// A primary with a synchronous standby; the front end is given both
 /// hosts with `target_session_attrs=read-write`. The primary is killed
-/// (-9, with its backends) while clients commit, the standby promoted: the
-/// same front end goes on through it, and every commit acknowledged before
-/// the failover is there.
+/// (-9, with its backends) while 16 connections commit, the standby
+/// promoted: the same front end goes on through it, and every commit
+/// acknowledged before the failover is there. Then a new standby takes
+/// the dead primary's place (and port) and the next round fails over
+/// back: 10 rounds.
 #[test]
 fn acknowledged_commits_survive_the_loss_of_the_primary_with_a_synchronous_standby() {
     let dir = tempfile::tempdir().unwrap();
     let mut primary = Cluster::create(dir.path());
-    let standby = Cluster::standby_of(&primary, dir.path());
-    {
-        let mut c = postgres::Client::connect(&primary.url("postgres"), postgres::NoTls).unwrap();
-        c.batch_execute("ALTER SYSTEM SET synchronous_standby_names = '*'")
-            .unwrap();
-        c.batch_execute("SELECT pg_reload_conf()").unwrap();
-        // The standby is synchronous once the primary says so.
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let row = c
-                .query_opt(
-                    "SELECT 1 FROM pg_stat_replication WHERE sync_state = 'sync'",
-                    &[],
-                )
-                .unwrap();
-            if row.is_some() {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the standby never became synchronous"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
+    let mut standby = Cluster::standby_of(&primary, dir.path(), "standby-0", None);
+    primary.synchronous();
     let url = format!(
         "postgresql://postgres@127.0.0.1:{},127.0.0.1:{}/postgres?target_session_attrs=read-write",
         primary.port, standby.port
     );
     let front = FrontEnd::start(&url);
-    let port = Arc::new(Mutex::new(front.port));
-    let stop = Arc::new(AtomicBool::new(false));
-    let acked = Arc::new(Mutex::new(Vec::new()));
-    let workers: Vec<_> = (0..3)
-        .map(|_| {
-            let (port, stop, acked) = (port.clone(), stop.clone(), acked.clone());
-            std::thread::spawn(move || committer(port, stop, acked))
-        })
-        .collect();
-    let wait_for_more = |than: usize| {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while acked.lock().unwrap().len() < than + 50 {
-            assert!(
-                Instant::now() < deadline,
-                "commits stopped being acknowledged"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    };
-    wait_for_more(0);
-    primary.crash();
-    let at_failover = acked.lock().unwrap().clone();
-    let mut c = postgres::Client::connect(&standby.url("postgres"), postgres::NoTls).unwrap();
-    c.batch_execute("SELECT pg_promote()").unwrap();
-    wait_for_more(at_failover.len());
-    // Everything acknowledged before the primary died is on the standby.
-    assert_all_there(front.port, &at_failover);
-    stop.store(true, Ordering::Relaxed);
-    for w in workers {
-        w.join().unwrap();
+    let load = Load::start(front.port, 16);
+    load.wait_for_more(0, &front, "at the start");
+    for round in 0..rounds(10) {
+        primary.crash();
+        let at_failover = load.acked.lock().unwrap().clone();
+        let mut c = postgres::Client::connect(&standby.url("postgres"), postgres::NoTls).unwrap();
+        c.batch_execute("SELECT pg_promote()").unwrap();
+        load.wait_for_more(
+            at_failover.len(),
+            &front,
+            &format!("failover round {round}"),
+        );
+        // Everything acknowledged before the primary died is on the standby.
+        assert_all_there(&front, &at_failover);
+        // A new standby where the old primary was, and back again next round.
+        let port = primary.port;
+        drop(primary);
+        let next = Cluster::standby_of(
+            &standby,
+            dir.path(),
+            &format!("standby-{}", round + 1),
+            Some(port),
+        );
+        primary = standby;
+        standby = next;
+        primary.synchronous();
     }
-    assert_all_there(front.port, &acked.lock().unwrap());
+    let acked = load.stop();
+    assert_all_there(&front, &acked);
+    drop(front);
+    check_clean(&primary.url("postgres"));
 }
 
 /// A file of the cluster: owned by its user, readable by it alone.

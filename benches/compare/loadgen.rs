@@ -51,10 +51,17 @@ impl Rng {
 
 /// Runs `mix` against the server on `port`.
 pub fn run(port: u16, mix: Mix) -> io::Result<LoadReport> {
+    run_on(&[port], mix)
+}
+
+/// Runs `mix` against the servers on `ports` (front ends of one store):
+/// connection `i` goes to `ports[i % ports.len()]`.
+pub fn run_on(ports: &[u16], mix: Mix) -> io::Result<LoadReport> {
     let barrier = Arc::new(Barrier::new(mix.connections));
     let handles: Vec<_> = (0..mix.connections)
         .map(|i| {
             let barrier = barrier.clone();
+            let port = ports[i % ports.len()];
             std::thread::spawn(move || connection(port, mix, i, &barrier))
         })
         .collect();

@@ -424,6 +424,37 @@ impl Stores {
     }
 }
 
+impl Stores {
+    /// Two front ends (`serve --database`) over one new copy of the
+    /// items database.
+    fn start_front_end_pair(&self, tag: &str) -> (Running, Running) {
+        let pg = self
+            .postgres
+            .as_ref()
+            .expect("--servers pg starts a cluster");
+        let url = pg.database(tag, Some("items"));
+        let start = |n: usize| {
+            let port = free_port();
+            let mut cmd = Command::new(durus_redb_bin());
+            cmd.arg("serve")
+                .arg("--database")
+                .arg(&url)
+                .arg("--port")
+                .arg(port.to_string())
+                .arg("--logginglevel")
+                .arg("30");
+            let log = self.dir.join(format!("{tag}-{n}.log"));
+            Running::Process(ServerProcess::start(
+                Server::DurusPostgres.label(),
+                cmd,
+                port,
+                &log,
+            ))
+        };
+        (start(1), start(2))
+    }
+}
+
 /// A CA and a server certificate for 127.0.0.1, in `dir`: (ca, cert, key).
 fn tls_files(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
     use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
@@ -1161,6 +1192,9 @@ fn commit_capacity(
         Null,
         NullLogged,
         Process(Server, Vec<&'static str>),
+        /// Two front ends over one PostgreSQL database, the connections
+        /// split between them.
+        TwoFrontEnds,
     }
     let mut runs: Vec<(String, Target)> = Vec::new();
     if servers.contains(&Server::DurusFile) {
@@ -1200,6 +1234,10 @@ fn commit_capacity(
             "durus-redb --database (PostgreSQL, one front end)".into(),
             Target::Process(Server::DurusPostgres, vec![]),
         ));
+        runs.push((
+            "durus-redb --database (PostgreSQL, two front ends)".into(),
+            Target::TwoFrontEnds,
+        ));
     }
     let counts = [1usize, 4, 16];
     // Per server: (commits/s, p50 ms, p99 ms) at each connection count.
@@ -1210,7 +1248,13 @@ fn commit_capacity(
         let mut cells = Vec::new();
         for &connections in &counts {
             // A fresh store (or log) for every run.
+            let mut second = None;
             let running = match target {
+                Target::TwoFrontEnds => {
+                    let (one, two) = stores.start_front_end_pair(&format!("cap-pg2-{connections}"));
+                    second = Some(two);
+                    one
+                }
                 Target::Null => Running::Null(NullServer::start(HashMap::new()).expect("null")),
                 Target::NullLogged => Running::Null(
                     NullServer::start_logged(
@@ -1233,8 +1277,12 @@ fn commit_capacity(
                 objects_per_connection: 200,
                 duration: Duration::from_secs(cfg.loadgen_seconds),
             };
-            let mut r = loadgen::run(running.port(), mix)
+            let ports: Vec<u16> = std::iter::once(running.port())
+                .chain(second.as_ref().map(|s| s.port()))
+                .collect();
+            let mut r = loadgen::run_on(&ports, mix)
                 .unwrap_or_else(|e| panic!("load generator against {label}: {e}"));
+            drop(second);
             drop(running);
             let (p50, p99) = percentiles(&mut r.commit_lat_us);
             let rate = r.commits as f64 / r.seconds;

@@ -98,26 +98,42 @@ const ENTRY_TRIES: u32 = 5;
 /// A database URL fit for a log line or a message: its password, if any,
 /// replaced by `***`.
 pub fn redact_database_url(url: &str) -> String {
-    if let Some((scheme, rest)) = url.split_once("://")
-        && let Some((userinfo, host)) = rest.split_once('@')
-        && let Some((user, _)) = userinfo.split_once(':')
-    {
-        return format!("{scheme}://{user}:***@{host}");
+    if let Some((scheme, rest)) = url.split_once("://") {
+        let (main, query) = match rest.split_once('?') {
+            Some((m, q)) => (m.to_string(), Some(q)),
+            None => (rest.to_string(), None),
+        };
+        let main = match main.split_once('@') {
+            Some((userinfo, host)) => match userinfo.split_once(':') {
+                Some((user, _)) => format!("{user}:***@{host}"),
+                None => main.clone(),
+            },
+            None => main,
+        };
+        let query = query.map(|q| {
+            q.split('&')
+                .map(|kv| match kv.split_once('=') {
+                    Some((k, _)) if k == "password" => format!("{k}=***"),
+                    _ => kv.to_string(),
+                })
+                .collect::<Vec<_>>()
+                .join("&")
+        });
+        return match query {
+            Some(q) => format!("{scheme}://{main}?{q}"),
+            None => format!("{scheme}://{main}"),
+        };
     }
-    if url.contains("password=") {
-        return url
-            .split_whitespace()
-            .map(|kv| {
-                if kv.starts_with("password=") {
-                    "password=***"
-                } else {
-                    kv
-                }
-            })
-            .collect::<Vec<_>>()
-            .join(" ");
-    }
-    url.to_string()
+    url.split_whitespace()
+        .map(|kv| {
+            if kv.starts_with("password=") {
+                "password=***"
+            } else {
+                kv
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// A database error as this crate's error, with the database's message.
@@ -307,6 +323,36 @@ impl Pool {
                 idle.push(conn);
             }
         }
+    }
+
+    /// Runs the read `f` on a connection of the pool. If it fails on an
+    /// idle connection and the failure closed it (the database restarted
+    /// or failed over since that connection was last used), the other
+    /// idle ones are dropped too and `f` runs once more on a new
+    /// connection: a client's load is not failed for a connection it never
+    /// chose. `f` must be safe to run twice (a read).
+    fn read<T>(&self, mut f: impl FnMut(&mut Conn) -> Result<T>) -> Result<T> {
+        let idle = self.idle.lock().pop();
+        if let Some(mut conn) = idle.filter(|c| !c.client.is_closed()) {
+            match f(&mut conn) {
+                Ok(v) => {
+                    self.give_back(conn);
+                    return Ok(v);
+                }
+                Err(e) if !conn.client.is_closed() => {
+                    self.give_back(conn);
+                    return Err(e);
+                }
+                Err(e) => {
+                    tracing::info!("a pooled database connection was lost ({e}); connecting again");
+                    self.idle.lock().clear();
+                }
+            }
+        }
+        let mut conn = Conn::connect(&self.config)?;
+        let result = f(&mut conn);
+        self.give_back(conn);
+        result
     }
 
     fn get(&self) -> Result<Pooled<'_>> {
@@ -671,8 +717,9 @@ impl PgBackend {
     /// Brings this front end up to the database's latest commit (a
     /// client's sync, a new session).
     fn catch_up(&self) -> Result<()> {
-        let mut conn = self.pool.get()?;
-        self.read_log(&mut conn, false).map(|_| ())
+        self.pool
+            .read(|conn| self.read_log(conn, false))
+            .map(|_| ())
     }
 
     /// Returns once everything committed before the call is flushed to the

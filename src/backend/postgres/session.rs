@@ -115,10 +115,10 @@ impl Session for PgSession<'_> {
 
     fn load(&self, oids: &[Oid], each: &mut dyn FnMut(Found<'_>) -> bool) -> Result<()> {
         self.check_lost()?;
-        let found = {
-            let mut conn = self.backend.pool.get()?;
-            self.backend.fetch(&mut conn, oids)?
-        };
+        let found = self
+            .backend
+            .pool
+            .read(|conn| self.backend.fetch(conn, oids))?;
         let flags = || -> (Vec<bool>, u64) {
             let st = self.backend.state.lock();
             let data = st.sessions.get(&self.id);

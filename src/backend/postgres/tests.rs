@@ -170,6 +170,16 @@ fn database_urls_are_logged_without_their_password() {
         super::redact_database_url("host=db1 user=app password=s3cret dbname=store"),
         "host=db1 user=app password=*** dbname=store"
     );
+    assert_eq!(
+        super::redact_database_url(
+            "postgresql://app@db1/store?password=s3cret&sslmode=verify-full"
+        ),
+        "postgresql://app@db1/store?password=***&sslmode=verify-full"
+    );
+    assert_eq!(
+        super::redact_database_url("postgresql://app:s3cret@db1,db2/store?password=x"),
+        "postgresql://app:***@db1,db2/store?password=***"
+    );
 }
 
 /// The database goes back in time under a front end (a failover to a
