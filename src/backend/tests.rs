@@ -114,6 +114,13 @@ impl Known {
         }
     }
 
+    /// Session `s` was closed: what it was handed and did not store is
+    /// nobody's now.
+    #[cfg(feature = "postgres")]
+    fn forget(&mut self, s: usize) {
+        self.mine[s].clear();
+    }
+
     /// Takes in what `op` answered.
     fn learn(&mut self, op: &Op, answer: &Answer) {
         match (op, answer) {
@@ -137,8 +144,13 @@ impl Known {
 /// Each session's snapshot, if it took one.
 type Snapshots = Vec<Option<Box<dyn Snapshot>>>;
 
+/// The sessions of `boxes`, borrowed.
+fn refs<'a>(boxes: &'a [Box<dyn Session + 'a>]) -> Vec<&'a dyn Session> {
+    boxes.iter().map(|b| &**b).collect()
+}
+
 fn apply(
-    sessions: &[Box<dyn Session + '_>],
+    sessions: &[&dyn Session],
     snapshots: &mut Snapshots,
     backend: &dyn Backend,
     known: &Known,
@@ -249,8 +261,8 @@ proptest! {
         let mut memory_snaps: Snapshots = (0..SESSIONS).map(|_| None).collect();
         let mut known = Known::default();
         for (n, op) in ops.iter().enumerate() {
-            let a = apply(&on_redb, &mut redb_snaps, &redb, &known, op, n as u64);
-            let b = apply(&on_memory, &mut memory_snaps, &memory, &known, op, n as u64);
+            let a = apply(&refs(&on_redb), &mut redb_snaps, &redb, &known, op, n as u64);
+            let b = apply(&refs(&on_memory), &mut memory_snaps, &memory, &known, op, n as u64);
             prop_assert_eq!(&a, &b, "step {}: {:?}", n, op);
             known.learn(op, &a);
         }
@@ -285,7 +297,14 @@ fn a_pack_removes_what_the_root_does_not_reach_on_both_stores() {
             .iter()
             .enumerate()
             .map(|(n, op)| {
-                let a = apply(&sessions, &mut snapshots, backend, &known, op, n as u64);
+                let a = apply(
+                    &refs(&sessions),
+                    &mut snapshots,
+                    backend,
+                    &known,
+                    op,
+                    n as u64,
+                );
                 known.learn(op, &a);
                 a
             })
@@ -332,71 +351,104 @@ mod on_postgres {
 
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(160))]
+        /// At the steps of `replaced`, the second front end goes away (its
+        /// connections closed, no goodbye, as when its process is killed)
+        /// and a new one takes its place; its session, and that session's
+        /// snapshot and unstored oids, go with it, as when a client's
+        /// server dies and the client connects again. The model closes
+        /// that session and opens a new one.
         #[test]
         fn two_postgres_front_ends_and_the_memory_model_answer_alike(
-            ops in proptest::collection::vec(op(), 1..50)
+            ops in proptest::collection::vec(op(), 1..50),
+            replaced in proptest::collection::btree_set(1..50usize, 0..=2),
         ) {
             let config = database();
             testdb::drop_tables(&config);
             // One oid at a time from the database, so that the two front
             // ends hand out the model's sequence between them.
             let a = PgBackend::open_with(config.clone().into(), 1).unwrap();
-            let b = PgBackend::open_with(config.clone().into(), 1).unwrap();
             a.serve_snapshot_reads(true);
-            b.serve_snapshot_reads(true);
             let memory = MemoryBackend::new();
-            let on_pg: Vec<Box<dyn Session + '_>> =
-                vec![a.open_session(), a.open_session(), b.open_session()];
-            let on_memory: Vec<_> = (0..SESSIONS).map(|_| memory.open_session()).collect();
+            let on_a: Vec<Box<dyn Session + '_>> = vec![a.open_session(), a.open_session()];
+            let mut on_memory: Vec<_> = (0..SESSIONS).map(|_| memory.open_session()).collect();
             let mut pg_snaps: Snapshots = (0..SESSIONS).map(|_| None).collect();
             let mut memory_snaps: Snapshots = (0..SESSIONS).map(|_| None).collect();
             let mut known = Known::default();
             // Who was handed the root while none is stored.
             let mut root_holder: Option<usize> = None;
             let mut root_stored = false;
-            for (n, op) in ops.iter().enumerate() {
-                // The one thing a front end cannot know of another: that it
-                // handed out the root (oid 0) to a session that has not
-                // stored it yet. One server refuses the root stored by
-                // another session then; a front end takes it. Such a
-                // commit is left out (a sync instead).
-                let front_end = |s: usize| s >= 2;
-                let op = &match op {
-                    Op::Commit(s, writes, _)
-                        if !root_stored
-                            && root_holder.is_some_and(|h| front_end(h) != front_end(*s))
-                            && writes.iter().any(|(p, _)| known.write(*s, *p) == Oid::ROOT) =>
+            let mut n = 0;
+            let mut last_replaced = None;
+            while n < ops.len() {
+                // The second front end, until the next replacement.
+                let b = PgBackend::open_with(config.clone().into(), 1).unwrap();
+                b.serve_snapshot_reads(true);
+                let on_b = b.open_session();
+                while n < ops.len() {
+                    if replaced.contains(&n) && last_replaced != Some(n) {
+                        break;
+                    }
+                    let on_pg: Vec<&dyn Session> = vec![&*on_a[0], &*on_a[1], &*on_b];
+                    // The one thing a front end cannot know of another:
+                    // that it handed out the root (oid 0) to a session that
+                    // has not stored it yet. One server refuses the root
+                    // stored by another session then; a front end takes
+                    // it. Such a commit is left out (a sync instead).
+                    let front_end = |s: usize| s >= 2;
+                    let op = &match &ops[n] {
+                        Op::Commit(s, writes, _)
+                            if !root_stored
+                                && root_holder.is_some_and(|h| front_end(h) != front_end(*s))
+                                && writes.iter().any(|(p, _)| known.write(*s, *p) == Oid::ROOT) =>
+                        {
+                            Op::Sync(*s)
+                        }
+                        op => op.clone(),
+                    };
+                    // A pack through either front end.
+                    let packer: &dyn Backend = if n % 2 == 0 { &a } else { &b };
+                    let x = across_front_ends(
+                        apply(&on_pg, &mut pg_snaps, packer, &known, op, n as u64));
+                    let y = apply(&refs(&on_memory), &mut memory_snaps, &memory, &known, op, n as u64);
+                    // Refused as invalid input, the commit leaves the
+                    // session without a snapshot; as a conflict, with the
+                    // state before it: taken as one (see
+                    // `across_front_ends`), they leave the same.
+                    if let (Op::Commit(s, _, true), Answer::Committed(_, Outcome::Refused(m))) = (op, &y)
+                        && m.contains("another session")
                     {
-                        Op::Sync(*s)
+                        pg_snaps[*s] = None;
                     }
-                    op => op.clone(),
-                };
-                // A pack through either front end.
-                let packer: &dyn Backend = if n % 2 == 0 { &a } else { &b };
-                let x = across_front_ends(
-                    apply(&on_pg, &mut pg_snaps, packer, &known, op, n as u64));
-                let y = apply(&on_memory, &mut memory_snaps, &memory, &known, op, n as u64);
-                // Refused as invalid input, the commit leaves the session
-                // without a snapshot; as a conflict, with the state before
-                // it: taken as one (see `across_front_ends`), they leave
-                // the same.
-                if let (Op::Commit(s, _, true), Answer::Committed(_, Outcome::Refused(m))) = (op, &y)
-                    && m.contains("another session")
-                {
-                    pg_snaps[*s] = None;
+                    let y = across_front_ends(y);
+                    prop_assert_eq!(&x, &y, "step {}: {:?} (second front end replaced at {:?})", n, op, replaced);
+                    match (op, &x) {
+                        (Op::NewOids(s, _), Answer::Oids(oids)) if oids.contains(&Oid::ROOT) => {
+                            root_holder = Some(*s);
+                        }
+                        (Op::Commit(s, writes, _), Answer::Committed(_, Outcome::Ok)) => {
+                            root_stored |= writes.iter().any(|(p, _)| known.write(*s, *p) == Oid::ROOT);
+                        }
+                        _ => {}
+                    }
+                    known.learn(op, &x);
+                    n += 1;
                 }
-                let y = across_front_ends(y);
-                prop_assert_eq!(&x, &y, "step {}: {:?}", n, op);
-                match (op, &x) {
-                    (Op::NewOids(s, _), Answer::Oids(oids)) if oids.contains(&Oid::ROOT) => {
-                        root_holder = Some(*s);
-                    }
-                    (Op::Commit(s, writes, _), Answer::Committed(_, Outcome::Ok)) => {
-                        root_stored |= writes.iter().any(|(p, _)| known.write(*s, *p) == Oid::ROOT);
-                    }
-                    _ => {}
+                if n >= ops.len() {
+                    break;
                 }
-                known.learn(op, &x);
+                // Replaced: the second front end and its session go; the
+                // model's session 2 is closed and opened anew.
+                drop(on_b);
+                drop(b);
+                pg_snaps[2] = None;
+                memory_snaps[2] = None;
+                on_memory[2] = memory.open_session();
+                known.forget(2);
+                if root_holder == Some(2) {
+                    root_holder = None;
+                }
+                // The step at the replacement is taken by the new one.
+                last_replaced = Some(n);
             }
         }
     }
