@@ -66,6 +66,7 @@ pub mod fuzzing;
 mod gc;
 mod memory;
 mod migrate;
+pub mod object;
 mod protocol;
 mod ranked;
 mod record;

@@ -1,0 +1,526 @@
+//! Typed persistent objects over any [`Storage`]: values of Rust types,
+//! typed references between them, transactions that retry on conflicts,
+//! and an object cache bounded in bytes.
+//!
+//! Records stay Durus records (oid, data, references), so the collector,
+//! `check`, `migrate`, `backup`, `export`, the server and the PostgreSQL
+//! backend work unchanged on a store written by Rust objects. A record's
+//! data is a marker, the value's type tag, and the value encoded by
+//! rmp-serde with named fields (adding a field with `#[serde(default)]` is
+//! a compatible change). Its references are collected while the value is
+//! encoded: every [`Ref`] in it is one, with no derive beyond serde's.
+//! Python clients cannot unpickle these records, and this layer refuses
+//! a pickle with a clear error.
+//!
+//! ```
+//! use durus_redb::object::{Db, Persistent, Ref};
+//! use durus_redb::MemoryStorage;
+//! use serde::{Deserialize, Serialize};
+//!
+//! #[derive(Clone, Serialize, Deserialize)]
+//! struct Account { owner: String, balance: i64 }
+//! impl Persistent for Account { const TAG: &'static str = "example.Account"; }
+//!
+//! #[derive(Clone, Serialize, Deserialize)]
+//! struct Bank { accounts: Vec<Ref<Account>> }
+//! impl Persistent for Bank { const TAG: &'static str = "example.Bank"; }
+//!
+//! let mut db = Db::new(MemoryStorage::new());
+//! db.transact(|tx| {
+//!     let alice = tx.insert(Account { owner: "alice".into(), balance: 10 })?;
+//!     tx.set_root(Bank { accounts: vec![alice] })
+//! })?;
+//! let total = db.transact(|tx| {
+//!     let bank = tx.root::<Bank>()?.expect("a root");
+//!     let mut total = 0;
+//!     for a in &bank.accounts {
+//!         total += tx.get(*a)?.balance;
+//!     }
+//!     Ok(total)
+//! })?;
+//! assert_eq!(total, 10);
+//! # Ok::<(), durus_redb::object::ObjectError>(())
+//! ```
+
+use std::any::Any;
+use std::cell::RefCell;
+use std::collections::{BTreeMap, HashMap};
+use std::marker::PhantomData;
+use std::sync::Arc;
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Conflict, StorageError};
+use crate::record::{Oid, Record};
+use crate::storage::Storage;
+
+/// The first bytes of a Rust object's record data.
+const MARKER: &[u8; 4] = b"DRO1";
+
+/// A value that can be stored as an object. `TAG` names its type in the
+/// store (keep it when the type is renamed or moved).
+pub trait Persistent: Serialize + DeserializeOwned + Send + Sync + 'static {
+    /// The type's name in the store.
+    const TAG: &'static str;
+}
+
+/// A typed reference to a stored object. Within an object it is encoded as
+/// its oid and counted among the record's references.
+pub struct Ref<T> {
+    oid: Oid,
+    _type: PhantomData<fn() -> T>,
+}
+
+impl<T> Ref<T> {
+    /// The reference to the object stored under `oid`.
+    pub fn from_oid(oid: Oid) -> Ref<T> {
+        Ref {
+            oid,
+            _type: PhantomData,
+        }
+    }
+
+    /// The object's oid.
+    pub fn oid(&self) -> Oid {
+        self.oid
+    }
+}
+
+impl<T> Clone for Ref<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for Ref<T> {}
+impl<T> PartialEq for Ref<T> {
+    fn eq(&self, other: &Self) -> bool {
+        self.oid == other.oid
+    }
+}
+impl<T> Eq for Ref<T> {}
+impl<T> std::hash::Hash for Ref<T> {
+    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
+        self.oid.hash(h)
+    }
+}
+impl<T> std::fmt::Debug for Ref<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Ref({})", self.oid)
+    }
+}
+
+thread_local! {
+    /// The references met while an object is encoded.
+    static REFS: RefCell<Option<Vec<Oid>>> = const { RefCell::new(None) };
+}
+
+impl<T> Serialize for Ref<T> {
+    fn serialize<Z: serde::Serializer>(&self, s: Z) -> Result<Z::Ok, Z::Error> {
+        REFS.with(|r| {
+            if let Some(refs) = r.borrow_mut().as_mut() {
+                refs.push(self.oid);
+            }
+        });
+        s.serialize_u64(self.oid.0)
+    }
+}
+
+impl<'de, T> Deserialize<'de> for Ref<T> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Ok(Ref::from_oid(Oid(u64::deserialize(d)?)))
+    }
+}
+
+/// What went wrong with an object.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ObjectError {
+    /// The storage failed.
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    /// The record is not a Rust object (a Python pickle, say).
+    #[error(
+        "oid {oid} is not a Rust object of durus-redb's object layer (a Python Durus \
+         pickle?): its data does not begin with the marker DRO1"
+    )]
+    NotAnObject {
+        /// The oid.
+        oid: Oid,
+    },
+    /// The object is of another type than the one asked for.
+    #[error("oid {oid} holds a {found}, not a {expected}")]
+    WrongType {
+        /// The oid.
+        oid: Oid,
+        /// The tag asked for.
+        expected: &'static str,
+        /// The tag stored.
+        found: String,
+    },
+    /// The value could not be encoded or decoded.
+    #[error("oid {oid}: {why}")]
+    Codec {
+        /// The oid.
+        oid: Oid,
+        /// What serde said.
+        why: String,
+    },
+    /// A transaction still conflicted after its last try.
+    #[error("the transaction conflicted {tries} times; the last: {last}")]
+    TooManyConflicts {
+        /// How often it ran.
+        tries: u32,
+        /// The last conflict.
+        last: StorageError,
+    },
+}
+
+/// Whether running a transaction again may succeed: another session
+/// changed what it read or wrote.
+fn retryable(e: &StorageError) -> bool {
+    matches!(
+        e,
+        StorageError::ReadConflict(_)
+            | StorageError::Conflict(Conflict::Refused | Conflict::Invalidated { .. })
+    )
+}
+
+/// A record's data for `value`, and the references it holds.
+fn encode<T: Persistent>(oid: Oid, value: &T) -> Result<(Vec<u8>, Vec<Oid>), ObjectError> {
+    REFS.with(|r| *r.borrow_mut() = Some(Vec::new()));
+    let body = rmp_serde::to_vec_named(value);
+    let mut refs = REFS.with(|r| r.borrow_mut().take()).unwrap_or_default();
+    let body = body.map_err(|e| ObjectError::Codec {
+        oid,
+        why: e.to_string(),
+    })?;
+    refs.sort_unstable();
+    refs.dedup();
+    let tag = T::TAG.as_bytes();
+    let mut data = Vec::with_capacity(MARKER.len() + 2 + tag.len() + body.len());
+    data.extend_from_slice(MARKER);
+    data.extend_from_slice(&(tag.len() as u16).to_be_bytes());
+    data.extend_from_slice(tag);
+    data.extend_from_slice(&body);
+    Ok((data, refs))
+}
+
+/// The value of a record's data.
+fn decode<T: Persistent>(oid: Oid, data: &[u8]) -> Result<T, ObjectError> {
+    let rest = data
+        .strip_prefix(MARKER.as_slice())
+        .ok_or(ObjectError::NotAnObject { oid })?;
+    let codec = |why: &str| ObjectError::Codec {
+        oid,
+        why: why.to_string(),
+    };
+    let (len, rest) = rest
+        .split_first_chunk::<2>()
+        .ok_or_else(|| codec("the record ends inside its type tag"))?;
+    let len = u16::from_be_bytes(*len) as usize;
+    if rest.len() < len {
+        return Err(codec("the record ends inside its type tag"));
+    }
+    let (tag, body) = rest.split_at(len);
+    if tag != T::TAG.as_bytes() {
+        return Err(ObjectError::WrongType {
+            oid,
+            expected: T::TAG,
+            found: String::from_utf8_lossy(tag).into_owned(),
+        });
+    }
+    rmp_serde::from_slice(body).map_err(|e| codec(&e.to_string()))
+}
+
+/// One cached object.
+struct Cached {
+    value: Arc<dyn Any + Send + Sync>,
+    /// Its type's tag.
+    tag: &'static str,
+    bytes: usize,
+    tick: u64,
+}
+
+/// Decoded objects, bounded by the size of their records, the least
+/// recently used given up first. Only committed (clean) objects are here:
+/// a transaction's changes stay in the transaction until its commit.
+struct Cache {
+    objects: HashMap<Oid, Cached>,
+    by_use: BTreeMap<u64, Oid>,
+    bytes: usize,
+    limit: usize,
+    tick: u64,
+}
+
+impl Cache {
+    fn get(&mut self, oid: Oid) -> Option<(Arc<dyn Any + Send + Sync>, &'static str)> {
+        let c = self.objects.get_mut(&oid)?;
+        self.by_use.remove(&c.tick);
+        self.tick += 1;
+        c.tick = self.tick;
+        self.by_use.insert(self.tick, oid);
+        Some((c.value.clone(), c.tag))
+    }
+
+    fn put(
+        &mut self,
+        oid: Oid,
+        value: Arc<dyn Any + Send + Sync>,
+        tag: &'static str,
+        bytes: usize,
+    ) {
+        self.remove(oid);
+        self.tick += 1;
+        self.objects.insert(
+            oid,
+            Cached {
+                value,
+                tag,
+                bytes,
+                tick: self.tick,
+            },
+        );
+        self.by_use.insert(self.tick, oid);
+        self.bytes += bytes;
+        while self.bytes > self.limit {
+            let Some((_, oldest)) = self.by_use.pop_first() else {
+                break;
+            };
+            if let Some(c) = self.objects.remove(&oldest) {
+                self.bytes -= c.bytes;
+            }
+        }
+    }
+
+    fn remove(&mut self, oid: Oid) {
+        if let Some(c) = self.objects.remove(&oid) {
+            self.by_use.remove(&c.tick);
+            self.bytes -= c.bytes;
+        }
+    }
+}
+
+/// Objects over one storage session: a [`RedbStorage`](crate::RedbStorage)
+/// in this process, a [`ClientStorage`](crate::ClientStorage) of a server,
+/// or any other [`Storage`]. Each `Db` is one session with its own cache;
+/// several threads or processes each use their own.
+pub struct Db<S: Storage> {
+    storage: S,
+    cache: Cache,
+    tries: u32,
+}
+
+/// The default bound of a [`Db`]'s cache: 64 MiB of records.
+pub const DEFAULT_CACHE_BYTES: usize = 64 << 20;
+
+/// How often a transaction runs at most by default.
+pub const DEFAULT_TRIES: u32 = 10;
+
+impl<S: Storage> Db<S> {
+    /// Objects over `storage`, with a cache of [`DEFAULT_CACHE_BYTES`].
+    pub fn new(storage: S) -> Db<S> {
+        Db::with_cache(storage, DEFAULT_CACHE_BYTES)
+    }
+
+    /// Objects over `storage`, caching at most `bytes` of records (a
+    /// decoded object counts as its record's size).
+    pub fn with_cache(storage: S, bytes: usize) -> Db<S> {
+        Db {
+            storage,
+            cache: Cache {
+                objects: HashMap::new(),
+                by_use: BTreeMap::new(),
+                bytes: 0,
+                limit: bytes,
+                tick: 0,
+            },
+            tries: DEFAULT_TRIES,
+        }
+    }
+
+    /// How often a transaction runs at most before
+    /// [`ObjectError::TooManyConflicts`] (at least once).
+    pub fn set_tries(&mut self, tries: u32) {
+        self.tries = tries.max(1);
+    }
+
+    /// The storage under it.
+    pub fn storage(&mut self) -> &mut S {
+        &mut self.storage
+    }
+
+    /// The bytes the cache holds now.
+    pub fn cached_bytes(&self) -> usize {
+        self.cache.bytes
+    }
+
+    /// Takes in what other sessions committed: cached copies of what they
+    /// changed are dropped.
+    pub fn sync(&mut self) -> Result<(), ObjectError> {
+        for oid in self.storage.sync()? {
+            self.cache.remove(oid);
+        }
+        Ok(())
+    }
+
+    /// Runs `f` in a transaction and commits what it changed. On a
+    /// conflict (another session changed what it read or wrote) it syncs
+    /// and runs `f` again, at most the tries set (default
+    /// [`DEFAULT_TRIES`]); an error of `f` itself, or of the storage,
+    /// ends it at once with nothing committed. A transaction that changed
+    /// nothing commits nothing.
+    pub fn transact<R>(
+        &mut self,
+        mut f: impl FnMut(&mut Tx<'_, S>) -> Result<R, ObjectError>,
+    ) -> Result<R, ObjectError> {
+        let mut last = None;
+        for _ in 0..self.tries {
+            self.sync()?;
+            let mut tx = Tx {
+                db: self,
+                writes: BTreeMap::new(),
+            };
+            let result = f(&mut tx);
+            let writes = std::mem::take(&mut tx.writes);
+            let conflict = match result {
+                Ok(r) => match self.commit(writes) {
+                    Ok(()) => return Ok(r),
+                    Err(ObjectError::Storage(e)) if retryable(&e) => e,
+                    Err(e) => return Err(e),
+                },
+                Err(ObjectError::Storage(e)) if retryable(&e) => e,
+                Err(e) => return Err(e),
+            };
+            last = Some(conflict);
+        }
+        Err(ObjectError::TooManyConflicts {
+            tries: self.tries,
+            last: last.expect("at least one try"),
+        })
+    }
+
+    fn commit(&mut self, writes: BTreeMap<Oid, Staged>) -> Result<(), ObjectError> {
+        if writes.is_empty() {
+            return Ok(());
+        }
+        self.storage.begin();
+        let stored = (|| {
+            for (oid, w) in &writes {
+                self.storage
+                    .store(*oid, Record::new(*oid, &w.data, &w.refs).into_bytes())?;
+            }
+            self.storage.end()
+        })();
+        if let Err(e) = stored {
+            self.storage.abort();
+            for oid in writes.keys() {
+                self.cache.remove(*oid);
+            }
+            return Err(e.into());
+        }
+        // Written back: what was committed is what later reads find.
+        for (oid, w) in writes {
+            let bytes = w.data.len();
+            self.cache.put(oid, w.value, w.tag, bytes);
+        }
+        Ok(())
+    }
+}
+
+/// A change of a transaction, not yet committed.
+struct Staged {
+    value: Arc<dyn Any + Send + Sync>,
+    tag: &'static str,
+    data: Vec<u8>,
+    refs: Vec<Oid>,
+}
+
+/// A transaction of [`Db::transact`]: reads through the cache, and keeps
+/// its changes until it commits.
+pub struct Tx<'a, S: Storage> {
+    db: &'a mut Db<S>,
+    writes: BTreeMap<Oid, Staged>,
+}
+
+impl<S: Storage> Tx<'_, S> {
+    /// The object `r` refers to (as this transaction changed it, if it did).
+    pub fn get<T: Persistent>(&mut self, r: Ref<T>) -> Result<Arc<T>, ObjectError> {
+        let oid = r.oid;
+        let (any, tag) = match self.writes.get(&oid) {
+            Some(w) => (w.value.clone(), w.tag),
+            None => match self.db.cache.get(oid) {
+                Some(v) => v,
+                None => {
+                    let record = self.db.storage.load(oid)?;
+                    let value: Arc<dyn Any + Send + Sync> =
+                        Arc::new(decode::<T>(oid, record.data())?);
+                    self.db
+                        .cache
+                        .put(oid, value.clone(), T::TAG, record.data().len());
+                    (value, T::TAG)
+                }
+            },
+        };
+        any.downcast::<T>().map_err(|_| ObjectError::WrongType {
+            oid,
+            expected: T::TAG,
+            found: tag.to_string(),
+        })
+    }
+
+    /// Stores `value` as the object `r` refers to, when the transaction
+    /// commits.
+    pub fn put<T: Persistent>(&mut self, r: Ref<T>, value: T) -> Result<(), ObjectError> {
+        let (data, refs) = encode(r.oid, &value)?;
+        self.writes.insert(
+            r.oid,
+            Staged {
+                value: Arc::new(value),
+                tag: T::TAG,
+                data,
+                refs,
+            },
+        );
+        Ok(())
+    }
+
+    /// Changes the object `r` refers to with `change`.
+    pub fn update<T: Persistent + Clone>(
+        &mut self,
+        r: Ref<T>,
+        change: impl FnOnce(&mut T),
+    ) -> Result<(), ObjectError> {
+        let mut value = (*self.get(r)?).clone();
+        change(&mut value);
+        self.put(r, value)
+    }
+
+    /// A new object holding `value`, stored when the transaction commits.
+    pub fn insert<T: Persistent>(&mut self, value: T) -> Result<Ref<T>, ObjectError> {
+        let mut oid = self.db.storage.new_oid()?;
+        if oid == Oid::ROOT {
+            // A store without a root hands out the root first: it is kept
+            // for `set_root`.
+            oid = self.db.storage.new_oid()?;
+        }
+        let r = Ref::from_oid(oid);
+        self.put(r, value)?;
+        Ok(r)
+    }
+
+    /// The root object, if one is stored.
+    pub fn root<T: Persistent>(&mut self) -> Result<Option<Arc<T>>, ObjectError> {
+        match self.get(Ref::<T>::from_oid(Oid::ROOT)) {
+            Ok(v) => Ok(Some(v)),
+            Err(ObjectError::Storage(StorageError::NotFound(_))) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Makes `value` the root object (what everything live is reachable
+    /// from).
+    pub fn set_root<T: Persistent>(&mut self, value: T) -> Result<(), ObjectError> {
+        self.put(Ref::from_oid(Oid::ROOT), value)
+    }
+}

@@ -1,0 +1,317 @@
+//! The typed object layer (`durus_redb::object`): random transactions
+//! against a plain in-memory model, with a cache small enough to evict;
+//! two writers conflicting through a server; records that are not Rust
+//! objects refused with a clear error.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use durus_redb::object::{Db, ObjectError, Persistent, Ref};
+use durus_redb::{
+    Address, ClientStorage, ManualGc, Oid, Options, Record, RedbStorage, Server, ServerConfig,
+    Storage,
+};
+use proptest::prelude::*;
+use serde::{Deserialize, Serialize};
+
+/// The root: named items.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+struct Directory {
+    items: BTreeMap<u8, Ref<Item>>,
+}
+
+impl Persistent for Directory {
+    const TAG: &'static str = "tests.Directory";
+}
+
+/// An item: a value, and perhaps a link to another item.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct Item {
+    value: i64,
+    link: Option<Ref<Item>>,
+}
+
+impl Persistent for Item {
+    const TAG: &'static str = "tests.Item";
+}
+
+/// The model: each name's value and the name its link was made to (the
+/// link goes to that item object, which stays even if the name is then
+/// removed or set anew).
+#[derive(Clone, Debug, Default, PartialEq)]
+struct Model {
+    /// name -> item id
+    names: BTreeMap<u8, usize>,
+    /// item id -> (value, linked item id)
+    items: Vec<(i64, Option<usize>)>,
+}
+
+#[derive(Clone, Debug)]
+enum Step {
+    /// Sets the value of the item named so (a new item if there is none).
+    Set(u8, i64),
+    /// Links the first named item to the second.
+    Link(u8, u8),
+    /// Removes the name.
+    Remove(u8),
+    /// Adds the value of the linked item to the item's own.
+    Pull(u8),
+}
+
+fn step() -> impl Strategy<Value = Step> {
+    let name = 0u8..6;
+    prop_oneof![
+        (name.clone(), -100i64..100).prop_map(|(n, v)| Step::Set(n, v)),
+        (name.clone(), name.clone()).prop_map(|(a, b)| Step::Link(a, b)),
+        name.clone().prop_map(Step::Remove),
+        name.prop_map(Step::Pull),
+    ]
+}
+
+impl Model {
+    fn apply(&mut self, s: &Step) {
+        match *s {
+            Step::Set(n, v) => match self.names.get(&n) {
+                Some(&i) => self.items[i].0 = v,
+                None => {
+                    self.items.push((v, None));
+                    self.names.insert(n, self.items.len() - 1);
+                }
+            },
+            Step::Link(a, b) => {
+                if let (Some(&i), Some(&j)) = (self.names.get(&a), self.names.get(&b)) {
+                    self.items[i].1 = Some(j);
+                }
+            }
+            Step::Remove(n) => {
+                self.names.remove(&n);
+            }
+            Step::Pull(n) => {
+                if let Some(&i) = self.names.get(&n)
+                    && let Some(j) = self.items[i].1
+                {
+                    self.items[i].0 += self.items[j].0;
+                }
+            }
+        }
+    }
+
+    /// What reading every name gives: its value and its link's value.
+    fn view(&self) -> BTreeMap<u8, (i64, Option<i64>)> {
+        self.names
+            .iter()
+            .map(|(&n, &i)| {
+                let (v, link) = self.items[i];
+                (n, (v, link.map(|j| self.items[j].0)))
+            })
+            .collect()
+    }
+}
+
+fn apply<S: Storage>(tx: &mut durus_redb::object::Tx<'_, S>, s: &Step) -> Result<(), ObjectError> {
+    let mut dir = tx
+        .root::<Directory>()?
+        .map(|d| (*d).clone())
+        .unwrap_or_default();
+    match *s {
+        Step::Set(n, v) => match dir.items.get(&n) {
+            Some(&r) => tx.update(r, |i| i.value = v)?,
+            None => {
+                let r = tx.insert(Item {
+                    value: v,
+                    link: None,
+                })?;
+                dir.items.insert(n, r);
+            }
+        },
+        Step::Link(a, b) => {
+            if let (Some(&ra), Some(&rb)) = (dir.items.get(&a), dir.items.get(&b)) {
+                tx.update(ra, |i| i.link = Some(rb))?;
+            }
+        }
+        Step::Remove(n) => {
+            dir.items.remove(&n);
+        }
+        Step::Pull(n) => {
+            if let Some(&r) = dir.items.get(&n) {
+                let item = tx.get(r)?;
+                if let Some(l) = item.link {
+                    let add = tx.get(l)?.value;
+                    tx.update(r, |i| i.value += add)?;
+                }
+            }
+        }
+    }
+    tx.set_root(dir)
+}
+
+fn view<S: Storage>(db: &mut Db<S>) -> BTreeMap<u8, (i64, Option<i64>)> {
+    db.transact(|tx| {
+        let Some(dir) = tx.root::<Directory>()? else {
+            return Ok(BTreeMap::new());
+        };
+        let mut out = BTreeMap::new();
+        for (&n, &r) in &dir.items {
+            let item = tx.get(r)?;
+            let link = match item.link {
+                Some(l) => Some(tx.get(l)?.value),
+                None => None,
+            };
+            out.insert(n, (item.value, link));
+        }
+        Ok(out)
+    })
+    .unwrap()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+    /// Transactions of random steps, some failing part way (nothing of
+    /// them committed), on a redb store through a cache of `cache` bytes
+    /// (0 and 200 force evictions all the time); after each, the same
+    /// session and a fresh one read what the model holds.
+    #[test]
+    fn random_transactions_read_back_as_the_model(
+        txs in proptest::collection::vec(
+            (proptest::collection::vec(step(), 1..5), any::<bool>()), 1..25),
+        cache in prop_oneof![Just(0usize), Just(200), Just(1 << 20)],
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RedbStorage::open(dir.path().join("s.redb"), Options::new().gc(ManualGc)).unwrap();
+        let reader = store.new_session();
+        let mut db = Db::with_cache(store, cache);
+        let mut model = Model::default();
+        for (steps, fail) in &txs {
+            let result = db.transact(|tx| {
+                for s in steps {
+                    apply(tx, s)?;
+                }
+                if *fail {
+                    return Err(ObjectError::Codec { oid: Oid(0), why: "the test's failure".into() });
+                }
+                Ok(())
+            });
+            if *fail {
+                prop_assert!(result.is_err());
+            } else {
+                result.unwrap();
+                for s in steps {
+                    model.apply(s);
+                }
+            }
+            prop_assert!(db.cached_bytes() <= cache.max(1 << 20));
+            prop_assert_eq!(view(&mut db), model.view());
+        }
+        let mut fresh = Db::with_cache(reader, 1 << 20);
+        prop_assert_eq!(view(&mut fresh), model.view());
+        drop(fresh);
+        db.storage().close().unwrap();
+    }
+}
+
+/// A counter everyone increments, and one per writer.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+struct Counters {
+    shared: u64,
+    per_writer: Vec<u64>,
+}
+
+impl Persistent for Counters {
+    const TAG: &'static str = "tests.Counters";
+}
+
+/// Two writers, each its own session through a server, increment one
+/// counter 100 times each: their transactions conflict, are run again,
+/// and no increment is lost.
+#[test]
+fn two_writers_through_a_server_lose_no_increment() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = RedbStorage::open(dir.path().join("s.redb"), Options::new()).unwrap();
+    let server = Server::bind(&store, ServerConfig::new(Address::tcp("127.0.0.1", 0))).unwrap();
+    let Address::Tcp { port, .. } = server.address().clone() else {
+        unreachable!()
+    };
+    let stop = server.shutdown_handle();
+    let serving = std::thread::spawn(move || server.run());
+    let mut db = Db::new(ClientStorage::connect_tcp("127.0.0.1", port).unwrap());
+    db.transact(|tx| {
+        tx.set_root(Counters {
+            shared: 0,
+            per_writer: vec![0, 0],
+        })
+    })
+    .unwrap();
+    let runs = Arc::new(AtomicU64::new(0));
+    let writers: Vec<_> = (0..2)
+        .map(|w| {
+            let runs = runs.clone();
+            std::thread::spawn(move || {
+                let mut db = Db::new(ClientStorage::connect_tcp("127.0.0.1", port).unwrap());
+                db.set_tries(1000);
+                for _ in 0..100 {
+                    db.transact(|tx| {
+                        runs.fetch_add(1, Ordering::Relaxed);
+                        let mut c = (*tx.root::<Counters>()?.unwrap()).clone();
+                        c.shared += 1;
+                        c.per_writer[w] += 1;
+                        tx.set_root(c)
+                    })
+                    .unwrap();
+                }
+            })
+        })
+        .collect();
+    for w in writers {
+        w.join().unwrap();
+    }
+    let c = db
+        .transact(|tx| Ok((*tx.root::<Counters>()?.unwrap()).clone()))
+        .unwrap();
+    assert_eq!(c.shared, 200, "an increment was lost");
+    assert_eq!(c.per_writer, vec![100, 100]);
+    eprintln!(
+        "{} runs of the closure for 200 transactions",
+        runs.load(Ordering::Relaxed)
+    );
+    drop(db);
+    stop.shutdown();
+    serving.join().unwrap().unwrap();
+}
+
+/// A record that is not a Rust object (a pickle), and one of another
+/// type, are refused naming the oid and what was found.
+#[test]
+fn records_of_another_kind_are_refused_with_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = RedbStorage::open(dir.path().join("s.redb"), Options::new()).unwrap();
+    // A Python-style root record.
+    assert_eq!(store.new_oid().unwrap(), Oid::ROOT);
+    store.begin();
+    store
+        .store(
+            Oid::ROOT,
+            Record::new(
+                Oid::ROOT,
+                b"\x80\x02cdurus.persistent_dict\nPersistentDict\n",
+                &[],
+            )
+            .into_bytes(),
+        )
+        .unwrap();
+    store.end().unwrap();
+    let mut db = Db::new(store);
+    let e = db
+        .transact(|tx| tx.root::<Directory>().map(|_| ()))
+        .unwrap_err();
+    assert!(matches!(e, ObjectError::NotAnObject { .. }), "{e}");
+    assert!(e.to_string().contains("pickle"), "{e}");
+    db.transact(|tx| tx.set_root(Counters::default())).unwrap();
+    let e = db
+        .transact(|tx| tx.root::<Directory>().map(|_| ()))
+        .unwrap_err();
+    assert!(
+        e.to_string().contains("tests.Counters") && e.to_string().contains("tests.Directory"),
+        "{e}"
+    );
+}
