@@ -524,3 +524,356 @@ impl<S: Storage> Tx<'_, S> {
         self.put(Ref::from_oid(Oid::ROOT), value)
     }
 }
+
+pub use self::map::PMap;
+
+mod map {
+    //! A persistent ordered map: a B-tree whose nodes are objects.
+
+    use std::ops::{Bound, RangeBounds};
+
+    use serde::de::DeserializeOwned;
+    use serde::{Deserialize, Serialize};
+
+    use super::{ObjectError, Persistent, Ref, Tx};
+    use crate::storage::Storage;
+
+    /// What a map's keys and values must be.
+    pub trait Entry: Serialize + DeserializeOwned + Clone + Send + Sync + 'static {}
+    impl<T: Serialize + DeserializeOwned + Clone + Send + Sync + 'static> Entry for T {}
+
+    /// The map's own object: where its tree starts, and its size.
+    #[derive(Clone, Serialize, Deserialize)]
+    #[serde(bound = "")]
+    struct Header<K: Entry, V: Entry> {
+        root: Ref<Node<K, V>>,
+        len: u64,
+        /// The most entries (or children) a node holds before it splits.
+        fanout: u32,
+    }
+
+    impl<K: Entry, V: Entry> Persistent for Header<K, V> {
+        const TAG: &'static str = "durus_redb.PMap";
+    }
+
+    /// A node of the tree.
+    #[derive(Clone, Serialize, Deserialize)]
+    #[serde(bound = "")]
+    enum Node<K: Entry, V: Entry> {
+        /// Entries, in key order.
+        Leaf { keys: Vec<K>, values: Vec<V> },
+        /// `children[i]` holds the keys below `keys[i]` (and at or above
+        /// `keys[i - 1]`); one more child than keys.
+        Branch {
+            keys: Vec<K>,
+            children: Vec<Ref<Node<K, V>>>,
+        },
+    }
+
+    impl<K: Entry, V: Entry> Persistent for Node<K, V> {
+        const TAG: &'static str = "durus_redb.PMapNode";
+    }
+
+    /// A persistent ordered map from `K` to `V`, for maps far larger than
+    /// memory: a B-tree whose nodes are objects, so a lookup loads the
+    /// nodes on its path (through the cache) and an iteration one node at
+    /// a time. The handle is a reference: store it in your objects (it is
+    /// serde-serializable and counts as a reference) and use it in any
+    /// transaction. Removing leaves nodes as they are (no merging): a map
+    /// that shrinks a lot keeps its nodes until rebuilt.
+    #[derive(Serialize, Deserialize)]
+    #[serde(bound = "")]
+    pub struct PMap<K: Entry + Ord, V: Entry> {
+        header: Ref<Header<K, V>>,
+    }
+
+    impl<K: Entry + Ord, V: Entry> Clone for PMap<K, V> {
+        fn clone(&self) -> Self {
+            *self
+        }
+    }
+    impl<K: Entry + Ord, V: Entry> Copy for PMap<K, V> {}
+    impl<K: Entry + Ord, V: Entry> std::fmt::Debug for PMap<K, V> {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "PMap({})", self.header.oid())
+        }
+    }
+
+    /// Entries or children a node holds at most, by default.
+    pub const DEFAULT_FANOUT: u32 = 128;
+
+    enum Inserted<K: Entry, V: Entry> {
+        Done(Option<V>),
+        Split(Option<V>, K, Ref<Node<K, V>>),
+    }
+
+    impl<K: Entry + Ord, V: Entry> PMap<K, V> {
+        /// A new, empty map.
+        pub fn new<S: Storage>(tx: &mut Tx<'_, S>) -> Result<PMap<K, V>, ObjectError> {
+            PMap::with_fanout(tx, DEFAULT_FANOUT)
+        }
+
+        /// A new, empty map whose nodes split above `fanout` entries (at
+        /// least 4).
+        pub fn with_fanout<S: Storage>(
+            tx: &mut Tx<'_, S>,
+            fanout: u32,
+        ) -> Result<PMap<K, V>, ObjectError> {
+            let root = tx.insert(Node::<K, V>::Leaf {
+                keys: Vec::new(),
+                values: Vec::new(),
+            })?;
+            let header = tx.insert(Header {
+                root,
+                len: 0,
+                fanout: fanout.max(4),
+            })?;
+            Ok(PMap { header })
+        }
+
+        /// How many entries it holds.
+        pub fn len<S: Storage>(&self, tx: &mut Tx<'_, S>) -> Result<u64, ObjectError> {
+            Ok(tx.get(self.header)?.len)
+        }
+
+        /// Whether it holds no entry.
+        pub fn is_empty<S: Storage>(&self, tx: &mut Tx<'_, S>) -> Result<bool, ObjectError> {
+            Ok(self.len(tx)? == 0)
+        }
+
+        /// The value of `key`.
+        pub fn get<S: Storage>(
+            &self,
+            tx: &mut Tx<'_, S>,
+            key: &K,
+        ) -> Result<Option<V>, ObjectError> {
+            let mut at = tx.get(self.header)?.root;
+            loop {
+                let node = tx.get(at)?;
+                match &*node {
+                    Node::Leaf { keys, values } => {
+                        return Ok(keys.binary_search(key).ok().map(|i| values[i].clone()));
+                    }
+                    Node::Branch { keys, children } => {
+                        at = children[keys.partition_point(|k| k <= key)];
+                    }
+                }
+            }
+        }
+
+        /// Sets `key` to `value`; returns the value it had.
+        pub fn insert<S: Storage>(
+            &self,
+            tx: &mut Tx<'_, S>,
+            key: K,
+            value: V,
+        ) -> Result<Option<V>, ObjectError> {
+            let mut header = (*tx.get(self.header)?).clone();
+            let fanout = header.fanout as usize;
+            let old = match insert_at(tx, header.root, key, value, fanout)? {
+                Inserted::Done(old) => old,
+                Inserted::Split(old, sep, right) => {
+                    header.root = tx.insert(Node::Branch {
+                        keys: vec![sep],
+                        children: vec![header.root, right],
+                    })?;
+                    old
+                }
+            };
+            if old.is_none() {
+                header.len += 1;
+            }
+            tx.put(self.header, header)?;
+            Ok(old)
+        }
+
+        /// Removes `key`; returns the value it had.
+        pub fn remove<S: Storage>(
+            &self,
+            tx: &mut Tx<'_, S>,
+            key: &K,
+        ) -> Result<Option<V>, ObjectError> {
+            let header = tx.get(self.header)?;
+            let mut at = header.root;
+            loop {
+                let node = tx.get(at)?;
+                match &*node {
+                    Node::Leaf { keys, .. } => {
+                        let Ok(i) = keys.binary_search(key) else {
+                            return Ok(None);
+                        };
+                        let Node::Leaf {
+                            mut keys,
+                            mut values,
+                        } = (*node).clone()
+                        else {
+                            unreachable!()
+                        };
+                        keys.remove(i);
+                        let old = values.remove(i);
+                        tx.put(at, Node::Leaf { keys, values })?;
+                        let mut header = (*header).clone();
+                        header.len -= 1;
+                        tx.put(self.header, header)?;
+                        return Ok(Some(old));
+                    }
+                    Node::Branch { keys, children } => {
+                        at = children[keys.partition_point(|k| k <= key)];
+                    }
+                }
+            }
+        }
+
+        /// Calls `each` with the entries whose keys are in `range`, in key
+        /// order, until it returns false. Loads one node at a time.
+        pub fn for_each_in<S: Storage>(
+            &self,
+            tx: &mut Tx<'_, S>,
+            range: impl RangeBounds<K>,
+            mut each: impl FnMut(&K, &V) -> bool,
+        ) -> Result<(), ObjectError> {
+            let root = tx.get(self.header)?.root;
+            walk(tx, root, &range, &mut each).map(|_| ())
+        }
+
+        /// The entries whose keys are in `range`, in key order, at most
+        /// `limit` of them.
+        pub fn range<S: Storage>(
+            &self,
+            tx: &mut Tx<'_, S>,
+            range: impl RangeBounds<K>,
+            limit: usize,
+        ) -> Result<Vec<(K, V)>, ObjectError> {
+            let mut out = Vec::new();
+            if limit == 0 {
+                return Ok(out);
+            }
+            self.for_each_in(tx, range, |k, v| {
+                out.push((k.clone(), v.clone()));
+                out.len() < limit
+            })?;
+            Ok(out)
+        }
+    }
+
+    fn insert_at<S: Storage, K: Entry + Ord, V: Entry>(
+        tx: &mut Tx<'_, S>,
+        at: Ref<Node<K, V>>,
+        key: K,
+        value: V,
+        fanout: usize,
+    ) -> Result<Inserted<K, V>, ObjectError> {
+        let node = (*tx.get(at)?).clone();
+        match node {
+            Node::Leaf {
+                mut keys,
+                mut values,
+            } => {
+                let old = match keys.binary_search(&key) {
+                    Ok(i) => Some(std::mem::replace(&mut values[i], value)),
+                    Err(i) => {
+                        keys.insert(i, key);
+                        values.insert(i, value);
+                        None
+                    }
+                };
+                if keys.len() <= fanout {
+                    tx.put(at, Node::Leaf { keys, values })?;
+                    return Ok(Inserted::Done(old));
+                }
+                let mid = keys.len() / 2;
+                let right_keys = keys.split_off(mid);
+                let right_values = values.split_off(mid);
+                let sep = right_keys[0].clone();
+                tx.put(at, Node::Leaf { keys, values })?;
+                let right = tx.insert(Node::Leaf {
+                    keys: right_keys,
+                    values: right_values,
+                })?;
+                Ok(Inserted::Split(old, sep, right))
+            }
+            Node::Branch {
+                mut keys,
+                mut children,
+            } => {
+                let i = keys.partition_point(|k| k <= &key);
+                match insert_at(tx, children[i], key, value, fanout)? {
+                    Inserted::Done(old) => Ok(Inserted::Done(old)),
+                    Inserted::Split(old, sep, right) => {
+                        keys.insert(i, sep);
+                        children.insert(i + 1, right);
+                        if children.len() <= fanout {
+                            tx.put(at, Node::Branch { keys, children })?;
+                            return Ok(Inserted::Done(old));
+                        }
+                        let mid = keys.len() / 2;
+                        let mut right_keys = keys.split_off(mid);
+                        let up = right_keys.remove(0);
+                        let right_children = children.split_off(mid + 1);
+                        tx.put(at, Node::Branch { keys, children })?;
+                        let right = tx.insert(Node::Branch {
+                            keys: right_keys,
+                            children: right_children,
+                        })?;
+                        Ok(Inserted::Split(old, up, right))
+                    }
+                }
+            }
+        }
+    }
+
+    /// Visits the entries of `range` under `at`; false once `each` said stop.
+    fn walk<S: Storage, K: Entry + Ord, V: Entry>(
+        tx: &mut Tx<'_, S>,
+        at: Ref<Node<K, V>>,
+        range: &impl RangeBounds<K>,
+        each: &mut impl FnMut(&K, &V) -> bool,
+    ) -> Result<bool, ObjectError> {
+        let node = tx.get(at)?;
+        match &*node {
+            Node::Leaf { keys, values } => {
+                for (k, v) in keys.iter().zip(values) {
+                    if !range.contains(k) {
+                        let past = match range.end_bound() {
+                            Bound::Included(e) => k > e,
+                            Bound::Excluded(e) => k >= e,
+                            Bound::Unbounded => false,
+                        };
+                        if past {
+                            return Ok(false);
+                        }
+                        continue;
+                    }
+                    if !each(k, v) {
+                        return Ok(false);
+                    }
+                }
+                Ok(true)
+            }
+            Node::Branch { keys, children } => {
+                // The children that may hold keys of the range.
+                let first = match range.start_bound() {
+                    Bound::Included(s) | Bound::Excluded(s) => keys.partition_point(|k| k <= s),
+                    Bound::Unbounded => 0,
+                };
+                for (i, child) in children.iter().enumerate().skip(first) {
+                    if i > 0 {
+                        let low = &keys[i - 1];
+                        let beyond = match range.end_bound() {
+                            Bound::Included(e) => low > e,
+                            Bound::Excluded(e) => low >= e,
+                            Bound::Unbounded => false,
+                        };
+                        if beyond {
+                            return Ok(false);
+                        }
+                    }
+                    if !walk(tx, *child, range, each)? {
+                        return Ok(false);
+                    }
+                }
+                Ok(true)
+            }
+        }
+    }
+}

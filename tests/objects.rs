@@ -315,3 +315,94 @@ fn records_of_another_kind_are_refused_with_a_clear_error() {
         "{e}"
     );
 }
+
+/// The root of the map tests: one persistent map.
+#[derive(Clone, Serialize, Deserialize)]
+struct MapRoot {
+    map: durus_redb::object::PMap<u32, String>,
+}
+
+impl Persistent for MapRoot {
+    const TAG: &'static str = "tests.MapRoot";
+}
+
+#[derive(Clone, Debug)]
+enum MapStep {
+    Insert(u32, u16),
+    Remove(u32),
+    Get(u32),
+    Range(u32, u32, usize),
+}
+
+fn map_step() -> impl Strategy<Value = MapStep> {
+    let key = 0u32..300;
+    prop_oneof![
+        4 => (key.clone(), any::<u16>()).prop_map(|(k, v)| MapStep::Insert(k, v)),
+        1 => key.clone().prop_map(MapStep::Remove),
+        1 => key.clone().prop_map(MapStep::Get),
+        1 => (key.clone(), key, 0usize..40).prop_map(|(a, b, n)| MapStep::Range(a.min(b), a.max(b), n)),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(48))]
+    /// A persistent map with nodes of at most 4 entries (so that it splits
+    /// often, three levels and more), through a cache of 0 or 300 bytes,
+    /// answers every step as std's BTreeMap does, across transactions; a
+    /// fresh session reads the same entries in order at the end.
+    #[test]
+    fn a_persistent_map_answers_as_btreemap(
+        txs in proptest::collection::vec(proptest::collection::vec(map_step(), 1..30), 1..12),
+        cache in prop_oneof![Just(0usize), Just(300)],
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RedbStorage::open(dir.path().join("s.redb"), Options::new().gc(ManualGc)).unwrap();
+        let reader = store.new_session();
+        let mut db = Db::with_cache(store, cache);
+        db.transact(|tx| {
+            let map = durus_redb::object::PMap::with_fanout(tx, 4)?;
+            tx.set_root(MapRoot { map })
+        }).unwrap();
+        let mut model: BTreeMap<u32, String> = BTreeMap::new();
+        for steps in &txs {
+            let (answers, expected) = {
+                let mut expected = Vec::new();
+                let mut m = model.clone();
+                for s in steps {
+                    expected.push(match *s {
+                        MapStep::Insert(k, v) => format!("{:?}", m.insert(k, v.to_string())),
+                        MapStep::Remove(k) => format!("{:?}", m.remove(&k)),
+                        MapStep::Get(k) => format!("{:?}", m.get(&k).cloned()),
+                        MapStep::Range(a, b, n) => format!("{:?}", m.range(a..b).take(n)
+                            .map(|(k, v)| (*k, v.clone())).collect::<Vec<_>>()),
+                    });
+                }
+                expected.push(format!("len {}", m.len()));
+                let answers = db.transact(|tx| {
+                    let map = tx.root::<MapRoot>()?.unwrap().map;
+                    let mut out = Vec::new();
+                    for s in steps {
+                        out.push(match *s {
+                            MapStep::Insert(k, v) => format!("{:?}", map.insert(tx, k, v.to_string())?),
+                            MapStep::Remove(k) => format!("{:?}", map.remove(tx, &k)?),
+                            MapStep::Get(k) => format!("{:?}", map.get(tx, &k)?),
+                            MapStep::Range(a, b, n) => format!("{:?}", map.range(tx, a..b, n)?),
+                        });
+                    }
+                    out.push(format!("len {}", map.len(tx)?));
+                    Ok(out)
+                }).unwrap();
+                model = m;
+                (answers, expected)
+            };
+            prop_assert_eq!(answers, expected);
+        }
+        let mut fresh = Db::with_cache(reader, 1 << 20);
+        let all = fresh.transact(|tx| {
+            let map = tx.root::<MapRoot>()?.unwrap().map;
+            map.range(tx, .., usize::MAX)
+        }).unwrap();
+        let want: Vec<(u32, String)> = model.into_iter().collect();
+        prop_assert_eq!(all, want);
+    }
+}
