@@ -233,20 +233,46 @@ fn decode<T: Persistent>(oid: Oid, data: &[u8]) -> Result<T, ObjectError> {
     rmp_serde::from_slice(body).map_err(|e| codec(&e.to_string()))
 }
 
+/// A hasher for oids: one multiplication (the cache's lookups are the
+/// hot path of reads; SipHash's resistance to chosen keys buys nothing for
+/// oids a store handed out).
+#[derive(Default)]
+struct OidHasher(u64);
+
+impl std::hash::Hasher for OidHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ b as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = (self.0 ^ n).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+    fn finish(&self) -> u64 {
+        self.0 ^ (self.0 >> 29)
+    }
+}
+
+type OidMap<V> = HashMap<Oid, V, std::hash::BuildHasherDefault<OidHasher>>;
+
 /// One cached object.
 struct Cached {
     value: Arc<dyn Any + Send + Sync>,
     /// Its type's tag.
     tag: &'static str,
     bytes: usize,
+    /// When it was last used.
     tick: u64,
+    /// Its key in the order of use (`tick` as of its last listing).
+    listed: u64,
 }
 
 /// Decoded objects, bounded by the size of their records, the least
 /// recently used given up first. Only committed (clean) objects are here:
 /// a transaction's changes stay in the transaction until its commit.
 struct Cache {
-    objects: HashMap<Oid, Cached>,
+    objects: OidMap<Cached>,
+    /// Each object once, by `listed`: the least recently listed first.
     by_use: BTreeMap<u64, Oid>,
     bytes: usize,
     limit: usize,
@@ -254,12 +280,12 @@ struct Cache {
 }
 
 impl Cache {
+    /// A cached object. Its use is noted by its tick alone: the order of
+    /// use is brought up to date when something must be evicted.
     fn get(&mut self, oid: Oid) -> Option<(Arc<dyn Any + Send + Sync>, &'static str)> {
         let c = self.objects.get_mut(&oid)?;
-        self.by_use.remove(&c.tick);
         self.tick += 1;
         c.tick = self.tick;
-        self.by_use.insert(self.tick, oid);
         Some((c.value.clone(), c.tag))
     }
 
@@ -279,23 +305,32 @@ impl Cache {
                 tag,
                 bytes,
                 tick: self.tick,
+                listed: self.tick,
             },
         );
         self.by_use.insert(self.tick, oid);
         self.bytes += bytes;
         while self.bytes > self.limit {
-            let Some((_, oldest)) = self.by_use.pop_first() else {
+            let Some((listed, oldest)) = self.by_use.pop_first() else {
                 break;
             };
-            if let Some(c) = self.objects.remove(&oldest) {
-                self.bytes -= c.bytes;
+            let Some(c) = self.objects.get_mut(&oldest) else {
+                continue;
+            };
+            if c.tick != listed {
+                // Used since it was listed: listed again, as of that use.
+                c.listed = c.tick;
+                self.by_use.insert(c.tick, oldest);
+                continue;
             }
+            let c = self.objects.remove(&oldest).expect("just found");
+            self.bytes -= c.bytes;
         }
     }
 
     fn remove(&mut self, oid: Oid) {
         if let Some(c) = self.objects.remove(&oid) {
-            self.by_use.remove(&c.tick);
+            self.by_use.remove(&c.listed);
             self.bytes -= c.bytes;
         }
     }
@@ -329,7 +364,7 @@ impl<S: Storage> Db<S> {
         Db {
             storage,
             cache: Cache {
-                objects: HashMap::new(),
+                objects: OidMap::default(),
                 by_use: BTreeMap::new(),
                 bytes: 0,
                 limit: bytes,
@@ -404,36 +439,51 @@ impl<S: Storage> Db<S> {
         if writes.is_empty() {
             return Ok(());
         }
+        let mut sizes = Vec::with_capacity(writes.len());
         self.storage.begin();
         let stored = (|| {
             for (oid, w) in &writes {
+                let (data, refs) = (w.encode)(*oid, &*w.value)?;
+                sizes.push(data.len());
                 self.storage
-                    .store(*oid, Record::new(*oid, &w.data, &w.refs).into_bytes())?;
+                    .store(*oid, Record::new(*oid, &data, &refs).into_bytes())?;
             }
-            self.storage.end()
+            self.storage.end().map_err(ObjectError::from)
         })();
         if let Err(e) = stored {
             self.storage.abort();
             for oid in writes.keys() {
                 self.cache.remove(*oid);
             }
-            return Err(e.into());
+            return Err(e);
         }
         // Written back: what was committed is what later reads find.
-        for (oid, w) in writes {
-            let bytes = w.data.len();
+        for ((oid, w), bytes) in writes.into_iter().zip(sizes) {
             self.cache.put(oid, w.value, w.tag, bytes);
         }
         Ok(())
     }
 }
 
-/// A change of a transaction, not yet committed.
+/// Encodes a staged value of type `T`.
+type Encoder = fn(Oid, &(dyn Any + Send + Sync)) -> Result<(Vec<u8>, Vec<Oid>), ObjectError>;
+
+fn encode_any<T: Persistent>(
+    oid: Oid,
+    value: &(dyn Any + Send + Sync),
+) -> Result<(Vec<u8>, Vec<Oid>), ObjectError> {
+    let value = value
+        .downcast_ref::<T>()
+        .expect("a staged value is of the type it was staged as");
+    encode(oid, value)
+}
+
+/// A change of a transaction, not yet committed: encoded once, at commit,
+/// however often the transaction changed it.
 struct Staged {
     value: Arc<dyn Any + Send + Sync>,
     tag: &'static str,
-    data: Vec<u8>,
-    refs: Vec<Oid>,
+    encode: Encoder,
 }
 
 /// A transaction of [`Db::transact`]: reads through the cache, and keeps
@@ -470,19 +520,42 @@ impl<S: Storage> Tx<'_, S> {
     }
 
     /// Stores `value` as the object `r` refers to, when the transaction
-    /// commits.
+    /// commits (it is encoded then: an error of its encoding fails the
+    /// commit).
     pub fn put<T: Persistent>(&mut self, r: Ref<T>, value: T) -> Result<(), ObjectError> {
-        let (data, refs) = encode(r.oid, &value)?;
         self.writes.insert(
             r.oid,
             Staged {
                 value: Arc::new(value),
                 tag: T::TAG,
-                data,
-                refs,
+                encode: encode_any::<T>,
             },
         );
         Ok(())
+    }
+
+    /// The object `r` refers to, owned, to be changed and [`put`](Self::put)
+    /// back: a value this transaction already changed is taken without a
+    /// copy (it is staged no more until put back).
+    pub fn take<T: Persistent + Clone>(&mut self, r: Ref<T>) -> Result<T, ObjectError> {
+        if let Some(w) = self.writes.remove(&r.oid) {
+            match w.value.clone().downcast::<T>() {
+                Ok(v) => {
+                    drop(w);
+                    return Ok(Arc::try_unwrap(v).unwrap_or_else(|v| (*v).clone()));
+                }
+                Err(_) => {
+                    let found = w.tag.to_string();
+                    self.writes.insert(r.oid, w);
+                    return Err(ObjectError::WrongType {
+                        oid: r.oid,
+                        expected: T::TAG,
+                        found,
+                    });
+                }
+            }
+        }
+        Ok((*self.get(r)?).clone())
     }
 
     /// Changes the object `r` refers to with `change`.
@@ -491,7 +564,7 @@ impl<S: Storage> Tx<'_, S> {
         r: Ref<T>,
         change: impl FnOnce(&mut T),
     ) -> Result<(), ObjectError> {
-        let mut value = (*self.get(r)?).clone();
+        let mut value = self.take(r)?;
         change(&mut value);
         self.put(r, value)
     }
@@ -668,7 +741,7 @@ mod map {
             key: K,
             value: V,
         ) -> Result<Option<V>, ObjectError> {
-            let mut header = (*tx.get(self.header)?).clone();
+            let mut header = tx.take(self.header)?;
             let fanout = header.fanout as usize;
             let old = match insert_at(tx, header.root, key, value, fanout)? {
                 Inserted::Done(old) => old,
@@ -763,63 +836,71 @@ mod map {
         value: V,
         fanout: usize,
     ) -> Result<Inserted<K, V>, ObjectError> {
-        let node = (*tx.get(at)?).clone();
-        match node {
-            Node::Leaf {
-                mut keys,
-                mut values,
-            } => {
-                let old = match keys.binary_search(&key) {
-                    Ok(i) => Some(std::mem::replace(&mut values[i], value)),
-                    Err(i) => {
-                        keys.insert(i, key);
-                        values.insert(i, value);
-                        None
-                    }
-                };
-                if keys.len() <= fanout {
-                    tx.put(at, Node::Leaf { keys, values })?;
-                    return Ok(Inserted::Done(old));
-                }
-                let mid = keys.len() / 2;
-                let right_keys = keys.split_off(mid);
-                let right_values = values.split_off(mid);
-                let sep = right_keys[0].clone();
-                tx.put(at, Node::Leaf { keys, values })?;
-                let right = tx.insert(Node::Leaf {
-                    keys: right_keys,
-                    values: right_values,
-                })?;
-                Ok(Inserted::Split(old, sep, right))
-            }
-            Node::Branch {
-                mut keys,
-                mut children,
-            } => {
-                let i = keys.partition_point(|k| k <= &key);
-                match insert_at(tx, children[i], key, value, fanout)? {
-                    Inserted::Done(old) => Ok(Inserted::Done(old)),
-                    Inserted::Split(old, sep, right) => {
-                        keys.insert(i, sep);
-                        children.insert(i + 1, right);
-                        if children.len() <= fanout {
-                            tx.put(at, Node::Branch { keys, children })?;
-                            return Ok(Inserted::Done(old));
-                        }
-                        let mid = keys.len() / 2;
-                        let mut right_keys = keys.split_off(mid);
-                        let up = right_keys.remove(0);
-                        let right_children = children.split_off(mid + 1);
+        let node = tx.get(at)?;
+        if let Node::Branch { keys, children } = &*node {
+            // The branch changes only if its child splits.
+            let i = keys.partition_point(|k| k <= &key);
+            let child = children[i];
+            drop(node);
+            return match insert_at(tx, child, key, value, fanout)? {
+                Inserted::Done(old) => Ok(Inserted::Done(old)),
+                Inserted::Split(old, sep, right) => {
+                    let Node::Branch {
+                        mut keys,
+                        mut children,
+                    } = tx.take(at)?
+                    else {
+                        unreachable!("a branch stays a branch")
+                    };
+                    keys.insert(i, sep);
+                    children.insert(i + 1, right);
+                    if children.len() <= fanout {
                         tx.put(at, Node::Branch { keys, children })?;
-                        let right = tx.insert(Node::Branch {
-                            keys: right_keys,
-                            children: right_children,
-                        })?;
-                        Ok(Inserted::Split(old, up, right))
+                        return Ok(Inserted::Done(old));
                     }
+                    let mid = keys.len() / 2;
+                    let mut right_keys = keys.split_off(mid);
+                    let up = right_keys.remove(0);
+                    let right_children = children.split_off(mid + 1);
+                    tx.put(at, Node::Branch { keys, children })?;
+                    let right = tx.insert(Node::Branch {
+                        keys: right_keys,
+                        children: right_children,
+                    })?;
+                    Ok(Inserted::Split(old, up, right))
                 }
-            }
+            };
         }
+        drop(node);
+        let Node::Leaf {
+            mut keys,
+            mut values,
+        } = tx.take(at)?
+        else {
+            unreachable!("checked above")
+        };
+        let old = match keys.binary_search(&key) {
+            Ok(i) => Some(std::mem::replace(&mut values[i], value)),
+            Err(i) => {
+                keys.insert(i, key);
+                values.insert(i, value);
+                None
+            }
+        };
+        if keys.len() <= fanout {
+            tx.put(at, Node::Leaf { keys, values })?;
+            return Ok(Inserted::Done(old));
+        }
+        let mid = keys.len() / 2;
+        let right_keys = keys.split_off(mid);
+        let right_values = values.split_off(mid);
+        let sep = right_keys[0].clone();
+        tx.put(at, Node::Leaf { keys, values })?;
+        let right = tx.insert(Node::Leaf {
+            keys: right_keys,
+            values: right_values,
+        })?;
+        Ok(Inserted::Split(old, sep, right))
     }
 
     /// Visits the entries of `range` under `at`; false once `each` said stop.
@@ -875,5 +956,43 @@ mod map {
                 Ok(true)
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Cache, Oid};
+    use std::collections::BTreeMap;
+    use std::sync::Arc;
+
+    #[test]
+    fn the_cache_gives_up_the_least_recently_used_first_and_stays_in_its_bound() {
+        let mut c = Cache {
+            objects: super::OidMap::default(),
+            by_use: BTreeMap::new(),
+            bytes: 0,
+            limit: 30,
+            tick: 0,
+        };
+        for oid in 1..=3 {
+            c.put(Oid(oid), Arc::new(oid), "t", 10);
+        }
+        assert!(c.get(Oid(1)).is_some());
+        c.put(Oid(4), Arc::new(4u64), "t", 10);
+        // 2 was used least recently: it went, 1 (used since) stayed.
+        assert!(c.get(Oid(2)).is_none());
+        for oid in [1, 3, 4] {
+            assert!(c.get(Oid(oid)).is_some(), "{oid}");
+        }
+        assert_eq!(c.bytes, 30);
+        // Used in the order 1, 3, 4 above; 1 is now the oldest again.
+        c.put(Oid(5), Arc::new(5u64), "t", 10);
+        assert!(c.get(Oid(1)).is_none());
+        // Replacing keeps one copy; removing frees its bytes.
+        c.put(Oid(5), Arc::new(6u64), "t", 10);
+        assert_eq!(c.bytes, 30);
+        c.remove(Oid(5));
+        assert_eq!(c.bytes, 20);
+        assert_eq!(c.by_use.len(), c.objects.len());
     }
 }

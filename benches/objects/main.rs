@@ -1,0 +1,200 @@
+//! The object layer's persistent map (`durus_redb::object::PMap`) against
+//! the same work in a raw redb table and in Python Durus 4.3's `BTree`
+//! through `durus -s`, in one run: bulk inserts of N entries in commits of
+//! 10,000, then lookups from a warm cache.
+//!
+//! `cargo bench --bench objects` (N = 1,000,000; `DURUS_BENCH_OBJECTS=N`
+//! for another size; needs `scripts/setup-python.sh`, or `DURUS_PYTHON`
+//! and `DURUS_BIN`).
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use durus_redb::object::{Db, PMap, Persistent};
+use durus_redb::{Durability, ManualGc, Options, RedbStorage, Storage};
+use redb::{ReadableDatabase, TableDefinition};
+use serde::{Deserialize, Serialize};
+
+const BATCH: u64 = 10_000;
+
+#[derive(Clone, Serialize, Deserialize)]
+struct Root {
+    map: PMap<u64, String>,
+}
+
+impl Persistent for Root {
+    const TAG: &'static str = "bench.Root";
+}
+
+/// The keys in insertion order: a permutation of 0..n.
+fn key(i: u64, n: u64) -> u64 {
+    (i * 7919) % n
+}
+
+/// The keys looked up.
+fn probe(i: u64, n: u64) -> u64 {
+    (i * 104_729) % n
+}
+
+fn main() {
+    let n: u64 = std::env::var("DURUS_BENCH_OBJECTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1_000_000);
+    let lookups = n;
+    let dir = tempfile::tempdir().unwrap();
+    let mut rows: Vec<(String, f64, f64)> = Vec::new();
+
+    // The persistent map over a store in this process.
+    {
+        let store = RedbStorage::open(
+            dir.path().join("objects.redb"),
+            Options::new().gc(ManualGc).durability(Durability::Fsync),
+        )
+        .unwrap();
+        let mut db = Db::with_cache(store, 512 << 20);
+        let map = db
+            .transact(|tx| {
+                let map = PMap::new(tx)?;
+                tx.set_root(Root { map })?;
+                Ok(map)
+            })
+            .unwrap();
+        let started = Instant::now();
+        let mut i = 0;
+        while i < n {
+            let end = (i + BATCH).min(n);
+            db.transact(|tx| {
+                for j in i..end {
+                    let k = key(j, n);
+                    map.insert(tx, k, format!("value {k}"))?;
+                }
+                Ok(())
+            })
+            .unwrap();
+            i = end;
+        }
+        let inserts = n as f64 / started.elapsed().as_secs_f64();
+        // Warm the cache, then look up.
+        db.transact(|tx| map.for_each_in(tx, .., |_, _| true))
+            .unwrap();
+        let started = Instant::now();
+        db.transact(|tx| {
+            for j in 0..lookups {
+                let k = probe(j, n);
+                let v = map.get(tx, &k)?;
+                assert!(v.is_some_and(|v| v.len() > 6));
+            }
+            Ok(())
+        })
+        .unwrap();
+        let found = lookups as f64 / started.elapsed().as_secs_f64();
+        eprintln!("objects: PMap: {inserts:.0} inserts/s, {found:.0} lookups/s");
+        rows.push((
+            "durus-redb PMap (RedbStorage, fsync)".into(),
+            inserts,
+            found,
+        ));
+        db.storage().close().unwrap();
+    }
+
+    // A raw redb table: the same keys and values.
+    {
+        const T: TableDefinition<u64, &str> = TableDefinition::new("map");
+        let db = redb::Database::create(dir.path().join("raw.redb")).unwrap();
+        let started = Instant::now();
+        let mut i = 0;
+        while i < n {
+            let end = (i + BATCH).min(n);
+            let w = db.begin_write().unwrap();
+            {
+                let mut t = w.open_table(T).unwrap();
+                for j in i..end {
+                    let k = key(j, n);
+                    t.insert(k, format!("value {k}").as_str()).unwrap();
+                }
+            }
+            w.commit().unwrap();
+            i = end;
+        }
+        let inserts = n as f64 / started.elapsed().as_secs_f64();
+        let r = db.begin_read().unwrap();
+        let t = r.open_table(T).unwrap();
+        for k in 0..n {
+            let _ = t.get(k).unwrap();
+        }
+        let started = Instant::now();
+        for j in 0..lookups {
+            let k = probe(j, n);
+            assert!(t.get(k).unwrap().is_some());
+        }
+        let found = lookups as f64 / started.elapsed().as_secs_f64();
+        eprintln!("objects: raw redb: {inserts:.0} inserts/s, {found:.0} lookups/s");
+        rows.push(("raw redb table (fsync)".into(), inserts, found));
+    }
+
+    // Python Durus's BTree through `durus -s`.
+    let venv = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv/bin");
+    let python = std::env::var_os("DURUS_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| venv.join("python"));
+    let durus = std::env::var_os("DURUS_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| venv.join("durus"));
+    if python.exists() && durus.exists() {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .unwrap();
+        let mut server = Command::new(&durus)
+            .args(["-s", "--port", &port.to_string(), "--file"])
+            .arg(dir.path().join("durus.durus"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "durus -s did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let out = Command::new(&python)
+            .arg(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("benches/objects/btree.py"))
+            .args([
+                port.to_string(),
+                n.to_string(),
+                BATCH.to_string(),
+                lookups.to_string(),
+            ])
+            .output()
+            .unwrap();
+        let _ = server.kill();
+        let _ = server.wait();
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        assert!(
+            out.status.success(),
+            "btree.py: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: Vec<f64> = text
+            .split_whitespace()
+            .map(|x| x.parse().unwrap())
+            .collect();
+        eprintln!(
+            "objects: Python Durus BTree: {:.0} inserts/s, {:.0} lookups/s",
+            v[0], v[1]
+        );
+        rows.push(("Python Durus 4.3 BTree through durus -s".into(), v[0], v[1]));
+    } else {
+        eprintln!("objects: Python Durus not found: its row is left out (scripts/setup-python.sh)");
+    }
+
+    println!("\n### The persistent map: {n} entries, commits of {BATCH}\n");
+    println!("| store | inserts/s | lookups/s (warm cache) |");
+    println!("|---|---:|---:|");
+    for (label, ins, look) in rows {
+        println!("| {label} | {ins:.0} | {look:.0} |");
+    }
+}
