@@ -344,6 +344,9 @@ pub struct Db<S: Storage> {
     storage: S,
     cache: Cache,
     tries: u32,
+    /// This session was handed the root (oid 0) by `new_oid` and has not
+    /// stored it yet: it alone may.
+    holds_root: bool,
 }
 
 /// The default bound of a [`Db`]'s cache: 64 MiB of records.
@@ -371,6 +374,7 @@ impl<S: Storage> Db<S> {
                 tick: 0,
             },
             tries: DEFAULT_TRIES,
+            holds_root: false,
         }
     }
 
@@ -410,7 +414,12 @@ impl<S: Storage> Db<S> {
         mut f: impl FnMut(&mut Tx<'_, S>) -> Result<R, ObjectError>,
     ) -> Result<R, ObjectError> {
         let mut last = None;
-        for _ in 0..self.tries {
+        for try_ in 0..self.tries {
+            if try_ > 0 {
+                // A moment for the other session to finish (its root, its
+                // commit), longer as the conflicts go on.
+                std::thread::sleep(std::time::Duration::from_millis(u64::from(try_.min(50))));
+            }
             self.sync()?;
             let mut tx = Tx {
                 db: self,
@@ -456,6 +465,9 @@ impl<S: Storage> Db<S> {
                 self.cache.remove(*oid);
             }
             return Err(e);
+        }
+        if writes.contains_key(&Oid::ROOT) {
+            self.holds_root = false;
         }
         // Written back: what was committed is what later reads find.
         for ((oid, w), bytes) in writes.into_iter().zip(sizes) {
@@ -575,6 +587,7 @@ impl<S: Storage> Tx<'_, S> {
         if oid == Oid::ROOT {
             // A store without a root hands out the root first: it is kept
             // for `set_root`.
+            self.db.holds_root = true;
             oid = self.db.storage.new_oid()?;
         }
         let r = Ref::from_oid(oid);
@@ -592,8 +605,26 @@ impl<S: Storage> Tx<'_, S> {
     }
 
     /// Makes `value` the root object (what everything live is reachable
-    /// from).
+    /// from). On a store without a root, the first session to be handed
+    /// the root creates it: another one's transaction meets a conflict,
+    /// runs again and finds the root made.
     pub fn set_root<T: Persistent>(&mut self, value: T) -> Result<(), ObjectError> {
+        let known = self.db.holds_root
+            || self.writes.contains_key(&Oid::ROOT)
+            || self.db.cache.objects.contains_key(&Oid::ROOT);
+        if !known {
+            match self.db.storage.load(Oid::ROOT) {
+                Ok(_) => {}
+                Err(StorageError::NotFound(_)) => {
+                    if self.db.storage.new_oid()? != Oid::ROOT {
+                        // Another session was handed the root: it makes it.
+                        return Err(StorageError::ReadConflict(Oid::ROOT).into());
+                    }
+                    self.db.holds_root = true;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
         self.put(Ref::from_oid(Oid::ROOT), value)
     }
 }

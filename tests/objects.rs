@@ -406,3 +406,71 @@ proptest! {
         prop_assert_eq!(all, want);
     }
 }
+
+#[path = "../examples/inverted_index.rs"]
+#[allow(dead_code)]
+mod inverted_index;
+
+/// The inverted-index example's work, smaller: two indexers through one
+/// server at once, on disjoint documents, lose no posting; every count is
+/// exact; the store checks clean; a pack removes nothing the index needs.
+#[test]
+fn two_indexers_through_a_server_lose_no_posting() {
+    const DOCS: u64 = 2000;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("index.redb");
+    let store = RedbStorage::open(&path, Options::new()).unwrap();
+    let server = Server::bind(&store, ServerConfig::new(Address::tcp("127.0.0.1", 0))).unwrap();
+    drop(store);
+    let Address::Tcp { port, .. } = server.address().clone() else {
+        unreachable!()
+    };
+    let stop = server.shutdown_handle();
+    let serving = std::thread::spawn(move || server.run());
+    let connect = || Db::new(ClientStorage::connect_tcp("127.0.0.1", port).unwrap());
+    // Both start on the empty store: one makes the root, the other runs
+    // its transaction again and finds it.
+    let indexers: Vec<_> = [0..DOCS / 2, DOCS / 2..DOCS]
+        .into_iter()
+        .map(|docs| {
+            std::thread::spawn(move || {
+                let mut db = Db::new(ClientStorage::connect_tcp("127.0.0.1", port).unwrap());
+                db.set_tries(10_000);
+                inverted_index::index(&mut db, docs).unwrap()
+            })
+        })
+        .collect();
+    let postings: u64 = indexers.into_iter().map(|t| t.join().unwrap()).sum();
+    let want = |k: u64| DOCS.div_ceil(k);
+    assert_eq!(postings, (1..=inverted_index::WORDS).map(want).sum::<u64>());
+    let mut db = connect();
+    for k in [1, 2, 3, 7, 10, 97, 500, 999, 1000] {
+        assert_eq!(
+            inverted_index::count(&mut db, &format!("w{k}")).unwrap(),
+            want(k),
+            "w{k}"
+        );
+    }
+    assert_eq!(inverted_index::count(&mut db, "w1001").unwrap(), 0);
+    drop(db);
+    stop.shutdown();
+    serving.join().unwrap().unwrap();
+
+    // A pack keeps every posting; the store checks clean.
+    let mut store = RedbStorage::open(&path, Options::new().gc(ManualGc)).unwrap();
+    store.pack().unwrap();
+    let mut db = Db::new(store);
+    for k in [1, 7, 1000] {
+        assert_eq!(
+            inverted_index::count(&mut db, &format!("w{k}")).unwrap(),
+            want(k)
+        );
+    }
+    db.storage().close().unwrap();
+    drop(db);
+    let report = durus_redb::check_store(&path).unwrap();
+    assert!(
+        report.integrity_ok && report.log_damage.is_none() && report.references.is_clean(),
+        "{report:?}"
+    );
+}
