@@ -118,6 +118,21 @@ impl Pki {
     }
 }
 
+/// `serve`'s TLS options with the test certificates: the server's, and
+/// with `clients_verified` the CA its clients' certificates must have.
+fn tls_args(pki: &Pki, clients_verified: bool) -> Vec<String> {
+    let mut args = vec![
+        "--tls-cert".to_string(),
+        pki.s("server.pem"),
+        "--tls-key".to_string(),
+        pki.s("server.key"),
+    ];
+    if clients_verified {
+        args.extend(["--tls-client-ca".to_string(), pki.s("ca.pem")]);
+    }
+    args
+}
+
 /// A running `serve`, its port, and every line it logged so far.
 struct Served {
     child: Child,
@@ -126,7 +141,7 @@ struct Served {
 }
 
 impl Served {
-    fn start(args: &[&str]) -> Served {
+    fn start<A: AsRef<std::ffi::OsStr>>(args: &[A]) -> Served {
         let mut child = bin()
             .args(["serve", "--memory", "--port", "0"])
             .args(args)
@@ -238,16 +253,13 @@ fn admitted(port: u16, tls: &TlsClient) -> Result<(), String> {
 #[test]
 fn mutual_tls_admits_only_clients_of_the_ca_and_bad_input_disturbs_no_one() {
     let pki = Pki::new();
-    let served = Served::start(&[
-        "--tls-cert",
-        &pki.s("server.pem"),
-        "--tls-key",
-        &pki.s("server.key"),
-        "--tls-client-ca",
-        &pki.s("ca.pem"),
-        "--request-timeout",
-        "2",
-    ]);
+    let served = Served::start(
+        &[
+            tls_args(&pki, true),
+            vec!["--request-timeout".to_string(), "2".to_string()],
+        ]
+        .concat(),
+    );
     let port = served.port;
 
     // A good client commits all through.
@@ -369,7 +381,7 @@ fn mutual_tls_admits_only_clients_of_the_ca_and_bad_input_disturbs_no_one() {
 #[test]
 fn a_tls_client_on_a_plain_port_is_closed_with_one_log_line() {
     let pki = Pki::new();
-    let served = Served::start(&[]);
+    let served = Served::start::<&str>(&[]);
     assert!(admitted(served.port, &pki.client(Some("client"))).is_err());
     let line = served.wait_for_log("began a TLS handshake");
     assert!(line.contains("--tls-cert"), "{line}");
@@ -380,12 +392,7 @@ fn a_tls_client_on_a_plain_port_is_closed_with_one_log_line() {
 #[test]
 fn server_only_tls_serves_any_client_that_trusts_its_ca_and_refuses_bad_settings() {
     let pki = Pki::new();
-    let served = Served::start(&[
-        "--tls-cert",
-        &pki.s("server.pem"),
-        "--tls-key",
-        &pki.s("server.key"),
-    ]);
+    let served = Served::start(&tls_args(&pki, false));
     let mut c = ClientStorage::connect_tls(address(served.port), &pki.client(None)).unwrap();
     commit_one(&mut c, 1).unwrap();
     // A client that trusts another CA refuses the server.
@@ -441,14 +448,7 @@ fn server_only_tls_serves_any_client_that_trusts_its_ca_and_refuses_bad_settings
 #[test]
 fn the_python_durus_client_runs_its_scenarios_through_tls_client_storage() {
     let pki = Pki::new();
-    let served = Served::start(&[
-        "--tls-cert",
-        &pki.s("server.pem"),
-        "--tls-key",
-        &pki.s("server.key"),
-        "--tls-client-ca",
-        &pki.s("ca.pem"),
-    ]);
+    let served = Served::start(&tls_args(&pki, true));
     let port = served.port.to_string();
     let out = Command::new(common::python())
         .arg(common::script("interop.py"))
@@ -515,18 +515,18 @@ fn the_python_durus_client_runs_its_scenarios_through_tls_client_storage() {
 #[test]
 fn only_a_certificate_named_by_admin_cert_cn_may_stop_the_server() {
     let pki = Pki::new();
-    let mut served = Served::start(&[
-        "--tls-cert",
-        &pki.s("server.pem"),
-        "--tls-key",
-        &pki.s("server.key"),
-        "--tls-client-ca",
-        &pki.s("ca.pem"),
-        "--admin-from",
-        "none",
-        "--admin-cert-cn",
-        "operator",
-    ]);
+    let mut served = Served::start(
+        &[
+            tls_args(&pki, true),
+            vec![
+                "--admin-from".to_string(),
+                "none".to_string(),
+                "--admin-cert-cn".to_string(),
+                "operator".to_string(),
+            ],
+        ]
+        .concat(),
+    );
     let stop_as = |who: &str| {
         bin()
             .args(["stop", "--wait", "2", "--port", &served.port.to_string()])
@@ -570,16 +570,13 @@ fn only_a_certificate_named_by_admin_cert_cn_may_stop_the_server() {
 #[test]
 fn the_metrics_page_is_https_with_the_same_client_rule() {
     let pki = Pki::new();
-    let served = Served::start(&[
-        "--tls-cert",
-        &pki.s("server.pem"),
-        "--tls-key",
-        &pki.s("server.key"),
-        "--tls-client-ca",
-        &pki.s("ca.pem"),
-        "--metrics-address",
-        "127.0.0.1:0",
-    ]);
+    let served = Served::start(
+        &[
+            tls_args(&pki, true),
+            vec!["--metrics-address".to_string(), "127.0.0.1:0".to_string()],
+        ]
+        .concat(),
+    );
     let line = served.wait_for_log("metrics on https://");
     let at = line
         .split("metrics on https://")

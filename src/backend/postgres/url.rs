@@ -65,44 +65,43 @@ impl Database {
         let invalid = |why: String| database(format!("invalid database URL: {why}"));
         let mut params: Vec<(String, String)> = Vec::new();
         let mut mode: Option<String> = None;
-        // What rust-postgres is given: the URL without the parameters read here.
+        // What rust-postgres is given: the URL without the parameters read
+        // here. `take` reads one parameter and says whether to keep it.
+        let mut take = |k: &str, v: String| {
+            if ours(k) {
+                params.push((k.to_string(), v));
+                return false;
+            }
+            if k == "sslmode" {
+                let ours = matches!(v.as_str(), "verify-full" | "verify-ca");
+                mode = Some(v);
+                return !ours;
+            }
+            true
+        };
         let rest = if url.contains("://") {
             let (base, query) = url.split_once('?').unwrap_or((url, ""));
-            let mut kept = Vec::new();
-            for pair in query.split('&').filter(|p| !p.is_empty()) {
-                let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-                if ours(k) {
-                    params.push((k.to_string(), percent_decoded(v)));
-                } else if k == "sslmode" && matches!(v, "verify-full" | "verify-ca") {
-                    mode = Some(v.to_string());
-                } else {
-                    if k == "sslmode" {
-                        mode = Some(v.to_string());
-                    }
-                    kept.push(pair);
-                }
-            }
+            let kept: Vec<&str> = query
+                .split('&')
+                .filter(|p| !p.is_empty())
+                .filter(|pair| {
+                    let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+                    take(k, percent_decoded(v))
+                })
+                .collect();
             if kept.is_empty() {
                 base.to_string()
             } else {
                 format!("{base}?{}", kept.join("&"))
             }
         } else {
-            let mut kept = Vec::new();
-            for pair in url.split_whitespace() {
-                let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-                let v = v.trim_matches('\'');
-                if ours(k) {
-                    params.push((k.to_string(), v.to_string()));
-                } else if k == "sslmode" && matches!(v, "verify-full" | "verify-ca") {
-                    mode = Some(v.to_string());
-                } else {
-                    if k == "sslmode" {
-                        mode = Some(v.to_string());
-                    }
-                    kept.push(pair);
-                }
-            }
+            let kept: Vec<&str> = url
+                .split_whitespace()
+                .filter(|pair| {
+                    let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+                    take(k, v.trim_matches('\'').to_string())
+                })
+                .collect();
             kept.join(" ")
         };
         let mut config = postgres::Config::from_str(&rest).map_err(|e| invalid(e.to_string()))?;
