@@ -934,6 +934,15 @@ mod map {
         Ok(Inserted::Split(old, sep, right))
     }
 
+    /// Whether `k` lies after the end of `range`.
+    fn past_end<K: Ord>(k: &K, range: &impl RangeBounds<K>) -> bool {
+        match range.end_bound() {
+            Bound::Included(e) => k > e,
+            Bound::Excluded(e) => k >= e,
+            Bound::Unbounded => false,
+        }
+    }
+
     /// Visits the entries of `range` under `at`; false once `each` said stop.
     fn walk<S: Storage, K: Entry + Ord, V: Entry>(
         tx: &mut Tx<'_, S>,
@@ -946,12 +955,7 @@ mod map {
             Node::Leaf { keys, values } => {
                 for (k, v) in keys.iter().zip(values) {
                     if !range.contains(k) {
-                        let past = match range.end_bound() {
-                            Bound::Included(e) => k > e,
-                            Bound::Excluded(e) => k >= e,
-                            Bound::Unbounded => false,
-                        };
-                        if past {
+                        if past_end(k, range) {
                             return Ok(false);
                         }
                         continue;
@@ -969,16 +973,8 @@ mod map {
                     Bound::Unbounded => 0,
                 };
                 for (i, child) in children.iter().enumerate().skip(first) {
-                    if i > 0 {
-                        let low = &keys[i - 1];
-                        let beyond = match range.end_bound() {
-                            Bound::Included(e) => low > e,
-                            Bound::Excluded(e) => low >= e,
-                            Bound::Unbounded => false,
-                        };
-                        if beyond {
-                            return Ok(false);
-                        }
+                    if i > 0 && past_end(&keys[i - 1], range) {
+                        return Ok(false);
                     }
                     if !walk(tx, *child, range, each)? {
                         return Ok(false);

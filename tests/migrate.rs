@@ -128,14 +128,8 @@ fn serving_args(what: &[&str], f: impl FnOnce(u16)) {
     let mut lines = BufReader::new(child_stderr).lines();
     let port = loop {
         let line = lines.next().expect("server log").unwrap();
-        if let Some(at) = line.find("Ready on ") {
-            break line[at + 9..]
-                .trim()
-                .rsplit(':')
-                .next()
-                .unwrap()
-                .parse::<u16>()
-                .unwrap();
+        if let Some(port) = common::ready_port(&line) {
+            break port;
         }
     };
     std::thread::spawn(move || for _ in lines {});

@@ -267,14 +267,8 @@ impl FrontEnd {
                     into.lock().unwrap().push(line);
                     continue;
                 }
-                if let Some(at) = line.find("Ready on ") {
-                    let port = line[at + 9..]
-                        .trim()
-                        .rsplit(':')
-                        .next()
-                        .unwrap()
-                        .to_string();
-                    let _ = tx.send(port.parse::<u16>().unwrap());
+                if let Some(port) = common::ready_port(&line) {
+                    let _ = tx.send(port);
                     sent = true;
                 }
             }

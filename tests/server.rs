@@ -148,9 +148,8 @@ impl Served {
             let line = rx
                 .recv_timeout(left)
                 .expect("the server logs `Ready on` within 30 s");
-            if let Some(at) = line.find("Ready on ") {
-                let addr = line[at + 9..].trim();
-                break addr.rsplit(':').next().unwrap().parse::<u16>().unwrap();
+            if let Some(port) = common::ready_port(&line) {
+                break port;
             }
             early.push(line);
         };

@@ -159,14 +159,8 @@ impl Served {
                 .unwrap();
             said.push_str(&line);
             said.push('\n');
-            if let Some(at) = line.find("Ready on ") {
-                break line[at + 9..]
-                    .trim()
-                    .rsplit(':')
-                    .next()
-                    .unwrap()
-                    .parse()
-                    .unwrap();
+            if let Some(port) = common::ready_port(&line) {
+                break port;
             }
         };
         let log = Arc::new(Mutex::new(Vec::new()));

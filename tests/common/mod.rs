@@ -192,3 +192,16 @@ fn wait_within_or(
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
 }
+
+/// The port of `serve`'s `Ready on HOST:PORT` log line, if `line` is it.
+pub fn ready_port(line: &str) -> Option<u16> {
+    let at = line.find("Ready on ")?;
+    Some(
+        line[at + 9..]
+            .trim()
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("a port in {line:?}")),
+    )
+}
