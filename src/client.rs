@@ -167,6 +167,51 @@ impl ClientStorage {
     }
 }
 
+impl ClientStorage {
+    /// A commit: refused when the invalidations the server sends in the
+    /// commit order name an oid it stores, or (checked) one of `reads` or
+    /// one kept from before and not synced yet.
+    fn commit(&mut self, reads: Option<&[Oid]>) -> Result<()> {
+        let pending = self.pending.take();
+        self.send(&Request::Commit)?;
+        let invalid = self.read_oid_list()?;
+        let (earlier, reads): (Vec<Oid>, HashSet<Oid>) = match reads {
+            Some(reads) => (
+                self.invalid.iter().copied().collect(),
+                reads.iter().copied().collect(),
+            ),
+            None => (Vec::new(), HashSet::new()),
+        };
+        let mut clash: Vec<Oid> = invalid
+            .iter()
+            .chain(&earlier)
+            .copied()
+            .filter(|o| pending.contains_key(o) || reads.contains(o))
+            .collect();
+        clash.sort_unstable();
+        clash.dedup();
+        self.invalid.extend(invalid);
+        let data = if clash.is_empty() {
+            encode_commit_data(pending.values())?
+        } else {
+            encode_commit_data([])?
+        };
+        self.w.write_all(&data)?;
+        self.w.flush()?;
+        if !clash.is_empty() {
+            return Err(Conflict::Invalidated { oids: clash }.into());
+        }
+        if pending.is_empty() {
+            return Ok(());
+        }
+        match read_u8(&mut self.r)? {
+            STATUS_OKAY => Ok(()),
+            STATUS_INVALID => Err(Conflict::Refused.into()),
+            s => Err(protocol_error(format!("unexpected commit status {s:#04x}"))),
+        }
+    }
+}
+
 impl Storage for ClientStorage {
     fn load(&mut self, oid: Oid) -> Result<Record> {
         self.send(&Request::Load(oid))?;
@@ -190,33 +235,11 @@ impl Storage for ClientStorage {
     }
 
     fn end(&mut self) -> Result<()> {
-        let pending = self.pending.take();
-        self.send(&Request::Commit)?;
-        let invalid = self.read_oid_list()?;
-        let clash: Vec<Oid> = invalid
-            .iter()
-            .copied()
-            .filter(|o| pending.contains_key(o))
-            .collect();
-        self.invalid.extend(invalid);
-        let data = if clash.is_empty() {
-            encode_commit_data(pending.values())?
-        } else {
-            encode_commit_data([])?
-        };
-        self.w.write_all(&data)?;
-        self.w.flush()?;
-        if !clash.is_empty() {
-            return Err(Conflict::Invalidated { oids: clash }.into());
-        }
-        if pending.is_empty() {
-            return Ok(());
-        }
-        match read_u8(&mut self.r)? {
-            STATUS_OKAY => Ok(()),
-            STATUS_INVALID => Err(Conflict::Refused.into()),
-            s => Err(protocol_error(format!("unexpected commit status {s:#04x}"))),
-        }
+        self.commit(None)
+    }
+
+    fn end_checked(&mut self, reads: &[Oid]) -> Result<()> {
+        self.commit(Some(reads))
     }
 
     fn abort(&mut self) {

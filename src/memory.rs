@@ -2,7 +2,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 
-use crate::error::{InvalidInput, Result, StorageError};
+use crate::error::{Conflict, InvalidInput, Result, StorageError};
 use crate::record::{Oid, Record};
 use crate::storage::{
     Holder, PackReport, PendingCommit, Storage, may_create, next_free_oid, validate_commit,
@@ -64,25 +64,9 @@ impl MemoryStorage {
     }
 }
 
-impl Storage for MemoryStorage {
-    fn load(&mut self, oid: Oid) -> Result<Record> {
-        self.records
-            .get(&oid)
-            .cloned()
-            .ok_or(StorageError::NotFound(oid))
-    }
-
-    fn begin(&mut self) {
-        self.pending.clear();
-    }
-
-    fn store(&mut self, oid: Oid, record: Vec<u8>) -> Result<()> {
-        self.pending.store(oid, record)?;
-        Ok(())
-    }
-
-    fn end(&mut self) -> Result<()> {
-        let pending = self.pending.take();
+impl MemoryStorage {
+    /// Validates and applies the records of a commit.
+    fn commit(&mut self, pending: BTreeMap<Oid, Record>) -> Result<()> {
         if pending.is_empty() {
             return Ok(());
         }
@@ -108,6 +92,43 @@ impl Storage for MemoryStorage {
             self.records.insert(oid, record);
         }
         Ok(())
+    }
+}
+
+impl Storage for MemoryStorage {
+    fn load(&mut self, oid: Oid) -> Result<Record> {
+        self.records
+            .get(&oid)
+            .cloned()
+            .ok_or(StorageError::NotFound(oid))
+    }
+
+    fn begin(&mut self) {
+        self.pending.clear();
+    }
+
+    fn store(&mut self, oid: Oid, record: Vec<u8>) -> Result<()> {
+        self.pending.store(oid, record)?;
+        Ok(())
+    }
+
+    fn end(&mut self) -> Result<()> {
+        let pending = self.pending.take();
+        self.commit(pending)
+    }
+
+    fn end_checked(&mut self, reads: &[Oid]) -> Result<()> {
+        let pending = self.pending.take();
+        let clash: Vec<Oid> = self
+            .invalid
+            .iter()
+            .copied()
+            .filter(|o| reads.contains(o) || pending.contains_key(o))
+            .collect();
+        if !clash.is_empty() {
+            return Err(Conflict::Invalidated { oids: clash }.into());
+        }
+        self.commit(pending)
     }
 
     fn abort(&mut self) {

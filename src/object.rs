@@ -12,6 +12,12 @@
 //! Python clients cannot unpickle these records, and this layer refuses
 //! a pickle with a clear error.
 //!
+//! A transaction commits only onto the state it read: the storage refuses
+//! its commit when another session changed an object it read or wrote
+//! since it began ([`Storage::end_checked`]), and [`Db::transact`] runs it
+//! again. [`PMap`] and [`PSet`] are an ordered map and set for millions of
+//! entries, loaded node by node.
+//!
 //! ```
 //! use durus_redb::object::{Db, Persistent, Ref};
 //! use durus_redb::MemoryStorage;
@@ -44,7 +50,7 @@
 
 use std::any::Any;
 use std::cell::RefCell;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::marker::PhantomData;
 use std::sync::Arc;
 
@@ -233,6 +239,118 @@ fn decode<T: Persistent>(oid: Oid, data: &[u8]) -> Result<T, ObjectError> {
     rmp_serde::from_slice(body).map_err(|e| codec(&e.to_string()))
 }
 
+/// What an object decoded from the record `data` holds in memory, in
+/// bytes, estimated from its MessagePack body: `inline` (the value's own
+/// size), every scalar 8 bytes, every string or byte string its header
+/// and its heap block, every array or map its header and block (their
+/// elements counted as they come), and what the cache spends on keeping
+/// it. Field names count as strings, so it errs high for structs.
+fn footprint(data: &[u8], inline: usize) -> usize {
+    use rmp::Marker;
+    /// What the allocator takes for a block of `n` bytes.
+    fn block(n: usize) -> usize {
+        if n == 0 {
+            0
+        } else {
+            (n + 8).div_ceil(16).max(2) * 16
+        }
+    }
+    /// The cache's own cost per object: its entry, its place in the order
+    /// of use, the shared pointer.
+    const KEPT: usize = 128;
+    let body = data
+        .strip_prefix(MARKER.as_slice())
+        .and_then(|rest| rest.split_first_chunk::<2>())
+        .and_then(|(len, rest)| rest.get(u16::from_be_bytes(*len) as usize..))
+        .unwrap_or(data);
+    let mut total = inline + KEPT;
+    let mut at = 0usize;
+    // Values still to be read: one to begin with, and each array's or
+    // map's elements as they are announced.
+    let mut pending: u64 = 1;
+    let be = |at: usize, n: usize| -> usize {
+        body.get(at..at + n)
+            .map(|b| b.iter().fold(0usize, |acc, &x| (acc << 8) | x as usize))
+            .unwrap_or(0)
+    };
+    while pending > 0 && at < body.len() {
+        pending -= 1;
+        let marker = Marker::from_u8(body[at]);
+        at += 1;
+        let (skip, heap, elements) = match marker {
+            Marker::FixPos(_) | Marker::FixNeg(_) | Marker::Null | Marker::True | Marker::False => {
+                (0, None, 0)
+            }
+            Marker::U8 | Marker::I8 => (1, None, 0),
+            Marker::U16 | Marker::I16 => (2, None, 0),
+            Marker::U32 | Marker::I32 | Marker::F32 => (4, None, 0),
+            Marker::U64 | Marker::I64 | Marker::F64 => (8, None, 0),
+            Marker::FixStr(n) => (n as usize, Some(n as usize), 0),
+            Marker::Str8 | Marker::Bin8 => {
+                let n = be(at, 1);
+                at += 1;
+                (n, Some(n), 0)
+            }
+            Marker::Str16 | Marker::Bin16 => {
+                let n = be(at, 2);
+                at += 2;
+                (n, Some(n), 0)
+            }
+            Marker::Str32 | Marker::Bin32 => {
+                let n = be(at, 4);
+                at += 4;
+                (n, Some(n), 0)
+            }
+            Marker::FixArray(n) => (0, Some(0), n as u64),
+            Marker::Array16 => {
+                at += 2;
+                (0, Some(0), be(at - 2, 2) as u64)
+            }
+            Marker::Array32 => {
+                at += 4;
+                (0, Some(0), be(at - 4, 4) as u64)
+            }
+            Marker::FixMap(n) => (0, Some(0), 2 * n as u64),
+            Marker::Map16 => {
+                at += 2;
+                (0, Some(0), 2 * be(at - 2, 2) as u64)
+            }
+            Marker::Map32 => {
+                at += 4;
+                (0, Some(0), 2 * be(at - 4, 4) as u64)
+            }
+            Marker::FixExt1 => (2, None, 0),
+            Marker::FixExt2 => (3, None, 0),
+            Marker::FixExt4 => (5, None, 0),
+            Marker::FixExt8 => (9, None, 0),
+            Marker::FixExt16 => (17, None, 0),
+            Marker::Ext8 => {
+                at += 1;
+                (1 + be(at - 1, 1), None, 0)
+            }
+            Marker::Ext16 => {
+                at += 2;
+                (1 + be(at - 2, 2), None, 0)
+            }
+            Marker::Ext32 => {
+                at += 4;
+                (1 + be(at - 4, 4), None, 0)
+            }
+            Marker::Reserved => break,
+        };
+        at += skip;
+        pending += elements;
+        total += match heap {
+            // A scalar, in place.
+            None => 8,
+            // A string's bytes, or an array's or map's block of
+            // elements (the elements themselves counted as they come).
+            Some(n) => 24 + block(n) + if elements > 0 { 16 } else { 0 },
+        };
+    }
+    total
+}
+
 /// A hasher for oids: one multiplication (the cache's lookups are the
 /// hot path of reads; SipHash's resistance to chosen keys buys nothing for
 /// oids a store handed out).
@@ -254,6 +372,7 @@ impl std::hash::Hasher for OidHasher {
 }
 
 type OidMap<V> = HashMap<Oid, V, std::hash::BuildHasherDefault<OidHasher>>;
+type OidSet = HashSet<Oid, std::hash::BuildHasherDefault<OidHasher>>;
 
 /// One cached object.
 struct Cached {
@@ -349,7 +468,7 @@ pub struct Db<S: Storage> {
     holds_root: bool,
 }
 
-/// The default bound of a [`Db`]'s cache: 64 MiB of records.
+/// The default bound of a [`Db`]'s cache: 64 MiB.
 pub const DEFAULT_CACHE_BYTES: usize = 64 << 20;
 
 /// How often a transaction runs at most by default.
@@ -361,8 +480,9 @@ impl<S: Storage> Db<S> {
         Db::with_cache(storage, DEFAULT_CACHE_BYTES)
     }
 
-    /// Objects over `storage`, caching at most `bytes` of records (a
-    /// decoded object counts as its record's size).
+    /// Objects over `storage`, caching objects that hold at most about
+    /// `bytes` of memory (each estimated from its record: its scalars,
+    /// strings and collections, and the cache's own cost of keeping it).
     pub fn with_cache(storage: S, bytes: usize) -> Db<S> {
         Db {
             storage,
@@ -424,11 +544,13 @@ impl<S: Storage> Db<S> {
             let mut tx = Tx {
                 db: self,
                 writes: BTreeMap::new(),
+                reads: OidSet::default(),
             };
             let result = f(&mut tx);
             let writes = std::mem::take(&mut tx.writes);
+            let reads = std::mem::take(&mut tx.reads);
             let conflict = match result {
-                Ok(r) => match self.commit(writes) {
+                Ok(r) => match self.commit(writes, reads) {
                     Ok(()) => return Ok(r),
                     Err(ObjectError::Storage(e)) if retryable(&e) => e,
                     Err(e) => return Err(e),
@@ -444,20 +566,39 @@ impl<S: Storage> Db<S> {
         })
     }
 
-    fn commit(&mut self, writes: BTreeMap<Oid, Staged>) -> Result<(), ObjectError> {
+    /// Commits a transaction's changes, only onto the state it read: the
+    /// storage refuses the commit if another session changed what it read
+    /// or wrote since this session's sync. A transaction that changed
+    /// nothing commits nothing, but is checked the same way (unless the
+    /// storage reads from snapshots, where what it read is consistent).
+    fn commit(&mut self, writes: BTreeMap<Oid, Staged>, reads: OidSet) -> Result<(), ObjectError> {
         if writes.is_empty() {
-            return Ok(());
+            if reads.is_empty() || self.storage.snapshot_reads() {
+                return Ok(());
+            }
+            let mut clash = Vec::new();
+            for oid in self.storage.sync()? {
+                self.cache.remove(oid);
+                if reads.contains(&oid) {
+                    clash.push(oid);
+                }
+            }
+            if clash.is_empty() {
+                return Ok(());
+            }
+            return Err(StorageError::Conflict(Conflict::Invalidated { oids: clash }).into());
         }
+        let reads: Vec<Oid> = reads.into_iter().collect();
         let mut sizes = Vec::with_capacity(writes.len());
         self.storage.begin();
         let stored = (|| {
             for (oid, w) in &writes {
                 let (data, refs) = (w.encode)(*oid, &*w.value)?;
-                sizes.push(data.len());
+                sizes.push(footprint(&data, w.inline));
                 self.storage
                     .store(*oid, Record::new(*oid, &data, &refs).into_bytes())?;
             }
-            self.storage.end().map_err(ObjectError::from)
+            self.storage.end_checked(&reads).map_err(ObjectError::from)
         })();
         if let Err(e) = stored {
             self.storage.abort();
@@ -496,6 +637,8 @@ struct Staged {
     value: Arc<dyn Any + Send + Sync>,
     tag: &'static str,
     encode: Encoder,
+    /// The value's own size.
+    inline: usize,
 }
 
 /// A transaction of [`Db::transact`]: reads through the cache, and keeps
@@ -503,23 +646,31 @@ struct Staged {
 pub struct Tx<'a, S: Storage> {
     db: &'a mut Db<S>,
     writes: BTreeMap<Oid, Staged>,
+    /// What it read (from the cache or the storage): it commits only if
+    /// no other session changed these meanwhile.
+    reads: OidSet,
 }
 
 impl<S: Storage> Tx<'_, S> {
+    /// A cached object, noted as read.
+    fn read(&mut self, oid: Oid) -> Option<(Arc<dyn Any + Send + Sync>, &'static str)> {
+        self.reads.insert(oid);
+        self.db.cache.get(oid)
+    }
+
     /// The object `r` refers to (as this transaction changed it, if it did).
     pub fn get<T: Persistent>(&mut self, r: Ref<T>) -> Result<Arc<T>, ObjectError> {
         let oid = r.oid;
         let (any, tag) = match self.writes.get(&oid) {
             Some(w) => (w.value.clone(), w.tag),
-            None => match self.db.cache.get(oid) {
+            None => match self.read(oid) {
                 Some(v) => v,
                 None => {
                     let record = self.db.storage.load(oid)?;
                     let value: Arc<dyn Any + Send + Sync> =
                         Arc::new(decode::<T>(oid, record.data())?);
-                    self.db
-                        .cache
-                        .put(oid, value.clone(), T::TAG, record.data().len());
+                    let bytes = footprint(record.data(), std::mem::size_of::<T>());
+                    self.db.cache.put(oid, value.clone(), T::TAG, bytes);
                     (value, T::TAG)
                 }
             },
@@ -541,6 +692,7 @@ impl<S: Storage> Tx<'_, S> {
                 value: Arc::new(value),
                 tag: T::TAG,
                 encode: encode_any::<T>,
+                inline: std::mem::size_of::<T>(),
             },
         );
         Ok(())
@@ -567,7 +719,13 @@ impl<S: Storage> Tx<'_, S> {
                 }
             }
         }
-        Ok((*self.get(r)?).clone())
+        let value = self.get(r)?;
+        // Out of the cache while this transaction changes it: the copy
+        // here is then the only one, taken without a clone (its commit
+        // puts the new value back; if it does not commit, a later read
+        // loads it again).
+        self.db.cache.remove(r.oid);
+        Ok(Arc::try_unwrap(value).unwrap_or_else(|v| (*v).clone()))
     }
 
     /// Changes the object `r` refers to with `change`.
@@ -629,7 +787,7 @@ impl<S: Storage> Tx<'_, S> {
     }
 }
 
-pub use self::map::PMap;
+pub use self::map::{PMap, PSet};
 
 mod map {
     //! A persistent ordered map: a B-tree whose nodes are objects.
@@ -745,18 +903,38 @@ mod map {
             Ok(self.len(tx)? == 0)
         }
 
-        /// The value of `key`.
+        /// The value of `key` (a copy: [`get_with`](Self::get_with) reads
+        /// it in place).
         pub fn get<S: Storage>(
             &self,
             tx: &mut Tx<'_, S>,
             key: &K,
         ) -> Result<Option<V>, ObjectError> {
+            self.get_with(tx, key, V::clone)
+        }
+
+        /// Whether it holds `key`.
+        pub fn contains_key<S: Storage>(
+            &self,
+            tx: &mut Tx<'_, S>,
+            key: &K,
+        ) -> Result<bool, ObjectError> {
+            Ok(self.get_with(tx, key, |_| ())?.is_some())
+        }
+
+        /// `read` of the value of `key`, in place (no copy of the value).
+        pub fn get_with<S: Storage, R>(
+            &self,
+            tx: &mut Tx<'_, S>,
+            key: &K,
+            read: impl FnOnce(&V) -> R,
+        ) -> Result<Option<R>, ObjectError> {
             let mut at = tx.get(self.header)?.root;
             loop {
                 let node = tx.get(at)?;
                 match &*node {
                     Node::Leaf { keys, values } => {
-                        return Ok(keys.binary_search(key).ok().map(|i| values[i].clone()));
+                        return Ok(keys.binary_search(key).ok().map(|i| read(&values[i])));
                     }
                     Node::Branch { keys, children } => {
                         at = children[keys.partition_point(|k| k <= key)];
@@ -854,6 +1032,105 @@ mod map {
             }
             self.for_each_in(tx, range, |k, v| {
                 out.push((k.clone(), v.clone()));
+                out.len() < limit
+            })?;
+            Ok(out)
+        }
+    }
+
+    /// A persistent ordered set: a [`PMap`] of keys to `()`, with the
+    /// same scale (nodes loaded one at a time) and the same handle (a
+    /// reference to store in your objects).
+    #[derive(Serialize, Deserialize)]
+    #[serde(bound = "")]
+    pub struct PSet<K: Entry + Ord> {
+        map: PMap<K, ()>,
+    }
+
+    impl<K: Entry + Ord> Clone for PSet<K> {
+        fn clone(&self) -> Self {
+            *self
+        }
+    }
+    impl<K: Entry + Ord> Copy for PSet<K> {}
+    impl<K: Entry + Ord> std::fmt::Debug for PSet<K> {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "PSet({})", self.map.header.oid())
+        }
+    }
+
+    impl<K: Entry + Ord> PSet<K> {
+        /// A new, empty set.
+        pub fn new<S: Storage>(tx: &mut Tx<'_, S>) -> Result<PSet<K>, ObjectError> {
+            Ok(PSet {
+                map: PMap::new(tx)?,
+            })
+        }
+
+        /// A new, empty set whose nodes split above `fanout` keys (at
+        /// least 4).
+        pub fn with_fanout<S: Storage>(
+            tx: &mut Tx<'_, S>,
+            fanout: u32,
+        ) -> Result<PSet<K>, ObjectError> {
+            Ok(PSet {
+                map: PMap::with_fanout(tx, fanout)?,
+            })
+        }
+
+        /// How many keys it holds.
+        pub fn len<S: Storage>(&self, tx: &mut Tx<'_, S>) -> Result<u64, ObjectError> {
+            self.map.len(tx)
+        }
+
+        /// Whether it holds no key.
+        pub fn is_empty<S: Storage>(&self, tx: &mut Tx<'_, S>) -> Result<bool, ObjectError> {
+            self.map.is_empty(tx)
+        }
+
+        /// Whether it holds `key`.
+        pub fn contains<S: Storage>(
+            &self,
+            tx: &mut Tx<'_, S>,
+            key: &K,
+        ) -> Result<bool, ObjectError> {
+            self.map.contains_key(tx, key)
+        }
+
+        /// Adds `key`; true if it was not there.
+        pub fn insert<S: Storage>(&self, tx: &mut Tx<'_, S>, key: K) -> Result<bool, ObjectError> {
+            Ok(self.map.insert(tx, key, ())?.is_none())
+        }
+
+        /// Removes `key`; true if it was there.
+        pub fn remove<S: Storage>(&self, tx: &mut Tx<'_, S>, key: &K) -> Result<bool, ObjectError> {
+            Ok(self.map.remove(tx, key)?.is_some())
+        }
+
+        /// Calls `each` with the keys in `range`, in order, until it
+        /// returns false. Loads one node at a time.
+        pub fn for_each_in<S: Storage>(
+            &self,
+            tx: &mut Tx<'_, S>,
+            range: impl RangeBounds<K>,
+            mut each: impl FnMut(&K) -> bool,
+        ) -> Result<(), ObjectError> {
+            self.map.for_each_in(tx, range, |k, _| each(k))
+        }
+
+        /// The keys in `range`, in order, at most `limit` of them.
+        pub fn range<S: Storage>(
+            &self,
+            tx: &mut Tx<'_, S>,
+            range: impl RangeBounds<K>,
+            limit: usize,
+        ) -> Result<Vec<K>, ObjectError> {
+            let mut out = Vec::new();
+            if limit == 0 {
+                return Ok(out);
+            }
+            self.for_each_in(tx, range, |k| {
+                out.push(k.clone());
                 out.len() < limit
             })?;
             Ok(out)
@@ -988,7 +1265,38 @@ mod map {
 
 #[cfg(test)]
 mod tests {
-    use super::{Cache, Oid};
+    use super::{Cache, Oid, footprint};
+
+    #[test]
+    fn a_records_footprint_is_near_what_its_value_holds_in_memory() {
+        #[derive(serde::Serialize)]
+        struct Leaf {
+            keys: Vec<u64>,
+            values: Vec<String>,
+        }
+        let leaf = Leaf {
+            keys: (0..10_000u64).map(|k| k << 40).collect(),
+            values: (0..10_000).map(|k| format!("value {k:07}")).collect(),
+        };
+        let data = rmp_serde::to_vec_named(&leaf).unwrap();
+        let got = footprint(&data, std::mem::size_of::<Leaf>());
+        // 8 bytes a key; a string's header (24) and its 13 bytes' block
+        // (32) a value: 640,000 in all, and a little for the headers.
+        assert!((640_000..660_000).contains(&got), "{got}");
+        // Far more than the record: the strings' headers and blocks.
+        assert!(got > 2 * data.len());
+        // With the tag in front, as records have it: the same.
+        let mut tagged = super::MARKER.to_vec();
+        tagged.extend_from_slice(&4u16.to_be_bytes());
+        tagged.extend_from_slice(b"Leaf");
+        tagged.extend_from_slice(&data);
+        assert_eq!(footprint(&tagged, std::mem::size_of::<Leaf>()), got);
+        // Cut or garbage bodies end the count; they do not panic.
+        for cut in [0, 1, 5, data.len() / 2] {
+            assert!(footprint(&data[..cut], 0) <= got);
+        }
+        assert!(footprint(&[0xc1, 0xdd, 0xff, 0xff, 0xff, 0xff], 0) < 1_000);
+    }
     use std::collections::BTreeMap;
     use std::sync::Arc;
 

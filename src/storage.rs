@@ -66,6 +66,23 @@ pub trait Storage {
     /// Commits every record stored since `begin`, atomically.
     fn end(&mut self) -> Result<()>;
 
+    /// Commits as [`end`](Self::end), but only if no other session changed
+    /// an oid of the commit or of `reads` since this session's last sync:
+    /// otherwise it fails with
+    /// [`Conflict::Invalidated`](crate::Conflict::Invalidated) and writes
+    /// nothing. The check and the commit are atomic (as Durus's client
+    /// checks its read set against the invalidations it gets in the commit
+    /// order), so a transaction that read `reads` commits only onto the
+    /// state it read.
+    fn end_checked(&mut self, reads: &[Oid]) -> Result<()>;
+
+    /// Whether loads read the state of the last sync or commit (snapshot
+    /// reads), so that what one session reads between syncs is always
+    /// consistent. False unless the storage knows it.
+    fn snapshot_reads(&self) -> bool {
+        false
+    }
+
     /// Drops the commit underway.
     fn abort(&mut self);
 

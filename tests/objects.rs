@@ -3,7 +3,7 @@
 //! two writers conflicting through a server; records that are not Rust
 //! objects refused with a clear error.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -279,6 +279,165 @@ fn two_writers_through_a_server_lose_no_increment() {
     serving.join().unwrap().unwrap();
 }
 
+#[derive(Clone, Serialize, Deserialize)]
+struct Account {
+    balance: i64,
+}
+
+impl Persistent for Account {
+    const TAG: &'static str = "tests.Account";
+}
+
+#[derive(Clone, Serialize, Deserialize)]
+struct Bank {
+    a: Ref<Account>,
+    b: Ref<Account>,
+}
+
+impl Persistent for Bank {
+    const TAG: &'static str = "tests.Bank";
+}
+
+/// A read-only transaction that reads one account, meets a transfer
+/// committed by another session, then reads the other account: how often
+/// it runs, and the total it saw.
+fn read_across_a_transfer(snapshot_reads: bool) -> (u32, i64) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = RedbStorage::open(
+        dir.path().join("s.redb"),
+        Options::new().gc(ManualGc).snapshot_reads(snapshot_reads),
+    )
+    .unwrap();
+    let mut reader = Db::new(store.new_session());
+    let mut writer = Db::new(store);
+    let bank = writer
+        .transact(|tx| {
+            let a = tx.insert(Account { balance: 50 })?;
+            let b = tx.insert(Account { balance: 50 })?;
+            tx.set_root(Bank { a, b })?;
+            Ok(Bank { a, b })
+        })
+        .unwrap();
+    let mut runs = 0;
+    let total = reader
+        .transact(|tx| {
+            runs += 1;
+            let a = tx.get(bank.a)?.balance;
+            if runs == 1 {
+                writer
+                    .transact(|w| {
+                        w.update(bank.a, |x| x.balance -= 10)?;
+                        w.update(bank.b, |x| x.balance += 10)
+                    })
+                    .unwrap();
+            }
+            Ok(a + tx.get(bank.b)?.balance)
+        })
+        .unwrap();
+    (runs, total)
+}
+
+/// With snapshot reads, a read-only transaction never conflicts: it sees
+/// the state of its start throughout, once. Without, it meets the conflict
+/// and runs again; both see a consistent total (never the 110 of one
+/// account before the transfer and the other after).
+#[test]
+fn read_only_transactions_over_snapshot_reads_never_conflict() {
+    assert_eq!(read_across_a_transfer(true), (1, 100));
+    assert_eq!(read_across_a_transfer(false), (2, 100));
+}
+
+/// A transaction that writes one account from what it read of the other
+/// commits only onto the state it read: when the account it read changes
+/// before its commit, it runs again (no write skew), over a store in the
+/// process and through a server.
+#[test]
+fn a_commit_is_refused_when_what_it_read_changed() {
+    fn run<S: Storage>(mut db: Db<S>, mut other: Db<S>) -> (u32, i64) {
+        let bank = db
+            .transact(|tx| {
+                let a = tx.insert(Account { balance: 50 })?;
+                let b = tx.insert(Account { balance: 50 })?;
+                tx.set_root(Bank { a, b })?;
+                Ok(Bank { a, b })
+            })
+            .unwrap();
+        let mut runs = 0;
+        db.transact(|tx| {
+            runs += 1;
+            // b := a (read a, write b).
+            let a = tx.get(bank.a)?.balance;
+            if runs == 1 {
+                other
+                    .transact(|o| o.update(bank.a, |x| x.balance = 7))
+                    .unwrap();
+            }
+            tx.update(bank.b, |x| x.balance = a)
+        })
+        .unwrap();
+        let b = other.transact(|tx| Ok(tx.get(bank.b)?.balance)).unwrap();
+        (runs, b)
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let store = RedbStorage::open(dir.path().join("s.redb"), Options::new().gc(ManualGc)).unwrap();
+    let other = Db::new(store.new_session());
+    assert_eq!(run(Db::new(store.new_session()), other), (2, 7));
+
+    let dir = tempfile::tempdir().unwrap();
+    let store = RedbStorage::open(dir.path().join("s.redb"), Options::new()).unwrap();
+    let server = Server::bind(&store, ServerConfig::new(Address::tcp("127.0.0.1", 0))).unwrap();
+    let Address::Tcp { port, .. } = server.address().clone() else {
+        unreachable!()
+    };
+    let stop = server.shutdown_handle();
+    let serving = std::thread::spawn(move || server.run());
+    let client = || Db::new(ClientStorage::connect_tcp("127.0.0.1", port).unwrap());
+    assert_eq!(run(client(), client()), (2, 7));
+    stop.shutdown();
+    serving.join().unwrap().unwrap();
+}
+
+/// Two threads, each with its own session of one store in the process,
+/// increment one counter: no increment is lost.
+#[test]
+fn two_writers_in_the_process_lose_no_increment() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = RedbStorage::open(dir.path().join("s.redb"), Options::new().gc(ManualGc)).unwrap();
+    let mut db = Db::new(store.new_session());
+    db.transact(|tx| {
+        tx.set_root(Counters {
+            shared: 0,
+            per_writer: vec![0, 0],
+        })
+    })
+    .unwrap();
+    let writers: Vec<_> = (0..2)
+        .map(|w| {
+            let mut db = Db::new(store.new_session());
+            db.set_tries(10_000);
+            std::thread::spawn(move || {
+                for _ in 0..200 {
+                    db.transact(|tx| {
+                        let mut c = (*tx.root::<Counters>()?.unwrap()).clone();
+                        c.shared += 1;
+                        c.per_writer[w] += 1;
+                        tx.set_root(c)
+                    })
+                    .unwrap();
+                }
+            })
+        })
+        .collect();
+    for w in writers {
+        w.join().unwrap();
+    }
+    let c = db
+        .transact(|tx| Ok((*tx.root::<Counters>()?.unwrap()).clone()))
+        .unwrap();
+    assert_eq!(c.per_writer, vec![200, 200]);
+    assert_eq!(c.shared, 400, "an increment was lost");
+}
+
 /// A record that is not a Rust object (a pickle), and one of another
 /// type, are refused naming the oid and what was found.
 #[test]
@@ -317,9 +476,10 @@ fn records_of_another_kind_are_refused_with_a_clear_error() {
 }
 
 /// The root of the map tests: one persistent map.
-#[derive(Clone, Serialize, Deserialize)]
+#[derive(Clone, Copy, Serialize, Deserialize)]
 struct MapRoot {
     map: durus_redb::object::PMap<u32, String>,
+    set: durus_redb::object::PSet<u32>,
 }
 
 impl Persistent for MapRoot {
@@ -347,13 +507,13 @@ fn map_step() -> impl Strategy<Value = MapStep> {
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(48))]
     /// A persistent map with nodes of at most 4 entries (so that it splits
-    /// often, three levels and more), through a cache of 0 or 300 bytes,
+    /// often, three levels and more), through a cache of 0 bytes, 300 or 1 MiB,
     /// answers every step as std's BTreeMap does, across transactions; a
     /// fresh session reads the same entries in order at the end.
     #[test]
     fn a_persistent_map_answers_as_btreemap(
         txs in proptest::collection::vec(proptest::collection::vec(map_step(), 1..30), 1..12),
-        cache in prop_oneof![Just(0usize), Just(300)],
+        cache in prop_oneof![Just(0usize), Just(300), Just(1 << 20)],
     ) {
         let dir = tempfile::tempdir().unwrap();
         let store = RedbStorage::open(dir.path().join("s.redb"), Options::new().gc(ManualGc)).unwrap();
@@ -361,13 +521,16 @@ proptest! {
         let mut db = Db::with_cache(store, cache);
         db.transact(|tx| {
             let map = durus_redb::object::PMap::with_fanout(tx, 4)?;
-            tx.set_root(MapRoot { map })
+            let set = durus_redb::object::PSet::with_fanout(tx, 4)?;
+            tx.set_root(MapRoot { map, set })
         }).unwrap();
         let mut model: BTreeMap<u32, String> = BTreeMap::new();
+        let mut set_model: BTreeSet<u32> = BTreeSet::new();
         for steps in &txs {
             let (answers, expected) = {
                 let mut expected = Vec::new();
                 let mut m = model.clone();
+                let mut ms = set_model.clone();
                 for s in steps {
                     expected.push(match *s {
                         MapStep::Insert(k, v) => format!("{:?}", m.insert(k, v.to_string())),
@@ -376,10 +539,20 @@ proptest! {
                         MapStep::Range(a, b, n) => format!("{:?}", m.range(a..b).take(n)
                             .map(|(k, v)| (*k, v.clone())).collect::<Vec<_>>()),
                     });
+                    // The set takes the same steps (keys with an odd
+                    // value are inserted, so that the two differ).
+                    expected.push(match *s {
+                        MapStep::Insert(k, v) if v % 2 == 1 => format!("{}", ms.insert(k)),
+                        MapStep::Insert(_, _) => "skip".to_string(),
+                        MapStep::Remove(k) => format!("{}", ms.remove(&k)),
+                        MapStep::Get(k) => format!("{}", ms.contains(&k)),
+                        MapStep::Range(a, b, n) => format!("{:?}", ms.range(a..b).take(n)
+                            .copied().collect::<Vec<_>>()),
+                    });
                 }
-                expected.push(format!("len {}", m.len()));
+                expected.push(format!("len {} {}", m.len(), ms.len()));
                 let answers = db.transact(|tx| {
-                    let map = tx.root::<MapRoot>()?.unwrap().map;
+                    let MapRoot { map, set } = *tx.root::<MapRoot>()?.unwrap().as_ref();
                     let mut out = Vec::new();
                     for s in steps {
                         out.push(match *s {
@@ -388,22 +561,32 @@ proptest! {
                             MapStep::Get(k) => format!("{:?}", map.get(tx, &k)?),
                             MapStep::Range(a, b, n) => format!("{:?}", map.range(tx, a..b, n)?),
                         });
+                        out.push(match *s {
+                            MapStep::Insert(k, v) if v % 2 == 1 => format!("{}", set.insert(tx, k)?),
+                            MapStep::Insert(_, _) => "skip".to_string(),
+                            MapStep::Remove(k) => format!("{}", set.remove(tx, &k)?),
+                            MapStep::Get(k) => format!("{}", set.contains(tx, &k)?),
+                            MapStep::Range(a, b, n) => format!("{:?}", set.range(tx, a..b, n)?),
+                        });
                     }
-                    out.push(format!("len {}", map.len(tx)?));
+                    out.push(format!("len {} {}", map.len(tx)?, set.len(tx)?));
                     Ok(out)
                 }).unwrap();
                 model = m;
+                set_model = ms;
                 (answers, expected)
             };
             prop_assert_eq!(answers, expected);
         }
         let mut fresh = Db::with_cache(reader, 1 << 20);
         let all = fresh.transact(|tx| {
-            let map = tx.root::<MapRoot>()?.unwrap().map;
-            map.range(tx, .., usize::MAX)
+            let MapRoot { map, set } = *tx.root::<MapRoot>()?.unwrap().as_ref();
+            Ok((map.range(tx, .., usize::MAX)?, set.range(tx, .., usize::MAX)?))
         }).unwrap();
         let want: Vec<(u32, String)> = model.into_iter().collect();
-        prop_assert_eq!(all, want);
+        prop_assert_eq!(all.0, want);
+        let want: Vec<u32> = set_model.into_iter().collect();
+        prop_assert_eq!(all.1, want);
     }
 }
 

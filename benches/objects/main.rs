@@ -1,11 +1,12 @@
 //! The object layer's persistent map (`durus_redb::object::PMap`) against
 //! the same work in a raw redb table and in Python Durus 4.3's `BTree`
 //! through `durus -s`, in one run: bulk inserts of N entries in commits of
-//! 10,000, then lookups from a warm cache.
+//! 10,000, then lookups from a warm cache. Then the resident memory of a
+//! process walking a map of M entries with a 64 MiB object cache.
 //!
-//! `cargo bench --bench objects` (N = 1,000,000; `DURUS_BENCH_OBJECTS=N`
-//! for another size; needs `scripts/setup-python.sh`, or `DURUS_PYTHON`
-//! and `DURUS_BIN`).
+//! `cargo bench --bench objects` (N = 1,000,000, M = 10,000,000;
+//! `DURUS_BENCH_OBJECTS=N`, `DURUS_BENCH_ITERATED=M` for other sizes; needs
+//! `scripts/setup-python.sh`, or `DURUS_PYTHON` and `DURUS_BIN`).
 
 use std::net::TcpListener;
 use std::path::PathBuf;
@@ -38,7 +39,133 @@ fn probe(i: u64, n: u64) -> u64 {
     (i * 104_729) % n
 }
 
+/// The object cache of the iteration's process.
+const ITERATE_CACHE: usize = 64 << 20;
+/// The store's page cache in that process.
+const ITERATE_PAGES: usize = 8 << 20;
+
+/// A process's resident memory now and at its peak, in KiB.
+fn resident_kib() -> (u64, u64) {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+/// The iteration's own process: opens the store at `path` with an object
+/// cache of [`ITERATE_CACHE`], walks its map in key order and prints the
+/// entries seen, the seconds taken, the resident memory (KiB) after open,
+/// at the end, and at the peak.
+fn iterate(path: &str) {
+    let store =
+        RedbStorage::open(path, Options::new().gc(ManualGc).cache_bytes(ITERATE_PAGES)).unwrap();
+    let (opened, _) = resident_kib();
+    let mut db = Db::with_cache(store, ITERATE_CACHE);
+    let started = Instant::now();
+    let (seen, ordered) = db
+        .transact(|tx| {
+            let map = tx.root::<Root>()?.expect("a root").map;
+            let (mut seen, mut ordered, mut last) = (0u64, true, None);
+            map.for_each_in(tx, .., |k, v| {
+                ordered &= last.is_none_or(|l| l < *k) && v.len() > 6;
+                last = Some(*k);
+                seen += 1;
+                true
+            })?;
+            Ok((seen, ordered))
+        })
+        .unwrap();
+    let secs = started.elapsed().as_secs_f64();
+    assert!(ordered, "the map's entries came out of order");
+    assert!(db.cached_bytes() <= ITERATE_CACHE);
+    let (now, peak) = resident_kib();
+    println!("{seen} {secs} {opened} {now} {peak}");
+}
+
+/// Builds a map of `n` entries (keys in order, commits of 100,000) at
+/// `path`, then walks it in another process with a 64 MiB cache: that
+/// process's resident memory is what iterating costs.
+fn iteration_memory(path: &std::path::Path, n: u64) -> String {
+    {
+        let store = RedbStorage::open(
+            path,
+            Options::new().gc(ManualGc).durability(Durability::Fsync),
+        )
+        .unwrap();
+        let mut db = Db::with_cache(store, 64 << 20);
+        let map = db
+            .transact(|tx| {
+                let map = PMap::new(tx)?;
+                tx.set_root(Root { map })?;
+                Ok(map)
+            })
+            .unwrap();
+        let mut i = 0;
+        while i < n {
+            let end = (i + 100_000).min(n);
+            db.transact(|tx| {
+                for k in i..end {
+                    map.insert(tx, k, format!("value {k}"))?;
+                }
+                Ok(())
+            })
+            .unwrap();
+            i = end;
+        }
+        db.storage().close().unwrap();
+    }
+    let out = Command::new(std::env::current_exe().unwrap())
+        .env("DURUS_BENCH_ITERATE", path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "the iteration failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let v: Vec<f64> = text
+        .split_whitespace()
+        .map(|x| x.parse().unwrap())
+        .collect();
+    assert_eq!(
+        v[0] as u64, n,
+        "the iteration saw another number of entries"
+    );
+    let mib = |kib: f64| kib / 1024.0;
+    let file = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0) as f64 / (1 << 20) as f64;
+    eprintln!(
+        "objects: iterating {n} entries: {:.1} s, resident {:.0} MiB after open, {:.0} MiB at the end, {:.0} MiB at the peak (store {file:.0} MiB)",
+        v[1],
+        mib(v[2]),
+        mib(v[3]),
+        mib(v[4])
+    );
+    format!(
+        "\n### Iterating a map of {n} entries with a {} MiB object cache ({} MiB page cache)\n\n\
+         | entries/s | resident after open | at the end | peak | store file |\n\
+         |---:|---:|---:|---:|---:|\n\
+         | {:.0} | {:.0} MiB | {:.0} MiB | {:.0} MiB | {file:.0} MiB |",
+        ITERATE_CACHE >> 20,
+        ITERATE_PAGES >> 20,
+        n as f64 / v[1],
+        mib(v[2]),
+        mib(v[3]),
+        mib(v[4]),
+    )
+}
+
 fn main() {
+    if let Ok(path) = std::env::var("DURUS_BENCH_ITERATE") {
+        iterate(&path);
+        return;
+    }
     // `cargo test --all-targets` runs benchmarks without `--bench`: then
     // only check the machinery, on 5,000 entries.
     let bench = std::env::args().any(|a| a == "--bench");
@@ -88,18 +215,37 @@ fn main() {
         db.transact(|tx| {
             for j in 0..lookups {
                 let k = probe(j, n);
+                let len = map.get_with(tx, &k, String::len)?;
+                assert!(len.is_some_and(|len| len > 6));
+            }
+            Ok(())
+        })
+        .unwrap();
+        let found = lookups as f64 / started.elapsed().as_secs_f64();
+        // The same lookups by `get`, which returns a copy of the value.
+        let started = Instant::now();
+        db.transact(|tx| {
+            for j in 0..lookups {
+                let k = probe(j, n);
                 let v = map.get(tx, &k)?;
                 assert!(v.is_some_and(|v| v.len() > 6));
             }
             Ok(())
         })
         .unwrap();
-        let found = lookups as f64 / started.elapsed().as_secs_f64();
-        eprintln!("objects: PMap: {inserts:.0} inserts/s, {found:.0} lookups/s");
+        let copied = lookups as f64 / started.elapsed().as_secs_f64();
+        eprintln!(
+            "objects: PMap: {inserts:.0} inserts/s, {found:.0} lookups/s in place, {copied:.0} with a copy"
+        );
         rows.push((
-            "durus-redb PMap (RedbStorage, fsync)".into(),
+            "durus-redb PMap (RedbStorage, fsync), `get_with`".into(),
             inserts,
             found,
+        ));
+        rows.push((
+            "durus-redb PMap, the same lookups by `get` (a copy of each value)".into(),
+            f64::NAN,
+            copied,
         ));
         db.storage().close().unwrap();
     }
@@ -132,7 +278,8 @@ fn main() {
         let started = Instant::now();
         for j in 0..lookups {
             let k = probe(j, n);
-            assert!(t.get(k).unwrap().is_some());
+            let len = t.get(k).unwrap().map(|v| v.value().len());
+            assert!(len.is_some_and(|len| len > 6));
         }
         let found = lookups as f64 / started.elapsed().as_secs_f64();
         eprintln!("objects: raw redb: {inserts:.0} inserts/s, {found:.0} lookups/s");
@@ -195,10 +342,24 @@ fn main() {
         eprintln!("objects: Python Durus not found: its row is left out (scripts/setup-python.sh)");
     }
 
+    // Iterating a map far larger than the cache, in its own process.
+    let iterated: u64 = std::env::var("DURUS_BENCH_ITERATED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|_| bench)
+        .unwrap_or(if bench { 10_000_000 } else { 20_000 });
+    let memory = iteration_memory(&dir.path().join("iterated.redb"), iterated);
+
     println!("\n### The persistent map: {n} entries, commits of {BATCH}\n");
     println!("| store | inserts/s | lookups/s (warm cache) |");
     println!("|---|---:|---:|");
     for (label, ins, look) in rows {
-        println!("| {label} | {ins:.0} | {look:.0} |");
+        let ins = if ins.is_nan() {
+            "".to_string()
+        } else {
+            format!("{ins:.0}")
+        };
+        println!("| {label} | {ins} | {look:.0} |");
     }
+    println!("{memory}");
 }

@@ -401,6 +401,29 @@ impl Storage for RedbStorage {
         }
     }
 
+    fn end_checked(&mut self, reads: &[Oid]) -> Result<()> {
+        self.live()?;
+        let records = self.pending.take();
+        if self.snapshot_reads {
+            self.snapshot = None;
+        }
+        let taken = self.engine.commit_checked(
+            self.session,
+            &self.state,
+            &records,
+            reads,
+            self.snapshot_reads,
+        )?;
+        if taken.is_some() {
+            self.snapshot = taken;
+        }
+        Ok(())
+    }
+
+    fn snapshot_reads(&self) -> bool {
+        self.snapshot_reads
+    }
+
     fn abort(&mut self) {
         self.pending.clear();
     }

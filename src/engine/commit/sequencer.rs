@@ -14,7 +14,7 @@ use crate::checkpoint::Durability as Mode;
 use crate::engine::order::{Entry, Grant, Held, Place, Standing};
 use crate::engine::pins::pin_list;
 use crate::engine::{Engine, SessionId};
-use crate::error::{Result, StorageError};
+use crate::error::{Conflict, Result, StorageError};
 use crate::record::{Oid, Record};
 
 /// Condition variables the turns' waits are spread over.
@@ -532,6 +532,39 @@ impl Engine {
     pub(crate) fn commit(&self, session: SessionId, records: &BTreeMap<Oid, Record>) -> Result<()> {
         let (ticket, ()) = self.lock_order().apply_then(session, records, |_| ());
         self.finish(ticket?)
+    }
+
+    /// [`commit`](Self::commit) (with a snapshot of the state just after
+    /// it if `snapshot`), refused with [`Conflict::Invalidated`] and
+    /// nothing written when another session changed one of `reads` or of
+    /// the oids it stores since `session`'s last sync: checked in the
+    /// commit order, so no commit can come between the check and this one.
+    pub(crate) fn commit_checked(
+        &self,
+        session: SessionId,
+        state: &crate::engine::sessions::SessionRef,
+        records: &BTreeMap<Oid, Record>,
+        reads: &[Oid],
+        snapshot: bool,
+    ) -> Result<Option<crate::engine::Snapshot>> {
+        let mut order = self.lock_order();
+        let oids: Vec<Oid> = reads.iter().chain(records.keys()).copied().collect();
+        let flags = self.invalid_flags(session, state, &oids);
+        let mut clash: Vec<Oid> = oids
+            .iter()
+            .zip(flags)
+            .filter_map(|(oid, invalid)| invalid.then_some(*oid))
+            .collect();
+        if !clash.is_empty() {
+            clash.sort_unstable();
+            clash.dedup();
+            return Err(Conflict::Invalidated { oids: clash }.into());
+        }
+        let (ticket, taken) = order.apply_then(session, records, |r| {
+            (snapshot && r.is_ok()).then(|| self.snapshot())
+        });
+        self.finish(ticket?)?;
+        taken.transpose()
     }
 
     /// [`commit`](Self::commit), and a snapshot of the state just after it
