@@ -39,11 +39,13 @@
 //! `SELECT ... FOR UPDATE` on one row, prepared statements, explicit
 //! transactions.
 //!
-//! Lock order (this module's own locks, plain `parking_lot`): `order` (the
-//! local side of the commit order, with its connection), `catch_up`,
-//! `alloc`, `state`; the barrier's locks are taken with none of these held.
+//! Lock order (this module's own locks, plain `parking_lot`): `collector`
+//! (one full collection at a time), `order` (the local side of the commit
+//! order, with its connection), `catch_up`, `alloc`, `state`; the barrier's
+//! locks are taken with none of these held.
 
 mod batch;
+mod collect;
 pub(crate) mod import;
 mod session;
 mod snapshot;
@@ -57,15 +59,14 @@ pub(crate) mod url;
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Instant;
 
 use parking_lot::{Condvar, Mutex};
 use postgres::{Client, SimpleQueryMessage, Statement};
 
 use super::{Backend, Hold, LiveState, PoisonWatch};
-use crate::error::{InvalidInput, Result, StorageError};
+use crate::error::{Result, StorageError};
 use crate::gc::FullReport;
-use crate::record::{Oid, refs_of};
+use crate::record::Oid;
 
 /// The version of the tables this build writes and reads.
 pub(crate) const FORMAT: i64 = 1;
@@ -408,6 +409,10 @@ struct State {
     next_session: u64,
     full_collections: u64,
     removed_full: u64,
+    /// While a full collection runs: every oid changed since its snapshot.
+    collecting: Option<Vec<Oid>>,
+    /// This front end lost track of the log while a collection ran.
+    collect_lost: bool,
 }
 
 #[derive(Default)]
@@ -429,6 +434,9 @@ impl State {
     /// Tells every session but `by` (all of them for `None`) that `oids`
     /// changed.
     fn publish(&mut self, by: Option<u64>, oids: &[Oid]) {
+        if let Some(changed) = &mut self.collecting {
+            changed.extend_from_slice(oids);
+        }
         for (id, s) in &mut self.sessions {
             if Some(*id) != by {
                 s.invalid.extend(oids.iter().copied());
@@ -453,11 +461,15 @@ impl State {
         for s in self.sessions.values_mut() {
             s.lost = true;
         }
+        self.collect_lost = true;
         self.known = tid;
     }
 
     /// Tells every session but those of `told` that `oids` changed.
     fn publish_except(&mut self, told: &[u64], oids: &[Oid]) {
+        if let Some(changed) = &mut self.collecting {
+            changed.extend_from_slice(oids);
+        }
         for (id, s) in &mut self.sessions {
             if !told.contains(id) {
                 s.invalid.extend(oids.iter().copied());
@@ -482,6 +494,7 @@ impl State {
                 for s in self.sessions.values_mut() {
                     s.lost = true;
                 }
+                self.collect_lost = true;
             }
             self.publish(None, oids);
             self.known = *tid;
@@ -533,6 +546,8 @@ pub(crate) struct PgBackend {
     /// then flushed before the order is released).
     deferred_flush: std::sync::atomic::AtomicBool,
     order_waiting: AtomicU64,
+    /// Held by a full collection: one at a time on this front end.
+    collector: Mutex<()>,
 }
 
 impl PgBackend {
@@ -603,6 +618,7 @@ impl PgBackend {
             barrier_conn: Mutex::new(None),
             deferred_flush: std::sync::atomic::AtomicBool::new(true),
             order_waiting: AtomicU64::new(0),
+            collector: Mutex::new(()),
         };
         Ok(backend)
     }
@@ -976,46 +992,11 @@ impl Backend for PgBackend {
         })
     }
 
-    /// A pack as Durus's: everything the root does not reach is removed at
-    /// once. It holds the commit order throughout (commits wait).
+    /// A pack as Durus's: everything the root does not reach is removed.
+    /// It marks in a snapshot while commits flow, and holds the commit
+    /// order only to remove a batch (see `collect`).
     fn full_collection(&self, stop: &mut dyn FnMut() -> bool) -> Result<FullReport> {
-        let started = Instant::now();
-        let mut order = self.order.lock();
-        if self.end_batch(&mut order, None)? {
-            self.flush_barrier()?;
-        }
-        if order.conn.as_ref().is_none_or(|c| c.client.is_closed()) {
-            order.conn = Some(self.order_conn()?);
-        }
-        let conn = order.conn.as_mut().expect("just connected");
-        let tid = self.take_order(conn)?;
-        let result = self.pack_in_order(conn, tid, stop, started);
-        if result.as_ref().map_or(true, |(r, _)| !r.completed) {
-            if conn.batch("ROLLBACK").is_err() {
-                order.conn = None;
-            }
-            return result.map(|(r, _)| r);
-        }
-        let (mut report, dead) = result.expect("checked above");
-        let _log = self.catch_up.lock();
-        if let Err(e) = conn.batch("COMMIT") {
-            order.conn = None;
-            return Err(e);
-        }
-        {
-            let mut st = self.state.lock();
-            if !dead.is_empty() {
-                st.publish(None, &dead);
-                st.known = tid + 1;
-            }
-            st.full_collections += 1;
-            st.removed_full += report.removed_objects;
-        }
-        drop(_log);
-        drop(order);
-        self.flush_barrier()?;
-        report.elapsed = started.elapsed();
-        Ok(report)
+        self.collect(stop)
     }
 
     /// Never called: a database failure fails the commits it touches, and
@@ -1046,88 +1027,5 @@ impl Backend for PgBackend {
         *self.barrier_conn.lock() = None;
         self.pool.idle.lock().clear();
         Ok(())
-    }
-}
-
-impl PgBackend {
-    /// The mark and sweep of a pack, in the transaction holding the order
-    /// at `tid`. Returns the report (not completed if stopped) and the
-    /// oids removed.
-    fn pack_in_order(
-        &self,
-        conn: &mut Conn,
-        tid: u64,
-        stop: &mut dyn FnMut() -> bool,
-        started: Instant,
-    ) -> Result<(FullReport, Vec<Oid>)> {
-        let mut report = FullReport {
-            completed: true,
-            passes: 1,
-            ..FullReport::default()
-        };
-        let any: Vec<postgres::Row> =
-            conn.query("SELECT oid FROM durus_records WHERE chunk = 0 LIMIT 1", &[])?;
-        if any.is_empty() {
-            report.elapsed = started.elapsed();
-            return Ok((report, Vec::new()));
-        }
-        let mut live: std::collections::HashSet<Oid> = std::collections::HashSet::new();
-        let mut todo = vec![Oid::ROOT];
-        let mut root_seen = false;
-        while !todo.is_empty() {
-            if stop() {
-                report.completed = false;
-                return Ok((report, Vec::new()));
-            }
-            let batch: Vec<Oid> = todo
-                .drain(todo.len().saturating_sub(WALK_BATCH)..)
-                .filter(|o| live.insert(*o))
-                .collect();
-            let found = self.fetch(conn, &batch)?;
-            for (oid, (_, bytes)) in &found {
-                if *oid == Oid::ROOT {
-                    root_seen = true;
-                }
-                let refs = refs_of(bytes).map_err(|e| {
-                    StorageError::damaged(format!("the record of oid {oid} does not decode: {e}"))
-                })?;
-                todo.extend(refs.filter(|r| !live.contains(r)));
-            }
-        }
-        if !root_seen {
-            return Err(InvalidInput::NoRoot.into());
-        }
-        let rows = conn.query(
-            "SELECT oid, sum(length(data))::bigint FROM durus_records GROUP BY oid",
-            &[],
-        )?;
-        let mut dead = Vec::new();
-        for row in &rows {
-            let oid = oid_of(row.get(0));
-            if !live.contains(&oid) {
-                dead.push(oid);
-                let bytes: i64 = row.get(1);
-                report.removed_bytes += bytes as u64;
-            }
-        }
-        dead.sort();
-        report.live_objects = (rows.len() - dead.len()) as u64;
-        report.removed_objects = dead.len() as u64;
-        if !dead.is_empty() {
-            for part in dead.chunks(WALK_BATCH) {
-                let keys: Vec<i64> = part.iter().map(|o| key(*o)).collect();
-                conn.execute("DELETE FROM durus_records WHERE oid = ANY($1)", &[&keys])?;
-            }
-            let next = (tid + 1) as i64;
-            conn.execute(
-                "INSERT INTO durus_log (tid, oids) VALUES ($1, $2)",
-                &[&next, &oids_bytes(&dead)],
-            )?;
-            conn.execute(
-                "UPDATE durus_order SET tid = $1, objects = objects - $2 WHERE id = 1",
-                &[&next, &(dead.len() as i64)],
-            )?;
-        }
-        Ok((report, dead))
     }
 }

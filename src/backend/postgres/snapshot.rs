@@ -41,6 +41,14 @@ impl Drop for PgSnapshot {
     }
 }
 
+impl PgSnapshot {
+    /// The snapshot's connection, its transaction still open: the caller
+    /// ends it.
+    pub(super) fn into_conn(self) -> Conn {
+        self.conn.lock().take().expect("held until dropped")
+    }
+}
+
 impl Snapshot for PgSnapshot {
     fn age(&self) -> Duration {
         self.taken.elapsed()

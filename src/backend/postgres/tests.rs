@@ -350,3 +350,323 @@ fn the_log_is_trimmed_below_what_every_live_front_end_has_read() {
     let fresh = b.open_session();
     commit_root(fresh.as_ref(), b"b again").unwrap();
 }
+
+/// Commits records of `(oid, references)` through `session`.
+fn commit_refs(session: &dyn Session, records: &[(Oid, Vec<Oid>)]) -> crate::Result<()> {
+    let Entry::Now(order) = session.enter_order(&mut || unreachable!("blocks, never queues"))
+    else {
+        panic!("enter_order blocks until the order is had");
+    };
+    session.sync();
+    let records = records
+        .iter()
+        .map(|(oid, refs)| (*oid, Record::new(*oid, b"x", refs)))
+        .collect();
+    order.commit(records, false).0
+}
+
+/// Which of `oids` a fresh session of `fe` finds stored.
+fn stored(fe: &PgBackend, oids: &[Oid]) -> Vec<bool> {
+    let s = fe.open_session();
+    s.sync();
+    let mut out = Vec::new();
+    s.load(oids, &mut |f| {
+        out.push(matches!(f, crate::backend::Found::Record(_)));
+        true
+    })
+    .unwrap();
+    out
+}
+
+/// A full collection marks in a snapshot while commits flow: what a commit
+/// made during it re-attaches (an object and the cycle it is in) is kept,
+/// through the collecting front end or another; what was detached or made
+/// during it stays until the next one; the rest goes, and the other front
+/// end's sessions are told.
+#[test]
+fn a_full_collection_keeps_what_commits_during_it_reach() {
+    for through_other in [false, true] {
+        let config = testdb::fresh(if through_other {
+            "collect_b"
+        } else {
+            "collect_a"
+        });
+        let a = PgBackend::open_with(config.clone().into(), 64).unwrap();
+        let b = PgBackend::open_with(config.clone().into(), 64).unwrap();
+        let sa = a.open_session();
+        let o = sa.new_oids(5, 1 << 20).unwrap();
+        let (live, g, h, z) = (o[1], o[2], o[3], o[4]);
+        assert_eq!(o[0], Oid::ROOT);
+        commit_refs(
+            sa.as_ref(),
+            &[
+                (Oid::ROOT, vec![live]),
+                (live, vec![]),
+                (g, vec![h]),
+                (h, vec![g]),
+                (z, vec![]),
+            ],
+        )
+        .unwrap();
+        let watcher = b.open_session();
+        watcher.sync();
+        let committer = if through_other {
+            b.open_session()
+        } else {
+            a.open_session()
+        };
+        let n = committer.new_oids(1, 1 << 20).unwrap()[0];
+        let mut calls = 0;
+        let report = a
+            .full_collection(&mut || {
+                calls += 1;
+                if calls == 1 {
+                    // After the snapshot, before the mark: the root now
+                    // holds g (and so h) instead of live; n is new.
+                    commit_refs(committer.as_ref(), &[(Oid::ROOT, vec![g]), (n, vec![])]).unwrap();
+                }
+                false
+            })
+            .unwrap();
+        assert!(report.completed);
+        assert_eq!(report.removed_objects, 1, "through_other {through_other}");
+        assert_eq!(
+            stored(&a, &[Oid::ROOT, live, g, h, n, z]),
+            [true, true, true, true, true, false],
+            "through_other {through_other}"
+        );
+        assert!(watcher.sync().contains(&z), "the other front end is told");
+        // The next one takes what was detached or made during the first.
+        let report = a.full_collection(&mut || false).unwrap();
+        assert_eq!(report.removed_objects, 2);
+        assert_eq!(
+            stored(&b, &[Oid::ROOT, live, g, h, n]),
+            [true, false, true, true, false]
+        );
+    }
+}
+
+/// Two full collections at once, through two front ends (no lease keeps
+/// them apart): together they remove each garbage object once, and the
+/// database checks clean (its object count agrees with its records).
+#[test]
+fn two_full_collections_at_once_remove_the_garbage_once() {
+    let config = testdb::fresh("collect_twice");
+    let a = PgBackend::open_with(config.clone().into(), 4096).unwrap();
+    let b = PgBackend::open_with(config.clone().into(), 4096).unwrap();
+    let s = a.open_session();
+    let garbage = 5_000;
+    let o = s.new_oids(1 + garbage, 1 << 20).unwrap();
+    let mut records = vec![(Oid::ROOT, vec![])];
+    records.extend(o[1..].iter().map(|g| (*g, vec![])));
+    commit_refs(s.as_ref(), &records).unwrap();
+    let (ra, rb) = std::thread::scope(|scope| {
+        let one = scope.spawn(|| a.full_collection(&mut || false).unwrap());
+        let two = scope.spawn(|| b.full_collection(&mut || false).unwrap());
+        (one.join().unwrap(), two.join().unwrap())
+    });
+    assert_eq!(ra.removed_objects + rb.removed_objects, garbage as u64);
+    let admin = testdb::admin_url();
+    let url = format!(
+        "{}/{}",
+        admin.rsplit_once('/').unwrap().0,
+        config.get_dbname().unwrap()
+    );
+    let check = super::tools::check_database(&url, &mut |_| {}).unwrap();
+    assert!(check.problems.is_empty(), "{:?}", check.problems);
+    assert_eq!(check.records, 1);
+}
+
+/// A record's data: one number.
+fn number(n: u64) -> Vec<u8> {
+    n.to_be_bytes().to_vec()
+}
+
+/// The number `session` loads for `oid`.
+fn load_number(session: &dyn Session, oid: Oid) -> crate::Result<u64> {
+    let mut got = None;
+    session.load(&[oid], &mut |f| {
+        if let crate::backend::Found::Record(b) = f {
+            got = Record::from_bytes(b.to_vec())
+                .ok()
+                .and_then(|r| r.data().try_into().ok())
+                .map(u64::from_be_bytes);
+        }
+        true
+    })?;
+    got.ok_or_else(|| crate::StorageError::protocol(format!("no number in {oid}")))
+}
+
+mod threads_and_crashes {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::Duration;
+
+    use parking_lot::Mutex;
+    use postgres::NoTls;
+    use proptest::prelude::*;
+
+    use super::super::{PgBackend, testdb};
+    use super::{load_number, number};
+    use crate::backend::{Backend, Entry};
+    use crate::record::{Oid, Record};
+
+    const THREADS: u64 = 4;
+    const COMMITS: u64 = 100;
+    /// Front ends at once; each thread uses the one of its slot.
+    const SLOTS: usize = 2;
+
+    /// A front end with its own application name, so that its connections
+    /// can be cut (as when its process is killed).
+    fn front_end(config: &postgres::Config, name: &str) -> Arc<PgBackend> {
+        let mut config = config.clone();
+        config.application_name(name);
+        Arc::new(PgBackend::open_with(config.into(), 16).unwrap())
+    }
+
+    /// Closes every connection of the front end named `name`, from the
+    /// database's side.
+    fn cut(config: &postgres::Config, name: &str) {
+        let mut c = config.connect(NoTls).unwrap();
+        c.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1",
+            &[&name],
+        )
+        .unwrap();
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(8))]
+        /// Threads commit at once, each through its own session on one of
+        /// two front ends; at the moments drawn, a front end's connections
+        /// are cut mid-flight (as when its process is killed) and a new one
+        /// takes its place, its threads moving to it. Each commit of a
+        /// thread sets its two objects to the commit's number and adds one
+        /// to a shared counter. Afterwards, as the serial model of the
+        /// same commits says: each thread's two objects are equal (a commit
+        /// is whole), hold its last acknowledged number or that of a commit
+        /// whose answer was lost with its front end; the counter is the
+        /// acknowledged commits plus at most the lost ones.
+        #[test]
+        fn threads_committing_through_front_ends_that_are_cut_lose_nothing_acknowledged(
+            cuts in proptest::collection::vec((0..SLOTS, 5u64..250), 1..4),
+        ) {
+            let shown = cuts.clone();
+            let config = testdb::fresh("threads_cut");
+            let first = front_end(&config, "fe-0");
+            // The counter (the root) and two objects a thread.
+            let objects = {
+                let s = first.open_session();
+                let oids = s.new_oids(1 + 2 * THREADS as usize, 1 << 20).unwrap();
+                let Entry::Now(order) = s.enter_order(&mut || unreachable!()) else {
+                    panic!("blocks until the order is had")
+                };
+                s.sync();
+                let records = oids
+                    .iter()
+                    .map(|o| (*o, Record::new(*o, &number(0), &[])))
+                    .collect();
+                order.commit(records, false).0.unwrap();
+                oids
+            };
+            let slots: Vec<Mutex<(Arc<PgBackend>, String)>> = (0..SLOTS)
+                .map(|i| {
+                    let fe = if i == 0 { first.clone() } else { front_end(&config, "fe-1") };
+                    Mutex::new((fe, format!("fe-{i}")))
+                })
+                .collect();
+            let done = AtomicBool::new(false);
+            // Per thread: the acknowledged commits, its last acknowledged
+            // number, and the numbers whose answer was lost.
+            let results: Vec<(u64, u64, Vec<u64>)> = std::thread::scope(|scope| {
+                let slots = &slots;
+                let objects = &objects;
+                let done = &done;
+                let config = &config;
+                let cutter = scope.spawn(move || {
+                    for (n, (slot, after_ms)) in cuts.iter().enumerate() {
+                        std::thread::sleep(Duration::from_millis(*after_ms));
+                        if done.load(Ordering::Acquire) {
+                            return;
+                        }
+                        let name = format!("fe-{}-{n}", slot);
+                        let new = front_end(config, &name);
+                        let old = std::mem::replace(&mut *slots[*slot].lock(), (new, name));
+                        cut(config, &old.1);
+                    }
+                });
+                let workers: Vec<_> = (0..THREADS)
+                    .map(|t| {
+                        scope.spawn(move || {
+                            let (a, b) = (objects[1 + 2 * t as usize], objects[2 + 2 * t as usize]);
+                            let (mut acked, mut last, mut lost) = (0u64, 0u64, Vec::new());
+                            let mut k = 1;
+                            while k <= COMMITS {
+                                let fe = slots[t as usize % SLOTS].lock().0.clone();
+                                let s = fe.open_session();
+                                while k <= COMMITS {
+                                    let Entry::Now(order) = s.enter_order(&mut || unreachable!())
+                                    else {
+                                        panic!("blocks until the order is had")
+                                    };
+                                    s.sync();
+                                    let counter = match load_number(s.as_ref(), Oid::ROOT) {
+                                        Ok(c) => c,
+                                        Err(_) => break,
+                                    };
+                                    let records = [
+                                        (Oid::ROOT, counter + 1),
+                                        (a, k),
+                                        (b, k),
+                                    ]
+                                    .into_iter()
+                                    .map(|(o, v)| (o, Record::new(o, &number(v), &[])))
+                                    .collect();
+                                    match order.commit(records, false).0 {
+                                        Ok(()) => {
+                                            acked += 1;
+                                            last = k;
+                                        }
+                                        Err(_) => {
+                                            // Its answer is lost with the
+                                            // front end: applied or not.
+                                            lost.push(k);
+                                            k += 1;
+                                            break;
+                                        }
+                                    }
+                                    k += 1;
+                                }
+                            }
+                            (acked, last, lost)
+                        })
+                    })
+                    .collect();
+                let results = workers.into_iter().map(|w| w.join().unwrap()).collect();
+                done.store(true, Ordering::Release);
+                cutter.join().unwrap();
+                results
+            });
+            let reader = front_end(&config, "reader");
+            let s = reader.open_session();
+            s.sync();
+            let counter = load_number(s.as_ref(), Oid::ROOT).unwrap();
+            let acked: u64 = results.iter().map(|r| r.0).sum();
+            let lost: u64 = results.iter().map(|r| r.2.len() as u64).sum();
+            prop_assert!(
+                counter >= acked && counter <= acked + lost,
+                "counter {} with {} acknowledged and {} lost commits", counter, acked, lost
+            );
+            for (t, (_, last, lost)) in results.iter().enumerate() {
+                let a = load_number(s.as_ref(), objects[1 + 2 * t]).unwrap();
+                let b = load_number(s.as_ref(), objects[2 + 2 * t]).unwrap();
+                prop_assert_eq!(a, b, "thread {}: a commit applied in part", t);
+                prop_assert!(
+                    a == *last || (a > *last && lost.contains(&a)),
+                    "thread {}: holds {}, last acknowledged {}, lost {:?}", t, a, last, lost
+                );
+            }
+            eprintln!("cuts {shown:?}: {acked} acknowledged, {lost} lost, counter {counter}");
+        }
+    }
+}
