@@ -384,6 +384,8 @@ struct Cached {
     tick: u64,
     /// Its key in the order of use (`tick` as of its last listing).
     listed: u64,
+    /// The transaction (`Cache::serial`) that read it last.
+    read_in: u64,
 }
 
 /// Decoded objects, bounded by the size of their records, the least
@@ -396,16 +398,24 @@ struct Cache {
     bytes: usize,
     limit: usize,
     tick: u64,
+    /// The running transaction's number.
+    serial: u64,
 }
+
+/// A cached object, and whether the running transaction reads it for the
+/// first time.
+type Hit = (Arc<dyn Any + Send + Sync>, &'static str, bool);
 
 impl Cache {
     /// A cached object. Its use is noted by its tick alone: the order of
     /// use is brought up to date when something must be evicted.
-    fn get(&mut self, oid: Oid) -> Option<(Arc<dyn Any + Send + Sync>, &'static str)> {
+    fn get(&mut self, oid: Oid) -> Option<Hit> {
         let c = self.objects.get_mut(&oid)?;
         self.tick += 1;
         c.tick = self.tick;
-        Some((c.value.clone(), c.tag))
+        let first = c.read_in != self.serial;
+        c.read_in = self.serial;
+        Some((c.value.clone(), c.tag, first))
     }
 
     fn put(
@@ -425,6 +435,7 @@ impl Cache {
                 bytes,
                 tick: self.tick,
                 listed: self.tick,
+                read_in: self.serial,
             },
         );
         self.by_use.insert(self.tick, oid);
@@ -492,6 +503,7 @@ impl<S: Storage> Db<S> {
                 bytes: 0,
                 limit: bytes,
                 tick: 0,
+                serial: 0,
             },
             tries: DEFAULT_TRIES,
             holds_root: false,
@@ -541,10 +553,11 @@ impl<S: Storage> Db<S> {
                 std::thread::sleep(std::time::Duration::from_millis(u64::from(try_.min(50))));
             }
             self.sync()?;
+            self.cache.serial += 1;
             let mut tx = Tx {
                 db: self,
                 writes: BTreeMap::new(),
-                reads: OidSet::default(),
+                reads: Vec::new(),
             };
             let result = f(&mut tx);
             let writes = std::mem::take(&mut tx.writes);
@@ -571,13 +584,22 @@ impl<S: Storage> Db<S> {
     /// or wrote since this session's sync. A transaction that changed
     /// nothing commits nothing, but is checked the same way (unless the
     /// storage reads from snapshots, where what it read is consistent).
-    fn commit(&mut self, writes: BTreeMap<Oid, Staged>, reads: OidSet) -> Result<(), ObjectError> {
+    fn commit(
+        &mut self,
+        writes: BTreeMap<Oid, Staged>,
+        reads: Vec<Oid>,
+    ) -> Result<(), ObjectError> {
         if writes.is_empty() {
             if reads.is_empty() || self.storage.snapshot_reads() {
                 return Ok(());
             }
+            let changed = self.storage.sync()?;
+            if changed.is_empty() {
+                return Ok(());
+            }
+            let reads: OidSet = reads.into_iter().collect();
             let mut clash = Vec::new();
-            for oid in self.storage.sync()? {
+            for oid in changed {
                 self.cache.remove(oid);
                 if reads.contains(&oid) {
                     clash.push(oid);
@@ -588,7 +610,6 @@ impl<S: Storage> Db<S> {
             }
             return Err(StorageError::Conflict(Conflict::Invalidated { oids: clash }).into());
         }
-        let reads: Vec<Oid> = reads.into_iter().collect();
         let mut sizes = Vec::with_capacity(writes.len());
         self.storage.begin();
         let stored = (|| {
@@ -646,16 +667,20 @@ struct Staged {
 pub struct Tx<'a, S: Storage> {
     db: &'a mut Db<S>,
     writes: BTreeMap<Oid, Staged>,
-    /// What it read (from the cache or the storage): it commits only if
-    /// no other session changed these meanwhile.
-    reads: OidSet,
+    /// What it read (from the cache or the storage), each oid once (or
+    /// again if evicted and read again): it commits only if no other
+    /// session changed these meanwhile.
+    reads: Vec<Oid>,
 }
 
 impl<S: Storage> Tx<'_, S> {
     /// A cached object, noted as read.
     fn read(&mut self, oid: Oid) -> Option<(Arc<dyn Any + Send + Sync>, &'static str)> {
-        self.reads.insert(oid);
-        self.db.cache.get(oid)
+        let (value, tag, first) = self.db.cache.get(oid)?;
+        if first {
+            self.reads.push(oid);
+        }
+        Some((value, tag))
     }
 
     /// The object `r` refers to (as this transaction changed it, if it did).
@@ -666,6 +691,7 @@ impl<S: Storage> Tx<'_, S> {
             None => match self.read(oid) {
                 Some(v) => v,
                 None => {
+                    self.reads.push(oid);
                     let record = self.db.storage.load(oid)?;
                     let value: Arc<dyn Any + Send + Sync> =
                         Arc::new(decode::<T>(oid, record.data())?);
@@ -1308,6 +1334,7 @@ mod tests {
             bytes: 0,
             limit: 30,
             tick: 0,
+            serial: 0,
         };
         for oid in 1..=3 {
             c.put(Oid(oid), Arc::new(oid), "t", 10);
