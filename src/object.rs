@@ -252,7 +252,7 @@ fn footprint(data: &[u8], inline: usize) -> usize {
         if n == 0 {
             0
         } else {
-            (n + 8).div_ceil(16).max(2) * 16
+            n.saturating_add(8).div_ceil(16).max(2).saturating_mul(16)
         }
     }
     /// The cache's own cost per object: its entry, its place in the order
@@ -338,15 +338,15 @@ fn footprint(data: &[u8], inline: usize) -> usize {
             }
             Marker::Reserved => break,
         };
-        at += skip;
-        pending += elements;
-        total += match heap {
+        at = at.saturating_add(skip);
+        pending = pending.saturating_add(elements);
+        total = total.saturating_add(match heap {
             // A scalar, in place.
             None => 8,
             // A string's bytes, or an array's or map's block of
             // elements (the elements themselves counted as they come).
-            Some(n) => 24 + block(n) + if elements > 0 { 16 } else { 0 },
-        };
+            Some(n) => block(n).saturating_add(if elements > 0 { 40 } else { 24 }),
+        });
     }
     total
 }

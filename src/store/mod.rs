@@ -333,6 +333,20 @@ impl Drop for RedbStorage {
     }
 }
 
+impl RedbStorage {
+    /// Notes that this session takes copies of `oids`, so that it is told
+    /// of their changes; a read conflict for an oid made after its last
+    /// sync when the change log has already dropped entries it had not
+    /// read (it could miss that oid's changes: sync first).
+    fn hold(&self, oids: &[Oid]) -> Result<()> {
+        let mut st = self.state.lock();
+        match oids.iter().find(|oid| !st.hold(**oid)) {
+            Some(oid) => Err(StorageError::ReadConflict(*oid)),
+            None => Ok(()),
+        }
+    }
+}
+
 impl Storage for RedbStorage {
     fn load(&mut self, oid: Oid) -> Result<Record> {
         self.live()?;
@@ -345,6 +359,7 @@ impl Storage for RedbStorage {
                 // A change this session was told of is published before it
                 // is visible: wait for it to be.
                 self.engine.await_session(&self.state);
+                self.hold(&[oid])?;
                 self.engine.load(oid)
             }
         }
@@ -370,6 +385,7 @@ impl Storage for RedbStorage {
             }
             None => {
                 self.engine.await_session(&self.state);
+                self.hold(oids)?;
                 self.engine.load_many(oids)?
             }
         };

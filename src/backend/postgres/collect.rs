@@ -1,5 +1,6 @@
 //! A full collection (Durus's pack) that does not hold the commit order
-//! while it marks, with memory bounded by one bit per oid.
+//! while it marks: its memory is one bit an oid, and the set of oids
+//! commits change while it runs.
 //!
 //! 1. Under `catch_up`, a snapshot is taken at the end of the commit log
 //!    (`T0`), and from then on every oid a commit changes (through this
@@ -105,13 +106,21 @@ impl PgBackend {
             let _log = self.catch_up.lock();
             let (snapshot, _) = self.snapshot_at_log_end()?;
             let mut st = self.state.lock();
-            st.collecting = Some(Vec::new());
+            st.collecting = Some(std::collections::HashSet::new());
             st.collect_lost = false;
             snapshot
         };
+        /// Stops the noting of changes however the collection ends.
+        struct Noting<'a>(&'a PgBackend);
+        impl Drop for Noting<'_> {
+            fn drop(&mut self) {
+                self.0.state.lock().collecting = None;
+            }
+        }
+        let noting = Noting(self);
         let mut conn = snapshot.into_conn();
         let result = self.collect_from(&mut conn, stop, started);
-        self.state.lock().collecting = None;
+        drop(noting);
         if conn.batch("ROLLBACK").is_ok() {
             self.pool.give_back(conn);
         }
@@ -172,6 +181,10 @@ impl PgBackend {
                     let oid = oid_of(after);
                     if !marks.get(oid) {
                         candidates.push(oid);
+                        if candidates.len() == SWEEP_BATCH {
+                            // The rest of these rows are read again.
+                            break;
+                        }
                     }
                 }
             }
@@ -225,12 +238,10 @@ impl PgBackend {
                 std::mem::take(st.collecting.as_mut().expect("set while collecting"))
             };
             // Changed since the snapshot: kept, with what they reference.
-            let mut todo: Vec<Oid> = written.clone();
-            for oid in &written {
+            let todo: Vec<Oid> = written.into_iter().collect();
+            for oid in &todo {
                 marks.set(*oid);
             }
-            todo.sort_unstable();
-            todo.dedup();
             let mut root_seen = false;
             if !mark_from(conn, marks, todo, stop, &mut root_seen)? {
                 return Ok(None);

@@ -42,7 +42,7 @@
 //! Lock order (this module's own locks, plain `parking_lot`): `collector`
 //! (one full collection at a time), `order` (the local side of the commit
 //! order, with its connection), `catch_up`, `alloc`, `state`; the barrier's
-//! locks are taken with none of these held.
+//! locks are taken with none of these held but `collector` and `order`.
 
 mod batch;
 mod collect;
@@ -409,8 +409,9 @@ struct State {
     next_session: u64,
     full_collections: u64,
     removed_full: u64,
-    /// While a full collection runs: every oid changed since its snapshot.
-    collecting: Option<Vec<Oid>>,
+    /// While a full collection runs: every oid changed since its snapshot
+    /// (each once: at most the store's oids).
+    collecting: Option<std::collections::HashSet<Oid>>,
     /// This front end lost track of the log while a collection ran.
     collect_lost: bool,
 }
@@ -435,7 +436,7 @@ impl State {
     /// changed.
     fn publish(&mut self, by: Option<u64>, oids: &[Oid]) {
         if let Some(changed) = &mut self.collecting {
-            changed.extend_from_slice(oids);
+            changed.extend(oids.iter().copied());
         }
         for (id, s) in &mut self.sessions {
             if Some(*id) != by {
@@ -468,7 +469,7 @@ impl State {
     /// Tells every session but those of `told` that `oids` changed.
     fn publish_except(&mut self, told: &[u64], oids: &[Oid]) {
         if let Some(changed) = &mut self.collecting {
-            changed.extend_from_slice(oids);
+            changed.extend(oids.iter().copied());
         }
         for (id, s) in &mut self.sessions {
             if !told.contains(id) {

@@ -109,12 +109,12 @@ pub(crate) struct SessionState {
     seen: u64,
     /// Oids of entries dropped from the log before the session read them.
     overflow: OidSet,
-    /// Every oid handed out when the session last synced is below this.
-    /// An oid at or above it was made since: the session cannot hold a
-    /// copy of it (a load of it before the next sync is answered
-    /// "invalid"), so it never needs to be told of it, and `overflow`
-    /// skips it: what a lagging session pins follows the store it last
-    /// saw, not the history since.
+    /// Every oid handed out when the session last synced is below this,
+    /// and every oid the session loaded or committed since
+    /// ([`SessionState::hold`] raises it). An oid at or above it the
+    /// session holds no copy of, so it never needs to be told of it, and
+    /// `overflow` skips it: what a lagging session pins follows the store
+    /// it last saw, not the history since.
     oid_mark: u64,
     /// Entries the session had not read were dropped from the log since it
     /// last synced: the log no longer knows every oid made since, so any oid
@@ -135,6 +135,26 @@ impl Default for SessionState {
             oid_mark: u64::MAX,
             overflowed: false,
         }
+    }
+}
+
+impl SessionState {
+    /// Notes that the session takes a copy of `oid` (it loads or commits
+    /// it). An oid at or above the mark is brought under it, so that a
+    /// later trim of the log keeps its changes for the session. False if
+    /// the log already dropped entries the session had not read: then
+    /// its changes since may be lost to the session, which must treat it
+    /// as invalid. (The highest oid, `u64::MAX`, cannot be brought under
+    /// the mark: it stays covered by `overflowed` alone.)
+    pub(crate) fn hold(&mut self, oid: Oid) -> bool {
+        if oid.0 < self.oid_mark {
+            return true;
+        }
+        if self.overflowed {
+            return false;
+        }
+        self.oid_mark = oid.0.saturating_add(1);
+        true
     }
 }
 
@@ -299,10 +319,21 @@ impl ChangeLog {
             return;
         }
         {
+            let sessions = sessions.lock();
+            // The author holds what it committed: kept under its mark, or,
+            // if the log already dropped entries it had not read, told to
+            // it at its next sync (its copy may then miss a change).
+            if let Some(author) = by.and_then(|b| sessions.get(&b)) {
+                let mut st = author.lock();
+                for oid in oids {
+                    if !st.hold(*oid) {
+                        st.overflow.insert(*oid);
+                    }
+                }
+            }
             // Nobody to tell: no session but (maybe) the author. A session
             // registering meanwhile waits for `publish` (held by the
             // writer), so it only ever sees the change already made.
-            let sessions = sessions.lock();
             let others = sessions.len() - by.map_or(0, |b| usize::from(sessions.contains_key(&b)));
             if others == 0 {
                 return;
@@ -312,6 +343,18 @@ impl ChangeLog {
         if self.held > self.trim_at {
             self.trim(&sessions.lock());
         }
+    }
+
+    /// [`flags`](Self::flags) for a load: each oid not invalid is held by
+    /// the session from now on ([`SessionState::hold`]).
+    fn flags_holding(&self, id: SessionId, st: &mut SessionState, oids: &[Oid]) -> Vec<bool> {
+        let mut flags = self.flags(id, st, oids);
+        for (oid, invalid) in oids.iter().zip(flags.iter_mut()) {
+            if !*invalid && !st.hold(*oid) {
+                *invalid = true;
+            }
+        }
+        flags
     }
 
     /// For each of `oids`, whether session `id` must treat it as invalid.
@@ -500,7 +543,11 @@ impl Engine {
         let db = self.db()?;
         let txn = db.begin_read().map_err(E::from)?;
         let table = txn.open_table(RECORDS).map_err(StorageError::from)?;
-        let flags = self.invalid_flags(id, session, oids);
+        let flags = {
+            let log = self.inv.changes.read();
+            let mut st = session.lock();
+            log.flags_holding(id, &mut st, oids)
+        };
         for (oid, invalid) in oids.iter().zip(flags) {
             if invalid {
                 each(Found::Invalid)?;

@@ -154,6 +154,45 @@ fn a_lagging_session_pins_only_oids_it_could_hold() {
     );
 }
 
+/// What a session made or loaded after its last sync it holds a copy of:
+/// when another session changes it and the log drops that change before
+/// the session read it, the session is still told at its next sync. Once
+/// the log dropped entries the session had not read, a load of an oid
+/// made since is invalid, and what it commits is told back to it.
+#[test]
+fn a_lagging_session_is_told_of_changes_to_what_it_made_or_loaded_since_its_sync() {
+    let sessions: Mutex<HashMap<SessionId, SessionRef>, { rank::SESSIONS }> =
+        Mutex::new(HashMap::new());
+    let mut log = small_log();
+    let a: SessionRef = Arc::new(Mutex::new(SessionState {
+        oid_mark: 200,
+        ..SessionState::default()
+    }));
+    sessions.lock().insert(1, a.clone());
+    sessions
+        .lock()
+        .insert(2, Arc::new(Mutex::new(SessionState::default())));
+    // a commits 500 (made after its sync) and loads 600 (made by another).
+    log.publish(Some(1), &[Oid(500)], &sessions);
+    assert_eq!(log.flags_holding(1, &mut a.lock(), &[Oid(600)]), [false]);
+    // The other session changes both, then commits enough new oids that
+    // the log drops those changes before a read them.
+    log.publish(Some(2), &[Oid(500), Oid(600)], &sessions);
+    for batch in 0..100u64 {
+        let oids: Vec<Oid> = (0..10).map(|i| Oid(1000 + batch * 10 + i)).collect();
+        log.publish(Some(2), &oids, &sessions);
+    }
+    assert!(a.lock().overflowed);
+    // Now a load of an oid made since a's sync is invalid, and what a
+    // commits is told back to it.
+    assert_eq!(log.flags_holding(1, &mut a.lock(), &[Oid(900)]), [true]);
+    log.publish(Some(1), &[Oid(700)], &sessions);
+    let got = log.drain(1, &mut a.lock(), None);
+    for oid in [500, 600, 700] {
+        assert!(got.contains(&Oid(oid)), "{oid} not told: {got:?}");
+    }
+}
+
 /// A change nobody else needs to hear of is not kept: a lone session's
 /// commits (an embedded store) cost the log nothing.
 #[test]
