@@ -20,12 +20,17 @@
 //! it (directly, or through other objects unreachable at `T0`), and every
 //! commit up to the one before the deletion was noted and its records'
 //! references marked. Objects that became unreachable after `T0`, and new
-//! objects referenced by nothing, stay until the next collection. Several
-//! collections at once, on one front end or several, are safe (each
-//! batch's check is under the order); on one front end they take turns.
+//! objects referenced by nothing, stay until the next collection.
+//!
+//! One collection runs at a time across front ends: it holds a lease, the
+//! `collector` row of `durus_meta` naming its front end, and keeps its
+//! front end's `alive_at` fresh; a front end silent for
+//! [`LEASE_SECONDS`] loses the lease to the next collection. (Two at once,
+//! from front ends of an older version, would still be safe: each batch's
+//! check is under the order.)
 
 use std::collections::HashMap;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::{Conn, PgBackend, WALK_BATCH, database, fetch, key, oid_of, oids_bytes};
 use crate::error::{InvalidInput, Result, StorageError};
@@ -38,6 +43,12 @@ const SWEEP_BATCH: usize = 2000;
 
 /// Oids read from the snapshot at a time while looking for candidates.
 const SCAN_BATCH: i64 = 10_000;
+
+/// A collector's front end silent for this long loses the lease.
+pub(super) const LEASE_SECONDS: f64 = 120.0;
+
+/// How often a running collection says its front end is alive.
+const RENEW_EVERY: Duration = Duration::from_secs(10);
 
 /// Oids marked: one bit per oid, in pages of 65,536 oids (8 KiB), so that
 /// a store of 10 million dense oids takes 1.25 MiB and a few oids at the
@@ -98,10 +109,113 @@ fn mark_from(
 }
 
 impl PgBackend {
-    /// A full collection: see the module's documentation.
+    /// Takes the collector's lease for this front end. `Some(holder)` if
+    /// another front end, alive, holds it.
+    pub(super) fn take_lease(&self) -> Result<Option<i64>> {
+        let mut conn = self.pool.get()?;
+        conn.batch("BEGIN")?;
+        let taken = (|| -> Result<Option<i64>> {
+            conn.execute(
+                "INSERT INTO durus_meta (name, value) VALUES ('collector', $1) \
+                 ON CONFLICT (name) DO NOTHING",
+                &[&self.front_end],
+            )?;
+            let holder: i64 = conn.query(
+                "SELECT value FROM durus_meta WHERE name = 'collector' FOR UPDATE",
+                &[],
+            )?[0]
+                .get(0);
+            if holder != self.front_end {
+                let alive = conn.query(
+                    "SELECT 1 FROM durus_front_ends WHERE id = $1 \
+                     AND alive_at > now() - interval '1 second' * $2",
+                    &[&holder, &LEASE_SECONDS],
+                )?;
+                if !alive.is_empty() {
+                    return Ok(Some(holder));
+                }
+                tracing::warn!(
+                    "front end {holder} held the collector's lease and has been silent for \
+                     {LEASE_SECONDS} s: its collection is taken over"
+                );
+                conn.execute(
+                    "UPDATE durus_meta SET value = $1 WHERE name = 'collector'",
+                    &[&self.front_end],
+                )?;
+            }
+            conn.execute(
+                "UPDATE durus_front_ends SET alive_at = now() WHERE id = $1",
+                &[&self.front_end],
+            )?;
+            Ok(None)
+        })();
+        match taken {
+            Ok(holder) => {
+                conn.batch("COMMIT")?;
+                Ok(holder)
+            }
+            Err(e) => {
+                let _ = conn.batch("ROLLBACK");
+                Err(e)
+            }
+        }
+    }
+
+    /// Says this front end is alive (its collection goes on).
+    fn renew_lease(&self) -> Result<()> {
+        self.pool.get()?.execute(
+            "UPDATE durus_front_ends SET alive_at = now() WHERE id = $1",
+            &[&self.front_end],
+        )?;
+        Ok(())
+    }
+
+    /// Gives the lease up, if this front end holds it.
+    fn release_lease(&self) -> Result<()> {
+        self.pool.get()?.execute(
+            "DELETE FROM durus_meta WHERE name = 'collector' AND value = $1",
+            &[&self.front_end],
+        )?;
+        Ok(())
+    }
+
+    /// A full collection: see the module's documentation. Refused while
+    /// another front end's collection holds the lease.
     pub(super) fn collect(&self, stop: &mut dyn FnMut() -> bool) -> Result<FullReport> {
         let _one = self.collector.lock();
+        if let Some(holder) = self.take_lease()? {
+            return Err(database(format!(
+                "a full collection is running on front end {holder} (it holds the \
+                 collector's lease): this one is not started; run it again when that \
+                 one has finished"
+            )));
+        }
+        let result = {
+            let mut renewed = Instant::now();
+            let mut stop = || {
+                if renewed.elapsed() >= RENEW_EVERY {
+                    renewed = Instant::now();
+                    if let Err(e) = self.renew_lease() {
+                        tracing::warn!("the collector's lease was not renewed: {e}");
+                    }
+                }
+                stop()
+            };
+            self.collect_holding(&mut stop)
+        };
+        if let Err(e) = self.release_lease() {
+            tracing::warn!(
+                "the collector's lease was not given up ({e}): another front end takes it \
+                 over after {LEASE_SECONDS} s"
+            );
+        }
+        result
+    }
+
+    /// [`collect`](Self::collect), the lease held.
+    fn collect_holding(&self, stop: &mut dyn FnMut() -> bool) -> Result<FullReport> {
         let started = Instant::now();
+
         let snapshot = {
             let _log = self.catch_up.lock();
             let (snapshot, _) = self.snapshot_at_log_end()?;

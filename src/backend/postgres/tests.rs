@@ -446,12 +446,14 @@ fn a_full_collection_keeps_what_commits_during_it_reach() {
     }
 }
 
-/// Two full collections at once, through two front ends (no lease keeps
-/// them apart): together they remove each garbage object once, and the
-/// database checks clean (its object count agrees with its records).
+/// Two full collections at once, through two front ends: one holds the
+/// collector's lease and the other is refused naming its front end (or
+/// runs after it); the garbage goes once and the database checks clean.
+/// A lease whose front end fell silent is taken over, and given up at the
+/// end.
 #[test]
-fn two_full_collections_at_once_remove_the_garbage_once() {
-    let config = testdb::fresh("collect_twice");
+fn one_full_collection_at_a_time_across_front_ends() {
+    let config = testdb::fresh("collect_lease");
     let a = PgBackend::open_with(config.clone().into(), 4096).unwrap();
     let b = PgBackend::open_with(config.clone().into(), 4096).unwrap();
     let s = a.open_session();
@@ -461,11 +463,18 @@ fn two_full_collections_at_once_remove_the_garbage_once() {
     records.extend(o[1..].iter().map(|g| (*g, vec![])));
     commit_refs(s.as_ref(), &records).unwrap();
     let (ra, rb) = std::thread::scope(|scope| {
-        let one = scope.spawn(|| a.full_collection(&mut || false).unwrap());
-        let two = scope.spawn(|| b.full_collection(&mut || false).unwrap());
+        let one = scope.spawn(|| a.full_collection(&mut || false));
+        let two = scope.spawn(|| b.full_collection(&mut || false));
         (one.join().unwrap(), two.join().unwrap())
     });
-    assert_eq!(ra.removed_objects + rb.removed_objects, garbage as u64);
+    let mut removed = 0;
+    for r in [ra, rb] {
+        match r {
+            Ok(report) => removed += report.removed_objects,
+            Err(e) => assert!(e.to_string().contains("is running on front end"), "{e}"),
+        }
+    }
+    assert_eq!(removed, garbage as u64);
     let admin = testdb::admin_url();
     let url = format!(
         "{}/{}",
@@ -475,6 +484,23 @@ fn two_full_collections_at_once_remove_the_garbage_once() {
     let check = super::tools::check_database(&url, &mut |_| {}).unwrap();
     assert!(check.problems.is_empty(), "{:?}", check.problems);
     assert_eq!(check.records, 1);
+
+    // a holds the lease, alive: b's collection is refused, naming a.
+    assert_eq!(a.take_lease().unwrap(), None);
+    let e = b.full_collection(&mut || false).unwrap_err().to_string();
+    assert!(e.contains(&format!("front end {}", a.front_end)), "{e}");
+    // a falls silent: b takes the lease over, and gives it up at the end.
+    let mut c = config.connect(NoTls).unwrap();
+    c.execute(
+        "UPDATE durus_front_ends SET alive_at = now() - interval '1 hour' WHERE id = $1",
+        &[&a.front_end],
+    )
+    .unwrap();
+    assert!(b.full_collection(&mut || false).unwrap().completed);
+    let lease = c
+        .query("SELECT value FROM durus_meta WHERE name = 'collector'", &[])
+        .unwrap();
+    assert!(lease.is_empty(), "the lease was not given up");
 }
 
 /// A record's data: one number.
