@@ -114,9 +114,13 @@ fn records_after(
     after: i64,
     problems: &mut Vec<String>,
 ) -> Result<Vec<(Oid, Vec<u8>)>> {
+    // A range of the primary key, not `oid IN (...)`: with the statistics
+    // of a freshly imported table, PostgreSQL planned that as a merge join
+    // scanning the key from its start, every batch.
     let rows = conn.query(
-        "SELECT oid, chunk, data FROM durus_records WHERE oid IN \
-         (SELECT DISTINCT oid FROM durus_records WHERE oid > $1 ORDER BY oid LIMIT $2) \
+        "SELECT oid, chunk, data FROM durus_records WHERE oid > $1 AND oid <= \
+         (SELECT max(oid) FROM (SELECT DISTINCT oid FROM durus_records WHERE oid > $1 \
+         ORDER BY oid LIMIT $2) AS batch) \
          ORDER BY oid, chunk",
         &[&after, &BATCH],
     )?;
