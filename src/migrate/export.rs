@@ -86,7 +86,15 @@ pub(crate) fn write_shelf(
         let _ = std::fs::remove_file(&tmp);
         return Err(e);
     }
-    let file_bytes = writer.finish().map_err(file_err)?;
+    let file_bytes = match writer.finish() {
+        Ok(bytes) => bytes,
+        Err(e) => {
+            // Its index cannot be written (oids too large for the offset
+            // map, a full disk): nothing is left behind either.
+            let _ = std::fs::remove_file(&tmp);
+            return Err(file_err(e));
+        }
+    };
     std::fs::rename(&tmp, dest).map_err(|e| file_err(FileError::Io(e)))?;
     Ok(ExportReport {
         records,

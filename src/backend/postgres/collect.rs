@@ -274,25 +274,31 @@ impl PgBackend {
         if !root_seen {
             return Err(InvalidInput::NoRoot.into());
         }
-        let mut after = i64::MIN;
+        // From the lowest key (oids from 2^63 up are negative bigints).
+        let mut from = Some(i64::MIN);
         let mut present = 0u64;
         let mut scanned_all = false;
         while !scanned_all {
             let mut candidates = Vec::new();
             while candidates.len() < SWEEP_BATCH {
+                let Some(at) = from else {
+                    scanned_all = true;
+                    break;
+                };
                 let rows = snap.query(
-                    "SELECT oid FROM durus_records WHERE chunk = 0 AND oid > $1 \
+                    "SELECT oid FROM durus_records WHERE chunk = 0 AND oid >= $1 \
                      ORDER BY oid LIMIT $2",
-                    &[&after, &SCAN_BATCH],
+                    &[&at, &SCAN_BATCH],
                 )?;
                 if rows.is_empty() {
                     scanned_all = true;
                     break;
                 }
                 for row in &rows {
-                    after = row.get(0);
+                    let k: i64 = row.get(0);
+                    from = k.checked_add(1);
                     present += 1;
-                    let oid = oid_of(after);
+                    let oid = oid_of(k);
                     if !marks.get(oid) {
                         candidates.push(oid);
                         if candidates.len() == SWEEP_BATCH {

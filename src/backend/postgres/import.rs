@@ -254,19 +254,20 @@ fn check_references(
 ) -> Result<(), Checked> {
     let total: i64 =
         conn.query("SELECT count(*) FROM durus_records WHERE chunk = 0", &[])?[0].get(0);
-    let mut after: i64 = -1;
+    // From the lowest key: oids from 2^63 up are negative bigints.
+    let mut from = Some(i64::MIN);
     let mut scanned = 0u64;
-    loop {
+    while let Some(at) = from {
         // A range of the primary key, not `oid IN (...)`: with the
         // statistics of the table just filled, PostgreSQL planned that as a
         // merge join scanning the key from its start, every batch (2,000,000
         // records took three minutes).
         let rows = conn.query(
-            "SELECT oid, chunk, data FROM durus_records WHERE oid > $1 AND oid <= \
+            "SELECT oid, chunk, data FROM durus_records WHERE oid >= $1 AND oid <= \
              (SELECT max(oid) FROM (SELECT oid FROM durus_records WHERE chunk = 0 \
-             AND oid > $1 ORDER BY oid LIMIT $2) AS batch) \
+             AND oid >= $1 ORDER BY oid LIMIT $2) AS batch) \
              ORDER BY oid, chunk",
-            &[&after, &(CHECK_BATCH as i64)],
+            &[&at, &(CHECK_BATCH as i64)],
         )?;
         if rows.is_empty() {
             break;
@@ -310,7 +311,7 @@ fn check_references(
             }
         }
         scanned += records.len() as u64;
-        after = key(records.last().expect("not empty").0);
+        from = key(records.last().expect("not empty").0).checked_add(1);
         progress(MigrateProgress::Verify {
             scanned,
             total: total as u64,

@@ -107,22 +107,25 @@ pub fn database_stats(url: &str) -> Result<DatabaseStats> {
     })
 }
 
-/// The oids and whole records after `after`, `BATCH` of them, in oid
+/// The oids and whole records with keys from `from` to `upto` (both
+/// included; an oid's key is its bits as a bigint, so oids from 2^63 up
+/// are negative), `BATCH` of them, in key
 /// order, with their chunks checked to run from 0 without a gap.
 fn records_after(
     conn: &mut Conn,
-    after: i64,
+    from: i64,
+    upto: i64,
     problems: &mut Vec<String>,
 ) -> Result<Vec<(Oid, Vec<u8>)>> {
     // A range of the primary key, not `oid IN (...)`: with the statistics
     // of a freshly imported table, PostgreSQL planned that as a merge join
     // scanning the key from its start, every batch.
     let rows = conn.query(
-        "SELECT oid, chunk, data FROM durus_records WHERE oid > $1 AND oid <= \
-         (SELECT max(oid) FROM (SELECT DISTINCT oid FROM durus_records WHERE oid > $1 \
-         ORDER BY oid LIMIT $2) AS batch) \
+        "SELECT oid, chunk, data FROM durus_records WHERE oid >= $1 AND oid <= \
+         (SELECT max(oid) FROM (SELECT DISTINCT oid FROM durus_records WHERE oid >= $1 \
+         AND oid <= $3 ORDER BY oid LIMIT $2) AS batch) \
          ORDER BY oid, chunk",
-        &[&after, &BATCH],
+        &[&from, &BATCH, &upto],
     )?;
     let mut records: Vec<(Oid, Vec<u8>)> = Vec::new();
     let mut expect = 0i32;
@@ -157,14 +160,15 @@ pub fn check_database(url: &str, progress: &mut dyn FnMut(u64)) -> Result<Databa
     let mut conn = open_existing(url)?;
     conn.batch("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")?;
     let mut report = DatabaseCheck::default();
-    let mut after = -1i64;
+    // From the lowest key: oids from 2^63 up are negative bigints.
+    let mut from = Some(i64::MIN);
     let mut max_oid: Option<Oid> = None;
-    loop {
-        let records = records_after(&mut conn, after, &mut report.problems)?;
+    while let Some(at) = from {
+        let records = records_after(&mut conn, at, i64::MAX, &mut report.problems)?;
         let Some((last, _)) = records.last() else {
             break;
         };
-        after = key(*last);
+        from = key(*last).checked_add(1);
         max_oid = Some(*last);
         let mut wanted: HashSet<Oid> = HashSet::new();
         let mut refs_of: Vec<(Oid, Vec<Oid>)> = Vec::with_capacity(records.len());
@@ -267,27 +271,31 @@ pub fn export_database(
             .first()
             .map_or(0, |r| r.get(0));
         let mut records = 0u64;
-        let mut after = -1i64;
+        // In oid order: the keys from 0 up, then the negative ones (oids
+        // from 2^63 up).
         let mut problems = Vec::new();
-        loop {
-            let batch = records_after(&mut conn, after, &mut problems).map_err(db_err)?;
-            if let Some(p) = problems.first() {
-                return Err(db_err(StorageError::damaged(p.clone())));
+        for (start, upto) in [(0, i64::MAX), (i64::MIN, -1)] {
+            let mut from = Some(start);
+            while let Some(at) = from {
+                let batch = records_after(&mut conn, at, upto, &mut problems).map_err(db_err)?;
+                if let Some(p) = problems.first() {
+                    return Err(db_err(StorageError::damaged(p.clone())));
+                }
+                let Some((last, _)) = batch.last() else {
+                    break;
+                };
+                from = key(*last).checked_add(1).filter(|k| *k <= upto);
+                for (oid, bytes) in &batch {
+                    Record::check(bytes).map_err(|e| {
+                        db_err(StorageError::damaged(format!(
+                            "the record of oid {oid}: {e}"
+                        )))
+                    })?;
+                    write(*oid, bytes)?;
+                    records += 1;
+                }
+                progress(records, total as u64);
             }
-            let Some((last, _)) = batch.last() else {
-                break;
-            };
-            after = key(*last);
-            for (oid, bytes) in &batch {
-                Record::check(bytes).map_err(|e| {
-                    db_err(StorageError::damaged(format!(
-                        "the record of oid {oid}: {e}"
-                    )))
-                })?;
-                write(*oid, bytes)?;
-                records += 1;
-            }
-            progress(records, total as u64);
         }
         Ok(())
     })
