@@ -111,7 +111,7 @@ pub fn database_stats(url: &str) -> Result<DatabaseStats> {
 /// included; an oid's key is its bits as a bigint, so oids from 2^63 up
 /// are negative), `BATCH` of them, in key
 /// order, with their chunks checked to run from 0 without a gap.
-fn records_after(
+fn records_in(
     conn: &mut Conn,
     from: i64,
     upto: i64,
@@ -164,7 +164,7 @@ pub fn check_database(url: &str, progress: &mut dyn FnMut(u64)) -> Result<Databa
     let mut from = Some(i64::MIN);
     let mut max_oid: Option<Oid> = None;
     while let Some(at) = from {
-        let records = records_after(&mut conn, at, i64::MAX, &mut report.problems)?;
+        let records = records_in(&mut conn, at, i64::MAX, &mut report.problems)?;
         let Some((last, _)) = records.last() else {
             break;
         };
@@ -277,7 +277,7 @@ pub fn export_database(
         for (start, upto) in [(0, i64::MAX), (i64::MIN, -1)] {
             let mut from = Some(start);
             while let Some(at) = from {
-                let batch = records_after(&mut conn, at, upto, &mut problems).map_err(db_err)?;
+                let batch = records_in(&mut conn, at, upto, &mut problems).map_err(db_err)?;
                 if let Some(p) = problems.first() {
                     return Err(db_err(StorageError::damaged(p.clone())));
                 }
