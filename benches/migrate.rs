@@ -16,14 +16,9 @@ use std::time::{Duration, Instant};
 
 use durus_redb::{Oid, Record, ShelfWriter};
 
-fn vm_hwm_kib(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-}
+#[path = "common/mod.rs"]
+#[allow(dead_code)]
+mod common;
 
 /// Runs `durus-redb ARGS`, sampling its peak RSS; returns (seconds, peak MiB).
 fn run_sampled(args: &[&Path], sub: &str) -> (f64, f64) {
@@ -38,7 +33,7 @@ fn run_sampled(args: &[&Path], sub: &str) -> (f64, f64) {
     let pid = child.id();
     let mut peak = 0u64;
     loop {
-        if let Some(kib) = vm_hwm_kib(pid) {
+        if let Some(kib) = common::vm_kib(pid, "VmHWM:") {
             peak = peak.max(kib);
         }
         if child.try_wait().unwrap().is_some() {

@@ -28,16 +28,15 @@ use parking_lot::Mutex;
 
 const COMMITTERS: usize = 4;
 
+#[path = "common/mod.rs"]
+#[allow(dead_code)]
+mod common;
+
+use common::percentiles;
+
+/// A field of the status of process `pid`, in KiB (0 once it is gone).
 fn vm_kib(pid: u32, field: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix(field))
-                .and_then(|v| v.split_whitespace().next())
-                .and_then(|v| v.parse().ok())
-        })
-        .unwrap_or(0)
+    common::vm_kib(pid, field).unwrap_or(0)
 }
 
 /// A fresh database beside the one of `admin`; its URL.
@@ -78,16 +77,6 @@ fn serve(url: &str) -> (Child, u16) {
     // Keep reading its log so that it never blocks on a full pipe.
     std::thread::spawn(move || for _ in lines {});
     (child, port)
-}
-
-/// Latencies in microseconds -> (p50, p99) in milliseconds.
-fn percentiles(lat: &mut [u64]) -> (f64, f64) {
-    if lat.is_empty() {
-        return (0.0, 0.0);
-    }
-    lat.sort_unstable();
-    let at = |q: f64| lat[((lat.len() - 1) as f64 * q) as usize] as f64 / 1000.0;
-    (at(0.50), at(0.99))
 }
 
 fn main() {

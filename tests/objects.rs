@@ -221,35 +221,34 @@ impl Persistent for Counters {
     const TAG: &'static str = "tests.Counters";
 }
 
-/// Two writers, each its own session through a server, increment one
-/// counter 100 times each: their transactions conflict, are run again,
-/// and no increment is lost.
-#[test]
-fn two_writers_through_a_server_lose_no_increment() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = RedbStorage::open(dir.path().join("s.redb"), Options::new()).unwrap();
-    let server = Server::bind(&store, ServerConfig::new(Address::tcp("127.0.0.1", 0))).unwrap();
-    let Address::Tcp { port, .. } = server.address().clone() else {
-        unreachable!()
-    };
-    let stop = server.shutdown_handle();
-    let serving = std::thread::spawn(move || server.run());
-    let mut db = Db::new(ClientStorage::connect_tcp("127.0.0.1", port).unwrap());
+/// Sets a zeroed counter as the root through `db`; then each of
+/// `sessions`, on a thread of its own (a transaction run at most `tries`
+/// times), increments it `times` times, counting its own increments too.
+/// Returns the counter as `db` reads it afterwards, and how often the
+/// transactions' closures ran in all.
+fn increments<S: Storage + Send + 'static>(
+    db: &mut Db<S>,
+    sessions: Vec<S>,
+    times: u64,
+    tries: u32,
+) -> (Counters, u64) {
     db.transact(|tx| {
         tx.set_root(Counters {
             shared: 0,
-            per_writer: vec![0, 0],
+            per_writer: vec![0; sessions.len()],
         })
     })
     .unwrap();
     let runs = Arc::new(AtomicU64::new(0));
-    let writers: Vec<_> = (0..2)
-        .map(|w| {
+    let writers: Vec<_> = sessions
+        .into_iter()
+        .enumerate()
+        .map(|(w, session)| {
             let runs = runs.clone();
+            let mut db = Db::new(session);
+            db.set_tries(tries);
             std::thread::spawn(move || {
-                let mut db = Db::new(ClientStorage::connect_tcp("127.0.0.1", port).unwrap());
-                db.set_tries(1000);
-                for _ in 0..100 {
+                for _ in 0..times {
                     db.transact(|tx| {
                         runs.fetch_add(1, Ordering::Relaxed);
                         let mut c = (*tx.root::<Counters>()?.unwrap()).clone();
@@ -268,13 +267,27 @@ fn two_writers_through_a_server_lose_no_increment() {
     let c = db
         .transact(|tx| Ok((*tx.root::<Counters>()?.unwrap()).clone()))
         .unwrap();
+    (c, runs.load(Ordering::Relaxed))
+}
+
+/// Two writers, each its own session through a server, increment one
+/// counter 100 times each: their transactions conflict, are run again,
+/// and no increment is lost.
+#[test]
+fn two_writers_through_a_server_lose_no_increment() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = RedbStorage::open(dir.path().join("s.redb"), Options::new()).unwrap();
+    let server = Server::bind(&store, ServerConfig::new(Address::tcp("127.0.0.1", 0))).unwrap();
+    let Address::Tcp { port, .. } = server.address().clone() else {
+        unreachable!()
+    };
+    let stop = server.shutdown_handle();
+    let serving = std::thread::spawn(move || server.run());
+    let client = || ClientStorage::connect_tcp("127.0.0.1", port).unwrap();
+    let (c, runs) = increments(&mut Db::new(client()), vec![client(), client()], 100, 1000);
     assert_eq!(c.shared, 200, "an increment was lost");
     assert_eq!(c.per_writer, vec![100, 100]);
-    eprintln!(
-        "{} runs of the closure for 200 transactions",
-        runs.load(Ordering::Relaxed)
-    );
-    drop(db);
+    eprintln!("{runs} runs of the closure for 200 transactions");
     stop.shutdown();
     serving.join().unwrap().unwrap();
 }
@@ -403,37 +416,8 @@ fn a_commit_is_refused_when_what_it_read_changed() {
 fn two_writers_in_the_process_lose_no_increment() {
     let dir = tempfile::tempdir().unwrap();
     let store = RedbStorage::open(dir.path().join("s.redb"), Options::new().gc(ManualGc)).unwrap();
-    let mut db = Db::new(store.new_session());
-    db.transact(|tx| {
-        tx.set_root(Counters {
-            shared: 0,
-            per_writer: vec![0, 0],
-        })
-    })
-    .unwrap();
-    let writers: Vec<_> = (0..2)
-        .map(|w| {
-            let mut db = Db::new(store.new_session());
-            db.set_tries(10_000);
-            std::thread::spawn(move || {
-                for _ in 0..200 {
-                    db.transact(|tx| {
-                        let mut c = (*tx.root::<Counters>()?.unwrap()).clone();
-                        c.shared += 1;
-                        c.per_writer[w] += 1;
-                        tx.set_root(c)
-                    })
-                    .unwrap();
-                }
-            })
-        })
-        .collect();
-    for w in writers {
-        w.join().unwrap();
-    }
-    let c = db
-        .transact(|tx| Ok((*tx.root::<Counters>()?.unwrap()).clone()))
-        .unwrap();
+    let sessions = vec![store.new_session(), store.new_session()];
+    let (c, _) = increments(&mut Db::new(store.new_session()), sessions, 200, 10_000);
     assert_eq!(c.per_writer, vec![200, 200]);
     assert_eq!(c.shared, 400, "an increment was lost");
 }

@@ -22,6 +22,9 @@
 //! is printed and written to `target/bench-compare.md`.
 //! `DURUS_BENCH_QUICK=1` runs a smaller, shorter version.
 
+#[path = "../common/mod.rs"]
+#[allow(dead_code)]
+mod common;
 mod loadgen;
 mod nullserver;
 mod wire;
@@ -38,6 +41,7 @@ use durus_redb::{
     Oid, Options, ReadOptions, Record, RedbStorage, ShelfWriter, SourceEvent, Storage, open_source,
 };
 
+use common::percentiles;
 use loadgen::{LoadReport, Mix};
 use nullserver::NullServer;
 use wire::{Client, Loaded};
@@ -78,13 +82,7 @@ fn root() -> PathBuf {
 
 /// The Python interpreter with durus 4.3, and Durus's `durus` command.
 fn python_tools() -> (PathBuf, PathBuf) {
-    let venv = root().join(".venv/bin");
-    let python = std::env::var_os("DURUS_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| venv.join("python"));
-    let durus = std::env::var_os("DURUS_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| venv.join("durus"));
+    let (python, durus) = common::durus_paths();
     for p in [&python, &durus] {
         if !p.exists() {
             eprintln!(
@@ -552,16 +550,6 @@ fn read_all(path: &Path) -> HashMap<u64, Vec<u8>> {
         }
     }
     map
-}
-
-/// Latencies in microseconds -> (p50, p99) in milliseconds.
-fn percentiles(lat: &mut [u64]) -> (f64, f64) {
-    if lat.is_empty() {
-        return (f64::NAN, f64::NAN);
-    }
-    lat.sort_unstable();
-    let at = |q: f64| lat[((lat.len() - 1) as f64 * q).round() as usize] as f64 / 1000.0;
-    (at(0.50), at(0.99))
 }
 
 #[derive(Clone, Copy)]

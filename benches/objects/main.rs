@@ -9,7 +9,7 @@
 //! `scripts/setup-python.sh`, or `DURUS_PYTHON` and `DURUS_BIN`).
 
 use std::net::TcpListener;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -17,6 +17,10 @@ use durus_redb::object::{Db, PMap, Persistent};
 use durus_redb::{Durability, ManualGc, Options, RedbStorage, Storage};
 use redb::{ReadableDatabase, TableDefinition};
 use serde::{Deserialize, Serialize};
+
+#[path = "../common/mod.rs"]
+#[allow(dead_code)]
+mod common;
 
 const BATCH: u64 = 10_000;
 
@@ -44,18 +48,51 @@ const ITERATE_CACHE: usize = 64 << 20;
 /// The store's page cache in that process.
 const ITERATE_PAGES: usize = 8 << 20;
 
-/// A process's resident memory now and at its peak, in KiB.
+/// This process's resident memory now and at its peak, in KiB.
 fn resident_kib() -> (u64, u64) {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let field = |name: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|v| v.split_whitespace().next())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
-    };
+    let field = |name| common::vm_kib(std::process::id(), name).unwrap_or(0);
     (field("VmRSS:"), field("VmHWM:"))
+}
+
+/// A new store at `path` (fsync, no collector) whose root is a map of `n`
+/// entries, `key(j)` to `"value {key(j)}"` for `j` in `0..n`, inserted in
+/// commits of `batch` through a cache of `cache` bytes; and the seconds
+/// the inserts took.
+fn filled(
+    path: &Path,
+    cache: usize,
+    n: u64,
+    batch: u64,
+    key: impl Fn(u64) -> u64,
+) -> (Db<RedbStorage>, PMap<u64, String>, f64) {
+    let store = RedbStorage::open(
+        path,
+        Options::new().gc(ManualGc).durability(Durability::Fsync),
+    )
+    .unwrap();
+    let mut db = Db::with_cache(store, cache);
+    let map = db
+        .transact(|tx| {
+            let map = PMap::new(tx)?;
+            tx.set_root(Root { map })?;
+            Ok(map)
+        })
+        .unwrap();
+    let started = Instant::now();
+    let mut i = 0;
+    while i < n {
+        let end = (i + batch).min(n);
+        db.transact(|tx| {
+            for j in i..end {
+                let k = key(j);
+                map.insert(tx, k, format!("value {k}"))?;
+            }
+            Ok(())
+        })
+        .unwrap();
+        i = end;
+    }
+    (db, map, started.elapsed().as_secs_f64())
 }
 
 /// The iteration's own process: opens the store at `path` with an object
@@ -91,35 +128,10 @@ fn iterate(path: &str) {
 /// Builds a map of `n` entries (keys in order, commits of 100,000) at
 /// `path`, then walks it in another process with a 64 MiB cache: that
 /// process's resident memory is what iterating costs.
-fn iteration_memory(path: &std::path::Path, n: u64) -> String {
-    {
-        let store = RedbStorage::open(
-            path,
-            Options::new().gc(ManualGc).durability(Durability::Fsync),
-        )
-        .unwrap();
-        let mut db = Db::with_cache(store, 64 << 20);
-        let map = db
-            .transact(|tx| {
-                let map = PMap::new(tx)?;
-                tx.set_root(Root { map })?;
-                Ok(map)
-            })
-            .unwrap();
-        let mut i = 0;
-        while i < n {
-            let end = (i + 100_000).min(n);
-            db.transact(|tx| {
-                for k in i..end {
-                    map.insert(tx, k, format!("value {k}"))?;
-                }
-                Ok(())
-            })
-            .unwrap();
-            i = end;
-        }
-        db.storage().close().unwrap();
-    }
+fn iteration_memory(path: &Path, n: u64) -> String {
+    let (mut db, _, _) = filled(path, 64 << 20, n, 100_000, |k| k);
+    db.storage().close().unwrap();
+    drop(db);
     let out = Command::new(std::env::current_exe().unwrap())
         .env("DURUS_BENCH_ITERATE", path)
         .output()
@@ -180,34 +192,11 @@ fn main() {
 
     // The persistent map over a store in this process.
     {
-        let store = RedbStorage::open(
-            dir.path().join("objects.redb"),
-            Options::new().gc(ManualGc).durability(Durability::Fsync),
-        )
-        .unwrap();
-        let mut db = Db::with_cache(store, 512 << 20);
-        let map = db
-            .transact(|tx| {
-                let map = PMap::new(tx)?;
-                tx.set_root(Root { map })?;
-                Ok(map)
-            })
-            .unwrap();
-        let started = Instant::now();
-        let mut i = 0;
-        while i < n {
-            let end = (i + BATCH).min(n);
-            db.transact(|tx| {
-                for j in i..end {
-                    let k = key(j, n);
-                    map.insert(tx, k, format!("value {k}"))?;
-                }
-                Ok(())
-            })
-            .unwrap();
-            i = end;
-        }
-        let inserts = n as f64 / started.elapsed().as_secs_f64();
+        let (mut db, map, secs) =
+            filled(&dir.path().join("objects.redb"), 512 << 20, n, BATCH, |j| {
+                key(j, n)
+            });
+        let inserts = n as f64 / secs;
         // Warm the cache, then look up.
         db.transact(|tx| map.for_each_in(tx, .., |_, _| true))
             .unwrap();
@@ -287,13 +276,7 @@ fn main() {
     }
 
     // Python Durus's BTree through `durus -s`.
-    let venv = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv/bin");
-    let python = std::env::var_os("DURUS_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| venv.join("python"));
-    let durus = std::env::var_os("DURUS_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| venv.join("durus"));
+    let (python, durus) = common::durus_paths();
     if python.exists() && durus.exists() {
         let port = TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
