@@ -2,23 +2,31 @@
 //!
 //! The commit order is held from a client's invalidations until its commit
 //! is written; while it is, other committers of this front end wait for it.
-//! When one of them is waiting, a commit does not end its transaction: it
-//! hands the order (the transaction, holding the order row) to the next
-//! committer here, which is told the batch's oids as changed, and waits. The
-//! last commit of the batch (nobody waiting, or the bounds reached) commits
-//! the transaction once for all, and they are answered together. Loads of an
-//! oid a batch has written are answered `Invalid` until the batch is
-//! committed: whoever was told of the change cannot read what came before
-//! it.
+//! When one of them is waiting, the commit that holds the order does not
+//! end the transaction: its records are kept in memory, and it hands the
+//! order (the transaction, holding the order row) to the next committer
+//! here, which is told the batch's oids as changed, and is kept in turn.
+//! When the batch ends (nobody waiting, or the bounds reached), its commits
+//! are checked in their order against what is stored and what the earlier
+//! ones write, those that pass are written in one statement, each with its
+//! own tid and log entry, and the transaction is committed once for all:
+//! two database round trips and a `COMMIT` for the batch, none for each
+//! commit. A commit refused there is answered with its refusal and changes
+//! nothing; the others are answered together. A commit with nobody waiting
+//! behind it is checked and written at once, in one statement. Loads of an oid a batch has written are answered
+//! `Invalid` until the batch is committed: whoever was told of the change
+//! cannot read what came before it.
 
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
 
-use super::{Conn, PgBackend};
+use super::{CHUNK, Conn, PgBackend, key, oid_of, oids_bytes};
 use crate::error::{Result, StorageError};
-use crate::record::Oid;
+use crate::record::{Oid, Record};
+use crate::storage::{Holder, may_create, validate_commit};
 
 /// Commits at most in one batch.
 pub(super) const MAX_COMMITS: usize = 32;
@@ -40,75 +48,90 @@ pub(crate) struct OrderSlot {
     pub(super) open: Option<Batch>,
 }
 
-/// Commits written in the open transaction, not yet committed.
+/// The commits of the open transaction, not yet committed.
 pub(super) struct Batch {
-    /// The last tid written in it.
+    /// The last tid written in the transaction (the order's tid if none
+    /// is): the commits kept get the next tids when the batch ends.
     pub(super) tid: u64,
     pub(super) started: Instant,
-    /// Each commit's session and the oids it wrote, in order.
-    pub(super) commits: Vec<(u64, Vec<Oid>)>,
-    pub(super) outcome: Arc<Outcome>,
+    /// Its commits in order.
+    pub(super) members: Vec<Member>,
 }
 
-/// How a batch ended, for the commits waiting in it.
+/// One commit of a batch.
+pub(super) struct Member {
+    pub(super) session: u64,
+    /// The oids it writes.
+    pub(super) oids: Vec<Oid>,
+    /// Its records while it is kept, not written yet.
+    pub(super) records: Option<BTreeMap<Oid, Record>>,
+    /// Where it is answered (`None`: the commit that ends the batch, which
+    /// is answered by [`PgBackend::end_batch`]'s result).
+    pub(super) answer: Option<Arc<Outcome>>,
+}
+
+/// How a commit waiting in a batch ended.
 #[derive(Default)]
 pub(super) struct Outcome {
     /// `Ok(true)`: committed, the flush barrier still to be waited for;
-    /// `Ok(false)`: committed and flushed; `Err`: not committed.
-    result: Mutex<Option<std::result::Result<bool, String>>>,
+    /// `Ok(false)`: committed and flushed; `Err`: not committed (refused,
+    /// or the batch failed).
+    result: Mutex<Option<Result<bool>>>,
     ended: Condvar,
 }
 
 impl Outcome {
-    fn set(&self, result: std::result::Result<bool, String>) {
+    fn set(&self, result: Result<bool>) {
         *self.result.lock() = Some(result);
         self.ended.notify_all();
     }
 
-    /// Waits until the batch has ended, at most [`WAIT_LIMIT`]: a commit
-    /// is never left waiting for ever (its answer then says that whether
-    /// it was committed is unknown).
-    pub(super) fn wait(&self) -> std::result::Result<bool, String> {
+    /// Waits until the commit is answered, at most [`WAIT_LIMIT`]: a
+    /// commit is never left waiting for ever (its answer then says that
+    /// whether it was committed is unknown).
+    pub(super) fn wait(&self) -> Result<bool> {
         let deadline = Instant::now() + WAIT_LIMIT;
         let mut result = self.result.lock();
         loop {
-            if let Some(r) = &*result {
-                return r.clone();
+            if let Some(r) = result.take() {
+                return r;
             }
             if self.ended.wait_until(&mut result, deadline).timed_out() && result.is_none() {
                 tracing::error!(
                     "a batch of commits was not ended within {} s: answering its commit as unknown",
                     WAIT_LIMIT.as_secs()
                 );
-                return Err(format!(
+                return Err(super::database(format!(
                     "the batch of commits this one joined was not ended within {} s: whether \
                      it was committed is unknown (sync and look)",
                     WAIT_LIMIT.as_secs()
-                ));
+                )));
             }
         }
     }
 }
 
-/// A batch's outcome to be set: set as failed if dropped unset (a panic
-/// while the batch was being ended), so that no commit waits for it.
-struct Answer(Option<Arc<Outcome>>);
+/// The answers of a batch's waiting commits, to be given: each not given
+/// when this is dropped (a panic while the batch was being ended) is given
+/// as failed, so that no commit waits for it.
+struct Answers(Vec<Option<Arc<Outcome>>>);
 
-impl Answer {
-    fn set(&mut self, result: std::result::Result<bool, String>) {
-        if let Some(o) = self.0.take() {
+impl Answers {
+    fn give(&mut self, i: usize, result: Result<bool>) {
+        if let Some(o) = self.0[i].take() {
             o.set(result);
         }
     }
 }
 
-impl Drop for Answer {
+impl Drop for Answers {
     fn drop(&mut self) {
-        self.set(Err(
-            "the front end failed while ending the batch of commits this one joined: whether \
-             it was committed is unknown (sync and look)"
-                .into(),
-        ));
+        for o in self.0.iter_mut().filter_map(Option::take) {
+            o.set(Err(super::database(
+                "the front end failed while ending the batch of commits this one joined: \
+                 whether it was committed is unknown (sync and look)",
+            )));
+        }
     }
 }
 
@@ -120,6 +143,15 @@ impl Batch {
     }
 }
 
+/// The commits of a batch, checked.
+struct Checked {
+    /// Per member: `None` if it passed (or was written before), else its
+    /// refusal.
+    refused: Vec<Option<StorageError>>,
+    /// The tid of the batch's last commit that passed.
+    last: u64,
+}
+
 impl PgBackend {
     /// Whether commits may share transactions: not with snapshot reads,
     /// whose snapshot after a commit must show the state just after it.
@@ -129,51 +161,56 @@ impl PgBackend {
             .load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// Ends the open batch of `slot` (if any), with `last` (a commit just
-    /// written, its session and oids) as its last: commits the transaction,
-    /// tells every session, answers the commits waiting in it. Returns
-    /// whether the flush barrier is still to be waited for.
-    pub(super) fn end_batch(
-        &self,
-        slot: &mut OrderSlot,
-        last: Option<(u64, u64, Vec<Oid>)>,
-    ) -> Result<bool> {
-        let (tid, mut commits, outcome) = match slot.open.take() {
-            Some(b) => (b.tid, b.commits, Answer(Some(b.outcome))),
-            None => match &last {
-                Some((tid, _, _)) => (*tid, Vec::new(), Answer(None)),
-                None => return Ok(false),
-            },
+    /// Ends the open batch of `slot` (if any): checks and writes the
+    /// commits it kept, commits the transaction, tells every
+    /// session, answers the commits waiting in it. Returns the answer of
+    /// its last commit if that one waits for none (it ends the batch), else
+    /// the batch's: whether the flush barrier is still to be waited for.
+    pub(super) fn end_batch(&self, slot: &mut OrderSlot) -> Result<bool> {
+        let Some(mut batch) = slot.open.take() else {
+            return Ok(false);
         };
-        let mut outcome = outcome;
-        let tid = match last {
-            Some((t, session, oids)) => {
-                commits.push((session, oids));
-                t
+        let ending = batch.members.last().is_some_and(|m| m.answer.is_none());
+        let mut answers = Answers(batch.members.iter_mut().map(|m| m.answer.take()).collect());
+        let n = batch.members.len();
+        // What the commit ending the batch is answered, when the batch
+        // fails: the same as the others.
+        let fail = |answers: &mut Answers, e: &StorageError| {
+            for i in 0..n {
+                answers.give(i, Err(super::database(e.to_string())));
             }
-            None => tid,
         };
         let Some(conn) = slot.conn.as_mut() else {
-            let e = "the order's connection was lost".to_string();
+            let e = super::database("the order's connection was lost");
             self.forget_pending();
-            outcome.set(Err(e.clone()));
-            return Err(super::database(e));
+            fail(&mut answers, &e);
+            return Err(e);
         };
+        let checked = match self.write_kept(conn, &batch) {
+            Ok(c) => c,
+            Err(e) => {
+                if conn.batch("ROLLBACK").is_err() {
+                    slot.conn = None;
+                }
+                self.forget_pending();
+                fail(&mut answers, &e);
+                return Err(e);
+            }
+        };
+        let conn = slot.conn.as_mut().expect("still connected");
         // With no other committer waiting here, the transaction flushes the
         // WAL itself (nobody would be released early), saving the
         // barrier's round trip; else the order is released before the
         // flush.
-        let flush_now = self
+        let deferred = self
             .deferred_flush
-            .load(std::sync::atomic::Ordering::Relaxed)
+            .load(std::sync::atomic::Ordering::Relaxed);
+        let flush_now = deferred
             && self
                 .order_waiting
                 .load(std::sync::atomic::Ordering::Acquire)
                 == 0;
-        let barrier = self
-            .deferred_flush
-            .load(std::sync::atomic::Ordering::Relaxed)
-            && !flush_now;
+        let barrier = deferred && !flush_now;
         // Visible and told under `catch_up`: a sync reading the log
         // meanwhile cannot tell a commit to its own session.
         let _log = self.catch_up.lock();
@@ -182,55 +219,174 @@ impl PgBackend {
         } else {
             "COMMIT"
         };
-        match conn.batch(end) {
-            Ok(()) => {
-                let mut st = self.state.lock();
-                st.pending.clear();
-                // Commit i is told to every session but its own and those
-                // of the later commits, which were told of it when they
-                // took the order.
-                for (i, (session, oids)) in commits.iter().enumerate() {
-                    let told: Vec<u64> = commits[i..].iter().map(|(s, _)| *s).collect();
-                    st.publish_except(&told, oids);
-                    for oid in oids {
-                        if let Some(s) = st.held.remove(oid)
-                            && let Some(data) = st.sessions.get_mut(&s)
-                        {
-                            data.held -= 1;
-                        }
-                    }
-                    if let Some(s) = st.sessions.get_mut(session) {
-                        s.seen = tid;
-                    }
-                }
-                st.known = tid;
-                drop(st);
-                outcome.set(Ok(barrier));
-                Ok(barrier)
+        if let Err(e) = conn.batch(end) {
+            // Whether it was applied is unknown: the log says, to whoever
+            // reads it next (this front end included).
+            slot.conn = None;
+            self.forget_pending();
+            fail(&mut answers, &e);
+            return Err(e);
+        }
+        let mut st = self.state.lock();
+        st.pending.clear();
+        // A commit is told to every session but its own and those of the
+        // later commits of the batch, which were told of it when they took
+        // the order (also those refused since).
+        for (i, m) in batch.members.iter().enumerate() {
+            if checked.refused[i].is_some() {
+                continue;
             }
-            Err(e) => {
-                // Whether it was applied is unknown: the log says, to
-                // whoever reads it next (this front end included).
-                slot.conn = None;
-                self.state.lock().pending.clear();
-                outcome.set(Err(e.to_string()));
-                Err(e)
+            let told: Vec<u64> = batch.members[i..].iter().map(|m| m.session).collect();
+            st.publish_except(&told, &m.oids);
+            for oid in &m.oids {
+                if let Some(s) = st.held.remove(oid)
+                    && let Some(data) = st.sessions.get_mut(&s)
+                {
+                    data.held -= 1;
+                }
             }
         }
+        for m in &batch.members {
+            if let Some(s) = st.sessions.get_mut(&m.session) {
+                s.seen = checked.last;
+            }
+        }
+        st.known = checked.last;
+        drop(st);
+        let mut own = Ok(barrier);
+        for (i, refused) in checked.refused.into_iter().enumerate() {
+            let result = refused.map_or(Ok(barrier), Err);
+            if ending && i == n - 1 {
+                own = result;
+            } else {
+                answers.give(i, result);
+            }
+        }
+        own
     }
 
-    /// Rolls back the open batch of `slot` (its transaction failed): every
-    /// commit waiting in it fails with `why`.
-    pub(super) fn abandon_batch(&self, slot: &mut OrderSlot, why: &StorageError) {
-        if let Some(conn) = slot.conn.as_mut()
-            && conn.batch("ROLLBACK").is_err()
+    /// Checks the commits `batch` kept, in order, against what is stored
+    /// and what its earlier commits write, and writes those that pass in
+    /// one statement, each with its own tid and log entry.
+    fn write_kept(&self, conn: &mut Conn, batch: &Batch) -> Result<Checked> {
+        let n = batch.members.len();
+        let mut refused: Vec<Option<StorageError>> = (0..n).map(|_| None).collect();
+        let kept: Vec<usize> = (0..n)
+            .filter(|&i| batch.members[i].records.is_some())
+            .collect();
+        let mut last = batch.tid;
+        if kept.is_empty() {
+            return Ok(Checked { refused, last });
+        }
+        let mut asked: Vec<Oid> = Vec::new();
+        for &i in &kept {
+            let records = batch.members[i].records.as_ref().expect("kept");
+            asked.extend(records.keys().copied());
+            for r in records.values() {
+                asked.extend(r.refs());
+            }
+        }
+        asked.sort_unstable();
+        asked.dedup();
+        let keys: Vec<i64> = asked.iter().map(|o| key(*o)).collect();
+        let stored: HashMap<Oid, i32> = conn
+            .query(
+                "SELECT oid, max(chunk) FROM durus_records WHERE oid = ANY($1) GROUP BY oid",
+                &[&keys],
+            )?
+            .iter()
+            .map(|row| (oid_of(row.get(0)), row.get::<_, i32>(1)))
+            .collect();
+        // Each oid's last record written here, with its commit's tid.
+        let mut latest: BTreeMap<Oid, (u64, &Record)> = BTreeMap::new();
+        let mut log_tids: Vec<i64> = Vec::new();
+        let mut log_oids: Vec<Vec<u8>> = Vec::new();
         {
-            slot.conn = None;
+            let st = self.state.lock();
+            for &i in &kept {
+                let m = &batch.members[i];
+                let records = m.records.as_ref().expect("kept");
+                let exists = |oid: Oid| Ok(stored.contains_key(&oid) || latest.contains_key(&oid));
+                let holder = |oid: Oid| match st.held.get(&oid) {
+                    Some(&s) if s == m.session => Holder::ThisSession,
+                    Some(_) => Holder::AnotherSession,
+                    None => Holder::Nobody,
+                };
+                let checked = validate_commit(records, exists, |oid, present| {
+                    if present {
+                        Ok(())
+                    } else {
+                        may_create(oid, holder(oid))
+                    }
+                });
+                if let Err(e) = checked {
+                    self.refused_in_batch
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    refused[i] = Some(e);
+                    continue;
+                }
+                last += 1;
+                for (oid, record) in records {
+                    latest.insert(*oid, (last, record));
+                }
+                log_tids.push(last as i64);
+                log_oids.push(oids_bytes(&m.oids));
+            }
         }
-        self.forget_pending();
-        if let Some(b) = slot.open.take() {
-            b.outcome.set(Err(why.to_string()));
+        if log_tids.is_empty() {
+            return Ok(Checked { refused, last });
         }
+        let mut chunk_oids: Vec<i64> = Vec::new();
+        let mut chunk_numbers: Vec<i32> = Vec::new();
+        let mut chunk_tids: Vec<i64> = Vec::new();
+        let mut chunk_data: Vec<&[u8]> = Vec::new();
+        let mut shrunk: Vec<(i64, i32)> = Vec::new();
+        let mut created = 0i64;
+        for (oid, (tid, record)) in &latest {
+            let mut c = 0i32;
+            for piece in record.as_bytes().chunks(CHUNK) {
+                chunk_oids.push(key(*oid));
+                chunk_numbers.push(c);
+                chunk_tids.push(*tid as i64);
+                chunk_data.push(piece);
+                c += 1;
+            }
+            match stored.get(oid) {
+                None => created += 1,
+                Some(&stored_last) if stored_last >= c => shrunk.push((key(*oid), c)),
+                Some(_) => {}
+            }
+        }
+        conn.execute(
+            "WITH written AS (INSERT INTO durus_records (oid, chunk, tid, data) \
+                              SELECT o, c, t, d \
+                              FROM unnest($1::bigint[], $2::int[], $3::bigint[], $4::bytea[]) \
+                                   AS r(o, c, t, d) \
+                              ON CONFLICT (oid, chunk) \
+                              DO UPDATE SET tid = excluded.tid, data = excluded.data), \
+                  logged AS (INSERT INTO durus_log (tid, oids) \
+                             SELECT t, o FROM unnest($5::bigint[], $6::bytea[]) AS l(t, o)) \
+             UPDATE durus_order SET tid = $7, objects = objects + $8 WHERE id = 1",
+            &[
+                &chunk_oids,
+                &chunk_numbers,
+                &chunk_tids,
+                &chunk_data,
+                &log_tids,
+                &log_oids,
+                &(last as i64),
+                &created,
+            ],
+        )?;
+        // A record that had more chunks than it has now (rare: records over
+        // 1 MiB that shrank) loses the ones beyond its end.
+        for (oid, c) in shrunk {
+            conn.execute(
+                "DELETE FROM durus_records WHERE oid = $1 AND chunk >= $2",
+                &[&oid, &c],
+            )?;
+        }
+        Ok(Checked { refused, last })
     }
 
     fn forget_pending(&self) {

@@ -337,7 +337,7 @@ impl PgBackend {
         stop: &mut dyn FnMut() -> bool,
     ) -> Result<Option<(u64, u64)>> {
         let mut order = self.order.lock();
-        if self.end_batch(&mut order, None)? {
+        if self.end_batch(&mut order)? {
             self.flush_barrier()?;
         }
         if order.conn.as_ref().is_none_or(|c| c.client.is_closed()) {

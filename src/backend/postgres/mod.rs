@@ -527,6 +527,8 @@ pub(crate) struct PgBackend {
     order: Mutex<batch::OrderSlot>,
     /// Commits that went into a batch another commit had opened.
     batched: AtomicU64,
+    /// Commits kept in a batch and refused when it ended.
+    refused_in_batch: AtomicU64,
     /// Snapshot reads are served (`serve --snapshot-reads`): no batches.
     snapshot_reads: std::sync::atomic::AtomicBool,
     /// Held while reading the commit log and while a commit becomes
@@ -601,6 +603,7 @@ impl PgBackend {
         let backend = PgBackend {
             order: Mutex::new(batch::OrderSlot::default()),
             batched: AtomicU64::new(0),
+            refused_in_batch: AtomicU64::new(0),
             snapshot_reads: std::sync::atomic::AtomicBool::new(false),
             catch_up: Mutex::new(()),
             alloc: Mutex::new(Alloc::default()),
@@ -1007,7 +1010,7 @@ impl Backend for PgBackend {
     fn hold_commits(&self) -> Box<dyn Hold + '_> {
         let mut order = self.order.lock();
         // The commits waiting in a batch are answered first.
-        match self.end_batch(&mut order, None) {
+        match self.end_batch(&mut order) {
             Ok(true) => {
                 if let Err(e) = self.flush_barrier() {
                     tracing::warn!("the last batch's flush was not confirmed: {e}");
@@ -1022,7 +1025,7 @@ impl Backend for PgBackend {
     fn close(&self) -> Result<()> {
         {
             let mut order = self.order.lock();
-            self.end_batch(&mut order, None)?;
+            self.end_batch(&mut order)?;
             order.conn = None;
         }
         *self.barrier_conn.lock() = None;

@@ -1,12 +1,13 @@
 //! A client's session on a PostgreSQL front end, and its commits.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 use std::sync::atomic::Ordering as AtomicOrdering;
 use std::time::Instant;
 
 use parking_lot::MutexGuard;
 
-use super::batch::{Batch, OrderSlot};
+use super::batch::{Batch, Member, OrderSlot, Outcome};
 use super::{CHUNK, Conn, PgBackend, database, key, oid_of, oids_bytes};
 use crate::backend::{Entry, Found, Grant, Order, Session, Snapshot, Walk};
 use crate::error::{InvalidInput, Result, StorageError};
@@ -295,8 +296,8 @@ impl Drop for PgOrder<'_> {
         let backend = self.session.backend;
         if let Some(b) = &slot.open {
             let waiting = backend.order_waiting.load(AtomicOrdering::Acquire);
-            if !Batch::may_grow(b.commits.len(), b.started, waiting)
-                && let Err(e) = backend.end_batch(&mut slot, None)
+            if !Batch::may_grow(b.members.len(), b.started, waiting)
+                && let Err(e) = backend.end_batch(&mut slot)
             {
                 tracing::warn!("a batch of commits was not committed: {e}");
             }
@@ -331,14 +332,9 @@ impl PgOrder<'_> {
         )
     }
 
-    /// Validates and writes the commit in the open transaction; returns
-    /// the oids it wrote.
-    fn write(
-        &mut self,
-        conn: &mut Conn,
-        records: BTreeMap<Oid, Record>,
-        joined: bool,
-    ) -> Result<Vec<Oid>> {
+    /// Validates and writes the commit in the transaction that took the
+    /// order; returns the oids it wrote.
+    fn write(&mut self, conn: &mut Conn, records: BTreeMap<Oid, Record>) -> Result<Vec<Oid>> {
         let mut asked: Vec<Oid> = records.keys().copied().collect();
         for record in records.values() {
             asked.extend(record.refs());
@@ -346,20 +342,6 @@ impl PgOrder<'_> {
         asked.sort();
         asked.dedup();
         let keys: Vec<i64> = asked.iter().map(|o| key(*o)).collect();
-        if joined {
-            // Earlier commits of the batch are in the transaction: a
-            // refused commit cannot roll it back, so it is checked before
-            // it writes.
-            let stored: HashMap<Oid, i32> = conn
-                .query(
-                    "SELECT oid, max(chunk) FROM durus_records WHERE oid = ANY($1) GROUP BY oid",
-                    &[&keys],
-                )?
-                .iter()
-                .map(|row| (oid_of(row.get(0)), row.get::<_, i32>(1)))
-                .collect();
-            self.validate(&records, &stored)?;
-        }
         let tid = self.tid + 1;
         let oids: Vec<Oid> = records.keys().copied().collect();
         let mut chunk_oids: Vec<i64> = Vec::with_capacity(records.len());
@@ -409,9 +391,7 @@ impl PgOrder<'_> {
             .iter()
             .map(|row| (oid_of(row.get(0)), row.get::<_, i32>(1)))
             .collect();
-        if !joined {
-            self.validate(&records, &stored)?;
-        }
+        self.validate(&records, &stored)?;
         // A record that had more chunks than it has now (rare: records over
         // 1 MiB that shrank) loses the ones beyond its end.
         for (oid, n) in record_oids.iter().zip(&record_chunks) {
@@ -433,71 +413,91 @@ impl Order for PgOrder<'_> {
         snapshot: bool,
     ) -> (Result<()>, Option<Result<Box<dyn Snapshot>>>) {
         let want_snapshot = snapshot;
+        let mut snapshot = None;
         if let Some(e) = self.failed.take() {
             return (Err(e), None);
         }
         let backend = self.session.backend;
         let mut slot = self.order.take().expect("held until the commit");
-        let joined = slot.open.is_some();
-        let Some(conn) = slot.conn.as_mut() else {
-            return (Err(database("the order's connection was lost")), None);
-        };
-        let written = match self.write(conn, records, joined) {
-            Ok(oids) => oids,
-            Err(e) => {
-                if !joined {
+        let waiting = backend.order_waiting.load(AtomicOrdering::Acquire);
+        let result = if let Some(batch) = slot.open.as_mut() {
+            // Joins the open batch: kept, checked and written when the
+            // batch ends (a commit refused then changes nothing).
+            let oids: Vec<Oid> = records.keys().copied().collect();
+            backend.state.lock().pending.extend(oids.iter().copied());
+            let grow = Batch::may_grow(batch.members.len() + 1, batch.started, waiting);
+            let answer = grow.then(|| Arc::new(Outcome::default()));
+            batch.members.push(Member {
+                session: self.session.id,
+                oids,
+                records: Some(records),
+                answer: answer.clone(),
+            });
+            match answer {
+                Some(answer) => {
+                    drop(slot);
+                    answer.wait()
+                }
+                None => {
+                    let ended = backend.end_batch(&mut slot);
+                    drop(slot);
+                    ended
+                }
+            }
+        } else if backend.batching() && Batch::may_grow(1, self.entered, waiting) {
+            // Someone waits here: this commit opens a batch, kept and
+            // written with the commits that join it when the batch ends.
+            let oids: Vec<Oid> = records.keys().copied().collect();
+            backend.state.lock().pending.extend(oids.iter().copied());
+            let answer = Arc::new(Outcome::default());
+            slot.open = Some(Batch {
+                tid: self.tid,
+                started: self.entered,
+                members: vec![Member {
+                    session: self.session.id,
+                    oids,
+                    records: Some(records),
+                    answer: Some(answer.clone()),
+                }],
+            });
+            drop(slot);
+            answer.wait()
+        } else {
+            let Some(conn) = slot.conn.as_mut() else {
+                return (Err(database("the order's connection was lost")), None);
+            };
+            let written = match self.write(conn, records) {
+                Ok(oids) => oids,
+                Err(e) => {
                     if conn.batch("ROLLBACK").is_err() {
                         slot.conn = None;
                     }
-                } else if e.is_conflict() || matches!(e, StorageError::Invalid(_)) {
-                    // Refused before it wrote: the batch goes on (or ends).
-                    let b = slot.open.as_ref().expect("joined");
-                    let waiting = backend.order_waiting.load(AtomicOrdering::Acquire);
-                    if !Batch::may_grow(b.commits.len(), b.started, waiting)
-                        && let Err(end) = backend.end_batch(&mut slot, None)
-                    {
-                        tracing::warn!("a batch of commits was not committed: {end}");
-                    }
-                } else {
-                    backend.abandon_batch(&mut slot, &e);
+                    // Refused as a conflict: the state before it, if
+                    // nothing committed since.
+                    let snapshot = (want_snapshot && e.is_conflict())
+                        .then(|| backend.snapshot_if_at(self.tid))
+                        .flatten();
+                    return (Err(e), snapshot);
                 }
-                // Refused as a conflict: the state before it, if nothing
-                // committed since.
-                let snapshot = (want_snapshot && e.is_conflict() && !joined)
-                    .then(|| backend.snapshot_if_at(self.tid))
-                    .flatten();
-                return (Err(e), snapshot);
-            }
-        };
-        let tid = self.tid + 1;
-        let mut snapshot = None;
-        let (commits, started) = slot
-            .open
-            .as_ref()
-            .map_or((0, self.entered), |b| (b.commits.len(), b.started));
-        let waiting = backend.order_waiting.load(AtomicOrdering::Acquire);
-        let result = if backend.batching() && Batch::may_grow(commits + 1, started, waiting) {
-            // Someone waits here: the transaction stays open for it, and
-            // this commit is answered when the batch ends.
-            let batch = slot.open.get_or_insert_with(|| Batch {
+            };
+            let tid = self.tid + 1;
+            slot.open = Some(Batch {
                 tid,
-                started,
-                commits: Vec::new(),
-                outcome: Default::default(),
+                started: self.entered,
+                members: vec![Member {
+                    session: self.session.id,
+                    oids: written,
+                    records: None,
+                    answer: None,
+                }],
             });
-            batch.tid = tid;
-            batch.commits.push((self.session.id, written.clone()));
-            let outcome = batch.outcome.clone();
-            backend.state.lock().pending.extend(written);
-            drop(slot);
-            outcome.wait().map_err(database)
-        } else {
-            let ended = backend.end_batch(&mut slot, Some((tid, self.session.id, written)));
+            let ended = backend.end_batch(&mut slot);
             // The state just after this commit, if no other front end
             // committed since (this one's order is still held).
             if want_snapshot && ended.is_ok() {
                 snapshot = backend.snapshot_if_at(tid);
             }
+            // The barrier is waited for without holding the order.
             drop(slot);
             ended
         };

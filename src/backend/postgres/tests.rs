@@ -297,6 +297,100 @@ fn concurrent_committers_share_transactions_and_lose_nothing() {
     }
 }
 
+/// A commit that joins a batch is checked when the batch ends: one refused
+/// there (a reference to an oid that is not stored) changes nothing and
+/// disturbs no other commit of its batch. Four threads each make a new
+/// object and point their counter at it, then try to overwrite the counter
+/// with a record referencing a missing oid: every good commit is there with
+/// its own tid, no refused one left a trace, the object count is right.
+#[test]
+fn a_commit_refused_in_a_batch_changes_nothing_and_disturbs_no_other() {
+    const THREADS: usize = 4;
+    const ROUNDS: u64 = 80;
+    let config = testdb::fresh("batch_refusals");
+    let fe = PgBackend::open_with(config.clone().into(), 64).unwrap();
+    commit_root(fe.open_session().as_ref(), b"root").unwrap();
+    let missing = Oid(1 << 40);
+    std::thread::scope(|scope| {
+        for _ in 0..THREADS {
+            let fe = &fe;
+            scope.spawn(move || {
+                let s = fe.open_session();
+                let counter = s.new_oids(1, 1 << 20).unwrap()[0];
+                for n in 1..=ROUNDS {
+                    let made = s.new_oids(1, 1 << 20).unwrap()[0];
+                    let Entry::Now(order) = s.enter_order(&mut || unreachable!()) else {
+                        panic!("blocks");
+                    };
+                    s.sync();
+                    let mut records = BTreeMap::new();
+                    records.insert(counter, Record::new(counter, &number(n), &[made]));
+                    records.insert(made, Record::new(made, &number(n), &[]));
+                    order.commit(records, false).0.unwrap();
+                    let Entry::Now(order) = s.enter_order(&mut || unreachable!()) else {
+                        panic!("blocks");
+                    };
+                    s.sync();
+                    let mut records = BTreeMap::new();
+                    records.insert(counter, Record::new(counter, &number(999), &[missing]));
+                    let refused = order.commit(records, false).0.unwrap_err();
+                    assert!(
+                        matches!(
+                            refused,
+                            crate::StorageError::Conflict(crate::Conflict::DanglingRefs { .. })
+                        ),
+                        "{refused}"
+                    );
+                    assert_eq!(load_number(s.as_ref(), counter).unwrap(), n);
+                }
+            });
+        }
+    });
+    use std::sync::atomic::Ordering::Relaxed;
+    assert!(fe.batched.load(Relaxed) > 0, "no commit joined a batch");
+    assert!(
+        fe.refused_in_batch.load(Relaxed) > 0,
+        "no commit was refused inside a batch"
+    );
+    let mut c = config.connect(NoTls).unwrap();
+    let row = c
+        .query_one("SELECT tid, objects FROM durus_order WHERE id = 1", &[])
+        .unwrap();
+    let (tid, objects): (i64, i64) = (row.get(0), row.get(1));
+    assert_eq!(
+        tid as u64,
+        1 + THREADS as u64 * ROUNDS,
+        "one tid per good commit"
+    );
+    let logged: i64 = c
+        .query_one("SELECT count(*) FROM durus_log", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(logged, tid);
+    let stored: i64 = c
+        .query_one("SELECT count(*) FROM durus_records WHERE chunk = 0", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(stored, 1 + THREADS as i64 * (1 + ROUNDS as i64));
+    assert_eq!(objects, stored, "the order row counts the objects");
+    let records_tids: i64 = c
+        .query_one("SELECT count(DISTINCT tid) FROM durus_records", &[])
+        .unwrap()
+        .get(0);
+    // Each object made has its commit's tid: every good commit its own.
+    assert_eq!(records_tids, tid);
+    for row in c.query("SELECT data FROM durus_records", &[]).unwrap() {
+        let data: &[u8] = row.get(0);
+        let record = Record::from_bytes(data.to_vec()).unwrap();
+        assert_ne!(
+            record.data(),
+            number(999),
+            "a refused commit left its record"
+        );
+        assert!(record.refs().all(|r| r != missing));
+    }
+}
+
 /// The commit log is trimmed below what every front end alive has read; a
 /// front end silent for longer than the alive window holds it back no more,
 /// and when it comes back it finds entries gone and closes the sessions
