@@ -13,7 +13,16 @@
 //! two database round trips and a `COMMIT` for the batch, none for each
 //! commit. A commit refused there is answered with its refusal and changes
 //! nothing; the others are answered together. A commit with nobody waiting
-//! behind it is checked and written at once, in one statement. Loads of an oid a batch has written are answered
+//! behind it is checked and written at once, in one statement.
+//!
+//! The commits behind a kept one in its batch are told its oids as changed
+//! before it is checked, and loads of them are answered `Invalid` until the
+//! batch ends: if it is then refused, they were told of a change that did
+//! not happen (their clients reload those objects, or retry a transaction
+//! that read them). One Durus server would not have told them. Only a
+//! commit naming an oid that is not stored, or that another client holds,
+//! is refused: what a correct client sends only after a pack removed an
+//! object it still references. Loads of an oid a batch has written are answered
 //! `Invalid` until the batch is committed: whoever was told of the change
 //! cannot read what came before it.
 
@@ -34,6 +43,11 @@ pub(super) const MAX_COMMITS: usize = 32;
 /// How long a batch may hold the order row at most (other front ends wait
 /// for it meanwhile).
 pub(super) const MAX_HOLD: Duration = Duration::from_millis(5);
+
+/// The record bytes a batch writes in one statement at most (beyond, in
+/// several): a batch of large commits stays far below the database's
+/// limits on one value and one message.
+pub(super) const STATEMENT_BYTES: usize = 16 << 20;
 
 /// The longest a commit waits for the batch it joined to end.
 pub(super) const WAIT_LIMIT: Duration = Duration::from_secs(60);
@@ -145,7 +159,7 @@ impl Batch {
 
 /// The commits of a batch, checked.
 struct Checked {
-    /// Per member: `None` if it passed (or was written before), else its
+    /// Per member: `None` if it passed (or was written at once), else its
     /// refusal.
     refused: Vec<Option<StorageError>>,
     /// The tid of the batch's last commit that passed.
@@ -340,15 +354,35 @@ impl PgBackend {
         let mut chunk_numbers: Vec<i32> = Vec::new();
         let mut chunk_tids: Vec<i64> = Vec::new();
         let mut chunk_data: Vec<&[u8]> = Vec::new();
+        let mut bytes = 0;
         let mut shrunk: Vec<(i64, i32)> = Vec::new();
         let mut created = 0i64;
         for (oid, (tid, record)) in &latest {
+            if bytes >= STATEMENT_BYTES {
+                // Large commits: their records go in statements of their
+                // own, before the last.
+                conn.execute(
+                    "INSERT INTO durus_records (oid, chunk, tid, data) \
+                     SELECT o, c, t, d \
+                     FROM unnest($1::bigint[], $2::int[], $3::bigint[], $4::bytea[]) \
+                          AS r(o, c, t, d) \
+                     ON CONFLICT (oid, chunk) \
+                     DO UPDATE SET tid = excluded.tid, data = excluded.data",
+                    &[&chunk_oids, &chunk_numbers, &chunk_tids, &chunk_data],
+                )?;
+                chunk_oids.clear();
+                chunk_numbers.clear();
+                chunk_tids.clear();
+                chunk_data.clear();
+                bytes = 0;
+            }
             let mut c = 0i32;
             for piece in record.as_bytes().chunks(CHUNK) {
                 chunk_oids.push(key(*oid));
                 chunk_numbers.push(c);
                 chunk_tids.push(*tid as i64);
                 chunk_data.push(piece);
+                bytes += piece.len();
                 c += 1;
             }
             match stored.get(oid) {

@@ -391,6 +391,182 @@ fn a_commit_refused_in_a_batch_changes_nothing_and_disturbs_no_other() {
     }
 }
 
+/// Two commits in one batch, made deterministic: a committer counted as
+/// waiting makes `a`'s commit stay kept; `b`'s, with nobody waiting, ends
+/// the batch. `a` commits through a new session. Returns both answers.
+fn batch_of_two(
+    fe: &PgBackend,
+    a: BTreeMap<Oid, Record>,
+    b: (&dyn Session, BTreeMap<Oid, Record>),
+) -> (crate::Result<()>, crate::Result<()>) {
+    use std::sync::atomic::Ordering::{AcqRel, Relaxed};
+    let batched = fe.batched.load(Relaxed);
+    fe.order_waiting.fetch_add(1, AcqRel);
+    std::thread::scope(|scope| {
+        let first = scope.spawn(move || {
+            let s = fe.open_session();
+            let Entry::Now(order) = s.enter_order(&mut || unreachable!()) else {
+                panic!("blocks");
+            };
+            s.sync();
+            order.commit(a, false).0
+        });
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while fe.order.lock().open.is_none() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the first commit was not kept"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        fe.order_waiting.fetch_sub(1, AcqRel);
+        let Entry::Now(order) = b.0.enter_order(&mut || unreachable!()) else {
+            panic!("blocks");
+        };
+        b.0.sync();
+        let second = order.commit(b.1, false).0;
+        assert_eq!(
+            fe.batched.load(Relaxed),
+            batched + 1,
+            "the second joined the first"
+        );
+        (first.join().unwrap(), second)
+    })
+}
+
+/// The commits kept in a batch are checked and written when it ends, in
+/// their order: the same oid written by both (the later one's record, with
+/// its tid; a record over several chunks that shrinks, and one that grows
+/// past the statement bound), the first refused and the second written, both
+/// refused; a session outside the batch is told of exactly what was
+/// written.
+#[test]
+fn a_batch_writes_its_kept_commits_in_their_order() {
+    let config = testdb::fresh("batch_kept");
+    let fe = PgBackend::open_with(config.clone().into(), 64).unwrap();
+    let setup = fe.open_session();
+    commit_root(setup.as_ref(), b"root").unwrap();
+    let x = setup.new_oids(1, 16).unwrap()[0];
+    let big = |n: usize, fill: u8| vec![fill; n];
+    commit_refs(setup.as_ref(), &[(Oid::ROOT, vec![x]), (x, vec![])]).unwrap();
+    // x over three chunks.
+    let one = |oid: Oid, data: &[u8], refs: &[Oid]| {
+        let mut m = BTreeMap::new();
+        m.insert(oid, Record::new(oid, data, refs));
+        m
+    };
+    let (sb, watcher) = (fe.open_session(), fe.open_session());
+    let x3 = big(super::CHUNK * 2 + 10, 3);
+    let (r1, r2) = batch_of_two(
+        &fe,
+        one(x, &x3, &[]),
+        (sb.as_ref(), one(Oid::ROOT, b"r", &[x])),
+    );
+    r1.unwrap();
+    r2.unwrap();
+    let mut c = config.connect(NoTls).unwrap();
+    let order = |c: &mut postgres::Client| -> (i64, i64) {
+        let row = c
+            .query_one("SELECT tid, objects FROM durus_order WHERE id = 1", &[])
+            .unwrap();
+        (row.get(0), row.get(1))
+    };
+    let chunks = |c: &mut postgres::Client, oid: Oid| -> Vec<(i32, i64)> {
+        c.query(
+            "SELECT chunk, tid FROM durus_records WHERE oid = $1 ORDER BY chunk",
+            &[&(oid.0 as i64)],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect()
+    };
+    let (t0, objects) = order(&mut c);
+    assert_eq!((t0, objects), (4, 2));
+    assert_eq!(chunks(&mut c, x), vec![(0, 3), (1, 3), (2, 3)]);
+    watcher.sync();
+
+    // Both write x: a shrinks it to one chunk, b makes it two and makes y.
+    let y = sb.new_oids(1, 16).unwrap()[0];
+    let x2 = big(super::CHUNK + 5, 2);
+    let mut b_records = one(x, &x2, &[y]);
+    b_records.insert(y, Record::new(y, b"y", &[]));
+    let (r1, r2) = batch_of_two(&fe, one(x, b"small", &[]), (sb.as_ref(), b_records));
+    r1.unwrap();
+    r2.unwrap();
+    assert_eq!(order(&mut c), (t0 + 2, 3), "two tids, one object more");
+    assert_eq!(
+        chunks(&mut c, x),
+        vec![(0, t0 + 2), (1, t0 + 2)],
+        "b's record of x, its tid"
+    );
+    assert_eq!(chunks(&mut c, y), vec![(0, t0 + 2)]);
+    let mut told = watcher.sync();
+    told.sort();
+    assert_eq!(told, vec![x, y]);
+    let mut loaded = Vec::new();
+    watcher
+        .load(&[x], &mut |f| {
+            if let crate::backend::Found::Record(r) = f {
+                loaded = r.to_vec();
+            }
+            true
+        })
+        .unwrap();
+    assert_eq!(Record::from_bytes(loaded).unwrap().data(), &x2[..]);
+
+    // Two records each past the statement bound, the first commit
+    // refused (a reference to nothing): the second is written whole, with
+    // the next tid.
+    let missing = Oid(1 << 40);
+    let over = big(super::batch::STATEMENT_BYTES + 1, 7);
+    let z = sb.new_oids(1, 16).unwrap()[0];
+    let mut b_records = one(z, &over, &[]);
+    b_records.insert(x, Record::new(x, &over, &[z]));
+    let (r1, r2) = batch_of_two(&fe, one(x, b"lost", &[missing]), (sb.as_ref(), b_records));
+    assert!(
+        matches!(
+            r1,
+            Err(crate::StorageError::Conflict(
+                crate::Conflict::DanglingRefs { .. }
+            ))
+        ),
+        "{r1:?}"
+    );
+    r2.unwrap();
+    assert_eq!(order(&mut c), (t0 + 3, 4));
+    let mut told = watcher.sync();
+    told.sort();
+    assert_eq!(told, vec![x, z]);
+    for oid in [x, z] {
+        let mut loaded = Vec::new();
+        watcher
+            .load(&[oid], &mut |f| {
+                if let crate::backend::Found::Record(r) = f {
+                    loaded = r.to_vec();
+                }
+                true
+            })
+            .unwrap();
+        assert_eq!(Record::from_bytes(loaded).unwrap().data(), &over[..]);
+    }
+
+    // Both refused: nothing changes, nobody outside is told.
+    let (r1, r2) = batch_of_two(
+        &fe,
+        one(x, b"no", &[missing]),
+        (sb.as_ref(), one(Oid(1 << 41), b"no", &[])),
+    );
+    assert!(r1.is_err() && r2.is_err(), "{r1:?} {r2:?}");
+    assert_eq!(order(&mut c), (t0 + 3, 4));
+    assert!(watcher.sync().is_empty());
+    let logged: i64 = c
+        .query_one("SELECT count(*) FROM durus_log", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(logged, t0 + 3);
+}
+
 /// The commit log is trimmed below what every front end alive has read; a
 /// front end silent for longer than the alive window holds it back no more,
 /// and when it comes back it finds entries gone and closes the sessions
