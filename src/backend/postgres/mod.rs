@@ -707,21 +707,38 @@ impl PgBackend {
     /// them in: see [`State::take_log`]. Returns the order's tid.
     fn read_log(&self, conn: &mut Conn, begin: bool) -> Result<u64> {
         let known = self.state.lock().known;
-        let sql = if begin {
-            format!(
-                "BEGIN; SELECT tid FROM durus_order WHERE id = 1 FOR UPDATE; \
-                 SELECT tid, oids FROM durus_log WHERE tid > {known} ORDER BY tid"
-            )
+        let (tid, entries) = if begin {
+            // The log is read after the order row is locked, by a statement
+            // of its own (so in a snapshot taken after the lock), so it
+            // reaches at least the row's tid.
+            let messages = conn
+                .client
+                .simple_query(&format!(
+                    "BEGIN; SELECT tid FROM durus_order WHERE id = 1 FOR UPDATE; \
+                     SELECT tid, oids FROM durus_log WHERE tid > {known} ORDER BY tid"
+                ))
+                .map_err(db_error)?;
+            order_and_log(&messages, 1)?
         } else {
-            format!(
-                "SELECT tid FROM durus_order WHERE id = 1; \
-                 SELECT tid, oids FROM durus_log WHERE tid > {known} ORDER BY tid"
-            )
+            // One prepared statement, one snapshot: the order row and the
+            // log as one commit left them (a commit moves both at once).
+            let rows = conn.query(
+                "SELECT o.tid, l.tid, l.oids FROM durus_order o \
+                 LEFT JOIN durus_log l ON l.tid > $1 WHERE o.id = 1 ORDER BY l.tid",
+                &[&(known as i64)],
+            )?;
+            let tid = rows
+                .first()
+                .map(|r| r.get::<_, i64>(0) as u64)
+                .ok_or_else(|| database("the commit order's row (durus_order, id 1) is missing"))?;
+            let mut entries = Vec::new();
+            for r in &rows {
+                if let Some(t) = r.get::<_, Option<i64>>(1) {
+                    entries.push((t as u64, oids_from(r.get::<_, &[u8]>(2))?));
+                }
+            }
+            (tid, entries)
         };
-        // The log is read after the order row (the statements run in turn;
-        // a commit moves both at once), so it reaches at least its tid.
-        let messages = conn.client.simple_query(&sql).map_err(db_error)?;
-        let (tid, entries) = order_and_log(&messages, usize::from(begin))?;
         let _log = self.catch_up.lock();
         let mut st = self.state.lock();
         // Compared with what was known when the query was sent (every
