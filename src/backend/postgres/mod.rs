@@ -78,6 +78,19 @@ const CHUNK: usize = 1 << 20;
 /// Oids taken from `durus_oids` at a time.
 const OID_BLOCK: u64 = 1024;
 
+/// Locks the order row and reads the commit log past `$1`, for an order's
+/// connection. After a wait for the row lock, the log's rows are those of
+/// the statement's snapshot, taken before the wait: the ones the holder
+/// just committed are then read by another statement (see
+/// `PgBackend::read_log`).
+const TAKE_ORDER: &str = "PREPARE durus_take_order(bigint) AS \
+     SELECT o.tid, l.tid, l.oids FROM durus_order o \
+     LEFT JOIN durus_log l ON l.tid > $1 WHERE o.id = 1 ORDER BY l.tid FOR UPDATE OF o";
+
+/// The order row and the log past `$1`, in one snapshot.
+const READ_LOG: &str = "SELECT o.tid, l.tid, l.oids FROM durus_order o \
+     LEFT JOIN durus_log l ON l.tid > $1 WHERE o.id = 1 ORDER BY l.tid";
+
 /// Idle connections kept for loads and syncs.
 const IDLE_CONNECTIONS: usize = 16;
 
@@ -228,6 +241,21 @@ fn order_and_log(messages: &[SimpleQueryMessage], at: usize) -> Result<(u64, Vec
     Ok((tid, entries))
 }
 
+/// The order's tid and the log entries from the rows of [`READ_LOG`].
+fn log_rows(rows: &[postgres::Row]) -> Result<(u64, Vec<LogEntry>)> {
+    let tid = rows
+        .first()
+        .map(|r| r.get::<_, i64>(0) as u64)
+        .ok_or_else(|| database("the commit order's row (durus_order, id 1) is missing"))?;
+    let mut entries = Vec::new();
+    for r in rows {
+        if let Some(t) = r.get::<_, Option<i64>>(1) {
+            entries.push((t as u64, oids_from(r.get::<_, &[u8]>(2))?));
+        }
+    }
+    Ok((tid, entries))
+}
+
 /// Oids as a commit log entry: 8 bytes each, big-endian.
 fn oids_bytes(oids: &[Oid]) -> Vec<u8> {
     oids.iter().flat_map(|o| o.to_bytes()).collect()
@@ -250,6 +278,8 @@ fn oids_from(bytes: &[u8]) -> Result<Vec<Oid>> {
 pub(crate) struct Conn {
     client: Client,
     prepared: HashMap<&'static str, Statement>,
+    /// `durus_take_order` is prepared on it (an order's connection).
+    take_prepared: bool,
 }
 
 impl Conn {
@@ -258,6 +288,7 @@ impl Conn {
         Ok(Conn {
             client,
             prepared: HashMap::new(),
+            take_prepared: false,
         })
     }
 
@@ -698,6 +729,16 @@ impl PgBackend {
             );
             self.deferred_flush.store(false, Ordering::Relaxed);
         }
+        // Taking the order goes with `BEGIN` in one simple query, which
+        // cannot carry an extended-protocol statement: a statement
+        // prepared in SQL saves parsing and planning it every time.
+        match conn.batch(TAKE_ORDER) {
+            Ok(()) => conn.take_prepared = true,
+            Err(e) => tracing::info!(
+                "the database refused PREPARE ({e}): the commit order is taken with plain \
+                 statements"
+            ),
+        }
         Ok(conn)
     }
 
@@ -707,7 +748,33 @@ impl PgBackend {
     /// them in: see [`State::take_log`]. Returns the order's tid.
     fn read_log(&self, conn: &mut Conn, begin: bool) -> Result<u64> {
         let known = self.state.lock().known;
-        let (tid, entries) = if begin {
+        let (tid, entries) = if begin && conn.take_prepared {
+            let messages = conn
+                .client
+                .simple_query(&format!("BEGIN; EXECUTE durus_take_order({known})"))
+                .map_err(db_error)?;
+            let mut tid = None;
+            let mut entries = Vec::new();
+            for m in &messages {
+                if let SimpleQueryMessage::Row(row) = m {
+                    tid = Some(text_u64(row.get(0))?);
+                    if row.get(1).is_some() {
+                        let oids = text_bytea(row.get(2))?;
+                        entries.push((text_u64(row.get(1))?, oids_from(&oids)?));
+                    }
+                }
+            }
+            let tid = tid
+                .ok_or_else(|| database("the commit order's row (durus_order, id 1) is missing"))?;
+            let last = entries.last().map_or(known, |(t, _)| *t);
+            if last < tid {
+                // The row was locked after a wait: what its holder
+                // committed meanwhile, in a snapshot taken now.
+                let (_, more) = log_rows(&conn.query(READ_LOG, &[&(last as i64)])?)?;
+                entries.extend(more);
+            }
+            (tid, entries)
+        } else if begin {
             // The log is read after the order row is locked, by a statement
             // of its own (so in a snapshot taken after the lock), so it
             // reaches at least the row's tid.
@@ -722,22 +789,7 @@ impl PgBackend {
         } else {
             // One prepared statement, one snapshot: the order row and the
             // log as one commit left them (a commit moves both at once).
-            let rows = conn.query(
-                "SELECT o.tid, l.tid, l.oids FROM durus_order o \
-                 LEFT JOIN durus_log l ON l.tid > $1 WHERE o.id = 1 ORDER BY l.tid",
-                &[&(known as i64)],
-            )?;
-            let tid = rows
-                .first()
-                .map(|r| r.get::<_, i64>(0) as u64)
-                .ok_or_else(|| database("the commit order's row (durus_order, id 1) is missing"))?;
-            let mut entries = Vec::new();
-            for r in &rows {
-                if let Some(t) = r.get::<_, Option<i64>>(1) {
-                    entries.push((t as u64, oids_from(r.get::<_, &[u8]>(2))?));
-                }
-            }
-            (tid, entries)
+            log_rows(&conn.query(READ_LOG, &[&(known as i64)])?)?
         };
         let _log = self.catch_up.lock();
         let mut st = self.state.lock();

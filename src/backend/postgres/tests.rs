@@ -567,6 +567,68 @@ fn a_batch_writes_its_kept_commits_in_their_order() {
     assert_eq!(logged, t0 + 3);
 }
 
+/// A commit that waits for the order row while another front end holds it
+/// reads, once it has the row, the log entry the holder committed
+/// (the statement that takes the row read the log before the wait).
+#[test]
+fn an_order_taken_after_a_wait_reads_what_its_holder_committed() {
+    let config = testdb::fresh("order_wait");
+    let fe = PgBackend::open_with(config.clone().into(), 16).unwrap();
+    let watcher = fe.open_session();
+    commit_root(fe.open_session().as_ref(), b"root").unwrap();
+    watcher.sync();
+    // Another front end's commit, by hand: it holds the row, moves it and
+    // logs a change of the root.
+    let mut holder = config.connect(NoTls).unwrap();
+    holder
+        .batch_execute(
+            "BEGIN; SELECT tid FROM durus_order WHERE id = 1 FOR UPDATE; \
+             UPDATE durus_order SET tid = 2 WHERE id = 1",
+        )
+        .unwrap();
+    holder
+        .execute(
+            "INSERT INTO durus_log (tid, oids) VALUES (2, $1)",
+            &[&Oid::ROOT.to_bytes().to_vec()],
+        )
+        .unwrap();
+    let mut probe = config.connect(NoTls).unwrap();
+    std::thread::scope(|scope| {
+        let fe = &fe;
+        let committer = scope.spawn(move || {
+            let s = fe.open_session();
+            commit_root(s.as_ref(), b"after the wait")
+        });
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let waiting: i64 = probe
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity \
+                     WHERE wait_event_type = 'Lock' AND datname = current_database()",
+                    &[],
+                )
+                .unwrap()
+                .get(0);
+            if waiting > 0 {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the commit never waited for the row"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        holder.batch_execute("COMMIT").unwrap();
+        committer.join().unwrap().unwrap();
+    });
+    let tid: i64 = probe
+        .query_one("SELECT tid FROM durus_order WHERE id = 1", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(tid, 3, "committed after the holder's commit");
+    assert_eq!(watcher.sync(), vec![Oid::ROOT]);
+}
+
 /// The commit log is trimmed below what every front end alive has read; a
 /// front end silent for longer than the alive window holds it back no more,
 /// and when it comes back it finds entries gone and closes the sessions
