@@ -37,7 +37,9 @@
 //! Only what PostgreSQL, CockroachDB and YugabyteDB all have is used: plain
 //! tables with bigint keys and bytea values, `INSERT ... ON CONFLICT`,
 //! `SELECT ... FOR UPDATE` on one row, prepared statements, explicit
-//! transactions.
+//! transactions. The order is taken with a statement prepared in SQL
+//! (`PREPARE`, locking the row across an outer join); a database that
+//! refuses to prepare or run it gets plain statements instead.
 //!
 //! Lock order (this module's own locks, plain `parking_lot`): `collector`
 //! (one full collection at a time), `order` (the local side of the commit
@@ -238,6 +240,41 @@ fn order_and_log(messages: &[SimpleQueryMessage], at: usize) -> Result<(u64, Vec
     }
     let tid =
         tid.ok_or_else(|| database("the commit order's row (durus_order, id 1) is missing"))?;
+    Ok((tid, entries))
+}
+
+/// `BEGIN`, a lock of the order row and the log past `known` by
+/// `durus_take_order` on `conn`: the row's tid and the entries up to it.
+fn take_prepared(conn: &mut Conn, known: u64) -> Result<(u64, Vec<LogEntry>)> {
+    let messages = conn
+        .client
+        .simple_query(&format!("BEGIN; EXECUTE durus_take_order({known})"))
+        .map_err(db_error)?;
+    let mut tid = None;
+    let mut entries = Vec::new();
+    for m in &messages {
+        if let SimpleQueryMessage::Row(row) = m {
+            tid = Some(text_u64(row.get(0))?);
+            if row.get(1).is_some() {
+                let oids = text_bytea(row.get(2))?;
+                entries.push((text_u64(row.get(1))?, oids_from(&oids)?));
+            }
+        }
+    }
+    let tid =
+        tid.ok_or_else(|| database("the commit order's row (durus_order, id 1) is missing"))?;
+    let last = entries.last().map_or(known, |(t, _)| *t);
+    if last < tid {
+        // The row was locked after its holder committed (after a wait):
+        // what that one committed, in a snapshot taken now.
+        let (now, more) = log_rows(&conn.query(READ_LOG, &[&(last as i64)])?)?;
+        if now != tid {
+            return Err(database(format!(
+                "the commit order's row moved from {tid} to {now} while this front end held it"
+            )));
+        }
+        entries.extend(more);
+    }
     Ok((tid, entries))
 }
 
@@ -722,6 +759,11 @@ impl PgBackend {
     /// A connection for the commit order, with the WAL flush deferred.
     fn order_conn(&self) -> Result<Conn> {
         let mut conn = Conn::connect(&self.pool.config)?;
+        // Log entries read in simple queries come as text: hex, whatever
+        // the role's default.
+        if let Err(e) = conn.batch("SET bytea_output = hex") {
+            tracing::info!("the database refused SET bytea_output = hex ({e})");
+        }
         if let Err(e) = conn.batch("SET synchronous_commit = off") {
             tracing::warn!(
                 "the database refused synchronous_commit = off ({e}): each commit is flushed \
@@ -744,36 +786,31 @@ impl PgBackend {
 
     /// Reads the order's tid and the commit log past what this front end
     /// knows, in one round trip on `conn` (`begin`: first `BEGIN` and a
-    /// lock of the order row, whose tid is then the log's end), and takes
-    /// them in: see [`State::take_log`]. Returns the order's tid.
+    /// lock of the order row, whose tid is then the log's end; a second
+    /// round trip if the lock was waited for), and takes them in: see
+    /// [`State::take_log`]. Returns the order's tid.
     fn read_log(&self, conn: &mut Conn, begin: bool) -> Result<u64> {
         let known = self.state.lock().known;
-        let (tid, entries) = if begin && conn.take_prepared {
-            let messages = conn
-                .client
-                .simple_query(&format!("BEGIN; EXECUTE durus_take_order({known})"))
-                .map_err(db_error)?;
-            let mut tid = None;
-            let mut entries = Vec::new();
-            for m in &messages {
-                if let SimpleQueryMessage::Row(row) = m {
-                    tid = Some(text_u64(row.get(0))?);
-                    if row.get(1).is_some() {
-                        let oids = text_bytea(row.get(2))?;
-                        entries.push((text_u64(row.get(1))?, oids_from(&oids)?));
-                    }
+        let prepared = if begin && conn.take_prepared {
+            match take_prepared(conn, known) {
+                Err(e) if !conn.client.is_closed() && !is_retry(&e) => {
+                    // A database that prepared the statement but cannot
+                    // run it: the plain statements, from now on.
+                    tracing::info!(
+                        "taking the commit order with a prepared statement failed ({e}): \
+                         plain statements from now on"
+                    );
+                    conn.batch("ROLLBACK")?;
+                    conn.take_prepared = false;
+                    None
                 }
+                other => Some(other?),
             }
-            let tid = tid
-                .ok_or_else(|| database("the commit order's row (durus_order, id 1) is missing"))?;
-            let last = entries.last().map_or(known, |(t, _)| *t);
-            if last < tid {
-                // The row was locked after a wait: what its holder
-                // committed meanwhile, in a snapshot taken now.
-                let (_, more) = log_rows(&conn.query(READ_LOG, &[&(last as i64)])?)?;
-                entries.extend(more);
-            }
-            (tid, entries)
+        } else {
+            None
+        };
+        let (tid, entries) = if let Some(read) = prepared {
+            read
         } else if begin {
             // The log is read after the order row is locked, by a statement
             // of its own (so in a snapshot taken after the lock), so it

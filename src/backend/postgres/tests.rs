@@ -599,34 +599,71 @@ fn an_order_taken_after_a_wait_reads_what_its_holder_committed() {
             let s = fe.open_session();
             commit_root(s.as_ref(), b"after the wait")
         });
+        // Whether the committer waits for the row (the holder lets go
+        // either way, so that a failure here cannot hang the test).
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        loop {
+        let waited = loop {
             let waiting: i64 = probe
                 .query_one(
                     "SELECT count(*) FROM pg_stat_activity \
                      WHERE wait_event_type = 'Lock' AND datname = current_database()",
                     &[],
                 )
-                .unwrap()
-                .get(0);
-            if waiting > 0 {
-                break;
+                .map_or(0, |r| r.get(0));
+            if waiting > 0 || std::time::Instant::now() >= deadline {
+                break waiting > 0;
             }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the commit never waited for the row"
-            );
             std::thread::sleep(Duration::from_millis(5));
-        }
+        };
         holder.batch_execute("COMMIT").unwrap();
         committer.join().unwrap().unwrap();
+        assert!(waited, "the commit never waited for the row");
     });
+    assert_eq!(
+        fe.state.lock().known,
+        3,
+        "the holder's entry read, then its own"
+    );
     let tid: i64 = probe
         .query_one("SELECT tid FROM durus_order WHERE id = 1", &[])
         .unwrap()
         .get(0);
     assert_eq!(tid, 3, "committed after the holder's commit");
     assert_eq!(watcher.sync(), vec![Oid::ROOT]);
+}
+
+/// A database that prepared the order's statement but cannot run it gets
+/// the plain statements: the commit goes through.
+#[test]
+fn the_order_is_taken_with_plain_statements_where_the_prepared_one_fails() {
+    let config = testdb::fresh("order_plain");
+    let fe = PgBackend::open_with(config.clone().into(), 16).unwrap();
+    let s = fe.open_session();
+    commit_root(s.as_ref(), b"first").unwrap();
+    {
+        let mut order = fe.order.lock();
+        let conn = order.conn.as_mut().expect("the order's connection");
+        assert!(conn.take_prepared, "the statement was not prepared");
+        conn.batch("DEALLOCATE durus_take_order").unwrap();
+    }
+    commit_root(s.as_ref(), b"second").unwrap();
+    assert!(!fe.order.lock().conn.as_ref().unwrap().take_prepared);
+    commit_root(s.as_ref(), b"third").unwrap();
+    assert_eq!(root_data(s.as_ref()), b"third");
+}
+
+/// The root's data as `session` loads it.
+fn root_data(session: &dyn Session) -> Vec<u8> {
+    let mut got = Vec::new();
+    session
+        .load(&[Oid::ROOT], &mut |f| {
+            if let crate::backend::Found::Record(b) = f {
+                got = Record::from_bytes(b.to_vec()).unwrap().data().to_vec();
+            }
+            true
+        })
+        .unwrap();
+    got
 }
 
 /// The commit log is trimmed below what every front end alive has read; a
