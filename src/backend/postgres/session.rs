@@ -420,9 +420,17 @@ impl Order for PgOrder<'_> {
         let backend = self.session.backend;
         let mut slot = self.order.take().expect("held until the commit");
         let waiting = backend.order_waiting.load(AtomicOrdering::Acquire);
-        let result = if let Some(batch) = slot.open.as_mut() {
-            // Joins the open batch: kept, checked and written when the
-            // batch ends (a commit refused then changes nothing).
+        // Someone waits here, or a batch is open: the commit is kept, and
+        // checked and written with the batch's others when it ends (a
+        // commit refused then changes nothing).
+        let keep = slot.open.is_some()
+            || (backend.batching() && Batch::may_grow(1, self.entered, waiting));
+        let result = if keep {
+            let batch = slot.open.get_or_insert_with(|| Batch {
+                tid: self.tid,
+                started: self.entered,
+                members: Vec::new(),
+            });
             let oids: Vec<Oid> = records.keys().copied().collect();
             backend.state.lock().pending.extend(oids.iter().copied());
             let grow = Batch::may_grow(batch.members.len() + 1, batch.started, waiting);
@@ -444,24 +452,6 @@ impl Order for PgOrder<'_> {
                     ended
                 }
             }
-        } else if backend.batching() && Batch::may_grow(1, self.entered, waiting) {
-            // Someone waits here: this commit opens a batch, kept and
-            // written with the commits that join it when the batch ends.
-            let oids: Vec<Oid> = records.keys().copied().collect();
-            backend.state.lock().pending.extend(oids.iter().copied());
-            let answer = Arc::new(Outcome::default());
-            slot.open = Some(Batch {
-                tid: self.tid,
-                started: self.entered,
-                members: vec![Member {
-                    session: self.session.id,
-                    oids,
-                    records: Some(records),
-                    answer: Some(answer.clone()),
-                }],
-            });
-            drop(slot);
-            answer.wait()
         } else {
             let Some(conn) = slot.conn.as_mut() else {
                 return (Err(database("the order's connection was lost")), None);
