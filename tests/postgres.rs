@@ -343,16 +343,33 @@ fn committer(port: Arc<Mutex<u16>>, stop: Arc<AtomicBool>, acked: Arc<Mutex<Vec<
 }
 
 /// Every acknowledged commit loads, with its own sequence number.
+/// Loads a thousand at a time (a bulk load each: the list grows with every
+/// round and every commit), and one by one where a bulk load fails, to
+/// name the commit lost.
 fn assert_all_there(front: &FrontEnd, acked: &[(Oid, u64)]) {
     let mut c = ClientStorage::connect_tcp("127.0.0.1", front.port).unwrap();
-    for (oid, n) in acked {
-        let record = c.load(*oid).unwrap_or_else(|e| {
-            panic!(
-                "acknowledged commit {n} (oid {oid}) is lost: {e}; the front end said:\n{}",
-                front.complaints()
-            )
-        });
-        assert_eq!(record.data(), n.to_be_bytes(), "oid {oid}");
+    for part in acked.chunks(1000) {
+        let oids: Vec<Oid> = part.iter().map(|(o, _)| *o).collect();
+        let records = match c.bulk_load(&oids) {
+            Ok(records) => records,
+            Err(_) => part
+                .iter()
+                .map(|(oid, n)| {
+                    c.load(*oid).unwrap_or_else(|e| {
+                        panic!(
+                            "acknowledged commit {n} (oid {oid}) is lost: {e}; the front end \
+                             said:\n{}",
+                            front.complaints()
+                        )
+                    })
+                })
+                .collect(),
+        };
+        assert_eq!(records.len(), part.len());
+        for ((oid, n), record) in part.iter().zip(&records) {
+            assert_eq!(record.oid(), *oid);
+            assert_eq!(record.data(), n.to_be_bytes(), "oid {oid}");
+        }
     }
 }
 
