@@ -3,26 +3,18 @@
 //! The commit order is held from a client's invalidations until its commit
 //! is written; while it is, other committers of this front end wait for it.
 //! When one of them is waiting, the commit that holds the order does not
-//! end the transaction: its records are kept in memory, and it hands the
-//! order (the transaction, holding the order row) to the next committer
-//! here, which is told the batch's oids as changed, and is kept in turn.
-//! When the batch ends (nobody waiting, or the bounds reached), its commits
-//! are checked in their order against what is stored and what the earlier
-//! ones write, those that pass are written in one statement, each with its
-//! own tid and log entry, and the transaction is committed once for all:
-//! two database round trips and a `COMMIT` for the batch, none for each
-//! commit. A commit refused there is answered with its refusal and changes
-//! nothing; the others are answered together. A commit with nobody waiting
-//! behind it is checked and written at once, in one statement.
-//!
-//! The commits behind a kept one in its batch are told its oids as changed
-//! before it is checked, and loads of them are answered `Invalid` until the
-//! batch ends: if it is then refused, they were told of a change that did
-//! not happen (their clients reload those objects, or retry a transaction
-//! that read them). One Durus server would not have told them. Only a
-//! commit naming an oid that is not stored, or that another client holds,
-//! is refused: what a correct client sends only after a pack removed an
-//! object it still references. Loads of an oid a batch has written are answered
+//! end the transaction: it is checked against what was stored when the
+//! batch began and what the batch's earlier commits write (the database
+//! does not change while the batch holds the order), its records are kept
+//! in memory, and it hands the order (the transaction, holding the order
+//! row) to the next committer here, which is told the batch's oids as
+//! changed, and is checked and kept in turn. A commit refused there is
+//! answered at once and told to no one: it disturbs no other commit. When
+//! the batch ends (nobody waiting, or the bounds reached), its commits are
+//! written in one statement, each with its own tid and log entry, and the
+//! transaction is committed once for all; they are answered together. A
+//! commit with nobody waiting behind it is checked and written at once, in
+//! one statement. Loads of an oid a batch has written are answered
 //! `Invalid` until the batch is committed: whoever was told of the change
 //! cannot read what came before it.
 
@@ -70,6 +62,9 @@ pub(super) struct Batch {
     pub(super) started: Instant,
     /// Its commits in order.
     pub(super) members: Vec<Member>,
+    /// Whether each oid its commits named was stored when it began (the
+    /// database does not change while it holds the order).
+    pub(super) known: HashMap<Oid, bool>,
 }
 
 /// One commit of a batch.
@@ -150,6 +145,16 @@ impl Drop for Answers {
 }
 
 impl Batch {
+    /// A batch to be opened under the order taken at `tid`.
+    pub(super) fn new(tid: u64, started: Instant) -> Batch {
+        Batch {
+            tid,
+            started,
+            members: Vec::new(),
+            known: HashMap::new(),
+        }
+    }
+
     /// Whether the commit that just wrote may leave the transaction open
     /// for the next: someone waits, and the bounds allow one more.
     pub(super) fn may_grow(commits: usize, started: Instant, waiting: u64) -> bool {
@@ -277,6 +282,64 @@ impl PgBackend {
             }
         }
         own
+    }
+
+    /// Checks a commit of `session` before `batch` keeps it, against what
+    /// was stored when the batch began and what its commits write (reading
+    /// the database only for the oids the batch has not named yet): a
+    /// commit refused is answered at once and told to no one, so it
+    /// disturbs no other commit.
+    pub(super) fn check_kept(
+        &self,
+        conn: &mut Conn,
+        batch: &mut Batch,
+        session: u64,
+        records: &BTreeMap<Oid, Record>,
+    ) -> Result<()> {
+        let written: std::collections::HashSet<Oid> = batch
+            .members
+            .iter()
+            .flat_map(|m| m.oids.iter().copied())
+            .collect();
+        let mut unknown: Vec<Oid> = records
+            .keys()
+            .copied()
+            .chain(records.values().flat_map(|r| r.refs()))
+            .filter(|o| !written.contains(o) && !batch.known.contains_key(o))
+            .collect();
+        unknown.sort_unstable();
+        unknown.dedup();
+        if !unknown.is_empty() {
+            let keys: Vec<i64> = unknown.iter().map(|o| key(*o)).collect();
+            let stored: std::collections::HashSet<Oid> = conn
+                .query(
+                    "SELECT DISTINCT oid FROM durus_records WHERE oid = ANY($1)",
+                    &[&keys],
+                )?
+                .iter()
+                .map(|row| oid_of(row.get(0)))
+                .collect();
+            for oid in unknown {
+                batch.known.insert(oid, stored.contains(&oid));
+            }
+        }
+        let st = self.state.lock();
+        let holder = |oid: Oid| match st.held.get(&oid) {
+            Some(&s) if s == session => Holder::ThisSession,
+            Some(_) => Holder::AnotherSession,
+            None => Holder::Nobody,
+        };
+        validate_commit(
+            records,
+            |oid| Ok(written.contains(&oid) || batch.known.get(&oid) == Some(&true)),
+            |oid, present| {
+                if present {
+                    Ok(())
+                } else {
+                    may_create(oid, holder(oid))
+                }
+            },
+        )
     }
 
     /// Checks the commits `batch` kept, in order, against what is stored

@@ -595,7 +595,7 @@ pub(crate) struct PgBackend {
     order: Mutex<batch::OrderSlot>,
     /// Commits that went into a batch another commit had opened.
     batched: AtomicU64,
-    /// Commits kept in a batch and refused when it ended.
+    /// Commits refused while a batch was open (before they joined it).
     refused_in_batch: AtomicU64,
     /// Snapshot reads are served (`serve --snapshot-reads`): no batches.
     snapshot_reads: std::sync::atomic::AtomicBool,

@@ -426,11 +426,40 @@ impl Order for PgOrder<'_> {
         let keep = slot.open.is_some()
             || (backend.batching() && Batch::may_grow(1, self.entered, waiting));
         let result = if keep {
-            let batch = slot.open.get_or_insert_with(|| Batch {
-                tid: self.tid,
-                started: self.entered,
-                members: Vec::new(),
-            });
+            let opens = slot.open.is_none();
+            let slot_ref = &mut *slot;
+            let (Some(conn), batch) = (
+                slot_ref.conn.as_mut(),
+                slot_ref
+                    .open
+                    .get_or_insert_with(|| Batch::new(self.tid, self.entered)),
+            ) else {
+                return (Err(database("the order's connection was lost")), None);
+            };
+            if let Err(e) = backend.check_kept(conn, batch, self.session.id, &records) {
+                if opens {
+                    // Nothing else in the transaction: it ends here.
+                    slot.open = None;
+                    if let Some(conn) = slot.conn.as_mut()
+                        && conn.batch("ROLLBACK").is_err()
+                    {
+                        slot.conn = None;
+                    }
+                } else {
+                    // Refused before it joined: the batch goes on, or ends.
+                    backend
+                        .refused_in_batch
+                        .fetch_add(1, AtomicOrdering::Relaxed);
+                    let b = slot.open.as_ref().expect("joined");
+                    let waiting = backend.order_waiting.load(AtomicOrdering::Acquire);
+                    if !Batch::may_grow(b.members.len(), b.started, waiting)
+                        && let Err(end) = backend.end_batch(&mut slot)
+                    {
+                        tracing::warn!("a batch of commits was not committed: {end}");
+                    }
+                }
+                return (Err(e), None);
+            }
             let oids: Vec<Oid> = records.keys().copied().collect();
             backend.state.lock().pending.extend(oids.iter().copied());
             let grow = Batch::may_grow(batch.members.len() + 1, batch.started, waiting);
@@ -471,16 +500,14 @@ impl Order for PgOrder<'_> {
                 }
             };
             let tid = self.tid + 1;
-            slot.open = Some(Batch {
-                tid,
-                started: self.entered,
-                members: vec![Member {
-                    session: self.session.id,
-                    oids: written,
-                    records: None,
-                    answer: None,
-                }],
+            let mut batch = Batch::new(tid, self.entered);
+            batch.members.push(Member {
+                session: self.session.id,
+                oids: written,
+                records: None,
+                answer: None,
             });
+            slot.open = Some(batch);
             let ended = backend.end_batch(&mut slot);
             // The state just after this commit, if no other front end
             // committed since (this one's order is still held).

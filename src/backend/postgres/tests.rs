@@ -311,41 +311,68 @@ fn a_commit_refused_in_a_batch_changes_nothing_and_disturbs_no_other() {
     let fe = PgBackend::open_with(config.clone().into(), 64).unwrap();
     commit_root(fe.open_session().as_ref(), b"root").unwrap();
     let missing = Oid(1 << 40);
-    std::thread::scope(|scope| {
-        for _ in 0..THREADS {
-            let fe = &fe;
-            scope.spawn(move || {
-                let s = fe.open_session();
-                let counter = s.new_oids(1, 1 << 20).unwrap()[0];
-                for n in 1..=ROUNDS {
-                    let made = s.new_oids(1, 1 << 20).unwrap()[0];
-                    let Entry::Now(order) = s.enter_order(&mut || unreachable!()) else {
-                        panic!("blocks");
-                    };
-                    s.sync();
-                    let mut records = BTreeMap::new();
-                    records.insert(counter, Record::new(counter, &number(n), &[made]));
-                    records.insert(made, Record::new(made, &number(n), &[]));
-                    order.commit(records, false).0.unwrap();
-                    let Entry::Now(order) = s.enter_order(&mut || unreachable!()) else {
-                        panic!("blocks");
-                    };
-                    s.sync();
-                    let mut records = BTreeMap::new();
-                    records.insert(counter, Record::new(counter, &number(999), &[missing]));
-                    let refused = order.commit(records, false).0.unwrap_err();
-                    assert!(
-                        matches!(
-                            refused,
-                            crate::StorageError::Conflict(crate::Conflict::DanglingRefs { .. })
-                        ),
-                        "{refused}"
-                    );
-                    assert_eq!(load_number(s.as_ref(), counter).unwrap(), n);
-                }
-            });
-        }
+    // One object per thread that only its refused commits write.
+    let targets: Vec<Oid> = {
+        let s = fe.open_session();
+        let targets = s.new_oids(THREADS, 16).unwrap();
+        let records: Vec<(Oid, Vec<Oid>)> = targets.iter().map(|t| (*t, vec![])).collect();
+        commit_refs(s.as_ref(), &records).unwrap();
+        targets
+    };
+    let told_all: Vec<Vec<Oid>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = targets
+            .iter()
+            .map(|&target| {
+                let fe = &fe;
+                scope.spawn(move || {
+                    let s = fe.open_session();
+                    let counter = s.new_oids(1, 1 << 20).unwrap()[0];
+                    let mut told = Vec::new();
+                    for n in 1..=ROUNDS {
+                        let made = s.new_oids(1, 1 << 20).unwrap()[0];
+                        let Entry::Now(order) = s.enter_order(&mut || unreachable!()) else {
+                            panic!("blocks");
+                        };
+                        told.extend(s.sync());
+                        let mut records = BTreeMap::new();
+                        records.insert(counter, Record::new(counter, &number(n), &[made]));
+                        records.insert(made, Record::new(made, &number(n), &[]));
+                        order.commit(records, false).0.unwrap();
+                        let Entry::Now(order) = s.enter_order(&mut || unreachable!()) else {
+                            panic!("blocks");
+                        };
+                        told.extend(s.sync());
+                        let mut records = BTreeMap::new();
+                        records.insert(counter, Record::new(counter, &number(999), &[missing]));
+                        records.insert(target, Record::new(target, &number(999), &[]));
+                        let refused = order.commit(records, false).0.unwrap_err();
+                        assert!(
+                            matches!(
+                                refused,
+                                crate::StorageError::Conflict(crate::Conflict::DanglingRefs { .. })
+                            ),
+                            "{refused}"
+                        );
+                        assert_eq!(load_number(s.as_ref(), counter).unwrap(), n);
+                    }
+                    told.extend(s.sync());
+                    told
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
     });
+    // A refused commit is told to no one: no session was ever told of a
+    // target, which only refused commits write (the sessions were opened
+    // after the targets were made).
+    for told in &told_all {
+        for t in &targets {
+            assert!(
+                !told.contains(t),
+                "told of {t}, which only a refused commit wrote"
+            );
+        }
+    }
     use std::sync::atomic::Ordering::Relaxed;
     assert!(fe.batched.load(Relaxed) > 0, "no commit joined a batch");
     assert!(
@@ -357,9 +384,10 @@ fn a_commit_refused_in_a_batch_changes_nothing_and_disturbs_no_other() {
         .query_one("SELECT tid, objects FROM durus_order WHERE id = 1", &[])
         .unwrap();
     let (tid, objects): (i64, i64) = (row.get(0), row.get(1));
+    // The root's commit, the targets', and one per good commit.
     assert_eq!(
         tid as u64,
-        1 + THREADS as u64 * ROUNDS,
+        2 + THREADS as u64 * ROUNDS,
         "one tid per good commit"
     );
     let logged: i64 = c
@@ -371,7 +399,7 @@ fn a_commit_refused_in_a_batch_changes_nothing_and_disturbs_no_other() {
         .query_one("SELECT count(*) FROM durus_records WHERE chunk = 0", &[])
         .unwrap()
         .get(0);
-    assert_eq!(stored, 1 + THREADS as i64 * (1 + ROUNDS as i64));
+    assert_eq!(stored, 1 + THREADS as i64 * (2 + ROUNDS as i64));
     assert_eq!(objects, stored, "the order row counts the objects");
     let records_tids: i64 = c
         .query_one("SELECT count(DISTINCT tid) FROM durus_records", &[])
@@ -411,14 +439,17 @@ fn batch_of_two(
             s.sync();
             order.commit(a, false).0
         });
+        // Until the first is kept, or refused at once (then nothing is
+        // kept, and the second commits alone).
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while fe.order.lock().open.is_none() {
+        while fe.order.lock().open.is_none() && !first.is_finished() {
             assert!(
                 std::time::Instant::now() < deadline,
-                "the first commit was not kept"
+                "the first commit hangs"
             );
             std::thread::sleep(Duration::from_millis(1));
         }
+        let kept = fe.order.lock().open.is_some();
         fe.order_waiting.fetch_sub(1, AcqRel);
         let Entry::Now(order) = b.0.enter_order(&mut || unreachable!()) else {
             panic!("blocks");
@@ -427,8 +458,8 @@ fn batch_of_two(
         let second = order.commit(b.1, false).0;
         assert_eq!(
             fe.batched.load(Relaxed),
-            batched + 1,
-            "the second joined the first"
+            batched + u64::from(kept),
+            "the second joined the first if it was kept"
         );
         (first.join().unwrap(), second)
     })
