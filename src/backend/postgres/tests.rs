@@ -149,10 +149,7 @@ fn large_records_are_chunked_and_shrink_cleanly() {
     assert_eq!(loaded, Record::new(Oid::ROOT, &big, &[]).into_bytes());
     commit_root(s.as_ref(), b"small").unwrap();
     let mut c = config.connect(NoTls).unwrap();
-    let rows: i64 = c
-        .query_one("SELECT count(*) FROM durus_records WHERE oid = 0", &[])
-        .unwrap()
-        .get(0);
+    let rows: i64 = number_of(&mut c, "SELECT count(*) FROM durus_records WHERE oid = 0");
     assert_eq!(rows, 1, "stale chunks of the larger record remain");
 }
 
@@ -205,10 +202,7 @@ fn a_database_that_lost_commits_closes_the_sessions_that_saw_them() {
     // A new session reads the database as it is and commits from there.
     let new = fe.open_session();
     commit_root(new.as_ref(), b"again").unwrap();
-    let tid: i64 = c
-        .query_one("SELECT tid FROM durus_order WHERE id = 1", &[])
-        .unwrap()
-        .get(0);
+    let tid: i64 = number_of(&mut c, "SELECT tid FROM durus_order WHERE id = 1");
     assert_eq!(tid, 3);
     // The session that saw the lost commits is refused, loads and commits.
     let err = old
@@ -273,19 +267,13 @@ fn concurrent_committers_share_transactions_and_lose_nothing() {
         "no commit joined a batch"
     );
     let mut c = config.connect(NoTls).unwrap();
-    let tid: i64 = c
-        .query_one("SELECT tid FROM durus_order WHERE id = 1", &[])
-        .unwrap()
-        .get(0);
+    let tid: i64 = number_of(&mut c, "SELECT tid FROM durus_order WHERE id = 1");
     assert_eq!(
         tid as u64,
         1 + THREADS as u64 * COMMITS,
         "one tid per commit"
     );
-    let logged: i64 = c
-        .query_one("SELECT count(*) FROM durus_log", &[])
-        .unwrap()
-        .get(0);
+    let logged: i64 = number_of(&mut c, "SELECT count(*) FROM durus_log");
     assert_eq!(logged, tid);
     for row in c
         .query("SELECT data FROM durus_records WHERE oid <> 0", &[])
@@ -390,21 +378,12 @@ fn a_commit_refused_in_a_batch_changes_nothing_and_disturbs_no_other() {
         2 + THREADS as u64 * ROUNDS,
         "one tid per good commit"
     );
-    let logged: i64 = c
-        .query_one("SELECT count(*) FROM durus_log", &[])
-        .unwrap()
-        .get(0);
+    let logged: i64 = number_of(&mut c, "SELECT count(*) FROM durus_log");
     assert_eq!(logged, tid);
-    let stored: i64 = c
-        .query_one("SELECT count(*) FROM durus_records WHERE chunk = 0", &[])
-        .unwrap()
-        .get(0);
+    let stored: i64 = number_of(&mut c, "SELECT count(*) FROM durus_records WHERE chunk = 0");
     assert_eq!(stored, 1 + THREADS as i64 * (2 + ROUNDS as i64));
     assert_eq!(objects, stored, "the order row counts the objects");
-    let records_tids: i64 = c
-        .query_one("SELECT count(DISTINCT tid) FROM durus_records", &[])
-        .unwrap()
-        .get(0);
+    let records_tids: i64 = number_of(&mut c, "SELECT count(DISTINCT tid) FROM durus_records");
     // Each object made has its commit's tid: every good commit its own.
     assert_eq!(records_tids, tid);
     for row in c.query("SELECT data FROM durus_records", &[]).unwrap() {
@@ -591,10 +570,7 @@ fn a_batch_writes_its_kept_commits_in_their_order() {
     assert!(r1.is_err() && r2.is_err(), "{r1:?} {r2:?}");
     assert_eq!(order(&mut c), (t0 + 3, 4));
     assert!(watcher.sync().is_empty());
-    let logged: i64 = c
-        .query_one("SELECT count(*) FROM durus_log", &[])
-        .unwrap()
-        .get(0);
+    let logged: i64 = number_of(&mut c, "SELECT count(*) FROM durus_log");
     assert_eq!(logged, t0 + 3);
 }
 
@@ -655,10 +631,7 @@ fn an_order_taken_after_a_wait_reads_what_its_holder_committed() {
         3,
         "the holder's entry read, then its own"
     );
-    let tid: i64 = probe
-        .query_one("SELECT tid FROM durus_order WHERE id = 1", &[])
-        .unwrap()
-        .get(0);
+    let tid: i64 = number_of(&mut probe, "SELECT tid FROM durus_order WHERE id = 1");
     assert_eq!(tid, 3, "committed after the holder's commit");
     assert_eq!(watcher.sync(), vec![Oid::ROOT]);
 }
@@ -712,11 +685,7 @@ fn the_log_is_trimmed_below_what_every_live_front_end_has_read() {
         commit_root(on_a.as_ref(), &[n]).unwrap();
     }
     let mut c = config.connect(NoTls).unwrap();
-    let entries = |c: &mut postgres::Client| -> i64 {
-        c.query_one("SELECT count(*) FROM durus_log", &[])
-            .unwrap()
-            .get(0)
-    };
+    let entries = |c: &mut postgres::Client| number_of(c, "SELECT count(*) FROM durus_log");
     // b has read nothing since it opened (position 0): nothing goes.
     assert_eq!(a.heartbeat().unwrap(), 0);
     assert_eq!(entries(&mut c), 10);
@@ -901,6 +870,11 @@ fn one_full_collection_at_a_time_across_front_ends() {
         .query("SELECT value FROM durus_meta WHERE name = 'collector'", &[])
         .unwrap();
     assert!(lease.is_empty(), "the lease was not given up");
+}
+
+/// The one bigint `sql` answers on `c`.
+fn number_of(c: &mut postgres::Client, sql: &str) -> i64 {
+    c.query_one(sql, &[]).unwrap().get(0)
 }
 
 /// A record's data: one number.
