@@ -65,6 +65,8 @@ pub(super) struct Batch {
     /// Whether each oid its commits named was stored when it began (the
     /// database does not change while it holds the order).
     pub(super) known: HashMap<Oid, bool>,
+    /// The bytes of the records it keeps in memory.
+    pub(super) kept_bytes: usize,
 }
 
 /// One commit of a batch.
@@ -152,6 +154,7 @@ impl Batch {
             started,
             members: Vec::new(),
             known: HashMap::new(),
+            kept_bytes: 0,
         }
     }
 

@@ -462,7 +462,11 @@ impl Order for PgOrder<'_> {
             }
             let oids: Vec<Oid> = records.keys().copied().collect();
             backend.state.lock().pending.extend(oids.iter().copied());
-            let grow = Batch::may_grow(batch.members.len() + 1, batch.started, waiting);
+            batch.kept_bytes += records.values().map(|r| r.as_bytes().len()).sum::<usize>();
+            // Bounded in the bytes it keeps too: a batch of large commits
+            // ends early.
+            let grow = Batch::may_grow(batch.members.len() + 1, batch.started, waiting)
+                && batch.kept_bytes < super::batch::STATEMENT_BYTES;
             let answer = grow.then(|| Arc::new(Outcome::default()));
             batch.members.push(Member {
                 session: self.session.id,

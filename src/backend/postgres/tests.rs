@@ -572,6 +572,23 @@ fn a_batch_writes_its_kept_commits_in_their_order() {
     assert!(watcher.sync().is_empty());
     let logged: i64 = number_of(&mut c, "SELECT count(*) FROM durus_log");
     assert_eq!(logged, t0 + 3);
+
+    // A commit past the bytes a batch may keep ends its batch at once,
+    // though a committer waits: the next commits alone.
+    let batched = fe.batched.load(std::sync::atomic::Ordering::Relaxed);
+    let (r1, r2) = batch_of_two(
+        &fe,
+        one(x, &over, &[]),
+        (sb.as_ref(), one(Oid::ROOT, b"alone", &[x])),
+    );
+    r1.unwrap();
+    r2.unwrap();
+    assert_eq!(
+        fe.batched.load(std::sync::atomic::Ordering::Relaxed),
+        batched,
+        "joined a batch past its bytes"
+    );
+    assert_eq!(order(&mut c), (t0 + 5, 4));
 }
 
 /// A commit that waits for the order row while another front end holds it
