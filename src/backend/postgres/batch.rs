@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
 
-use super::{CHUNK, Conn, PgBackend, key, oid_of, oids_bytes};
+use super::{Chunks, Conn, PgBackend, cut_shrunk, key, oid_of, oids_bytes};
 use crate::error::{Result, StorageError};
 use crate::record::{Oid, Record};
 use crate::storage::{Holder, may_create, validate_commit};
@@ -62,9 +62,10 @@ pub(super) struct Batch {
     pub(super) started: Instant,
     /// Its commits in order.
     pub(super) members: Vec<Member>,
-    /// Whether each oid its commits named was stored when it began (the
-    /// database does not change while it holds the order).
-    pub(super) known: HashMap<Oid, bool>,
+    /// What was stored when it began of each oid its commits named: the
+    /// number of its record's last chunk, `None` if it was not stored (the
+    /// database does not change while the batch holds the order).
+    pub(super) known: HashMap<Oid, Option<i32>>,
     /// The bytes of the records it keeps in memory.
     pub(super) kept_bytes: usize,
 }
@@ -165,15 +166,6 @@ impl Batch {
     }
 }
 
-/// The commits of a batch, checked.
-struct Checked {
-    /// Per member: `None` if it passed (or was written at once), else its
-    /// refusal.
-    refused: Vec<Option<StorageError>>,
-    /// The tid of the batch's last commit that passed.
-    last: u64,
-}
-
 impl PgBackend {
     /// Whether commits may share transactions: not with snapshot reads,
     /// whose snapshot after a commit must show the state just after it.
@@ -183,11 +175,11 @@ impl PgBackend {
             .load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// Ends the open batch of `slot` (if any): checks and writes the
-    /// commits it kept, commits the transaction, tells every
+    /// Ends the open batch of `slot` (if any): writes the commits it kept
+    /// (each checked as it joined), commits the transaction, tells every
     /// session, answers the commits waiting in it. Returns the answer of
-    /// its last commit if that one waits for none (it ends the batch), else
-    /// the batch's: whether the flush barrier is still to be waited for.
+    /// all its commits: whether the flush barrier is still to be waited
+    /// for.
     pub(super) fn end_batch(&self, slot: &mut OrderSlot) -> Result<bool> {
         let Some(mut batch) = slot.open.take() else {
             return Ok(false);
@@ -208,8 +200,8 @@ impl PgBackend {
             fail(&mut answers, &e);
             return Err(e);
         };
-        let checked = match self.write_kept(conn, &batch) {
-            Ok(c) => c,
+        let last = match self.write_kept(conn, &batch) {
+            Ok(last) => last,
             Err(e) => {
                 if conn.batch("ROLLBACK").is_err() {
                     slot.conn = None;
@@ -255,9 +247,6 @@ impl PgBackend {
         // later commits of the batch, which were told of it when they took
         // the order (also those refused since).
         for (i, m) in batch.members.iter().enumerate() {
-            if checked.refused[i].is_some() {
-                continue;
-            }
             let told: Vec<u64> = batch.members[i..].iter().map(|m| m.session).collect();
             st.publish_except(&told, &m.oids);
             for oid in &m.oids {
@@ -270,21 +259,17 @@ impl PgBackend {
         }
         for m in &batch.members {
             if let Some(s) = st.sessions.get_mut(&m.session) {
-                s.seen = checked.last;
+                s.seen = last;
             }
         }
-        st.known = checked.last;
+        st.known = last;
         drop(st);
-        let mut own = Ok(barrier);
-        for (i, refused) in checked.refused.into_iter().enumerate() {
-            let result = refused.map_or(Ok(barrier), Err);
-            if ending && i == n - 1 {
-                own = result;
-            } else {
-                answers.give(i, result);
+        for i in 0..n {
+            if !(ending && i == n - 1) {
+                answers.give(i, Ok(barrier));
             }
         }
-        own
+        Ok(barrier)
     }
 
     /// Checks a commit of `session` before `batch` keeps it, against what
@@ -314,16 +299,16 @@ impl PgBackend {
         unknown.dedup();
         if !unknown.is_empty() {
             let keys: Vec<i64> = unknown.iter().map(|o| key(*o)).collect();
-            let stored: std::collections::HashSet<Oid> = conn
+            let stored: HashMap<Oid, i32> = conn
                 .query(
-                    "SELECT DISTINCT oid FROM durus_records WHERE oid = ANY($1)",
+                    "SELECT oid, max(chunk) FROM durus_records WHERE oid = ANY($1) GROUP BY oid",
                     &[&keys],
                 )?
                 .iter()
-                .map(|row| oid_of(row.get(0)))
+                .map(|row| (oid_of(row.get(0)), row.get::<_, i32>(1)))
                 .collect();
             for oid in unknown {
-                batch.known.insert(oid, stored.contains(&oid));
+                batch.known.insert(oid, stored.get(&oid).copied());
             }
         }
         let st = self.state.lock();
@@ -334,7 +319,7 @@ impl PgBackend {
         };
         validate_commit(
             records,
-            |oid| Ok(written.contains(&oid) || batch.known.get(&oid) == Some(&true)),
+            |oid| Ok(written.contains(&oid) || batch.known.get(&oid).is_some_and(Option::is_some)),
             |oid, present| {
                 if present {
                     Ok(())
@@ -345,86 +330,35 @@ impl PgBackend {
         )
     }
 
-    /// Checks the commits `batch` kept, in order, against what is stored
-    /// and what its earlier commits write, and writes those that pass in
-    /// one statement, each with its own tid and log entry.
-    fn write_kept(&self, conn: &mut Conn, batch: &Batch) -> Result<Checked> {
-        let n = batch.members.len();
-        let mut refused: Vec<Option<StorageError>> = (0..n).map(|_| None).collect();
-        let kept: Vec<usize> = (0..n)
-            .filter(|&i| batch.members[i].records.is_some())
-            .collect();
-        let mut last = batch.tid;
-        if kept.is_empty() {
-            return Ok(Checked { refused, last });
-        }
-        let mut asked: Vec<Oid> = Vec::new();
-        for &i in &kept {
-            let records = batch.members[i].records.as_ref().expect("kept");
-            asked.extend(records.keys().copied());
-            for r in records.values() {
-                asked.extend(r.refs());
-            }
-        }
-        asked.sort_unstable();
-        asked.dedup();
-        let keys: Vec<i64> = asked.iter().map(|o| key(*o)).collect();
-        let stored: HashMap<Oid, i32> = conn
-            .query(
-                "SELECT oid, max(chunk) FROM durus_records WHERE oid = ANY($1) GROUP BY oid",
-                &[&keys],
-            )?
-            .iter()
-            .map(|row| (oid_of(row.get(0)), row.get::<_, i32>(1)))
-            .collect();
+    /// Writes the commits `batch` kept (each checked as it joined), in
+    /// order, in one statement, each with its own tid and log entry.
+    /// Returns the tid of its last commit.
+    fn write_kept(&self, conn: &mut Conn, batch: &Batch) -> Result<u64> {
         // Each oid's last record written here, with its commit's tid.
         let mut latest: BTreeMap<Oid, (u64, &Record)> = BTreeMap::new();
         let mut log_tids: Vec<i64> = Vec::new();
         let mut log_oids: Vec<Vec<u8>> = Vec::new();
-        {
-            let st = self.state.lock();
-            for &i in &kept {
-                let m = &batch.members[i];
-                let records = m.records.as_ref().expect("kept");
-                let exists = |oid: Oid| Ok(stored.contains_key(&oid) || latest.contains_key(&oid));
-                let holder = |oid: Oid| match st.held.get(&oid) {
-                    Some(&s) if s == m.session => Holder::ThisSession,
-                    Some(_) => Holder::AnotherSession,
-                    None => Holder::Nobody,
-                };
-                let checked = validate_commit(records, exists, |oid, present| {
-                    if present {
-                        Ok(())
-                    } else {
-                        may_create(oid, holder(oid))
-                    }
-                });
-                if let Err(e) = checked {
-                    self.refused_in_batch
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    refused[i] = Some(e);
-                    continue;
-                }
-                last += 1;
-                for (oid, record) in records {
-                    latest.insert(*oid, (last, record));
-                }
-                log_tids.push(last as i64);
-                log_oids.push(oids_bytes(&m.oids));
+        let mut last = batch.tid;
+        for m in &batch.members {
+            let Some(records) = &m.records else {
+                continue;
+            };
+            last += 1;
+            for (oid, record) in records {
+                latest.insert(*oid, (last, record));
             }
+            log_tids.push(last as i64);
+            log_oids.push(oids_bytes(&m.oids));
         }
         if log_tids.is_empty() {
-            return Ok(Checked { refused, last });
+            return Ok(last);
         }
-        let mut chunk_oids: Vec<i64> = Vec::new();
-        let mut chunk_numbers: Vec<i32> = Vec::new();
+        let mut chunks = Chunks::default();
         let mut chunk_tids: Vec<i64> = Vec::new();
-        let mut chunk_data: Vec<&[u8]> = Vec::new();
-        let mut bytes = 0;
         let mut shrunk: Vec<(i64, i32)> = Vec::new();
         let mut created = 0i64;
         for (oid, (tid, record)) in &latest {
-            if bytes >= STATEMENT_BYTES {
+            if chunks.bytes >= STATEMENT_BYTES {
                 // Large commits: their records go in statements of their
                 // own, before the last.
                 conn.execute(
@@ -434,26 +368,18 @@ impl PgBackend {
                           AS r(o, c, t, d) \
                      ON CONFLICT (oid, chunk) \
                      DO UPDATE SET tid = excluded.tid, data = excluded.data",
-                    &[&chunk_oids, &chunk_numbers, &chunk_tids, &chunk_data],
+                    &[&chunks.oids, &chunks.numbers, &chunk_tids, &chunks.data],
                 )?;
-                chunk_oids.clear();
-                chunk_numbers.clear();
+                chunks = Chunks::default();
                 chunk_tids.clear();
-                chunk_data.clear();
-                bytes = 0;
             }
-            let mut c = 0i32;
-            for piece in record.as_bytes().chunks(CHUNK) {
-                chunk_oids.push(key(*oid));
-                chunk_numbers.push(c);
-                chunk_tids.push(*tid as i64);
-                chunk_data.push(piece);
-                bytes += piece.len();
-                c += 1;
-            }
-            match stored.get(oid) {
+            let c = chunks.push(*oid, record);
+            chunk_tids.extend(std::iter::repeat_n(*tid as i64, c as usize));
+            // Every oid a kept commit writes was read (or written) when
+            // it joined.
+            match batch.known.get(oid).copied().flatten() {
                 None => created += 1,
-                Some(&stored_last) if stored_last >= c => shrunk.push((key(*oid), c)),
+                Some(stored_last) if stored_last >= c => shrunk.push((key(*oid), c)),
                 Some(_) => {}
             }
         }
@@ -468,25 +394,18 @@ impl PgBackend {
                              SELECT t, o FROM unnest($5::bigint[], $6::bytea[]) AS l(t, o)) \
              UPDATE durus_order SET tid = $7, objects = objects + $8 WHERE id = 1",
             &[
-                &chunk_oids,
-                &chunk_numbers,
+                &chunks.oids,
+                &chunks.numbers,
                 &chunk_tids,
-                &chunk_data,
+                &chunks.data,
                 &log_tids,
                 &log_oids,
                 &(last as i64),
                 &created,
             ],
         )?;
-        // A record that had more chunks than it has now (rare: records over
-        // 1 MiB that shrank) loses the ones beyond its end.
-        for (oid, c) in shrunk {
-            conn.execute(
-                "DELETE FROM durus_records WHERE oid = $1 AND chunk >= $2",
-                &[&oid, &c],
-            )?;
-        }
-        Ok(Checked { refused, last })
+        cut_shrunk(conn, &shrunk)?;
+        Ok(last)
     }
 
     fn forget_pending(&self) {

@@ -293,6 +293,44 @@ fn log_rows(rows: &[postgres::Row]) -> Result<(u64, Vec<LogEntry>)> {
     Ok((tid, entries))
 }
 
+/// Records cut in chunks of at most [`CHUNK`] bytes, as the columns of
+/// an `unnest` insert.
+#[derive(Default)]
+struct Chunks<'a> {
+    oids: Vec<i64>,
+    numbers: Vec<i32>,
+    data: Vec<&'a [u8]>,
+    /// The bytes of `data`.
+    bytes: usize,
+}
+
+impl<'a> Chunks<'a> {
+    /// Adds the record of `oid`; returns its number of chunks.
+    fn push(&mut self, oid: Oid, record: &'a crate::record::Record) -> i32 {
+        let mut n = 0i32;
+        for piece in record.as_bytes().chunks(CHUNK) {
+            self.oids.push(key(oid));
+            self.numbers.push(n);
+            self.data.push(piece);
+            self.bytes += piece.len();
+            n += 1;
+        }
+        n
+    }
+}
+
+/// Removes the chunks past the end of each `(oid, chunks)` record written
+/// over a longer one (rare: records over 1 MiB that shrank).
+fn cut_shrunk(conn: &mut Conn, shrunk: &[(i64, i32)]) -> Result<()> {
+    for (oid, n) in shrunk {
+        conn.execute(
+            "DELETE FROM durus_records WHERE oid = $1 AND chunk >= $2",
+            &[oid, n],
+        )?;
+    }
+    Ok(())
+}
+
 /// Oids as a commit log entry: 8 bytes each, big-endian.
 fn oids_bytes(oids: &[Oid]) -> Vec<u8> {
     oids.iter().flat_map(|o| o.to_bytes()).collect()

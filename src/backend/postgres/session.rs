@@ -8,7 +8,7 @@ use std::time::Instant;
 use parking_lot::MutexGuard;
 
 use super::batch::{Batch, Member, OrderSlot, Outcome};
-use super::{CHUNK, Conn, PgBackend, database, key, oid_of, oids_bytes};
+use super::{Chunks, Conn, PgBackend, cut_shrunk, database, key, oid_of, oids_bytes};
 use crate::backend::{Entry, Found, Grant, Order, Session, Snapshot, Walk};
 use crate::error::{InvalidInput, Result, StorageError};
 use crate::record::{Oid, Record};
@@ -344,21 +344,12 @@ impl PgOrder<'_> {
         let keys: Vec<i64> = asked.iter().map(|o| key(*o)).collect();
         let tid = self.tid + 1;
         let oids: Vec<Oid> = records.keys().copied().collect();
-        let mut chunk_oids: Vec<i64> = Vec::with_capacity(records.len());
-        let mut chunk_numbers: Vec<i32> = Vec::with_capacity(records.len());
-        let mut chunk_data: Vec<&[u8]> = Vec::with_capacity(records.len());
+        let mut chunks = Chunks::default();
         let mut record_oids: Vec<i64> = Vec::with_capacity(records.len());
         let mut record_chunks: Vec<i32> = Vec::with_capacity(records.len());
         for (oid, record) in &records {
-            let mut n = 0i32;
-            for piece in record.as_bytes().chunks(CHUNK) {
-                chunk_oids.push(key(*oid));
-                chunk_numbers.push(n);
-                chunk_data.push(piece);
-                n += 1;
-            }
+            record_chunks.push(chunks.push(*oid, record));
             record_oids.push(key(*oid));
-            record_chunks.push(n);
         }
         // One statement: what is stored of the oids asked (as it was before
         // the statement), the records written, the log entry, the order
@@ -378,10 +369,10 @@ impl PgOrder<'_> {
                                   WHERE id = 1) \
                  SELECT oid, last FROM stored",
                 &[
-                    &chunk_oids,
-                    &chunk_numbers,
+                    &chunks.oids,
+                    &chunks.numbers,
                     &(tid as i64),
-                    &chunk_data,
+                    &chunks.data,
                     &keys,
                     &record_oids,
                     &oids_bytes(&oids),
@@ -392,16 +383,12 @@ impl PgOrder<'_> {
             .map(|row| (oid_of(row.get(0)), row.get::<_, i32>(1)))
             .collect();
         self.validate(&records, &stored)?;
-        // A record that had more chunks than it has now (rare: records over
-        // 1 MiB that shrank) loses the ones beyond its end.
-        for (oid, n) in record_oids.iter().zip(&record_chunks) {
-            if stored.get(&oid_of(*oid)).is_some_and(|last| last >= n) {
-                conn.execute(
-                    "DELETE FROM durus_records WHERE oid = $1 AND chunk >= $2",
-                    &[oid, n],
-                )?;
-            }
-        }
+        let shrunk: Vec<(i64, i32)> = record_oids
+            .into_iter()
+            .zip(record_chunks)
+            .filter(|(oid, n)| stored.get(&oid_of(*oid)).is_some_and(|last| last >= n))
+            .collect();
+        cut_shrunk(conn, &shrunk)?;
         Ok(oids)
     }
 }
