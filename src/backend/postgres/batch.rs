@@ -68,6 +68,9 @@ pub(super) struct Batch {
     pub(super) known: HashMap<Oid, Option<i32>>,
     /// The bytes of the records it keeps in memory.
     pub(super) kept_bytes: usize,
+    /// The number of the last chunk of each record written at once (a
+    /// commit nobody waited behind), learned when the batch is committed.
+    pub(super) written: Vec<(Oid, i32)>,
 }
 
 /// One commit of a batch.
@@ -156,17 +159,22 @@ impl Batch {
             members: Vec::new(),
             known: HashMap::new(),
             kept_bytes: 0,
+            written: Vec::new(),
         }
-    }
-
-    /// Whether the commit that just wrote may leave the transaction open
-    /// for the next: someone waits, and the bounds allow one more.
-    pub(super) fn may_grow(commits: usize, started: Instant, waiting: u64) -> bool {
-        waiting > 0 && commits < MAX_COMMITS && started.elapsed() < MAX_HOLD
     }
 }
 
 impl PgBackend {
+    /// Whether the commit that just wrote may leave the transaction open
+    /// for the next: someone waits, and the bounds allow one more.
+    pub(super) fn may_grow(&self, commits: usize, started: Instant, waiting: u64) -> bool {
+        let hold = Duration::from_micros(
+            self.max_hold_micros
+                .load(std::sync::atomic::Ordering::Relaxed),
+        );
+        waiting > 0 && commits < MAX_COMMITS && started.elapsed() < hold
+    }
+
     /// Whether commits may share transactions: not with snapshot reads,
     /// whose snapshot after a commit must show the state just after it.
     pub(super) fn batching(&self) -> bool {
@@ -200,8 +208,8 @@ impl PgBackend {
             fail(&mut answers, &e);
             return Err(e);
         };
-        let last = match self.write_kept(conn, &batch) {
-            Ok(last) => last,
+        let (last, written) = match self.write_kept(conn, &batch) {
+            Ok(w) => w,
             Err(e) => {
                 if conn.batch("ROLLBACK").is_err() {
                     slot.conn = None;
@@ -263,6 +271,14 @@ impl PgBackend {
             }
         }
         st.known = last;
+        // What the batch read of its oids, as they are after it.
+        st.learn(batch.known.iter().map(|(o, last)| (*o, *last)));
+        st.learn(
+            written
+                .into_iter()
+                .chain(batch.written.iter().copied())
+                .map(|(o, last)| (o, Some(last))),
+        );
         drop(st);
         for i in 0..n {
             if !(ending && i == n - 1) {
@@ -297,7 +313,23 @@ impl PgBackend {
             .collect();
         unknown.sort_unstable();
         unknown.dedup();
+        {
+            // What this front end knows is stored, as of the batch's start
+            // (nothing was committed since: the batch holds the order).
+            let st = self.state.lock();
+            if st.known == batch.tid {
+                unknown.retain(|o| match st.stored.get(o) {
+                    Some(last) => {
+                        batch.known.insert(*o, *last);
+                        false
+                    }
+                    None => true,
+                });
+            }
+        }
         if !unknown.is_empty() {
+            self.join_reads
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let keys: Vec<i64> = unknown.iter().map(|o| key(*o)).collect();
             let stored: HashMap<Oid, i32> = conn
                 .query(
@@ -332,8 +364,9 @@ impl PgBackend {
 
     /// Writes the commits `batch` kept (each checked as it joined), in
     /// order, in one statement, each with its own tid and log entry.
-    /// Returns the tid of its last commit.
-    fn write_kept(&self, conn: &mut Conn, batch: &Batch) -> Result<u64> {
+    /// Returns the tid of its last commit, and the number of the last
+    /// chunk of each record written.
+    fn write_kept(&self, conn: &mut Conn, batch: &Batch) -> Result<(u64, Vec<(Oid, i32)>)> {
         // Each oid's last record written here, with its commit's tid.
         let mut latest: BTreeMap<Oid, (u64, &Record)> = BTreeMap::new();
         let mut log_tids: Vec<i64> = Vec::new();
@@ -351,12 +384,13 @@ impl PgBackend {
             log_oids.push(oids_bytes(&m.oids));
         }
         if log_tids.is_empty() {
-            return Ok(last);
+            return Ok((last, Vec::new()));
         }
         let mut chunks = Chunks::default();
         let mut chunk_tids: Vec<i64> = Vec::new();
         let mut shrunk: Vec<(i64, i32)> = Vec::new();
         let mut created = 0i64;
+        let mut written = Vec::with_capacity(latest.len());
         for (oid, (tid, record)) in &latest {
             if chunks.bytes >= STATEMENT_BYTES {
                 // Large commits: their records go in statements of their
@@ -374,6 +408,7 @@ impl PgBackend {
                 chunk_tids.clear();
             }
             let c = chunks.push(*oid, record);
+            written.push((*oid, c - 1));
             chunk_tids.extend(std::iter::repeat_n(*tid as i64, c as usize));
             // Every oid a kept commit writes was read (or written) when
             // it joined.
@@ -405,7 +440,7 @@ impl PgBackend {
             ],
         )?;
         cut_shrunk(conn, &shrunk)?;
-        Ok(last)
+        Ok((last, written))
     }
 
     fn forget_pending(&self) {

@@ -93,6 +93,10 @@ const TAKE_ORDER: &str = "PREPARE durus_take_order(bigint) AS \
 const READ_LOG: &str = "SELECT o.tid, l.tid, l.oids FROM durus_order o \
      LEFT JOIN durus_log l ON l.tid > $1 WHERE o.id = 1 ORDER BY l.tid";
 
+/// Oids a front end knows the stored state of at most (about 40 bytes
+/// each): beyond, it forgets them all and learns again.
+const STORED_FACTS: usize = 1 << 20;
+
 /// Idle connections kept for loads and syncs.
 const IDLE_CONNECTIONS: usize = 16;
 
@@ -520,6 +524,15 @@ struct State {
     collecting: Option<std::collections::HashSet<Oid>>,
     /// This front end lost track of the log while a collection ran.
     collect_lost: bool,
+    /// What is stored of oids as of `known`, learned by this front end's
+    /// commits: the number of each record's last chunk, `None` for an oid
+    /// not stored. A commit joining a batch is checked from it without
+    /// reading the database. Kept coherent by the log (an oid a commit or
+    /// a collection changed is forgotten when it is told); emptied when
+    /// the front end loses track of the log, when the order's connection is
+    /// made again (the database may have lost commits it had shown), and
+    /// when it would hold more than [`STORED_FACTS`].
+    stored: HashMap<Oid, Option<i32>>,
 }
 
 #[derive(Default)]
@@ -543,6 +556,9 @@ impl State {
     fn publish(&mut self, by: Option<u64>, oids: &[Oid]) {
         if let Some(changed) = &mut self.collecting {
             changed.extend(oids.iter().copied());
+        }
+        for oid in oids {
+            self.stored.remove(oid);
         }
         for (id, s) in &mut self.sessions {
             if Some(*id) != by {
@@ -569,6 +585,7 @@ impl State {
             s.lost = true;
         }
         self.collect_lost = true;
+        self.stored.clear();
         self.known = tid;
     }
 
@@ -577,10 +594,21 @@ impl State {
         if let Some(changed) = &mut self.collecting {
             changed.extend(oids.iter().copied());
         }
+        for oid in oids {
+            self.stored.remove(oid);
+        }
         for (id, s) in &mut self.sessions {
             if !told.contains(id) {
                 s.invalid.extend(oids.iter().copied());
             }
+        }
+    }
+
+    /// Learns what is stored of oids as of `known` (see `stored`).
+    fn learn(&mut self, facts: impl IntoIterator<Item = (Oid, Option<i32>)>) {
+        self.stored.extend(facts);
+        if self.stored.len() > STORED_FACTS {
+            self.stored.clear();
         }
     }
 
@@ -602,6 +630,7 @@ impl State {
                     s.lost = true;
                 }
                 self.collect_lost = true;
+                self.stored.clear();
             }
             self.publish(None, oids);
             self.known = *tid;
@@ -635,6 +664,12 @@ pub(crate) struct PgBackend {
     batched: AtomicU64,
     /// Commits refused while a batch was open (before they joined it).
     refused_in_batch: AtomicU64,
+    /// How long a batch may hold the order row at most, in µs:
+    /// [`batch::MAX_HOLD`] (tests lengthen it to make batches certain).
+    max_hold_micros: AtomicU64,
+    /// Reads of the database by joining commits' checks (the oids they
+    /// named that the batch and `State::stored` did not know).
+    join_reads: AtomicU64,
     /// Snapshot reads are served (`serve --snapshot-reads`): no batches.
     snapshot_reads: std::sync::atomic::AtomicBool,
     /// Held while reading the commit log and while a commit becomes
@@ -710,6 +745,8 @@ impl PgBackend {
             order: Mutex::new(batch::OrderSlot::default()),
             batched: AtomicU64::new(0),
             refused_in_batch: AtomicU64::new(0),
+            max_hold_micros: AtomicU64::new(batch::MAX_HOLD.as_micros() as u64),
+            join_reads: AtomicU64::new(0),
             snapshot_reads: std::sync::atomic::AtomicBool::new(false),
             catch_up: Mutex::new(()),
             alloc: Mutex::new(Alloc::default()),
@@ -796,6 +833,11 @@ impl PgBackend {
 
     /// A connection for the commit order, with the WAL flush deferred.
     fn order_conn(&self) -> Result<Conn> {
+        // A new connection may reach a database that lost commits the last
+        // one showed (a failover, a crash with commits not flushed), with
+        // the log grown back to the same tid since: what was learned from
+        // them is forgotten.
+        self.state.lock().stored.clear();
         let mut conn = Conn::connect(&self.pool.config)?;
         // Log entries read in simple queries come as text: hex, whatever
         // the role's default.

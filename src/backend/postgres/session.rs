@@ -296,7 +296,7 @@ impl Drop for PgOrder<'_> {
         let backend = self.session.backend;
         if let Some(b) = &slot.open {
             let waiting = backend.order_waiting.load(AtomicOrdering::Acquire);
-            if !Batch::may_grow(b.members.len(), b.started, waiting)
+            if !backend.may_grow(b.members.len(), b.started, waiting)
                 && let Err(e) = backend.end_batch(&mut slot)
             {
                 tracing::warn!("a batch of commits was not committed: {e}");
@@ -333,8 +333,14 @@ impl PgOrder<'_> {
     }
 
     /// Validates and writes the commit in the transaction that took the
-    /// order; returns the oids it wrote.
-    fn write(&mut self, conn: &mut Conn, records: BTreeMap<Oid, Record>) -> Result<Vec<Oid>> {
+    /// order; returns the oids it wrote. What it read and wrote of its
+    /// oids goes in `batch` (to be learned once committed).
+    fn write(
+        &mut self,
+        conn: &mut Conn,
+        records: BTreeMap<Oid, Record>,
+        batch: &mut Batch,
+    ) -> Result<Vec<Oid>> {
         let mut asked: Vec<Oid> = records.keys().copied().collect();
         for record in records.values() {
             asked.extend(record.refs());
@@ -383,6 +389,15 @@ impl PgOrder<'_> {
             .map(|row| (oid_of(row.get(0)), row.get::<_, i32>(1)))
             .collect();
         self.validate(&records, &stored)?;
+        batch
+            .known
+            .extend(asked.iter().map(|o| (*o, stored.get(o).copied())));
+        batch.written.extend(
+            record_oids
+                .iter()
+                .zip(&record_chunks)
+                .map(|(o, n)| (oid_of(*o), n - 1)),
+        );
         let shrunk: Vec<(i64, i32)> = record_oids
             .into_iter()
             .zip(record_chunks)
@@ -411,7 +426,7 @@ impl Order for PgOrder<'_> {
         // checked and written with the batch's others when it ends (a
         // commit refused then changes nothing).
         let keep = slot.open.is_some()
-            || (backend.batching() && Batch::may_grow(1, self.entered, waiting));
+            || (backend.batching() && backend.may_grow(1, self.entered, waiting));
         let result = if keep {
             let opens = slot.open.is_none();
             let slot_ref = &mut *slot;
@@ -439,7 +454,7 @@ impl Order for PgOrder<'_> {
                         .fetch_add(1, AtomicOrdering::Relaxed);
                     let b = slot.open.as_ref().expect("joined");
                     let waiting = backend.order_waiting.load(AtomicOrdering::Acquire);
-                    if !Batch::may_grow(b.members.len(), b.started, waiting)
+                    if !backend.may_grow(b.members.len(), b.started, waiting)
                         && let Err(end) = backend.end_batch(&mut slot)
                     {
                         tracing::warn!("a batch of commits was not committed: {end}");
@@ -452,7 +467,7 @@ impl Order for PgOrder<'_> {
             batch.kept_bytes += records.values().map(|r| r.as_bytes().len()).sum::<usize>();
             // Bounded in the bytes it keeps too: a batch of large commits
             // ends early.
-            let grow = Batch::may_grow(batch.members.len() + 1, batch.started, waiting)
+            let grow = backend.may_grow(batch.members.len() + 1, batch.started, waiting)
                 && batch.kept_bytes < super::batch::STATEMENT_BYTES;
             let answer = grow.then(|| Arc::new(Outcome::default()));
             batch.members.push(Member {
@@ -476,7 +491,9 @@ impl Order for PgOrder<'_> {
             let Some(conn) = slot.conn.as_mut() else {
                 return (Err(database("the order's connection was lost")), None);
             };
-            let written = match self.write(conn, records) {
+            let tid = self.tid + 1;
+            let mut batch = Batch::new(tid, self.entered);
+            let written = match self.write(conn, records, &mut batch) {
                 Ok(oids) => oids,
                 Err(e) => {
                     if conn.batch("ROLLBACK").is_err() {
@@ -490,8 +507,6 @@ impl Order for PgOrder<'_> {
                     return (Err(e), snapshot);
                 }
             };
-            let tid = self.tid + 1;
-            let mut batch = Batch::new(tid, self.entered);
             batch.members.push(Member {
                 session: self.session.id,
                 oids: written,

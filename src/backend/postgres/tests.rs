@@ -408,6 +408,8 @@ fn batch_of_two(
 ) -> (crate::Result<()>, crate::Result<()>) {
     use std::sync::atomic::Ordering::{AcqRel, Relaxed};
     let batched = fe.batched.load(Relaxed);
+    // However slow the machine, the first is kept if it passes.
+    let hold = fe.max_hold_micros.swap(60_000_000, Relaxed);
     fe.order_waiting.fetch_add(1, AcqRel);
     std::thread::scope(|scope| {
         let first = scope.spawn(move || {
@@ -440,6 +442,7 @@ fn batch_of_two(
             batched + u64::from(kept),
             "the second joined the first if it was kept"
         );
+        fe.max_hold_micros.store(hold, Relaxed);
         (first.join().unwrap(), second)
     })
 }
@@ -460,11 +463,6 @@ fn a_batch_writes_its_kept_commits_in_their_order() {
     let big = |n: usize, fill: u8| vec![fill; n];
     commit_refs(setup.as_ref(), &[(Oid::ROOT, vec![x]), (x, vec![])]).unwrap();
     // x over three chunks.
-    let one = |oid: Oid, data: &[u8], refs: &[Oid]| {
-        let mut m = BTreeMap::new();
-        m.insert(oid, Record::new(oid, data, refs));
-        m
-    };
     let (sb, watcher) = (fe.open_session(), fe.open_session());
     let x3 = big(super::CHUNK * 2 + 10, 3);
     let (r1, r2) = batch_of_two(
@@ -589,6 +587,129 @@ fn a_batch_writes_its_kept_commits_in_their_order() {
         "joined a batch past its bytes"
     );
     assert_eq!(order(&mut c), (t0 + 5, 4));
+}
+
+/// One record of `oid` as a commit's records.
+fn one(oid: Oid, data: &[u8], refs: &[Oid]) -> BTreeMap<Oid, Record> {
+    BTreeMap::from([(oid, Record::new(oid, data, refs))])
+}
+
+/// What a front end's commits learn of what is stored spares the commits
+/// that join a batch their read of the database; what another front end
+/// changes (a commit, a collection) is forgotten when its log entry is
+/// read: a reference to an object collected elsewhere is refused.
+#[test]
+fn what_a_front_end_knows_is_stored_is_forgotten_when_changed_elsewhere() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let config = testdb::fresh("stored_facts");
+    let a = PgBackend::open_with(config.clone().into(), 16).unwrap();
+    let b = PgBackend::open_with(config.clone().into(), 16).unwrap();
+    let sa = a.open_session();
+    commit_root(sa.as_ref(), b"r1").unwrap();
+    let x = sa.new_oids(1, 16).unwrap()[0];
+    commit_refs(sa.as_ref(), &[(Oid::ROOT, vec![x]), (x, vec![])]).unwrap();
+    assert_eq!(a.state.lock().stored.get(&x), Some(&Some(0)));
+
+    // Both commits of a batch name only oids the front end knows: no read.
+    let reads = a.join_reads.load(Relaxed);
+    let (r1, r2) = batch_of_two(
+        &a,
+        one(x, b"x2", &[]),
+        (sa.as_ref(), one(Oid::ROOT, b"r2", &[x])),
+    );
+    r1.unwrap();
+    r2.unwrap();
+    assert_eq!(a.join_reads.load(Relaxed), reads, "a joining commit read");
+
+    // Another front end drops x from the root and collects it.
+    let sb = b.open_session();
+    commit_refs(sb.as_ref(), &[(Oid::ROOT, vec![])]).unwrap();
+    let report = b.full_collection(&mut || false).unwrap();
+    assert_eq!(report.removed_objects, 1);
+
+    // A reference to x, through a batch: refused (its check reads x again).
+    let (r1, r2) = batch_of_two(
+        &a,
+        one(Oid::ROOT, b"r3", &[x]),
+        (sa.as_ref(), one(Oid::ROOT, b"r4", &[])),
+    );
+    assert!(
+        matches!(
+            r1,
+            Err(crate::StorageError::Conflict(
+                crate::Conflict::DanglingRefs { .. }
+            ))
+        ),
+        "{r1:?}"
+    );
+    r2.unwrap();
+    assert!(a.join_reads.load(Relaxed) > reads);
+    let mut c = config.connect(NoTls).unwrap();
+    let stored: i64 = number_of(&mut c, "SELECT count(*) FROM durus_records");
+    assert_eq!(stored, 1, "only the root");
+}
+
+/// A front end forgets what it knew is stored when its order's connection
+/// is made again: the database may have lost the commits it had shown, and
+/// others may have committed since up to the same tid, so the log says
+/// nothing of the loss.
+#[test]
+fn a_front_end_forgets_what_it_knew_is_stored_when_its_order_connection_is_made_again() {
+    let config = testdb::fresh("stored_lost");
+    let a = PgBackend::open_with(config.clone().into(), 16).unwrap();
+    let sa = a.open_session();
+    commit_root(sa.as_ref(), b"r1").unwrap();
+    let mut c = config.connect(NoTls).unwrap();
+    let root_before: Vec<u8> = c
+        .query_one("SELECT data FROM durus_records WHERE oid = 0", &[])
+        .unwrap()
+        .get(0);
+    let x = sa.new_oids(1, 16).unwrap()[0];
+    commit_refs(sa.as_ref(), &[(Oid::ROOT, vec![x]), (x, vec![])]).unwrap();
+    assert_eq!(a.state.lock().stored.get(&x), Some(&Some(0)));
+    let tid: i64 = number_of(&mut c, "SELECT tid FROM durus_order WHERE id = 1");
+
+    // The last commit is lost (a failover to a standby that lacked it) ...
+    c.execute("DELETE FROM durus_log WHERE tid = $1", &[&tid])
+        .unwrap();
+    c.execute(
+        "UPDATE durus_order SET tid = $1, objects = 1 WHERE id = 1",
+        &[&(tid - 1)],
+    )
+    .unwrap();
+    c.execute("DELETE FROM durus_records WHERE oid = $1", &[&(x.0 as i64)])
+        .unwrap();
+    c.execute(
+        "UPDATE durus_records SET tid = $1, data = $2 WHERE oid = 0",
+        &[&(tid - 1), &root_before],
+    )
+    .unwrap();
+    // ... another front end commits up to the same tid ...
+    let b = PgBackend::open_with(config.clone().into(), 16).unwrap();
+    commit_root(b.open_session().as_ref(), b"r2").unwrap();
+    assert_eq!(
+        number_of(&mut c, "SELECT tid FROM durus_order WHERE id = 1"),
+        tid
+    );
+    // ... and the order's connection is made again (by a commit of the
+    // root alone, so that the batch below is not slowed by connecting).
+    a.order.lock().conn = None;
+    commit_root(sa.as_ref(), b"r3").unwrap();
+    let (r1, r2) = batch_of_two(
+        &a,
+        one(Oid::ROOT, b"r3", &[x]),
+        (sa.as_ref(), one(Oid::ROOT, b"r4", &[])),
+    );
+    assert!(
+        matches!(
+            r1,
+            Err(crate::StorageError::Conflict(
+                crate::Conflict::DanglingRefs { .. }
+            ))
+        ),
+        "a reference to a lost object: {r1:?}"
+    );
+    r2.unwrap();
 }
 
 /// A commit that waits for the order row while another front end holds it
