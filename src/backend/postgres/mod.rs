@@ -1023,11 +1023,8 @@ impl PgBackend {
         while oids.len() < n {
             if alloc.next == 0 && alloc.end > 0 {
                 let mut conn = self.pool.get()?;
-                let root = conn.query(
-                    "SELECT 1 FROM durus_records WHERE oid = 0 AND chunk = 0",
-                    &[],
-                )?;
-                alloc.next = crate::storage::next_free_oid(0, || Ok(!root.is_empty()))?;
+                let root = root_stored(&mut conn)?;
+                alloc.next = crate::storage::next_free_oid(0, || Ok(root))?;
             }
             if alloc.next >= alloc.end {
                 let mut conn = self.pool.get()?;
@@ -1050,6 +1047,24 @@ impl PgBackend {
     fn fetch(&self, conn: &mut Conn, oids: &[Oid]) -> Result<HashMap<Oid, (u64, Vec<u8>)>> {
         fetch(conn, oids)
     }
+}
+
+/// Whether the root is stored, read once the commit order is had: a commit
+/// of the root under way (in a batch's open transaction, on this front end
+/// or another) is seen once committed, so the root is never handed out as
+/// a new oid. (Only while the first oid block is handed out.)
+fn root_stored(conn: &mut Conn) -> Result<bool> {
+    conn.batch("BEGIN")?;
+    let read = conn
+        .query("SELECT tid FROM durus_order WHERE id = 1 FOR UPDATE", &[])
+        .and_then(|_| {
+            conn.query(
+                "SELECT 1 FROM durus_records WHERE oid = 0 AND chunk = 0",
+                &[],
+            )
+        });
+    conn.batch(if read.is_ok() { "COMMIT" } else { "ROLLBACK" })?;
+    Ok(!read?.is_empty())
 }
 
 /// Loads the records of `oids` with their tids, in one statement.

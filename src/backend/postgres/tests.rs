@@ -712,6 +712,37 @@ fn a_front_end_forgets_what_it_knew_is_stored_when_its_order_connection_is_made_
     r2.unwrap();
 }
 
+/// The root, while a commit of it is kept in an open batch (so not yet
+/// visible in the database), is not handed out as a new oid: the
+/// allocation waits for the batch and sees the root stored.
+#[test]
+fn the_root_is_not_handed_out_while_a_batch_writes_it() {
+    use std::sync::atomic::Ordering::{AcqRel, Relaxed};
+    let config = testdb::fresh("root_in_batch");
+    let fe = PgBackend::open_with(config.clone().into(), 16).unwrap();
+    let hold = fe.max_hold_micros.swap(60_000_000, Relaxed);
+    fe.order_waiting.fetch_add(1, AcqRel);
+    std::thread::scope(|scope| {
+        let first = scope.spawn(|| commit_root(fe.open_session().as_ref(), b"root"));
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while fe.order.lock().open.is_none() {
+            assert!(!first.is_finished(), "the root's commit was not kept");
+            assert!(std::time::Instant::now() < deadline, "the commit hangs");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let allocated = scope.spawn(|| fe.open_session().new_oids(1, 16).unwrap()[0]);
+        std::thread::sleep(Duration::from_millis(100));
+        // A second commit ends the batch (the allocation holds this front
+        // end's oid block meanwhile: it allocates nothing).
+        fe.order_waiting.fetch_sub(1, AcqRel);
+        commit_root(fe.open_session().as_ref(), b"again").unwrap();
+        first.join().unwrap().unwrap();
+        let oid = allocated.join().unwrap();
+        assert_ne!(oid, Oid::ROOT, "the root was handed out while written");
+    });
+    fe.max_hold_micros.store(hold, Relaxed);
+}
+
 /// A commit that waits for the order row while another front end holds it
 /// reads, once it has the row, the log entry the holder committed
 /// (the statement that takes the row read the log before the wait).
