@@ -233,8 +233,9 @@ impl Session for PgSession<'_> {
             order
         });
         let entered = Instant::now();
-        let taken = (|| {
-            self.check_lost()?;
+        // A session that lost track of the database fails here, leaving the
+        // order's connection (and what the front end knows) as it is.
+        let taken = self.check_lost().map_err(|e| (e, false)).and_then(|()| {
             // A batch left the transaction open for this commit: the order
             // row is held; the batch's oids are this commit's to be told.
             if let Some(batch) = &order.open {
@@ -245,19 +246,23 @@ impl Session for PgSession<'_> {
                 return Ok(batch.tid);
             }
             if order.conn.as_ref().is_none_or(|c| c.client.is_closed()) {
-                order.conn = Some(backend.order_conn()?);
+                order.conn = Some(backend.order_conn().map_err(|e| (e, true))?);
             }
-            backend.take_order(order.conn.as_mut().expect("just connected"))
-        })();
+            backend
+                .take_order(order.conn.as_mut().expect("just connected"))
+                .map_err(|e| (e, true))
+        });
         let (tid, failed) = match taken {
             Ok(tid) => {
                 self.just_ordered.set(true);
                 (tid, None)
             }
-            Err(e) => {
-                tracing::warn!("the commit order could not be taken: {e}");
-                if order.open.is_none() {
-                    order.conn = None;
+            Err((e, database)) => {
+                if database {
+                    tracing::warn!("the commit order could not be taken: {e}");
+                    if order.open.is_none() {
+                        order.conn = None;
+                    }
                 }
                 (0, Some(e))
             }

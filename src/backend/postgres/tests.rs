@@ -211,6 +211,10 @@ fn a_database_that_lost_commits_closes_the_sessions_that_saw_them() {
     assert!(err.to_string().contains("reconnect"), "{err}");
     let err = commit_root(old.as_ref(), b"stale").expect_err("nor commit");
     assert!(err.to_string().contains("reconnect"), "{err}");
+    // The front end's order connection (and what it knows is stored) is
+    // not dropped for that session's sake.
+    assert!(fe.order.lock().conn.is_some());
+    assert!(!fe.state.lock().stored.is_empty());
 }
 
 /// Committers of one front end that wait for each other share database
