@@ -80,14 +80,15 @@ const CHUNK: usize = 1 << 20;
 /// Oids taken from `durus_oids` at a time.
 const OID_BLOCK: u64 = 1024;
 
-/// Locks the order row and reads the commit log past `$1`, for an order's
-/// connection. After a wait for the row lock, the log's rows are those of
-/// the statement's snapshot, taken before the wait: the ones the holder
-/// just committed are then read by another statement (see
-/// `PgBackend::read_log`).
-const TAKE_ORDER: &str = "PREPARE durus_take_order(bigint) AS \
-     SELECT o.tid, l.tid, l.oids FROM durus_order o \
-     LEFT JOIN durus_log l ON l.tid > $1 WHERE o.id = 1 ORDER BY l.tid FOR UPDATE OF o";
+/// For an order's connection: `durus_take_order` locks the order row,
+/// `durus_read_log` reads the commit log past `$1`. Run one after the other
+/// in one simple query, the second's snapshot is taken once the row is
+/// had, so it reads every entry up to the row's tid, also those its last
+/// holder committed while this one waited.
+const TAKE_ORDER: &str = "PREPARE durus_take_order AS \
+     SELECT tid FROM durus_order WHERE id = 1 FOR UPDATE; \
+     PREPARE durus_read_log(bigint) AS \
+     SELECT tid, oids FROM durus_log WHERE tid > $1 ORDER BY tid";
 
 /// The order row and the log past `$1`, in one snapshot.
 const READ_LOG: &str = "SELECT o.tid, l.tid, l.oids FROM durus_order o \
@@ -247,39 +248,17 @@ fn order_and_log(messages: &[SimpleQueryMessage], at: usize) -> Result<(u64, Vec
     Ok((tid, entries))
 }
 
-/// `BEGIN`, a lock of the order row and the log past `known` by
-/// `durus_take_order` on `conn`: the row's tid and the entries up to it.
+/// `BEGIN`, a lock of the order row and the log past `known`, by the
+/// statements of [`TAKE_ORDER`] on `conn`, in one round trip: the row's
+/// tid and the entries up to it.
 fn take_prepared(conn: &mut Conn, known: u64) -> Result<(u64, Vec<LogEntry>)> {
     let messages = conn
         .client
-        .simple_query(&format!("BEGIN; EXECUTE durus_take_order({known})"))
+        .simple_query(&format!(
+            "BEGIN; EXECUTE durus_take_order; EXECUTE durus_read_log({known})"
+        ))
         .map_err(db_error)?;
-    let mut tid = None;
-    let mut entries = Vec::new();
-    for m in &messages {
-        if let SimpleQueryMessage::Row(row) = m {
-            tid = Some(text_u64(row.get(0))?);
-            if row.get(1).is_some() {
-                let oids = text_bytea(row.get(2))?;
-                entries.push((text_u64(row.get(1))?, oids_from(&oids)?));
-            }
-        }
-    }
-    let tid =
-        tid.ok_or_else(|| database("the commit order's row (durus_order, id 1) is missing"))?;
-    let last = entries.last().map_or(known, |(t, _)| *t);
-    if last < tid {
-        // The row was locked after its holder committed (after a wait):
-        // what that one committed, in a snapshot taken now.
-        let (now, more) = log_rows(&conn.query(READ_LOG, &[&(last as i64)])?)?;
-        if now != tid {
-            return Err(database(format!(
-                "the commit order's row moved from {tid} to {now} while this front end held it"
-            )));
-        }
-        entries.extend(more);
-    }
-    Ok((tid, entries))
+    order_and_log(&messages, 1)
 }
 
 /// The order's tid and the log entries from the rows of [`READ_LOG`].

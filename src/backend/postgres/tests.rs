@@ -748,8 +748,9 @@ fn the_root_is_not_handed_out_while_a_batch_writes_it() {
 }
 
 /// A commit that waits for the order row while another front end holds it
-/// reads, once it has the row, the log entry the holder committed
-/// (the statement that takes the row read the log before the wait).
+/// reads, once it has the row, the log entry the holder committed (a
+/// statement that took the row and read the log would read it from a
+/// snapshot taken before the wait).
 #[test]
 fn an_order_taken_after_a_wait_reads_what_its_holder_committed() {
     let config = testdb::fresh("order_wait");
