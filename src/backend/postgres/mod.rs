@@ -37,9 +37,9 @@
 //! Only what PostgreSQL, CockroachDB and YugabyteDB all have is used: plain
 //! tables with bigint keys and bytea values, `INSERT ... ON CONFLICT`,
 //! `SELECT ... FOR UPDATE` on one row, prepared statements, explicit
-//! transactions. The order is taken with a statement prepared in SQL
-//! (`PREPARE`, locking the row across an outer join); a database that
-//! refuses to prepare or run it gets plain statements instead.
+//! transactions. The order is taken with two statements prepared in SQL
+//! (`PREPARE`: the row's lock, then the log); a database that refuses to
+//! prepare or run them gets plain statements instead.
 //!
 //! Lock order (this module's own locks, plain `parking_lot`): `collector`
 //! (one full collection at a time), `order` (the local side of the commit
@@ -336,7 +336,8 @@ fn oids_from(bytes: &[u8]) -> Result<Vec<Oid>> {
 pub(crate) struct Conn {
     client: Client,
     prepared: HashMap<&'static str, Statement>,
-    /// `durus_take_order` is prepared on it (an order's connection).
+    /// `durus_take_order` and `durus_read_log` are prepared on it (an
+    /// order's connection).
     take_prepared: bool,
 }
 
@@ -845,8 +846,8 @@ impl PgBackend {
 
     /// Reads the order's tid and the commit log past what this front end
     /// knows, in one round trip on `conn` (`begin`: first `BEGIN` and a
-    /// lock of the order row, whose tid is then the log's end; a second
-    /// round trip if the lock was waited for), and takes them in: see
+    /// lock of the order row, whose tid is then the log's end), and takes
+    /// them in: see
     /// [`State::take_log`]. Returns the order's tid.
     fn read_log(&self, conn: &mut Conn, begin: bool) -> Result<u64> {
         let known = self.state.lock().known;
@@ -1033,17 +1034,30 @@ impl PgBackend {
 /// or another) is seen once committed, so the root is never handed out as
 /// a new oid. (Only while the first oid block is handed out.)
 fn root_stored(conn: &mut Conn) -> Result<bool> {
-    conn.batch("BEGIN")?;
-    let read = conn
-        .query("SELECT tid FROM durus_order WHERE id = 1 FOR UPDATE", &[])
-        .and_then(|_| {
-            conn.query(
-                "SELECT 1 FROM durus_records WHERE oid = 0 AND chunk = 0",
-                &[],
-            )
-        });
-    conn.batch(if read.is_ok() { "COMMIT" } else { "ROLLBACK" })?;
-    Ok(!read?.is_empty())
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        conn.batch("BEGIN")?;
+        let read = conn
+            .query("SELECT tid FROM durus_order WHERE id = 1 FOR UPDATE", &[])
+            .and_then(|_| {
+                conn.query(
+                    "SELECT 1 FROM durus_records WHERE oid = 0 AND chunk = 0",
+                    &[],
+                )
+            })
+            .and_then(|rows| conn.batch("COMMIT").map(|()| !rows.is_empty()));
+        match read {
+            Ok(stored) => return Ok(stored),
+            Err(e) => {
+                // The read's error, not the rollback's, is the one told.
+                let _ = conn.batch("ROLLBACK");
+                if !is_retry(&e) || tries >= ENTRY_TRIES {
+                    return Err(e);
+                }
+            }
+        }
+    }
 }
 
 /// Loads the records of `oids` with their tids, in one statement.

@@ -422,6 +422,11 @@ impl Order for PgOrder<'_> {
         let want_snapshot = snapshot;
         let mut snapshot = None;
         if let Some(e) = self.failed.take() {
+            // No transaction was begun for it: nothing to roll back, unless
+            // a batch is open (then left to `Drop`).
+            if self.order.as_ref().is_some_and(|slot| slot.open.is_none()) {
+                self.order = None;
+            }
             return (Err(e), None);
         }
         let backend = self.session.backend;
