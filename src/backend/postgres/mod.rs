@@ -188,6 +188,23 @@ fn is_retry(e: &StorageError) -> bool {
         if detail.contains("(40001)") || detail.contains("(40P01)"))
 }
 
+/// True if the database refused a statement as one it cannot run: no such
+/// prepared statement (SQLSTATE class 26), a feature it lacks (0A), or a
+/// syntax or access rule (42); not a timeout, a lost lock or a broken
+/// connection (see [`db_error`]'s format: `message (CODE): severity`).
+fn is_unsupported(e: &StorageError) -> bool {
+    let StorageError::Database { detail } = e else {
+        return false;
+    };
+    let code = detail
+        .rsplit_once("): ")
+        .and_then(|(head, _)| head.rsplit_once(" ("))
+        .map(|(_, code)| code);
+    code.is_some_and(|c| {
+        c.len() == 5 && (c.starts_with("26") || c.starts_with("0A") || c.starts_with("42"))
+    })
+}
+
 /// An oid as the database's bigint (the same 64 bits).
 fn key(oid: Oid) -> i64 {
     oid.0 as i64
@@ -853,9 +870,11 @@ impl PgBackend {
         let known = self.state.lock().known;
         let prepared = if begin && conn.take_prepared {
             match take_prepared(conn, known) {
-                Err(e) if !conn.client.is_closed() && !is_retry(&e) => {
-                    // A database that prepared the statement but cannot
-                    // run it: the plain statements, from now on.
+                Err(e) if !conn.client.is_closed() && is_unsupported(&e) => {
+                    // A database that prepared the statements but cannot
+                    // run them: the plain statements, from now on (not
+                    // for a timeout or a lost lock, which fail this commit
+                    // only).
                     tracing::info!(
                         "taking the commit order with a prepared statement failed ({e}): \
                          plain statements from now on"

@@ -810,6 +810,24 @@ fn an_order_taken_after_a_wait_reads_what_its_holder_committed() {
     assert_eq!(watcher.sync(), vec![Oid::ROOT]);
 }
 
+/// Only a statement the database cannot run (no such prepared statement)
+/// turns the prepared take off; a timeout or an error of the data does not.
+#[test]
+fn only_a_statement_the_database_cannot_run_turns_the_prepared_take_off() {
+    let config = testdb::fresh("unsupported");
+    let fe = PgBackend::open_with(config.into(), 16).unwrap();
+    let mut conn = fe.pool.get().unwrap();
+    let missing = conn.batch("EXECUTE durus_no_such_statement").unwrap_err();
+    assert!(super::is_unsupported(&missing), "{missing}");
+    let timeout = conn
+        .batch("SET statement_timeout = 10; SELECT pg_sleep(1)")
+        .unwrap_err();
+    assert!(!super::is_unsupported(&timeout), "{timeout}");
+    conn.batch("RESET statement_timeout").unwrap();
+    let zero = conn.batch("SELECT 1/0").unwrap_err();
+    assert!(!super::is_unsupported(&zero), "{zero}");
+}
+
 /// A database that prepared the order's statement but cannot run it gets
 /// the plain statements: the commit goes through.
 #[test]
