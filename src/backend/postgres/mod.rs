@@ -989,30 +989,17 @@ impl PgBackend {
     /// transaction holding the order row) and reads the log up to it, in
     /// one round trip. Returns the last commit's tid.
     fn take_order(&self, conn: &mut Conn) -> Result<u64> {
-        let mut tries = 0;
-        loop {
-            tries += 1;
-            let result = (|| {
-                let tid = self.read_log(conn, true)?;
-                let known = self.state.lock().known;
-                if known != tid {
-                    return Err(database(format!(
-                        "the commit log ends at {known}, the commit order at {tid}: \
-                         the database is not a consistent durus-redb store"
-                    )));
-                }
-                Ok(tid)
-            })();
-            match result {
-                Ok(tid) => return Ok(tid),
-                Err(e) => {
-                    let _ = conn.batch("ROLLBACK");
-                    if !is_retry(&e) || tries >= ENTRY_TRIES {
-                        return Err(e);
-                    }
-                }
+        retried(conn, |conn| {
+            let tid = self.read_log(conn, true)?;
+            let known = self.state.lock().known;
+            if known != tid {
+                return Err(database(format!(
+                    "the commit log ends at {known}, the commit order at {tid}: \
+                     the database is not a consistent durus-redb store"
+                )));
             }
-        }
+            Ok(tid)
+        })
     }
 
     /// Hands out `n` oids (the root first, while no root is stored).
@@ -1053,23 +1040,32 @@ impl PgBackend {
 /// or another) is seen once committed, so the root is never handed out as
 /// a new oid. (Only while the first oid block is handed out.)
 fn root_stored(conn: &mut Conn) -> Result<bool> {
-    let mut tries = 0;
-    loop {
-        tries += 1;
+    retried(conn, |conn| {
         conn.batch("BEGIN")?;
-        let read = conn
+        let rows = conn
             .query("SELECT tid FROM durus_order WHERE id = 1 FOR UPDATE", &[])
             .and_then(|_| {
                 conn.query(
                     "SELECT 1 FROM durus_records WHERE oid = 0 AND chunk = 0",
                     &[],
                 )
-            })
-            .and_then(|rows| conn.batch("COMMIT").map(|()| !rows.is_empty()));
-        match read {
-            Ok(stored) => return Ok(stored),
+            })?;
+        conn.batch("COMMIT")?;
+        Ok(!rows.is_empty())
+    })
+}
+
+/// Runs the transaction `f` on `conn` (it begins and, if it ends it,
+/// commits it); on an error, rolls it back and runs it again while the
+/// database asks for a retry (serialization failure, deadlock), up to
+/// [`ENTRY_TRIES`] times. Returns `f`'s error, not the rollback's.
+fn retried<T>(conn: &mut Conn, mut f: impl FnMut(&mut Conn) -> Result<T>) -> Result<T> {
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        match f(conn) {
+            Ok(v) => return Ok(v),
             Err(e) => {
-                // The read's error, not the rollback's, is the one told.
                 let _ = conn.batch("ROLLBACK");
                 if !is_retry(&e) || tries >= ENTRY_TRIES {
                     return Err(e);

@@ -536,15 +536,7 @@ fn a_batch_writes_its_kept_commits_in_their_order() {
     let mut b_records = one(z, &over, &[]);
     b_records.insert(x, Record::new(x, &over, &[z]));
     let (r1, r2) = batch_of_two(&fe, one(x, b"lost", &[missing]), (sb.as_ref(), b_records));
-    assert!(
-        matches!(
-            r1,
-            Err(crate::StorageError::Conflict(
-                crate::Conflict::DanglingRefs { .. }
-            ))
-        ),
-        "{r1:?}"
-    );
+    assert_dangling(&r1, "a reference to nothing");
     r2.unwrap();
     assert_eq!(order(&mut c), (t0 + 3, 4));
     let mut told = watcher.sync();
@@ -593,6 +585,20 @@ fn a_batch_writes_its_kept_commits_in_their_order() {
     assert_eq!(order(&mut c), (t0 + 5, 4));
 }
 
+/// Asserts that `result` is a commit refused for a reference to an object
+/// not stored.
+fn assert_dangling(result: &crate::Result<()>, what: &str) {
+    assert!(
+        matches!(
+            result,
+            Err(crate::StorageError::Conflict(
+                crate::Conflict::DanglingRefs { .. }
+            ))
+        ),
+        "{what}: {result:?}"
+    );
+}
+
 /// One record of `oid` as a commit's records.
 fn one(oid: Oid, data: &[u8], refs: &[Oid]) -> BTreeMap<Oid, Record> {
     BTreeMap::from([(oid, Record::new(oid, data, refs))])
@@ -637,15 +643,7 @@ fn what_a_front_end_knows_is_stored_is_forgotten_when_changed_elsewhere() {
         one(Oid::ROOT, b"r3", &[x]),
         (sa.as_ref(), one(Oid::ROOT, b"r4", &[])),
     );
-    assert!(
-        matches!(
-            r1,
-            Err(crate::StorageError::Conflict(
-                crate::Conflict::DanglingRefs { .. }
-            ))
-        ),
-        "{r1:?}"
-    );
+    assert_dangling(&r1, "a reference to a collected object");
     r2.unwrap();
     assert!(a.join_reads.load(Relaxed) > reads);
     let mut c = config.connect(NoTls).unwrap();
@@ -704,15 +702,7 @@ fn a_front_end_forgets_what_it_knew_is_stored_when_its_order_connection_is_made_
         one(Oid::ROOT, b"r3", &[x]),
         (sa.as_ref(), one(Oid::ROOT, b"r4", &[])),
     );
-    assert!(
-        matches!(
-            r1,
-            Err(crate::StorageError::Conflict(
-                crate::Conflict::DanglingRefs { .. }
-            ))
-        ),
-        "a reference to a lost object: {r1:?}"
-    );
+    assert_dangling(&r1, "a reference to a lost object");
     r2.unwrap();
 }
 
