@@ -107,8 +107,8 @@ pub use migrate::{
 };
 pub use record::{Oid, Record, RecordError};
 pub use server::{
-    AdminFrom, DEFAULT_BACKUP_MAX_AGE, DEFAULT_SNAPSHOT_IDLE, DEFAULT_SNAPSHOT_MAX_AGE, Server,
-    ServerConfig, ShutdownHandle,
+    AdminFrom, DEFAULT_BACKUP_MAX_AGE, DEFAULT_SNAPSHOT_IDLE, DEFAULT_SNAPSHOT_MAX_AGE, DatabaseGc,
+    Server, ServerConfig, ShutdownHandle,
 };
 pub use storage::{PackReport, Storage, Traversal};
 pub use store::{GcReport, Options, RedbStorage};

@@ -1134,6 +1134,28 @@ fn gcbytes_starts_a_collection_after_that_many_committed_bytes() {
     server.stop();
 }
 
+/// Commits a new 3-object chain under the root in place of `current`,
+/// which goes to `dropped` with the time; syncs.
+fn replace_chain(
+    c: &mut ClientStorage,
+    current: &mut Vec<Oid>,
+    dropped: &mut Vec<(Instant, Vec<Oid>)>,
+) {
+    let chain = c.new_oids(3).unwrap();
+    c.begin();
+    c.store(chain[2], rec(chain[2], b"c", &[])).unwrap();
+    c.store(chain[1], rec(chain[1], b"b", &[chain[2]])).unwrap();
+    c.store(chain[0], rec(chain[0], b"a", &[chain[1]])).unwrap();
+    c.store(Oid::ROOT, rec(Oid::ROOT, b"root", &chain[..1]))
+        .unwrap();
+    c.end().unwrap();
+    if !current.is_empty() {
+        dropped.push((Instant::now(), std::mem::take(current)));
+    }
+    *current = chain;
+    c.sync().unwrap();
+}
+
 /// `--gc-grace 1` while a client commits every 20 ms, each commit dropping
 /// a 3-object chain: an object dropped less than 0.8 s ago is always still
 /// there (the window), and one dropped more than 3 s ago is already gone
@@ -1150,20 +1172,7 @@ fn with_a_short_grace_window_dropped_objects_go_by_themselves_while_commits_flow
     let started = Instant::now();
     let (mut kept_checked, mut gone_checked) = (0, 0);
     while started.elapsed() < Duration::from_secs(7) {
-        // A new 3-object chain replaces the previous one under the root.
-        let chain = c.new_oids(3).unwrap();
-        c.begin();
-        c.store(chain[2], rec(chain[2], b"c", &[])).unwrap();
-        c.store(chain[1], rec(chain[1], b"b", &[chain[2]])).unwrap();
-        c.store(chain[0], rec(chain[0], b"a", &[chain[1]])).unwrap();
-        c.store(Oid::ROOT, rec(Oid::ROOT, b"root", &chain[..1]))
-            .unwrap();
-        c.end().unwrap();
-        if !current.is_empty() {
-            dropped.push((Instant::now(), std::mem::take(&mut current)));
-        }
-        current = chain;
-        c.sync().unwrap();
+        replace_chain(&mut c, &mut current, &mut dropped);
         for (at, oids) in &dropped {
             let age = at.elapsed();
             for o in oids {
@@ -2896,6 +2905,80 @@ fn a_backup_past_its_max_age_is_stopped_and_leaves_nothing() {
     assert_eq!(c.load(Oid::ROOT).unwrap().data(), b"root");
     drop(c);
     server.stop();
+}
+
+/// On a database, `--gc-grace 1 --gc-after-commits 20` while a client
+/// commits every 20 ms, each commit dropping a 3-object chain: an object
+/// dropped less than 0.8 s ago is always still there (the window), and
+/// once the commits stop the background collector removes every dropped
+/// chain by itself, leaving the root's chain; the database checks clean.
+#[test]
+fn on_a_database_the_background_collector_removes_dropped_objects_after_the_window() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = database_for(&dir.path().join("db"));
+    let server = Served::spawn(
+        &[],
+        &["--database", &url],
+        &["--gc-grace", "1", "--gc-after-commits", "20"],
+    );
+    let mut c = server.client();
+    assert_eq!(c.new_oid().unwrap(), Oid::ROOT);
+    let mut dropped: Vec<(Instant, Vec<Oid>)> = Vec::new();
+    let mut current: Vec<Oid> = Vec::new();
+    let started = Instant::now();
+    let mut kept_checked = 0;
+    while started.elapsed() < Duration::from_secs(6) {
+        replace_chain(&mut c, &mut current, &mut dropped);
+        for (at, oids) in &dropped {
+            if at.elapsed() < Duration::from_millis(800) {
+                for o in oids {
+                    let got = c.load(*o);
+                    assert!(got.is_ok(), "{o} dropped {:?} ago is gone", at.elapsed());
+                    kept_checked += 1;
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(kept_checked > 100, "{kept_checked}");
+    let all: Vec<Oid> = dropped
+        .iter()
+        .flat_map(|(_, o)| o.iter().copied())
+        .collect();
+    let waited = Instant::now();
+    loop {
+        c.sync().unwrap();
+        let left = all
+            .iter()
+            .filter(|o| !matches!(c.load(**o), Err(StorageError::NotFound(_))))
+            .count();
+        if left == 0 {
+            break;
+        }
+        assert!(
+            waited.elapsed() < Duration::from_secs(90),
+            "{left} of {} dropped objects still there after 90 s",
+            all.len()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    for o in &current {
+        assert!(c.load(*o).is_ok(), "{o} of the root's chain is gone");
+    }
+    drop(c);
+    let log = server.log_lines().join("\n");
+    assert!(
+        log.contains("a collection with a grace window of 1 s starts"),
+        "{log}"
+    );
+    server.stop();
+    let out = Command::new(bin()).args(["check", &url]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// Two servers over one PostgreSQL database are one store to their

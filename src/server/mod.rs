@@ -57,6 +57,40 @@ pub enum AdminFrom {
     Nobody,
 }
 
+/// The background collector of a front end on a database: a full
+/// collection (cycles included) that removes only what no commit referenced
+/// for at least `grace`, started after `after_commits` commits, or after
+/// `interval` if any commit came, since the last collection of any front
+/// end; one at a time across front ends. Start from `DatabaseGc::default()`.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct DatabaseGc {
+    /// An object is removed only once no commit referenced it for this long
+    /// (10 minutes).
+    pub grace: Duration,
+    /// Commits (through any front end) after which a collection starts
+    /// (100,000).
+    pub after_commits: u64,
+    /// Time after which a collection starts if any commit came (a day).
+    pub interval: Duration,
+    /// Start only when no commit came since the last look (`--gc idle`).
+    pub idle_only: bool,
+    /// How often the front end looks whether a collection is due (10 s).
+    pub check_every: Duration,
+}
+
+impl Default for DatabaseGc {
+    fn default() -> Self {
+        DatabaseGc {
+            grace: Duration::from_secs(600),
+            after_commits: 100_000,
+            interval: Duration::from_secs(24 * 3600),
+            idle_only: false,
+            check_every: Duration::from_secs(10),
+        }
+    }
+}
+
 /// How a server behaves. Start from `ServerConfig::default()` and set the
 /// fields that differ.
 #[derive(Debug, Clone)]
@@ -126,6 +160,11 @@ pub struct ServerConfig {
     /// When false it goes on serving loads, refuses commits, and reports
     /// `healthy 0` in its live state.
     pub stop_when_poisoned: bool,
+    /// On a database (`bind_database`): the background collector, full
+    /// collections with a grace window run now and then (`None`: none;
+    /// garbage stays until a pack). A file store's collector is chosen
+    /// when the store is opened (`Options::gc`), not here.
+    pub database_gc: Option<DatabaseGc>,
     /// TLS on the TCP listener (`None`: plain). A Unix socket stays
     /// plain. A client whose handshake does not finish within
     /// `request_timeout`, or fails, is closed with one log line.
@@ -156,6 +195,7 @@ impl Default for ServerConfig {
             admin_from: AdminFrom::Local,
             poll: Duration::from_micros(50),
             stop_when_poisoned: true,
+            database_gc: None,
             #[cfg(feature = "tls")]
             tls: None,
             #[cfg(feature = "tls")]
@@ -424,6 +464,9 @@ impl Server {
         let backend = Arc::new(crate::backend::postgres::PgBackend::open(url)?);
         backend.serve_snapshot_reads(config.snapshot_reads);
         crate::backend::postgres::PgBackend::start_heartbeat(&backend);
+        if let Some(gc) = &config.database_gc {
+            crate::backend::postgres::PgBackend::start_collector(&backend, gc.clone());
+        }
         Ok(Server::bind_backend(backend, config)?)
     }
 

@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
 
-use super::{Chunks, Conn, PgBackend, cut_shrunk, key, oid_of, oids_bytes};
+use super::{Chunks, Conn, PgBackend, cut_shrunk, key, oid_of, oids_bytes, refs_bytes};
 use crate::error::{Result, StorageError};
 use crate::record::{Oid, Record};
 use crate::storage::{Holder, may_create, validate_commit};
@@ -371,6 +371,7 @@ impl PgBackend {
         let mut latest: BTreeMap<Oid, (u64, &Record)> = BTreeMap::new();
         let mut log_tids: Vec<i64> = Vec::new();
         let mut log_oids: Vec<Vec<u8>> = Vec::new();
+        let mut log_refs: Vec<Vec<u8>> = Vec::new();
         let mut last = batch.tid;
         for m in &batch.members {
             let Some(records) = &m.records else {
@@ -382,6 +383,7 @@ impl PgBackend {
             }
             log_tids.push(last as i64);
             log_oids.push(oids_bytes(&m.oids));
+            log_refs.push(refs_bytes(records));
         }
         if log_tids.is_empty() {
             return Ok((last, Vec::new()));
@@ -425,8 +427,10 @@ impl PgBackend {
                                    AS r(o, c, t, d) \
                               ON CONFLICT (oid, chunk) \
                               DO UPDATE SET tid = excluded.tid, data = excluded.data), \
-                  logged AS (INSERT INTO durus_log (tid, oids) \
-                             SELECT t, o FROM unnest($5::bigint[], $6::bytea[]) AS l(t, o)) \
+                  logged AS (INSERT INTO durus_log (tid, oids, refs) \
+                             SELECT t, o, r \
+                             FROM unnest($5::bigint[], $6::bytea[], $9::bytea[]) \
+                                  AS l(t, o, r)) \
              UPDATE durus_order SET tid = $7, objects = objects + $8 WHERE id = 1",
             &[
                 &chunks.oids,
@@ -437,6 +441,7 @@ impl PgBackend {
                 &log_oids,
                 &(last as i64),
                 &created,
+                &log_refs,
             ],
         )?;
         cut_shrunk(conn, &shrunk)?;

@@ -22,6 +22,20 @@
 //! references marked. Objects that became unreachable after `T0`, and new
 //! objects referenced by nothing, stay until the next collection.
 //!
+//! With a grace window (the background collector's, never a pack's), the
+//! snapshot's transaction ends after the mark and the collection waits
+//! until the window has passed since `T0` before it removes anything;
+//! meanwhile, and again under the order before each batch is removed, it
+//! reads the references of every commit logged since `T0` (`durus_log.refs`)
+//! and marks them, with what they reach. So an object unreachable at `T0`
+//! goes only if no commit referenced it since, for at least the window:
+//! an application that detached it and attaches it again within the window
+//! keeps it, also if it detaches it once more before the collection ends.
+//! The log is kept for it (this front end's position, which bounds the
+//! trimming, stays at what the collection has read). A log entry without
+//! references (written by a front end of format 1 still running) stops
+//! such a collection with an error; a pack does not need them.
+//!
 //! One collection runs at a time across front ends: it holds a lease, the
 //! `collector` row of `durus_meta` naming its front end, and keeps its
 //! front end's `alive_at` fresh; a front end silent for
@@ -30,12 +44,15 @@
 //! check is under the order.)
 
 use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use super::{Conn, PgBackend, WALK_BATCH, database, fetch, key, oid_of, oids_bytes};
+use super::{Conn, PgBackend, WALK_BATCH, database, fetch, key, oid_of, oids_bytes, oids_from};
 use crate::error::{InvalidInput, Result, StorageError};
 use crate::gc::FullReport;
 use crate::record::{Oid, refs_of};
+use crate::server::DatabaseGc;
 
 /// Candidates deleted under the order at a time: the order is held for
 /// the check and one `DELETE` of at most this many oids.
@@ -43,6 +60,13 @@ const SWEEP_BATCH: usize = 2000;
 
 /// Oids read from the snapshot at a time while looking for candidates.
 const SCAN_BATCH: i64 = 10_000;
+
+/// Log entries whose references are read at a time.
+const REFS_BATCH: i64 = 10_000;
+
+/// How often a collection waiting out its grace window reads the
+/// references of new commits, and marks what commits changed.
+const WAIT_STEP: Duration = Duration::from_millis(500);
 
 /// A collector's front end silent for this long loses the lease.
 pub(super) const LEASE_SECONDS: f64 = 120.0;
@@ -111,7 +135,7 @@ fn mark_from(
 impl PgBackend {
     /// Takes the collector's lease for this front end. `Some(holder)` if
     /// another front end, alive, holds it.
-    pub(super) fn take_lease(&self) -> Result<Option<i64>> {
+    pub(super) fn take_lease(&self, background: bool) -> Result<Option<i64>> {
         let mut conn = self.pool.get()?;
         conn.batch("BEGIN")?;
         let taken = (|| -> Result<Option<i64>> {
@@ -126,20 +150,46 @@ impl PgBackend {
             )?[0]
                 .get(0);
             if holder != self.front_end {
-                let alive = conn.query(
-                    "SELECT 1 FROM durus_front_ends WHERE id = $1 \
-                     AND alive_at > now() - interval '1 second' * $2",
-                    &[&holder, &LEASE_SECONDS],
-                )?;
-                if !alive.is_empty() {
+                let alive = !conn
+                    .query(
+                        "SELECT 1 FROM durus_front_ends WHERE id = $1 \
+                         AND alive_at > now() - interval '1 second' * $2",
+                        &[&holder, &LEASE_SECONDS],
+                    )?
+                    .is_empty();
+                let in_background = !conn
+                    .query(
+                        "SELECT 1 FROM durus_meta WHERE name = 'collector_background' \
+                         AND value = $1",
+                        &[&holder],
+                    )?
+                    .is_empty();
+                if alive && (background || !in_background) {
                     return Ok(Some(holder));
                 }
-                tracing::warn!(
-                    "front end {holder} held the collector's lease and has been silent for \
-                     {LEASE_SECONDS} s: its collection is taken over"
-                );
+                if alive {
+                    tracing::info!(
+                        "a pack takes the collector's lease from the background collection \
+                         of front end {holder}, which stops"
+                    );
+                } else {
+                    tracing::warn!(
+                        "front end {holder} held the collector's lease and has been silent \
+                         for {LEASE_SECONDS} s: its collection is taken over"
+                    );
+                }
                 conn.execute(
                     "UPDATE durus_meta SET value = $1 WHERE name = 'collector'",
+                    &[&self.front_end],
+                )?;
+            }
+            conn.execute(
+                "DELETE FROM durus_meta WHERE name = 'collector_background'",
+                &[],
+            )?;
+            if background {
+                conn.execute(
+                    "INSERT INTO durus_meta (name, value) VALUES ('collector_background', $1)",
                     &[&self.front_end],
                 )?;
             }
@@ -161,19 +211,27 @@ impl PgBackend {
         }
     }
 
-    /// Says this front end is alive (its collection goes on).
-    fn renew_lease(&self) -> Result<()> {
-        self.pool.get()?.execute(
+    /// Says this front end is alive (its collection goes on); false if
+    /// the lease is no longer this front end's (a pack took it over).
+    fn renew_lease(&self) -> Result<bool> {
+        let mut conn = self.pool.get()?;
+        conn.execute(
             "UPDATE durus_front_ends SET alive_at = now() WHERE id = $1",
             &[&self.front_end],
         )?;
-        Ok(())
+        Ok(!conn
+            .query(
+                "SELECT 1 FROM durus_meta WHERE name = 'collector' AND value = $1",
+                &[&self.front_end],
+            )?
+            .is_empty())
     }
 
     /// Gives the lease up, if this front end holds it.
     fn release_lease(&self) -> Result<()> {
         self.pool.get()?.execute(
-            "DELETE FROM durus_meta WHERE name = 'collector' AND value = $1",
+            "DELETE FROM durus_meta WHERE name IN ('collector', 'collector_background') \
+             AND value = $1",
             &[&self.front_end],
         )?;
         Ok(())
@@ -181,9 +239,23 @@ impl PgBackend {
 
     /// A full collection: see the module's documentation. Refused while
     /// another front end's collection holds the lease.
-    pub(super) fn collect(&self, stop: &mut dyn FnMut() -> bool) -> Result<FullReport> {
+    pub(super) fn collect(
+        &self,
+        grace: Duration,
+        stop: &mut dyn FnMut() -> bool,
+    ) -> Result<FullReport> {
+        // A grace window is the background collector's; a pack (none)
+        // makes a background collection of this front end or another give
+        // way to it.
+        let background = !grace.is_zero();
+        if !background {
+            self.packs_waiting.fetch_add(1, Ordering::AcqRel);
+        }
         let _one = self.collector.lock();
-        if let Some(holder) = self.take_lease()? {
+        if !background {
+            self.packs_waiting.fetch_sub(1, Ordering::AcqRel);
+        }
+        if let Some(holder) = self.take_lease(background)? {
             return Err(database(format!(
                 "a full collection is running on front end {holder} (it holds the \
                  collector's lease): this one is not started; run it again when that \
@@ -192,16 +264,18 @@ impl PgBackend {
         }
         let result = {
             let mut renewed = Instant::now();
+            let mut lost = false;
             let mut stop = || {
                 if renewed.elapsed() >= RENEW_EVERY {
                     renewed = Instant::now();
-                    if let Err(e) = self.renew_lease() {
-                        tracing::warn!("the collector's lease was not renewed: {e}");
+                    match self.renew_lease() {
+                        Ok(held) => lost = !held,
+                        Err(e) => tracing::warn!("the collector's lease was not renewed: {e}"),
                     }
                 }
-                stop()
+                lost || (background && self.packs_waiting.load(Ordering::Acquire) > 0) || stop()
             };
-            self.collect_holding(&mut stop)
+            self.collect_holding(grace, &mut stop)
         };
         if let Err(e) = self.release_lease() {
             tracing::warn!(
@@ -212,28 +286,155 @@ impl PgBackend {
         result
     }
 
+    /// Runs collections with `policy`'s grace window on a thread of its
+    /// own whenever one is due (see [`DatabaseGc`]), for as long as the
+    /// backend lives. A collection refused by another front end's lease,
+    /// or failed, is tried again when the next one is due.
+    pub(crate) fn start_collector(backend: &Arc<PgBackend>, policy: DatabaseGc) {
+        let weak = Arc::downgrade(backend);
+        let spawned = std::thread::Builder::new()
+            .name("durus-collector".into())
+            .spawn(move || {
+                let step = Duration::from_millis(100).min(policy.check_every);
+                let mut looked = Looked::default();
+                loop {
+                    let mut waited = Duration::ZERO;
+                    while waited < policy.check_every {
+                        std::thread::sleep(step);
+                        waited += step;
+                        if weak.strong_count() == 0 {
+                            return;
+                        }
+                    }
+                    let Some(backend) = weak.upgrade() else {
+                        return;
+                    };
+                    match backend.collection_due(&policy, &mut looked) {
+                        Ok(false) => continue,
+                        Ok(true) => {}
+                        Err(e) => {
+                            tracing::warn!(
+                                "the collector could not tell if a collection is due: {e}"
+                            );
+                            continue;
+                        }
+                    }
+                    tracing::info!(
+                        "a collection with a grace window of {:.0} s starts",
+                        policy.grace.as_secs_f64()
+                    );
+                    // Stops when the server let the backend go.
+                    let mut stop = || Arc::strong_count(&backend) <= 1;
+                    match backend.collect(policy.grace, &mut stop) {
+                        Ok(r) if r.completed => tracing::info!(
+                            "collection: {} objects ({} bytes) removed, {} live, in {:.1} s",
+                            r.removed_objects,
+                            r.removed_bytes,
+                            r.live_objects,
+                            r.elapsed.as_secs_f64()
+                        ),
+                        Ok(_) if Arc::strong_count(&backend) <= 1 => return,
+                        Ok(_) => tracing::info!("the collection gave way to a pack"),
+                        Err(e) if e.to_string().contains("is running on front end") => {
+                            tracing::debug!("{e}")
+                        }
+                        Err(e) => tracing::warn!("the collection failed (tried again later): {e}"),
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::warn!("no collector thread ({e}): garbage stays until a pack");
+        }
+    }
+
+    /// Whether a collection is due: `policy.after_commits` commits since
+    /// the last collection of any front end (or this one's last try; since
+    /// the database was made if none ran), or `policy.interval` with a
+    /// commit since; with `idle_only`, only if no commit came since the
+    /// last look.
+    fn collection_due(&self, policy: &DatabaseGc, looked: &mut Looked) -> Result<bool> {
+        let mut conn = self.pool.get()?;
+        let tid: i64 = conn
+            .query("SELECT tid FROM durus_order WHERE id = 1", &[])?
+            .first()
+            .map(|row| row.get(0))
+            .ok_or_else(|| database("the database has no commit order row"))?;
+        conn.execute(
+            "INSERT INTO durus_meta (name, value) \
+             VALUES ('collected_tid', 0), ('collected_at', extract(epoch FROM now())::bigint) \
+             ON CONFLICT (name) DO NOTHING",
+            &[],
+        )?;
+        let rows = conn.query(
+            "SELECT max(value) FILTER (WHERE name = 'collected_tid'), \
+                    extract(epoch FROM now())::bigint \
+                      - max(value) FILTER (WHERE name = 'collected_at') \
+             FROM durus_meta WHERE name IN ('collected_tid', 'collected_at')",
+            &[],
+        )?;
+        let (mut since_tid, mut ago): (i64, i64) = (rows[0].get(0), rows[0].get(1));
+        if let Some((tried_tid, tried_at)) = looked.tried {
+            since_tid = since_tid.max(tried_tid);
+            ago = ago.min(tried_at.elapsed().as_secs() as i64);
+        }
+        let quiet = looked.tid == Some(tid);
+        looked.tid = Some(tid);
+        let commits = tid.saturating_sub(since_tid).max(0) as u64;
+        let due = commits >= policy.after_commits.max(1)
+            || (commits > 0 && ago >= policy.interval.as_secs() as i64);
+        if due && (quiet || !policy.idle_only) {
+            looked.tried = Some((tid, Instant::now()));
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
+    /// Records that a collection from a snapshot at `tid` completed.
+    fn collected(&self, tid: u64) -> Result<()> {
+        self.pool.get()?.execute(
+            "INSERT INTO durus_meta (name, value) \
+             VALUES ('collected_tid', $1), ('collected_at', extract(epoch FROM now())::bigint) \
+             ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+            &[&(tid as i64)],
+        )?;
+        Ok(())
+    }
+
     /// [`collect`](Self::collect), the lease held.
-    fn collect_holding(&self, stop: &mut dyn FnMut() -> bool) -> Result<FullReport> {
+    fn collect_holding(
+        &self,
+        grace: Duration,
+        stop: &mut dyn FnMut() -> bool,
+    ) -> Result<FullReport> {
         let started = Instant::now();
 
-        let snapshot = {
+        let (snapshot, t0) = {
             let _log = self.catch_up.lock();
-            let (snapshot, _) = self.snapshot_at_log_end()?;
+            let (snapshot, t0) = self.snapshot_at_log_end()?;
             let mut st = self.state.lock();
             st.collecting = Some(std::collections::HashSet::new());
             st.collect_lost = false;
-            snapshot
+            st.refs_read = (!grace.is_zero()).then_some(t0);
+            (snapshot, t0)
         };
         /// Stops the noting of changes however the collection ends.
         struct Noting<'a>(&'a PgBackend);
         impl Drop for Noting<'_> {
             fn drop(&mut self) {
-                self.0.state.lock().collecting = None;
+                let mut st = self.0.state.lock();
+                st.collecting = None;
+                st.refs_read = None;
             }
         }
         let noting = Noting(self);
         let mut conn = snapshot.into_conn();
-        let result = self.collect_from(&mut conn, stop, started);
+        let mut run = Run {
+            marks: Marks::default(),
+            grace,
+            refs_read: t0,
+            started,
+        };
+        let result = self.collect_from(&mut conn, &mut run, stop);
         drop(noting);
         if conn.batch("ROLLBACK").is_ok() {
             self.pool.give_back(conn);
@@ -242,18 +443,24 @@ impl PgBackend {
         report.elapsed = started.elapsed();
         if report.completed {
             self.state.lock().full_collections += 1;
+            if let Err(e) = self.collected(t0) {
+                tracing::warn!("the collection's end was not recorded: {e}");
+            }
         }
         Ok(report)
     }
 
-    /// Marks in the snapshot on `snap`, then removes the unmarked in
-    /// batches under the order.
+    /// Marks in the snapshot on `snap`, then (with a grace window) ends
+    /// the snapshot and waits out the window, then removes the unmarked in
+    /// batches under the order. `snap` stays this collection's connection
+    /// throughout: if it is lost (as in a failover), the collection stops.
     fn collect_from(
         &self,
         snap: &mut Conn,
+        run: &mut Run,
         stop: &mut dyn FnMut() -> bool,
-        started: Instant,
     ) -> Result<FullReport> {
+        let started = run.started;
         let mut report = FullReport {
             completed: true,
             passes: 1,
@@ -264,15 +471,25 @@ impl PgBackend {
             report.elapsed = started.elapsed();
             return Ok(report);
         }
-        let mut marks = Marks::default();
+        let marks = &mut run.marks;
         marks.set(Oid::ROOT);
         let mut root_seen = false;
-        if !mark_from(snap, &mut marks, vec![Oid::ROOT], stop, &mut root_seen)? {
+        if !mark_from(snap, marks, vec![Oid::ROOT], stop, &mut root_seen)? {
             report.completed = false;
             return Ok(report);
         }
         if !root_seen {
             return Err(InvalidInput::NoRoot.into());
+        }
+        if !run.grace.is_zero() {
+            // The candidates are read from the current state from here on:
+            // an oid stored since `T0` was written since, and is marked
+            // before any batch is removed.
+            snap.batch("ROLLBACK")?;
+            if !self.wait_out_grace(snap, run, stop)? {
+                report.completed = false;
+                return Ok(report);
+            }
         }
         // From the lowest key (oids from 2^63 up are negative bigints).
         let mut from = Some(i64::MIN);
@@ -299,7 +516,7 @@ impl PgBackend {
                     from = k.checked_add(1);
                     present += 1;
                     let oid = oid_of(k);
-                    if !marks.get(oid) {
+                    if !run.marks.get(oid) {
                         candidates.push(oid);
                         if candidates.len() == SWEEP_BATCH {
                             // The rest of these rows are read again.
@@ -315,7 +532,7 @@ impl PgBackend {
                 report.completed = false;
                 break;
             }
-            let Some((objects, bytes)) = self.sweep(&mut marks, &candidates, stop)? else {
+            let Some((objects, bytes)) = self.sweep(snap, run, &candidates, stop)? else {
                 report.completed = false;
                 break;
             };
@@ -332,7 +549,8 @@ impl PgBackend {
     /// or `None` if `stop` said stop (nothing removed).
     fn sweep(
         &self,
-        marks: &mut Marks,
+        snap: &mut Conn,
+        run: &mut Run,
         candidates: &[Oid],
         stop: &mut dyn FnMut() -> bool,
     ) -> Result<Option<(u64, u64)>> {
@@ -349,14 +567,25 @@ impl PgBackend {
             let written = {
                 let mut st = self.state.lock();
                 if st.collect_lost {
-                    return Err(database(
-                        "this front end lost track of the commit log during the collection \
-                         (entries trimmed, or commits lost in a failover): nothing more is \
-                         removed; run it again",
-                    ));
+                    return Err(lost_track());
                 }
                 std::mem::take(st.collecting.as_mut().expect("set while collecting"))
             };
+            // The collection's connection still reaches the database it
+            // marked in: a failover since would have closed it (and may
+            // have lost commits this front end read).
+            snap.batch("SELECT 1").map_err(|e| {
+                database(format!(
+                    "the collection's connection to the database was lost ({e}): nothing \
+                     more is removed; run it again"
+                ))
+            })?;
+            let marks = &mut run.marks;
+            if !run.grace.is_zero()
+                && !self.mark_logged_refs(conn, marks, &mut run.refs_read, tid, stop)?
+            {
+                return Ok(None);
+            }
             // Changed since the snapshot: kept, with what they reference.
             let todo: Vec<Oid> = written.into_iter().collect();
             for oid in &todo {
@@ -390,7 +619,7 @@ impl PgBackend {
             }
             let next = (tid + 1) as i64;
             conn.execute(
-                "INSERT INTO durus_log (tid, oids) VALUES ($1, $2)",
+                "INSERT INTO durus_log (tid, oids, refs) VALUES ($1, $2, '')",
                 &[&next, &oids_bytes(&dead)],
             )?;
             conn.execute(
@@ -427,6 +656,122 @@ impl PgBackend {
         self.flush_barrier()?;
         Ok(Some((dead.len() as u64, bytes)))
     }
+
+    /// Waits until the grace window has passed since the collection's
+    /// snapshot, marking meanwhile what commits reference and change.
+    /// `false` if `stop` said stop.
+    fn wait_out_grace(
+        &self,
+        conn: &mut Conn,
+        run: &mut Run,
+        stop: &mut dyn FnMut() -> bool,
+    ) -> Result<bool> {
+        loop {
+            if stop() {
+                return Ok(false);
+            }
+            let (known, written) = {
+                let mut st = self.state.lock();
+                if st.collect_lost {
+                    return Err(lost_track());
+                }
+                let written = std::mem::take(st.collecting.as_mut().expect("set while collecting"));
+                (st.known, written)
+            };
+            // What commits changed: marked now rather than kept in the set
+            // until a batch is removed (the set would grow with every oid
+            // changed during the window; marks are a bit an oid).
+            let todo: Vec<Oid> = written.into_iter().filter(|o| run.marks.set(*o)).collect();
+            let mut root_seen = false;
+            if !mark_from(conn, &mut run.marks, todo, stop, &mut root_seen)? {
+                return Ok(false);
+            }
+            if !self.mark_logged_refs(conn, &mut run.marks, &mut run.refs_read, known, stop)? {
+                return Ok(false);
+            }
+            let Some(left) = run.grace.checked_sub(run.started.elapsed()) else {
+                return Ok(true);
+            };
+            std::thread::sleep(left.min(WAIT_STEP));
+        }
+    }
+
+    /// Marks what the records of the commits logged after `*read_to` and
+    /// up to `upto` referenced, and what that reaches now, reading on
+    /// `conn`; moves `*read_to` on (and this front end's position with it,
+    /// which keeps those entries from being trimmed until read). `false`
+    /// if `stop` said stop.
+    fn mark_logged_refs(
+        &self,
+        conn: &mut Conn,
+        marks: &mut Marks,
+        read_to: &mut u64,
+        upto: u64,
+        stop: &mut dyn FnMut() -> bool,
+    ) -> Result<bool> {
+        while *read_to < upto {
+            let rows = conn.query(
+                "SELECT tid, refs FROM durus_log WHERE tid > $1 AND tid <= $2 \
+                 ORDER BY tid LIMIT $3",
+                &[&(*read_to as i64), &(upto as i64), &REFS_BATCH],
+            )?;
+            if rows.is_empty() {
+                return Err(lost_track());
+            }
+            let mut todo = Vec::new();
+            for row in &rows {
+                let tid = row.get::<_, i64>(0) as u64;
+                if tid != *read_to + 1 {
+                    return Err(lost_track());
+                }
+                let Some(refs) = row.get::<_, Option<&[u8]>>(1) else {
+                    return Err(database(format!(
+                        "commit {tid} was logged by a front end of an earlier version, \
+                         without the references of its records: a collection with a grace \
+                         window cannot tell what it re-attached, and removes nothing more \
+                         (stop the front ends of versions before 0.10; a pack, which has no \
+                         grace window, is not affected)"
+                    )));
+                };
+                todo.extend(oids_from(refs)?.into_iter().filter(|o| marks.set(*o)));
+                *read_to = tid;
+            }
+            let mut root_seen = false;
+            if !mark_from(conn, marks, todo, stop, &mut root_seen)? {
+                return Ok(false);
+            }
+            self.state.lock().refs_read = Some(*read_to);
+        }
+        Ok(true)
+    }
+}
+
+/// What the background collector saw when it last looked.
+#[derive(Default)]
+struct Looked {
+    /// The order's tid.
+    tid: Option<i64>,
+    /// The tid and time of this front end's last collection started.
+    tried: Option<(i64, Instant)>,
+}
+
+/// One collection's progress.
+struct Run {
+    marks: Marks,
+    /// Zero for a pack.
+    grace: Duration,
+    /// The references of every commit logged up to this tid are marked.
+    refs_read: u64,
+    /// When the snapshot was taken (`T0`).
+    started: Instant,
+}
+
+fn lost_track() -> StorageError {
+    database(
+        "this front end lost track of the commit log during the collection \
+         (entries trimmed, or commits lost in a failover): nothing more is \
+         removed; run it again",
+    )
 }
 
 #[cfg(test)]

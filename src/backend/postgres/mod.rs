@@ -11,9 +11,12 @@
 //!   its client is sent until it is applied, so commits through any front
 //!   end fall in one order, as with one Durus server; `tid` is the last
 //!   commit's number, `objects` how many records there are.
-//! - `durus_log (tid, oids)`: what each commit changed. A front end reads
-//!   it from its own position, under the order when it commits and on a
-//!   client's sync otherwise, and tells its sessions.
+//! - `durus_log (tid, oids, refs)`: what each commit changed, and what its
+//!   records reference (empty for a collection's entry; `NULL` for one
+//!   written by a front end of format 1). A front end reads the oids from
+//!   its own position, under the order when it commits and on a client's
+//!   sync otherwise, and tells its sessions; a collection with a grace
+//!   window reads the references (see `collect`).
 //! - `durus_oids (id = 1, next)`: oids are taken from it in blocks, each
 //!   block durable before one oid of it is handed out: never twice, across
 //!   front ends, restarts and failovers.
@@ -71,7 +74,9 @@ use crate::gc::FullReport;
 use crate::record::Oid;
 
 /// The version of the tables this build writes and reads.
-pub(crate) const FORMAT: i64 = 1;
+/// Format 2 added `durus_log.refs`; a database of format 1 is upgraded in
+/// place when a front end of this build opens it (see [`ensure_schema`]).
+pub(crate) const FORMAT: i64 = 2;
 
 /// The largest piece of a record in one row (CockroachDB advises against
 /// larger values).
@@ -336,6 +341,17 @@ fn oids_bytes(oids: &[Oid]) -> Vec<u8> {
     oids.iter().flat_map(|o| o.to_bytes()).collect()
 }
 
+/// What the records of one commit reference, for its log entry: their
+/// references one after the other, 8 bytes an oid (an oid may come more
+/// than once).
+fn refs_bytes(records: &std::collections::BTreeMap<Oid, crate::record::Record>) -> Vec<u8> {
+    let mut bytes = Vec::with_capacity(records.values().map(|r| r.refs_bytes().len()).sum());
+    for record in records.values() {
+        bytes.extend_from_slice(record.refs_bytes());
+    }
+    bytes
+}
+
 fn oids_from(bytes: &[u8]) -> Result<Vec<Oid>> {
     if !bytes.len().is_multiple_of(8) {
         return Err(StorageError::damaged(format!(
@@ -521,6 +537,10 @@ struct State {
     collecting: Option<std::collections::HashSet<Oid>>,
     /// This front end lost track of the log while a collection ran.
     collect_lost: bool,
+    /// While a collection with a grace window runs: it has read the
+    /// references of the log up to this tid, so the front end's position
+    /// (below which the log is trimmed) stays there.
+    refs_read: Option<u64>,
     /// What is stored of oids as of `known`, learned by this front end's
     /// commits: the number of each record's last chunk, `None` for an oid
     /// not stored. A commit joining a batch is checked from it without
@@ -689,6 +709,9 @@ pub(crate) struct PgBackend {
     order_waiting: AtomicU64,
     /// Held by a full collection: one at a time on this front end.
     collector: Mutex<()>,
+    /// Packs waiting for `collector`: a background collection stops for
+    /// them.
+    packs_waiting: AtomicU64,
 }
 
 impl PgBackend {
@@ -763,6 +786,7 @@ impl PgBackend {
             deferred_flush: std::sync::atomic::AtomicBool::new(true),
             order_waiting: AtomicU64::new(0),
             collector: Mutex::new(()),
+            packs_waiting: AtomicU64::new(0),
         };
         Ok(backend)
     }
@@ -772,7 +796,10 @@ impl PgBackend {
     /// entries went.
     pub(crate) fn heartbeat(&self) -> Result<u64> {
         self.catch_up()?;
-        let position = self.state.lock().known as i64;
+        let position = {
+            let st = self.state.lock();
+            st.refs_read.map_or(st.known, |read| read.min(st.known)) as i64
+        };
         let mut conn = self.pool.get()?;
         conn.execute(
             "UPDATE durus_front_ends SET position = $2, alive_at = now() WHERE id = $1",
@@ -1107,6 +1134,9 @@ fn ensure_schema(conn: &mut Conn) -> Result<()> {
         {
             Ok(Some(row)) => {
                 let found: i64 = row.get(0);
+                if found == 1 {
+                    return upgrade_from_1(conn);
+                }
                 if found != FORMAT {
                     return Err(database(format!(
                         "the database holds durus-redb tables of format {found}; this build \
@@ -1140,6 +1170,56 @@ fn ensure_schema(conn: &mut Conn) -> Result<()> {
     unreachable!("the second attempt returns")
 }
 
+/// Format 1 to 2: `durus_log` gains `refs`, `NULL` in the entries already
+/// there (and in those front ends of format 1 still running write). Two
+/// front ends upgrading at once: the second finds format 2 under the
+/// format row's lock and does nothing.
+fn upgrade_from_1(conn: &mut Conn) -> Result<()> {
+    conn.batch("BEGIN")?;
+    let upgraded = (|| -> Result<bool> {
+        let found: i64 = conn
+            .query(
+                "SELECT value FROM durus_meta WHERE name = 'format' FOR UPDATE",
+                &[],
+            )?
+            .first()
+            .map(|row| row.get(0))
+            .unwrap_or(0);
+        match found {
+            1 => {
+                conn.batch(&format!(
+                    "ALTER TABLE durus_log ADD COLUMN refs bytea; \
+                     UPDATE durus_meta SET value = {FORMAT} WHERE name = 'format'"
+                ))?;
+                Ok(true)
+            }
+            FORMAT => Ok(false),
+            other => Err(database(format!(
+                "the database holds durus-redb tables of format {other}; this build \
+                 serves format {FORMAT} (see UPGRADING.md)"
+            ))),
+        }
+    })();
+    match upgraded {
+        Ok(done) => {
+            conn.batch("COMMIT")?;
+            if done {
+                tracing::warn!(
+                    "upgraded the database's durus-redb tables from format 1 to {FORMAT} \
+                     (the commit log keeps each commit's references); front ends of \
+                     earlier versions are refused from now on, those still running may go \
+                     on (see UPGRADING.md)"
+                );
+            }
+            Ok(())
+        }
+        Err(e) => {
+            let _ = conn.batch("ROLLBACK");
+            Err(e)
+        }
+    }
+}
+
 fn create_schema(conn: &mut Conn) -> Result<()> {
     let result = conn.batch(&format!(
         "BEGIN;
@@ -1150,7 +1230,7 @@ fn create_schema(conn: &mut Conn) -> Result<()> {
          CREATE TABLE durus_records (oid bigint NOT NULL, chunk int NOT NULL,
                                      tid bigint NOT NULL, data bytea NOT NULL,
                                      PRIMARY KEY (oid, chunk));
-         CREATE TABLE durus_log (tid bigint PRIMARY KEY, oids bytea NOT NULL);
+         CREATE TABLE durus_log (tid bigint PRIMARY KEY, oids bytea NOT NULL, refs bytea);
          CREATE TABLE durus_front_ends (id bigint PRIMARY KEY, flushes bigint NOT NULL,
                                         position bigint NOT NULL,
                                         alive_at timestamptz NOT NULL);
@@ -1209,7 +1289,7 @@ impl Backend for PgBackend {
     /// It marks in a snapshot while commits flow, and holds the commit
     /// order only to remove a batch (see `collect`).
     fn full_collection(&self, stop: &mut dyn FnMut() -> bool) -> Result<FullReport> {
-        self.collect(stop)
+        self.collect(std::time::Duration::ZERO, stop)
     }
 
     /// Never called: a database failure fails the commits it touches, and

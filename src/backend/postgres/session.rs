@@ -8,7 +8,7 @@ use std::time::Instant;
 use parking_lot::MutexGuard;
 
 use super::batch::{Batch, Member, OrderSlot, Outcome};
-use super::{Chunks, Conn, PgBackend, cut_shrunk, database, key, oid_of, oids_bytes};
+use super::{Chunks, Conn, PgBackend, cut_shrunk, database, key, oid_of, oids_bytes, refs_bytes};
 use crate::backend::{Entry, Found, Grant, Order, Session, Snapshot, Walk};
 use crate::error::{InvalidInput, Result, StorageError};
 use crate::record::{Oid, Record};
@@ -374,7 +374,8 @@ impl PgOrder<'_> {
                                   FROM unnest($1::bigint[], $2::int[], $4::bytea[]) AS t(o, c, d) \
                                   ON CONFLICT (oid, chunk) \
                                   DO UPDATE SET tid = excluded.tid, data = excluded.data), \
-                      logged AS (INSERT INTO durus_log (tid, oids) VALUES ($3, $7)), \
+                      logged AS (INSERT INTO durus_log (tid, oids, refs) \
+                                 VALUES ($3, $7, $9)), \
                       ordered AS (UPDATE durus_order SET tid = $3, objects = objects + $8 - \
                                   (SELECT count(*) FROM stored WHERE oid = ANY($6)) \
                                   WHERE id = 1) \
@@ -388,6 +389,7 @@ impl PgOrder<'_> {
                     &record_oids,
                     &oids_bytes(&oids),
                     &(oids.len() as i64),
+                    &refs_bytes(&records),
                 ],
             )?
             .iter()

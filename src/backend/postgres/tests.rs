@@ -115,7 +115,7 @@ fn a_database_of_another_format_is_refused() {
         .unwrap();
     let text = err.to_string();
     assert!(
-        text.contains("format 99") && text.contains("format 1"),
+        text.contains("format 99") && text.contains(&format!("format {}", super::FORMAT)),
         "{text}"
     );
     c.batch_execute("DELETE FROM durus_meta WHERE name = 'format'")
@@ -1037,7 +1037,7 @@ fn one_full_collection_at_a_time_across_front_ends() {
     assert_eq!(check.records, 1);
 
     // a holds the lease, alive: b's collection is refused, naming a.
-    assert_eq!(a.take_lease().unwrap(), None);
+    assert_eq!(a.take_lease(false).unwrap(), None);
     let e = b.full_collection(&mut || false).unwrap_err().to_string();
     assert!(e.contains(&format!("front end {}", a.front_end)), "{e}");
     // a falls silent: b takes the lease over, and gives it up at the end.
@@ -1251,4 +1251,232 @@ mod threads_and_crashes {
             eprintln!("cuts {shown:?}: {acked} acknowledged, {lost} lost, counter {counter}");
         }
     }
+}
+
+/// A collection with a grace window removes only what no commit referenced
+/// during the window: an object detached before it, attached again during
+/// it and detached once more (so that no current record references it)
+/// stays, with what it references; garbage nothing touched goes, cycles
+/// included, but not before the window has passed; a pack then takes the
+/// rest. The commits come through the collecting front end or another,
+/// and the log is trimmed meanwhile as far as the front ends allow.
+#[test]
+fn a_collection_with_a_grace_window_keeps_what_commits_referenced_during_it() {
+    for through_other in [false, true] {
+        let config = testdb::fresh(if through_other { "grace_b" } else { "grace_a" });
+        let a = PgBackend::open_with(config.clone().into(), 64).unwrap();
+        let b = PgBackend::open_with(config.clone().into(), 64).unwrap();
+        let sa = a.open_session();
+        let o = sa.new_oids(7, 1 << 20).unwrap();
+        let (live, x, y, y2, c1, c2) = (o[1], o[2], o[3], o[4], o[5], o[6]);
+        commit_refs(
+            sa.as_ref(),
+            &[
+                (Oid::ROOT, vec![live, y]),
+                (live, vec![]),
+                (x, vec![]),
+                (y, vec![y2]),
+                (y2, vec![]),
+                (c1, vec![c2]),
+                (c2, vec![c1]),
+            ],
+        )
+        .unwrap();
+        // y is detached before the collection.
+        commit_refs(sa.as_ref(), &[(Oid::ROOT, vec![live])]).unwrap();
+        let committer = if through_other {
+            b.open_session()
+        } else {
+            a.open_session()
+        };
+        let grace = Duration::from_secs(2);
+        let started = std::time::Instant::now();
+        let report = std::thread::scope(|scope| {
+            let collecting = scope.spawn(|| a.collect(grace, &mut || false));
+            while a.state.lock().collecting.is_none() {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            // Within the window: y attached again, then detached again.
+            commit_refs(committer.as_ref(), &[(Oid::ROOT, vec![live, y])]).unwrap();
+            commit_refs(committer.as_ref(), &[(Oid::ROOT, vec![live])]).unwrap();
+            b.heartbeat().unwrap();
+            a.heartbeat().unwrap();
+            collecting.join().unwrap()
+        })
+        .unwrap();
+        assert!(report.completed);
+        assert!(
+            started.elapsed() >= grace,
+            "removed after {:?}, inside the window",
+            started.elapsed()
+        );
+        assert_eq!(report.removed_objects, 3, "through_other {through_other}");
+        assert_eq!(
+            stored(&b, &[Oid::ROOT, live, x, y, y2, c1, c2]),
+            [true, true, false, true, true, false, false],
+            "through_other {through_other}"
+        );
+        let report = b.full_collection(&mut || false).unwrap();
+        assert_eq!(report.removed_objects, 2);
+        assert_eq!(stored(&a, &[y, y2]), [false, false]);
+    }
+}
+
+/// A database of format 1 is upgraded in place when a front end of this
+/// build opens it (twice at once: one upgrades); its log entries written
+/// before have no references, those after do. An entry without references
+/// logged during a collection with a grace window (as a front end of
+/// format 1 still running writes) stops that collection, naming why,
+/// and removes nothing; a pack is not affected.
+#[test]
+fn a_database_of_format_1_is_upgraded_and_an_old_front_end_stops_only_a_grace_collection() {
+    let config = testdb::fresh("upgrade");
+    let fe = PgBackend::open_with(config.clone().into(), 8).unwrap();
+    let s = fe.open_session();
+    let o = s.new_oids(2, 1 << 20).unwrap();
+    commit_refs(s.as_ref(), &[(Oid::ROOT, vec![o[1]]), (o[1], vec![])]).unwrap();
+    drop(s);
+    drop(fe);
+    let mut c = config.connect(NoTls).unwrap();
+    // As 0.9 left it.
+    c.batch_execute(
+        "ALTER TABLE durus_log DROP COLUMN refs; \
+         UPDATE durus_meta SET value = 1 WHERE name = 'format'",
+    )
+    .unwrap();
+    let (one, two) = std::thread::scope(|scope| {
+        let one = scope.spawn(|| PgBackend::open_with(config.clone().into(), 8));
+        let two = scope.spawn(|| PgBackend::open_with(config.clone().into(), 8));
+        (one.join().unwrap().unwrap(), two.join().unwrap().unwrap())
+    });
+    drop(two);
+    assert_eq!(
+        number_of(&mut c, "SELECT value FROM durus_meta WHERE name = 'format'"),
+        super::FORMAT
+    );
+    assert_eq!(
+        number_of(&mut c, "SELECT count(*) FROM durus_log WHERE refs IS NULL"),
+        1
+    );
+    let s = one.open_session();
+    // o[1] detached, then a commit referencing it; its entry has refs.
+    commit_refs(s.as_ref(), &[(Oid::ROOT, vec![])]).unwrap();
+    commit_refs(s.as_ref(), &[(Oid::ROOT, vec![o[1]])]).unwrap();
+    let refs: Vec<u8> = c
+        .query_one("SELECT refs FROM durus_log ORDER BY tid DESC LIMIT 1", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(refs, o[1].to_bytes().to_vec());
+    commit_refs(s.as_ref(), &[(Oid::ROOT, vec![])]).unwrap();
+
+    // An entry as a front end of format 1 writes it, during the window.
+    let err = std::thread::scope(|scope| {
+        let collecting = scope.spawn(|| one.collect(Duration::from_secs(1), &mut || false));
+        while one.state.lock().collecting.is_none() {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        c.batch_execute(
+            "BEGIN; \
+             INSERT INTO durus_log (tid, oids) SELECT tid + 1, '' FROM durus_order; \
+             UPDATE durus_order SET tid = tid + 1; COMMIT",
+        )
+        .unwrap();
+        collecting.join().unwrap()
+    })
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("earlier version"), "{err}");
+    assert_eq!(stored(&one, &[o[1]]), [true], "nothing was removed");
+    let report = one.full_collection(&mut || false).unwrap();
+    assert_eq!(report.removed_objects, 1);
+    assert_eq!(stored(&one, &[o[1]]), [false]);
+}
+
+/// The background collector starts a collection once enough commits came,
+/// and removes garbage only after its grace window; a pack, on its front
+/// end or another, does not wait for a background collection waiting out
+/// its window: it takes the lease over, and the background one stops.
+#[test]
+fn the_background_collector_waits_out_its_window_and_gives_way_to_a_pack() {
+    let config = testdb::fresh("background");
+    let a = std::sync::Arc::new(PgBackend::open_with(config.clone().into(), 64).unwrap());
+    let b = PgBackend::open_with(config.clone().into(), 64).unwrap();
+    let mut policy = crate::server::DatabaseGc {
+        grace: Duration::from_secs(1),
+        after_commits: 1,
+        check_every: Duration::from_millis(100),
+        ..Default::default()
+    };
+    PgBackend::start_collector(&a, policy.clone());
+    let mut c = config.connect(NoTls).unwrap();
+    let s = a.open_session();
+    let o = s.new_oids(3, 1 << 20).unwrap();
+    commit_refs(
+        s.as_ref(),
+        &[(Oid::ROOT, vec![o[1]]), (o[1], vec![]), (o[2], vec![])],
+    )
+    .unwrap();
+    let detached = std::time::Instant::now();
+    commit_refs(s.as_ref(), &[(Oid::ROOT, vec![])]).unwrap();
+    let mut gone = None;
+    while detached.elapsed() < Duration::from_secs(60) {
+        if stored(&b, &[o[1], o[2]]) == [false, false] {
+            gone = Some(detached.elapsed());
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let gone = gone.expect("the background collector removed the garbage within 60 s");
+    assert!(
+        gone >= policy.grace,
+        "removed after {gone:?}, inside the window"
+    );
+    assert!(a.state.lock().full_collections >= 1);
+
+    // A long window now: packs do not wait for it.
+    let slow = PgBackend::open_with(config.clone().into(), 64).unwrap();
+    let slow = std::sync::Arc::new(slow);
+    drop(s);
+    drop(a);
+    policy.grace = Duration::from_secs(600);
+    PgBackend::start_collector(&slow, policy);
+    let s = slow.open_session();
+    let g = s.new_oids(2, 1 << 20).unwrap();
+    commit_refs(s.as_ref(), &[(g[0], vec![]), (g[1], vec![])]).unwrap();
+    let background = |c: &mut postgres::Client| {
+        c.query(
+            "SELECT value FROM durus_meta WHERE name = 'collector_background'",
+            &[],
+        )
+        .unwrap()
+        .first()
+        .map(|row| row.get::<_, i64>(0))
+    };
+    let waited = std::time::Instant::now();
+    let wait_for_background = |c: &mut postgres::Client| {
+        while background(c) != Some(slow.front_end) {
+            assert!(
+                waited.elapsed() < Duration::from_secs(120),
+                "no background collection"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    wait_for_background(&mut c);
+    // Through another front end: the lease is taken over.
+    let report = b.full_collection(&mut || false).unwrap();
+    assert!(report.completed);
+    assert_eq!(report.removed_objects, 2);
+    assert_eq!(background(&mut c), None);
+    // Through its own front end: the background collection stops for it.
+    let h = s.new_oids(1, 1 << 20).unwrap();
+    commit_refs(s.as_ref(), &[(h[0], vec![])]).unwrap();
+    wait_for_background(&mut c);
+    let report = slow.full_collection(&mut || false).unwrap();
+    assert!(report.completed);
+    assert_eq!(report.removed_objects, 1);
+    assert!(
+        waited.elapsed() < Duration::from_secs(300),
+        "the packs waited for the background collection's window"
+    );
 }

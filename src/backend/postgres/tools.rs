@@ -58,10 +58,12 @@ fn open_existing(url: &str) -> Result<Conn> {
     {
         Ok(Some(row)) => {
             let found: i64 = row.get(0);
-            if found != super::FORMAT {
+            // Format 1 differs only by the log's references, which these
+            // tools do not read.
+            if found != super::FORMAT && found != 1 {
                 return Err(database(format!(
                     "the database holds durus-redb tables of format {found}; this build \
-                     reads format {} (see UPGRADING.md)",
+                     reads formats 1 and {} (see UPGRADING.md)",
                     super::FORMAT
                 )));
             }

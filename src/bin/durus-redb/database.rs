@@ -77,8 +77,9 @@ pub(crate) fn gc_database(path: &std::path::Path, full: bool) -> ExitCode {
     let url = url_of(path);
     if !full {
         return fail(
-            "a database has no incremental collector yet: `durus-redb gc --full URL` packs it \
-             (everything the root does not reach goes at once, as Durus's pack)",
+            "on a database, the background collector is `serve --database URL` (--gc, \
+             --gc-grace: full collections with a grace window); `durus-redb gc --full URL` \
+             packs it now (everything the root does not reach goes at once, as Durus's pack)",
         );
     }
     let started = std::time::Instant::now();

@@ -203,16 +203,25 @@ pub(crate) struct ServeArgs {
     /// Longer: fewer such waits, a longer log to replay after a crash.
     #[arg(long, default_value_t = 1.0)]
     checkpoint_interval: f64,
-    /// How garbage is collected in the background.
+    /// How garbage is collected in the background. With --database, both
+    /// `incremental` and `idle` run a full collection with the grace window
+    /// after --gc-after-commits commits (or a day with any commit) since the
+    /// last one of any front end, one front end at a time; `idle` starts it only
+    /// when no commit came for 10 s.
     #[arg(long, value_enum, default_value = "incremental")]
     gc: GcChoice,
     /// Seconds an object stays after a commit removed its last reference,
     /// before the background collector reclaims it. Within it the object
     /// stays loadable and a commit may reference it again (Durus keeps every
     /// object until a pack); 0 reclaims at once. A pack (`P`), --gcbytes and
-    /// `durus-redb gc` ignore it.
+    /// `durus-redb gc` ignore it. With --database: an object goes only once
+    /// no commit referenced it for this long.
     #[arg(long, default_value_t = 600.0)]
     gc_grace: f64,
+    /// With --database: commits (through any front end) after which the
+    /// background collector starts a collection.
+    #[arg(long, default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(1..))]
+    gc_after_commits: u64,
 }
 
 /// Background garbage collection.
@@ -291,8 +300,18 @@ pub(crate) fn serve(args: ServeArgs) -> ExitCode {
         }
         _ => None,
     };
-    let config = config_of(&args, tls);
+    let mut config = config_of(&args, tls);
     if let Some(url) = &args.database {
+        config.database_gc = match args.gc {
+            GcChoice::Manual => None,
+            choice => {
+                let mut gc = durus_redb::DatabaseGc::default();
+                gc.grace = grace;
+                gc.after_commits = args.gc_after_commits;
+                gc.idle_only = matches!(choice, GcChoice::Idle);
+                Some(gc)
+            }
+        };
         return serve_on(Source::Database(url), config);
     }
     let Some(file) = args.file.clone() else {
