@@ -62,7 +62,7 @@ const SWEEP_BATCH: usize = 2000;
 const SCAN_BATCH: i64 = 10_000;
 
 /// Log entries whose references are read at a time.
-const REFS_BATCH: i64 = 10_000;
+const REFS_BATCH: i64 = 1000;
 
 /// How often a collection waiting out its grace window reads the
 /// references of new commits, and marks what commits changed.
@@ -242,12 +242,11 @@ impl PgBackend {
     pub(super) fn collect(
         &self,
         grace: Duration,
+        background: bool,
         stop: &mut dyn FnMut() -> bool,
     ) -> Result<FullReport> {
-        // A grace window is the background collector's; a pack (none)
-        // makes a background collection of this front end or another give
-        // way to it.
-        let background = !grace.is_zero();
+        // A pack makes a background collection of this front end or
+        // another give way to it.
         if !background {
             self.packs_waiting.fetch_add(1, Ordering::AcqRel);
         }
@@ -295,20 +294,28 @@ impl PgBackend {
         let spawned = std::thread::Builder::new()
             .name("durus-collector".into())
             .spawn(move || {
-                let step = Duration::from_millis(100).min(policy.check_every);
+                let step = policy
+                    .check_every
+                    .clamp(Duration::from_millis(10), Duration::from_millis(100));
                 let mut looked = Looked::default();
                 loop {
                     let mut waited = Duration::ZERO;
-                    while waited < policy.check_every {
+                    loop {
                         std::thread::sleep(step);
                         waited += step;
                         if weak.strong_count() == 0 {
                             return;
                         }
+                        if waited >= policy.check_every {
+                            break;
+                        }
                     }
                     let Some(backend) = weak.upgrade() else {
                         return;
                     };
+                    if backend.closed.load(Ordering::Acquire) {
+                        return;
+                    }
                     match backend.collection_due(&policy, &mut looked) {
                         Ok(false) => continue,
                         Ok(true) => {}
@@ -323,9 +330,12 @@ impl PgBackend {
                         "a collection with a grace window of {:.0} s starts",
                         policy.grace.as_secs_f64()
                     );
-                    // Stops when the server let the backend go.
-                    let mut stop = || Arc::strong_count(&backend) <= 1;
-                    match backend.collect(policy.grace, &mut stop) {
+                    // Stops when the backend is closed or let go.
+                    let gone = || {
+                        Arc::strong_count(&backend) <= 1 || backend.closed.load(Ordering::Acquire)
+                    };
+                    let mut stop = gone;
+                    match backend.collect(policy.grace, true, &mut stop) {
                         Ok(r) if r.completed => tracing::info!(
                             "collection: {} objects ({} bytes) removed, {} live, in {:.1} s",
                             r.removed_objects,
@@ -333,8 +343,10 @@ impl PgBackend {
                             r.live_objects,
                             r.elapsed.as_secs_f64()
                         ),
-                        Ok(_) if Arc::strong_count(&backend) <= 1 => return,
-                        Ok(_) => tracing::info!("the collection gave way to a pack"),
+                        Ok(_) if gone() => return,
+                        Ok(_) => tracing::info!(
+                            "the collection gave way to a pack (or lost its lease to one)"
+                        ),
                         Err(e) if e.to_string().contains("is running on front end") => {
                             tracing::debug!("{e}")
                         }
@@ -406,7 +418,7 @@ impl PgBackend {
         grace: Duration,
         stop: &mut dyn FnMut() -> bool,
     ) -> Result<FullReport> {
-        let started = Instant::now();
+        let began = Instant::now();
 
         let (snapshot, t0) = {
             let _log = self.catch_up.lock();
@@ -432,7 +444,7 @@ impl PgBackend {
             marks: Marks::default(),
             grace,
             refs_read: t0,
-            started,
+            started: Instant::now(),
         };
         let result = self.collect_from(&mut conn, &mut run, stop);
         drop(noting);
@@ -440,7 +452,7 @@ impl PgBackend {
             self.pool.give_back(conn);
         }
         let mut report = result?;
-        report.elapsed = started.elapsed();
+        report.elapsed = began.elapsed();
         if report.completed {
             self.state.lock().full_collections += 1;
             if let Err(e) = self.collected(t0) {
@@ -502,6 +514,10 @@ impl PgBackend {
                     scanned_all = true;
                     break;
                 };
+                if stop() {
+                    report.completed = false;
+                    return Ok(report);
+                }
                 let rows = snap.query(
                     "SELECT oid FROM durus_records WHERE chunk = 0 AND oid >= $1 \
                      ORDER BY oid LIMIT $2",
@@ -529,6 +545,13 @@ impl PgBackend {
                 continue;
             }
             if stop() {
+                report.completed = false;
+                break;
+            }
+            // What commits referenced and changed since the last look is
+            // marked before the order is taken, so that only the last few
+            // entries are read under it.
+            if !run.grace.is_zero() && !self.mark_changes(snap, run, stop)? {
                 report.completed = false;
                 break;
             }
@@ -667,26 +690,7 @@ impl PgBackend {
         stop: &mut dyn FnMut() -> bool,
     ) -> Result<bool> {
         loop {
-            if stop() {
-                return Ok(false);
-            }
-            let (known, written) = {
-                let mut st = self.state.lock();
-                if st.collect_lost {
-                    return Err(lost_track());
-                }
-                let written = std::mem::take(st.collecting.as_mut().expect("set while collecting"));
-                (st.known, written)
-            };
-            // What commits changed: marked now rather than kept in the set
-            // until a batch is removed (the set would grow with every oid
-            // changed during the window; marks are a bit an oid).
-            let todo: Vec<Oid> = written.into_iter().filter(|o| run.marks.set(*o)).collect();
-            let mut root_seen = false;
-            if !mark_from(conn, &mut run.marks, todo, stop, &mut root_seen)? {
-                return Ok(false);
-            }
-            if !self.mark_logged_refs(conn, &mut run.marks, &mut run.refs_read, known, stop)? {
+            if stop() || !self.mark_changes(conn, run, stop)? {
                 return Ok(false);
             }
             let Some(left) = run.grace.checked_sub(run.started.elapsed()) else {
@@ -694,6 +698,34 @@ impl PgBackend {
             };
             std::thread::sleep(left.min(WAIT_STEP));
         }
+    }
+
+    /// Marks what commits changed and referenced since the last call (as
+    /// far as this front end has read the log), with what that reaches
+    /// now. The changed oids are marked now rather than kept in the set
+    /// until a batch is removed (the set would grow with every oid changed
+    /// during the window; marks are a bit an oid). `false` if `stop` said
+    /// stop.
+    fn mark_changes(
+        &self,
+        conn: &mut Conn,
+        run: &mut Run,
+        stop: &mut dyn FnMut() -> bool,
+    ) -> Result<bool> {
+        let (known, written) = {
+            let mut st = self.state.lock();
+            if st.collect_lost {
+                return Err(lost_track());
+            }
+            let written = std::mem::take(st.collecting.as_mut().expect("set while collecting"));
+            (st.known, written)
+        };
+        let todo: Vec<Oid> = written.into_iter().filter(|o| run.marks.set(*o)).collect();
+        let mut root_seen = false;
+        if !mark_from(conn, &mut run.marks, todo, stop, &mut root_seen)? {
+            return Ok(false);
+        }
+        self.mark_logged_refs(conn, &mut run.marks, &mut run.refs_read, known, stop)
     }
 
     /// Marks what the records of the commits logged after `*read_to` and

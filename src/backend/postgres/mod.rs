@@ -712,6 +712,8 @@ pub(crate) struct PgBackend {
     /// Packs waiting for `collector`: a background collection stops for
     /// them.
     packs_waiting: AtomicU64,
+    /// Closed (`Backend::close`): the background collector stops.
+    closed: std::sync::atomic::AtomicBool,
 }
 
 impl PgBackend {
@@ -787,6 +789,7 @@ impl PgBackend {
             order_waiting: AtomicU64::new(0),
             collector: Mutex::new(()),
             packs_waiting: AtomicU64::new(0),
+            closed: std::sync::atomic::AtomicBool::new(false),
         };
         Ok(backend)
     }
@@ -1175,6 +1178,45 @@ fn ensure_schema(conn: &mut Conn) -> Result<()> {
 /// front ends upgrading at once: the second finds format 2 under the
 /// format row's lock and does nothing.
 fn upgrade_from_1(conn: &mut Conn) -> Result<()> {
+    for attempt in 1..=UPGRADE_TRIES {
+        match upgrade_once(conn) {
+            Err(e) if is_lock_timeout(&e) && attempt < UPGRADE_TRIES => {
+                tracing::warn!(
+                    "upgrading the database waited {UPGRADE_LOCK_WAIT} for the commit log \
+                     table, which open transactions of other front ends use (a pack, a \
+                     snapshot read); trying again"
+                );
+                std::thread::sleep(std::time::Duration::from_secs(1));
+            }
+            Err(e) if is_lock_timeout(&e) => {
+                return Err(database(format!(
+                    "the database could not be upgraded from format 1 to {FORMAT}: the commit \
+                     log table stayed in use by other front ends' open transactions (a pack, \
+                     a snapshot read) through {UPGRADE_TRIES} waits of {UPGRADE_LOCK_WAIT}; \
+                     nothing was changed. Start it again once their packs have finished, or \
+                     with the front ends of earlier versions stopped"
+                )));
+            }
+            other => return other,
+        }
+    }
+    unreachable!("the last attempt returns")
+}
+
+/// Tries of the upgrade when the commit log table stays in use.
+const UPGRADE_TRIES: u32 = 5;
+
+/// How long one try of the upgrade waits for the commit log table: the
+/// `ALTER TABLE` waits for the transactions using it, and every statement
+/// on it (the commits of every front end) would queue behind it.
+const UPGRADE_LOCK_WAIT: &str = "2s";
+
+/// An error of `lock_timeout` (SQLSTATE 55P03).
+fn is_lock_timeout(e: &StorageError) -> bool {
+    e.to_string().contains("(55P03)")
+}
+
+fn upgrade_once(conn: &mut Conn) -> Result<()> {
     conn.batch("BEGIN")?;
     let upgraded = (|| -> Result<bool> {
         let found: i64 = conn
@@ -1188,7 +1230,8 @@ fn upgrade_from_1(conn: &mut Conn) -> Result<()> {
         match found {
             1 => {
                 conn.batch(&format!(
-                    "ALTER TABLE durus_log ADD COLUMN refs bytea; \
+                    "SET LOCAL lock_timeout = '{UPGRADE_LOCK_WAIT}'; \
+                     ALTER TABLE durus_log ADD COLUMN IF NOT EXISTS refs bytea; \
                      UPDATE durus_meta SET value = {FORMAT} WHERE name = 'format'"
                 ))?;
                 Ok(true)
@@ -1289,7 +1332,7 @@ impl Backend for PgBackend {
     /// It marks in a snapshot while commits flow, and holds the commit
     /// order only to remove a batch (see `collect`).
     fn full_collection(&self, stop: &mut dyn FnMut() -> bool) -> Result<FullReport> {
-        self.collect(std::time::Duration::ZERO, stop)
+        self.collect(std::time::Duration::ZERO, false, stop)
     }
 
     /// Never called: a database failure fails the commits it touches, and
@@ -1312,6 +1355,7 @@ impl Backend for PgBackend {
     }
 
     fn close(&self) -> Result<()> {
+        self.closed.store(true, Ordering::Release);
         {
             let mut order = self.order.lock();
             self.end_batch(&mut order)?;

@@ -1292,7 +1292,7 @@ fn a_collection_with_a_grace_window_keeps_what_commits_referenced_during_it() {
         let grace = Duration::from_secs(2);
         let started = std::time::Instant::now();
         let report = std::thread::scope(|scope| {
-            let collecting = scope.spawn(|| a.collect(grace, &mut || false));
+            let collecting = scope.spawn(|| a.collect(grace, true, &mut || false));
             while a.state.lock().collecting.is_none() {
                 std::thread::sleep(Duration::from_millis(5));
             }
@@ -1371,7 +1371,7 @@ fn a_database_of_format_1_is_upgraded_and_an_old_front_end_stops_only_a_grace_co
 
     // An entry as a front end of format 1 writes it, during the window.
     let err = std::thread::scope(|scope| {
-        let collecting = scope.spawn(|| one.collect(Duration::from_secs(1), &mut || false));
+        let collecting = scope.spawn(|| one.collect(Duration::from_secs(1), true, &mut || false));
         while one.state.lock().collecting.is_none() {
             std::thread::sleep(Duration::from_millis(5));
         }
@@ -1479,4 +1479,44 @@ fn the_background_collector_waits_out_its_window_and_gives_way_to_a_pack() {
         waited.elapsed() < Duration::from_secs(300),
         "the packs waited for the background collection's window"
     );
+}
+
+/// The upgrade from format 1 does not wait without end for the commit log
+/// table while another front end's transaction uses it (a pack's snapshot
+/// on a front end of 0.9, during which every commit would queue behind
+/// the upgrade): held throughout, the new front end is refused naming why
+/// and the database stays format 1; held for a moment, a later try
+/// upgrades it.
+#[test]
+fn the_upgrade_gives_up_rather_than_wait_for_the_log_table_without_end() {
+    let config = testdb::fresh("upgrade_wait");
+    drop(PgBackend::open_with(config.clone().into(), 8).unwrap());
+    let mut c = config.connect(NoTls).unwrap();
+    c.batch_execute(
+        "ALTER TABLE durus_log DROP COLUMN refs; \
+         UPDATE durus_meta SET value = 1 WHERE name = 'format'",
+    )
+    .unwrap();
+    let format = |c: &mut postgres::Client| {
+        number_of(c, "SELECT value FROM durus_meta WHERE name = 'format'")
+    };
+    let mut pack = config.connect(NoTls).unwrap();
+    pack.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT count(*) FROM durus_log")
+        .unwrap();
+    let err = PgBackend::open_with(config.clone().into(), 8)
+        .err()
+        .expect("refused while the log table is in use")
+        .to_string();
+    assert!(err.contains("could not be upgraded"), "{err}");
+    assert_eq!(format(&mut c), 1);
+    std::thread::scope(|scope| {
+        let opening = scope.spawn(|| PgBackend::open_with(config.clone().into(), 8));
+        std::thread::sleep(Duration::from_secs(3));
+        pack.batch_execute("COMMIT").unwrap();
+        opening
+            .join()
+            .unwrap()
+            .expect("upgraded once the log table is free");
+    });
+    assert_eq!(format(&mut c), super::FORMAT);
 }
