@@ -180,12 +180,17 @@ impl Cluster {
 
     /// Makes this primary wait for a synchronous standby, and waits until
     /// one is.
+    /// Makes the standby synchronous, and waits until it is and has
+    /// flushed all the WAL written so far: commits acknowledged before
+    /// (while this primary, just promoted, had no synchronous standby) are
+    /// then on it too, and a crash right after loses none of them.
     fn synchronous(&self) {
         let mut c = postgres::Client::connect(&self.url("postgres"), postgres::NoTls).unwrap();
         c.batch_execute("ALTER SYSTEM SET synchronous_standby_names = '*'")
             .unwrap();
         c.batch_execute("SELECT pg_reload_conf()").unwrap();
         let deadline = Instant::now() + Duration::from_secs(60);
+        let mut written: Option<String> = None;
         loop {
             let row = c
                 .query_opt(
@@ -193,8 +198,25 @@ impl Cluster {
                     &[],
                 )
                 .unwrap();
-            if row.is_some() {
-                return;
+            if row.is_some() && written.is_none() {
+                // From here on, each commit waits for the standby.
+                written = Some(
+                    c.query_one("SELECT pg_current_wal_lsn()::text", &[])
+                        .unwrap()
+                        .get(0),
+                );
+            }
+            if let Some(lsn) = &written {
+                let flushed = c
+                    .query_opt(
+                        "SELECT 1 FROM pg_stat_replication WHERE sync_state = 'sync' \
+                         AND flush_lsn >= $1::text::pg_lsn",
+                        &[lsn],
+                    )
+                    .unwrap();
+                if flushed.is_some() {
+                    return;
+                }
             }
             assert!(
                 Instant::now() < deadline,

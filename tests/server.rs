@@ -2910,8 +2910,9 @@ fn a_backup_past_its_max_age_is_stopped_and_leaves_nothing() {
 /// On a database, `--gc-grace 1 --gc-after-commits 20` while a client
 /// commits every 20 ms, each commit dropping a 3-object chain: an object
 /// dropped less than 0.8 s ago is always still there (the window), and
-/// once the commits stop the background collector removes every dropped
-/// chain by itself, leaving the root's chain; the database checks clean.
+/// after 25 more commits that drop nothing the background collector
+/// removes every dropped chain by itself, leaving the root's chain; the
+/// database checks clean and `stats` shows the last collection.
 #[test]
 fn on_a_database_the_background_collector_removes_dropped_objects_after_the_window() {
     let dir = tempfile::tempdir().unwrap();
@@ -2941,6 +2942,14 @@ fn on_a_database_the_background_collector_removes_dropped_objects_after_the_wind
         std::thread::sleep(Duration::from_millis(20));
     }
     assert!(kept_checked > 100, "{kept_checked}");
+    // A collection is due after 20 commits since the last one's start:
+    // commits that drop nothing make one due after the last drop.
+    for _ in 0..25 {
+        c.begin();
+        c.store(Oid::ROOT, rec(Oid::ROOT, b"root", &current[..1]))
+            .unwrap();
+        c.end().unwrap();
+    }
     let all: Vec<Oid> = dropped
         .iter()
         .flat_map(|(_, o)| o.iter().copied())
@@ -2979,6 +2988,11 @@ fn on_a_database_the_background_collector_removes_dropped_objects_after_the_wind
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+    let out = Command::new(bin()).args(["stats", &url]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("format version:    2"), "{text}");
+    assert!(text.contains("last collection:   from commit"), "{text}");
 }
 
 /// Two servers over one PostgreSQL database are one store to their

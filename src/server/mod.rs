@@ -75,7 +75,8 @@ pub struct DatabaseGc {
     pub interval: Duration,
     /// Start only when no commit came since the last look (`--gc idle`).
     pub idle_only: bool,
-    /// How often the front end looks whether a collection is due (10 s).
+    /// How often the front end looks whether a collection is due (10 s;
+    /// `serve` takes a quarter of the window if that is shorter).
     pub check_every: Duration,
 }
 

@@ -33,6 +33,13 @@ pub struct DatabaseStats {
     pub front_ends_alive: u64,
     /// An import (`migrate`) is unfinished.
     pub import_unfinished: bool,
+    /// The last completed collection (a pack or the background
+    /// collector's): the tid of its snapshot and how many seconds ago it
+    /// ended. `None` if none ran since the database had format 2.
+    pub last_collection: Option<(u64, u64)>,
+    /// The front end holding the collector's lease, and whether its
+    /// collection is a background one (with a grace window).
+    pub collecting: Option<(i64, bool)>,
 }
 
 /// What `check` found in a database.
@@ -92,8 +99,35 @@ pub fn database_stats(url: &str) -> Result<DatabaseStats> {
             .ok_or_else(|| database("durus_order has no row"))?;
         (row.get(0), row.get(1))
     };
+    let meta = |conn: &mut Conn, name: &str| -> Result<Option<i64>> {
+        Ok(conn
+            .query("SELECT value FROM durus_meta WHERE name = $1", &[&name])?
+            .first()
+            .map(|r| r.get(0)))
+    };
+    let format = meta(&mut conn, "format")?.unwrap_or(0);
+    let last_collection = match (
+        meta(&mut conn, "collected_tid")?,
+        meta(&mut conn, "collected_at")?,
+    ) {
+        // The collector's first look writes 0 before any collection ran.
+        (Some(tid), Some(at)) if tid > 0 => {
+            let now = one(&mut conn, "SELECT extract(epoch FROM now())::bigint")?;
+            Some((tid as u64, now.saturating_sub(at).max(0) as u64))
+        }
+        _ => None,
+    };
+    let collecting = match meta(&mut conn, "collector")? {
+        Some(holder) => Some((
+            holder,
+            meta(&mut conn, "collector_background")? == Some(holder),
+        )),
+        None => None,
+    };
     Ok(DatabaseStats {
-        format: super::FORMAT,
+        format,
+        last_collection,
+        collecting,
         objects: objects as u64,
         last_tid: tid as u64,
         next_oid: one(&mut conn, "SELECT next FROM durus_oids WHERE id = 1")? as u64,

@@ -61,6 +61,22 @@ pub(crate) fn stats_database(path: &std::path::Path) -> ExitCode {
                 "front ends alive:  {} (heard of in the last 10 minutes)",
                 s.front_ends_alive
             );
+            match s.last_collection {
+                Some((tid, ago)) => {
+                    println!("last collection:   from commit {tid}, ended {ago} s ago")
+                }
+                None => println!("last collection:   none recorded"),
+            }
+            if let Some((front_end, background)) = s.collecting {
+                println!(
+                    "collecting now:    front end {front_end} ({})",
+                    if background {
+                        "background, with its grace window"
+                    } else {
+                        "a pack"
+                    }
+                );
+            }
             if s.import_unfinished {
                 println!("import:            unfinished (run the same migrate again)");
             }

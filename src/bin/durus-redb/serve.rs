@@ -206,7 +206,8 @@ pub(crate) struct ServeArgs {
     /// How garbage is collected in the background. With --database, both
     /// `incremental` and `idle` run a full collection with the grace window
     /// after --gc-after-commits commits (or a day with any commit) since the
-    /// last one of any front end, one front end at a time; `idle` starts it only
+    /// last one of any front end (looked at every 10 s, or a quarter of
+    /// --gc-grace if shorter), one front end at a time; `idle` starts it only
     /// when no commit came for 10 s.
     #[arg(long, value_enum, default_value = "incremental")]
     gc: GcChoice,
@@ -308,6 +309,12 @@ pub(crate) fn serve(args: ServeArgs) -> ExitCode {
                 let mut gc = durus_redb::DatabaseGc::default();
                 gc.grace = grace;
                 gc.after_commits = args.gc_after_commits;
+                // A short window is not made longer by the wait for the
+                // next look.
+                gc.check_every = (grace / 4).clamp(
+                    std::time::Duration::from_millis(100),
+                    std::time::Duration::from_secs(10),
+                );
                 gc.idle_only = matches!(choice, GcChoice::Idle);
                 Some(gc)
             }
