@@ -364,7 +364,7 @@ impl PgBackend {
     /// the database was made if none ran), or `policy.interval` with a
     /// commit since; with `idle_only`, only if no commit came since the
     /// last look.
-    fn collection_due(&self, policy: &DatabaseGc, looked: &mut Looked) -> Result<bool> {
+    pub(super) fn collection_due(&self, policy: &DatabaseGc, looked: &mut Looked) -> Result<bool> {
         let mut conn = self.pool.get()?;
         let tid: i64 = conn
             .query("SELECT tid FROM durus_order WHERE id = 1", &[])?
@@ -780,7 +780,7 @@ impl PgBackend {
 
 /// What the background collector saw when it last looked.
 #[derive(Default)]
-struct Looked {
+pub(super) struct Looked {
     /// The order's tid.
     tid: Option<i64>,
     /// The tid and time of this front end's last collection started.

@@ -1520,3 +1520,62 @@ fn the_upgrade_gives_up_rather_than_wait_for_the_log_table_without_end() {
     });
     assert_eq!(format(&mut c), super::FORMAT);
 }
+
+/// When a background collection is due: never while fewer commits than
+/// `after_commits` came since the last one, unless `interval` has passed
+/// (the last collection's time set back two days); with `idle_only`, not
+/// while commits keep coming, and soon once they stop.
+#[test]
+fn a_background_collection_is_due_by_commits_by_time_or_when_idle() {
+    let config = testdb::fresh("due");
+    let fe = std::sync::Arc::new(PgBackend::open_with(config.clone().into(), 64).unwrap());
+    let mut c = config.connect(NoTls).unwrap();
+    let s = fe.open_session();
+    let o = s.new_oids(2, 1 << 20).unwrap();
+    assert_eq!(o[0], Oid::ROOT);
+    // o[1] is garbage from the start.
+    commit_refs(s.as_ref(), &[(o[0], vec![]), (o[1], vec![])]).unwrap();
+    let policy = crate::server::DatabaseGc {
+        grace: Duration::ZERO,
+        after_commits: 1_000,
+        check_every: Duration::from_millis(50),
+        ..Default::default()
+    };
+    let mut looked = super::collect::Looked::default();
+    assert!(!fe.collection_due(&policy, &mut looked).unwrap());
+    // A day and more since the last collection, and a commit since.
+    c.batch_execute("UPDATE durus_meta SET value = value - 2 * 86400 WHERE name = 'collected_at'")
+        .unwrap();
+    assert!(fe.collection_due(&policy, &mut looked).unwrap());
+    // Tried just now: not again until more commits or another day.
+    assert!(!fe.collection_due(&policy, &mut looked).unwrap());
+
+    // Idle only: commits every 20 ms for 1.5 s start nothing; once they
+    // stop, a collection runs.
+    let idle = crate::server::DatabaseGc {
+        after_commits: 1,
+        idle_only: true,
+        ..policy
+    };
+    PgBackend::start_collector(&fe, idle);
+    let started = std::time::Instant::now();
+    while started.elapsed() < Duration::from_millis(1500) {
+        commit_refs(s.as_ref(), &[(o[0], vec![])]).unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(stored(&fe, &[o[1]]), [true], "collected while commits came");
+    }
+    assert_eq!(
+        fe.state.lock().full_collections,
+        0,
+        "collected while commits came"
+    );
+    let stopped = std::time::Instant::now();
+    while fe.state.lock().full_collections == 0 {
+        assert!(
+            stopped.elapsed() < Duration::from_secs(30),
+            "no collection once idle"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(stored(&fe, &[o[0], o[1]]), [true, false]);
+}
