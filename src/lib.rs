@@ -83,6 +83,7 @@ pub use backend::postgres::{
     redact_database_url,
     tools::{
         DatabaseCheck, DatabaseStats, check_database, database_stats, export_database, gc_database,
+        gc_database_with,
     },
 };
 pub use checkpoint::{

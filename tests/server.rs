@@ -2992,7 +2992,10 @@ fn on_a_database_the_background_collector_removes_dropped_objects_after_the_wind
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}");
     assert!(text.contains("format version:    2"), "{text}");
-    assert!(text.contains("last collection:   from commit"), "{text}");
+    assert!(
+        text.contains("last collection:   of the state at commit"),
+        "{text}"
+    );
 }
 
 /// Two servers over one PostgreSQL database are one store to their

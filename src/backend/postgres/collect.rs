@@ -285,6 +285,11 @@ impl PgBackend {
         result
     }
 
+    /// Objects this front end's collections removed so far.
+    pub(super) fn removed_by_collections(&self) -> u64 {
+        self.state.lock().removed_full
+    }
+
     /// Runs collections with `policy`'s grace window on a thread of its
     /// own whenever one is due (see [`DatabaseGc`]), for as long as the
     /// backend lives. A collection refused by another front end's lease,
@@ -362,7 +367,7 @@ impl PgBackend {
     /// Whether a collection is due: `policy.after_commits` commits since
     /// the last collection of any front end (or this one's last try; since
     /// the database was made if none ran), or `policy.interval` with a
-    /// commit since; with `idle_only`, only if no commit came since the
+    /// commit since (since this front end first looked, if none ran); with `idle_only`, only if no commit came since the
     /// last look.
     pub(super) fn collection_due(&self, policy: &DatabaseGc, looked: &mut Looked) -> Result<bool> {
         let mut conn = self.pool.get()?;
@@ -371,12 +376,8 @@ impl PgBackend {
             .first()
             .map(|row| row.get(0))
             .ok_or_else(|| database("the database has no commit order row"))?;
-        conn.execute(
-            "INSERT INTO durus_meta (name, value) \
-             VALUES ('collected_tid', 0), ('collected_at', extract(epoch FROM now())::bigint) \
-             ON CONFLICT (name) DO NOTHING",
-            &[],
-        )?;
+        // Before any collection completed: the commits since the
+        // database was made, the time since this front end first looked.
         let rows = conn.query(
             "SELECT max(value) FILTER (WHERE name = 'collected_tid'), \
                     extract(epoch FROM now())::bigint \
@@ -384,7 +385,11 @@ impl PgBackend {
              FROM durus_meta WHERE name IN ('collected_tid', 'collected_at')",
             &[],
         )?;
-        let (mut since_tid, mut ago): (i64, i64) = (rows[0].get(0), rows[0].get(1));
+        let first = *looked.first.get_or_insert_with(Instant::now);
+        let mut since_tid: i64 = rows[0].get::<_, Option<i64>>(0).unwrap_or(0);
+        let mut ago: i64 = rows[0]
+            .get::<_, Option<i64>>(1)
+            .unwrap_or_else(|| first.elapsed().as_secs() as i64);
         if let Some((tried_tid, tried_at)) = looked.tried {
             since_tid = since_tid.max(tried_tid);
             ago = ago.min(tried_at.elapsed().as_secs() as i64);
@@ -785,6 +790,8 @@ pub(super) struct Looked {
     tid: Option<i64>,
     /// The tid and time of this front end's last collection started.
     tried: Option<(i64, Instant)>,
+    /// When it first looked.
+    first: Option<Instant>,
 }
 
 /// One collection's progress.

@@ -1523,8 +1523,8 @@ fn the_upgrade_gives_up_rather_than_wait_for_the_log_table_without_end() {
 
 /// When a background collection is due: never while fewer commits than
 /// `after_commits` came since the last one, unless `interval` has passed
-/// (the last collection's time set back two days); with `idle_only`, not
-/// while commits keep coming, and soon once they stop.
+/// with a commit since (a last collection two days ago); with `idle_only`,
+/// not while commits keep coming, and soon once they stop.
 #[test]
 fn a_background_collection_is_due_by_commits_by_time_or_when_idle() {
     let config = testdb::fresh("due");
@@ -1543,9 +1543,16 @@ fn a_background_collection_is_due_by_commits_by_time_or_when_idle() {
     };
     let mut looked = super::collect::Looked::default();
     assert!(!fe.collection_due(&policy, &mut looked).unwrap());
-    // A day and more since the last collection, and a commit since.
-    c.batch_execute("UPDATE durus_meta SET value = value - 2 * 86400 WHERE name = 'collected_at'")
-        .unwrap();
+    // The last collection two days ago, at the last commit: nothing due
+    // until a commit comes.
+    c.batch_execute(
+        "INSERT INTO durus_meta (name, value) SELECT 'collected_tid', tid FROM durus_order; \
+         INSERT INTO durus_meta (name, value) \
+         VALUES ('collected_at', extract(epoch FROM now())::bigint - 2 * 86400)",
+    )
+    .unwrap();
+    assert!(!fe.collection_due(&policy, &mut looked).unwrap());
+    commit_refs(s.as_ref(), &[(o[0], vec![])]).unwrap();
     assert!(fe.collection_due(&policy, &mut looked).unwrap());
     // Tried just now: not again until more commits or another day.
     assert!(!fe.collection_due(&policy, &mut looked).unwrap());

@@ -110,8 +110,7 @@ pub fn database_stats(url: &str) -> Result<DatabaseStats> {
         meta(&mut conn, "collected_tid")?,
         meta(&mut conn, "collected_at")?,
     ) {
-        // The collector's first look writes 0 before any collection ran.
-        (Some(tid), Some(at)) if tid > 0 => {
+        (Some(tid), Some(at)) => {
             let now = one(&mut conn, "SELECT extract(epoch FROM now())::bigint")?;
             Some((tid as u64, now.saturating_sub(at).max(0) as u64))
         }
@@ -279,9 +278,18 @@ pub fn check_database(url: &str, progress: &mut dyn FnMut(u64)) -> Result<Databa
 /// front end would run it: everything the root does not reach is removed,
 /// and every front end's clients are told.
 pub fn gc_database(url: &str) -> Result<FullReport> {
+    gc_database_with(url, &mut |_| {})
+}
+
+/// [`gc_database`], telling `progress` as it goes how many objects it has
+/// removed so far (often, also while it marks and removes nothing yet).
+pub fn gc_database_with(url: &str, progress: &mut dyn FnMut(u64)) -> Result<FullReport> {
     drop(open_existing(url)?);
     let backend = PgBackend::open(url)?;
-    let report = backend.full_collection(&mut || false);
+    let report = backend.full_collection(&mut || {
+        progress(backend.removed_by_collections());
+        false
+    });
     backend.close()?;
     report
 }

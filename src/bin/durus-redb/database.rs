@@ -63,7 +63,7 @@ pub(crate) fn stats_database(path: &std::path::Path) -> ExitCode {
             );
             match s.last_collection {
                 Some((tid, ago)) => {
-                    println!("last collection:   from commit {tid}, ended {ago} s ago")
+                    println!("last collection:   of the state at commit {tid}, ended {ago} s ago")
                 }
                 None => println!("last collection:   none recorded"),
             }
@@ -99,7 +99,16 @@ pub(crate) fn gc_database(path: &std::path::Path, full: bool) -> ExitCode {
         );
     }
     let started = std::time::Instant::now();
-    match durus_redb::gc_database(url) {
+    let progress = bar(
+        0,
+        "collecting   {spinner} {pos} objects removed, {elapsed} (marks from the root, then removes in batches)",
+    );
+    let result = durus_redb::gc_database_with(url, &mut |removed| {
+        progress.set_position(removed);
+        progress.tick();
+    });
+    progress.finish_and_clear();
+    match result {
         Ok(r) => {
             println!("live objects: {}", r.live_objects);
             println!(
