@@ -178,8 +178,6 @@ impl Cluster {
         }
     }
 
-    /// Makes this primary wait for a synchronous standby, and waits until
-    /// one is.
     /// Makes the standby synchronous, and waits until it is and has
     /// flushed all the WAL written so far: commits acknowledged before
     /// (while this primary, just promoted, had no synchronous standby) are
@@ -199,7 +197,11 @@ impl Cluster {
                 )
                 .unwrap();
             if row.is_some() && written.is_none() {
-                // From here on, each commit waits for the standby.
+                // The standby shows as synchronous once the walsender has
+                // read the new setting; commits wait for it once the
+                // checkpointer has (woken by the same reload): a moment
+                // later. What was written until then is waited for below.
+                std::thread::sleep(Duration::from_secs(1));
                 written = Some(
                     c.query_one("SELECT pg_current_wal_lsn()::text", &[])
                         .unwrap()

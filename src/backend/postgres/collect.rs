@@ -367,8 +367,9 @@ impl PgBackend {
     /// Whether a collection is due: `policy.after_commits` commits since
     /// the last collection of any front end (or this one's last try; since
     /// the database was made if none ran), or `policy.interval` with a
-    /// commit since (since this front end first looked, if none ran); with `idle_only`, only if no commit came since the
-    /// last look.
+    /// commit since (if none ran: since a front end first looked, the row
+    /// `gc_since`, which a restart does not move); with `idle_only`, only if
+    /// no commit came since the last look.
     pub(super) fn collection_due(&self, policy: &DatabaseGc, looked: &mut Looked) -> Result<bool> {
         let mut conn = self.pool.get()?;
         let tid: i64 = conn
@@ -376,20 +377,26 @@ impl PgBackend {
             .first()
             .map(|row| row.get(0))
             .ok_or_else(|| database("the database has no commit order row"))?;
+        if looked.tid.is_none() {
+            conn.execute(
+                "INSERT INTO durus_meta (name, value) \
+                 VALUES ('gc_since', extract(epoch FROM now())::bigint) \
+                 ON CONFLICT (name) DO NOTHING",
+                &[],
+            )?;
+        }
         // Before any collection completed: the commits since the
-        // database was made, the time since this front end first looked.
+        // database was made, the time since a front end first looked.
         let rows = conn.query(
-            "SELECT max(value) FILTER (WHERE name = 'collected_tid'), \
-                    extract(epoch FROM now())::bigint \
-                      - max(value) FILTER (WHERE name = 'collected_at') \
-             FROM durus_meta WHERE name IN ('collected_tid', 'collected_at')",
+            "SELECT coalesce(max(value) FILTER (WHERE name = 'collected_tid'), 0), \
+                    extract(epoch FROM now())::bigint - coalesce( \
+                        max(value) FILTER (WHERE name = 'collected_at'), \
+                        max(value) FILTER (WHERE name = 'gc_since'), \
+                        extract(epoch FROM now())::bigint) \
+             FROM durus_meta WHERE name IN ('collected_tid', 'collected_at', 'gc_since')",
             &[],
         )?;
-        let first = *looked.first.get_or_insert_with(Instant::now);
-        let mut since_tid: i64 = rows[0].get::<_, Option<i64>>(0).unwrap_or(0);
-        let mut ago: i64 = rows[0]
-            .get::<_, Option<i64>>(1)
-            .unwrap_or_else(|| first.elapsed().as_secs() as i64);
+        let (mut since_tid, mut ago): (i64, i64) = (rows[0].get(0), rows[0].get(1));
         if let Some((tried_tid, tried_at)) = looked.tried {
             since_tid = since_tid.max(tried_tid);
             ago = ago.min(tried_at.elapsed().as_secs() as i64);
@@ -790,8 +797,6 @@ pub(super) struct Looked {
     tid: Option<i64>,
     /// The tid and time of this front end's last collection started.
     tried: Option<(i64, Instant)>,
-    /// When it first looked.
-    first: Option<Instant>,
 }
 
 /// One collection's progress.

@@ -37,8 +37,8 @@ pub struct DatabaseStats {
     /// collector's): the tid of its snapshot and how many seconds ago it
     /// ended. `None` if none ran since the database had format 2.
     pub last_collection: Option<(u64, u64)>,
-    /// The front end holding the collector's lease, and whether its
-    /// collection is a background one (with a grace window).
+    /// The front end holding the collector's lease (and alive), and
+    /// whether its collection is a background one (with a grace window).
     pub collecting: Option<(i64, bool)>,
 }
 
@@ -116,7 +116,18 @@ pub fn database_stats(url: &str) -> Result<DatabaseStats> {
         }
         _ => None,
     };
-    let collecting = match meta(&mut conn, "collector")? {
+    // A lease whose front end fell silent is no collection running (the
+    // next one takes it over).
+    let holder: Option<i64> = conn
+        .query(
+            "SELECT m.value FROM durus_meta m JOIN durus_front_ends f ON f.id = m.value \
+             WHERE m.name = 'collector' \
+             AND f.alive_at > now() - interval '1 second' * $1",
+            &[&super::collect::LEASE_SECONDS],
+        )?
+        .first()
+        .map(|r| r.get(0));
+    let collecting = match holder {
         Some(holder) => Some((
             holder,
             meta(&mut conn, "collector_background")? == Some(holder),

@@ -207,8 +207,9 @@ pub(crate) struct ServeArgs {
     /// `incremental` and `idle` run a full collection with the grace window
     /// after --gc-after-commits commits (or a day with any commit) since the
     /// last one of any front end (looked at every 10 s, or a quarter of
-    /// --gc-grace if shorter), one front end at a time; `idle` starts it only
-    /// when no commit came for 10 s.
+    /// --gc-grace if shorter, at least 0.1 s), one front end at a time;
+    /// `idle` starts it only when no commit came between two looks. A
+    /// collection's own removals count as commits.
     #[arg(long, value_enum, default_value = "incremental")]
     gc: GcChoice,
     /// Seconds an object stays after a commit removed its last reference,
@@ -216,7 +217,7 @@ pub(crate) struct ServeArgs {
     /// stays loadable and a commit may reference it again (Durus keeps every
     /// object until a pack); 0 reclaims at once. A pack (`P`), --gcbytes and
     /// `durus-redb gc` ignore it. With --database: an object goes only once
-    /// no commit referenced it for this long.
+    /// no commit referenced it for this long (0: at the next collection).
     #[arg(long, default_value_t = 600.0)]
     gc_grace: f64,
     /// With --database: commits (through any front end) after which the
@@ -229,7 +230,8 @@ pub(crate) struct ServeArgs {
 #[derive(ValueEnum, Clone, Copy, Debug)]
 pub(crate) enum GcChoice {
     /// Reclaim objects once --gc-grace has passed after their last reference
-    /// went, in small steps; a full collection (cycles) now and then.
+    /// went, in small steps; a full collection (cycles) now and then. (On a
+    /// database: full collections only, see --gc.)
     Incremental,
     /// Collect only while no commit came for a while.
     Idle,
