@@ -232,7 +232,6 @@ impl Session for PgSession<'_> {
             backend.order_waiting.fetch_sub(1, AtomicOrdering::AcqRel);
             order
         });
-        let entered = Instant::now();
         // A session that lost track of the database fails here, leaving the
         // order's connection (and what the front end knows) as it is.
         let taken = self.check_lost().map_err(|e| (e, false)).and_then(|()| {
@@ -252,6 +251,10 @@ impl Session for PgSession<'_> {
                 .take_order(order.conn.as_mut().expect("just connected"))
                 .map_err(|e| (e, true))
         });
+        // The hold of a batch this commit opens counts from here: the wait
+        // for the row (held by another front end's batch, or a reconnection)
+        // is not time the row was held.
+        let entered = Instant::now();
         let (tid, failed) = match taken {
             Ok(tid) => {
                 self.just_ordered.set(true);
