@@ -410,10 +410,22 @@ fn batch_of_two(
     a: BTreeMap<Oid, Record>,
     b: (&dyn Session, BTreeMap<Oid, Record>),
 ) -> (crate::Result<()>, crate::Result<()>) {
+    // However slow the machine, the first is kept if it passes.
+    batch_of_two_holding(fe, a, b, 60_000_000, || {})
+}
+
+/// [`batch_of_two`] with a batch's hold of `hold_micros`, running
+/// `meanwhile` once the first commit has begun to take the order.
+fn batch_of_two_holding(
+    fe: &PgBackend,
+    a: BTreeMap<Oid, Record>,
+    b: (&dyn Session, BTreeMap<Oid, Record>),
+    hold_micros: u64,
+    meanwhile: impl FnOnce(),
+) -> (crate::Result<()>, crate::Result<()>) {
     use std::sync::atomic::Ordering::{AcqRel, Relaxed};
     let batched = fe.batched.load(Relaxed);
-    // However slow the machine, the first is kept if it passes.
-    let hold = fe.max_hold_micros.swap(60_000_000, Relaxed);
+    let hold = fe.max_hold_micros.swap(hold_micros, Relaxed);
     fe.order_waiting.fetch_add(1, AcqRel);
     std::thread::scope(|scope| {
         let first = scope.spawn(move || {
@@ -424,6 +436,7 @@ fn batch_of_two(
             s.sync();
             order.commit(a, false).0
         });
+        meanwhile();
         // Until the first is kept, or refused at once (then nothing is
         // kept, and the second commits alone).
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
@@ -1594,57 +1607,34 @@ fn a_background_collection_is_due_by_commits_by_time_or_when_idle() {
 /// after it still opens a batch, and the next commit joins it.
 #[test]
 fn the_hold_of_a_batch_counts_from_when_the_row_is_had() {
-    use std::sync::atomic::Ordering::{AcqRel, Relaxed};
+    use std::sync::atomic::Ordering::Relaxed;
     let config = testdb::fresh("hold_from_row");
     let fe = PgBackend::open_with(config.clone().into(), 64).unwrap();
     let setup = fe.open_session();
     commit_root(setup.as_ref(), b"root").unwrap();
-    // The first oid block is had (its allocation reads the root under the
-    // order row): the sessions below take oids without the database.
-    setup.new_oids(1, 16).unwrap();
-    let hold = fe.max_hold_micros.swap(300_000, Relaxed);
     let batched = fe.batched.load(Relaxed);
     let mut other = config.connect(NoTls).unwrap();
     other
         .batch_execute("BEGIN; SELECT tid FROM durus_order WHERE id = 1 FOR UPDATE")
         .unwrap();
-    // Someone counts as waiting, so that the first commit may stay open.
-    fe.order_waiting.fetch_add(1, AcqRel);
-    std::thread::scope(|scope| {
-        let first = scope.spawn(|| {
-            let s = fe.open_session();
-            let oid = s.new_oids(1, 16).unwrap()[0];
-            let Entry::Now(order) = s.enter_order(&mut || unreachable!()) else {
-                panic!("blocks");
-            };
-            s.sync();
-            order.commit(one(oid, b"first", &[]), false).0
-        });
-        // Longer than the hold, the row held elsewhere.
-        std::thread::sleep(Duration::from_millis(1500));
-        other.batch_execute("COMMIT").unwrap();
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while fe.order.lock().open.is_none() && !first.is_finished() {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the first commit hangs"
-            );
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        assert!(
-            fe.order.lock().open.is_some(),
-            "the first commit after the wait did not open a batch"
-        );
-        fe.order_waiting.fetch_sub(1, AcqRel);
-        let second = fe.open_session();
-        let oid = second.new_oids(1, 16).unwrap()[0];
-        let Entry::Now(order) = second.enter_order(&mut || unreachable!()) else {
-            panic!("blocks");
-        };
-        second.sync();
-        order.commit(one(oid, b"second", &[]), false).0.unwrap();
-        first.join().unwrap().unwrap();
-    });
-    assert_eq!(fe.batched.load(Relaxed), batched + 1, "the second joined");
-    fe.max_hold_micros.store(hold, Relaxed);
+    let second = fe.open_session();
+    let (first, second) = batch_of_two_holding(
+        &fe,
+        one(Oid::ROOT, b"first", &[]),
+        (second.as_ref(), one(Oid::ROOT, b"second", &[])),
+        300_000,
+        || {
+            // Longer than the hold, the row held elsewhere.
+            std::thread::sleep(Duration::from_millis(1500));
+            other.batch_execute("COMMIT").unwrap();
+        },
+    );
+    first.unwrap();
+    second.unwrap();
+    assert_eq!(
+        fe.batched.load(Relaxed),
+        batched + 1,
+        "the first commit after the wait did not open a batch"
+    );
+    assert_eq!(root_data(fe.open_session().as_ref()), b"second");
 }
