@@ -484,7 +484,7 @@ impl PgBackend {
         run: &mut Run,
         stop: &mut dyn FnMut() -> bool,
     ) -> Result<FullReport> {
-        let started = run.started;
+        // (`elapsed` is set by the caller, from before the snapshot.)
         let mut report = FullReport {
             completed: true,
             passes: 1,
@@ -492,7 +492,6 @@ impl PgBackend {
         };
         let any = snap.query("SELECT oid FROM durus_records WHERE chunk = 0 LIMIT 1", &[])?;
         if any.is_empty() {
-            report.elapsed = started.elapsed();
             return Ok(report);
         }
         let marks = &mut run.marks;

@@ -193,6 +193,12 @@ fn is_retry(e: &StorageError) -> bool {
         if detail.contains("(40001)") || detail.contains("(40P01)"))
 }
 
+/// True if a statement waited longer than `lock_timeout` for a lock
+/// (SQLSTATE 55P03; see [`db_error`]'s format).
+fn is_lock_timeout(e: &StorageError) -> bool {
+    matches!(e, StorageError::Database { detail } if detail.contains("(55P03)"))
+}
+
 /// True if the database refused a statement as one it cannot run: no such
 /// prepared statement (SQLSTATE class 26), a feature it lacks (0A), or a
 /// syntax or access rule (42); not a timeout, a lost lock or a broken
@@ -1210,11 +1216,6 @@ const UPGRADE_TRIES: u32 = 5;
 /// `ALTER TABLE` waits for the transactions using it, and every statement
 /// on it (the commits of every front end) would queue behind it.
 const UPGRADE_LOCK_WAIT: &str = "2s";
-
-/// An error of `lock_timeout` (SQLSTATE 55P03).
-fn is_lock_timeout(e: &StorageError) -> bool {
-    e.to_string().contains("(55P03)")
-}
 
 fn upgrade_once(conn: &mut Conn) -> Result<()> {
     conn.batch("BEGIN")?;
