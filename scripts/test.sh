@@ -140,7 +140,7 @@ memory_interop() {
 database_interop() {  # a new database of the test cluster for each scenario
     have_server || return 1
     "${RUN_AGAINST[@]}" \
-        --server-cmd "bash $ROOT/tests/python/serve_database.sh $SERVER_BIN {dir} --port {port}" \
+        --server-cmd "bash $ROOT/tests/python/serve_database.sh $SERVER_BIN {dir} --port {port} --alone-after 0" \
         --compare-cmd "$DURUS_BIN -s --file {file} --port {port}" --quiet
 }
 
@@ -172,12 +172,15 @@ step "interop: durus-redb serve --memory --snapshot-reads" \
     "${RUN_AGAINST[@]}" \
     --server-cmd "$SERVER_BIN serve --memory --port {port} --snapshot-reads" \
     --interop-arg=--snapshot-reads --quiet
-# And against a PostgreSQL database (serve --database).
+# And against a PostgreSQL database (serve --database). The front ends
+# hold the database alone as soon as no other commits (`--alone-after 0`):
+# one front end answers from memory throughout; two hand the hold to each
+# other as their clients commit in turn.
 step "interop: durus-redb serve --database (PostgreSQL) vs durus -s over TCP" \
     database_interop
 step "interop: two front ends over one PostgreSQL database (clients alternate) vs durus -s" \
     "${RUN_AGAINST[@]}" \
-    --server-cmd "bash $ROOT/tests/python/serve_database.sh $SERVER_BIN {dir} --also-port {port2} --port {port}" \
+    --server-cmd "bash $ROOT/tests/python/serve_database.sh $SERVER_BIN {dir} --also-port {port2} --port {port} --alone-after 0" \
     --compare-cmd "$DURUS_BIN -s --file {file} --port {port}" --quiet
 step "interop: durus-redb serve --database --snapshot-reads" \
     "${RUN_AGAINST[@]}" \

@@ -813,7 +813,8 @@ fn durus_stores_and_a_store_migrate_into_postgresql() {
         // Finished before the kill: start again on a new database.
         watch
             .batch_execute(
-            "DROP TABLE durus_meta, durus_order, durus_oids, durus_records, durus_log, durus_front_ends",
+            "DROP TABLE durus_meta, durus_order, durus_oids, durus_records, durus_log, durus_front_ends, \
+             durus_alone, durus_aware",
         )
         .unwrap();
     }

@@ -271,6 +271,10 @@ struct Stores {
     durus: PathBuf,
     /// The PostgreSQL cluster of `--servers pg`.
     postgres: Option<Postgres>,
+    /// `-- --pg-never-alone`: the one front end runs with `--alone-after
+    /// never` (every load reads the database, as before 0.11); else it is
+    /// measured once it holds the database alone.
+    pg_never_alone: bool,
 }
 
 /// A PostgreSQL cluster: `DURUS_BENCH_POSTGRES` (a URL ending in
@@ -389,16 +393,25 @@ impl Stores {
                     .postgres
                     .as_ref()
                     .expect("--servers pg starts a cluster");
+                let url = pg.database(tag, Some("items"));
                 let mut cmd = Command::new(durus_redb_bin());
                 cmd.arg("serve")
                     .arg("--database")
-                    .arg(pg.database(tag, Some("items")))
+                    .arg(&url)
                     .arg("--port")
                     .arg(port.to_string())
                     .arg("--logginglevel")
                     .arg("30")
                     .args(extra);
-                Running::Process(ServerProcess::start(server.label(), cmd, port, &log))
+                if self.pg_never_alone {
+                    cmd.args(["--alone-after", "never"]);
+                }
+                let running =
+                    Running::Process(ServerProcess::start(server.label(), cmd, port, &log));
+                if !self.pg_never_alone {
+                    wait_alone(&url);
+                }
+                running
             }
             Server::DurusFile | Server::DurusSqlite => {
                 let (src, ext) = if server == Server::DurusFile {
@@ -419,6 +432,29 @@ impl Stores {
                 Running::Process(ServerProcess::start(server.label(), cmd, port, &log))
             }
         }
+    }
+}
+
+/// Waits until the one front end over the database at `url` holds it
+/// alone (`--alone-after`, 10 s after it started, with no other front
+/// end): its steady state, measured as such.
+fn wait_alone(url: &str) {
+    let started = Instant::now();
+    loop {
+        let out = Command::new(durus_redb_bin())
+            .arg("stats")
+            .arg(url)
+            .output()
+            .expect("durus-redb stats");
+        if String::from_utf8_lossy(&out.stdout).contains("alone:") {
+            return;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the front end did not hold the database alone within a minute: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::thread::sleep(Duration::from_millis(500));
     }
 }
 
@@ -811,6 +847,7 @@ fn main() {
             pg.load_items(&dir.join("items.durus"));
             pg
         }),
+        pg_never_alone: args.iter().any(|a| a == "--pg-never-alone"),
     };
 
     // 2. Python clients.

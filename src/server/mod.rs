@@ -166,6 +166,15 @@ pub struct ServerConfig {
     /// garbage stays until a pack). A file store's collector is chosen
     /// when the store is opened (`Options::gc`), not here.
     pub database_gc: Option<DatabaseGc>,
+    /// On a database: once no other front end has committed for this
+    /// long, this one holds the database alone and serves loads and syncs
+    /// from memory (another front end's commit first asks it to give way,
+    /// a wait of up to a tenth of a second). `None`: loads always read the
+    /// database. Default 10 s.
+    pub database_alone_after: Option<Duration>,
+    /// On a database: the bytes of records a front end keeps for loads
+    /// while it holds the database alone (default 64 MiB).
+    pub database_cache_bytes: usize,
     /// TLS on the TCP listener (`None`: plain). A Unix socket stays
     /// plain. A client whose handshake does not finish within
     /// `request_timeout`, or fails, is closed with one log line.
@@ -197,6 +206,8 @@ impl Default for ServerConfig {
             poll: Duration::from_micros(50),
             stop_when_poisoned: true,
             database_gc: None,
+            database_alone_after: Some(Duration::from_secs(10)),
+            database_cache_bytes: 64 << 20,
             #[cfg(feature = "tls")]
             tls: None,
             #[cfg(feature = "tls")]
@@ -467,6 +478,10 @@ impl Server {
         crate::backend::postgres::PgBackend::start_heartbeat(&backend);
         if let Some(gc) = &config.database_gc {
             crate::backend::postgres::PgBackend::start_collector(&backend, gc.clone());
+        }
+        backend.set_cache_bytes(config.database_cache_bytes);
+        if let Some(after) = config.database_alone_after {
+            crate::backend::postgres::PgBackend::start_alone(&backend, after);
         }
         Ok(Server::bind_backend(backend, config)?)
     }

@@ -246,6 +246,7 @@ impl PgBackend {
             // reads it next (this front end included).
             slot.conn = None;
             self.forget_pending();
+            self.outcome_unknown();
             fail(&mut answers, &e);
             return Err(e);
         }

@@ -679,6 +679,7 @@ impl PgBackend {
             let _log = self.catch_up.lock();
             if let Err(e) = conn.batch("COMMIT") {
                 order.conn = None;
+                self.outcome_unknown();
                 return Err(e);
             }
             let mut st = self.state.lock();

@@ -24,6 +24,10 @@
 //!   end: its flush barrier, how far it has read the log, when it last said
 //!   so. The log is trimmed below the lowest position of the front ends
 //!   alive in the last 10 minutes.
+//! - `durus_alone (id = 1, holder, renewals, wanted)`: the front end that
+//!   serves loads and syncs from memory because it is the only one
+//!   committing (see `alone`); 0 for none. `durus_aware (id)`: the front
+//!   ends that know of it.
 //!
 //! Durability: a commit is applied with `synchronous_commit = off`, so the
 //! order row is not held through the WAL flush; it is acknowledged only
@@ -35,7 +39,9 @@
 //! Loads read the record with its tid: one written after the session's last
 //! sync is answered `Invalid`, as one invalidated is, so a session never
 //! reads a state newer than what it was told of, even when the commit came
-//! through another front end that this one has not heard of yet.
+//! through another front end that this one has not heard of yet. A front
+//! end that holds the database alone (no other one may commit: see
+//! `alone`) answers syncs and loads from memory instead.
 //!
 //! Only what PostgreSQL, CockroachDB and YugabyteDB all have is used: plain
 //! tables with bigint keys and bytea values, `INSERT ... ON CONFLICT`,
@@ -49,6 +55,7 @@
 //! order, with its connection), `catch_up`, `alloc`, `state`; the barrier's
 //! locks are taken with none of these held but `collector` and `order`.
 
+mod alone;
 mod batch;
 mod collect;
 pub(crate) mod import;
@@ -74,9 +81,10 @@ use crate::gc::FullReport;
 use crate::record::Oid;
 
 /// The version of the tables this build writes and reads.
-/// Format 2 added `durus_log.refs`; a database of format 1 is upgraded in
-/// place when a front end of this build opens it (see [`ensure_schema`]).
-pub(crate) const FORMAT: i64 = 2;
+/// Format 2 added `durus_log.refs`, format 3 `durus_alone`; a database of
+/// format 1 or 2 is upgraded in place when a front end of this build opens
+/// it (see [`ensure_schema`]).
+pub(crate) const FORMAT: i64 = 3;
 
 /// The largest piece of a record in one row (CockroachDB advises against
 /// larger values).
@@ -93,7 +101,8 @@ const OID_BLOCK: u64 = 1024;
 const TAKE_ORDER: &str = "PREPARE durus_take_order AS \
      SELECT tid FROM durus_order WHERE id = 1 FOR UPDATE; \
      PREPARE durus_read_log(bigint) AS \
-     SELECT tid, oids FROM durus_log WHERE tid > $1 ORDER BY tid";
+     SELECT tid, oids FROM durus_log WHERE tid > $1 ORDER BY tid; \
+     PREPARE durus_alone_holder AS SELECT holder FROM durus_alone WHERE id = 1";
 
 /// The order row and the log past `$1`, in one snapshot.
 const READ_LOG: &str = "SELECT o.tid, l.tid, l.oids FROM durus_order o \
@@ -276,17 +285,36 @@ fn order_and_log(messages: &[SimpleQueryMessage], at: usize) -> Result<(u64, Vec
     Ok((tid, entries))
 }
 
-/// `BEGIN`, a lock of the order row and the log past `known`, by the
-/// statements of [`TAKE_ORDER`] on `conn`, in one round trip: the row's
-/// tid and the entries up to it.
-fn take_prepared(conn: &mut Conn, known: u64) -> Result<(u64, Vec<LogEntry>)> {
+/// The front end holding the database alone (`durus_alone.holder`, 0 for
+/// none) from the answer of a simple query whose statement number `at`
+/// reads it.
+fn holder_of(messages: &[SimpleQueryMessage], at: usize) -> Result<i64> {
+    let mut statement = 0;
+    for m in messages {
+        match m {
+            SimpleQueryMessage::CommandComplete(_) => statement += 1,
+            SimpleQueryMessage::Row(row) if statement == at => {
+                return Ok(text_u64(row.get(0))? as i64);
+            }
+            _ => {}
+        }
+    }
+    Err(database("the row of durus_alone (id 1) is missing"))
+}
+
+/// `BEGIN`, a lock of the order row, the log past `known` and the holder
+/// of `durus_alone`, by the statements of [`TAKE_ORDER`] on `conn`, in one
+/// round trip: the row's tid, the entries up to it, the holder.
+fn take_prepared(conn: &mut Conn, known: u64) -> Result<(u64, Vec<LogEntry>, i64)> {
     let messages = conn
         .client
         .simple_query(&format!(
-            "BEGIN; EXECUTE durus_take_order; EXECUTE durus_read_log({known})"
+            "BEGIN; EXECUTE durus_take_order; EXECUTE durus_read_log({known}); \
+             EXECUTE durus_alone_holder"
         ))
         .map_err(db_error)?;
-    order_and_log(&messages, 1)
+    let (tid, entries) = order_and_log(&messages, 1)?;
+    Ok((tid, entries, holder_of(&messages, 3)?))
 }
 
 /// The order's tid and the log entries from the rows of [`READ_LOG`].
@@ -556,6 +584,22 @@ struct State {
     /// made again (the database may have lost commits it had shown), and
     /// when it would hold more than [`STORED_FACTS`].
     stored: HashMap<Oid, Option<i32>>,
+    /// Records as of `known`, forgotten as `stored` is: loads are answered
+    /// from it while this front end holds the database alone.
+    cache: alone::RecordCache,
+    /// Counts every change of what this front end knows (a commit told, a
+    /// loss of track): a record read from the database goes into `cache`
+    /// only if none came while it was read.
+    epoch: u64,
+    /// Commits of other front ends (and their collections) read from the
+    /// log.
+    foreign: u64,
+    /// While this front end holds the database alone: until when, by its
+    /// own clock, no other front end may commit (see `alone`).
+    alone_until: Option<std::time::Instant>,
+    /// A commit's outcome is unknown: the hold is taken again, from the
+    /// log, before it is renewed.
+    alone_recheck: bool,
 }
 
 #[derive(Default)]
@@ -580,8 +624,10 @@ impl State {
         if let Some(changed) = &mut self.collecting {
             changed.extend(oids.iter().copied());
         }
+        self.epoch += 1;
         for oid in oids {
             self.stored.remove(oid);
+            self.cache.remove(*oid);
         }
         for (id, s) in &mut self.sessions {
             if Some(*id) != by {
@@ -608,8 +654,16 @@ impl State {
             s.lost = true;
         }
         self.collect_lost = true;
-        self.stored.clear();
+        self.forget();
         self.known = tid;
+    }
+
+    /// Forgets what was learned of the stored records (the database may
+    /// no longer hold what they were learned from).
+    fn forget(&mut self) {
+        self.stored.clear();
+        self.cache.clear();
+        self.epoch += 1;
     }
 
     /// Tells every session but those of `told` that `oids` changed.
@@ -617,8 +671,10 @@ impl State {
         if let Some(changed) = &mut self.collecting {
             changed.extend(oids.iter().copied());
         }
+        self.epoch += 1;
         for oid in oids {
             self.stored.remove(oid);
+            self.cache.remove(*oid);
         }
         for (id, s) in &mut self.sessions {
             if !told.contains(id) {
@@ -653,8 +709,9 @@ impl State {
                     s.lost = true;
                 }
                 self.collect_lost = true;
-                self.stored.clear();
+                self.forget();
             }
+            self.foreign += 1;
             self.publish(None, oids);
             self.known = *tid;
         }
@@ -720,6 +777,15 @@ pub(crate) struct PgBackend {
     packs_waiting: AtomicU64,
     /// Closed (`Backend::close`): the background collector stops.
     closed: std::sync::atomic::AtomicBool,
+    /// Load requests answered from memory (see `alone`).
+    loads_from_memory: AtomicU64,
+    /// Records read are kept (`State::cache`): this front end may hold the
+    /// database alone.
+    keep_records: std::sync::atomic::AtomicBool,
+    /// Tests: the thread holding the database alone stops as if the
+    /// process had died (no renewal, no giving way).
+    #[cfg(test)]
+    alone_dies: std::sync::atomic::AtomicBool,
 }
 
 impl PgBackend {
@@ -763,11 +829,20 @@ impl PgBackend {
             &[],
         )?;
         let front_end: i64 = row[0].get(0);
-        conn.execute(
-            "INSERT INTO durus_front_ends (id, flushes, position, alive_at) \
-             VALUES ($1, 0, (SELECT tid FROM durus_order WHERE id = 1), now())",
-            &[&front_end],
-        )?;
+        // With its row, it says it knows of `durus_alone` (see `alone`).
+        conn.batch("BEGIN")?;
+        let registered = conn
+            .execute(
+                "INSERT INTO durus_front_ends (id, flushes, position, alive_at) \
+                 VALUES ($1, 0, (SELECT tid FROM durus_order WHERE id = 1), now())",
+                &[&front_end],
+            )
+            .and_then(|_| conn.execute("INSERT INTO durus_aware (id) VALUES ($1)", &[&front_end]))
+            .and_then(|_| conn.batch("COMMIT"));
+        if let Err(e) = registered {
+            let _ = conn.batch("ROLLBACK");
+            return Err(e);
+        }
         let known: i64 = conn.query("SELECT tid FROM durus_order WHERE id = 1", &[])?[0].get(0);
         let backend = PgBackend {
             order: Mutex::new(batch::OrderSlot::default()),
@@ -796,6 +871,10 @@ impl PgBackend {
             collector: Mutex::new(()),
             packs_waiting: AtomicU64::new(0),
             closed: std::sync::atomic::AtomicBool::new(false),
+            loads_from_memory: AtomicU64::new(0),
+            keep_records: std::sync::atomic::AtomicBool::new(false),
+            #[cfg(test)]
+            alone_dies: std::sync::atomic::AtomicBool::new(false),
         };
         Ok(backend)
     }
@@ -870,7 +949,7 @@ impl PgBackend {
         // one showed (a failover, a crash with commits not flushed), with
         // the log grown back to the same tid since: what was learned from
         // them is forgotten.
-        self.state.lock().stored.clear();
+        self.state.lock().forget();
         let mut conn = Conn::connect(&self.pool.config)?;
         // Log entries read in simple queries come as text: hex, whatever
         // the role's default.
@@ -899,10 +978,11 @@ impl PgBackend {
 
     /// Reads the order's tid and the commit log past what this front end
     /// knows, in one round trip on `conn` (`begin`: first `BEGIN` and a
-    /// lock of the order row, whose tid is then the log's end), and takes
-    /// them in: see
-    /// [`State::take_log`]. Returns the order's tid.
-    fn read_log(&self, conn: &mut Conn, begin: bool) -> Result<u64> {
+    /// lock of the order row, whose tid is then the log's end, and last
+    /// the holder of `durus_alone`), and takes them in: see
+    /// [`State::take_log`]. Returns the order's tid and the holder (0 when
+    /// not `begin`).
+    fn read_log(&self, conn: &mut Conn, begin: bool) -> Result<(u64, i64)> {
         let known = self.state.lock().known;
         let prepared = if begin && conn.take_prepared {
             match take_prepared(conn, known) {
@@ -924,7 +1004,7 @@ impl PgBackend {
         } else {
             None
         };
-        let (tid, entries) = if let Some(read) = prepared {
+        let (tid, entries, holder) = if let Some(read) = prepared {
             read
         } else if begin {
             // The log is read after the order row is locked, by a statement
@@ -934,14 +1014,17 @@ impl PgBackend {
                 .client
                 .simple_query(&format!(
                     "BEGIN; SELECT tid FROM durus_order WHERE id = 1 FOR UPDATE; \
-                     SELECT tid, oids FROM durus_log WHERE tid > {known} ORDER BY tid"
+                     SELECT tid, oids FROM durus_log WHERE tid > {known} ORDER BY tid; \
+                     SELECT holder FROM durus_alone WHERE id = 1"
                 ))
                 .map_err(db_error)?;
-            order_and_log(&messages, 1)?
+            let (tid, entries) = order_and_log(&messages, 1)?;
+            (tid, entries, holder_of(&messages, 3)?)
         } else {
             // One prepared statement, one snapshot: the order row and the
             // log as one commit left them (a commit moves both at once).
-            log_rows(&conn.query(READ_LOG, &[&(known as i64)])?)?
+            let (tid, entries) = log_rows(&conn.query(READ_LOG, &[&(known as i64)])?)?;
+            (tid, entries, 0)
         };
         let _log = self.catch_up.lock();
         let mut st = self.state.lock();
@@ -952,7 +1035,7 @@ impl PgBackend {
             st.went_back(tid);
         }
         st.take_log(&entries);
-        Ok(tid)
+        Ok((tid, holder))
     }
 
     /// Brings this front end up to the database's latest commit (a
@@ -1024,18 +1107,29 @@ impl PgBackend {
     /// Takes the database's side of the commit order on `conn` (a
     /// transaction holding the order row) and reads the log up to it, in
     /// one round trip. Returns the last commit's tid.
+    ///
+    /// While another front end holds the database alone (it serves loads
+    /// from memory), the order is given back and that front end asked to
+    /// give way first (see `alone`).
     fn take_order(&self, conn: &mut Conn) -> Result<u64> {
-        retried(conn, |conn| {
-            let tid = self.read_log(conn, true)?;
-            let known = self.state.lock().known;
-            if known != tid {
-                return Err(database(format!(
-                    "the commit log ends at {known}, the commit order at {tid}: \
-                     the database is not a consistent durus-redb store"
-                )));
+        loop {
+            let (tid, holder) = retried(conn, |conn| {
+                let (tid, holder) = self.read_log(conn, true)?;
+                let known = self.state.lock().known;
+                if known != tid {
+                    return Err(database(format!(
+                        "the commit log ends at {known}, the commit order at {tid}: \
+                         the database is not a consistent durus-redb store"
+                    )));
+                }
+                Ok((tid, holder))
+            })?;
+            if holder == 0 || holder == self.front_end {
+                return Ok(tid);
             }
-            Ok(tid)
-        })
+            conn.batch("ROLLBACK")?;
+            self.wait_for_alone(conn, holder)?;
+        }
     }
 
     /// Hands out `n` oids (the root first, while no root is stored).
@@ -1143,8 +1237,8 @@ fn ensure_schema(conn: &mut Conn) -> Result<()> {
         {
             Ok(Some(row)) => {
                 let found: i64 = row.get(0);
-                if found == 1 {
-                    return upgrade_from_1(conn);
+                if found == 1 || found == 2 {
+                    return upgrade(conn);
                 }
                 if found != FORMAT {
                     return Err(database(format!(
@@ -1180,10 +1274,13 @@ fn ensure_schema(conn: &mut Conn) -> Result<()> {
 }
 
 /// Format 1 to 2: `durus_log` gains `refs`, `NULL` in the entries already
-/// there (and in those front ends of format 1 still running write). Two
-/// front ends upgrading at once: the second finds format 2 under the
-/// format row's lock and does nothing.
-fn upgrade_from_1(conn: &mut Conn) -> Result<()> {
+/// there (and in those front ends of format 1 still running write).
+/// Format 2 to 3: `durus_alone` and `durus_aware` are made: a front end of
+/// this build says in `durus_aware` that it knows of `durus_alone`, and
+/// none holds the database alone while one that did not say so is alive
+/// (it would commit without asking). Two front ends upgrading at once: the second finds the format
+/// under the format row's lock and does nothing.
+fn upgrade(conn: &mut Conn) -> Result<()> {
     for attempt in 1..=UPGRADE_TRIES {
         match upgrade_once(conn) {
             Err(e) if is_lock_timeout(&e) && attempt < UPGRADE_TRIES => {
@@ -1196,7 +1293,7 @@ fn upgrade_from_1(conn: &mut Conn) -> Result<()> {
             }
             Err(e) if is_lock_timeout(&e) => {
                 return Err(database(format!(
-                    "the database could not be upgraded from format 1 to {FORMAT}: the commit \
+                    "the database could not be upgraded to format {FORMAT}: the commit \
                      log table stayed in use by other front ends' open transactions (a pack, \
                      a snapshot read) through {UPGRADE_TRIES} waits of {UPGRADE_LOCK_WAIT}; \
                      nothing was changed. Start it again once their packs have finished, or \
@@ -1229,10 +1326,15 @@ fn upgrade_once(conn: &mut Conn) -> Result<()> {
             .map(|row| row.get(0))
             .unwrap_or(0);
         match found {
-            1 => {
+            1 | 2 => {
+                if found == 1 {
+                    conn.batch(&format!(
+                        "SET LOCAL lock_timeout = '{UPGRADE_LOCK_WAIT}'; \
+                         ALTER TABLE durus_log ADD COLUMN IF NOT EXISTS refs bytea"
+                    ))?;
+                }
                 conn.batch(&format!(
-                    "SET LOCAL lock_timeout = '{UPGRADE_LOCK_WAIT}'; \
-                     ALTER TABLE durus_log ADD COLUMN IF NOT EXISTS refs bytea; \
+                    "{ALONE_TABLE}; \
                      UPDATE durus_meta SET value = {FORMAT} WHERE name = 'format'"
                 ))?;
                 Ok(true)
@@ -1249,10 +1351,10 @@ fn upgrade_once(conn: &mut Conn) -> Result<()> {
             conn.batch("COMMIT")?;
             if done {
                 tracing::warn!(
-                    "upgraded the database's durus-redb tables from format 1 to {FORMAT} \
-                     (the commit log keeps each commit's references); front ends of \
-                     earlier versions are refused from now on, those still running may go \
-                     on (see UPGRADING.md)"
+                    "upgraded the database's durus-redb tables to format {FORMAT} (the \
+                     commit log keeps each commit's references; a front end may hold the \
+                     database alone); front ends of earlier versions are refused from now \
+                     on, those still running may go on (see UPGRADING.md)"
                 );
             }
             Ok(())
@@ -1263,6 +1365,13 @@ fn upgrade_once(conn: &mut Conn) -> Result<()> {
         }
     }
 }
+
+/// `durus_alone` and its row, and `durus_aware` (see `alone`).
+const ALONE_TABLE: &str = "CREATE TABLE IF NOT EXISTS durus_alone (id int PRIMARY KEY, \
+     holder bigint NOT NULL, renewals bigint NOT NULL, wanted bigint NOT NULL); \
+     INSERT INTO durus_alone (id, holder, renewals, wanted) VALUES (1, 0, 0, 0) \
+     ON CONFLICT (id) DO NOTHING; \
+     CREATE TABLE IF NOT EXISTS durus_aware (id bigint PRIMARY KEY)";
 
 fn create_schema(conn: &mut Conn) -> Result<()> {
     let result = conn.batch(&format!(
@@ -1278,6 +1387,7 @@ fn create_schema(conn: &mut Conn) -> Result<()> {
          CREATE TABLE durus_front_ends (id bigint PRIMARY KEY, flushes bigint NOT NULL,
                                         position bigint NOT NULL,
                                         alive_at timestamptz NOT NULL);
+         {ALONE_TABLE};
          INSERT INTO durus_meta (name, value) VALUES ('format', {FORMAT}), ('front_ends', 0);
          INSERT INTO durus_order (id, tid, objects) VALUES (1, 0, 0);
          INSERT INTO durus_oids (id, next) VALUES (1, 0);
@@ -1291,7 +1401,9 @@ fn create_schema(conn: &mut Conn) -> Result<()> {
 
 impl Backend for PgBackend {
     fn open_session(&self) -> Box<dyn super::Session + '_> {
-        if let Err(e) = self.catch_up() {
+        if !self.alone()
+            && let Err(e) = self.catch_up()
+        {
             tracing::warn!("a new session could not read the commit log: {e}");
         }
         let mut st = self.state.lock();
@@ -1357,6 +1469,7 @@ impl Backend for PgBackend {
 
     fn close(&self) -> Result<()> {
         self.closed.store(true, Ordering::Release);
+        self.leave_alone();
         {
             let mut order = self.order.lock();
             self.end_batch(&mut order)?;

@@ -66,7 +66,12 @@ impl Session for PgSession<'_> {
         // Just after taking the order (a commit's invalidations) the log
         // was read up to its end, and nothing commits meanwhile.
         let ordered = self.just_ordered.replace(false);
-        if !ordered && let Err(e) = self.backend.catch_up() {
+        // Alone, nothing commits but through this front end, which tells
+        // its sessions as it commits.
+        if !ordered
+            && !self.backend.alone()
+            && let Err(e) = self.backend.catch_up()
+        {
             tracing::warn!("a sync could not read the commit log: {e}");
         }
         let mut oids = self.take_invalid();
@@ -116,10 +121,43 @@ impl Session for PgSession<'_> {
 
     fn load(&self, oids: &[Oid], each: &mut dyn FnMut(Found<'_>) -> bool) -> Result<()> {
         self.check_lost()?;
-        let found = self
-            .backend
-            .pool
-            .read(|conn| self.backend.fetch(conn, oids))?;
+        let backend = self.backend;
+        // Alone, the records kept are the database's (see `alone`); else
+        // every record is read with its tid.
+        let (mut found, epoch, known) = {
+            let st = backend.state.lock();
+            let mut found: HashMap<Oid, (u64, Arc<[u8]>)> = HashMap::new();
+            if st.alone_until.is_some_and(|until| Instant::now() < until) {
+                for oid in oids {
+                    if let Some(hit) = st.cache.get(*oid) {
+                        found.insert(*oid, hit);
+                    }
+                }
+            }
+            (found, st.epoch, st.known)
+        };
+        let missing: Vec<Oid> = oids
+            .iter()
+            .filter(|o| !found.contains_key(o))
+            .copied()
+            .collect();
+        if missing.is_empty() {
+            backend
+                .loads_from_memory
+                .fetch_add(1, AtomicOrdering::Relaxed);
+        } else {
+            let read = backend.pool.read(|conn| backend.fetch(conn, &missing))?;
+            let mut st = backend.state.lock();
+            // Kept only if nothing changed meanwhile: as of `known`.
+            let keep = st.epoch == epoch && backend.keep_records.load(AtomicOrdering::Acquire);
+            for (oid, (tid, bytes)) in read {
+                let data: Arc<[u8]> = bytes.into();
+                if keep && tid <= known {
+                    st.cache.insert(oid, tid, data.clone());
+                }
+                found.insert(oid, (tid, data));
+            }
+        }
         let flags = || -> (Vec<bool>, u64) {
             let st = self.backend.state.lock();
             let data = st.sessions.get(&self.id);

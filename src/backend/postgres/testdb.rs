@@ -33,13 +33,22 @@ pub(crate) fn fresh(name: &str) -> Config {
     config
 }
 
+/// The URL of the database of `config` (made by [`fresh`]).
+pub(crate) fn url_of(config: &Config) -> String {
+    format!(
+        "{}/{}",
+        admin_url().rsplit_once('/').unwrap().0,
+        config.get_dbname().unwrap()
+    )
+}
+
 /// Drops the durus-redb tables of the database of `config`.
 pub(crate) fn drop_tables(config: &Config) {
     let mut client = config.connect(NoTls).unwrap();
     client
         .batch_execute(
             "DROP TABLE IF EXISTS durus_meta, durus_order, durus_oids, durus_records, \
-             durus_log, durus_front_ends",
+             durus_log, durus_front_ends, durus_alone, durus_aware",
         )
         .unwrap();
 }

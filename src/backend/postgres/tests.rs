@@ -301,6 +301,10 @@ fn a_commit_refused_in_a_batch_changes_nothing_and_disturbs_no_other() {
     const ROUNDS: u64 = 80;
     let config = testdb::fresh("batch_refusals");
     let fe = PgBackend::open_with(config.clone().into(), 64).unwrap();
+    // A batch stays open while commits wait for up to 50 ms (not 5): on a
+    // busy machine a refused commit then still meets one open.
+    fe.max_hold_micros
+        .store(50_000, std::sync::atomic::Ordering::Relaxed);
     commit_root(fe.open_session().as_ref(), b"root").unwrap();
     let missing = Oid(1 << 40);
     // One object per thread that only its refused commits write.
@@ -1039,12 +1043,7 @@ fn one_full_collection_at_a_time_across_front_ends() {
         }
     }
     assert_eq!(removed, garbage as u64);
-    let admin = testdb::admin_url();
-    let url = format!(
-        "{}/{}",
-        admin.rsplit_once('/').unwrap().0,
-        config.get_dbname().unwrap()
-    );
+    let url = testdb::url_of(&config);
     let check = super::tools::check_database(&url, &mut |_| {}).unwrap();
     assert!(check.problems.is_empty(), "{:?}", check.problems);
     assert_eq!(check.records, 1);
@@ -1353,7 +1352,7 @@ fn a_database_of_format_1_is_upgraded_and_an_old_front_end_stops_only_a_grace_co
     let mut c = config.connect(NoTls).unwrap();
     // As 0.9 left it.
     c.batch_execute(
-        "ALTER TABLE durus_log DROP COLUMN refs; \
+        "ALTER TABLE durus_log DROP COLUMN refs; DROP TABLE durus_alone, durus_aware; \
          UPDATE durus_meta SET value = 1 WHERE name = 'format'",
     )
     .unwrap();
@@ -1513,7 +1512,7 @@ fn the_upgrade_gives_up_rather_than_wait_for_the_log_table_without_end() {
     drop(PgBackend::open_with(config.clone().into(), 8).unwrap());
     let mut c = config.connect(NoTls).unwrap();
     c.batch_execute(
-        "ALTER TABLE durus_log DROP COLUMN refs; \
+        "ALTER TABLE durus_log DROP COLUMN refs; DROP TABLE durus_alone, durus_aware; \
          UPDATE durus_meta SET value = 1 WHERE name = 'format'",
     )
     .unwrap();
@@ -1644,4 +1643,223 @@ fn the_hold_of_a_batch_counts_from_when_the_row_is_had() {
         "the first commit after the wait did not open a batch"
     );
     assert_eq!(root_data(fe.open_session().as_ref()), b"second");
+}
+
+/// What `session` is answered for `oid`: "record", "invalid" or "missing".
+fn answer_for(session: &dyn Session, oid: Oid) -> &'static str {
+    let mut got = "none";
+    session
+        .load(&[oid], &mut |f| {
+            got = match f {
+                crate::backend::Found::Record(_) => "record",
+                crate::backend::Found::Invalid => "invalid",
+                crate::backend::Found::Missing => "missing",
+            };
+            true
+        })
+        .unwrap();
+    got
+}
+
+/// Waits until `fe` holds the database alone, or fails after `limit`.
+fn wait_alone(fe: &PgBackend, limit: Duration) {
+    let started = std::time::Instant::now();
+    while !fe.alone() {
+        assert!(
+            started.elapsed() < limit,
+            "the front end did not hold the database alone within {limit:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A front end alone answers loads from memory, and is told of its own
+/// commits as they happen: a session not yet synced is answered `Invalid`
+/// for an object another session changed, then the new record. When a
+/// second front end commits, it first makes the first give way: once that
+/// commit is acknowledged, the first front end's sessions are answered
+/// `Invalid` for what it changed, as one server would (the first front
+/// end's memory still holds the old record). While the second goes on
+/// committing, the first does not hold the database alone again; once it
+/// stops, it does.
+#[test]
+fn a_front_end_alone_answers_loads_from_memory_and_gives_way_to_a_commit_elsewhere() {
+    let config = testdb::fresh("alone_gives_way");
+    let a = std::sync::Arc::new(PgBackend::open_with(config.clone().into(), 64).unwrap());
+    let sa = a.open_session();
+    let other = a.open_session();
+    commit_root(sa.as_ref(), b"one").unwrap();
+    PgBackend::start_alone(&a, Duration::from_secs(2));
+    wait_alone(&a, Duration::from_secs(15));
+
+    // Read once from the database, then from memory.
+    other.sync();
+    assert_eq!(root_data(other.as_ref()), b"one");
+    let before = a.loads_from_memory();
+    assert_eq!(root_data(other.as_ref()), b"one");
+    assert_eq!(
+        a.loads_from_memory(),
+        before + 1,
+        "not answered from memory"
+    );
+
+    // A commit of this front end: the record kept is forgotten.
+    commit_root(sa.as_ref(), b"two").unwrap();
+    assert_eq!(answer_for(other.as_ref(), Oid::ROOT), "invalid");
+    assert_eq!(other.sync(), vec![Oid::ROOT]);
+    assert_eq!(root_data(other.as_ref()), b"two");
+    assert_eq!(root_data(other.as_ref()), b"two");
+    assert!(a.alone());
+
+    // Another front end commits: it waits for the first to give way.
+    let b = PgBackend::open_with(config.clone().into(), 64).unwrap();
+    let sb = b.open_session();
+    commit_root(sb.as_ref(), b"three").unwrap();
+    assert!(!a.alone(), "still alone after another front end committed");
+    assert_eq!(answer_for(other.as_ref(), Oid::ROOT), "invalid");
+    assert_eq!(other.sync(), vec![Oid::ROOT]);
+    assert_eq!(root_data(other.as_ref()), b"three");
+
+    // Commits elsewhere keep it from holding the database alone again.
+    for n in 0..15u32 {
+        commit_root(sb.as_ref(), format!("b{n}").as_bytes()).unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(!a.alone(), "alone again while another front end commits");
+    }
+    wait_alone(&a, Duration::from_secs(15));
+    other.sync();
+    assert_eq!(root_data(other.as_ref()), b"b14");
+    drop(sb);
+    a.close().unwrap();
+    b.close().unwrap();
+}
+
+/// A front end that dies holding the database alone stops answering from
+/// memory a lease after its last renewal; another front end's commit
+/// waits for longer than that lease, then takes the row over and commits.
+/// The first front end (its thread dead, the object still there) answers
+/// `Invalid` for what changed, from the database.
+#[test]
+fn a_front_end_that_dies_alone_is_taken_over_after_its_lease() {
+    let config = testdb::fresh("alone_taken_over");
+    let a = std::sync::Arc::new(PgBackend::open_with(config.clone().into(), 64).unwrap());
+    let sa = a.open_session();
+    commit_root(sa.as_ref(), b"one").unwrap();
+    PgBackend::start_alone(&a, Duration::ZERO);
+    wait_alone(&a, Duration::from_secs(10));
+    sa.sync();
+    assert_eq!(root_data(sa.as_ref()), b"one");
+    assert_eq!(root_data(sa.as_ref()), b"one");
+    a.alone_dies
+        .store(true, std::sync::atomic::Ordering::Release);
+
+    let b = PgBackend::open_with(config.clone().into(), 64).unwrap();
+    let sb = b.open_session();
+    let started = std::time::Instant::now();
+    commit_root(sb.as_ref(), b"two").unwrap();
+    let waited = started.elapsed();
+    assert!(
+        waited >= super::alone::LEASE,
+        "taken over after {waited:?}, within the holder's lease"
+    );
+    assert!(!a.alone());
+    assert_eq!(answer_for(sa.as_ref(), Oid::ROOT), "invalid");
+    assert_eq!(sa.sync(), vec![Oid::ROOT]);
+    assert_eq!(root_data(sa.as_ref()), b"two");
+    let stats = super::tools::database_stats(&testdb::url_of(&config)).unwrap();
+    assert_eq!(stats.alone, None);
+}
+
+/// A database of format 2 is upgraded to 3; a front end of an earlier
+/// build still alive (it would commit without asking) keeps the others
+/// from holding the database alone, until it is no longer heard of.
+#[test]
+fn a_database_of_format_2_is_upgraded_and_no_front_end_is_alone_beside_an_old_one() {
+    let config = testdb::fresh("alone_upgrade");
+    let mut c = config.connect(NoTls).unwrap();
+    drop(PgBackend::open_with(config.clone().into(), 64).unwrap());
+    // As 0.10 left it, its front end alive.
+    c.batch_execute(
+        "DROP TABLE durus_alone, durus_aware; \
+         UPDATE durus_meta SET value = 2 WHERE name = 'format'; \
+         UPDATE durus_front_ends SET alive_at = now()",
+    )
+    .unwrap();
+    let old = number_of(&mut c, "SELECT max(id) FROM durus_front_ends");
+    let a = std::sync::Arc::new(PgBackend::open_with(config.clone().into(), 64).unwrap());
+    assert_eq!(
+        number_of(&mut c, "SELECT value FROM durus_meta WHERE name = 'format'"),
+        super::FORMAT
+    );
+    assert_eq!(
+        number_of(&mut c, "SELECT count(*) FROM durus_aware"),
+        1,
+        "only the new front end says it knows of the hold"
+    );
+    commit_root(a.open_session().as_ref(), b"one").unwrap();
+    PgBackend::start_alone(&a, Duration::ZERO);
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(!a.alone(), "alone beside a front end of an earlier build");
+    c.execute(
+        "UPDATE durus_front_ends SET alive_at = now() - interval '1 hour' WHERE id = $1",
+        &[&old],
+    )
+    .unwrap();
+    wait_alone(&a, Duration::from_secs(10));
+    a.close().unwrap();
+    assert_eq!(
+        number_of(&mut c, "SELECT holder FROM durus_alone WHERE id = 1"),
+        0,
+        "closing gives the database up"
+    );
+}
+
+/// A front end alone whose database lost commits it had seen (a failover
+/// to a standby that lacked them, made here by removing them, and its
+/// connections broken) does not go on answering from memory: its hold is
+/// taken again on a new connection, from the log, which shows the loss.
+/// The sessions that saw the lost commits are refused; a new one reads
+/// the database's record, not the one kept in memory.
+#[test]
+fn a_front_end_alone_whose_database_lost_commits_answers_from_the_database() {
+    let config = testdb::fresh("alone_went_back");
+    let a = std::sync::Arc::new(PgBackend::open_with(config.clone().into(), 16).unwrap());
+    let old = a.open_session();
+    for n in 0..4u8 {
+        commit_root(old.as_ref(), &[n]).unwrap();
+    }
+    PgBackend::start_alone(&a, Duration::ZERO);
+    wait_alone(&a, Duration::from_secs(10));
+    assert_eq!(root_data(old.as_ref()), [3]);
+    assert_eq!(root_data(old.as_ref()), [3]);
+    let mut c = config.connect(NoTls).unwrap();
+    c.batch_execute(
+        "DELETE FROM durus_log WHERE tid > 2; UPDATE durus_order SET tid = 2 WHERE id = 1; \
+         UPDATE durus_records SET tid = 2, data = 'x' WHERE oid = 0; \
+         SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE application_name = 'durus-redb alone' AND datname = current_database()",
+    )
+    .unwrap();
+    let started = std::time::Instant::now();
+    while old.load(&[Oid::ROOT], &mut |_| true).is_ok() {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the session that saw lost commits is still served"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    wait_alone(&a, Duration::from_secs(10));
+    let new = a.open_session();
+    for _ in 0..2 {
+        let mut got = None;
+        new.load(&[Oid::ROOT], &mut |f| {
+            if let crate::backend::Found::Record(b) = f {
+                got = Some(b.to_vec());
+            }
+            true
+        })
+        .unwrap();
+        assert_eq!(got.as_deref(), Some(&b"x"[..]));
+    }
+    a.close().unwrap();
 }

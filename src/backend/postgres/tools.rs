@@ -40,6 +40,9 @@ pub struct DatabaseStats {
     /// The front end holding the collector's lease (and alive), and
     /// whether its collection is a background one (with a grace window).
     pub collecting: Option<(i64, bool)>,
+    /// The front end holding the database alone (serving loads from
+    /// memory; format 3), if any.
+    pub alone: Option<i64>,
 }
 
 /// What `check` found in a database.
@@ -65,12 +68,12 @@ fn open_existing(url: &str) -> Result<Conn> {
     {
         Ok(Some(row)) => {
             let found: i64 = row.get(0);
-            // Format 1 differs only by the log's references, which these
-            // tools do not read.
-            if found != super::FORMAT && found != 1 {
+            // Formats 1 and 2 differ only by the log's references and
+            // `durus_alone`, which these tools do not read.
+            if !(1..=super::FORMAT).contains(&found) {
                 return Err(database(format!(
                     "the database holds durus-redb tables of format {found}; this build \
-                     reads formats 1 and {} (see UPGRADING.md)",
+                     reads formats 1 to {} (see UPGRADING.md)",
                     super::FORMAT
                 )));
             }
@@ -134,8 +137,18 @@ pub fn database_stats(url: &str) -> Result<DatabaseStats> {
         )),
         None => None,
     };
+    let alone = if format >= 3 {
+        Some(one(
+            &mut conn,
+            "SELECT holder FROM durus_alone WHERE id = 1",
+        )?)
+        .filter(|h| *h != 0)
+    } else {
+        None
+    };
     Ok(DatabaseStats {
         format,
+        alone,
         last_collection,
         collecting,
         objects: objects as u64,

@@ -77,6 +77,12 @@ pub(crate) fn stats_database(path: &std::path::Path) -> ExitCode {
                     }
                 );
             }
+            if let Some(front_end) = s.alone {
+                println!(
+                    "alone:             front end {front_end} (the only one committing: it \
+                     serves loads from memory)"
+                );
+            }
             if s.import_unfinished {
                 println!("import:            unfinished (run the same migrate again)");
             }

@@ -122,7 +122,9 @@ pub(crate) struct ServeArgs {
     durability: DurabilityChoice,
     /// redb's page cache, in MiB: the largest part of the server's memory
     /// once the store has been read (the rest: some 26 KiB per connection,
-    /// plus the data of a commit being applied).
+    /// plus the data of a commit being applied). With --database: the
+    /// records kept for loads while the front end holds the database alone
+    /// (see --alone-after).
     #[arg(long, default_value_t = 256)]
     cache_size: usize,
     /// Snapshot reads: each connection loads from the state of its last
@@ -224,6 +226,32 @@ pub(crate) struct ServeArgs {
     /// background collector starts a collection.
     #[arg(long, default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(1..))]
     gc_after_commits: u64,
+    /// With --database: once no other front end has committed for this
+    /// many seconds, this one holds the database alone and answers loads
+    /// and syncs from memory, with no database round trip. Another front
+    /// end's first commit then waits for it to give way (up to about 0.1 s;
+    /// 1.5 s if it died holding it). `never`: loads always read the
+    /// database.
+    #[arg(long, default_value = "10", value_parser = parse_alone_after)]
+    alone_after: AloneAfter,
+}
+
+/// `--alone-after`: seconds, or never.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct AloneAfter(Option<std::time::Duration>);
+
+fn parse_alone_after(text: &str) -> Result<AloneAfter, String> {
+    if text == "never" {
+        return Ok(AloneAfter(None));
+    }
+    match text.parse::<f64>() {
+        Ok(s) if s.is_finite() && s >= 0.0 => {
+            Ok(AloneAfter(Some(std::time::Duration::from_secs_f64(s))))
+        }
+        _ => Err(format!(
+            "`{text}` is neither a number of seconds (0 or more) nor `never`"
+        )),
+    }
 }
 
 /// Background garbage collection.
@@ -321,6 +349,8 @@ pub(crate) fn serve(args: ServeArgs) -> ExitCode {
                 Some(gc)
             }
         };
+        config.database_alone_after = args.alone_after.0;
+        config.database_cache_bytes = args.cache_size.max(1) << 20;
         return serve_on(Source::Database(url), config);
     }
     let Some(file) = args.file.clone() else {
