@@ -172,12 +172,17 @@ step "interop: durus-redb serve --memory --snapshot-reads" \
     "${RUN_AGAINST[@]}" \
     --server-cmd "$SERVER_BIN serve --memory --port {port} --snapshot-reads" \
     --interop-arg=--snapshot-reads --quiet
-# And against a PostgreSQL database (serve --database). The front ends
-# hold the database alone as soon as no other commits (`--alone-after 0`):
-# one front end answers from memory throughout; two hand the hold to each
-# other as their clients commit in turn.
+# And against a PostgreSQL database (serve --database). With
+# `--alone-after 0` a front end holds the database alone as soon as no
+# other commits (a tenth of a second after it starts): one front end then
+# answers from memory; two hand the hold to each other as their clients
+# commit in turn. `--alone-after never`: every load reads the database.
 step "interop: durus-redb serve --database (PostgreSQL) vs durus -s over TCP" \
     database_interop
+step "interop: durus-redb serve --database --alone-after never vs durus -s" \
+    "${RUN_AGAINST[@]}" \
+    --server-cmd "bash $ROOT/tests/python/serve_database.sh $SERVER_BIN {dir} --port {port} --alone-after never" \
+    --compare-cmd "$DURUS_BIN -s --file {file} --port {port}" --quiet
 step "interop: two front ends over one PostgreSQL database (clients alternate) vs durus -s" \
     "${RUN_AGAINST[@]}" \
     --server-cmd "bash $ROOT/tests/python/serve_database.sh $SERVER_BIN {dir} --also-port {port2} --port {port} --alone-after 0" \

@@ -52,6 +52,25 @@ fn database_for(path: &Path) -> String {
     url
 }
 
+/// Waits until a front end holds the database at `url` alone (`stats`
+/// names it).
+fn wait_alone(url: &str) {
+    let started = std::time::Instant::now();
+    loop {
+        let out = Command::new(bin()).args(["stats", url]).output().unwrap();
+        if String::from_utf8_lossy(&out.stdout).contains("alone:") {
+            return;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "no front end held the database alone: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 impl Backing {
     /// `check` of the store file after the server stopped (the in-memory
     /// store left nothing to check).
@@ -98,11 +117,13 @@ impl Served {
         match on {
             Backing::Redb => Served::start(path, extra),
             Backing::Memory => Served::spawn(&[], &["--memory"], extra),
-            // Holding the database alone as soon as it can (loads and
-            // syncs answered from memory): each test runs through that.
+            // Holding the database alone (loads and syncs answered from
+            // memory) before the test begins: each test runs through that.
             Backing::Postgres => {
                 let url = database_for(path);
-                Served::spawn(&[], &["--database", &url, "--alone-after", "0"], extra)
+                let served = Served::spawn(&[], &["--database", &url, "--alone-after", "0"], extra);
+                wait_alone(&url);
+                served
             }
         }
     }

@@ -362,100 +362,181 @@ mod on_postgres {
             ops in proptest::collection::vec(op(), 1..50),
             replaced in proptest::collection::btree_set(1..50usize, 0..=2),
         ) {
-            let config = database();
-            testdb::drop_tables(&config);
-            // One oid at a time from the database, so that the two front
-            // ends hand out the model's sequence between them.
-            let a = PgBackend::open_with(config.clone().into(), 1).unwrap();
-            a.serve_snapshot_reads(true);
-            let memory = MemoryBackend::new();
-            let on_a: Vec<Box<dyn Session + '_>> = vec![a.open_session(), a.open_session()];
-            let mut on_memory: Vec<_> = (0..SESSIONS).map(|_| memory.open_session()).collect();
-            let mut pg_snaps: Snapshots = (0..SESSIONS).map(|_| None).collect();
-            let mut memory_snaps: Snapshots = (0..SESSIONS).map(|_| None).collect();
-            let mut known = Known::default();
-            // Who was handed the root while none is stored.
-            let mut root_holder: Option<usize> = None;
-            let mut root_stored = false;
-            let mut n = 0;
-            let mut last_replaced = None;
-            while n < ops.len() {
-                // The second front end, until the next replacement.
-                let b = PgBackend::open_with(config.clone().into(), 1).unwrap();
-                b.serve_snapshot_reads(true);
-                let on_b = b.open_session();
-                while n < ops.len() {
-                    if replaced.contains(&n) && last_replaced != Some(n) {
-                        break;
-                    }
-                    let on_pg: Vec<&dyn Session> = vec![&*on_a[0], &*on_a[1], &*on_b];
-                    // The one thing a front end cannot know of another:
-                    // that it handed out the root (oid 0) to a session that
-                    // has not stored it yet. One server refuses the root
-                    // stored by another session then; a front end takes
-                    // it. Such a commit is left out (a sync instead).
-                    let front_end = |s: usize| s >= 2;
-                    let op = &match &ops[n] {
-                        Op::Commit(s, writes, _)
-                            if !root_stored
-                                && root_holder.is_some_and(|h| front_end(h) != front_end(*s))
-                                && writes.iter().any(|(p, _)| known.write(*s, *p) == Oid::ROOT) =>
-                        {
-                            Op::Sync(*s)
-                        }
-                        op => op.clone(),
-                    };
-                    // A pack through either front end.
-                    let packer: &dyn Backend = if n % 2 == 0 { &a } else { &b };
-                    let x = across_front_ends(
-                        apply(&on_pg, &mut pg_snaps, packer, &known, op, n as u64));
-                    let y = apply(&refs(&on_memory), &mut memory_snaps, &memory, &known, op, n as u64);
-                    // Refused as invalid input, the commit leaves the
-                    // session without a snapshot; as a conflict, with the
-                    // state before it: taken as one (see
-                    // `across_front_ends`), they leave the same.
-                    if let (Op::Commit(s, _, true), Answer::Committed(_, Outcome::Refused(m))) = (op, &y)
-                        && m.contains("another session")
-                    {
-                        pg_snaps[*s] = None;
-                    }
-                    let y = across_front_ends(y);
-                    prop_assert_eq!(&x, &y, "step {}: {:?} (second front end replaced at {:?})", n, op, replaced);
-                    match (op, &x) {
-                        (Op::NewOids(s, _), Answer::Oids(oids)) if oids.contains(&Oid::ROOT) => {
-                            root_holder = Some(*s);
-                        }
-                        (Op::Commit(s, writes, _), Answer::Committed(_, Outcome::Ok)) => {
-                            root_stored |= writes.iter().any(|(p, _)| known.write(*s, *p) == Oid::ROOT);
-                        }
-                        _ => {}
-                    }
-                    known.learn(op, &x);
-                    n += 1;
-                }
-                if n >= ops.len() {
-                    break;
-                }
-                // Replaced: the second front end and its session go; the
-                // model's session 2 is closed and opened anew.
-                drop(on_b);
-                drop(b);
-                pg_snaps[2] = None;
-                memory_snaps[2] = None;
-                on_memory[2] = memory.open_session();
-                known.forget(2);
-                if root_holder == Some(2) {
-                    root_holder = None;
-                }
-                // The step at the replacement is taken by the new one.
-                last_replaced = Some(n);
-            }
+            two_front_ends_against_the_model(&ops, &replaced, false)?;
         }
     }
 
-    /// The test's database, made once per test process.
-    fn database() -> postgres::Config {
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+        /// The same, without snapshot reads, each front end taking the
+        /// database alone whenever the other has not committed since its
+        /// last look (`--alone-after 0`): they hand the hold to each other
+        /// as the steps go, and answer loads and syncs from memory while
+        /// they hold it. (A front end replaced gives the hold up as it
+        /// goes.)
+        #[test]
+        fn two_postgres_front_ends_alone_by_turns_and_the_memory_model_answer_alike(
+            ops in proptest::collection::vec(op(), 1..50),
+            replaced in proptest::collection::btree_set(1..50usize, 0..=2),
+        ) {
+            two_front_ends_against_the_model(&ops, &replaced, true)?;
+        }
+    }
+
+    /// Two front ends against the model (see the tests above); `alone`:
+    /// no snapshot reads, each front end may hold the database alone.
+    fn two_front_ends_against_the_model(
+        ops: &[Op],
+        replaced: &std::collections::BTreeSet<usize>,
+        alone: bool,
+    ) -> Result<(), TestCaseError> {
+        let config = database(alone);
+        testdb::drop_tables(&config);
+        // One oid at a time from the database, so that the two front
+        // ends hand out the model's sequence between them.
+        let a = std::sync::Arc::new(PgBackend::open_with(config.clone().into(), 1).unwrap());
+        a.serve_snapshot_reads(!alone);
+        let mut threads = Vec::new();
+        if alone {
+            a.alone_quickly();
+            threads.extend(PgBackend::start_alone(&a, std::time::Duration::ZERO));
+        }
+        let memory = MemoryBackend::new();
+        let on_a: Vec<Box<dyn Session + '_>> = vec![a.open_session(), a.open_session()];
+        let mut on_memory: Vec<_> = (0..SESSIONS).map(|_| memory.open_session()).collect();
+        let mut pg_snaps: Snapshots = (0..SESSIONS).map(|_| None).collect();
+        let mut memory_snaps: Snapshots = (0..SESSIONS).map(|_| None).collect();
+        let mut known = Known::default();
+        // Who was handed the root while none is stored.
+        let mut root_holder: Option<usize> = None;
+        let mut root_stored = false;
+        let mut n = 0;
+        let mut last_replaced = None;
+        while n < ops.len() {
+            // The second front end, until the next replacement.
+            let b = std::sync::Arc::new(PgBackend::open_with(config.clone().into(), 1).unwrap());
+            b.serve_snapshot_reads(!alone);
+            if alone {
+                b.alone_quickly();
+                threads.extend(PgBackend::start_alone(&b, std::time::Duration::ZERO));
+            }
+            let on_b = b.open_session();
+            while n < ops.len() {
+                if replaced.contains(&n) && last_replaced != Some(n) {
+                    break;
+                }
+                let on_pg: Vec<&dyn Session> = vec![&*on_a[0], &*on_a[1], &*on_b];
+                // The one thing a front end cannot know of another:
+                // that it handed out the root (oid 0) to a session that
+                // has not stored it yet. One server refuses the root
+                // stored by another session then; a front end takes
+                // it. Such a commit is left out (a sync instead).
+                let front_end = |s: usize| s >= 2;
+                let op = &match &ops[n] {
+                    Op::Commit(s, writes, _)
+                        if !root_stored
+                            && root_holder.is_some_and(|h| front_end(h) != front_end(*s))
+                            && writes.iter().any(|(p, _)| known.write(*s, *p) == Oid::ROOT) =>
+                    {
+                        Op::Sync(*s)
+                    }
+                    op => op.clone(),
+                };
+                // A pack through either front end.
+                let packer: &dyn Backend = if n % 2 == 0 { &*a } else { &*b };
+                let x =
+                    across_front_ends(apply(&on_pg, &mut pg_snaps, packer, &known, op, n as u64));
+                let y = apply(
+                    &refs(&on_memory),
+                    &mut memory_snaps,
+                    &memory,
+                    &known,
+                    op,
+                    n as u64,
+                );
+                // Refused as invalid input, the commit leaves the
+                // session without a snapshot; as a conflict, with the
+                // state before it: taken as one (see
+                // `across_front_ends`), they leave the same.
+                if let (Op::Commit(s, _, true), Answer::Committed(_, Outcome::Refused(m))) =
+                    (op, &y)
+                    && m.contains("another session")
+                {
+                    pg_snaps[*s] = None;
+                }
+                let y = across_front_ends(y);
+                prop_assert_eq!(
+                    &x,
+                    &y,
+                    "step {}: {:?} (second front end replaced at {:?})",
+                    n,
+                    op,
+                    replaced
+                );
+                // Loaded again at once: from memory, if the front end holds
+                // the database alone.
+                if alone && matches!(op, Op::Load(..)) {
+                    let x = apply(&on_pg, &mut pg_snaps, packer, &known, op, n as u64);
+                    let y = apply(
+                        &refs(&on_memory),
+                        &mut memory_snaps,
+                        &memory,
+                        &known,
+                        op,
+                        n as u64,
+                    );
+                    prop_assert_eq!(&x, &y, "step {} again: {:?}", n, op);
+                }
+                match (op, &x) {
+                    (Op::NewOids(s, _), Answer::Oids(oids)) if oids.contains(&Oid::ROOT) => {
+                        root_holder = Some(*s);
+                    }
+                    (Op::Commit(s, writes, _), Answer::Committed(_, Outcome::Ok)) => {
+                        root_stored |= writes.iter().any(|(p, _)| known.write(*s, *p) == Oid::ROOT);
+                    }
+                    _ => {}
+                }
+                known.learn(op, &x);
+                n += 1;
+            }
+            if n >= ops.len() {
+                break;
+            }
+            // Replaced: the second front end and its session go; the
+            // model's session 2 is closed and opened anew.
+            drop(on_b);
+            drop(b);
+            pg_snaps[2] = None;
+            memory_snaps[2] = None;
+            on_memory[2] = memory.open_session();
+            known.forget(2);
+            if root_holder == Some(2) {
+                root_holder = None;
+            }
+            // The step at the replacement is taken by the new one.
+            last_replaced = Some(n);
+        }
+        // The threads end with their backends, before the next case makes the
+        // tables again.
+        drop(on_a);
+        drop(a);
+        for thread in threads {
+            thread.join().unwrap();
+        }
+        Ok(())
+    }
+
+    /// The test's database (one for each of the two tests), made once per
+    /// test process.
+    fn database(alone: bool) -> postgres::Config {
         static DB: std::sync::OnceLock<postgres::Config> = std::sync::OnceLock::new();
-        DB.get_or_init(|| testdb::fresh("contract")).clone()
+        static ALONE: std::sync::OnceLock<postgres::Config> = std::sync::OnceLock::new();
+        if alone {
+            ALONE
+                .get_or_init(|| testdb::fresh("contract_alone"))
+                .clone()
+        } else {
+            DB.get_or_init(|| testdb::fresh("contract")).clone()
+        }
     }
 }

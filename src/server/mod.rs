@@ -481,7 +481,7 @@ impl Server {
         }
         backend.set_cache_bytes(config.database_cache_bytes);
         if let Some(after) = config.database_alone_after {
-            crate::backend::postgres::PgBackend::start_alone(&backend, after);
+            let _thread = crate::backend::postgres::PgBackend::start_alone(&backend, after);
         }
         Ok(Server::bind_backend(backend, config)?)
     }

@@ -152,19 +152,41 @@ impl PgBackend {
         self.state.lock().cache.set_limit(bytes);
     }
 
+    /// Tests: the thread holding the database alone ticks every 5 ms and
+    /// looks at every tick.
+    #[cfg(test)]
+    pub(crate) fn alone_quickly(&self) {
+        self.alone_quick.store(true, Ordering::Relaxed);
+    }
+
+    /// The thread's tick and how often it looks: (`RENEW_EVERY`,
+    /// `LOOK_EVERY`), quicker in some tests.
+    fn alone_pace(&self) -> (Duration, Duration) {
+        #[cfg(test)]
+        if self.alone_quick.load(Ordering::Relaxed) {
+            return (Duration::from_millis(5), Duration::ZERO);
+        }
+        (RENEW_EVERY, LOOK_EVERY)
+    }
+
     /// Loads answered from memory, with no database round trip.
     #[cfg(test)]
-    pub(super) fn loads_from_memory(&self) -> u64 {
+    pub(crate) fn loads_from_memory(&self) -> u64 {
         self.loads_from_memory.load(Ordering::Relaxed)
     }
 
     /// Runs on a thread of its own, for as long as the backend lives: takes
     /// the database alone once no other front end committed for `after`,
-    /// renews the hold, gives way when asked.
-    pub(crate) fn start_alone(backend: &Arc<PgBackend>, after: Duration) {
+    /// renews the hold, gives way when asked. Returns the thread (it ends
+    /// within [`RENEW_EVERY`] of the backend's close or drop).
+    pub(crate) fn start_alone(
+        backend: &Arc<PgBackend>,
+        after: Duration,
+    ) -> Option<std::thread::JoinHandle<()>> {
         backend.keep_records.store(true, Ordering::Release);
         let weak = Arc::downgrade(backend);
         let front_end = backend.front_end;
+        let first_tick = backend.alone_pace().0;
         let spawned = std::thread::Builder::new()
             .name("durus-alone".into())
             .spawn(move || {
@@ -174,6 +196,9 @@ impl PgBackend {
                 let mut quiet_since = Instant::now();
                 let mut next_look = Instant::now();
                 let mut failing = false;
+                // Another front end's hold as last seen: (holder, renewals,
+                // when that was read).
+                let mut other: Option<(i64, i64, Instant)> = None;
                 // Gives the database up on the thread's own connection when
                 // the backend is closed or gone (serving from memory ended
                 // with it).
@@ -184,13 +209,15 @@ impl PgBackend {
                         tracing::debug!("giving the database up failed: {e}");
                     }
                 };
+                let mut tick = first_tick;
                 loop {
-                    std::thread::sleep(RENEW_EVERY);
+                    std::thread::sleep(tick);
                     let Some(backend) = weak.upgrade() else {
                         leave(&mut conn, holding);
                         return;
                     };
                     if backend.closed.load(Ordering::Acquire) {
+                        backend.state.lock().alone_until = None;
                         leave(&mut conn, holding);
                         return;
                     }
@@ -198,6 +225,7 @@ impl PgBackend {
                     if backend.alone_dies.load(Ordering::Acquire) {
                         return;
                     }
+                    tick = backend.alone_pace().0;
                     let (foreign, recheck) = {
                         let mut st = backend.state.lock();
                         (st.foreign, std::mem::take(&mut st.alone_recheck))
@@ -210,11 +238,15 @@ impl PgBackend {
                         continue;
                     }
                     let fresh = conn.as_ref().is_none_or(|c| c.client.is_closed());
+                    if fresh && holding {
+                        // Renewed only on the connection that took it.
+                        backend.state.lock().alone_until = None;
+                    }
                     if fresh || !holding {
                         if Instant::now() < next_look {
                             continue;
                         }
-                        next_look = Instant::now() + LOOK_EVERY;
+                        next_look = Instant::now() + backend.alone_pace().1;
                     }
                     if fresh {
                         match backend.alone_conn() {
@@ -237,7 +269,7 @@ impl PgBackend {
                     let result = if renewing {
                         backend.renew_alone(c)
                     } else {
-                        backend.try_alone(c, fresh)
+                        backend.try_alone(c, fresh, &mut other)
                     };
                     match result {
                         Ok(now) => {
@@ -275,8 +307,14 @@ impl PgBackend {
                     }
                 }
             });
-        if let Err(e) = spawned {
-            tracing::warn!("no thread to hold the database alone ({e}): loads read the database");
+        match spawned {
+            Ok(thread) => Some(thread),
+            Err(e) => {
+                tracing::warn!(
+                    "no thread to hold the database alone ({e}): loads read the database"
+                );
+                None
+            }
         }
     }
 
@@ -300,8 +338,31 @@ impl PgBackend {
     /// Under the commit order: every commit before is read from the log.
     /// On a `fresh` connection, the records kept are forgotten first (a
     /// failover may have lost commits they were read from, and the log
-    /// grown back to the same tid since).
-    fn try_alone(&self, conn: &mut Conn, fresh: bool) -> Result<bool> {
+    /// grown back to the same tid since). Another front end's hold whose
+    /// renewals have stopped for [`TAKEOVER`] (`other`: as last seen) is
+    /// taken over, as a waiting commit would.
+    fn try_alone(
+        &self,
+        conn: &mut Conn,
+        fresh: bool,
+        other: &mut Option<(i64, i64, Instant)>,
+    ) -> Result<bool> {
+        // Another's hold, read without the order: the order is not taken
+        // (delaying commits) while that hold is alive.
+        let (holder, renewals) = read_alone(conn)?;
+        if holder != 0 && holder != self.front_end {
+            match *other {
+                Some((h, r, since)) if (h, r) == (holder, renewals) => {
+                    if since.elapsed() < TAKEOVER {
+                        return Ok(false);
+                    }
+                }
+                _ => {
+                    *other = Some((holder, renewals, Instant::now()));
+                    return Ok(false);
+                }
+            }
+        }
         let foreign = {
             let mut st = self.state.lock();
             if fresh {
@@ -311,15 +372,38 @@ impl PgBackend {
         };
         let sent = Instant::now();
         let (tid, holder) = self.read_log(conn, true)?;
-        let taken = (|| -> Result<bool> {
+        /// What the take found.
+        enum Take {
+            Taken,
+            Not,
+            /// This front end held it and was asked to give way.
+            GiveWay,
+        }
+        let taken = (|| -> Result<Take> {
             {
                 let st = self.state.lock();
                 if st.foreign != foreign || st.known != tid {
-                    return Ok(false);
+                    return Ok(Take::Not);
                 }
             }
             if holder != 0 && holder != self.front_end {
-                return Ok(false);
+                // Renewals unchanged since `other` was read, for longer
+                // than a lease: taken over, if still so.
+                let Some((h, r, _)) = *other else {
+                    return Ok(Take::Not);
+                };
+                let over = conn.execute(
+                    "UPDATE durus_alone SET holder = 0, wanted = 0 \
+                     WHERE id = 1 AND holder = $1 AND renewals = $2",
+                    &[&h, &r],
+                )?;
+                if over != 1 {
+                    return Ok(Take::Not);
+                }
+                tracing::warn!(
+                    "front end {h} held the database alone and stopped renewing its hold: \
+                     taken over"
+                );
             }
             let unaware: i64 = conn.query(
                 "SELECT count(*) FROM durus_front_ends f \
@@ -329,7 +413,7 @@ impl PgBackend {
             )?[0]
                 .get(0);
             if unaware > 0 {
-                return Ok(false);
+                return Ok(Take::Not);
             }
             // Taken again (this front end held it): a request to give way
             // stands.
@@ -339,10 +423,19 @@ impl PgBackend {
                  WHERE id = 1 RETURNING wanted",
                 &[&self.front_end],
             )?;
-            Ok(rows.first().is_some_and(|r| r.get::<_, i64>(0) == 0))
+            if rows.first().is_some_and(|r| r.get::<_, i64>(0) == 0) {
+                Ok(Take::Taken)
+            } else {
+                conn.execute(
+                    "UPDATE durus_alone SET holder = 0, wanted = 0 WHERE id = 1",
+                    &[],
+                )?;
+                Ok(Take::GiveWay)
+            }
         })();
+        *other = None;
         match taken {
-            Ok(true) => {
+            Ok(Take::Taken) => {
                 // The take is flushed before it is relied on: a waiting
                 // front end must never find it lost.
                 conn.batch("SET LOCAL synchronous_commit = on; COMMIT")?;
@@ -353,7 +446,11 @@ impl PgBackend {
                 );
                 Ok(true)
             }
-            Ok(false) => {
+            Ok(Take::GiveWay) => {
+                conn.batch("COMMIT")?;
+                Ok(false)
+            }
+            Ok(Take::Not) => {
                 conn.batch("ROLLBACK")?;
                 Ok(false)
             }
@@ -372,10 +469,12 @@ impl PgBackend {
         )?;
         let Some(row) = rows.first() else {
             self.state.lock().alone_until = None;
-            tracing::warn!(
-                "another front end took the database over from this one (its renewals were \
-                 late): loads read the database"
-            );
+            if !self.closed.load(Ordering::Acquire) {
+                tracing::warn!(
+                    "another front end took the database over from this one (its renewals \
+                     were late): loads read the database"
+                );
+            }
             return Ok(false);
         };
         if row.get::<_, i64>(0) != 0 {
@@ -386,7 +485,13 @@ impl PgBackend {
             return Ok(false);
         }
         let mut st = self.state.lock();
-        st.alone_until = Some(sent + LEASE);
+        // Not if a commit's outcome became unknown meanwhile (the hold is
+        // taken again, from the log, first), nor once closed.
+        if st.alone_recheck || self.closed.load(Ordering::Acquire) {
+            st.alone_until = None;
+        } else {
+            st.alone_until = Some(sent + LEASE);
+        }
         Ok(true)
     }
 
@@ -484,6 +589,15 @@ impl PgBackend {
             }
         }
     }
+}
+
+/// The holder of `durus_alone` and its renewals.
+fn read_alone(conn: &mut Conn) -> Result<(i64, i64)> {
+    let rows = conn.query("SELECT holder, renewals FROM durus_alone WHERE id = 1", &[])?;
+    let row = rows
+        .first()
+        .ok_or_else(|| database("the row of durus_alone (id 1) is missing"))?;
+    Ok((row.get(0), row.get(1)))
 }
 
 /// Clears the row if front end `front_end` holds it (serving from memory

@@ -782,6 +782,11 @@ pub(crate) struct PgBackend {
     /// Records read are kept (`State::cache`): this front end may hold the
     /// database alone.
     keep_records: std::sync::atomic::AtomicBool,
+    /// Tests: the thread holding the database alone ticks every 5 ms (not
+    /// `alone::RENEW_EVERY`) and looks at every tick (not every
+    /// `alone::LOOK_EVERY`), so that holds come and go between steps.
+    #[cfg(test)]
+    alone_quick: std::sync::atomic::AtomicBool,
     /// Tests: the thread holding the database alone stops as if the
     /// process had died (no renewal, no giving way).
     #[cfg(test)]
@@ -873,6 +878,8 @@ impl PgBackend {
             closed: std::sync::atomic::AtomicBool::new(false),
             loads_from_memory: AtomicU64::new(0),
             keep_records: std::sync::atomic::AtomicBool::new(false),
+            #[cfg(test)]
+            alone_quick: std::sync::atomic::AtomicBool::new(false),
             #[cfg(test)]
             alone_dies: std::sync::atomic::AtomicBool::new(false),
         };

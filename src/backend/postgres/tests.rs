@@ -1673,6 +1673,51 @@ fn wait_alone(fe: &PgBackend, limit: Duration) {
     }
 }
 
+/// Waits until the renewals of the hold of the database of `config` have
+/// stopped (for 300 ms): its holder's thread has ended.
+fn renewals_stop(config: &postgres::Config) {
+    let mut c = config.connect(NoTls).unwrap();
+    let mut last = number_of(&mut c, "SELECT renewals FROM durus_alone WHERE id = 1");
+    loop {
+        std::thread::sleep(Duration::from_millis(300));
+        let now = number_of(&mut c, "SELECT renewals FROM durus_alone WHERE id = 1");
+        if now == last {
+            return;
+        }
+        last = now;
+    }
+}
+
+/// A front end that dies holding the database alone is taken over by
+/// another's own look, with no commit waiting, once its renewals have
+/// stopped for longer than its lease; the other then holds it.
+#[test]
+fn a_front_end_that_dies_alone_is_taken_over_by_another_front_end_alone() {
+    let config = testdb::fresh("alone_taken_over_by_look");
+    let a = std::sync::Arc::new(PgBackend::open_with(config.clone().into(), 64).unwrap());
+    commit_root(a.open_session().as_ref(), b"one").unwrap();
+    let _a_thread = PgBackend::start_alone(&a, Duration::ZERO);
+    wait_alone(&a, Duration::from_secs(10));
+    a.alone_dies
+        .store(true, std::sync::atomic::Ordering::Release);
+    renewals_stop(&config);
+    let died = std::time::Instant::now();
+    let b = std::sync::Arc::new(PgBackend::open_with(config.clone().into(), 64).unwrap());
+    let _b_thread = PgBackend::start_alone(&b, Duration::ZERO);
+    wait_alone(&b, Duration::from_secs(10));
+    assert!(
+        died.elapsed() >= super::alone::TAKEOVER,
+        "taken over {:?} after the renewals stopped",
+        died.elapsed()
+    );
+    let mut c = config.connect(NoTls).unwrap();
+    assert_eq!(
+        number_of(&mut c, "SELECT holder FROM durus_alone WHERE id = 1"),
+        b.front_end
+    );
+    b.close().unwrap();
+}
+
 /// A front end alone answers loads from memory, and is told of its own
 /// commits as they happen: a session not yet synced is answered `Invalid`
 /// for an object another session changed, then the new record. When a
@@ -1689,12 +1734,13 @@ fn a_front_end_alone_answers_loads_from_memory_and_gives_way_to_a_commit_elsewhe
     let sa = a.open_session();
     let other = a.open_session();
     commit_root(sa.as_ref(), b"one").unwrap();
-    PgBackend::start_alone(&a, Duration::from_secs(2));
+    let _thread = PgBackend::start_alone(&a, Duration::from_secs(2));
     wait_alone(&a, Duration::from_secs(15));
 
     // Read once from the database, then from memory.
     other.sync();
     assert_eq!(root_data(other.as_ref()), b"one");
+    wait_alone(&a, Duration::from_secs(5));
     let before = a.loads_from_memory();
     assert_eq!(root_data(other.as_ref()), b"one");
     assert_eq!(
@@ -1709,7 +1755,7 @@ fn a_front_end_alone_answers_loads_from_memory_and_gives_way_to_a_commit_elsewhe
     assert_eq!(other.sync(), vec![Oid::ROOT]);
     assert_eq!(root_data(other.as_ref()), b"two");
     assert_eq!(root_data(other.as_ref()), b"two");
-    assert!(a.alone());
+    wait_alone(&a, Duration::from_secs(5));
 
     // Another front end commits: it waits for the first to give way.
     let b = PgBackend::open_with(config.clone().into(), 64).unwrap();
@@ -1745,13 +1791,14 @@ fn a_front_end_that_dies_alone_is_taken_over_after_its_lease() {
     let a = std::sync::Arc::new(PgBackend::open_with(config.clone().into(), 64).unwrap());
     let sa = a.open_session();
     commit_root(sa.as_ref(), b"one").unwrap();
-    PgBackend::start_alone(&a, Duration::ZERO);
+    let _thread = PgBackend::start_alone(&a, Duration::ZERO);
     wait_alone(&a, Duration::from_secs(10));
     sa.sync();
     assert_eq!(root_data(sa.as_ref()), b"one");
     assert_eq!(root_data(sa.as_ref()), b"one");
     a.alone_dies
         .store(true, std::sync::atomic::Ordering::Release);
+    renewals_stop(&config);
 
     let b = PgBackend::open_with(config.clone().into(), 64).unwrap();
     let sb = b.open_session();
@@ -1797,7 +1844,7 @@ fn a_database_of_format_2_is_upgraded_and_no_front_end_is_alone_beside_an_old_on
         "only the new front end says it knows of the hold"
     );
     commit_root(a.open_session().as_ref(), b"one").unwrap();
-    PgBackend::start_alone(&a, Duration::ZERO);
+    let _thread = PgBackend::start_alone(&a, Duration::ZERO);
     std::thread::sleep(Duration::from_secs(3));
     assert!(!a.alone(), "alone beside a front end of an earlier build");
     c.execute(
@@ -1828,7 +1875,7 @@ fn a_front_end_alone_whose_database_lost_commits_answers_from_the_database() {
     for n in 0..4u8 {
         commit_root(old.as_ref(), &[n]).unwrap();
     }
-    PgBackend::start_alone(&a, Duration::ZERO);
+    let _thread = PgBackend::start_alone(&a, Duration::ZERO);
     wait_alone(&a, Duration::from_secs(10));
     assert_eq!(root_data(old.as_ref()), [3]);
     assert_eq!(root_data(old.as_ref()), [3]);

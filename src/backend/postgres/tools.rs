@@ -137,12 +137,16 @@ pub fn database_stats(url: &str) -> Result<DatabaseStats> {
         )),
         None => None,
     };
+    // A holder whose front end fell silent holds nothing any more (the
+    // next one takes it over).
     let alone = if format >= 3 {
-        Some(one(
-            &mut conn,
-            "SELECT holder FROM durus_alone WHERE id = 1",
-        )?)
-        .filter(|h| *h != 0)
+        conn.query(
+            "SELECT a.holder FROM durus_alone a JOIN durus_front_ends f ON f.id = a.holder \
+             WHERE a.id = 1 AND f.alive_at > now() - interval '30 seconds'",
+            &[],
+        )?
+        .first()
+        .map(|r| r.get(0))
     } else {
         None
     };
