@@ -390,16 +390,37 @@ mod on_postgres {
         replaced: &std::collections::BTreeSet<usize>,
         alone: bool,
     ) -> Result<(), TestCaseError> {
+        // The threads of the last case's front ends (ended with them, also
+        // when that case failed) are joined before the tables are made
+        // again: front end ids start at 1 in each case.
+        static THREADS: std::sync::Mutex<Vec<std::thread::JoinHandle<()>>> =
+            std::sync::Mutex::new(Vec::new());
+        let join_all = || {
+            let threads: Vec<_> = THREADS
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .drain(..)
+                .collect();
+            for thread in threads {
+                let _ = thread.join();
+            }
+        };
+        join_all();
         let config = database(alone);
         testdb::drop_tables(&config);
         // One oid at a time from the database, so that the two front
         // ends hand out the model's sequence between them.
         let a = std::sync::Arc::new(PgBackend::open_with(config.clone().into(), 1).unwrap());
         a.serve_snapshot_reads(!alone);
-        let mut threads = Vec::new();
+        let started = |thread: Option<std::thread::JoinHandle<()>>| {
+            THREADS
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .extend(thread);
+        };
         if alone {
             a.alone_quickly();
-            threads.extend(PgBackend::start_alone(&a, std::time::Duration::ZERO));
+            started(PgBackend::start_alone(&a, std::time::Duration::ZERO));
         }
         let memory = MemoryBackend::new();
         let on_a: Vec<Box<dyn Session + '_>> = vec![a.open_session(), a.open_session()];
@@ -418,7 +439,7 @@ mod on_postgres {
             b.serve_snapshot_reads(!alone);
             if alone {
                 b.alone_quickly();
-                threads.extend(PgBackend::start_alone(&b, std::time::Duration::ZERO));
+                started(PgBackend::start_alone(&b, std::time::Duration::ZERO));
             }
             let on_b = b.open_session();
             while n < ops.len() {
@@ -516,13 +537,9 @@ mod on_postgres {
             // The step at the replacement is taken by the new one.
             last_replaced = Some(n);
         }
-        // The threads end with their backends, before the next case makes the
-        // tables again.
         drop(on_a);
         drop(a);
-        for thread in threads {
-            thread.join().unwrap();
-        }
+        join_all();
         Ok(())
     }
 

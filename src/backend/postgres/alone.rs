@@ -250,7 +250,13 @@ impl PgBackend {
                     }
                     if fresh {
                         match backend.alone_conn() {
-                            Ok(c) => conn = Some(c),
+                            Ok(c) => {
+                                conn = Some(c);
+                                // What was seen on the last connection may
+                                // be rolled back (renewals are not flushed):
+                                // a takeover counts from a read on this one.
+                                other = None;
+                            }
                             Err(e) => {
                                 tracing::debug!("no connection to hold the database alone: {e}");
                                 continue;
@@ -302,6 +308,7 @@ impl PgBackend {
                                 tracing::debug!("holding the database alone failed: {e}");
                             }
                             failing = true;
+                            other = None;
                             conn = None;
                         }
                     }
@@ -347,6 +354,9 @@ impl PgBackend {
         fresh: bool,
         other: &mut Option<(i64, i64, Instant)>,
     ) -> Result<bool> {
+        if fresh {
+            self.state.lock().forget();
+        }
         // Another's hold, read without the order: the order is not taken
         // (delaying commits) while that hold is alive.
         let (holder, renewals) = read_alone(conn)?;
@@ -363,13 +373,7 @@ impl PgBackend {
                 }
             }
         }
-        let foreign = {
-            let mut st = self.state.lock();
-            if fresh {
-                st.forget();
-            }
-            st.foreign
-        };
+        let foreign = self.state.lock().foreign;
         let sent = Instant::now();
         let (tid, holder) = self.read_log(conn, true)?;
         /// What the take found.
@@ -439,7 +443,12 @@ impl PgBackend {
                 // The take is flushed before it is relied on: a waiting
                 // front end must never find it lost.
                 conn.batch("SET LOCAL synchronous_commit = on; COMMIT")?;
-                self.state.lock().alone_until = Some(sent + LEASE);
+                // Not if a commit's outcome became unknown meanwhile, nor
+                // once closed (as for a renewal).
+                let mut st = self.state.lock();
+                if !st.alone_recheck && !self.closed.load(Ordering::Acquire) {
+                    st.alone_until = Some(sent + LEASE);
+                }
                 tracing::info!(
                     "no other front end commits: this one holds the database alone, and \
                      serves loads and syncs from memory"
