@@ -141,10 +141,7 @@ impl PgBackend {
     /// Whether this front end holds the database alone now (and may answer
     /// from memory what only the database's present could tell).
     pub(super) fn alone(&self) -> bool {
-        self.state
-            .lock()
-            .alone_until
-            .is_some_and(|until| Instant::now() < until)
+        self.state.lock().alone()
     }
 
     /// The bytes of records kept for loads while alone.
@@ -359,7 +356,7 @@ impl PgBackend {
         }
         // Another's hold, read without the order: the order is not taken
         // (delaying commits) while that hold is alive.
-        let (holder, renewals) = read_alone(conn)?;
+        let (holder, renewals, _) = read_alone(conn)?;
         if holder != 0 && holder != self.front_end {
             match *other {
                 Some((h, r, since)) if (h, r) == (holder, renewals) => {
@@ -396,18 +393,9 @@ impl PgBackend {
                 let Some((h, r, _)) = *other else {
                     return Ok(Take::Not);
                 };
-                let over = conn.execute(
-                    "UPDATE durus_alone SET holder = 0, wanted = 0 \
-                     WHERE id = 1 AND holder = $1 AND renewals = $2",
-                    &[&h, &r],
-                )?;
-                if over != 1 {
+                if !take_over(conn, h, r)? {
                     return Ok(Take::Not);
                 }
-                tracing::warn!(
-                    "front end {h} held the database alone and stopped renewing its hold: \
-                     taken over"
-                );
             }
             let unaware: i64 = conn.query(
                 "SELECT count(*) FROM durus_front_ends f \
@@ -430,10 +418,7 @@ impl PgBackend {
             if rows.first().is_some_and(|r| r.get::<_, i64>(0) == 0) {
                 Ok(Take::Taken)
             } else {
-                conn.execute(
-                    "UPDATE durus_alone SET holder = 0, wanted = 0 WHERE id = 1",
-                    &[],
-                )?;
+                give_up(conn, self.front_end)?;
                 Ok(Take::GiveWay)
             }
         })();
@@ -544,18 +529,8 @@ impl PgBackend {
                 &[&holder],
             )
         };
-        let read = |conn: &mut Conn| -> Result<(i64, i64, i64)> {
-            let rows = conn.query(
-                "SELECT holder, renewals, wanted FROM durus_alone WHERE id = 1",
-                &[],
-            )?;
-            let row = rows
-                .first()
-                .ok_or_else(|| database("the row of durus_alone (id 1) is missing"))?;
-            Ok((row.get(0), row.get(1), row.get(2)))
-        };
         ask(conn, holder)?;
-        let (h, r, _) = read(conn)?;
+        let (h, r, _) = read_alone(conn)?;
         let mut seen = (h, r);
         // Counted from the answer: a renewal it shows was sent before.
         let mut since = Instant::now();
@@ -564,19 +539,8 @@ impl PgBackend {
             if holder == 0 || holder == self.front_end {
                 return Ok(());
             }
-            if since.elapsed() >= TAKEOVER {
-                let taken = conn.execute(
-                    "UPDATE durus_alone SET holder = 0, wanted = 0 \
-                     WHERE id = 1 AND holder = $1 AND renewals = $2",
-                    &[&holder, &renewals],
-                )?;
-                if taken == 1 {
-                    tracing::warn!(
-                        "front end {holder} held the database alone and stopped renewing its \
-                         hold: taken over"
-                    );
-                    return Ok(());
-                }
+            if since.elapsed() >= TAKEOVER && take_over(conn, holder, renewals)? {
+                return Ok(());
             }
             if started.elapsed() >= GIVE_WAY_LIMIT {
                 return Err(database(format!(
@@ -586,7 +550,7 @@ impl PgBackend {
                 )));
             }
             std::thread::sleep(POLL);
-            let (h, r, wanted) = read(conn)?;
+            let (h, r, wanted) = read_alone(conn)?;
             if (h, r) != seen {
                 since = Instant::now();
                 seen = (h, r);
@@ -600,13 +564,34 @@ impl PgBackend {
     }
 }
 
-/// The holder of `durus_alone` and its renewals.
-fn read_alone(conn: &mut Conn) -> Result<(i64, i64)> {
-    let rows = conn.query("SELECT holder, renewals FROM durus_alone WHERE id = 1", &[])?;
+/// The holder of `durus_alone`, its renewals, and whether it is asked to
+/// give way.
+fn read_alone(conn: &mut Conn) -> Result<(i64, i64, i64)> {
+    let rows = conn.query(
+        "SELECT holder, renewals, wanted FROM durus_alone WHERE id = 1",
+        &[],
+    )?;
     let row = rows
         .first()
         .ok_or_else(|| database("the row of durus_alone (id 1) is missing"))?;
-    Ok((row.get(0), row.get(1)))
+    Ok((row.get(0), row.get(1), row.get(2)))
+}
+
+/// Clears the hold of front end `holder` if its renewals are still at
+/// `renewals` (they stopped: see [`TAKEOVER`]). Returns whether it did.
+fn take_over(conn: &mut Conn, holder: i64, renewals: i64) -> Result<bool> {
+    let over = conn.execute(
+        "UPDATE durus_alone SET holder = 0, wanted = 0 \
+         WHERE id = 1 AND holder = $1 AND renewals = $2",
+        &[&holder, &renewals],
+    )?;
+    if over == 1 {
+        tracing::warn!(
+            "front end {holder} held the database alone and stopped renewing its hold: \
+             taken over"
+        );
+    }
+    Ok(over == 1)
 }
 
 /// Clears the row if front end `front_end` holds it (serving from memory

@@ -658,6 +658,12 @@ impl State {
         self.known = tid;
     }
 
+    /// Whether this front end holds the database alone now (see `alone`).
+    fn alone(&self) -> bool {
+        self.alone_until
+            .is_some_and(|until| std::time::Instant::now() < until)
+    }
+
     /// Forgets what was learned of the stored records (the database may
     /// no longer hold what they were learned from).
     fn forget(&mut self) {

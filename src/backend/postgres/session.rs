@@ -124,40 +124,48 @@ impl Session for PgSession<'_> {
         let backend = self.backend;
         // Alone, the records kept are the database's (see `alone`); else
         // every record is read with its tid.
-        let (mut found, epoch, known) = {
+        let (hits, epoch, known) = {
             let st = backend.state.lock();
-            let mut found: HashMap<Oid, (u64, Arc<[u8]>)> = HashMap::new();
-            if st.alone_until.is_some_and(|until| Instant::now() < until) {
+            let mut hits: HashMap<Oid, (u64, Arc<[u8]>)> = HashMap::new();
+            if st.alone() {
                 for oid in oids {
                     if let Some(hit) = st.cache.get(*oid) {
-                        found.insert(*oid, hit);
+                        hits.insert(*oid, hit);
                     }
                 }
             }
-            (found, st.epoch, st.known)
+            (hits, st.epoch, st.known)
         };
         let missing: Vec<Oid> = oids
             .iter()
-            .filter(|o| !found.contains_key(o))
+            .filter(|o| !hits.contains_key(o))
             .copied()
             .collect();
-        if missing.is_empty() {
+        let read = if missing.is_empty() {
             backend
                 .loads_from_memory
                 .fetch_add(1, AtomicOrdering::Relaxed);
+            HashMap::new()
         } else {
             let read = backend.pool.read(|conn| backend.fetch(conn, &missing))?;
+            // Kept only if nothing changed meanwhile: as of `known` (copied
+            // only then).
             let mut st = backend.state.lock();
-            // Kept only if nothing changed meanwhile: as of `known`.
-            let keep = st.epoch == epoch && backend.keep_records.load(AtomicOrdering::Acquire);
-            for (oid, (tid, bytes)) in read {
-                let data: Arc<[u8]> = bytes.into();
-                if keep && tid <= known {
-                    st.cache.insert(oid, tid, data.clone());
+            if st.epoch == epoch && backend.keep_records.load(AtomicOrdering::Acquire) {
+                for (oid, (tid, bytes)) in &read {
+                    if *tid <= known {
+                        st.cache.insert(*oid, *tid, Arc::from(&bytes[..]));
+                    }
                 }
-                found.insert(oid, (tid, data));
             }
-        }
+            read
+        };
+        let found = |oid: &Oid| -> Option<(u64, &[u8])> {
+            match hits.get(oid) {
+                Some((tid, data)) => Some((*tid, &data[..])),
+                None => read.get(oid).map(|(tid, data)| (*tid, &data[..])),
+            }
+        };
         let flags = || -> (Vec<bool>, u64) {
             let st = self.backend.state.lock();
             let data = st.sessions.get(&self.id);
@@ -175,16 +183,16 @@ impl Session for PgSession<'_> {
         if oids
             .iter()
             .zip(&invalid)
-            .any(|(o, i)| !i && !found.contains_key(o))
+            .any(|(o, i)| !i && found(o).is_none())
         {
             self.backend.catch_up()?;
             invalid = flags().0;
         }
         for (oid, invalid) in oids.iter().zip(invalid) {
-            let answer = match found.get(oid) {
+            let answer = match found(oid) {
                 _ if invalid => Found::Invalid,
                 // Written by a commit this session was not told of yet.
-                Some((tid, _)) if *tid > seen => Found::Invalid,
+                Some((tid, _)) if tid > seen => Found::Invalid,
                 Some((_, bytes)) => Found::Record(bytes),
                 None => Found::Missing,
             };
