@@ -649,3 +649,21 @@ fn file_commands_given_an_unreachable_database_say_so() {
     assert_eq!(out.status.code(), Some(2), "{text}");
     assert!(text.contains("gc --full"), "{text}");
 }
+
+/// `--alone-after` takes seconds or `never`; anything else is refused
+/// before anything is opened, naming what it takes.
+#[test]
+fn serve_refuses_an_alone_after_that_is_neither_seconds_nor_never() {
+    for bad in ["soon", "-1", "NaN"] {
+        let out = bin()
+            .args(["serve", "--memory", "--port", "0"])
+            .arg(format!("--alone-after={bad}"))
+            .output_within(common::LIMIT);
+        let text = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{bad}: {text}");
+        assert!(
+            text.contains("neither a number of seconds") && text.contains("never"),
+            "{bad}: {text}"
+        );
+    }
+}
