@@ -26,6 +26,18 @@
 //! sessions are told at its own commits, and a load is answered from the
 //! record cache (records as of the last commit known, each forgotten when a
 //! commit changes it) or, for what it does not hold, from the database.
+//!
+//! A commit while held need not take the order first either: its
+//! invalidations are what the sessions were told (see `commit_alone` in
+//! `session`). With nobody waiting behind it, it is checked from what the
+//! front end knows is stored and written in one statement outside a
+//! transaction, flushed before it is answered: one database round trip
+//! where taking the order, writing and committing take three. The
+//! statement writes only if the order row is still at the tid the commit
+//! was given (and its log entry's tid is free): a commit of another front
+//! end in between (a hold lost, a failover) makes it fail, changing
+//! nothing. A front end giving the database up waits for such commits to
+//! end first, so that none fails for it.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -170,6 +182,12 @@ impl PgBackend {
     #[cfg(test)]
     pub(crate) fn loads_from_memory(&self) -> u64 {
         self.loads_from_memory.load(Ordering::Relaxed)
+    }
+
+    /// Commits written in one statement, without taking the order.
+    #[cfg(test)]
+    pub(crate) fn alone_commits(&self) -> u64 {
+        self.alone_commits.load(Ordering::Relaxed)
     }
 
     /// Runs on a thread of its own, for as long as the backend lives: takes
@@ -354,6 +372,11 @@ impl PgBackend {
         if fresh {
             self.state.lock().forget();
         }
+        // A commit that entered while this front end held the database
+        // (and that has not taken the order: see `commit_alone`) ends
+        // first: no other front end is let in before it, and none enters
+        // so since (serving from memory has stopped).
+        self.alone_commits_ended();
         // Another's hold, read without the order: the order is not taken
         // (delaying commits) while that hold is alive.
         let (holder, renewals, _) = read_alone(conn)?;
@@ -472,8 +495,10 @@ impl PgBackend {
             return Ok(false);
         };
         if row.get::<_, i64>(0) != 0 {
-            // Serving from memory stops before the row says so.
+            // Serving from memory stops before the row says so, and the
+            // commits that entered alone end.
             self.state.lock().alone_until = None;
+            self.alone_commits_ended();
             give_up(conn, self.front_end)?;
             tracing::info!("another front end commits: loads read the database again");
             return Ok(false);
@@ -496,6 +521,7 @@ impl PgBackend {
         if !self.keep_records.load(Ordering::Acquire) {
             return;
         }
+        self.alone_commits_ended();
         let given = self
             .pool
             .get()
@@ -506,6 +532,16 @@ impl PgBackend {
                  for this one's hold to run out"
             );
         }
+    }
+
+    /// Returns once every commit that entered without taking the order
+    /// (this front end held the database alone: see `commit_alone`) has
+    /// ended. Called once serving from memory has stopped, so that none
+    /// enters so meanwhile; never with the order row taken (such a commit
+    /// may be waiting for it).
+    fn alone_commits_ended(&self) {
+        debug_assert!(!self.state.lock().alone());
+        drop(self.order.lock());
     }
 
     /// A commit's `COMMIT` failed: whether it was applied is unknown.

@@ -250,6 +250,20 @@ impl PgBackend {
             fail(&mut answers, &e);
             return Err(e);
         }
+        self.committed(&batch, last, written);
+        for i in 0..n {
+            if !(ending && i == n - 1) {
+                answers.give(i, Ok(barrier));
+            }
+        }
+        Ok(barrier)
+    }
+
+    /// Takes in the commits of `batch`, just committed (under `catch_up`),
+    /// the last with tid `last`: tells the sessions, learns what it read
+    /// and wrote (`written`: the last chunk of each record its kept
+    /// commits wrote).
+    pub(super) fn committed(&self, batch: &Batch, last: u64, written: Vec<(Oid, i32)>) {
         let mut st = self.state.lock();
         st.pending.clear();
         // A commit is told to every session but its own and those of the
@@ -280,13 +294,6 @@ impl PgBackend {
                 .chain(batch.written.iter().copied())
                 .map(|(o, last)| (o, Some(last))),
         );
-        drop(st);
-        for i in 0..n {
-            if !(ending && i == n - 1) {
-                answers.give(i, Ok(barrier));
-            }
-        }
-        Ok(barrier)
     }
 
     /// Checks a commit of `session` before `batch` keeps it, against what

@@ -34,7 +34,10 @@
 //! after a barrier, a one-row update committed synchronously on another
 //! connection after it, which returns only once the WAL is flushed (and,
 //! with a synchronous standby, replicated) past the commit. Commits that
-//! finish together share one barrier.
+//! finish together share one barrier. A commit with nobody waiting behind
+//! it is flushed by its own `COMMIT` instead (nobody would be let in
+//! early), and a front end alone writes such a commit in one statement
+//! outside a transaction, flushed before it returns (see `alone`).
 //!
 //! Loads read the record with its tid: one written after the session's last
 //! sync is answered `Invalid`, as one invalidated is, so a session never
@@ -213,16 +216,20 @@ fn is_lock_timeout(e: &StorageError) -> bool {
 /// syntax or access rule (42); not a timeout, a lost lock or a broken
 /// connection (see [`db_error`]'s format: `message (CODE): severity`).
 fn is_unsupported(e: &StorageError) -> bool {
+    sqlstate(e).is_some_and(|c| c.starts_with("26") || c.starts_with("0A") || c.starts_with("42"))
+}
+
+/// The SQLSTATE of a database's error (see [`db_error`]'s format:
+/// `message (CODE): severity`).
+fn sqlstate(e: &StorageError) -> Option<&str> {
     let StorageError::Database { detail } = e else {
-        return false;
+        return None;
     };
-    let code = detail
+    detail
         .rsplit_once("): ")
         .and_then(|(head, _)| head.rsplit_once(" ("))
-        .map(|(_, code)| code);
-    code.is_some_and(|c| {
-        c.len() == 5 && (c.starts_with("26") || c.starts_with("0A") || c.starts_with("42"))
-    })
+        .map(|(_, code)| code)
+        .filter(|c| c.len() == 5)
 }
 
 /// An oid as the database's bigint (the same 64 bits).
@@ -302,19 +309,21 @@ fn holder_of(messages: &[SimpleQueryMessage], at: usize) -> Result<i64> {
     Err(database("the row of durus_alone (id 1) is missing"))
 }
 
-/// `BEGIN`, a lock of the order row, the log past `known` and the holder
-/// of `durus_alone`, by the statements of [`TAKE_ORDER`] on `conn`, in one
+/// `begin` (`BEGIN`, and the statements that set the transaction up), a
+/// lock of the order row, the log past `known` and the holder of
+/// `durus_alone`, by the statements of [`TAKE_ORDER`] on `conn`, in one
 /// round trip: the row's tid, the entries up to it, the holder.
-fn take_prepared(conn: &mut Conn, known: u64) -> Result<(u64, Vec<LogEntry>, i64)> {
+fn take_prepared(conn: &mut Conn, begin: &str, known: u64) -> Result<(u64, Vec<LogEntry>, i64)> {
     let messages = conn
         .client
         .simple_query(&format!(
-            "BEGIN; EXECUTE durus_take_order; EXECUTE durus_read_log({known}); \
+            "{begin}; EXECUTE durus_take_order; EXECUTE durus_read_log({known}); \
              EXECUTE durus_alone_holder"
         ))
         .map_err(db_error)?;
-    let (tid, entries) = order_and_log(&messages, 1)?;
-    Ok((tid, entries, holder_of(&messages, 3)?))
+    let at = begin.split(';').count();
+    let (tid, entries) = order_and_log(&messages, at)?;
+    Ok((tid, entries, holder_of(&messages, at + 2)?))
 }
 
 /// The order's tid and the log entries from the rows of [`READ_LOG`].
@@ -785,6 +794,9 @@ pub(crate) struct PgBackend {
     closed: std::sync::atomic::AtomicBool,
     /// Load requests answered from memory (see `alone`).
     loads_from_memory: AtomicU64,
+    /// Commits written in one statement, without taking the order (see
+    /// `alone`).
+    alone_commits: AtomicU64,
     /// Records read are kept (`State::cache`): this front end may hold the
     /// database alone.
     keep_records: std::sync::atomic::AtomicBool,
@@ -883,6 +895,7 @@ impl PgBackend {
             packs_waiting: AtomicU64::new(0),
             closed: std::sync::atomic::AtomicBool::new(false),
             loads_from_memory: AtomicU64::new(0),
+            alone_commits: AtomicU64::new(0),
             keep_records: std::sync::atomic::AtomicBool::new(false),
             #[cfg(test)]
             alone_quick: std::sync::atomic::AtomicBool::new(false),
@@ -969,7 +982,11 @@ impl PgBackend {
         if let Err(e) = conn.batch("SET bytea_output = hex") {
             tracing::info!("the database refused SET bytea_output = hex ({e})");
         }
-        if let Err(e) = conn.batch("SET synchronous_commit = off") {
+        // The flush is deferred transaction by transaction (see
+        // `begin_order`): a commit written in one statement, outside a
+        // transaction (see `alone`), is flushed before it is answered.
+        if let Err(e) = conn.batch("BEGIN; SET LOCAL synchronous_commit = off; COMMIT") {
+            let _ = conn.batch("ROLLBACK");
             tracing::warn!(
                 "the database refused synchronous_commit = off ({e}): each commit is flushed \
                  while it holds the commit order"
@@ -989,6 +1006,17 @@ impl PgBackend {
         Ok(conn)
     }
 
+    /// What begins a transaction taking the order: `BEGIN`, and with the
+    /// WAL's flush deferred (see [`flush_barrier`](Self::flush_barrier))
+    /// unless the database refused it.
+    fn begin_order(&self) -> &'static str {
+        if self.deferred_flush.load(Ordering::Relaxed) {
+            "BEGIN; SET LOCAL synchronous_commit = off"
+        } else {
+            "BEGIN"
+        }
+    }
+
     /// Reads the order's tid and the commit log past what this front end
     /// knows, in one round trip on `conn` (`begin`: first `BEGIN` and a
     /// lock of the order row, whose tid is then the log's end, and last
@@ -997,8 +1025,9 @@ impl PgBackend {
     /// not `begin`).
     fn read_log(&self, conn: &mut Conn, begin: bool) -> Result<(u64, i64)> {
         let known = self.state.lock().known;
+        let start = self.begin_order();
         let prepared = if begin && conn.take_prepared {
-            match take_prepared(conn, known) {
+            match take_prepared(conn, start, known) {
                 Err(e) if !conn.client.is_closed() && is_unsupported(&e) => {
                     // A database that prepared the statements but cannot
                     // run them: the plain statements, from now on (not
@@ -1026,13 +1055,14 @@ impl PgBackend {
             let messages = conn
                 .client
                 .simple_query(&format!(
-                    "BEGIN; SELECT tid FROM durus_order WHERE id = 1 FOR UPDATE; \
+                    "{start}; SELECT tid FROM durus_order WHERE id = 1 FOR UPDATE; \
                      SELECT tid, oids FROM durus_log WHERE tid > {known} ORDER BY tid; \
                      SELECT holder FROM durus_alone WHERE id = 1"
                 ))
                 .map_err(db_error)?;
-            let (tid, entries) = order_and_log(&messages, 1)?;
-            (tid, entries, holder_of(&messages, 3)?)
+            let at = start.split(';').count();
+            let (tid, entries) = order_and_log(&messages, at)?;
+            (tid, entries, holder_of(&messages, at + 2)?)
         } else {
             // One prepared statement, one snapshot: the order row and the
             // log as one commit left them (a commit moves both at once).

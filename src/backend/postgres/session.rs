@@ -288,23 +288,32 @@ impl Session for PgSession<'_> {
                 pending.sort_unstable();
                 *self.told_pending.borrow_mut() = pending;
                 backend.batched.fetch_add(1, AtomicOrdering::Relaxed);
-                return Ok(batch.tid);
+                return Ok((batch.tid, false));
             }
             if order.conn.as_ref().is_none_or(|c| c.client.is_closed()) {
                 order.conn = Some(backend.order_conn().map_err(|e| (e, true))?);
+            } else {
+                // Alone, no other front end commits: the sessions were
+                // told every commit, and the order is taken only if the
+                // commit needs it (see `commit_alone`).
+                let st = backend.state.lock();
+                if st.alone() {
+                    return Ok((st.known, true));
+                }
             }
             backend
                 .take_order(order.conn.as_mut().expect("just connected"))
+                .map(|tid| (tid, false))
                 .map_err(|e| (e, true))
         });
         // The hold of a batch this commit opens counts from here: the wait
         // for the row (held by another front end's batch, or a reconnection)
         // is not time the row was held.
         let entered = Instant::now();
-        let (tid, failed) = match taken {
-            Ok(tid) => {
+        let (tid, alone, failed) = match taken {
+            Ok((tid, alone)) => {
                 self.just_ordered.set(true);
-                (tid, None)
+                (tid, alone, None)
             }
             Err((e, database)) => {
                 if database {
@@ -313,13 +322,14 @@ impl Session for PgSession<'_> {
                         order.conn = None;
                     }
                 }
-                (0, Some(e))
+                (0, false, Some(e))
             }
         };
         Entry::Now(Box::new(PgOrder {
             session: self,
             order: Some(order),
             tid,
+            alone,
             entered,
             failed,
         }))
@@ -334,6 +344,10 @@ struct PgOrder<'a> {
     /// The last commit's tid when the order was taken (in the database, or
     /// in the open batch).
     tid: u64,
+    /// Entered while this front end held the database alone: the order
+    /// row is not taken (no transaction is open), the sessions were told
+    /// up to `tid` (see `commit_alone`).
+    alone: bool,
     /// When the order was taken (a batch's start, if this commit opens one).
     entered: Instant,
     /// Why the order could not be taken (the commit then fails with it).
@@ -355,7 +369,8 @@ impl Drop for PgOrder<'_> {
             {
                 tracing::warn!("a batch of commits was not committed: {e}");
             }
-        } else if let Some(conn) = slot.conn.as_mut()
+        } else if !self.alone
+            && let Some(conn) = slot.conn.as_mut()
             && conn.batch("ROLLBACK").is_err()
         {
             slot.conn = None;
@@ -464,6 +479,178 @@ impl PgOrder<'_> {
     }
 }
 
+/// A commit entered alone, and the database's order found elsewhere than
+/// the tid it was given: another front end committed meanwhile (a hold
+/// lost), or the database lost commits (a failover).
+fn changed_meanwhile() -> StorageError {
+    database(
+        "the database's commit order moved while this front end held it alone (another \
+         front end committed, or the database lost commits): this commit was not applied; \
+         sync and try again",
+    )
+}
+
+impl PgOrder<'_> {
+    /// A commit entered alone, with nobody waiting behind it: checked from
+    /// what this front end knows is stored (the oids it does not know read
+    /// first, in one round trip), then written in one statement outside a
+    /// transaction, flushed when it returns. The statement writes only if
+    /// the order row is still at the commit's tid (see `alone`). `None`:
+    /// nothing done, the commit needs the order taken (a record that
+    /// shrank: its extra chunks are removed in the same transaction).
+    fn commit_alone(
+        &mut self,
+        slot: &mut OrderSlot,
+        records: &BTreeMap<Oid, Record>,
+    ) -> Option<Result<()>> {
+        let backend = self.session.backend;
+        let conn = slot.conn.as_mut().expect("entered alone on a connection");
+        let mut asked: Vec<Oid> = records
+            .keys()
+            .copied()
+            .chain(records.values().flat_map(|r| r.refs()))
+            .collect();
+        asked.sort_unstable();
+        asked.dedup();
+        let mut known: HashMap<Oid, Option<i32>> = HashMap::with_capacity(asked.len());
+        let mut unknown: Vec<i64> = Vec::new();
+        {
+            let st = backend.state.lock();
+            if st.known != self.tid {
+                // The log was read since (a snapshot load), and showed a
+                // commit of another front end.
+                return Some(Err(changed_meanwhile()));
+            }
+            for oid in &asked {
+                match st.stored.get(oid) {
+                    Some(fact) => {
+                        known.insert(*oid, *fact);
+                    }
+                    None => unknown.push(key(*oid)),
+                }
+            }
+        }
+        if !unknown.is_empty() {
+            backend.join_reads.fetch_add(1, AtomicOrdering::Relaxed);
+            let read = conn.query(
+                "SELECT oid, max(chunk) FROM durus_records WHERE oid = ANY($1) GROUP BY oid",
+                &[&unknown],
+            );
+            let rows = match read {
+                Ok(rows) => rows,
+                Err(e) => {
+                    if conn.client.is_closed() {
+                        slot.conn = None;
+                    }
+                    return Some(Err(e));
+                }
+            };
+            let found: HashMap<i64, i32> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+            for k in unknown {
+                known.insert(oid_of(k), found.get(&k).copied());
+            }
+        }
+        let stored: HashMap<Oid, i32> = known
+            .iter()
+            .filter_map(|(o, last)| last.map(|l| (*o, l)))
+            .collect();
+        if let Err(e) = self.validate(records, &stored) {
+            return Some(Err(e));
+        }
+        let tid = self.tid + 1;
+        let mut chunks = Chunks::default();
+        let mut written = Vec::with_capacity(records.len());
+        let mut created = 0i64;
+        for (oid, record) in records {
+            let n = chunks.push(*oid, record);
+            match known.get(oid).copied().flatten() {
+                None => created += 1,
+                Some(last) if last >= n => return None,
+                Some(_) => {}
+            }
+            written.push((*oid, n - 1));
+        }
+        let oids: Vec<Oid> = records.keys().copied().collect();
+        // Visible and told under `catch_up`, as a batch is.
+        let _log = backend.catch_up.lock();
+        let wrote = conn.query(
+            "WITH written AS (INSERT INTO durus_records (oid, chunk, tid, data) \
+                              SELECT o, c, $3, d \
+                              FROM unnest($1::bigint[], $2::int[], $4::bytea[]) AS t(o, c, d) \
+                              ON CONFLICT (oid, chunk) \
+                              DO UPDATE SET tid = excluded.tid, data = excluded.data), \
+                  logged AS (INSERT INTO durus_log (tid, oids, refs) VALUES ($3, $5, $6)), \
+                  ordered AS (UPDATE durus_order SET tid = $3, objects = objects + $7 \
+                              WHERE id = 1 AND tid = $3 - 1 RETURNING tid) \
+             SELECT 1 / count(*) FROM ordered",
+            &[
+                &chunks.oids,
+                &chunks.numbers,
+                &(tid as i64),
+                &chunks.data,
+                &oids_bytes(&oids),
+                &refs_bytes(records),
+                &created,
+            ],
+        );
+        if let Err(e) = wrote {
+            if conn.client.is_closed() {
+                // Whether it was applied is unknown: the log says.
+                slot.conn = None;
+                backend.outcome_unknown();
+                return Some(Err(e));
+            }
+            let code = super::sqlstate(&e);
+            if code == Some("22012") || code == Some("23505") {
+                // The order row moved on, or the log entry's tid was taken:
+                // another front end committed. What was kept may be stale.
+                tracing::warn!("{e}");
+                backend.outcome_unknown();
+                return Some(Err(changed_meanwhile()));
+            }
+            return Some(Err(e));
+        }
+        backend.alone_commits.fetch_add(1, AtomicOrdering::Relaxed);
+        let mut batch = Batch::new(self.tid, self.entered);
+        batch.known = known;
+        batch.written = written;
+        batch.members.push(Member {
+            session: self.session.id,
+            oids,
+            records: None,
+            answer: None,
+        });
+        backend.committed(&batch, tid, Vec::new());
+        Some(Ok(()))
+    }
+
+    /// A commit entered alone that needs the order (a batch, a record that
+    /// shrank): takes it, as a commit entering would have, and refuses the
+    /// commit if another front end committed since its tid (what its
+    /// client was told would be short of it).
+    fn take_late(&mut self, slot: &mut OrderSlot) -> Result<()> {
+        let backend = self.session.backend;
+        let conn = slot.conn.as_mut().expect("entered alone on a connection");
+        match backend.take_order(conn) {
+            Ok(tid) if tid == self.tid => {
+                self.alone = false;
+                Ok(())
+            }
+            Ok(_) => {
+                if conn.batch("ROLLBACK").is_err() {
+                    slot.conn = None;
+                }
+                Err(changed_meanwhile())
+            }
+            Err(e) => {
+                tracing::warn!("the commit order could not be taken: {e}");
+                slot.conn = None;
+                Err(e)
+            }
+        }
+    }
+}
+
 impl Order for PgOrder<'_> {
     fn commit(
         mut self: Box<Self>,
@@ -488,6 +675,22 @@ impl Order for PgOrder<'_> {
         // commit refused then changes nothing).
         let keep = slot.open.is_some()
             || (backend.batching() && backend.may_grow(1, self.entered, waiting));
+        if self.alone {
+            if !keep && let Some(result) = self.commit_alone(&mut slot, &records) {
+                let tid = self.tid + 1;
+                let snapshot = match &result {
+                    Ok(()) if want_snapshot => backend.snapshot_if_at(tid),
+                    Err(e) if want_snapshot && e.is_conflict() => backend.snapshot_if_at(self.tid),
+                    _ => None,
+                };
+                return (result, snapshot);
+            }
+            // The commit goes into a batch, or needs more than one
+            // statement: the order is taken now.
+            if let Err(e) = self.take_late(&mut slot) {
+                return (Err(e), None);
+            }
+        }
         let result = if keep {
             let opens = slot.open.is_none();
             let slot_ref = &mut *slot;

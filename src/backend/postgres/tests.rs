@@ -1915,3 +1915,128 @@ fn a_front_end_alone_whose_database_lost_commits_answers_from_the_database() {
     }
     a.close().unwrap();
 }
+
+/// Alone, a commit with nobody behind it is written in one statement
+/// without taking the order, and is stored as any other. The statement
+/// writes only if the order is still where the commit's invalidations
+/// were taken from: with the database's order moved back under the hold
+/// (it lost the last commit, as a failover to a standby without it would),
+/// or moved on (a commit of another front end despite the hold), the
+/// commit is refused and changes nothing, and the front end stops
+/// answering from memory.
+#[test]
+fn a_commit_alone_is_one_statement_and_is_refused_when_the_order_moved_under_it() {
+    let config = testdb::fresh("alone_commit");
+    let a = std::sync::Arc::new(PgBackend::open_with(config.clone().into(), 64).unwrap());
+    let sa = a.open_session();
+    commit_root(sa.as_ref(), b"one").unwrap();
+    let _thread = PgBackend::start_alone(&a, Duration::ZERO);
+    wait_alone(&a, Duration::from_secs(10));
+    let mut c = config.connect(NoTls).unwrap();
+    let tid = |c: &mut postgres::Client| number_of(c, "SELECT tid FROM durus_order WHERE id = 1");
+    let before = tid(&mut c);
+    commit_root(sa.as_ref(), b"two").unwrap();
+    assert_eq!(a.alone_commits(), 1, "not written in one statement");
+    assert_eq!(tid(&mut c), before + 1);
+    assert_eq!(
+        number_of(
+            &mut c,
+            &format!("SELECT count(*) FROM durus_log WHERE tid = {}", before + 1)
+        ),
+        1
+    );
+    let b = PgBackend::open_with(config.clone().into(), 64).unwrap();
+    assert_eq!(root_data(b.open_session().as_ref()), b"two");
+
+    // The order moved back: the statement finds it short of the commit's
+    // tid (its log entry's tid is free).
+    c.batch_execute(&format!(
+        "DELETE FROM durus_log WHERE tid = {}; UPDATE durus_order SET tid = {before} WHERE id = 1",
+        before + 1
+    ))
+    .unwrap();
+    wait_alone(&a, Duration::from_secs(5));
+    let refused = commit_root(sa.as_ref(), b"three").unwrap_err();
+    assert!(
+        refused.to_string().contains("not applied"),
+        "refused with: {refused}"
+    );
+    assert!(!a.alone(), "still answering from memory");
+    assert_eq!(tid(&mut c), before);
+    assert_eq!(
+        number_of(&mut c, "SELECT max(tid) FROM durus_records"),
+        before + 1,
+        "the refused commit wrote"
+    );
+    assert_eq!(
+        number_of(
+            &mut c,
+            &format!("SELECT count(*) FROM durus_log WHERE tid > {before}")
+        ),
+        0,
+        "the refused commit logged"
+    );
+    drop(sa);
+    a.close().unwrap();
+
+    // The order moved on: another front end's commit is where this one's
+    // would go.
+    let a = std::sync::Arc::new(PgBackend::open_with(config.clone().into(), 64).unwrap());
+    let sa = a.open_session();
+    commit_root(sa.as_ref(), b"four").unwrap();
+    let _thread = PgBackend::start_alone(&a, Duration::ZERO);
+    wait_alone(&a, Duration::from_secs(10));
+    let at = tid(&mut c);
+    c.batch_execute(&format!(
+        "INSERT INTO durus_log (tid, oids, refs) VALUES ({}, '\\x0000000000000000', ''); \
+         UPDATE durus_order SET tid = {} WHERE id = 1",
+        at + 1,
+        at + 1
+    ))
+    .unwrap();
+    let committed = a.alone_commits();
+    let refused = commit_root(sa.as_ref(), b"five").unwrap_err();
+    assert!(
+        refused.to_string().contains("not applied"),
+        "refused with: {refused}"
+    );
+    assert_eq!(a.alone_commits(), committed);
+    assert!(!a.alone(), "still answering from memory");
+    assert_eq!(tid(&mut c), at + 1);
+    assert_eq!(root_data(b.open_session().as_ref()), b"four");
+    // The next commit takes the order, and is told of the change.
+    let sb = a.open_session();
+    commit_root(sb.as_ref(), b"six").unwrap();
+    assert_eq!(root_data(b.open_session().as_ref()), b"six");
+    a.close().unwrap();
+    b.close().unwrap();
+}
+
+/// A front end alone gives way only once a commit that entered without
+/// taking the order has ended: the commit is not refused for the other
+/// front end, which waits and commits after it.
+#[test]
+fn a_front_end_alone_gives_way_after_the_commit_that_entered_alone() {
+    let config = testdb::fresh("alone_commit_gives_way");
+    let a = std::sync::Arc::new(PgBackend::open_with(config.clone().into(), 64).unwrap());
+    let sa = a.open_session();
+    commit_root(sa.as_ref(), b"one").unwrap();
+    let _thread = PgBackend::start_alone(&a, Duration::ZERO);
+    wait_alone(&a, Duration::from_secs(10));
+    drop(sa);
+    let b = PgBackend::open_with(config.clone().into(), 64).unwrap();
+    std::thread::scope(|scope| {
+        let first = scope.spawn(|| {
+            let s = a.open_session();
+            commit_root_after(s.as_ref(), b"a", Duration::from_millis(800))
+        });
+        std::thread::sleep(Duration::from_millis(100));
+        let second = scope.spawn(|| commit_root(b.open_session().as_ref(), b"b"));
+        first.join().unwrap().unwrap();
+        second.join().unwrap().unwrap();
+    });
+    assert_eq!(a.alone_commits(), 1, "not written in one statement");
+    assert_eq!(root_data(b.open_session().as_ref()), b"b");
+    a.close().unwrap();
+    b.close().unwrap();
+}
