@@ -32,6 +32,16 @@ pub enum Conflict {
     /// The server refused the commit (a remote storage's `I` answer).
     #[error("the server refused the commit as a write conflict")]
     Refused,
+    /// The commit order moved on between the commit's invalidations and
+    /// its write, unseen by the front end that served it (a database
+    /// front end that held the database alone lost its hold, or the
+    /// database lost commits): its client was not told of what came
+    /// between.
+    #[error(
+        "the database's commit order moved while this front end held it alone (another front \
+         end committed, or the database lost commits): nothing was written"
+    )]
+    OrderMoved,
     /// Oids this session read were changed by another session.
     #[error("oids changed by another session: {}", fmt_oids(.oids))]
     Invalidated {

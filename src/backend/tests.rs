@@ -374,7 +374,11 @@ mod on_postgres {
     /// up as it goes.) Fails too if no commit at all was written alone.
     #[test]
     fn two_postgres_front_ends_alone_by_turns_and_the_memory_model_answer_alike() {
-        let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig::with_cases(64));
+        // As `proptest!` does: failing cases are kept beside this file.
+        let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig {
+            source_file: Some(file!()),
+            ..ProptestConfig::with_cases(64)
+        });
         let cases = (
             proptest::collection::vec(op(), 1..50),
             proptest::collection::btree_set(1..50usize, 0..=2),

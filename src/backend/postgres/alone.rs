@@ -369,14 +369,14 @@ impl PgBackend {
         fresh: bool,
         other: &mut Option<(i64, i64, Instant)>,
     ) -> Result<bool> {
-        if fresh {
-            self.state.lock().forget();
-        }
         // A commit that entered while this front end held the database
         // (and that has not taken the order: see `commit_alone`) ends
         // first: no other front end is let in before it, and none enters
         // so since (serving from memory has stopped).
         self.alone_commits_ended();
+        if fresh {
+            self.state.lock().forget();
+        }
         // Another's hold, read without the order: the order is not taken
         // (delaying commits) while that hold is alive.
         let (holder, renewals, _) = read_alone(conn)?;
@@ -498,7 +498,20 @@ impl PgBackend {
             // Serving from memory stops before the row says so, and the
             // commits that entered alone end.
             self.state.lock().alone_until = None;
-            self.alone_commits_ended();
+            // The commits that entered alone end first, the hold renewed
+            // meanwhile: a client may take long to send its commit, and
+            // the front end that asked must not take the hold over from
+            // under it (the commit would be refused).
+            let tick = self.alone_pace().0;
+            while self.order.try_lock_for(tick).is_none() {
+                let renewed = conn.execute(
+                    "UPDATE durus_alone SET renewals = renewals + 1 WHERE id = 1 AND holder = $1",
+                    &[&self.front_end],
+                )?;
+                if renewed == 0 {
+                    return Ok(false);
+                }
+            }
             give_up(conn, self.front_end)?;
             tracing::info!("another front end commits: loads read the database again");
             return Ok(false);

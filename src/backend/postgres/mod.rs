@@ -408,6 +408,33 @@ fn oids_from(bytes: &[u8]) -> Result<Vec<Oid>> {
         .collect())
 }
 
+/// Makes the commits of `conn` wait for the WAL's flush whatever the
+/// database's default: a role or a server set to `synchronous_commit =
+/// off` would have a commit answered before it is durable. The other
+/// values (`local`, `remote_write`, `on`, `remote_apply`: what a standby
+/// must confirm) are the operator's, and kept.
+fn durable_commits(conn: &mut Conn) {
+    let off = conn
+        .client
+        .simple_query("SHOW synchronous_commit")
+        .ok()
+        .and_then(|messages| {
+            messages.iter().find_map(|m| match m {
+                SimpleQueryMessage::Row(row) => row.get(0).map(|v| v == "off"),
+                _ => None,
+            })
+        })
+        .unwrap_or(false);
+    if off {
+        tracing::info!(
+            "the database's synchronous_commit is off: set on for this front end's commits"
+        );
+        if let Err(e) = conn.batch("SET synchronous_commit = on") {
+            tracing::warn!("the database refused synchronous_commit = on ({e})");
+        }
+    }
+}
+
 /// A connection with its prepared statements.
 pub(crate) struct Conn {
     client: Client,
@@ -982,6 +1009,7 @@ impl PgBackend {
         if let Err(e) = conn.batch("SET bytea_output = hex") {
             tracing::info!("the database refused SET bytea_output = hex ({e})");
         }
+        durable_commits(&mut conn);
         // The flush is deferred transaction by transaction (see
         // `begin_order`): a commit written in one statement, outside a
         // transaction (see `alone`), is flushed before it is answered.
@@ -1134,7 +1162,9 @@ impl PgBackend {
     fn run_barrier(&self) -> Result<()> {
         let mut slot = self.barrier_conn.lock();
         if slot.as_ref().is_none_or(|c| c.client.is_closed()) {
-            *slot = Some(Conn::connect(&self.pool.config)?);
+            let mut conn = Conn::connect(&self.pool.config)?;
+            durable_commits(&mut conn);
+            *slot = Some(conn);
         }
         let conn = slot.as_mut().expect("just connected");
         let result = conn.execute(

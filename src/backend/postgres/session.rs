@@ -278,6 +278,8 @@ impl Session for PgSession<'_> {
             backend.order_waiting.fetch_sub(1, AtomicOrdering::AcqRel);
             order
         });
+        // What the front end knew when it entered alone (see `commit_alone`).
+        let mut epoch = 0;
         // A session that lost track of the database fails here, leaving the
         // order's connection (and what the front end knows) as it is.
         let taken = self.check_lost().map_err(|e| (e, false)).and_then(|()| {
@@ -298,6 +300,7 @@ impl Session for PgSession<'_> {
                 // commit needs it (see `commit_alone`).
                 let st = backend.state.lock();
                 if st.alone() {
+                    epoch = st.epoch;
                     return Ok((st.known, true));
                 }
             }
@@ -330,6 +333,7 @@ impl Session for PgSession<'_> {
             order: Some(order),
             tid,
             alone,
+            epoch,
             entered,
             failed,
         }))
@@ -348,6 +352,9 @@ struct PgOrder<'a> {
     /// row is not taken (no transaction is open), the sessions were told
     /// up to `tid` (see `commit_alone`).
     alone: bool,
+    /// `State::epoch` when it entered alone: a change since puts what the
+    /// commit is checked from in doubt.
+    epoch: u64,
     /// When the order was taken (a batch's start, if this commit opens one).
     entered: Instant,
     /// Why the order could not be taken (the commit then fails with it).
@@ -480,14 +487,11 @@ impl PgOrder<'_> {
 }
 
 /// A commit entered alone, and the database's order found elsewhere than
-/// the tid it was given: another front end committed meanwhile (a hold
-/// lost), or the database lost commits (a failover).
+/// the tid it was given, or what the front end knew was put in doubt
+/// meanwhile: another front end committed (a hold lost), or the database
+/// lost commits (a failover). A conflict: its client syncs and tries again.
 fn changed_meanwhile() -> StorageError {
-    database(
-        "the database's commit order moved while this front end held it alone (another \
-         front end committed, or the database lost commits): this commit was not applied; \
-         sync and try again",
-    )
+    crate::Conflict::OrderMoved.into()
 }
 
 impl PgOrder<'_> {
@@ -516,9 +520,10 @@ impl PgOrder<'_> {
         let mut unknown: Vec<i64> = Vec::new();
         {
             let st = backend.state.lock();
-            if st.known != self.tid {
-                // The log was read since (a snapshot load), and showed a
-                // commit of another front end.
+            if st.known != self.tid || st.epoch != self.epoch {
+                // The log was read since (a snapshot load) and showed a
+                // commit of another front end, or what this front end
+                // knew was forgotten.
                 return Some(Err(changed_meanwhile()));
             }
             for oid in &asked {
@@ -594,7 +599,9 @@ impl PgOrder<'_> {
             ],
         );
         if let Err(e) = wrote {
-            if conn.client.is_closed() {
+            // An error without the database's code: the connection, not
+            // the statement, failed.
+            if conn.client.is_closed() || super::sqlstate(&e).is_none() {
                 // Whether it was applied is unknown: the log says.
                 slot.conn = None;
                 backend.outcome_unknown();
@@ -604,7 +611,7 @@ impl PgOrder<'_> {
             if code == Some("22012") || code == Some("23505") {
                 // The order row moved on, or the log entry's tid was taken:
                 // another front end committed. What was kept may be stale.
-                tracing::warn!("{e}");
+                tracing::warn!("a commit entered alone was refused: {e}");
                 backend.outcome_unknown();
                 return Some(Err(changed_meanwhile()));
             }
@@ -632,7 +639,7 @@ impl PgOrder<'_> {
         let backend = self.session.backend;
         let conn = slot.conn.as_mut().expect("entered alone on a connection");
         match backend.take_order(conn) {
-            Ok(tid) if tid == self.tid => {
+            Ok(tid) if tid == self.tid && backend.state.lock().epoch == self.epoch => {
                 self.alone = false;
                 Ok(())
             }
@@ -640,6 +647,9 @@ impl PgOrder<'_> {
                 if conn.batch("ROLLBACK").is_err() {
                     slot.conn = None;
                 }
+                // The hold did not keep others out: what was kept may be
+                // stale.
+                backend.outcome_unknown();
                 Err(changed_meanwhile())
             }
             Err(e) => {

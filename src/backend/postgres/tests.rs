@@ -1958,10 +1958,17 @@ fn a_commit_alone_is_one_statement_and_is_refused_when_the_order_moved_under_it(
     wait_alone(&a, Duration::from_secs(5));
     let refused = commit_root(sa.as_ref(), b"three").unwrap_err();
     assert!(
-        refused.to_string().contains("not applied"),
+        matches!(
+            refused,
+            crate::StorageError::Conflict(crate::Conflict::OrderMoved)
+        ),
         "refused with: {refused}"
     );
-    assert!(!a.alone(), "still answering from memory");
+    // No longer answered from memory: the log is read (by the sync, or by
+    // the hold taken again), showing the loss, and the session closed.
+    sa.sync();
+    let lost = sa.load(&[Oid::ROOT], &mut |_| true).unwrap_err();
+    assert!(lost.to_string().contains("reconnect"), "{lost}");
     assert_eq!(tid(&mut c), before);
     assert_eq!(
         number_of(&mut c, "SELECT max(tid) FROM durus_records"),
@@ -1997,11 +2004,16 @@ fn a_commit_alone_is_one_statement_and_is_refused_when_the_order_moved_under_it(
     let committed = a.alone_commits();
     let refused = commit_root(sa.as_ref(), b"five").unwrap_err();
     assert!(
-        refused.to_string().contains("not applied"),
+        matches!(
+            refused,
+            crate::StorageError::Conflict(crate::Conflict::OrderMoved)
+        ),
         "refused with: {refused}"
     );
     assert_eq!(a.alone_commits(), committed);
-    assert!(!a.alone(), "still answering from memory");
+    // No longer answered from memory: the session is told of the commit
+    // it was not told of.
+    assert_eq!(sa.sync(), vec![Oid::ROOT]);
     assert_eq!(tid(&mut c), at + 1);
     assert_eq!(root_data(b.open_session().as_ref()), b"four");
     // The next commit takes the order, and is told of the change.
@@ -2013,8 +2025,9 @@ fn a_commit_alone_is_one_statement_and_is_refused_when_the_order_moved_under_it(
 }
 
 /// A front end alone gives way only once a commit that entered without
-/// taking the order has ended: the commit is not refused for the other
-/// front end, which waits and commits after it.
+/// taking the order has ended, renewing its hold meanwhile: the commit,
+/// whose client takes longer to send it than a takeover waits, is not
+/// refused for the other front end, which waits and commits after it.
 #[test]
 fn a_front_end_alone_gives_way_after_the_commit_that_entered_alone() {
     let config = testdb::fresh("alone_commit_gives_way");
@@ -2025,12 +2038,23 @@ fn a_front_end_alone_gives_way_after_the_commit_that_entered_alone() {
     wait_alone(&a, Duration::from_secs(10));
     drop(sa);
     let b = PgBackend::open_with(config.clone().into(), 64).unwrap();
+    let pause = super::alone::TAKEOVER + Duration::from_millis(1000);
     std::thread::scope(|scope| {
-        let first = scope.spawn(|| {
-            let s = a.open_session();
-            commit_root_after(s.as_ref(), b"a", Duration::from_millis(800))
+        let (entered, has_entered) = mpsc::channel();
+        let on_a = &*a;
+        let first = scope.spawn(move || {
+            let s = on_a.open_session();
+            let Entry::Now(order) = s.enter_order(&mut || unreachable!("blocks, never queues"))
+            else {
+                panic!("enter_order blocks until the order is had");
+            };
+            entered.send(()).unwrap();
+            std::thread::sleep(pause);
+            let mut records = BTreeMap::new();
+            records.insert(Oid::ROOT, Record::new(Oid::ROOT, b"a", &[]));
+            order.commit(records, false).0
         });
-        std::thread::sleep(Duration::from_millis(100));
+        has_entered.recv().unwrap();
         let second = scope.spawn(|| commit_root(b.open_session().as_ref(), b"b"));
         first.join().unwrap().unwrap();
         second.join().unwrap().unwrap();
@@ -2039,4 +2063,81 @@ fn a_front_end_alone_gives_way_after_the_commit_that_entered_alone() {
     assert_eq!(root_data(b.open_session().as_ref()), b"b");
     a.close().unwrap();
     b.close().unwrap();
+}
+
+/// A commit that entered alone and has another waiting behind it takes the
+/// order when its client sends it, and opens a batch the other joins; if
+/// the order moved on since it entered (another front end's commit behind
+/// the hold), it is refused as a conflict, and the other commits.
+#[test]
+fn a_commit_alone_with_another_behind_it_takes_the_order_late_and_checks_it() {
+    use std::sync::atomic::Ordering::{Acquire, Relaxed};
+    let config = testdb::fresh("alone_commit_late");
+    let a = std::sync::Arc::new(PgBackend::open_with(config.clone().into(), 64).unwrap());
+    a.max_hold_micros.store(60_000_000, Relaxed);
+    commit_root(a.open_session().as_ref(), b"one").unwrap();
+    let _thread = PgBackend::start_alone(&a, Duration::ZERO);
+    let mut c = config.connect(NoTls).unwrap();
+    // `behind`: move the order on once the first commit entered.
+    let mut round = |first: &[u8], second: &[u8], behind: bool| {
+        wait_alone(&a, Duration::from_secs(10));
+        let batched = a.batched.load(Relaxed);
+        std::thread::scope(|scope| {
+            let (entered, has_entered) = mpsc::channel();
+            let (go, wait_go) = mpsc::channel::<()>();
+            let on_a = &*a;
+            let first = scope.spawn(move || {
+                let s = on_a.open_session();
+                let Entry::Now(order) = s.enter_order(&mut || unreachable!("blocks, never queues"))
+                else {
+                    panic!("enter_order blocks until the order is had");
+                };
+                entered.send(()).unwrap();
+                wait_go.recv().unwrap();
+                let mut records = BTreeMap::new();
+                records.insert(Oid::ROOT, Record::new(Oid::ROOT, first, &[]));
+                order.commit(records, false).0
+            });
+            has_entered.recv().unwrap();
+            if behind {
+                let at = number_of(&mut c, "SELECT tid FROM durus_order WHERE id = 1");
+                c.batch_execute(&format!(
+                    "INSERT INTO durus_log (tid, oids, refs) \
+                     VALUES ({}, '\\x0000000000000000', ''); \
+                     UPDATE durus_order SET tid = {} WHERE id = 1",
+                    at + 1,
+                    at + 1
+                ))
+                .unwrap();
+            }
+            let second = scope.spawn(|| commit_root(a.open_session().as_ref(), second));
+            while a.order_waiting.load(Acquire) == 0 {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            go.send(()).unwrap();
+            let first = first.join().unwrap();
+            second.join().unwrap().unwrap();
+            (first, a.batched.load(Relaxed) - batched)
+        })
+    };
+    let (first, batched) = round(b"x", b"y", false);
+    first.unwrap();
+    assert_eq!(
+        batched, 1,
+        "the second commit did not join the first's batch"
+    );
+    assert_eq!(a.alone_commits(), 0);
+    assert_eq!(root_data(a.open_session().as_ref()), b"y");
+
+    let (first, batched) = round(b"p", b"q", true);
+    assert!(
+        matches!(
+            first,
+            Err(crate::StorageError::Conflict(crate::Conflict::OrderMoved))
+        ),
+        "{first:?}"
+    );
+    assert_eq!(batched, 0);
+    assert_eq!(root_data(a.open_session().as_ref()), b"q");
+    a.close().unwrap();
 }
