@@ -2141,3 +2141,27 @@ fn a_commit_alone_with_another_behind_it_takes_the_order_late_and_checks_it() {
     assert_eq!(root_data(a.open_session().as_ref()), b"q");
     a.close().unwrap();
 }
+
+/// A database whose default is `synchronous_commit = off` does not make a
+/// front end's commits undurable: the order's connection sets it `on`.
+#[test]
+fn commits_are_flushed_where_the_database_default_is_not_to() {
+    let config = testdb::fresh("sync_commit_off");
+    let name = config.get_dbname().unwrap().to_string();
+    let mut c = config.connect(NoTls).unwrap();
+    c.batch_execute(&format!(
+        "ALTER DATABASE {name} SET synchronous_commit = off"
+    ))
+    .unwrap();
+    let a = PgBackend::open_with(config.clone().into(), 64).unwrap();
+    commit_root(a.open_session().as_ref(), b"one").unwrap();
+    let mut order = a.order.lock();
+    let conn = order.conn.as_mut().expect("connected by the commit");
+    let shown = conn
+        .client
+        .query_one("SHOW synchronous_commit", &[])
+        .unwrap();
+    assert_eq!(shown.get::<_, String>(0), "on");
+    drop(order);
+    a.close().unwrap();
+}
