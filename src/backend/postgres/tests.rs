@@ -1678,6 +1678,44 @@ fn wait_alone(fe: &PgBackend, limit: Duration) {
     }
 }
 
+/// A front end over a new database `name`, the root committed as `root`,
+/// holding the database alone (taken as soon as it may), with its thread.
+fn alone_front_end(
+    name: &str,
+    root: &[u8],
+) -> (
+    postgres::Config,
+    std::sync::Arc<PgBackend>,
+    Option<std::thread::JoinHandle<()>>,
+) {
+    let config = testdb::fresh(name);
+    let fe = std::sync::Arc::new(PgBackend::open_with(config.clone().into(), 64).unwrap());
+    commit_root(fe.open_session().as_ref(), root).unwrap();
+    let thread = PgBackend::start_alone(&fe, Duration::ZERO);
+    wait_alone(&fe, Duration::from_secs(10));
+    (config, fe, thread)
+}
+
+/// On a new session of `fe`: enters the order, says so on `entered`,
+/// runs `meanwhile` (the client taking its time), and commits `data` as
+/// the root.
+fn enter_then_commit(
+    fe: &PgBackend,
+    data: &[u8],
+    entered: mpsc::Sender<()>,
+    meanwhile: impl FnOnce(),
+) -> crate::Result<()> {
+    let s = fe.open_session();
+    let Entry::Now(order) = s.enter_order(&mut || unreachable!("blocks, never queues")) else {
+        panic!("enter_order blocks until the order is had");
+    };
+    entered.send(()).unwrap();
+    meanwhile();
+    let mut records = BTreeMap::new();
+    records.insert(Oid::ROOT, Record::new(Oid::ROOT, data, &[]));
+    order.commit(records, false).0
+}
+
 /// Waits until the renewals of the hold of the database of `config` have
 /// stopped (for 300 ms): its holder's thread has ended.
 fn renewals_stop(config: &postgres::Config) {
@@ -1698,11 +1736,7 @@ fn renewals_stop(config: &postgres::Config) {
 /// stopped for longer than its lease; the other then holds it.
 #[test]
 fn a_front_end_that_dies_alone_is_taken_over_by_another_front_end_alone() {
-    let config = testdb::fresh("alone_taken_over_by_look");
-    let a = std::sync::Arc::new(PgBackend::open_with(config.clone().into(), 64).unwrap());
-    commit_root(a.open_session().as_ref(), b"one").unwrap();
-    let _a_thread = PgBackend::start_alone(&a, Duration::ZERO);
-    wait_alone(&a, Duration::from_secs(10));
+    let (config, a, _a_thread) = alone_front_end("alone_taken_over_by_look", b"one");
     a.alone_dies
         .store(true, std::sync::atomic::Ordering::Release);
     renewals_stop(&config);
@@ -1926,12 +1960,8 @@ fn a_front_end_alone_whose_database_lost_commits_answers_from_the_database() {
 /// answering from memory.
 #[test]
 fn a_commit_alone_is_one_statement_and_is_refused_when_the_order_moved_under_it() {
-    let config = testdb::fresh("alone_commit");
-    let a = std::sync::Arc::new(PgBackend::open_with(config.clone().into(), 64).unwrap());
+    let (config, a, _thread) = alone_front_end("alone_commit", b"one");
     let sa = a.open_session();
-    commit_root(sa.as_ref(), b"one").unwrap();
-    let _thread = PgBackend::start_alone(&a, Duration::ZERO);
-    wait_alone(&a, Duration::from_secs(10));
     let mut c = config.connect(NoTls).unwrap();
     let tid = |c: &mut postgres::Client| number_of(c, "SELECT tid FROM durus_order WHERE id = 1");
     let before = tid(&mut c);
@@ -2030,30 +2060,14 @@ fn a_commit_alone_is_one_statement_and_is_refused_when_the_order_moved_under_it(
 /// refused for the other front end, which waits and commits after it.
 #[test]
 fn a_front_end_alone_gives_way_after_the_commit_that_entered_alone() {
-    let config = testdb::fresh("alone_commit_gives_way");
-    let a = std::sync::Arc::new(PgBackend::open_with(config.clone().into(), 64).unwrap());
-    let sa = a.open_session();
-    commit_root(sa.as_ref(), b"one").unwrap();
-    let _thread = PgBackend::start_alone(&a, Duration::ZERO);
-    wait_alone(&a, Duration::from_secs(10));
-    drop(sa);
+    let (config, a, _thread) = alone_front_end("alone_commit_gives_way", b"one");
     let b = PgBackend::open_with(config.clone().into(), 64).unwrap();
     let pause = super::alone::TAKEOVER + Duration::from_millis(1000);
     std::thread::scope(|scope| {
         let (entered, has_entered) = mpsc::channel();
         let on_a = &*a;
-        let first = scope.spawn(move || {
-            let s = on_a.open_session();
-            let Entry::Now(order) = s.enter_order(&mut || unreachable!("blocks, never queues"))
-            else {
-                panic!("enter_order blocks until the order is had");
-            };
-            entered.send(()).unwrap();
-            std::thread::sleep(pause);
-            let mut records = BTreeMap::new();
-            records.insert(Oid::ROOT, Record::new(Oid::ROOT, b"a", &[]));
-            order.commit(records, false).0
-        });
+        let first = scope
+            .spawn(move || enter_then_commit(on_a, b"a", entered, || std::thread::sleep(pause)));
         has_entered.recv().unwrap();
         let second = scope.spawn(|| commit_root(b.open_session().as_ref(), b"b"));
         first.join().unwrap().unwrap();
@@ -2072,11 +2086,8 @@ fn a_front_end_alone_gives_way_after_the_commit_that_entered_alone() {
 #[test]
 fn a_commit_alone_with_another_behind_it_takes_the_order_late_and_checks_it() {
     use std::sync::atomic::Ordering::{Acquire, Relaxed};
-    let config = testdb::fresh("alone_commit_late");
-    let a = std::sync::Arc::new(PgBackend::open_with(config.clone().into(), 64).unwrap());
+    let (config, a, _thread) = alone_front_end("alone_commit_late", b"one");
     a.max_hold_micros.store(60_000_000, Relaxed);
-    commit_root(a.open_session().as_ref(), b"one").unwrap();
-    let _thread = PgBackend::start_alone(&a, Duration::ZERO);
     let mut c = config.connect(NoTls).unwrap();
     // `behind`: move the order on once the first commit entered.
     let mut round = |first: &[u8], second: &[u8], behind: bool| {
@@ -2086,18 +2097,8 @@ fn a_commit_alone_with_another_behind_it_takes_the_order_late_and_checks_it() {
             let (entered, has_entered) = mpsc::channel();
             let (go, wait_go) = mpsc::channel::<()>();
             let on_a = &*a;
-            let first = scope.spawn(move || {
-                let s = on_a.open_session();
-                let Entry::Now(order) = s.enter_order(&mut || unreachable!("blocks, never queues"))
-                else {
-                    panic!("enter_order blocks until the order is had");
-                };
-                entered.send(()).unwrap();
-                wait_go.recv().unwrap();
-                let mut records = BTreeMap::new();
-                records.insert(Oid::ROOT, Record::new(Oid::ROOT, first, &[]));
-                order.commit(records, false).0
-            });
+            let first = scope
+                .spawn(move || enter_then_commit(on_a, first, entered, || wait_go.recv().unwrap()));
             has_entered.recv().unwrap();
             if behind {
                 let at = number_of(&mut c, "SELECT tid FROM durus_order WHERE id = 1");
