@@ -188,7 +188,9 @@ fn retryable(e: &StorageError) -> bool {
     matches!(
         e,
         StorageError::ReadConflict(_)
-            | StorageError::Conflict(Conflict::Refused | Conflict::Invalidated { .. })
+            | StorageError::Conflict(
+                Conflict::Refused | Conflict::Invalidated { .. } | Conflict::OrderMoved
+            )
     )
 }
 

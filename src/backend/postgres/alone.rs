@@ -33,10 +33,10 @@
 //! front end knows is stored and written in one statement outside a
 //! transaction, flushed before it is answered: one database round trip
 //! where taking the order, writing and committing take three. The
-//! statement writes only if the order row is still at the tid the commit
-//! was given (and its log entry's tid is free): a commit of another front
-//! end in between (a hold lost, a failover) makes it fail, changing
-//! nothing. A front end giving the database up waits for such commits to
+//! statement writes only if the order row is still at the last tid the
+//! front end knew (and the commit's log entry's tid is free): another
+//! front end's commit in between (a hold lost), or commits the database
+//! lost (a failover), make it fail, changing nothing. A front end giving the database up waits for such commits to
 //! end first, so that none fails for it.
 
 use std::sync::Arc;

@@ -9,8 +9,10 @@
 //! - `durus_order (id = 1, tid, objects)`: the commit order. A commit locks
 //!   this one row (`SELECT ... FOR UPDATE`) from choosing the invalidations
 //!   its client is sent until it is applied, so commits through any front
-//!   end fall in one order, as with one Durus server; `tid` is the last
-//!   commit's number, `objects` how many records there are.
+//!   end fall in one order, as with one Durus server (a front end alone,
+//!   which no other may commit beside, moves it in the commit's one
+//!   statement instead: see `alone`); `tid` is the last commit's number,
+//!   `objects` how many records there are.
 //! - `durus_log (tid, oids, refs)`: what each commit changed, and what its
 //!   records reference (empty for a collection's entry; `NULL` for one
 //!   written by a front end of format 1). A front end reads the oids from
