@@ -480,16 +480,14 @@ mod on_postgres {
                 };
                 // A pack through either front end.
                 let packer: &dyn Backend = if n % 2 == 0 { &*a } else { &*b };
-                let x =
-                    across_front_ends(apply(&on_pg, &mut pg_snaps, packer, &known, op, n as u64));
-                let y = apply(
-                    &refs(&on_memory),
-                    &mut memory_snaps,
-                    &memory,
-                    &known,
-                    op,
-                    n as u64,
-                );
+                // The step through the front ends, and through the model.
+                let on_front_ends =
+                    |snaps: &mut Snapshots| apply(&on_pg, snaps, packer, &known, op, n as u64);
+                let on_model = |snaps: &mut Snapshots| {
+                    apply(&refs(&on_memory), snaps, &memory, &known, op, n as u64)
+                };
+                let x = across_front_ends(on_front_ends(&mut pg_snaps));
+                let y = on_model(&mut memory_snaps);
                 // Refused as invalid input, the commit leaves the
                 // session without a snapshot; as a conflict, with the
                 // state before it: taken as one (see
@@ -512,15 +510,8 @@ mod on_postgres {
                 // Loaded again at once: from memory, if the front end holds
                 // the database alone.
                 if alone && matches!(op, Op::Load(..)) {
-                    let x = apply(&on_pg, &mut pg_snaps, packer, &known, op, n as u64);
-                    let y = apply(
-                        &refs(&on_memory),
-                        &mut memory_snaps,
-                        &memory,
-                        &known,
-                        op,
-                        n as u64,
-                    );
+                    let x = on_front_ends(&mut pg_snaps);
+                    let y = on_model(&mut memory_snaps);
                     prop_assert_eq!(&x, &y, "step {} again: {:?}", n, op);
                 }
                 match (op, &x) {

@@ -321,36 +321,9 @@ impl PgBackend {
             .collect();
         unknown.sort_unstable();
         unknown.dedup();
-        {
-            // What this front end knows is stored, as of the batch's start
-            // (nothing was committed since: the batch holds the order).
-            let st = self.state.lock();
-            if st.known == batch.tid {
-                unknown.retain(|o| match st.stored.get(o) {
-                    Some(last) => {
-                        batch.known.insert(*o, *last);
-                        false
-                    }
-                    None => true,
-                });
-            }
-        }
-        if !unknown.is_empty() {
-            self.join_reads
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let keys: Vec<i64> = unknown.iter().map(|o| key(*o)).collect();
-            let stored: HashMap<Oid, i32> = conn
-                .query(
-                    "SELECT oid, max(chunk) FROM durus_records WHERE oid = ANY($1) GROUP BY oid",
-                    &[&keys],
-                )?
-                .iter()
-                .map(|row| (oid_of(row.get(0)), row.get::<_, i32>(1)))
-                .collect();
-            for oid in unknown {
-                batch.known.insert(oid, stored.get(&oid).copied());
-            }
-        }
+        // As of the batch's start (nothing was committed since: the batch
+        // holds the order).
+        self.stored_of(conn, batch.tid, unknown, &mut batch.known)?;
         let st = self.state.lock();
         let holder = |oid: Oid| match st.held.get(&oid) {
             Some(&s) if s == session => Holder::ThisSession,
@@ -368,6 +341,49 @@ impl PgBackend {
                 }
             },
         )
+    }
+
+    /// Learns into `facts` what is stored of `oids` as of tid `at` (the
+    /// number of each record's last chunk, `None` for an oid not stored):
+    /// from what this front end knows, if it knows up to `at`; the rest
+    /// from the database, in one statement.
+    pub(super) fn stored_of(
+        &self,
+        conn: &mut Conn,
+        at: u64,
+        mut oids: Vec<Oid>,
+        facts: &mut HashMap<Oid, Option<i32>>,
+    ) -> Result<()> {
+        {
+            let st = self.state.lock();
+            if st.known == at {
+                oids.retain(|o| match st.stored.get(o) {
+                    Some(last) => {
+                        facts.insert(*o, *last);
+                        false
+                    }
+                    None => true,
+                });
+            }
+        }
+        if oids.is_empty() {
+            return Ok(());
+        }
+        self.join_reads
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let keys: Vec<i64> = oids.iter().map(|o| key(*o)).collect();
+        let stored: HashMap<Oid, i32> = conn
+            .query(
+                "SELECT oid, max(chunk) FROM durus_records WHERE oid = ANY($1) GROUP BY oid",
+                &[&keys],
+            )?
+            .iter()
+            .map(|row| (oid_of(row.get(0)), row.get::<_, i32>(1)))
+            .collect();
+        for oid in oids {
+            facts.insert(oid, stored.get(&oid).copied());
+        }
+        Ok(())
     }
 
     /// Writes the commits `batch` kept (each checked as it joined), in

@@ -516,8 +516,6 @@ impl PgOrder<'_> {
             .collect();
         asked.sort_unstable();
         asked.dedup();
-        let mut known: HashMap<Oid, Option<i32>> = HashMap::with_capacity(asked.len());
-        let mut unknown: Vec<i64> = Vec::new();
         {
             let st = backend.state.lock();
             if st.known != self.tid || st.epoch != self.epoch {
@@ -526,34 +524,13 @@ impl PgOrder<'_> {
                 // knew was forgotten.
                 return Some(Err(changed_meanwhile()));
             }
-            for oid in &asked {
-                match st.stored.get(oid) {
-                    Some(fact) => {
-                        known.insert(*oid, *fact);
-                    }
-                    None => unknown.push(key(*oid)),
-                }
-            }
         }
-        if !unknown.is_empty() {
-            backend.join_reads.fetch_add(1, AtomicOrdering::Relaxed);
-            let read = conn.query(
-                "SELECT oid, max(chunk) FROM durus_records WHERE oid = ANY($1) GROUP BY oid",
-                &[&unknown],
-            );
-            let rows = match read {
-                Ok(rows) => rows,
-                Err(e) => {
-                    if conn.client.is_closed() {
-                        slot.conn = None;
-                    }
-                    return Some(Err(e));
-                }
-            };
-            let found: HashMap<i64, i32> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
-            for k in unknown {
-                known.insert(oid_of(k), found.get(&k).copied());
+        let mut known: HashMap<Oid, Option<i32>> = HashMap::with_capacity(asked.len());
+        if let Err(e) = backend.stored_of(conn, self.tid, asked, &mut known) {
+            if conn.client.is_closed() {
+                slot.conn = None;
             }
+            return Some(Err(e));
         }
         let stored: HashMap<Oid, i32> = known
             .iter()
