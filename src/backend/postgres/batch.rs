@@ -241,6 +241,10 @@ impl PgBackend {
         } else {
             "COMMIT"
         };
+        #[cfg(test)]
+        if let Some(hook) = self.before_commit.lock().take() {
+            hook(conn);
+        }
         if let Err(e) = conn.batch(end) {
             // Whether it was applied is unknown: the log says, to whoever
             // reads it next (this front end included).

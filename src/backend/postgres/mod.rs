@@ -838,6 +838,11 @@ pub(crate) struct PgBackend {
     /// process had died (no renewal, no giving way).
     #[cfg(test)]
     alone_dies: std::sync::atomic::AtomicBool,
+    /// Tests: run once on the order's connection just before a batch's
+    /// `COMMIT` is sent.
+    #[cfg(test)]
+    #[allow(clippy::type_complexity)]
+    before_commit: Mutex<Option<Box<dyn FnOnce(&mut Conn) + Send>>>,
 }
 
 impl PgBackend {
@@ -930,6 +935,8 @@ impl PgBackend {
             alone_quick: std::sync::atomic::AtomicBool::new(false),
             #[cfg(test)]
             alone_dies: std::sync::atomic::AtomicBool::new(false),
+            #[cfg(test)]
+            before_commit: Mutex::new(None),
         };
         Ok(backend)
     }

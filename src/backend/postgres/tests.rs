@@ -2166,3 +2166,91 @@ fn commits_are_flushed_where_the_database_default_is_not_to() {
     drop(order);
     a.close().unwrap();
 }
+
+/// A batch whose `COMMIT` fails is answered as of unknown outcome, and the
+/// front end then answers as the database says, whichever way it went: the
+/// order's connection lost before the commit was applied (nothing stored),
+/// or just after (both commits stored, their answers lost). Either way both
+/// commits of the batch are answered with an error; what the batch wrote is
+/// not answered `Invalid` for ever; nothing is served from memory that the
+/// database may have changed; a session is told of the commits applied;
+/// and the next commit goes through, after them.
+#[test]
+fn a_batch_whose_commit_fails_leaves_the_front_end_answering_as_the_database_says() {
+    let data_of = |session: &dyn Session, oid: Oid| -> Option<Vec<u8>> {
+        let mut got = None;
+        session
+            .load(&[oid], &mut |f| {
+                if let crate::backend::Found::Record(bytes) = f {
+                    got = Some(Record::from_bytes(bytes.to_vec()).unwrap().data().to_vec());
+                }
+                true
+            })
+            .unwrap();
+        got
+    };
+    for applied in [false, true] {
+        let name = if applied {
+            "commit_answer_lost"
+        } else {
+            "commit_failed"
+        };
+        let (config, fe, _thread) = alone_front_end(name, b"r0");
+        let setup = fe.open_session();
+        let x = setup.new_oids(1, 16).unwrap()[0];
+        commit_refs(setup.as_ref(), &[(Oid::ROOT, vec![x]), (x, vec![])]).unwrap();
+        let tid = |c: &mut postgres::Client| -> i64 {
+            c.query_one("SELECT tid FROM durus_order WHERE id = 1", &[])
+                .unwrap()
+                .get(0)
+        };
+        let mut c = config.connect(NoTls).unwrap();
+        let before = tid(&mut c);
+        // Read once, so that the front end alone keeps it in memory.
+        let observer = fe.open_session();
+        observer.sync();
+        assert_eq!(data_of(observer.as_ref(), x).as_deref(), Some(&b"x"[..]));
+        *fe.before_commit.lock() = Some(Box::new(move |conn: &mut super::Conn| {
+            let commit = if applied { "COMMIT; " } else { "" };
+            let _ = conn.batch(&format!(
+                "{commit}SELECT pg_terminate_backend(pg_backend_pid())"
+            ));
+        }));
+        let b = fe.open_session();
+        let (first, second) = batch_of_two(
+            &fe,
+            one(x, b"x1", &[]),
+            (b.as_ref(), one(Oid::ROOT, b"r1", &[x])),
+        );
+        assert!(
+            fe.before_commit.lock().is_none(),
+            "the batch reached its COMMIT"
+        );
+        assert!(
+            first.is_err() && second.is_err(),
+            "{applied}: {first:?} {second:?}"
+        );
+        let after = tid(&mut c);
+        if applied {
+            assert_eq!(after, before + 2);
+            // Not the record kept in memory from before the batch.
+            assert_ne!(data_of(observer.as_ref(), x).as_deref(), Some(&b"x"[..]));
+            let mut told = observer.sync();
+            told.sort();
+            assert_eq!(told, vec![Oid::ROOT, x], "told of what was applied");
+            assert_eq!(data_of(observer.as_ref(), x).as_deref(), Some(&b"x1"[..]));
+        } else {
+            assert_eq!(after, before);
+            observer.sync();
+            assert_eq!(
+                data_of(observer.as_ref(), x).as_deref(),
+                Some(&b"x"[..]),
+                "what the batch did not write is served"
+            );
+        }
+        commit_root(fe.open_session().as_ref(), b"r2").unwrap();
+        assert_eq!(tid(&mut c), after + 1);
+        assert_eq!(root_data(fe.open_session().as_ref()), b"r2");
+        fe.close().unwrap();
+    }
+}
