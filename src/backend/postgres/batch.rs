@@ -71,6 +71,9 @@ pub(super) struct Batch {
     /// The number of the last chunk of each record written at once (a
     /// commit nobody waited behind), learned when the batch is committed.
     pub(super) written: Vec<(Oid, i32)>,
+    /// The records written at once, with the batch's last tid, to be kept
+    /// in the record cache once committed (only while it keeps records).
+    pub(super) through: Vec<(Oid, Arc<[u8]>)>,
 }
 
 /// One commit of a batch.
@@ -160,6 +163,7 @@ impl Batch {
             known: HashMap::new(),
             kept_bytes: 0,
             written: Vec::new(),
+            through: Vec::new(),
         }
     }
 }
@@ -298,6 +302,35 @@ impl PgBackend {
                 .chain(batch.written.iter().copied())
                 .map(|(o, last)| (o, Some(last))),
         );
+        // Written through: the records just committed are the database's
+        // as of `last` (no commit after them is known yet), so a load of
+        // one by a session told of it needs no round trip. In the batch's
+        // order, each with its commit's tid: a record written twice is
+        // kept as the later commit wrote it.
+        if self.keep_records.load(std::sync::atomic::Ordering::Acquire) {
+            let mut tid = batch.tid;
+            for records in batch.members.iter().filter_map(|m| m.records.as_ref()) {
+                tid += 1;
+                for (oid, record) in records {
+                    st.cache.insert(*oid, tid, Arc::from(record.as_bytes()));
+                }
+            }
+            for (oid, data) in &batch.through {
+                st.cache.insert(*oid, last, data.clone());
+            }
+        }
+    }
+
+    /// What of `records`, written at once, [`Self::committed`] is to keep
+    /// in the record cache: all of them while it keeps records, else none.
+    pub(super) fn through(&self, records: &BTreeMap<Oid, Record>) -> Vec<(Oid, Arc<[u8]>)> {
+        if !self.keep_records.load(std::sync::atomic::Ordering::Acquire) {
+            return Vec::new();
+        }
+        records
+            .iter()
+            .map(|(oid, record)| (*oid, Arc::from(record.as_bytes())))
+            .collect()
     }
 
     /// Checks a commit of `session` before `batch` keeps it, against what

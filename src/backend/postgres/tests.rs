@@ -2254,3 +2254,81 @@ fn a_batch_whose_commit_fails_leaves_the_front_end_answering_as_the_database_say
         fe.close().unwrap();
     }
 }
+
+/// A front end alone keeps the records it commits in its record cache
+/// (written through), each as the database has it: a session told of a
+/// commit loads its records from memory. Through every way a commit is
+/// written: alone in one statement, in a batch (a record both of its
+/// commits wrote kept as the later wrote it), and at once after taking the
+/// order (a record that shrank).
+#[test]
+fn a_front_end_alone_keeps_what_it_commits_in_memory() {
+    let (config, fe, _thread) = alone_front_end("write_through", b"r0");
+    let mut db = config.connect(NoTls).unwrap();
+    let reader = fe.open_session();
+    // `reader`'s load of `oid` after a sync: whether it was answered from
+    // memory, and the record's data; the bytes are the database's.
+    let mut load = |oid: Oid| -> (bool, Vec<u8>) {
+        reader.sync();
+        let before = fe.loads_from_memory();
+        let mut got = None;
+        reader
+            .load(&[oid], &mut |f| {
+                if let crate::backend::Found::Record(b) = f {
+                    got = Some(b.to_vec());
+                }
+                true
+            })
+            .unwrap();
+        let bytes = got.expect("a record");
+        let stored: Vec<u8> = db
+            .query(
+                "SELECT data FROM durus_records WHERE oid = $1 ORDER BY chunk",
+                &[&(oid.0 as i64)],
+            )
+            .unwrap()
+            .iter()
+            .flat_map(|r| r.get::<_, Vec<u8>>(0))
+            .collect();
+        assert!(bytes == stored, "the record answered is the database's");
+        let data = Record::from_bytes(bytes).unwrap().data().to_vec();
+        (fe.loads_from_memory() > before, data)
+    };
+    let commit_by = |s: &dyn Session, records: BTreeMap<Oid, Record>| {
+        let Entry::Now(order) = s.enter_order(&mut || unreachable!("blocks")) else {
+            panic!("blocks until the order is had");
+        };
+        s.sync();
+        order.commit(records, false).0.unwrap();
+    };
+    let commit = |records| commit_by(fe.open_session().as_ref(), records);
+    let alone_before = fe.alone_commits();
+    commit(one(Oid::ROOT, b"r1", &[]));
+    assert_eq!(load(Oid::ROOT), (true, b"r1".to_vec()));
+    let maker = fe.open_session();
+    let x = maker.new_oids(1, 16).unwrap()[0];
+    let mut records = one(Oid::ROOT, b"r2", &[x]);
+    records.insert(x, Record::new(x, b"x0", &[]));
+    commit_by(maker.as_ref(), records);
+    assert_eq!(fe.alone_commits(), alone_before + 2, "both written alone");
+    assert_eq!(load(x), (true, b"x0".to_vec()));
+
+    let sb = fe.open_session();
+    let (r1, r2) = batch_of_two(&fe, one(x, b"x1", &[]), (sb.as_ref(), one(x, b"x2", &[])));
+    r1.unwrap();
+    r2.unwrap();
+    assert_eq!(load(x), (true, b"x2".to_vec()), "the batch's later record");
+
+    let big = vec![7u8; super::CHUNK * 2 + 10];
+    commit(one(x, &big, &[]));
+    assert_eq!(load(x), (true, big));
+    let alone_before = fe.alone_commits();
+    commit(one(x, b"small", &[]));
+    assert_eq!(
+        fe.alone_commits(),
+        alone_before,
+        "shrunk: written after taking the order"
+    );
+    assert_eq!(load(x), (true, b"small".to_vec()));
+    fe.close().unwrap();
+}
