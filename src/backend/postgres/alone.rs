@@ -105,10 +105,15 @@ impl RecordCache {
             .map(|(tid, data, _)| (*tid, data.clone()))
     }
 
+    /// The largest record it keeps: one record never takes more than an
+    /// eighth of it.
+    pub(super) fn largest(&self) -> usize {
+        (self.limit / 8).saturating_sub(ENTRY_BYTES)
+    }
+
     pub(super) fn insert(&mut self, oid: Oid, tid: u64, data: Arc<[u8]>) {
         self.remove(oid);
-        // One record never takes more than an eighth of it.
-        if (data.len() + ENTRY_BYTES) * 8 > self.limit {
+        if data.len() > self.largest() {
             return;
         }
         self.generation += 1;

@@ -71,9 +71,9 @@ pub(super) struct Batch {
     /// The number of the last chunk of each record written at once (a
     /// commit nobody waited behind), learned when the batch is committed.
     pub(super) written: Vec<(Oid, i32)>,
-    /// The records written at once, with the batch's last tid, to be kept
-    /// in the record cache once committed (only while it keeps records).
-    pub(super) through: Vec<(Oid, Arc<[u8]>)>,
+    /// Records it wrote, with their commits' tids, to be kept in the
+    /// record cache once committed (see [`PgBackend::through`]).
+    pub(super) through: Vec<(Oid, u64, Arc<[u8]>)>,
 }
 
 /// One commit of a batch.
@@ -213,7 +213,22 @@ impl PgBackend {
             return Err(e);
         };
         let (last, written) = match self.write_kept(conn, &batch) {
-            Ok(w) => w,
+            Ok(w) => {
+                // Those of its kept commits (a commit written at once has
+                // its records' there already).
+                let mut tid = batch.tid;
+                let kept = batch
+                    .members
+                    .iter()
+                    .filter_map(|m| m.records.as_ref())
+                    .map(|records| {
+                        tid += 1;
+                        (tid, records)
+                    });
+                let kept = self.through(kept);
+                batch.through.extend(kept);
+                w
+            }
             Err(e) => {
                 if conn.batch("ROLLBACK").is_err() {
                     slot.conn = None;
@@ -307,29 +322,39 @@ impl PgBackend {
         // one by a session told of it needs no round trip. In the batch's
         // order, each with its commit's tid: a record written twice is
         // kept as the later commit wrote it.
-        if self.keep_records.load(std::sync::atomic::Ordering::Acquire) {
-            let mut tid = batch.tid;
-            for records in batch.members.iter().filter_map(|m| m.records.as_ref()) {
-                tid += 1;
-                for (oid, record) in records {
-                    st.cache.insert(*oid, tid, Arc::from(record.as_bytes()));
-                }
-            }
-            for (oid, data) in &batch.through {
-                st.cache.insert(*oid, last, data.clone());
-            }
+        for (oid, tid, data) in &batch.through {
+            st.cache.insert(*oid, *tid, data.clone());
         }
     }
 
-    /// What of `records`, written at once, [`Self::committed`] is to keep
-    /// in the record cache: all of them while it keeps records, else none.
-    pub(super) fn through(&self, records: &BTreeMap<Oid, Record>) -> Vec<(Oid, Arc<[u8]>)> {
+    /// The records of `commits` (each with its tid, in their order) that
+    /// [`Self::committed`] is to keep in the record cache, copied before
+    /// the state is locked for it: none unless the front end holds the
+    /// database alone (only then does the cache answer loads; a record
+    /// missing from it is read from the database), and only those it has
+    /// room for.
+    pub(super) fn through<'r>(
+        &self,
+        commits: impl IntoIterator<Item = (u64, &'r BTreeMap<Oid, Record>)>,
+    ) -> Vec<(Oid, u64, Arc<[u8]>)> {
         if !self.keep_records.load(std::sync::atomic::Ordering::Acquire) {
             return Vec::new();
         }
-        records
-            .iter()
-            .map(|(oid, record)| (*oid, Arc::from(record.as_bytes())))
+        let room = {
+            let st = self.state.lock();
+            if !st.alone() {
+                return Vec::new();
+            }
+            st.cache.largest()
+        };
+        commits
+            .into_iter()
+            .flat_map(|(tid, records)| {
+                records
+                    .iter()
+                    .filter(|(_, r)| r.as_bytes().len() <= room)
+                    .map(move |(oid, r)| (*oid, tid, Arc::from(r.as_bytes())))
+            })
             .collect()
     }
 

@@ -598,7 +598,7 @@ impl PgOrder<'_> {
         let mut batch = Batch::new(self.tid, self.entered);
         batch.known = known;
         batch.written = written;
-        batch.through = backend.through(records);
+        batch.through = backend.through([(tid, records)]);
         batch.members.push(Member {
             session: self.session.id,
             oids,
@@ -745,7 +745,7 @@ impl Order for PgOrder<'_> {
             };
             let tid = self.tid + 1;
             let mut batch = Batch::new(tid, self.entered);
-            batch.through = backend.through(&records);
+            batch.through = backend.through([(tid, &records)]);
             let written = match self.write(conn, records, &mut batch) {
                 Ok(oids) => oids,
                 Err(e) => {

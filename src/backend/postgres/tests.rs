@@ -2206,7 +2206,7 @@ fn a_batch_whose_commit_fails_leaves_the_front_end_answering_as_the_database_say
         };
         let mut c = config.connect(NoTls).unwrap();
         let before = tid(&mut c);
-        // Read once, so that the front end alone keeps it in memory.
+        // Kept in memory (written through), and read so.
         let observer = fe.open_session();
         observer.sync();
         assert_eq!(data_of(observer.as_ref(), x).as_deref(), Some(&b"x"[..]));
@@ -2267,7 +2267,8 @@ fn a_front_end_alone_keeps_what_it_commits_in_memory() {
     let mut db = config.connect(NoTls).unwrap();
     let reader = fe.open_session();
     // `reader`'s load of `oid` after a sync: whether it was answered from
-    // memory, and the record's data; the bytes are the database's.
+    // memory, and the record's data; the bytes are the database's, and so
+    // is the tid kept with them.
     let mut load = |oid: Oid| -> (bool, Vec<u8>) {
         reader.sync();
         let before = fe.loads_from_memory();
@@ -2281,16 +2282,17 @@ fn a_front_end_alone_keeps_what_it_commits_in_memory() {
             })
             .unwrap();
         let bytes = got.expect("a record");
-        let stored: Vec<u8> = db
+        let rows = db
             .query(
-                "SELECT data FROM durus_records WHERE oid = $1 ORDER BY chunk",
+                "SELECT data, tid FROM durus_records WHERE oid = $1 ORDER BY chunk",
                 &[&(oid.0 as i64)],
             )
-            .unwrap()
-            .iter()
-            .flat_map(|r| r.get::<_, Vec<u8>>(0))
-            .collect();
+            .unwrap();
+        let stored: Vec<u8> = rows.iter().flat_map(|r| r.get::<_, Vec<u8>>(0)).collect();
         assert!(bytes == stored, "the record answered is the database's");
+        if let Some((tid, _)) = fe.state.lock().cache.get(oid) {
+            assert_eq!(tid as i64, rows[0].get::<_, i64>(1), "the tid kept");
+        }
         let data = Record::from_bytes(bytes).unwrap().data().to_vec();
         (fe.loads_from_memory() > before, data)
     };
@@ -2307,16 +2309,22 @@ fn a_front_end_alone_keeps_what_it_commits_in_memory() {
     assert_eq!(load(Oid::ROOT), (true, b"r1".to_vec()));
     let maker = fe.open_session();
     let x = maker.new_oids(1, 16).unwrap()[0];
-    let mut records = one(Oid::ROOT, b"r2", &[x]);
+    let y = maker.new_oids(1, 16).unwrap()[0];
+    let mut records = one(Oid::ROOT, b"r2", &[x, y]);
     records.insert(x, Record::new(x, b"x0", &[]));
+    records.insert(y, Record::new(y, b"y0", &[]));
     commit_by(maker.as_ref(), records);
     assert_eq!(fe.alone_commits(), alone_before + 2, "both written alone");
     assert_eq!(load(x), (true, b"x0".to_vec()));
 
+    // The first commit of the batch writes x and y, the second x again.
     let sb = fe.open_session();
-    let (r1, r2) = batch_of_two(&fe, one(x, b"x1", &[]), (sb.as_ref(), one(x, b"x2", &[])));
+    let mut first = one(x, b"x1", &[]);
+    first.insert(y, Record::new(y, b"y1", &[]));
+    let (r1, r2) = batch_of_two(&fe, first, (sb.as_ref(), one(x, b"x2", &[])));
     r1.unwrap();
     r2.unwrap();
+    assert_eq!(load(y), (true, b"y1".to_vec()), "the batch's first commit");
     assert_eq!(load(x), (true, b"x2".to_vec()), "the batch's later record");
 
     let big = vec![7u8; super::CHUNK * 2 + 10];
