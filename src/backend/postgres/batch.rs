@@ -91,15 +91,15 @@ pub(super) struct Member {
 /// How a commit waiting in a batch ended.
 #[derive(Default)]
 pub(super) struct Outcome {
-    /// `Ok(true)`: committed, the flush barrier still to be waited for;
-    /// `Ok(false)`: committed and flushed; `Err`: not committed (refused,
-    /// or the batch failed).
-    result: Mutex<Option<Result<bool>>>,
+    /// `Ok(Some(sent))`: committed, the flush barrier still to be waited
+    /// for (its `COMMIT` sent then); `Ok(None)`: committed and flushed;
+    /// `Err`: not committed (refused, or the batch failed).
+    result: Mutex<Option<Result<Option<Instant>>>>,
     ended: Condvar,
 }
 
 impl Outcome {
-    fn set(&self, result: Result<bool>) {
+    fn set(&self, result: Result<Option<Instant>>) {
         *self.result.lock() = Some(result);
         self.ended.notify_all();
     }
@@ -107,7 +107,7 @@ impl Outcome {
     /// Waits until the commit is answered, at most [`WAIT_LIMIT`]: a
     /// commit is never left waiting for ever (its answer then says that
     /// whether it was committed is unknown).
-    pub(super) fn wait(&self) -> Result<bool> {
+    pub(super) fn wait(&self) -> Result<Option<Instant>> {
         let deadline = Instant::now() + WAIT_LIMIT;
         let mut result = self.result.lock();
         loop {
@@ -135,7 +135,7 @@ impl Outcome {
 struct Answers(Vec<Option<Arc<Outcome>>>);
 
 impl Answers {
-    fn give(&mut self, i: usize, result: Result<bool>) {
+    fn give(&mut self, i: usize, result: Result<Option<Instant>>) {
         if let Some(o) = self.0[i].take() {
             o.set(result);
         }
@@ -192,9 +192,9 @@ impl PgBackend {
     /// session, answers the commits waiting in it. Returns the answer of
     /// all its commits: whether the flush barrier is still to be waited
     /// for.
-    pub(super) fn end_batch(&self, slot: &mut OrderSlot) -> Result<bool> {
+    pub(super) fn end_batch(&self, slot: &mut OrderSlot) -> Result<Option<Instant>> {
         let Some(mut batch) = slot.open.take() else {
-            return Ok(false);
+            return Ok(None);
         };
         let ending = batch.members.last().is_some_and(|m| m.answer.is_none());
         let mut answers = Answers(batch.members.iter_mut().map(|m| m.answer.take()).collect());
@@ -252,6 +252,7 @@ impl PgBackend {
                 .load(std::sync::atomic::Ordering::Acquire)
                 == 0;
         let barrier = deferred && !flush_now;
+        let sent = Instant::now();
         // Visible and told under `catch_up`: a sync reading the log
         // meanwhile cannot tell a commit to its own session.
         let _log = self.catch_up.lock();
@@ -276,10 +277,10 @@ impl PgBackend {
         self.committed(&batch, last, written);
         for i in 0..n {
             if !(ending && i == n - 1) {
-                answers.give(i, Ok(barrier));
+                answers.give(i, Ok(barrier.then_some(sent)));
             }
         }
-        Ok(barrier)
+        Ok(barrier.then_some(sent))
     }
 
     /// Takes in the commits of `batch`, just committed (under `catch_up`),

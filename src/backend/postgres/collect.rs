@@ -589,8 +589,8 @@ impl PgBackend {
         stop: &mut dyn FnMut() -> bool,
     ) -> Result<Option<(u64, u64)>> {
         let mut order = self.order.lock();
-        if self.end_batch(&mut order)? {
-            self.flush_barrier()?;
+        if let Some(sent) = self.end_batch(&mut order)? {
+            self.flush_barrier(sent)?;
         }
         if order.conn.as_ref().is_none_or(|c| c.client.is_closed()) {
             order.conn = Some(self.order_conn()?);
@@ -675,6 +675,7 @@ impl PgBackend {
                 };
             }
         };
+        let sent = std::time::Instant::now();
         {
             let _log = self.catch_up.lock();
             if let Err(e) = conn.batch("COMMIT") {
@@ -688,7 +689,7 @@ impl PgBackend {
             st.removed_full += dead.len() as u64;
         }
         drop(order);
-        self.flush_barrier()?;
+        self.flush_barrier(sent)?;
         Ok(Some((dead.len() as u64, bytes)))
     }
 

@@ -76,6 +76,7 @@ pub(crate) mod url;
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
 
 use parking_lot::{Condvar, Mutex};
 use postgres::{Client, SimpleQueryMessage, Statement};
@@ -776,6 +777,8 @@ struct BarrierState {
     finished: u64,
     running: bool,
     last_ok: u64,
+    /// When the connection the last run that succeeded ran on was made.
+    last_ok_connected: Option<Instant>,
     last_error: Option<String>,
 }
 
@@ -808,7 +811,7 @@ pub(crate) struct PgBackend {
     oid_block: u64,
     barrier: Mutex<BarrierState>,
     barrier_done: Condvar,
-    barrier_conn: Mutex<Option<Conn>>,
+    barrier_conn: Mutex<Option<(Conn, Instant)>>,
     /// Whether the order's connection may defer its WAL flush (false where
     /// the database refused `synchronous_commit = off`: every commit is
     /// then flushed before the order is released).
@@ -938,6 +941,12 @@ impl PgBackend {
             #[cfg(test)]
             before_commit: Mutex::new(None),
         };
+        // Made before any commit is sent, so that the first ones' flushes
+        // can be confirmed on it (see `flush_barrier`).
+        match backend.barrier_conn() {
+            Ok(made) => *backend.barrier_conn.lock() = Some(made),
+            Err(e) => tracing::warn!("no connection to confirm flushes on yet: {e}"),
+        }
         Ok(backend)
     }
 
@@ -1130,7 +1139,13 @@ impl PgBackend {
     /// database's WAL (and its synchronous standbys): one synchronous
     /// commit of this front end's `durus_front_ends` row, shared by the callers
     /// that arrive while one runs.
-    fn flush_barrier(&self) -> Result<()> {
+    ///
+    /// `sent`: when the commit's `COMMIT` was sent. A run confirms it only
+    /// on a connection made before then, so on the server the commit was
+    /// applied to: a connection made since may reach another (a standby
+    /// promoted after the commit's server died, which may lack it), whose
+    /// flush says nothing of the commit.
+    fn flush_barrier(&self, sent: Instant) -> Result<()> {
         if !self.deferred_flush.load(Ordering::Relaxed) {
             return Ok(());
         }
@@ -1139,7 +1154,16 @@ impl PgBackend {
         loop {
             if st.finished >= target {
                 return if st.last_ok >= target {
-                    Ok(())
+                    if st.last_ok_connected.is_some_and(|made| made < sent) {
+                        Ok(())
+                    } else {
+                        Err(database(
+                            "the commit was applied but its flush to the database's WAL was not \
+                             confirmed: the connection that confirms flushes was made again \
+                             after it was sent (the database it was applied to may have failed \
+                             over)",
+                        ))
+                    }
                 } else {
                     Err(database(format!(
                         "the commit was applied but its flush to the database's WAL was not \
@@ -1161,21 +1185,25 @@ impl PgBackend {
             st.running = false;
             st.finished = run;
             match result {
-                Ok(()) => st.last_ok = run,
+                Ok(made) => {
+                    st.last_ok = run;
+                    st.last_ok_connected = Some(made);
+                }
                 Err(e) => st.last_error = Some(e.to_string()),
             }
             self.barrier_done.notify_all();
         }
     }
 
-    fn run_barrier(&self) -> Result<()> {
+    /// One run of the barrier; returns when its connection was made.
+    fn run_barrier(&self) -> Result<Instant> {
         let mut slot = self.barrier_conn.lock();
-        if slot.as_ref().is_none_or(|c| c.client.is_closed()) {
-            let mut conn = Conn::connect(&self.pool.config)?;
-            durable_commits(&mut conn);
-            *slot = Some(conn);
+        if slot.as_ref().is_none_or(|(c, _)| c.client.is_closed()) {
+            *slot = None;
+            *slot = Some(self.barrier_conn()?);
         }
-        let conn = slot.as_mut().expect("just connected");
+        let (conn, made) = slot.as_mut().expect("just connected");
+        let made = *made;
         let result = conn.execute(
             "UPDATE durus_front_ends SET flushes = flushes + 1 WHERE id = $1",
             &[&self.front_end],
@@ -1183,7 +1211,15 @@ impl PgBackend {
         if result.is_err() {
             *slot = None;
         }
-        result.map(|_| ())
+        result.map(|_| made)
+    }
+
+    /// The barrier's connection, with when it was made.
+    fn barrier_conn(&self) -> Result<(Conn, Instant)> {
+        let made = Instant::now();
+        let mut conn = Conn::connect(&self.pool.config)?;
+        durable_commits(&mut conn);
+        Ok((conn, made))
     }
 
     /// Takes the database's side of the commit order on `conn` (a
@@ -1538,12 +1574,12 @@ impl Backend for PgBackend {
         let mut order = self.order.lock();
         // The commits waiting in a batch are answered first.
         match self.end_batch(&mut order) {
-            Ok(true) => {
-                if let Err(e) = self.flush_barrier() {
+            Ok(Some(sent)) => {
+                if let Err(e) = self.flush_barrier(sent) {
                     tracing::warn!("the last batch's flush was not confirmed: {e}");
                 }
             }
-            Ok(false) => {}
+            Ok(None) => {}
             Err(e) => tracing::warn!("the last batch was not committed: {e}"),
         }
         Box::new(order)

@@ -777,12 +777,9 @@ impl Order for PgOrder<'_> {
             drop(slot);
             ended
         };
-        let result = result.and_then(|barrier| {
-            if barrier {
-                backend.flush_barrier()
-            } else {
-                Ok(())
-            }
+        let result = result.and_then(|barrier| match barrier {
+            Some(sent) => backend.flush_barrier(sent),
+            None => Ok(()),
         });
         (result, snapshot)
     }

@@ -29,6 +29,28 @@ fn commit_root_after(session: &dyn Session, data: &[u8], pause: Duration) -> cra
     order.commit(records, false).0
 }
 
+/// A flush is confirmed only on a connection made before the commit was
+/// sent: one made since may reach another server (a standby promoted after
+/// the commit's server died, which may lack the commit), whose flush says
+/// nothing of it. The connection is made when the front end starts, so
+/// that its first commits can be confirmed.
+#[test]
+fn a_flush_is_confirmed_only_on_a_connection_made_before_the_commit_was_sent() {
+    let config = testdb::fresh("barrier_made");
+    let fe = PgBackend::open_with(config.clone().into(), 16).unwrap();
+    commit_root(fe.open_session().as_ref(), b"r").unwrap();
+    let sent = std::time::Instant::now();
+    fe.flush_barrier(sent).unwrap();
+    // Its connection lost (as when its server dies), and made again after
+    // the commit was sent.
+    *fe.barrier_conn.lock() = None;
+    let e = fe.flush_barrier(sent).unwrap_err();
+    assert!(e.to_string().contains("made again"), "{e}");
+    // A commit sent since is confirmed on it.
+    fe.flush_barrier(std::time::Instant::now()).unwrap();
+    fe.close().unwrap();
+}
+
 /// A commit that others wait behind is acknowledged only after its flush
 /// barrier, and it does not hold the commit order while it waits: with the barrier's row locked by
 /// another transaction, a commit through one front end stays unanswered
