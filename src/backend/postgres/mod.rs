@@ -36,7 +36,9 @@
 //! after a barrier, a one-row update committed synchronously on another
 //! connection after it, which returns only once the WAL is flushed (and,
 //! with a synchronous standby, replicated) past the commit. Commits that
-//! finish together share one barrier. A commit with nobody waiting behind
+//! finish together share one barrier, which confirms only those sent after
+//! its connection was had (so on the server they were applied to, not a
+//! standby promoted since). A commit with nobody waiting behind
 //! it is flushed by its own `COMMIT` instead (nobody would be let in
 //! early), and a front end alone writes such a commit in one statement
 //! outside a transaction, flushed before it returns (see `alone`).
@@ -1032,6 +1034,10 @@ impl PgBackend {
         // `begin_order`): a commit written in one statement, outside a
         // transaction (see `alone`), is flushed before it is answered.
         if let Err(e) = conn.batch("BEGIN; SET LOCAL synchronous_commit = off; COMMIT") {
+            // Only the database's refusal, not a connection lost on the way.
+            if conn.client.is_closed() || sqlstate(&e).is_none() {
+                return Err(e);
+            }
             let _ = conn.batch("ROLLBACK");
             tracing::warn!(
                 "the database refused synchronous_commit = off ({e}): each commit is flushed \
@@ -1146,9 +1152,6 @@ impl PgBackend {
     /// promoted after the commit's server died, which may lack it), whose
     /// flush says nothing of the commit.
     fn flush_barrier(&self, sent: Instant) -> Result<()> {
-        if !self.deferred_flush.load(Ordering::Relaxed) {
-            return Ok(());
-        }
         let mut st = self.barrier.lock();
         let target = st.started + 1;
         loop {
@@ -1160,8 +1163,8 @@ impl PgBackend {
                         Err(database(
                             "the commit was applied but its flush to the database's WAL was not \
                              confirmed: the connection that confirms flushes was made again \
-                             after it was sent (the database it was applied to may have failed \
-                             over)",
+                             after it was sent (if the database failed over meanwhile, the \
+                             commit may be lost: sync and look)",
                         ))
                     }
                 } else {
@@ -1211,15 +1214,24 @@ impl PgBackend {
         if result.is_err() {
             *slot = None;
         }
-        result.map(|_| made)
+        match result? {
+            1 => Ok(made),
+            // Nothing written: no commit record, nothing waited for.
+            _ => Err(database(format!(
+                "this front end's row in durus_front_ends (id {}) is gone: no flush can be \
+                 confirmed",
+                self.front_end
+            ))),
+        }
     }
 
     /// The barrier's connection, with when it was made.
+    /// (When it is had: the server is chosen at the end of connecting, so
+    /// a commit sent while it connects is not taken as sent after.)
     fn barrier_conn(&self) -> Result<(Conn, Instant)> {
-        let made = Instant::now();
         let mut conn = Conn::connect(&self.pool.config)?;
         durable_commits(&mut conn);
-        Ok((conn, made))
+        Ok((conn, Instant::now()))
     }
 
     /// Takes the database's side of the commit order on `conn` (a

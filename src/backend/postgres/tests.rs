@@ -48,6 +48,15 @@ fn a_flush_is_confirmed_only_on_a_connection_made_before_the_commit_was_sent() {
     assert!(e.to_string().contains("made again"), "{e}");
     // A commit sent since is confirmed on it.
     fe.flush_barrier(std::time::Instant::now()).unwrap();
+    // An update that finds no row commits nothing and confirms nothing.
+    let mut c = config.connect(NoTls).unwrap();
+    c.execute(
+        "DELETE FROM durus_front_ends WHERE id = $1",
+        &[&fe.front_end],
+    )
+    .unwrap();
+    let e = fe.flush_barrier(std::time::Instant::now()).unwrap_err();
+    assert!(e.to_string().contains("is gone"), "{e}");
     fe.close().unwrap();
 }
 
