@@ -36,8 +36,9 @@
 //! statement writes only if the order row is still at the last tid the
 //! front end knew (and the commit's log entry's tid is free): another
 //! front end's commit in between (a hold lost), or commits the database
-//! lost (a failover), make it fail, changing nothing. A front end giving the database up waits for such commits to
-//! end first, so that none fails for it.
+//! lost (a failover), make it fail, changing nothing. A front end giving
+//! the database up waits for such commits to end first, so that none
+//! fails for it.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -484,12 +485,7 @@ impl PgBackend {
     /// whether it is still held.
     fn renew_alone(&self, conn: &mut Conn) -> Result<bool> {
         let sent = Instant::now();
-        let rows = conn.query(
-            "UPDATE durus_alone SET renewals = renewals + 1 WHERE id = 1 AND holder = $1 \
-             RETURNING wanted",
-            &[&self.front_end],
-        )?;
-        let Some(row) = rows.first() else {
+        let Some(wanted) = renew(conn, self.front_end)? else {
             self.state.lock().alone_until = None;
             if !self.closed.load(Ordering::Acquire) {
                 tracing::warn!(
@@ -499,7 +495,7 @@ impl PgBackend {
             }
             return Ok(false);
         };
-        if row.get::<_, i64>(0) != 0 {
+        if wanted != 0 {
             // Serving from memory stops before the row says so, and the
             // commits that entered alone end.
             self.state.lock().alone_until = None;
@@ -509,11 +505,7 @@ impl PgBackend {
             // under it (the commit would be refused).
             let tick = self.alone_pace().0;
             while self.order.try_lock_for(tick).is_none() {
-                let renewed = conn.execute(
-                    "UPDATE durus_alone SET renewals = renewals + 1 WHERE id = 1 AND holder = $1",
-                    &[&self.front_end],
-                )?;
-                if renewed == 0 {
+                if renew(conn, self.front_end)?.is_none() {
                     return Ok(false);
                 }
             }
@@ -646,6 +638,18 @@ fn take_over(conn: &mut Conn, holder: i64, renewals: i64) -> Result<bool> {
         );
     }
     Ok(over == 1)
+}
+
+/// One renewal of `front_end`'s hold of the database: `None` if it no
+/// longer holds it, else whether another front end asked it to give way
+/// (`wanted`, 0 if not).
+fn renew(conn: &mut Conn, front_end: i64) -> Result<Option<i64>> {
+    let rows = conn.query(
+        "UPDATE durus_alone SET renewals = renewals + 1 WHERE id = 1 AND holder = $1 \
+         RETURNING wanted",
+        &[&front_end],
+    )?;
+    Ok(rows.first().map(|row| row.get(0)))
 }
 
 /// Clears the row if front end `front_end` holds it (serving from memory

@@ -190,8 +190,8 @@ impl PgBackend {
     /// Ends the open batch of `slot` (if any): writes the commits it kept
     /// (each checked as it joined), commits the transaction, tells every
     /// session, answers the commits waiting in it. Returns the answer of
-    /// all its commits: whether the flush barrier is still to be waited
-    /// for.
+    /// all its commits: `Some(sent)` if the flush barrier is still to be
+    /// waited for (its `COMMIT` sent then), `None` if flushed.
     pub(super) fn end_batch(&self, slot: &mut OrderSlot) -> Result<Option<Instant>> {
         let Some(mut batch) = slot.open.take() else {
             return Ok(None);
